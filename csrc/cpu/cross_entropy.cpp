@@ -1,0 +1,242 @@
+// Cross-entropy on the CPU: the op schemas of the family and their CPU kernels.
+//
+// Row i of the logits x (C classes, target t, class weights w, smoothing e, z-loss scale s) has
+//   lse  = log sum_c exp(x_c)
+//   loss = (1-e) w_t (lse - x_t) + e/C sum_c w_c (lse - x_c) + s lse^2        (0 where t == ignore_index)
+//   dloss/dx_c = p_c ((1-e) w_t + e/C sum_k w_k + 2 s lse) - (1-e) w_t [c == t] - e/C w_c,  p = exp(x - lse)
+// Forward makes two passes over a row (its max, then the sum of exp), the second from L2, and keeps only
+// lse; backward recomputes p from lse in one pass. Rows are spread over threads with at::parallel_for,
+// each row is vectorised with at::vec, and all math is in fp32 (fp64 for double input); loss and lse
+// come back in that math dtype.
+// The schemas are defined here because this file is built on every machine; CUDA adds its kernels
+// to the same ops in csrc/cuda/cross_entropy_binding.cpp.
+
+#include "huge_pages.h"
+#include "vec_config.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+namespace fastlm {
+namespace {
+
+using at::vec::Vectorized;
+
+// Everything a row's loss and gradient depend on besides its logits.
+template <typename scalar_t>
+struct LossTerms {
+  const int64_t* target;
+  const scalar_t* weight;  // class weights, or nullptr for all ones
+  scalar_t weight_sum;     // sum of the class weights (C without them)
+  int64_t num_classes;
+  int64_t ignore_index;
+  scalar_t smoothing;
+  scalar_t lse_square_scale;
+
+  scalar_t weight_of(int64_t cls) const { return weight ? weight[cls] : scalar_t(1); }
+};
+
+// Inputs in the layout the kernels read: float or double logits with unit column stride, int64 targets,
+// class weights in the logits' dtype.
+struct Prepared {
+  at::Tensor logits, target, weight;
+};
+
+void check_targets(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  const int64_t* t = target.data_ptr<int64_t>();
+  for (int64_t i = 0; i < target.numel(); ++i) {
+    TORCH_CHECK_INDEX(t[i] == ignore_index || (t[i] >= 0 && t[i] < num_classes), "Target ", t[i],
+                      " is out of bounds: expected a class index in [0, ", num_classes, ") or ignore_index (",
+                      ignore_index, ")");
+  }
+}
+
+Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                 int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2, "fastlm cross_entropy: logits must be 2D (N, C), got ", logits.dim(), "D");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0),
+              "fastlm cross_entropy: target must be 1D with N = ", logits.size(0), " entries, got shape ",
+              target.sizes());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "fastlm cross_entropy: logits must be floating point");
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+              "fastlm cross_entropy: target must be int64 or int32, got ", target.scalar_type());
+  const auto math_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Prepared p;
+  p.logits = logits.to(math_dtype);
+  if (p.logits.stride(1) != 1) p.logits = p.logits.contiguous();
+  p.target = target.to(at::kLong).contiguous();
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1),
+                "fastlm cross_entropy: weight must have C = ", logits.size(1), " entries, got shape ",
+                weight->sizes());
+    p.weight = weight->to(math_dtype).contiguous();
+  }
+  check_targets(p.target, logits.size(1), ignore_index);
+  return p;
+}
+
+template <typename scalar_t>
+LossTerms<scalar_t> loss_terms(const Prepared& p, int64_t ignore_index, double smoothing, double lse_square_scale) {
+  const int64_t C = p.logits.size(1);
+  LossTerms<scalar_t> terms{p.target.data_ptr<int64_t>(), nullptr, scalar_t(C), C, ignore_index,
+                            scalar_t(smoothing), scalar_t(lse_square_scale)};
+  if (p.weight.defined()) {
+    terms.weight = p.weight.data_ptr<scalar_t>();
+    terms.weight_sum = at::vec::reduce_all<scalar_t>([](auto a, auto b) { return a + b; }, terms.weight, C);
+  }
+  return terms;
+}
+
+// Enough rows per thread task to amortise scheduling: about 32k logits.
+int64_t rows_per_task(int64_t num_classes) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, num_classes)); }
+
+template <typename scalar_t>
+void forward_rows(const scalar_t* logits, int64_t row_stride, int64_t num_rows, const LossTerms<scalar_t>& terms,
+                  scalar_t* loss, scalar_t* lse_out) {
+  using Vec = Vectorized<scalar_t>;
+  const int64_t C = terms.num_classes;
+  at::parallel_for(0, num_rows, rows_per_task(C), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* x = logits + i * row_stride;
+      const scalar_t row_max =
+          at::vec::reduce_all<scalar_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, C);
+      const Vec shift(row_max);
+      const scalar_t sum_exp = at::vec::map_reduce_all<scalar_t>(
+          [shift](Vec v) { return (v - shift).exp_u20(); }, [](Vec a, Vec b) { return a + b; }, x, C);
+      const scalar_t lse = row_max + std::log(sum_exp);
+      lse_out[i] = lse;
+
+      const int64_t t = terms.target[i];
+      if (t == terms.ignore_index) {
+        loss[i] = scalar_t(0);
+        continue;
+      }
+      const scalar_t w_t = terms.weight_of(t);
+      scalar_t row_loss = (scalar_t(1) - terms.smoothing) * w_t * (lse - x[t]);
+      if (terms.smoothing != scalar_t(0)) {
+        const auto plus = [](Vec a, Vec b) { return a + b; };
+        const scalar_t weighted_sum =
+            terms.weight ? at::vec::map2_reduce_all<scalar_t>([](Vec v, Vec w) { return v * w; }, plus, x,
+                                                              terms.weight, C)
+                         : at::vec::reduce_all<scalar_t>(plus, x, C);
+        row_loss += terms.smoothing / scalar_t(C) * (terms.weight_sum * lse - weighted_sum);
+      }
+      row_loss += terms.lse_square_scale * lse * lse;
+      loss[i] = row_loss;
+    }
+  });
+}
+
+// Writes dloss/dlogits, scaled per row by grad_loss, into grad (which may alias logits: each vector of a
+// row is read before the same vector is written).
+template <typename scalar_t>
+void backward_rows(const scalar_t* logits, int64_t row_stride, int64_t num_rows, const LossTerms<scalar_t>& terms,
+                   const scalar_t* lse, const scalar_t* grad_loss, scalar_t* grad, int64_t grad_row_stride) {
+  using Vec = Vectorized<scalar_t>;
+  const int64_t C = terms.num_classes;
+  at::parallel_for(0, num_rows, rows_per_task(C), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* x = logits + i * row_stride;
+      scalar_t* dx = grad + i * grad_row_stride;
+      const int64_t t = terms.target[i];
+      if (t == terms.ignore_index) {
+        std::fill(dx, dx + C, scalar_t(0));
+        continue;
+      }
+      const scalar_t g = grad_loss[i];
+      const scalar_t w_t = terms.weight_of(t);
+      const scalar_t smooth = terms.smoothing / scalar_t(C);
+      const scalar_t p_scale =
+          g * ((scalar_t(1) - terms.smoothing) * w_t + smooth * terms.weight_sum + 2 * terms.lse_square_scale * lse[i]);
+      const Vec scale_v(p_scale), lse_v(lse[i]), smooth_v(g * smooth);
+      if (terms.smoothing == scalar_t(0)) {
+        at::vec::map([=](Vec v) { return scale_v * (v - lse_v).exp_u20(); }, dx, x, C);
+      } else if (terms.weight) {
+        at::vec::map2([=](Vec v, Vec w) { return scale_v * (v - lse_v).exp_u20() - smooth_v * w; }, dx, x,
+                      terms.weight, C);
+      } else {
+        at::vec::map([=](Vec v) { return scale_v * (v - lse_v).exp_u20() - smooth_v; }, dx, x, C);
+      }
+      dx[t] -= g * (scalar_t(1) - terms.smoothing) * w_t;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         int64_t ignore_index, double label_smoothing,
+                                                         double lse_square_scale) {
+  const Prepared p = prepare(logits, target, weight, ignore_index);
+  const int64_t N = p.logits.size(0);
+  at::Tensor loss = at::empty({N}, p.logits.options());
+  at::Tensor lse = at::empty({N}, p.logits.options());
+  AT_DISPATCH_FLOATING_TYPES(p.logits.scalar_type(), "fastlm_cross_entropy_forward", [&] {
+    const auto terms = loss_terms<scalar_t>(p, ignore_index, label_smoothing, lse_square_scale);
+    forward_rows<scalar_t>(p.logits.data_ptr<scalar_t>(), p.logits.stride(0), N, terms, loss.data_ptr<scalar_t>(),
+                           lse.data_ptr<scalar_t>());
+  });
+  return {loss, lse};
+}
+
+void backward_into(const Prepared& p, const at::Tensor& lse, const at::Tensor& grad_loss, at::Tensor& grad,
+                   int64_t ignore_index, double label_smoothing, double lse_square_scale) {
+  const int64_t N = p.logits.size(0);
+  TORCH_CHECK(lse.numel() == N && grad_loss.numel() == N,
+              "fastlm cross_entropy backward: lse and grad_loss must have N = ", N, " entries");
+  AT_DISPATCH_FLOATING_TYPES(p.logits.scalar_type(), "fastlm_cross_entropy_backward", [&] {
+    const auto terms = loss_terms<scalar_t>(p, ignore_index, label_smoothing, lse_square_scale);
+    const at::Tensor lse_c = lse.to(p.logits.scalar_type()).contiguous();
+    const at::Tensor grad_loss_c = grad_loss.to(p.logits.scalar_type()).contiguous();
+    backward_rows<scalar_t>(p.logits.data_ptr<scalar_t>(), p.logits.stride(0), N, terms, lse_c.data_ptr<scalar_t>(),
+                            grad_loss_c.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), grad.stride(0));
+  });
+}
+
+at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                  const at::Tensor& grad_loss, int64_t ignore_index, double label_smoothing,
+                                  double lse_square_scale) {
+  const Prepared p = prepare(logits, target, weight, ignore_index);
+  at::Tensor grad = empty_on_huge_pages(p.logits.sizes(), p.logits.options());
+  backward_into(p, lse, grad_loss, grad, ignore_index, label_smoothing, lse_square_scale);
+  return grad.to(logits.scalar_type());
+}
+
+void cross_entropy_backward_(at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                             const at::Tensor& lse, const at::Tensor& grad_loss, int64_t ignore_index,
+                             double label_smoothing, double lse_square_scale) {
+  TORCH_CHECK((logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble) && logits.dim() == 2 &&
+                  logits.stride(1) == 1,
+              "fastlm cross_entropy_backward_: in-place needs float or double logits with unit column stride");
+  Prepared p = prepare(logits, target, weight, ignore_index);
+  backward_into(p, lse, grad_loss, logits, ignore_index, label_smoothing, lse_square_scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  m.def(
+      "cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, float lse_square_scale) -> (Tensor loss, Tensor lse)");
+  m.def(
+      "cross_entropy_backward(Tensor logits, Tensor target, Tensor? weight, Tensor lse, Tensor grad_loss, "
+      "int ignore_index, float label_smoothing, float lse_square_scale) -> Tensor");
+  m.def(
+      "cross_entropy_backward_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse, Tensor grad_loss, "
+      "int ignore_index, float label_smoothing, float lse_square_scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("cross_entropy_forward", &cross_entropy_forward);
+  m.impl("cross_entropy_backward", &cross_entropy_backward);
+  m.impl("cross_entropy_backward_", &cross_entropy_backward_);
+}
+
+}  // namespace fastlm

@@ -1,0 +1,103 @@
+"""Which kernel backend runs an op.
+
+Every kernel family has four backends: ``cpp`` (C++ CPU kernels in fastlm._C), ``cuda`` (CUDA kernels in
+fastlm._C, in a CUDA build of torch), ``triton`` (Triton kernels; on CPU only under ``TRITON_INTERPRET=1``)
+and ``torch`` (the plain-PyTorch reference). By default a CPU tensor runs on ``cpp`` and a CUDA tensor on
+``triton`` (then ``cuda``). ``FASTLM_BACKEND=name`` or ``with fastlm.backends.use(name):`` forces one; a
+forced backend that this machine lacks, or that cannot run on the tensor's device, raises an error
+saying what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("cpp", "cuda", "triton", "torch")
+# Preference for each device type when nothing is forced. On CUDA, triton comes first until the
+# side-by-side GPU benchmark (bench/) shows the CUDA kernels faster.
+DEFAULT_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
+
+_forced: list[str] = []
+
+
+def _extension_error() -> str | None:
+    try:
+        import fastlm._C  # noqa: F401  (loading it registers torch.ops.fastlm.*)
+    except ImportError as error:
+        return f"fastlm._C failed to load ({error}); build it with `pip install --no-build-isolation -e .`"
+    return None
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def why_unavailable(name: str) -> str | None:
+    """None if backend ``name`` can run on this machine, else the reason it cannot."""
+    if name not in BACKENDS:
+        return f"unknown fastlm backend {name!r}; choose one of {', '.join(BACKENDS)}"
+    if name == "torch":
+        return None
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "the triton backend needs the triton package (pip install triton)"
+        if not torch.cuda.is_available() and not _triton_interpreted():
+            return "the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 to run its kernels on the CPU"
+        return None
+    error = _extension_error()
+    if error:
+        return error
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            return "the cuda backend needs a CUDA GPU and a CUDA build of torch"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("fastlm::cross_entropy_forward", "CUDA"):
+            return "fastlm._C was built without CUDA kernels (torch or nvcc lacked CUDA at build time); rebuild it"
+    return None
+
+
+def available() -> list[str]:
+    """The backends this machine can run, in order of preference."""
+    return [name for name in BACKENDS if why_unavailable(name) is None]
+
+
+def runs_on(name: str, device: torch.device) -> bool:
+    if name == "torch":
+        return True
+    if name == "cpp":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    return device.type == "cuda" or (device.type == "cpu" and _triton_interpreted())
+
+
+@contextlib.contextmanager
+def use(name: str):
+    """Run fastlm ops inside the block on backend ``name`` (checked against this machine first)."""
+    reason = why_unavailable(name)
+    if reason:
+        raise RuntimeError(reason)
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def resolve(device: torch.device, requested: str | None = None) -> str:
+    """The backend an op on ``device`` runs on: ``requested``, else ``use()``, else FASTLM_BACKEND, else the default."""
+    name = requested or (_forced[-1] if _forced else None) or os.environ.get("FASTLM_BACKEND") or None
+    if name is None:
+        for candidate in DEFAULT_ORDER.get(device.type, ("torch",)):
+            if why_unavailable(candidate) is None:
+                return candidate
+        return "torch"
+    reason = why_unavailable(name)
+    if reason:
+        raise RuntimeError(reason)
+    if not runs_on(name, device):
+        raise RuntimeError(f"fastlm backend {name!r} cannot run on {device.type} tensors")
+    return name

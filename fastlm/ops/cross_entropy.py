@@ -1,0 +1,270 @@
+"""Fused cross-entropy: ``fastlm.ops.cross_entropy``, a drop-in for ``F.cross_entropy`` on (N, C) logits.
+
+Layers, as in Liger-Kernel: kernels (csrc/cpu, csrc/cuda, kernels/) -> torch.library ops (``fastlm::*``,
+with fake implementations so torch.compile traces them) -> ``CrossEntropyFunction`` (autograd) -> the
+functional ``cross_entropy`` -> ``fastlm.nn.CrossEntropyLoss``.
+
+The forward kernel returns per-row losses and the row log-sum-exp; only lse is kept for the backward,
+which recomputes softmax from it in one pass, so the extra memory is the (N, C) gradient alone, and none
+with ``inplace_backward=True``. Beyond torch: the per-row lse as an output (``return_lse``) and z-loss
+(``lse_square_scale * lse**2`` added to each non-ignored row's loss, reduced like the loss).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastlm import backends
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# --- torch.library ops -------------------------------------------------------------------------------
+# The cpp and cuda kernels are C++ ops registered by fastlm._C; the Triton kernels are Python custom ops
+# registered here. Both share one set of fake implementations.
+
+
+def _math_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale):
+    rows = logits.new_empty(logits.shape[0], dtype=_math_dtype(logits))
+    return rows, torch.empty_like(rows)
+
+
+def _fake_backward(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, lse_square_scale):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _fake_backward_(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, lse_square_scale):
+    return None
+
+
+@torch.library.custom_op("fastlm::triton_cross_entropy_forward", mutates_args=())
+def _triton_forward(
+    logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float,
+    lse_square_scale: float,
+) -> tuple[Tensor, Tensor]:
+    from fastlm.kernels import cross_entropy as kernels
+
+    return kernels.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
+
+
+@torch.library.custom_op("fastlm::triton_cross_entropy_backward", mutates_args=())
+def _triton_backward(
+    logits: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor, grad_loss: Tensor, ignore_index: int,
+    label_smoothing: float, lse_square_scale: float,
+) -> Tensor:
+    from fastlm.kernels import cross_entropy as kernels
+
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    kernels.cross_entropy_backward_into(
+        logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, lse_square_scale, grad
+    )
+    return grad
+
+
+@torch.library.custom_op("fastlm::triton_cross_entropy_backward_", mutates_args=("logits",))
+def _triton_backward_(
+    logits: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor, grad_loss: Tensor, ignore_index: int,
+    label_smoothing: float, lse_square_scale: float,
+) -> None:
+    from fastlm.kernels import cross_entropy as kernels
+
+    kernels.cross_entropy_backward_into(
+        logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, lse_square_scale, logits
+    )
+
+
+def _register_fakes() -> None:
+    prefixes = ("", "triton_") if backends.why_unavailable("cpp") is None else ("triton_",)
+    for prefix in prefixes:
+        torch.library.register_fake(f"fastlm::{prefix}cross_entropy_forward", _fake_forward)
+        torch.library.register_fake(f"fastlm::{prefix}cross_entropy_backward", _fake_backward)
+        torch.library.register_fake(f"fastlm::{prefix}cross_entropy_backward_", _fake_backward_)
+
+
+class KernelOps(NamedTuple):
+    forward: Callable
+    backward: Callable
+    backward_: Callable
+
+
+def kernel_ops(backend: str) -> KernelOps:
+    """The forward, backward and in-place backward ops of a kernel backend (cpp, cuda or triton)."""
+    prefix = "triton_" if backend == "triton" else ""
+    ops = torch.ops.fastlm
+    return KernelOps(
+        getattr(ops, f"{prefix}cross_entropy_forward"),
+        getattr(ops, f"{prefix}cross_entropy_backward"),
+        getattr(ops, f"{prefix}cross_entropy_backward_"),
+    )
+
+
+# --- reduction ---------------------------------------------------------------------------------------
+
+
+def mean_denominator(target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype) -> Tensor:
+    """What F.cross_entropy's mean divides by: the summed weight of the non-ignored targets (their count
+    without weights). Zero when every target is ignored, so the mean is NaN, as in torch."""
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum().to(dtype)
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    return torch.where(valid, weight.to(dtype)[safe_target], 0).sum()
+
+
+def reduce_rows(rows: Tensor, reduction: str, denominator: Tensor | None) -> Tensor:
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / denominator
+
+
+def grad_per_row(grad_output: Tensor, reduction: str, denominator: Tensor | None, num_rows: int, dtype) -> Tensor:
+    """dloss/d(row loss) for every row, as the contiguous vector the backward kernels read."""
+    grad = grad_output.to(dtype)
+    if reduction == "mean":
+        grad = grad / denominator
+    return grad.expand(num_rows).contiguous()
+
+
+# --- autograd ----------------------------------------------------------------------------------------
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Cross-entropy on a kernel backend. Returns (loss, lse); lse carries no gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+                inplace_backward, backend):
+        ops = kernel_ops(backend)
+        rows, lse = ops.forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
+        denominator = mean_denominator(target, weight, ignore_index, rows.dtype) if reduction == "mean" else None
+        loss = reduce_rows(rows, reduction, denominator).to(logits.dtype)
+        ctx.save_for_backward(logits, target, weight, lse, denominator)
+        ctx.config = (ignore_index, reduction, label_smoothing, lse_square_scale, backend)
+        ctx.inplace = inplace_backward and can_overwrite(logits, backend)
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        logits, target, weight, lse, denominator = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing, lse_square_scale, backend = ctx.config
+        ops = kernel_ops(backend)
+        grad_rows = grad_per_row(grad_loss, reduction, denominator, logits.shape[0], lse.dtype)
+        args = (target, weight, lse, grad_rows, ignore_index, label_smoothing, lse_square_scale)
+        if ctx.inplace:
+            ops.backward_(logits, *args)
+            # Any other saved use of these logits now fails autograd's version check instead of
+            # silently reading gradients.
+            torch.autograd.graph.increment_version(logits)
+            grad = logits
+        else:
+            grad = ops.backward(logits, *args)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def can_overwrite(logits: Tensor, backend: str) -> bool:
+    """Whether the in-place backward can write the gradient straight over these logits."""
+    dtypes = (torch.float32, torch.float64) if backend == "cpp" else (torch.float32, torch.float64,
+                                                                       torch.float16, torch.bfloat16)
+    return logits.dtype in dtypes and logits.stride(1) == 1
+
+
+# --- reference ---------------------------------------------------------------------------------------
+
+
+def reference_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale):
+    """The ``torch`` backend and the oracle: F.cross_entropy in fp32 (fp64 for double) plus the z-loss term."""
+    x = logits.to(_math_dtype(logits))
+    w = None if weight is None else weight.to(x.dtype)
+    loss = F.cross_entropy(x, target.long(), weight=w, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    lse = torch.logsumexp(x, dim=1)
+    if lse_square_scale:
+        z_rows = torch.where(target != ignore_index, lse_square_scale * lse.square(), 0)
+        denominator = mean_denominator(target, w, ignore_index, x.dtype) if reduction == "mean" else None
+        loss = loss + reduce_rows(z_rows, reduction, denominator)
+    return loss.to(logits.dtype), lse.detach()
+
+
+# --- functional --------------------------------------------------------------------------------------
+
+
+def check_logits(logits: Tensor, name: str) -> None:
+    """Checks on the (N, C) input that need no look at the data, so they cost no GPU sync."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"fastlm.{name}: input must be a tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"fastlm.{name}: expected input of shape (N, C), got {logits.dim()}D input of shape "
+                         f"{tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"fastlm.{name}: input must be a floating-point tensor, got {logits.dtype}")
+
+
+def check_target(target: Tensor, num_rows: int, num_classes: int, device: torch.device, weight: Tensor | None,
+                 reduction: str, label_smoothing: float, name: str) -> None:
+    """Checks on target, class weights and options against N rows of C classes (the ids themselves are
+    checked by the kernels, which raise IndexError before touching memory)."""
+    if num_classes == 0:
+        raise ValueError(f"fastlm.{name}: the input has no classes")
+    if not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"fastlm.{name}: target must hold class indices as int64 or int32, got "
+                        f"{getattr(target, 'dtype', type(target).__name__)}")
+    if target.dim() != 1 or target.shape[0] != num_rows:
+        raise ValueError(f"fastlm.{name}: expected target of shape ({num_rows},), got {tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"fastlm.{name}: input is on {device} but target is on {target.device}")
+    if weight is not None:
+        if weight.dim() != 1 or weight.shape[0] != num_classes:
+            raise ValueError(f"fastlm.{name}: weight must have one entry per class ({num_classes}), got "
+                             f"shape {tuple(weight.shape)}")
+        if weight.device != device:
+            raise ValueError(f"fastlm.{name}: input is on {device} but weight is on {weight.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"fastlm.{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"fastlm.{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    lse_square_scale: float = 0.0,
+    return_lse: bool = False,
+    inplace_backward: bool = False,
+    backend: str | None = None,
+):
+    """``F.cross_entropy`` for (N, C) logits and (N,) class indices, fused.
+
+    Extra options: ``lse_square_scale`` adds the z-loss ``scale * lse**2`` of each non-ignored row;
+    ``return_lse=True`` returns ``(loss, lse)`` with the fp32 per-row log-sum-exp; ``inplace_backward=True``
+    writes the gradient over ``input`` during backward (``input`` then holds the gradient, and autograd
+    refuses any other use of it that needed its values); ``backend`` forces a backend for this call.
+    """
+    check_logits(input, "cross_entropy")
+    check_target(target, input.shape[0], input.shape[1], input.device, weight, reduction, label_smoothing,
+                 "cross_entropy")
+    name = backends.resolve(input.device, backend)
+    args = (input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale)
+    if name == "torch":
+        loss, lse = reference_cross_entropy(*args)
+    else:
+        loss, lse = CrossEntropyFunction.apply(*args, inplace_backward, name)
+    return (loss, lse) if return_lse else loss
+
+
+_register_fakes()

@@ -1,0 +1,155 @@
+"""Fused linear + cross-entropy: ``cross_entropy(input @ weight.T + bias, target)`` without the full logits.
+
+Rows are processed in chunks: each chunk's logits are made by one matrix product, fed to the
+cross-entropy kernels, and (when gradients are needed) overwritten in place by their gradient, which is
+at once folded into d_input, d_weight and d_bias. Only one chunk of logits exists at a time; the default
+chunk holds about as many logits as d_weight has entries, so the extra memory stays a small multiple
+of the weight's own gradient. d_weight and d_bias accumulate in fp32 across chunks.
+
+For 'mean' and 'sum' the gradients are finished during the forward (the upstream gradient is a scalar
+that only scales them); for 'none' the backward recomputes the chunks with the per-row upstream gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastlm import backends
+from fastlm.ops.cross_entropy import (
+    can_overwrite,
+    check_logits,
+    check_target,
+    grad_per_row,
+    kernel_ops,
+    mean_denominator,
+    reduce_rows,
+    reference_cross_entropy,
+)
+
+
+def default_chunk_size(num_rows: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk: a chunk of logits about the size of d_weight (hidden rows), at least 64k logits."""
+    return max(1, min(num_rows, max(hidden, math.ceil(65536 / vocab))))
+
+
+def chunked_loss_and_grads(input, weight, bias, target, ce_weight, ce_args, chunk_size, backend, grad_rows,
+                           needs_grad):
+    """Per-row losses and lse; with ``grad_rows`` (dloss/drow), also the gradients flagged in ``needs_grad``
+    (input, weight, bias), the weight's and bias's accumulated in fp32."""
+    ops = kernel_ops(backend)
+    num_rows = input.shape[0]
+    acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    rows = torch.empty(num_rows, dtype=acc_dtype, device=input.device)
+    lse = torch.empty_like(rows)
+    want_input, want_weight, want_bias = needs_grad if grad_rows is not None else (False, False, False)
+    d_input = torch.empty_like(input) if want_input else None
+    d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
+    d_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if want_bias else None
+    for start in range(0, num_rows, chunk_size):
+        end = min(num_rows, start + chunk_size)
+        x, t = input[start:end], target[start:end]
+        logits = F.linear(x, weight, bias)
+        rows[start:end], lse[start:end] = ops.forward(logits, t, ce_weight, *ce_args)
+        if grad_rows is None:
+            continue
+        backward_args = (t, ce_weight, lse[start:end], grad_rows[start:end], *ce_args)
+        if can_overwrite(logits, backend):
+            ops.backward_(logits, *backward_args)
+            d_logits = logits
+        else:
+            d_logits = ops.backward(logits, *backward_args)
+        if want_input:
+            d_input[start:end] = d_logits @ weight
+        if want_weight:
+            d_weight.addmm_(d_logits.t().to(acc_dtype), x.to(acc_dtype))
+        if want_bias:
+            d_bias += d_logits.sum(0, dtype=acc_dtype)
+    return rows, lse, (d_input, d_weight, d_bias)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, target, ce_weight, ignore_index, reduction, label_smoothing,
+                lse_square_scale, chunk_size, backend):
+        ce_args = (ignore_index, label_smoothing, lse_square_scale)
+        needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+        denominator = mean_denominator(target, ce_weight, ignore_index, acc_dtype) if reduction == "mean" else None
+        grad_now = reduction != "none" and any(needs_grad)
+        grad_rows = None
+        if grad_now:
+            unit = torch.ones((), dtype=acc_dtype, device=input.device)
+            grad_rows = grad_per_row(unit, reduction, denominator, input.shape[0], acc_dtype)
+        rows, lse, grads = chunked_loss_and_grads(input, weight, bias, target, ce_weight, ce_args, chunk_size,
+                                                  backend, grad_rows, needs_grad)
+        ctx.config = (ce_args, chunk_size, backend, needs_grad, grad_now)
+        ctx.dtypes = (input.dtype, weight.dtype, input.dtype)
+        if grad_now:
+            ctx.save_for_backward(*grads)
+        else:
+            ctx.save_for_backward(input, weight, bias, target, ce_weight)
+        ctx.mark_non_differentiable(lse)
+        return reduce_rows(rows, reduction, denominator).to(input.dtype), lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        ce_args, chunk_size, backend, needs_grad, grad_now = ctx.config
+        if grad_now:
+            grads = ctx.saved_tensors
+            grads = [None if g is None else g * grad_loss.to(torch.promote_types(g.dtype, torch.float32))
+                     for g in grads]
+        else:
+            input, weight, bias, target, ce_weight = ctx.saved_tensors
+            acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+            grad_rows = grad_loss.to(acc_dtype).contiguous()
+            _, _, grads = chunked_loss_and_grads(input, weight, bias, target, ce_weight, ce_args, chunk_size,
+                                                 backend, grad_rows, needs_grad)
+        d_input, d_weight, d_bias = (None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
+        return d_input, d_weight, d_bias, None, None, None, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    ce_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    lse_square_scale: float = 0.0,
+    return_lse: bool = False,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+):
+    """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` computed chunk by chunk.
+
+    input (N, H), weight (V, H) in ``nn.Linear`` layout, bias (V,), target (N,); ``ce_weight`` holds
+    the per-class weights of the loss. Other options as in ``fastlm.ops.cross_entropy``.
+    """
+    check_logits(input, "linear_cross_entropy")
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != input.shape[1]:
+        raise ValueError(f"fastlm.linear_cross_entropy: weight must be (V, {input.shape[1]}), got "
+                         f"{tuple(getattr(weight, 'shape', ()))}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"fastlm.linear_cross_entropy: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if weight.device != input.device or (bias is not None and bias.device != input.device):
+        raise ValueError("fastlm.linear_cross_entropy: input, weight and bias must be on one device")
+    if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
+        raise TypeError(f"fastlm.linear_cross_entropy: input is {input.dtype} but weight/bias are {weight.dtype}")
+    check_target(target, input.shape[0], weight.shape[0], input.device, ce_weight, reduction, label_smoothing,
+                 "linear_cross_entropy")
+    name = backends.resolve(input.device, backend)
+    if name == "torch":
+        loss, lse = reference_cross_entropy(F.linear(input, weight, bias), target, ce_weight, ignore_index,
+                                            reduction, label_smoothing, lse_square_scale)
+    else:
+        size = chunk_size or default_chunk_size(input.shape[0], input.shape[1], weight.shape[0])
+        loss, lse = LinearCrossEntropyFunction.apply(input, weight, bias, target, ce_weight, ignore_index,
+                                                     reduction, label_smoothing, lse_square_scale, size, name)
+    return (loss, lse) if return_lse else loss
