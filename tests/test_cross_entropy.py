@@ -1,0 +1,342 @@
+"""fastlm.ops.cross_entropy against F.cross_entropy in float64, on every backend present."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES, assert_close_to_reference, skip_unless_runs
+
+import fastlm
+from fastlm import backends
+from fastlm.ops import cross_entropy
+
+ALL_BACKENDS = list(backends.BACKENDS)
+
+
+def reference(x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+              lse_square_scale=0.0):
+    """F.cross_entropy in float64 plus the z-loss term written out; returns (loss, lse, leaf)."""
+    xd = x.detach().double().requires_grad_()
+    wd = None if weight is None else weight.double()
+    loss = F.cross_entropy(xd, target.long(), weight=wd, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    lse = torch.logsumexp(xd, dim=1)
+    if lse_square_scale:
+        valid = target != ignore_index
+        z = torch.where(valid, lse_square_scale * lse**2, 0.0)
+        if reduction == "sum":
+            z = z.sum()
+        elif reduction == "mean":
+            w_t = torch.ones_like(lse) if wd is None else wd[target.clamp(min=0)]
+            z = z.sum() / torch.where(valid, w_t, 0.0).sum()
+        loss = loss + z
+    return loss, lse, xd
+
+
+def upstream_gradient(loss):
+    """A non-unit upstream gradient: random per row for reduction='none', 2.5 otherwise."""
+    torch.manual_seed(1)
+    return torch.rand_like(loss) + 0.5 if loss.dim() else torch.full_like(loss, 2.5)
+
+
+def check_against_reference(x, target, backend, dtype=torch.float32, **options):
+    """Forward value, lse and input gradient of fastlm vs the float64 reference."""
+    x = x.detach().requires_grad_()
+    loss, lse = cross_entropy(x, target, return_lse=True, backend=backend, **options)
+    ref_loss, ref_lse, leaf = reference(x, target, **options)
+    assert loss.dtype == x.dtype and lse.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    assert_close_to_reference(loss, ref_loss, dtype)
+    assert_close_to_reference(lse, ref_lse, dtype)
+    grad = upstream_gradient(ref_loss)
+    (dx,) = torch.autograd.grad(loss, x, grad.to(loss.dtype))
+    (ref_dx,) = torch.autograd.grad(ref_loss, leaf, grad)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    assert_close_to_reference(dx, ref_dx, dtype)
+
+
+def random_problem(n, c, device="cpu", dtype=torch.float32, ignored=0.2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=generator) * 3).to(device=device, dtype=dtype)
+    target = torch.randint(0, c, (n,), generator=generator)
+    target[torch.rand(n, generator=generator) < ignored] = -100
+    return x, target.to(device)
+
+
+def small_for_interpreter(backend, n, c):
+    if backend == "triton" and not torch.cuda.is_available() and n * c > 8000 and n > 1:
+        pytest.skip("the Triton interpreter runs the large shapes too slowly; they run on GPU")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("c", [2, 27, 1000, 4099])
+@pytest.mark.parametrize("n", [1, 7, 513])
+def test_shapes_and_reductions(backend, n, c, reduction):
+    skip_unless_runs(backend)
+    small_for_interpreter(backend, n, c)
+    x, target = random_problem(n, c, ignored=0.2 if n > 1 else 0.0)
+    check_against_reference(x, target, backend, reduction=reduction)
+
+
+OPTIONS = {
+    "weight": dict(weight=torch.rand(27) + 0.1),
+    "label_smoothing": dict(label_smoothing=0.1),
+    "weight_and_smoothing": dict(weight=torch.rand(27) + 0.1, label_smoothing=0.3),
+    "z_loss": dict(lse_square_scale=1e-2),
+    "everything": dict(weight=torch.rand(27) + 0.1, label_smoothing=0.05, lse_square_scale=1e-3),
+    "ignore_index_is_a_class": dict(ignore_index=3),
+}
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_options(backend, option, reduction):
+    skip_unless_runs(backend)
+    x, target = random_problem(33, 27, seed=2)
+    target[:5] = 3
+    target[target == -100] = OPTIONS[option].get("ignore_index", -100)
+    check_against_reference(x, target, backend, reduction=reduction, **OPTIONS[option])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_targets_ignored_matches_torch(backend, reduction):
+    skip_unless_runs(backend)
+    x = torch.randn(5, 11, requires_grad=True)
+    target = torch.full((5,), -100)
+    loss = cross_entropy(x, target, reduction=reduction, backend=backend)
+    expected = F.cross_entropy(x, target, reduction=reduction)
+    torch.testing.assert_close(loss, expected, equal_nan=True)  # mean: NaN, as torch
+    (dx,) = torch.autograd.grad(loss.sum(), x)
+    if reduction != "mean":
+        assert torch.equal(dx, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("layout", ["row_slice", "transposed", "column_stride"])
+def test_non_contiguous_input(backend, layout):
+    skip_unless_runs(backend)
+    wide = torch.randn(40, 90)
+    x = {"row_slice": wide[:, 3:30], "transposed": wide[:27, :9].t(), "column_stride": wide[:9, ::3][:, :27]}[layout]
+    assert not x.is_contiguous()
+    target = torch.randint(0, x.shape[1], (x.shape[0],))
+    check_against_reference(x, target, backend, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_int32_target(backend):
+    skip_unless_runs(backend)
+    x, target = random_problem(9, 27)
+    check_against_reference(x, target.int(), backend)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.2, lse_square_scale=0.1), dict(reduction="none")])
+def test_gradcheck_float64(backend, options):
+    skip_unless_runs(backend)
+    x, target = random_problem(6, 5, dtype=torch.float64)
+    weight = torch.rand(5, dtype=torch.float64) + 0.5
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: cross_entropy(x, target, weight, backend=backend, **options), (x,), eps=1e-6, atol=1e-8
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_dtypes(backend, device, dtype):
+    if device == "cpu":
+        pytest.skip("fp16/bf16 kernels are tested on GPU")
+    skip_unless_runs(backend, device)
+    x, target = random_problem(257, 4099, device=device, dtype=dtype)
+    check_against_reference(x, target, backend, dtype=dtype, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpp_reduced_precision_input(dtype):
+    skip_unless_runs("cpp")
+    x, target = random_problem(17, 100, dtype=dtype)
+    check_against_reference(x, target, "cpp", dtype=dtype)
+
+
+def test_large_index_offsets_on_gpu():
+    """N * C above 2**31: offsets must be int64."""
+    skip_unless_runs("triton", "cuda")
+    n, c = 16800, 128256  # 2.15e9 logits in bf16, 4.3 GB
+    x = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
+    target = torch.randint(0, c, (n,), device="cuda")
+    for backend in backends.available():
+        if backends.runs_on(backend, x.device) and backend != "torch":
+            loss = cross_entropy(x[-4:], target[-4:], reduction="none", backend=backend)
+            full = cross_entropy(x, target, reduction="none", backend=backend)
+            torch.testing.assert_close(full[-4:], loss)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_nan_and_inf_logits_give_nan_loss(backend):
+    skip_unless_runs(backend)
+    x = torch.randn(4, 10)
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    loss = cross_entropy(x, torch.tensor([0, 1, 2, 3]), reduction="none", backend=backend)
+    assert torch.isnan(loss[1]) and torch.isnan(loss[2])
+    assert torch.isfinite(loss[0]) and torch.isfinite(loss[3])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch_matches_torch(backend, reduction):
+    skip_unless_runs(backend)
+    x = torch.randn(0, 7, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long)
+    loss = cross_entropy(x, target, reduction=reduction, backend=backend)
+    torch.testing.assert_close(loss, F.cross_entropy(x, target, reduction=reduction), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "cuda", "triton"])
+def test_inplace_backward_gives_the_same_gradient(backend):
+    skip_unless_runs(backend)
+    x, target = random_problem(16, 50)
+    weight = torch.randn(50, 50, requires_grad=True)
+    grads = []
+    for inplace in (False, True):
+        logits = x @ weight
+        loss = cross_entropy(logits, target, label_smoothing=0.1, inplace_backward=inplace, backend=backend)
+        grads.append(torch.autograd.grad(loss, weight)[0])
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("backend", ["cpp", "cuda", "triton"])
+def test_inplace_backward_never_corrupts_autograd(backend):
+    """Another node that saved the logits, and runs after ours, must fail loudly, not read gradients."""
+    skip_unless_runs(backend)
+    x, target = random_problem(8, 20)
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1.0
+    penalty = (logits**2).sum()  # saves the logits; created first, so its backward runs after ours
+    loss = cross_entropy(logits, target, inplace_backward=True, backend=backend) + penalty
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    retained = cross_entropy(leaf * 1.0, target, inplace_backward=True, backend=backend)
+    retained.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        retained.backward()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_deterministic(backend):
+    skip_unless_runs(backend)
+    x, target = random_problem(33, 1000)
+    runs = []
+    for _ in range(2):
+        leaf = x.clone().requires_grad_()
+        loss = cross_entropy(leaf, target, label_smoothing=0.1, backend=backend)
+        loss.backward()
+        runs.append((loss, leaf.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("bad", [27, 1000, -1, -101])
+def test_out_of_range_target_raises_index_error(backend, bad):
+    skip_unless_runs(backend)
+    x, target = random_problem(7, 27)
+    target[4] = bad
+    with pytest.raises(IndexError, match="out of bounds"):
+        cross_entropy(x, target, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "make_args, error, message",
+    [
+        (lambda: (torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long)), ValueError, "expected input of shape"),
+        (lambda: (torch.randn(5), torch.tensor(1)), ValueError, "expected input of shape"),
+        (lambda: (torch.randn(4, 5), torch.zeros(4)), TypeError, "int64 or int32"),
+        (lambda: (torch.randn(4, 5), torch.zeros(3, dtype=torch.long)), ValueError, "expected target of shape"),
+        (lambda: (torch.randn(4, 5), torch.zeros(4, 1, dtype=torch.long)), ValueError, "expected target of shape"),
+        (lambda: (torch.randint(0, 3, (4, 5)), torch.zeros(4, dtype=torch.long)), TypeError, "floating-point"),
+        (lambda: (torch.randn(4, 0), torch.zeros(4, dtype=torch.long)), ValueError, "no classes"),
+        (lambda: (torch.randn(4, 5), torch.zeros(4, dtype=torch.long, device="meta")), ValueError, "meta"),
+    ],
+)
+def test_bad_input_is_refused(make_args, error, message):
+    x, target = make_args()
+    with pytest.raises(error, match=message):
+        cross_entropy(x, target)
+
+
+def test_bad_weight_and_options_are_refused():
+    x, target = random_problem(4, 5)
+    with pytest.raises(ValueError, match="one entry per class"):
+        cross_entropy(x, target, weight=torch.ones(4))
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy(x, target, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        cross_entropy(x, target, label_smoothing=1.5)
+
+
+# --- library integration -------------------------------------------------------------------------------
+
+
+def kernel_op_cases():
+    x, target = random_problem(7, 27)
+    lse = torch.logsumexp(x, 1)
+    grad_rows = torch.rand(7)
+    for prefix, backend in (("", "cpp"), ("triton_", "triton")):
+        ops = torch.ops.fastlm
+        yield backend, getattr(ops, f"{prefix}cross_entropy_forward").default, (x, target, None, -100, 0.1, 1e-3)
+        yield backend, getattr(ops, f"{prefix}cross_entropy_backward").default, (
+            x, target, torch.rand(27), lse, grad_rows, -100, 0.1, 1e-3)
+        yield backend, getattr(ops, f"{prefix}cross_entropy_backward_").default, (
+            x.clone(), target, None, lse, grad_rows, -100, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_opcheck(case):
+    backend, op, args = list(kernel_op_cases())[case]
+    skip_unless_runs(backend)
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_compiles_without_graph_breaks(backend):
+    skip_unless_runs(backend)
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(10, 27), torch.nn.Tanh())
+    loss_fn = fastlm.nn.CrossEntropyLoss(label_smoothing=0.1, backend=backend)
+    x, target = torch.randn(16, 10), torch.randint(0, 27, (16,))
+
+    def forward(x, target):
+        return loss_fn(model(x), target)
+
+    expected = forward(x, target)
+    expected.backward()
+    expected_grad = model[0].weight.grad.clone()
+    model.zero_grad()
+    compiled = torch.compile(forward, fullgraph=True)  # fullgraph: any graph break is an error
+    loss = compiled(x, target)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(model[0].weight.grad, expected_grad)
+
+
+def test_module_is_a_drop_in_for_torch():
+    weight = torch.rand(27) + 0.5
+    ours = fastlm.nn.CrossEntropyLoss(weight=weight, ignore_index=2, label_smoothing=0.1)
+    theirs = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=2, label_smoothing=0.1)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x, target = random_problem(12, 27, ignored=0.0)
+    target[0] = 2
+    torch.testing.assert_close(ours(x, target), theirs(x, target))
+
+
+def test_return_lse_module():
+    x, target = random_problem(5, 27)
+    loss, lse = fastlm.nn.CrossEntropyLoss(return_lse=True)(x, target)
+    torch.testing.assert_close(lse, torch.logsumexp(x, 1))
+    assert not lse.requires_grad

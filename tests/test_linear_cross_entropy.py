@@ -1,0 +1,111 @@
+"""fastlm.ops.linear_cross_entropy against F.cross_entropy(F.linear(...)) in float64, on every backend present."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close_to_reference, skip_unless_runs
+
+import fastlm
+from fastlm import backends
+from fastlm.ops import linear_cross_entropy
+
+ALL_BACKENDS = list(backends.BACKENDS)
+
+
+def problem(n, h, v, bias=True, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=generator, dtype=dtype)
+    weight = torch.randn(v, h, generator=generator, dtype=dtype) / h**0.5
+    b = torch.randn(v, generator=generator, dtype=dtype) if bias else None
+    target = torch.randint(0, v, (n,), generator=generator)
+    target[torch.rand(n, generator=generator) < 0.2] = -100
+    return x, weight, b, target
+
+
+def check(x, weight, bias, target, backend, reduction="mean", chunk_size=None, **options):
+    leaves = [t.detach().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
+    loss = linear_cross_entropy(leaves[0], leaves[1], target, leaves[2] if bias is not None else None,
+                                reduction=reduction, chunk_size=chunk_size, backend=backend, **options)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ce_weight = options.get("ce_weight")
+    ref = F.cross_entropy(F.linear(ref_leaves[0], ref_leaves[1], ref_leaves[2] if bias is not None else None),
+                          target, weight=None if ce_weight is None else ce_weight.double(), reduction=reduction,
+                          ignore_index=options.get("ignore_index", -100),
+                          label_smoothing=options.get("label_smoothing", 0.0))
+    assert_close_to_reference(loss, ref, x.dtype)
+    upstream = torch.rand_like(ref) + 0.5 if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+    grads = torch.autograd.grad(loss, leaves, upstream.to(loss.dtype))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, upstream)
+    for grad, ref_grad, leaf in zip(grads, ref_grads, leaves):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+        assert_close_to_reference(grad, ref_grad, x.dtype)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [1, 7, None])
+def test_matches_reference(backend, reduction, chunk_size):
+    skip_unless_runs(backend)
+    x, weight, bias, target = problem(23, 16, 37)
+    check(x, weight, bias, target, backend, reduction, chunk_size)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_options(backend):
+    skip_unless_runs(backend)
+    x, weight, _, target = problem(19, 8, 29, bias=False, seed=3)
+    check(x, weight, None, target, backend, chunk_size=5, ce_weight=torch.rand(29) + 0.2, label_smoothing=0.1)
+
+
+def test_larger_shapes_cpp():
+    skip_unless_runs("cpp")
+    x, weight, bias, target = problem(513, 64, 4099, seed=1)
+    check(x, weight, bias, target, "cpp", chunk_size=100)
+
+
+def test_gradients_only_where_asked():
+    skip_unless_runs("cpp")
+    x, weight, bias, target = problem(9, 4, 11)
+    weight.requires_grad_()
+    loss = linear_cross_entropy(x, weight, target, bias, backend="cpp")
+    (d_weight,) = torch.autograd.grad(loss, weight)
+    reference = torch.autograd.grad(F.cross_entropy(F.linear(x, weight, bias), target), weight)[0]
+    torch.testing.assert_close(d_weight, reference)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_float64(reduction):
+    skip_unless_runs("cpp")
+    x, weight, bias, target = problem(6, 3, 5, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: linear_cross_entropy(x, w, target, b, reduction=reduction, chunk_size=4, backend="cpp",
+                                             label_smoothing=0.1),
+        inputs, eps=1e-6, atol=1e-8,
+    )
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_compiles_without_graph_breaks(backend):
+    skip_unless_runs(backend)
+    torch._dynamo.reset()
+    head = torch.nn.Linear(12, 31)
+    loss_fn = fastlm.nn.LinearCrossEntropyLoss(chunk_size=8, backend=backend)
+    x, target = torch.randn(20, 12), torch.randint(0, 31, (20,))
+    expected = loss_fn(x, head.weight, target, head.bias)
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    torch.testing.assert_close(compiled(x, head.weight, target, head.bias), expected)
+
+
+def test_bad_input_is_refused():
+    x, weight, bias, target = problem(4, 3, 5)
+    with pytest.raises(ValueError, match=r"weight must be \(V, 3\)"):
+        linear_cross_entropy(x, weight.t(), target)
+    with pytest.raises(ValueError, match="bias must be"):
+        linear_cross_entropy(x, weight, target, bias[:2])
+    with pytest.raises(TypeError, match="weight/bias"):
+        linear_cross_entropy(x, weight.double(), target)
+    with pytest.raises(ValueError, match="expected target of shape"):
+        linear_cross_entropy(x, weight, target[:2])
+    with pytest.raises(IndexError, match="out of bounds"):
+        linear_cross_entropy(x, weight, torch.tensor([0, 1, 5, 2]), backend="cpp")
