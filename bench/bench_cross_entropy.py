@@ -1,0 +1,92 @@
+"""Cross-entropy fwd+bwd: fastlm's backends vs eager F.cross_entropy, torch.compile and Liger-Kernel.
+
+    python bench/bench_cross_entropy.py [--device cpu|cuda] [--quick] [--save]
+
+Cases follow the foundation issue: on CPU, fp32 at (N=4096, C=32000) and (N=8192, C=128); on GPU, bf16
+at (N=16384, V=128256) with the copy bandwidth of the same run as the roofline. GB/s counts the fewest
+bytes a fwd+bwd must move: the logits read once and their gradient written once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+from fastlm import backends  # noqa: E402
+from fastlm.ops import cross_entropy  # noqa: E402
+
+CASES = {
+    "cpu": [(4096, 32000, torch.float32), (8192, 128, torch.float32)],
+    "cuda": [(16384, 128256, torch.bfloat16), (4096, 32000, torch.float32), (8192, 128, torch.float32)],
+}
+QUICK_CASES = [(512, 4096, torch.float32), (1024, 128, torch.float32)]
+
+
+def loss_functions(device: str) -> dict:
+    """Every provider's loss function (logits, target) -> loss."""
+    functions = {}
+    for name in backends.available():
+        interpreted = name == "triton" and device == "cpu"
+        if name != "torch" and not interpreted and backends.runs_on(name, torch.device(device)):
+            functions[f"fastlm-{name}"] = lambda x, t, name=name: cross_entropy(x, t, backend=name)
+    functions["eager"] = F.cross_entropy
+    functions["torch.compile"] = torch.compile(lambda x, t: F.cross_entropy(x, t))
+    if device == "cuda":
+        try:
+            from liger_kernel.transformers.functional import liger_cross_entropy
+
+            functions["liger"] = lambda x, t: liger_cross_entropy(x, t)
+        except ImportError:
+            pass
+    return functions
+
+
+def providers_for(n: int, c: int, dtype: torch.dtype, device: str) -> list[harness.Provider]:
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, c, device=device, dtype=dtype, generator=generator).requires_grad_()
+    target = torch.randint(0, c, (n,), device=device, generator=generator)
+
+    def step(loss_fn):
+        def run():
+            x.grad = None
+            loss_fn(x, target).backward()
+
+        return run
+
+    return [harness.Provider(name, step(fn)) for name, fn in loss_functions(device).items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small shapes, a few repetitions")
+    parser.add_argument("--save", action="store_true", help="write bench/results/cross_entropy-<device>.json")
+    args = parser.parse_args()
+    copy_gbs = harness.copy_bandwidth_gbs(args.device, 2**26 if args.quick else 2**30)
+    rows = []
+    for n, c, dtype in QUICK_CASES if args.quick else CASES[args.device]:
+        case = f"N={n} C={c} {str(dtype).removeprefix('torch.')}"
+        case_rows = harness.run_case(case, providers_for(n, c, dtype, args.device), args.device,
+                                     reps=3 if args.quick else 10)
+        min_bytes = 2 * n * c * dtype.itemsize
+        for row in case_rows:
+            gbs = min_bytes / (row.median_ms * 1e-3) / 1e9
+            row.extra = {"GB/s": round(gbs, 1), "of_copy_bw": round(gbs / copy_gbs, 3),
+                         "peak_in_NxC_buffers": round(row.peak_extra_mb * 2**20 / (n * c * dtype.itemsize), 2)
+                         if row.peak_extra_mb is not None else None}
+        rows += case_rows
+    print(f"copy bandwidth (read + write) measured in this run: {copy_gbs:.1f} GB/s")
+    harness.print_rows(rows)
+    if args.save:
+        print("saved", harness.save("cross_entropy", args.device, rows, {"copy_bandwidth_gbs": copy_gbs}))
+
+
+if __name__ == "__main__":
+    main()

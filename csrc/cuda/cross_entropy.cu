@@ -1,0 +1,202 @@
+// Cross-entropy kernels on the GPU, same math as csrc/cpu/cross_entropy.cpp (see its header comment).
+// One thread block per row, rows on grid.x (up to 2^31-1 of them); offsets are int64 so N*C >= 2^31 works.
+// Forward reads a row once with an online softmax (a running max and a sum of exp rescaled whenever the
+// max grows), reduces the per-thread partials over the block, and thread 0 writes lse and the loss.
+// Backward recomputes p = exp(x - lse) in one pass. Logits are read in their own type; math is in fp32
+// (fp64 for double). Torch-free: cross_entropy_binding.cpp validates inputs and calls the launchers.
+#include "cross_entropy.cuh"
+
+#include <math_constants.h>
+
+#include <algorithm>
+#include <climits>
+
+namespace fastlm {
+namespace {
+
+constexpr int kMaxThreads = 1024;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ float exp_(float v) { return expf(v); }
+__device__ __forceinline__ double exp_(double v) { return exp(v); }
+__device__ __forceinline__ float log_(float v) { return logf(v); }
+__device__ __forceinline__ double log_(double v) { return log(v); }
+__device__ __forceinline__ float pos_inf(float) { return CUDART_INF_F; }
+__device__ __forceinline__ double pos_inf(double) { return CUDART_INF; }
+__device__ __forceinline__ float quiet_nan(float) { return CUDART_NAN_F; }
+__device__ __forceinline__ double quiet_nan(double) { return CUDART_NAN; }
+
+// The row's target, or -1 when the row is ignored. A target outside [0, C) is ignored too, so no kernel
+// indexes out of bounds (the binding has already raised for those).
+template <typename acc_t>
+__device__ int64_t row_target(const CrossEntropyArgs<acc_t>& a, int64_t row) {
+  const int64_t t = a.target[row];
+  return (t == a.ignore_index || t < 0 || t >= a.num_classes) ? -1 : t;
+}
+template <typename acc_t>
+__device__ acc_t weight_of(const CrossEntropyArgs<acc_t>& a, int64_t c) { return a.weight ? a.weight[c] : acc_t(1); }
+template <typename acc_t>
+__device__ acc_t weight_total(const CrossEntropyArgs<acc_t>& a) {
+  return a.weight ? *a.weight_sum : acc_t(a.num_classes);
+}
+
+// s * exp(m - new_m), the rescale of a partial sum when the max grows. s == 0 (nothing finite seen, m == -inf)
+// and m == new_m (also when both are +inf) need no exp, which would give NaN from -inf - -inf or inf - inf.
+template <typename acc_t>
+__device__ acc_t rescale(acc_t s, acc_t m, acc_t new_m) {
+  return (s == acc_t(0) || m == new_m) ? s : s * exp_(m - new_m);
+}
+
+// (m, s): the max of the logits seen and s = sum exp(x - m) over them. A NaN logit fails `v > m` and makes s
+// NaN, which every later step keeps; -inf logits add nothing.
+template <typename acc_t>
+__device__ void online_add(acc_t& m, acc_t& s, acc_t v) {
+  if (v > m) {
+    s = rescale(s, m, v) + acc_t(1);
+    m = v;
+  } else if (v != -pos_inf(v)) {
+    s += rescale(acc_t(1), v, m);
+  }
+}
+
+template <typename acc_t>
+__device__ void online_merge(acc_t& m, acc_t& s, acc_t m2, acc_t s2) {
+  const acc_t new_m = m > m2 ? m : m2;
+  s = rescale(s, m, new_m) + rescale(s2, m2, new_m);
+  m = new_m;
+}
+
+template <typename acc_t>
+__device__ void warp_reduce(acc_t& m, acc_t& s, acc_t& sum) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const acc_t m2 = __shfl_xor_sync(kFullMask, m, offset), s2 = __shfl_xor_sync(kFullMask, s, offset);
+    sum += __shfl_xor_sync(kFullMask, sum, offset);
+    online_merge(m, s, m2, s2);
+  }
+}
+
+// Reduces every thread's (m, s) and plain sum over the block; the result is valid in thread 0. blockDim.x is
+// a multiple of 32 (at most 1024), so every warp is full and shared memory needs one slot per warp.
+template <typename acc_t>
+__device__ void block_reduce(acc_t& m, acc_t& s, acc_t& sum) {
+  __shared__ acc_t shared_m[32], shared_s[32], shared_sum[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  warp_reduce(m, s, sum);
+  if (lane == 0) {
+    shared_m[warp] = m;
+    shared_s[warp] = s;
+    shared_sum[warp] = sum;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const bool live = lane < int(blockDim.x / 32);
+    m = live ? shared_m[lane] : -pos_inf(m);
+    s = live ? shared_s[lane] : acc_t(0);
+    sum = live ? shared_sum[lane] : acc_t(0);
+    warp_reduce(m, s, sum);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    forward_kernel(const scalar_t* logits, int64_t row_stride, CrossEntropyArgs<acc_t> a, acc_t* loss,
+                   acc_t* lse_out) {
+  const int64_t row = blockIdx.x, C = a.num_classes, t = row_target(a, row);
+  const scalar_t* x = logits + row * row_stride;
+  // Label smoothing needs sum_c w_c x_c; it is gathered in the same pass over the row.
+  const bool smoothed = t >= 0 && a.smoothing != acc_t(0);
+  acc_t m = -pos_inf(acc_t(0)), s = 0, weighted_sum = 0;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const acc_t v = to_acc(x[c]);
+    online_add(m, s, v);
+    if (smoothed) weighted_sum += weight_of(a, c) * v;
+  }
+  block_reduce(m, s, weighted_sum);
+  if (threadIdx.x != 0) return;
+  // As on the CPU: NaN for a NaN logit (s is NaN) or a row of -inf (exp(-inf - -inf)), +inf for a +inf logit.
+  const acc_t lse = m == -pos_inf(m) ? quiet_nan(m) : m + log_(s);
+  lse_out[row] = lse;
+  if (t < 0) {
+    loss[row] = acc_t(0);
+    return;
+  }
+  acc_t row_loss = (acc_t(1) - a.smoothing) * weight_of(a, t) * (lse - to_acc(x[t]));
+  if (smoothed) row_loss += a.smoothing / acc_t(C) * (weight_total(a) * lse - weighted_sum);
+  loss[row] = row_loss + a.lse_square_scale * lse * lse;
+}
+
+// grad may alias logits: each element is read, then written, by the same thread. The target's extra
+// -(1-e) w_t term is folded into that same write, so no second write can race with it.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    backward_kernel(const scalar_t* logits, int64_t row_stride, CrossEntropyArgs<acc_t> a, const acc_t* lse,
+                    const acc_t* grad_loss, scalar_t* grad, int64_t grad_row_stride) {
+  const int64_t row = blockIdx.x, C = a.num_classes, t = row_target(a, row);
+  const scalar_t* x = logits + row * row_stride;
+  scalar_t* dx = grad + row * grad_row_stride;
+  if (t < 0) {
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) store(dx + c, acc_t(0));
+    return;
+  }
+  const acc_t g = grad_loss[row], l = lse[row], w_t = weight_of(a, t), smooth = a.smoothing / acc_t(C);
+  const acc_t p_scale = g * ((acc_t(1) - a.smoothing) * w_t + smooth * weight_total(a) + 2 * a.lse_square_scale * l);
+  const acc_t target_grad = g * (acc_t(1) - a.smoothing) * w_t, smooth_grad = g * smooth;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    acc_t d = p_scale * exp_(to_acc(x[c]) - l);
+    if (a.smoothing != acc_t(0)) d -= smooth_grad * weight_of(a, c);
+    if (c == t) d -= target_grad;
+    store(dx + c, d);
+  }
+}
+
+// One element per thread up to 1024 classes, then 1024 threads striding over the row; always whole warps.
+int threads_for(int64_t num_classes) {
+  return int(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (num_classes + 31) / 32 * 32)));
+}
+
+}  // namespace
+
+template <typename scalar_t>
+cudaError_t cross_entropy_forward_cuda(const scalar_t* logits, int64_t row_stride,
+                                       const CrossEntropyArgs<acc_type<scalar_t>>& args, acc_type<scalar_t>* loss,
+                                       acc_type<scalar_t>* lse, cudaStream_t stream) {
+  if (args.num_rows == 0) return cudaSuccess;  // an empty grid is a launch error
+  if (args.num_rows > INT_MAX) return cudaErrorInvalidValue;
+  forward_kernel<<<unsigned(args.num_rows), threads_for(args.num_classes), 0, stream>>>(logits, row_stride, args,
+                                                                                        loss, lse);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t cross_entropy_backward_cuda(const scalar_t* logits, int64_t row_stride,
+                                        const CrossEntropyArgs<acc_type<scalar_t>>& args,
+                                        const acc_type<scalar_t>* lse, const acc_type<scalar_t>* grad_loss,
+                                        scalar_t* grad, int64_t grad_row_stride, cudaStream_t stream) {
+  if (args.num_rows == 0) return cudaSuccess;
+  if (args.num_rows > INT_MAX) return cudaErrorInvalidValue;
+  backward_kernel<<<unsigned(args.num_rows), threads_for(args.num_classes), 0, stream>>>(
+      logits, row_stride, args, lse, grad_loss, grad, grad_row_stride);
+  return cudaGetLastError();
+}
+
+#define FASTLM_INSTANTIATE(T)                                                                               \
+  template cudaError_t cross_entropy_forward_cuda<T>(const T*, int64_t, const CrossEntropyArgs<acc_type<T>>&, \
+                                                     acc_type<T>*, acc_type<T>*, cudaStream_t);               \
+  template cudaError_t cross_entropy_backward_cuda<T>(const T*, int64_t, const CrossEntropyArgs<acc_type<T>>&, \
+                                                      const acc_type<T>*, const acc_type<T>*, T*, int64_t,     \
+                                                      cudaStream_t);
+FASTLM_INSTANTIATE(float)
+FASTLM_INSTANTIATE(double)
+FASTLM_INSTANTIATE(__half)
+FASTLM_INSTANTIATE(__nv_bfloat16)
+#undef FASTLM_INSTANTIATE
+
+}  // namespace fastlm

@@ -1,0 +1,43 @@
+// Cross-entropy on the GPU: launchers for the kernels in cross_entropy.cu (math: csrc/cpu/cross_entropy.cpp).
+// Torch-free on purpose (raw pointers, int64 sizes and strides, a stream): nvcc then never parses the torch
+// headers, and cross_entropy_binding.cpp, built by the host compiler, owns every torch type and check.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace fastlm {
+
+// Logits are read in their own type (float, double, __half, __nv_bfloat16); all math, the per-row outputs,
+// lse, grad_loss and the class weights are in acc_t: double for double logits, float otherwise.
+template <typename scalar_t> struct CrossEntropyAcc { using type = float; };
+template <> struct CrossEntropyAcc<double> { using type = double; };
+template <typename scalar_t> using acc_type = typename CrossEntropyAcc<scalar_t>::type;
+
+// Everything a row's loss and gradient depend on besides its logits. All pointers are on the device.
+template <typename acc_t>
+struct CrossEntropyArgs {
+  const int64_t* target;     // N class indices; one outside [0, C) is treated as ignore_index
+  const acc_t* weight;       // C class weights, or nullptr for all ones
+  const acc_t* weight_sum;   // one value, the sum of weight (read only when weight != nullptr)
+  int64_t num_rows, num_classes, ignore_index;
+  acc_t smoothing, lse_square_scale;
+};
+
+// loss[i] and lse[i] for each row i of logits (row i starts at logits + i * row_stride, unit column stride).
+template <typename scalar_t>
+cudaError_t cross_entropy_forward_cuda(const scalar_t* logits, int64_t row_stride,
+                                       const CrossEntropyArgs<acc_type<scalar_t>>& args, acc_type<scalar_t>* loss,
+                                       acc_type<scalar_t>* lse, cudaStream_t stream);
+
+// grad = dloss/dlogits with row i scaled by grad_loss[i]; grad may be logits itself (in-place backward).
+template <typename scalar_t>
+cudaError_t cross_entropy_backward_cuda(const scalar_t* logits, int64_t row_stride,
+                                        const CrossEntropyArgs<acc_type<scalar_t>>& args,
+                                        const acc_type<scalar_t>* lse, const acc_type<scalar_t>* grad_loss,
+                                        scalar_t* grad, int64_t grad_row_stride, cudaStream_t stream);
+
+}  // namespace fastlm

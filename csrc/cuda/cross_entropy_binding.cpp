@@ -1,0 +1,175 @@
+// CUDA kernels for the cross-entropy ops that csrc/cpu/cross_entropy.cpp defines (TORCH_LIBRARY_FRAGMENT).
+// This file owns everything torch: the same input checks and messages as the CPU prepare(), the layout the
+// kernels need (int64 targets, weights in the math dtype, unit column stride), the device guard and the
+// current stream. The kernels in cross_entropy.cu stay torch-free, so nvcc never parses torch headers.
+// Unlike the CPU kernels, fp16 and bf16 logits are read in their own dtype rather than copied to fp32.
+#include "cross_entropy.cuh"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <tuple>
+
+namespace fastlm {
+namespace {
+
+template <typename T> struct Tag { using type = T; };
+
+// Calls f(Tag<T>{}) with T the type the kernels read for this logits dtype.
+template <typename F>
+void dispatch(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(Tag<float>{});
+    case at::kDouble: return f(Tag<double>{});
+    case at::kHalf: return f(Tag<__half>{});
+    case at::kBFloat16: return f(Tag<__nv_bfloat16>{});
+    default: TORCH_CHECK(false, "fastlm cross_entropy (CUDA): unsupported logits dtype ", dtype);
+  }
+}
+
+bool kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+at::ScalarType math_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_cuda(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "fastlm ", op, " (CUDA): ", cudaGetErrorString(err));
+}
+
+void check_device(const at::Tensor& t, const at::Tensor& logits, const char* name) {
+  TORCH_CHECK(t.device() == logits.device(), "fastlm cross_entropy: ", name, " must be on the device of logits (",
+              logits.device(), "), got ", t.device());
+}
+
+// One device-side test and one sync; the offending value is fetched only to raise.
+void check_targets(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  const at::Tensor bad = target.ne(ignore_index).logical_and_(target.lt(0).logical_or_(target.ge(num_classes)));
+  if (bad.any().item<bool>()) {
+    TORCH_CHECK_INDEX(false, "Target ", target.masked_select(bad)[0].item<int64_t>(),
+                      " is out of bounds: expected a class index in [0, ", num_classes, ") or ignore_index (",
+                      ignore_index, ")");
+  }
+}
+
+// Inputs in the layout the kernels read; weight_sum is a one-element device tensor, so no sync for it.
+struct Prepared {
+  at::Tensor logits, target, weight, weight_sum;
+};
+
+Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                 int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2, "fastlm cross_entropy: logits must be 2D (N, C), got ", logits.dim(), "D");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0),
+              "fastlm cross_entropy: target must be 1D with N = ", logits.size(0), " entries, got shape ",
+              target.sizes());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "fastlm cross_entropy: logits must be floating point");
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+              "fastlm cross_entropy: target must be int64 or int32, got ", target.scalar_type());
+  TORCH_CHECK(logits.is_cuda(), "fastlm cross_entropy: logits must be a CUDA tensor, got ", logits.device());
+  check_device(target, logits, "target");
+  TORCH_CHECK(logits.size(0) <= INT_MAX, "fastlm cross_entropy (CUDA): at most 2^31-1 rows, got ", logits.size(0));
+  Prepared p;
+  p.logits = kernel_dtype(logits.scalar_type()) ? logits : logits.to(at::kFloat);
+  if (p.logits.stride(1) != 1) p.logits = p.logits.contiguous();
+  p.target = target.to(at::kLong).contiguous();
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1),
+                "fastlm cross_entropy: weight must have C = ", logits.size(1), " entries, got shape ",
+                weight->sizes());
+    check_device(*weight, logits, "weight");
+    p.weight = weight->to(math_dtype(logits)).contiguous();
+    p.weight_sum = p.weight.sum();
+  }
+  check_targets(p.target, logits.size(1), ignore_index);
+  return p;
+}
+
+template <typename acc_t>
+CrossEntropyArgs<acc_t> kernel_args(const Prepared& p, int64_t ignore_index, double smoothing, double z_scale) {
+  const bool w = p.weight.defined();
+  return {p.target.data_ptr<int64_t>(), w ? p.weight.data_ptr<acc_t>() : nullptr,
+          w ? p.weight_sum.data_ptr<acc_t>() : nullptr, p.logits.size(0), p.logits.size(1), ignore_index,
+          acc_t(smoothing), acc_t(z_scale)};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         int64_t ignore_index, double label_smoothing,
+                                                         double lse_square_scale) {
+  const Prepared p = prepare(logits, target, weight, ignore_index);
+  const c10::cuda::CUDAGuard guard(p.logits.device());
+  const auto options = p.logits.options().dtype(math_dtype(p.logits));
+  at::Tensor loss = at::empty({p.logits.size(0)}, options), lse = at::empty({p.logits.size(0)}, options);
+  dispatch(p.logits.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using acc_t = acc_type<T>;
+    check_cuda(cross_entropy_forward_cuda<T>(static_cast<const T*>(p.logits.data_ptr()), p.logits.stride(0),
+                                             kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale),
+                                             loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+                                             c10::cuda::getCurrentCUDAStream().stream()),
+               "cross_entropy_forward");
+  });
+  return {loss, lse};
+}
+
+// grad: (N, C) in p.logits' dtype with unit column stride; may be p.logits itself.
+void backward_into(const Prepared& p, const at::Tensor& lse, const at::Tensor& grad_loss, at::Tensor& grad,
+                   int64_t ignore_index, double label_smoothing, double lse_square_scale) {
+  const int64_t N = p.logits.size(0);
+  TORCH_CHECK(lse.numel() == N && grad_loss.numel() == N,
+              "fastlm cross_entropy backward: lse and grad_loss must have N = ", N, " entries");
+  check_device(lse, p.logits, "lse");
+  check_device(grad_loss, p.logits, "grad_loss");
+  const at::Tensor lse_c = lse.to(math_dtype(p.logits)).contiguous();
+  const at::Tensor grad_loss_c = grad_loss.to(math_dtype(p.logits)).contiguous();
+  const c10::cuda::CUDAGuard guard(p.logits.device());
+  dispatch(p.logits.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using acc_t = acc_type<T>;
+    check_cuda(cross_entropy_backward_cuda<T>(static_cast<const T*>(p.logits.data_ptr()), p.logits.stride(0),
+                                              kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale),
+                                              lse_c.data_ptr<acc_t>(), grad_loss_c.data_ptr<acc_t>(),
+                                              static_cast<T*>(grad.data_ptr()), grad.stride(0),
+                                              c10::cuda::getCurrentCUDAStream().stream()),
+               "cross_entropy_backward");
+  });
+}
+
+at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                  const at::Tensor& grad_loss, int64_t ignore_index, double label_smoothing,
+                                  double lse_square_scale) {
+  const Prepared p = prepare(logits, target, weight, ignore_index);
+  at::Tensor grad = at::empty(p.logits.sizes(), p.logits.options());  // contiguous
+  backward_into(p, lse, grad_loss, grad, ignore_index, label_smoothing, lse_square_scale);
+  return grad.to(logits.scalar_type());
+}
+
+void cross_entropy_backward_(at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                             const at::Tensor& lse, const at::Tensor& grad_loss, int64_t ignore_index,
+                             double label_smoothing, double lse_square_scale) {
+  TORCH_CHECK(kernel_dtype(logits.scalar_type()) && logits.dim() == 2 && logits.stride(1) == 1,
+              "fastlm cross_entropy_backward_: in-place needs float, double, half or bfloat16 logits with unit "
+              "column stride");
+  // Rows that share memory (e.g. an expanded tensor) would be written by several blocks at once.
+  TORCH_CHECK(logits.size(0) <= 1 || logits.stride(0) >= logits.size(1),
+              "fastlm cross_entropy_backward_: the rows of logits overlap in memory");
+  const Prepared p = prepare(logits, target, weight, ignore_index);  // p.logits is logits itself
+  backward_into(p, lse, grad_loss, logits, ignore_index, label_smoothing, lse_square_scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
+  m.impl("cross_entropy_forward", &cross_entropy_forward);
+  m.impl("cross_entropy_backward", &cross_entropy_backward);
+  m.impl("cross_entropy_backward_", &cross_entropy_backward_);
+}
+
+}  // namespace fastlm

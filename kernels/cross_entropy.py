@@ -1,0 +1,188 @@
+# Cross-entropy in Triton: the same loss and gradient as csrc/cpu/cross_entropy.cpp (see its header for
+# the math: class weights w, label smoothing e, z-loss scale s, ignore_index), for any device Triton runs
+# on (and for CPU tensors under TRITON_INTERPRET=1).
+# One program per row. The forward reads the row once: an online softmax keeps a running max and a sum
+# of exp rescaled whenever the max grows, and the weighted sum of logits that smoothing needs rides
+# along in the same loop. The backward recomputes p = exp(x - lse) from the saved lse in one more pass.
+# Math is fp32 (fp64 for fp64 logits); loss and lse come back in that dtype.
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row_setup(target_ptr, weight_ptr, wsum_ptr, row, C, ignore_index, e_hi, e_lo,
+               HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    # A target outside [0, C) is treated like ignore_index, so nothing is ever loaded out of bounds
+    # (the launchers reject such targets before getting here).
+    t = tl.load(target_ptr + row).to(tl.int64)
+    valid = (t != ignore_index) & (t >= 0) & (t < C)
+    # e and s arrive as fp32 hi/lo pairs (see _split); summed in ACC they are exact enough for fp64.
+    e = tl.zeros([], ACC) + e_hi + e_lo
+    if HAS_WEIGHT:
+        w_t = tl.load(weight_ptr + t, mask=valid, other=0.0).to(ACC)
+        w_sum = tl.load(wsum_ptr).to(ACC)
+    else:
+        w_t = tl.full([], 1.0, ACC)
+        w_sum = tl.zeros([], ACC) + C  # (C == 1 arrives as a constexpr, so no C.to())
+    return t, valid, e, w_t, w_sum
+
+
+@triton.jit
+def _forward_kernel(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, loss_ptr, lse_ptr, C,
+                    ignore_index, e_hi, e_lo, s_hi, s_lo, HAS_WEIGHT: tl.constexpr,
+                    HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride may pass 2^31
+    x_row = logits_ptr + row * stride_row
+    cols = tl.arange(0, BLOCK_C)
+    m = tl.full([], float("-inf"), ACC)  # running max
+    total = tl.zeros([], ACC)  # sum of exp(x - m)
+    wx = tl.zeros([], ACC)  # sum of w_c x_c, for smoothing
+    for start in range(0, C, BLOCK_C):
+        mask = start + cols < C
+        x = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(ACC)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        # While every logit so far is -inf (masked vocab), shift by 0 so exp gives 0, not exp(-inf + inf) = NaN.
+        # A +inf logit still gives NaN, as it does in PyTorch.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        total = total * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
+        m = m_new
+        if HAS_SMOOTHING:  # constexpr: with e == 0 a -inf logit must not turn the loss into 0 * inf
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + start + cols, mask=mask, other=0.0).to(ACC)
+                wx += tl.sum(w * tl.where(mask, x, 0.0), 0)
+            else:
+                wx += tl.sum(tl.where(mask, x, 0.0), 0)
+    lse = m + tl.log(total)
+    tl.store(lse_ptr + row, lse)
+
+    t, valid, e, w_t, w_sum = _row_setup(target_ptr, weight_ptr, wsum_ptr, row, C, ignore_index, e_hi, e_lo,
+                                         HAS_WEIGHT, ACC)
+    x_t = tl.load(x_row + t, mask=valid, other=0.0).to(ACC)
+    loss = (1.0 - e) * w_t * (lse - x_t) + (tl.zeros([], ACC) + s_hi + s_lo) * lse * lse
+    if HAS_SMOOTHING:
+        loss += e / C * (w_sum * lse - wx)
+    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+
+
+@triton.jit
+def _backward_kernel(logits_ptr, stride_row, grad_ptr, stride_grad, target_ptr, weight_ptr, wsum_ptr, lse_ptr,
+                     stride_lse, grad_loss_ptr, stride_grad_loss, C, ignore_index, e_hi, e_lo, s_hi, s_lo,
+                     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * stride_row
+    dx_row = grad_ptr + row * stride_grad
+    cols = tl.arange(0, BLOCK_C)
+    t, valid, e, w_t, w_sum = _row_setup(target_ptr, weight_ptr, wsum_ptr, row, C, ignore_index, e_hi, e_lo,
+                                         HAS_WEIGHT, ACC)
+    lse = tl.load(lse_ptr + row * stride_lse).to(ACC)
+    g = tl.load(grad_loss_ptr + row * stride_grad_loss).to(ACC)
+    # dloss/dx_c = p_c * p_scale - on_target [c == t] - smooth * w_c, all scaled by g.
+    on_target = g * (1.0 - e) * w_t
+    smooth = g * e / C
+    p_scale = on_target + 2.0 * g * (tl.zeros([], ACC) + s_hi + s_lo) * lse
+    if HAS_SMOOTHING:
+        p_scale += smooth * w_sum
+    # Ignored rows read nothing and write exact zeros (even if their logits or grad_loss are NaN).
+    # (c < n_read rather than mask & valid: the interpreter mistypes a block mask & a scalar.)
+    n_read = tl.where(valid, C, 0)
+    for start in range(0, C, BLOCK_C):
+        c = start + cols
+        mask = c < C
+        x = tl.load(x_row + c, mask=c < n_read, other=0.0).to(ACC)
+        dx = p_scale * tl.exp(x - lse) - tl.where(c == t, on_target, 0.0)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                dx -= smooth * tl.load(weight_ptr + c, mask=mask, other=0.0).to(ACC)
+            else:
+                dx -= smooth
+        # Same program, same addresses, load before store: safe when grad is the logits (in-place).
+        tl.store(dx_row + c, tl.where(valid, dx, 0.0).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+_MATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
+         torch.float64: torch.float64}
+
+
+def _split(v):
+    # v as fp32 hi + fp32 lo: Triton passes Python floats as fp32, and fp64 math wants v to ~48 bits.
+    hi = float(torch.tensor(v, dtype=torch.float32))
+    return hi, v - hi
+
+
+def _prepare(logits, target, weight, ignore_index, block_c):
+    """Validates the inputs like the C++ ops; returns the kernel arguments shared by both directions."""
+    if logits.dim() != 2:
+        raise ValueError(f"fastlm cross_entropy: logits must be 2D (N, C), got {logits.dim()}D")
+    if logits.dtype not in _MATH:
+        raise ValueError(f"fastlm cross_entropy: logits must be float16/bfloat16/float32/float64, got {logits.dtype}")
+    N, C = logits.shape
+    if target.dim() != 1 or target.shape[0] != N:
+        raise ValueError(f"fastlm cross_entropy: target must be 1D with N = {N} entries, "
+                         f"got shape {tuple(target.shape)}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"fastlm cross_entropy: target must be int64 or int32, got {target.dtype}")
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != C):
+        raise ValueError(f"fastlm cross_entropy: weight must have C = {C} entries, got shape {tuple(weight.shape)}")
+    for name, other in (("target", target), ("weight", weight)):
+        if other is not None and other.device != logits.device:
+            raise ValueError(f"fastlm cross_entropy: {name} is on {other.device} but logits are on {logits.device}")
+    # Same rule and message as the C++ check (a target equal to ignore_index is fine even outside [0, C)).
+    # bad.any() waits for the device: the price of a clear error instead of a silently ignored row.
+    bad = (target != ignore_index) & ((target < 0) | (target >= C))
+    if bad.any():
+        raise IndexError(f"Target {target[bad][0].item()} is out of bounds: expected a class index in "
+                         f"[0, {C}) or ignore_index ({ignore_index})")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    acc = _MATH[logits.dtype]
+    has_weight = weight is not None
+    if has_weight:
+        weight = weight.contiguous()
+        wsum = weight.sum(dtype=acc)
+    else:  # never read (HAS_WEIGHT is False): any tensor will do as the pointer
+        weight = wsum = logits
+    if block_c is None:  # the interpreter runs numpy per block, so big blocks are cheap there too
+        block_c = 4096 if logits.is_cuda else 1024
+    block_c = min(triton.next_power_of_2(max(C, 1)), block_c)
+    # Rows are independent and memory-bound: a block of 4096 is 16 fp32 loads per thread at 8 warps.
+    meta = dict(HAS_WEIGHT=has_weight, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                BLOCK_C=block_c, num_warps=8 if block_c >= 2048 else 4)
+    return logits, target.contiguous(), weight, wsum, acc, meta
+
+
+def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale, block_c=None):
+    """Per-row loss and log-sum-exp of logits (N, C); both (N,), float32 (float64 for float64 logits)."""
+    logits, target, weight, wsum, acc, meta = _prepare(logits, target, weight, ignore_index, block_c)
+    N, C = logits.shape
+    loss = torch.empty(N, dtype=acc, device=logits.device)
+    lse = torch.empty(N, dtype=acc, device=logits.device)
+    if N > 0:
+        _forward_kernel[(N,)](logits, logits.stride(0), target, weight, wsum, loss, lse, C, ignore_index,
+                              *_split(float(label_smoothing)), *_split(float(lse_square_scale)),
+                              HAS_SMOOTHING=label_smoothing != 0, **meta)
+    return loss, lse
+
+
+def cross_entropy_backward_into(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing,
+                                lse_square_scale, grad, block_c=None):
+    """Writes grad_loss[i] * dloss_i/dlogits into grad (N, C), which may be logits itself."""
+    logits, target, weight, wsum, acc, meta = _prepare(logits, target, weight, ignore_index, block_c)
+    N, C = logits.shape
+    if grad.shape != logits.shape or grad.dtype != logits.dtype or grad.device != logits.device:
+        raise ValueError(f"fastlm cross_entropy backward: grad must be {tuple(logits.shape)} {logits.dtype} on "
+                         f"{logits.device}, got {tuple(grad.shape)} {grad.dtype} on {grad.device}")
+    if C > 1 and grad.stride(1) != 1:
+        raise ValueError("fastlm cross_entropy backward: grad must have unit column stride")
+    for name, v in (("lse", lse), ("grad_loss", grad_loss)):
+        if v.shape != (N,) or v.device != logits.device:
+            raise ValueError(f"fastlm cross_entropy backward: {name} must have shape ({N},) on {logits.device}, "
+                             f"got {tuple(v.shape)} on {v.device}")
+    if N > 0:  # grad_loss keeps its stride: a mean's gradient arrives expanded, with stride 0
+        _backward_kernel[(N,)](logits, logits.stride(0), grad, grad.stride(0), target, weight, wsum, lse,
+                               lse.stride(0), grad_loss, grad_loss.stride(0), C, ignore_index,
+                               *_split(float(label_smoothing)), *_split(float(lse_square_scale)),
+                               HAS_SMOOTHING=label_smoothing != 0, **meta)
+    return grad
