@@ -46,6 +46,4 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["numpy"],
-    entry_points={"console_scripts": ["fastlm = fastlm.cli:main"]},
 )

@@ -31,11 +31,15 @@ def skip_unless_runs(backend: str, device: str = "cpu") -> None:
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
+                              magnitude: float = 0.0) -> None:
     """Element-wise comparison with a float64 reference: each element within ``tol`` relative to itself
-    or to the largest reference magnitude (so tiny gradients are not compared against a loose constant)."""
+    or to the largest reference magnitude (so tiny gradients are not compared against a loose constant).
+    ``magnitude``, where given, is the size of the terms that cancel to make the result, for results that
+    are exactly zero in exact arithmetic but not in floating point."""
     tol = TOLERANCE[dtype]
     expected = expected.detach().double()
-    scale = expected.abs().max().item() if expected.numel() else 1.0
-    torch.testing.assert_close(actual.detach().double(), expected, rtol=tol, atol=tol * max(scale, 1e-30),
+    finite = expected[torch.isfinite(expected)]
+    scale = finite.abs().max().item() if finite.numel() else 1.0
+    torch.testing.assert_close(actual.detach().double(), expected, rtol=tol, atol=tol * max(scale, magnitude, 1e-30),
                                equal_nan=True)

@@ -73,6 +73,16 @@ def test_gradients_only_where_asked():
     torch.testing.assert_close(d_weight, reference)
 
 
+def test_backward_twice_through_a_retained_graph():
+    skip_unless_runs("cpp")
+    x, weight, bias, target = problem(9, 4, 11)
+    weight.requires_grad_()
+    loss = linear_cross_entropy(x, weight, target, bias, backend="cpp")
+    first = torch.autograd.grad(loss * 2, weight, retain_graph=True)[0]
+    second = torch.autograd.grad(loss * 2, weight)[0]
+    assert torch.equal(first, second)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradcheck_float64(reduction):
     skip_unless_runs("cpp")

@@ -3,8 +3,8 @@
 Rows are processed in chunks: each chunk's logits are made by one matrix product, fed to the
 cross-entropy kernels, and (when gradients are needed) overwritten in place by their gradient, which is
 at once folded into d_input, d_weight and d_bias. Only one chunk of logits exists at a time; the default
-chunk holds about as many logits as d_weight has entries, so the extra memory stays a small multiple
-of the weight's own gradient. d_weight and d_bias accumulate in fp32 across chunks.
+chunk holds a quarter as many logits as d_weight has entries, so the extra memory stays a small multiple
+of the weight's own gradient while each chunk's products stay large enough for the BLAS. d_weight and d_bias accumulate in fp32 across chunks.
 
 For 'mean' and 'sum' the gradients are finished during the forward (the upstream gradient is a scalar
 that only scales them); for 'none' the backward recomputes the chunks with the per-row upstream gradient.
@@ -32,8 +32,8 @@ from fastlm.ops.cross_entropy import (
 
 
 def default_chunk_size(num_rows: int, hidden: int, vocab: int) -> int:
-    """Rows per chunk: a chunk of logits about the size of d_weight (hidden rows), at least 64k logits."""
-    return max(1, min(num_rows, max(hidden, math.ceil(65536 / vocab))))
+    """Rows per chunk: a chunk of logits a quarter the size of d_weight (hidden / 4 rows), at least 64k logits."""
+    return max(1, min(num_rows, max(hidden // 4, math.ceil(65536 / vocab))))
 
 
 def chunked_loss_and_grads(input, weight, bias, target, ce_weight, ce_args, chunk_size, backend, grad_rows,
@@ -99,9 +99,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse):
         ce_args, chunk_size, backend, needs_grad, grad_now = ctx.config
         if grad_now:
-            grads = ctx.saved_tensors
             grads = [None if g is None else g * grad_loss.to(torch.promote_types(g.dtype, torch.float32))
-                     for g in grads]
+                     for g in ctx.saved_tensors]
         else:
             input, weight, bias, target, ce_weight = ctx.saved_tensors
             acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
