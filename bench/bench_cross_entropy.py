@@ -9,7 +9,6 @@ bytes a fwd+bwd must move: the logits read once and their gradient written once.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -19,7 +18,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-from fastlm import backends  # noqa: E402
 from fastlm.ops import cross_entropy  # noqa: E402
 
 CASES = {
@@ -31,11 +29,8 @@ QUICK_CASES = [(512, 4096, torch.float32), (1024, 128, torch.float32)]
 
 def loss_functions(device: str) -> dict:
     """Every provider's loss function (logits, target) -> loss."""
-    functions = {}
-    for name in backends.available():
-        interpreted = name == "triton" and device == "cpu"
-        if name != "torch" and not interpreted and backends.runs_on(name, torch.device(device)):
-            functions[f"fastlm-{name}"] = lambda x, t, name=name: cross_entropy(x, t, backend=name)
+    functions = {f"fastlm-{name}": lambda x, t, name=name: cross_entropy(x, t, backend=name)
+                 for name in harness.fastlm_backends(device)}
     functions["eager"] = F.cross_entropy
     functions["torch.compile"] = torch.compile(lambda x, t: F.cross_entropy(x, t))
     if device == "cuda":
@@ -64,11 +59,7 @@ def providers_for(n: int, c: int, dtype: torch.dtype, device: str) -> list[harne
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="small shapes, a few repetitions")
-    parser.add_argument("--save", action="store_true", help="write bench/results/cross_entropy-<device>.json")
-    args = parser.parse_args()
+    args = harness.parse_args(__doc__, "cross_entropy")
     copy_gbs = harness.copy_bandwidth_gbs(args.device, 2**26 if args.quick else 2**30)
     rows = []
     for n, c, dtype in QUICK_CASES if args.quick else CASES[args.device]:

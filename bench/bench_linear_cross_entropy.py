@@ -8,7 +8,6 @@ The foundation issue's case: N=4096 rows, H=1024 hidden, V=32000 classes, fp32 (
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -18,7 +17,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-from fastlm import backends  # noqa: E402
 from fastlm.ops import linear_cross_entropy  # noqa: E402
 
 CASES = {"cpu": [(4096, 1024, 32000, torch.float32)],
@@ -31,11 +29,8 @@ def eager(x, weight, bias, target):
 
 
 def loss_functions(device: str) -> dict:
-    functions = {}
-    for name in backends.available():
-        interpreted = name == "triton" and device == "cpu"
-        if name != "torch" and not interpreted and backends.runs_on(name, torch.device(device)):
-            functions[f"fastlm-{name}"] = lambda x, w, b, t, name=name: linear_cross_entropy(x, w, t, b, backend=name)
+    functions = {f"fastlm-{name}": lambda x, w, b, t, name=name: linear_cross_entropy(x, w, t, b, backend=name)
+                 for name in harness.fastlm_backends(device)}
     functions["eager"] = eager
     functions["torch.compile"] = torch.compile(eager)
     if device == "cuda":
@@ -66,11 +61,7 @@ def providers_for(n, h, v, dtype, device):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="small shapes, a few repetitions")
-    parser.add_argument("--save", action="store_true", help="write bench/results/linear_cross_entropy-<device>.json")
-    args = parser.parse_args()
+    args = harness.parse_args(__doc__, "linear_cross_entropy")
     rows = []
     for n, h, v, dtype in QUICK_CASES if args.quick else CASES[args.device]:
         case = f"N={n} H={h} V={v} {str(dtype).removeprefix('torch.')}"

@@ -13,6 +13,7 @@ through /proc/self/clear_refs before each measured call); GPU with torch.cuda.ma
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -50,6 +51,25 @@ class Row:
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+
+
+def parse_args(doc: str, name: str) -> argparse.Namespace:
+    """The command line every benchmark takes: --device, --quick, --save."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small shapes, a few repetitions")
+    parser.add_argument("--save", action="store_true", help=f"write bench/results/{name}-<device>.json")
+    return parser.parse_args()
+
+
+def fastlm_backends(device: str) -> list[str]:
+    """The fastlm backends worth timing on ``device``: compiled ones only (not the torch reference, which
+    eager already covers, nor Triton's CPU interpreter)."""
+    from fastlm import backends
+
+    return [name for name in backends.available()
+            if name != "torch" and not (name == "triton" and device == "cpu")
+            and backends.runs_on(name, torch.device(device))]
 
 
 def time_ms(fn: Callable[[], object], device: str, reps: int = 10, warmup: int = 2) -> list[float]:

@@ -11,6 +11,7 @@
 // The schemas are defined here because this file is built on every machine; CUDA adds its kernels
 // to the same ops in csrc/cuda/cross_entropy_binding.cpp.
 
+#include "../cross_entropy_checks.h"
 #include "huge_pages.h"
 #include "vec_config.h"
 
@@ -52,32 +53,21 @@ struct Prepared {
 void check_targets(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
   const int64_t* t = target.data_ptr<int64_t>();
   for (int64_t i = 0; i < target.numel(); ++i) {
-    TORCH_CHECK_INDEX(t[i] == ignore_index || (t[i] >= 0 && t[i] < num_classes), "Target ", t[i],
-                      " is out of bounds: expected a class index in [0, ", num_classes, ") or ignore_index (",
-                      ignore_index, ")");
+    if (t[i] != ignore_index && (t[i] < 0 || t[i] >= num_classes)) {
+      raise_target_out_of_bounds(t[i], num_classes, ignore_index);
+    }
   }
 }
 
 Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                  int64_t ignore_index) {
-  TORCH_CHECK(logits.dim() == 2, "fastlm cross_entropy: logits must be 2D (N, C), got ", logits.dim(), "D");
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0),
-              "fastlm cross_entropy: target must be 1D with N = ", logits.size(0), " entries, got shape ",
-              target.sizes());
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "fastlm cross_entropy: logits must be floating point");
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
-              "fastlm cross_entropy: target must be int64 or int32, got ", target.scalar_type());
+  check_cross_entropy_shapes(logits, target, weight);
   const auto math_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Prepared p;
   p.logits = logits.to(math_dtype);
   if (p.logits.stride(1) != 1) p.logits = p.logits.contiguous();
   p.target = target.to(at::kLong).contiguous();
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1),
-                "fastlm cross_entropy: weight must have C = ", logits.size(1), " entries, got shape ",
-                weight->sizes());
-    p.weight = weight->to(math_dtype).contiguous();
-  }
+  if (weight.has_value()) p.weight = weight->to(math_dtype).contiguous();
   check_targets(p.target, logits.size(1), ignore_index);
   return p;
 }

@@ -3,6 +3,7 @@
 // kernels need (int64 targets, weights in the math dtype, unit column stride), the device guard and the
 // current stream. The kernels in cross_entropy.cu stay torch-free, so nvcc never parses torch headers.
 // Unlike the CPU kernels, fp16 and bf16 logits are read in their own dtype rather than copied to fp32.
+#include "../cross_entropy_checks.h"
 #include "cross_entropy.cuh"
 
 #include <ATen/core/Tensor.h>
@@ -51,9 +52,7 @@ void check_device(const at::Tensor& t, const at::Tensor& logits, const char* nam
 void check_targets(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
   const at::Tensor bad = target.ne(ignore_index).logical_and_(target.lt(0).logical_or_(target.ge(num_classes)));
   if (bad.any().item<bool>()) {
-    TORCH_CHECK_INDEX(false, "Target ", target.masked_select(bad)[0].item<int64_t>(),
-                      " is out of bounds: expected a class index in [0, ", num_classes, ") or ignore_index (",
-                      ignore_index, ")");
+    raise_target_out_of_bounds(target.masked_select(bad)[0].item<int64_t>(), num_classes, ignore_index);
   }
 }
 
@@ -64,13 +63,7 @@ struct Prepared {
 
 Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                  int64_t ignore_index) {
-  TORCH_CHECK(logits.dim() == 2, "fastlm cross_entropy: logits must be 2D (N, C), got ", logits.dim(), "D");
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0),
-              "fastlm cross_entropy: target must be 1D with N = ", logits.size(0), " entries, got shape ",
-              target.sizes());
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "fastlm cross_entropy: logits must be floating point");
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
-              "fastlm cross_entropy: target must be int64 or int32, got ", target.scalar_type());
+  check_cross_entropy_shapes(logits, target, weight);
   TORCH_CHECK(logits.is_cuda(), "fastlm cross_entropy: logits must be a CUDA tensor, got ", logits.device());
   check_device(target, logits, "target");
   TORCH_CHECK(logits.size(0) <= INT_MAX, "fastlm cross_entropy (CUDA): at most 2^31-1 rows, got ", logits.size(0));
@@ -79,9 +72,6 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::
   if (p.logits.stride(1) != 1) p.logits = p.logits.contiguous();
   p.target = target.to(at::kLong).contiguous();
   if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1),
-                "fastlm cross_entropy: weight must have C = ", logits.size(1), " entries, got shape ",
-                weight->sizes());
     check_device(*weight, logits, "weight");
     p.weight = weight->to(math_dtype(logits)).contiguous();
     p.weight_sum = p.weight.sum();

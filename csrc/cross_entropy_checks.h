@@ -1,0 +1,32 @@
+// Input checks shared by the CPU kernels and the CUDA binding of the cross-entropy ops, so that every
+// backend refuses bad input with the same message before any kernel touches memory.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace fastlm {
+
+inline void check_cross_entropy_shapes(const at::Tensor& logits, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK(logits.dim() == 2, "fastlm cross_entropy: logits must be 2D (N, C), got ", logits.dim(), "D");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0),
+              "fastlm cross_entropy: target must be 1D with N = ", logits.size(0), " entries, got shape ",
+              target.sizes());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "fastlm cross_entropy: logits must be floating point");
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+              "fastlm cross_entropy: target must be int64 or int32, got ", target.scalar_type());
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1), "fastlm cross_entropy: weight must have C = ",
+                logits.size(1), " entries, got shape ", weight->sizes());
+  }
+}
+
+[[noreturn]] inline void raise_target_out_of_bounds(int64_t value, int64_t num_classes, int64_t ignore_index) {
+  TORCH_CHECK_INDEX(false, "Target ", value, " is out of bounds: expected a class index in [0, ", num_classes,
+                    ") or ignore_index (", ignore_index, ")");
+  __builtin_unreachable();
+}
+
+}  // namespace fastlm
