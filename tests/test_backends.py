@@ -1,0 +1,54 @@
+"""Backend choice: defaults per device, the FASTLM_BACKEND variable, the use() context, clear refusals."""
+
+import pytest
+import torch
+
+import fastlm
+from fastlm import backends
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_cpu_defaults_to_cpp_and_torch_is_always_there():
+    assert "torch" in backends.available()
+    assert "cpp" in backends.available(), backends.why_unavailable("cpp")
+    assert backends.resolve(CPU) == "cpp"
+
+
+def test_use_and_environment_variable_force_a_backend(monkeypatch):
+    x, target = torch.randn(4, 5, requires_grad=True), torch.tensor([0, 1, 2, 3])
+    with fastlm.backends.use("torch"):
+        assert backends.resolve(CPU) == "torch"
+        assert "CrossEntropyFunction" not in type(fastlm.ops.cross_entropy(x, target).grad_fn).__name__
+    assert "CrossEntropyFunction" in type(fastlm.ops.cross_entropy(x, target).grad_fn).__name__
+    monkeypatch.setenv("FASTLM_BACKEND", "torch")
+    assert backends.resolve(CPU) == "torch"
+    with fastlm.backends.use("cpp"):  # the context wins over the variable
+        assert backends.resolve(CPU) == "cpp"
+    assert backends.resolve(CPU, "cpp") == "cpp"  # and an explicit backend= wins over both
+
+
+def test_unknown_or_missing_backends_are_refused_with_the_reason(monkeypatch):
+    with pytest.raises(RuntimeError, match="unknown fastlm backend 'cudnn'"):
+        with fastlm.backends.use("cudnn"):
+            pass
+    monkeypatch.setenv("FASTLM_BACKEND", "nope")
+    with pytest.raises(RuntimeError, match="unknown fastlm backend 'nope'"):
+        backends.resolve(CPU)
+    monkeypatch.delenv("FASTLM_BACKEND")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            with fastlm.backends.use("cuda"):
+                pass
+    with pytest.raises(RuntimeError, match="cannot run on cuda tensors"):
+        backends.resolve(CUDA, "cpp")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, triton is available without the interpreter")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET=1" in backends.why_unavailable("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backends.why_unavailable("triton") is None
+    assert backends.runs_on("triton", CPU)
