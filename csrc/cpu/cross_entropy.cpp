@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <tuple>
 
 namespace fastlm {
@@ -87,6 +88,26 @@ LossTerms<scalar_t> loss_terms(const Prepared& p, int64_t ignore_index, double s
 // Enough rows per thread task to amortise scheduling: about 32k logits.
 int64_t rows_per_task(int64_t num_classes) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, num_classes)); }
 
+// The max and the sum of exp of a row, each with four independent vector accumulators: one accumulator
+// makes the loop wait on the latency of every max or add (measured: forward 2.4x slower than backward).
+template <typename scalar_t, typename Map, typename Reduce>
+scalar_t reduce_row(const scalar_t* x, int64_t size, scalar_t init, const Map& map, const Reduce& reduce) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t kWidth = Vec::size();
+  Vec acc0(init), acc1(init), acc2(init), acc3(init);
+  int64_t c = 0;
+  for (; c + 4 * kWidth <= size; c += 4 * kWidth) {
+    acc0 = reduce(acc0, map(Vec::loadu(x + c)));
+    acc1 = reduce(acc1, map(Vec::loadu(x + c + kWidth)));
+    acc2 = reduce(acc2, map(Vec::loadu(x + c + 2 * kWidth)));
+    acc3 = reduce(acc3, map(Vec::loadu(x + c + 3 * kWidth)));
+  }
+  for (; c + kWidth <= size; c += kWidth) acc0 = reduce(acc0, map(Vec::loadu(x + c)));
+  if (c < size) acc1 = Vec::set(acc1, reduce(acc1, map(Vec::loadu(x + c, size - c))), size - c);
+  const Vec acc = reduce(reduce(acc0, acc1), reduce(acc2, acc3));
+  return at::vec::vec_reduce_all<scalar_t>(reduce, acc);
+}
+
 template <typename scalar_t>
 void forward_rows(const scalar_t* logits, int64_t row_stride, int64_t num_rows, const LossTerms<scalar_t>& terms,
                   scalar_t* loss, scalar_t* lse_out) {
@@ -95,11 +116,12 @@ void forward_rows(const scalar_t* logits, int64_t row_stride, int64_t num_rows, 
   at::parallel_for(0, num_rows, rows_per_task(C), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* x = logits + i * row_stride;
-      const scalar_t row_max =
-          at::vec::reduce_all<scalar_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, C);
+      const scalar_t row_max = reduce_row<scalar_t>(
+          x, C, -std::numeric_limits<scalar_t>::infinity(), [](Vec v) { return v; },
+          [](Vec a, Vec b) { return at::vec::maximum(a, b); });
       const Vec shift(row_max);
-      const scalar_t sum_exp = at::vec::map_reduce_all<scalar_t>(
-          [shift](Vec v) { return (v - shift).exp_u20(); }, [](Vec a, Vec b) { return a + b; }, x, C);
+      const scalar_t sum_exp = reduce_row<scalar_t>(
+          x, C, scalar_t(0), [shift](Vec v) { return (v - shift).exp_u20(); }, [](Vec a, Vec b) { return a + b; });
       const scalar_t lse = row_max + std::log(sum_exp);
       lse_out[i] = lse;
 
