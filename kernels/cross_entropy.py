@@ -4,6 +4,9 @@
 # One program per row. The forward reads the row once: an online softmax keeps a running max and a sum
 # of exp rescaled whenever the max grows, and the weighted sum of logits that smoothing needs rides
 # along in the same loop. The backward recomputes p = exp(x - lse) from the saved lse in one more pass.
+# The fused forward-backward does both in one program per row: the forward loop, then the gradient loop
+# over the same row again (on a GPU the second read mostly comes from L2). All three kernels are built
+# from the same three row helpers, so they compute bit-identical results.
 # Math is fp32 (fp64 for fp64 logits); loss and lse come back in that dtype.
 
 import torch
@@ -12,29 +15,31 @@ import triton.language as tl
 
 
 @triton.jit
-def _row_setup(target_ptr, weight_ptr, wsum_ptr, row, C, ignore_index, e_hi, e_lo,
+def _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C, ignore_index, e_hi, e_lo, s_hi, s_lo,
                HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """This program's row: its logits, target t, whether it counts, and the scalars of its loss."""
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride may pass 2^31
+    x_row = logits_ptr + row * stride_row
     # A target outside [0, C) is treated like ignore_index, so nothing is ever loaded out of bounds
     # (the launchers reject such targets before getting here).
     t = tl.load(target_ptr + row).to(tl.int64)
     valid = (t != ignore_index) & (t >= 0) & (t < C)
     # e and s arrive as fp32 hi/lo pairs (see _split); summed in ACC they are exact enough for fp64.
     e = tl.zeros([], ACC) + e_hi + e_lo
+    s = tl.zeros([], ACC) + s_hi + s_lo
     if HAS_WEIGHT:
         w_t = tl.load(weight_ptr + t, mask=valid, other=0.0).to(ACC)
         w_sum = tl.load(wsum_ptr).to(ACC)
     else:
         w_t = tl.full([], 1.0, ACC)
         w_sum = tl.zeros([], ACC) + C  # (C == 1 arrives as a constexpr, so no C.to())
-    return t, valid, e, w_t, w_sum
+    return row, x_row, t, valid, e, s, w_t, w_sum
 
 
 @triton.jit
-def _forward_kernel(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, loss_ptr, lse_ptr, C,
-                    ignore_index, e_hi, e_lo, s_hi, s_lo, HAS_WEIGHT: tl.constexpr,
-                    HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # int64: row * stride may pass 2^31
-    x_row = logits_ptr + row * stride_row
+def _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, HAS_WEIGHT: tl.constexpr,
+                  HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One pass over the row: its lse and its loss (0 for an ignored row)."""
     cols = tl.arange(0, BLOCK_C)
     m = tl.full([], float("-inf"), ACC)  # running max
     total = tl.zeros([], ACC)  # sum of exp(x - m)
@@ -55,34 +60,22 @@ def _forward_kernel(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, lo
             else:
                 wx += tl.sum(tl.where(mask, x, 0.0), 0)
     lse = m + tl.log(total)
-    tl.store(lse_ptr + row, lse)
-
-    t, valid, e, w_t, w_sum = _row_setup(target_ptr, weight_ptr, wsum_ptr, row, C, ignore_index, e_hi, e_lo,
-                                         HAS_WEIGHT, ACC)
     x_t = tl.load(x_row + t, mask=valid, other=0.0).to(ACC)
-    loss = (1.0 - e) * w_t * (lse - x_t) + (tl.zeros([], ACC) + s_hi + s_lo) * lse * lse
+    loss = (1.0 - e) * w_t * (lse - x_t) + s * lse * lse
     if HAS_SMOOTHING:
         loss += e / C * (w_sum * lse - wx)
-    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+    return lse, tl.where(valid, loss, 0.0)
 
 
 @triton.jit
-def _backward_kernel(logits_ptr, stride_row, grad_ptr, stride_grad, target_ptr, weight_ptr, wsum_ptr, lse_ptr,
-                     stride_lse, grad_loss_ptr, stride_grad_loss, C, ignore_index, e_hi, e_lo, s_hi, s_lo,
-                     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = logits_ptr + row * stride_row
-    dx_row = grad_ptr + row * stride_grad
+def _row_grad(x_row, dx_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, lse, g, HAS_WEIGHT: tl.constexpr,
+              HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One pass over the row: writes g * dloss/dx, recomputing p = exp(x - lse)."""
     cols = tl.arange(0, BLOCK_C)
-    t, valid, e, w_t, w_sum = _row_setup(target_ptr, weight_ptr, wsum_ptr, row, C, ignore_index, e_hi, e_lo,
-                                         HAS_WEIGHT, ACC)
-    lse = tl.load(lse_ptr + row * stride_lse).to(ACC)
-    g = tl.load(grad_loss_ptr + row * stride_grad_loss).to(ACC)
     # dloss/dx_c = p_c * p_scale - on_target [c == t] - smooth * w_c, all scaled by g.
     on_target = g * (1.0 - e) * w_t
     smooth = g * e / C
-    p_scale = on_target + 2.0 * g * (tl.zeros([], ACC) + s_hi + s_lo) * lse
+    p_scale = on_target + 2.0 * g * s * lse
     if HAS_SMOOTHING:
         p_scale += smooth * w_sum
     # Ignored rows read nothing and write exact zeros (even if their logits or grad_loss are NaN).
@@ -99,7 +92,52 @@ def _backward_kernel(logits_ptr, stride_row, grad_ptr, stride_grad, target_ptr, 
             else:
                 dx -= smooth
         # Same program, same addresses, load before store: safe when grad is the logits (in-place).
-        tl.store(dx_row + c, tl.where(valid, dx, 0.0).to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_row + c, tl.where(valid, dx, 0.0).to(dx_row.dtype.element_ty), mask=mask)
+
+
+# The kernels all start with the arguments _prepare builds (logits_ptr ... s_lo), then their own.
+
+
+@triton.jit
+def _forward_kernel(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C, ignore_index, e_hi, e_lo, s_hi,
+                    s_lo, loss_ptr, lse_ptr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    row, x_row, t, valid, e, s, w_t, w_sum = _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C,
+                                                        ignore_index, e_hi, e_lo, s_hi, s_lo, HAS_WEIGHT, ACC)
+    lse, loss = _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, HAS_WEIGHT, HAS_SMOOTHING, ACC,
+                              BLOCK_C)
+    tl.store(lse_ptr + row, lse)
+    tl.store(loss_ptr + row, loss)
+
+
+@triton.jit
+def _backward_kernel(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C, ignore_index, e_hi, e_lo, s_hi,
+                     s_lo, grad_ptr, stride_grad, lse_ptr, stride_lse, grad_loss_ptr, stride_grad_loss,
+                     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    row, x_row, t, valid, e, s, w_t, w_sum = _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C,
+                                                        ignore_index, e_hi, e_lo, s_hi, s_lo, HAS_WEIGHT, ACC)
+    lse = tl.load(lse_ptr + row * stride_lse).to(ACC)
+    g = tl.load(grad_loss_ptr + row * stride_grad_loss).to(ACC)
+    _row_grad(x_row, grad_ptr + row * stride_grad, weight_ptr, C, t, valid, e, s, w_t, w_sum, lse, g, HAS_WEIGHT,
+              HAS_SMOOTHING, ACC, BLOCK_C)
+
+
+@triton.jit
+def _forward_backward_kernel(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C, ignore_index, e_hi, e_lo,
+                             s_hi, s_lo, loss_ptr, lse_ptr, grad_ptr, stride_grad, grad_loss_ptr, stride_grad_loss,
+                             HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+    row, x_row, t, valid, e, s, w_t, w_sum = _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C,
+                                                        ignore_index, e_hi, e_lo, s_hi, s_lo, HAS_WEIGHT, ACC)
+    lse, loss = _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, HAS_WEIGHT, HAS_SMOOTHING, ACC,
+                              BLOCK_C)
+    tl.store(lse_ptr + row, lse)
+    tl.store(loss_ptr + row, loss)
+    # lse straight from registers: the same value the two-launch path stores and reloads (it is stored in ACC).
+    g = tl.load(grad_loss_ptr + row * stride_grad_loss).to(ACC)
+    _row_grad(x_row, grad_ptr + row * stride_grad, weight_ptr, C, t, valid, e, s, w_t, w_sum, lse, g, HAS_WEIGHT,
+              HAS_SMOOTHING, ACC, BLOCK_C)
 
 
 _MATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
@@ -112,8 +150,9 @@ def _split(v):
     return hi, v - hi
 
 
-def _prepare(logits, target, weight, ignore_index, block_c):
-    """Validates the inputs like the C++ ops; returns the kernel arguments shared by both directions."""
+def _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale, block_c):
+    """Validates the inputs like the C++ ops. Returns (logits with unit column stride, the leading kernel
+    arguments shared by all three kernels, the math dtype, the kernels' constexprs and launch options)."""
     if logits.dim() != 2:
         raise ValueError(f"fastlm cross_entropy: logits must be 2D (N, C), got {logits.dim()}D")
     if logits.dtype not in _MATH:
@@ -147,42 +186,68 @@ def _prepare(logits, target, weight, ignore_index, block_c):
     if block_c is None:  # the interpreter runs numpy per block, so big blocks are cheap there too
         block_c = 4096 if logits.is_cuda else 1024
     block_c = min(triton.next_power_of_2(max(C, 1)), block_c)
+    args = (logits, logits.stride(0), target.contiguous(), weight, wsum, C, ignore_index,
+            *_split(float(label_smoothing)), *_split(float(lse_square_scale)))
     # Rows are independent and memory-bound: a block of 4096 is 16 fp32 loads per thread at 8 warps.
-    meta = dict(HAS_WEIGHT=has_weight, ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                BLOCK_C=block_c, num_warps=8 if block_c >= 2048 else 4)
-    return logits, target.contiguous(), weight, wsum, acc, meta
+    meta = dict(HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing != 0,
+                ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_C=block_c,
+                num_warps=8 if block_c >= 2048 else 4)
+    return logits, args, acc, meta
+
+
+def _check_rows(op, logits, **vectors):
+    """Each of vectors must be (N,) on the logits' device (any stride: a mean's gradient arrives expanded,
+    with stride 0, and the kernels read it as it is)."""
+    N = logits.shape[0]
+    for name, v in vectors.items():
+        if v.shape != (N,) or v.device != logits.device:
+            raise ValueError(f"fastlm cross_entropy {op}: {name} must have shape ({N},) on {logits.device}, "
+                             f"got {tuple(v.shape)} on {v.device}")
+
+
+def _new_rows(logits, acc):
+    """Empty loss and lse, (N,) in the math dtype."""
+    N = logits.shape[0]
+    return torch.empty(N, dtype=acc, device=logits.device), torch.empty(N, dtype=acc, device=logits.device)
 
 
 def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale, block_c=None):
     """Per-row loss and log-sum-exp of logits (N, C); both (N,), float32 (float64 for float64 logits)."""
-    logits, target, weight, wsum, acc, meta = _prepare(logits, target, weight, ignore_index, block_c)
-    N, C = logits.shape
-    loss = torch.empty(N, dtype=acc, device=logits.device)
-    lse = torch.empty(N, dtype=acc, device=logits.device)
-    if N > 0:
-        _forward_kernel[(N,)](logits, logits.stride(0), target, weight, wsum, loss, lse, C, ignore_index,
-                              *_split(float(label_smoothing)), *_split(float(lse_square_scale)),
-                              HAS_SMOOTHING=label_smoothing != 0, **meta)
+    logits, args, acc, meta = _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale,
+                                       block_c)
+    loss, lse = _new_rows(logits, acc)
+    if logits.shape[0] > 0:
+        _forward_kernel[(logits.shape[0],)](*args, loss, lse, **meta)
     return loss, lse
 
 
 def cross_entropy_backward_into(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing,
                                 lse_square_scale, grad, block_c=None):
     """Writes grad_loss[i] * dloss_i/dlogits into grad (N, C), which may be logits itself."""
-    logits, target, weight, wsum, acc, meta = _prepare(logits, target, weight, ignore_index, block_c)
-    N, C = logits.shape
+    logits, args, acc, meta = _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale,
+                                       block_c)
     if grad.shape != logits.shape or grad.dtype != logits.dtype or grad.device != logits.device:
         raise ValueError(f"fastlm cross_entropy backward: grad must be {tuple(logits.shape)} {logits.dtype} on "
                          f"{logits.device}, got {tuple(grad.shape)} {grad.dtype} on {grad.device}")
-    if C > 1 and grad.stride(1) != 1:
+    if logits.shape[1] > 1 and grad.stride(1) != 1:
         raise ValueError("fastlm cross_entropy backward: grad must have unit column stride")
-    for name, v in (("lse", lse), ("grad_loss", grad_loss)):
-        if v.shape != (N,) or v.device != logits.device:
-            raise ValueError(f"fastlm cross_entropy backward: {name} must have shape ({N},) on {logits.device}, "
-                             f"got {tuple(v.shape)} on {v.device}")
-    if N > 0:  # grad_loss keeps its stride: a mean's gradient arrives expanded, with stride 0
-        _backward_kernel[(N,)](logits, logits.stride(0), grad, grad.stride(0), target, weight, wsum, lse,
-                               lse.stride(0), grad_loss, grad_loss.stride(0), C, ignore_index,
-                               *_split(float(label_smoothing)), *_split(float(lse_square_scale)),
-                               HAS_SMOOTHING=label_smoothing != 0, **meta)
+    _check_rows("backward", logits, lse=lse, grad_loss=grad_loss)
+    if logits.shape[0] > 0:
+        _backward_kernel[(logits.shape[0],)](*args, grad, grad.stride(0), lse, lse.stride(0), grad_loss,
+                                             grad_loss.stride(0), **meta)
     return grad
+
+
+def cross_entropy_forward_backward(logits, target, weight, grad_loss, ignore_index, label_smoothing,
+                                   lse_square_scale, block_c=None):
+    """cross_entropy_forward's (loss, lse) plus the gradient cross_entropy_backward_into would write for
+    grad_loss (N,), as a new contiguous tensor in logits' dtype: one launch, one program per row."""
+    logits, args, acc, meta = _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale,
+                                       block_c)
+    _check_rows("forward_backward", logits, grad_loss=grad_loss)
+    loss, lse = _new_rows(logits, acc)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if logits.shape[0] > 0:
+        _forward_backward_kernel[(logits.shape[0],)](*args, loss, lse, grad, grad.stride(0), grad_loss,
+                                                     grad_loss.stride(0), **meta)
+    return loss, lse, grad

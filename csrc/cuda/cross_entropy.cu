@@ -2,7 +2,9 @@
 // One thread block per row, rows on grid.x (up to 2^31-1 of them); offsets are int64 so N*C >= 2^31 works.
 // Forward reads a row once with an online softmax (a running max and a sum of exp rescaled whenever the
 // max grows), reduces the per-thread partials over the block, and thread 0 writes lse and the loss.
-// Backward recomputes p = exp(x - lse) in one pass. Logits are read in their own type; math is in fp32
+// Backward recomputes p = exp(x - lse) in one pass. Forward-backward does both in one block per row: the
+// forward's pass, then (lse broadcast over the block) the backward's pass. The per-row work lives in
+// row_forward and row_grad, shared by the three kernels. Logits are read in their own type; math is in fp32
 // (fp64 for double). Torch-free: cross_entropy_binding.cpp validates inputs and calls the launchers.
 #include "cross_entropy.cuh"
 
@@ -105,13 +107,13 @@ __device__ void block_reduce(acc_t& m, acc_t& s, acc_t& sum) {
   }
 }
 
+// The forward of one row, by the whole block: reads the row once (online softmax, plus sum_c w_c x_c when
+// label smoothing needs it), reduces over the block, and thread 0 writes lse_out[row] and loss[row] and gets
+// the lse back; the other threads get an unspecified value (see broadcast_from_thread0).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxThreads)
-    forward_kernel(const scalar_t* logits, int64_t row_stride, CrossEntropyArgs<acc_t> a, acc_t* loss,
-                   acc_t* lse_out) {
-  const int64_t row = blockIdx.x, C = a.num_classes, t = row_target(a, row);
-  const scalar_t* x = logits + row * row_stride;
-  // Label smoothing needs sum_c w_c x_c; it is gathered in the same pass over the row.
+__device__ acc_t row_forward(const scalar_t* x, const CrossEntropyArgs<acc_t>& a, int64_t row, int64_t t,
+                             acc_t* loss, acc_t* lse_out) {
+  const int64_t C = a.num_classes;
   const bool smoothed = t >= 0 && a.smoothing != acc_t(0);
   acc_t m = -pos_inf(acc_t(0)), s = 0, weighted_sum = 0;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
@@ -120,33 +122,44 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (smoothed) weighted_sum += weight_of(a, c) * v;
   }
   block_reduce(m, s, weighted_sum);
-  if (threadIdx.x != 0) return;
-  // As on the CPU: NaN for a NaN logit (s is NaN) or a row of -inf (exp(-inf - -inf)), +inf for a +inf logit.
-  const acc_t lse = m == -pos_inf(m) ? quiet_nan(m) : m + log_(s);
-  lse_out[row] = lse;
-  if (t < 0) {
-    loss[row] = acc_t(0);
-    return;
+  acc_t lse = 0;
+  if (threadIdx.x == 0) {
+    // As on the CPU: NaN for a NaN logit (s is NaN) or a row of -inf (exp(-inf - -inf)), +inf for a +inf logit.
+    lse = m == -pos_inf(m) ? quiet_nan(m) : m + log_(s);
+    lse_out[row] = lse;
+    acc_t row_loss = 0;
+    if (t >= 0) {
+      row_loss = (acc_t(1) - a.smoothing) * weight_of(a, t) * (lse - to_acc(x[t]));
+      if (smoothed) row_loss += a.smoothing / acc_t(C) * (weight_total(a) * lse - weighted_sum);
+      row_loss += a.lse_square_scale * lse * lse;
+    }
+    loss[row] = row_loss;
   }
-  acc_t row_loss = (acc_t(1) - a.smoothing) * weight_of(a, t) * (lse - to_acc(x[t]));
-  if (smoothed) row_loss += a.smoothing / acc_t(C) * (weight_total(a) * lse - weighted_sum);
-  loss[row] = row_loss + a.lse_square_scale * lse * lse;
+  return lse;
 }
 
-// grad may alias logits: each element is read, then written, by the same thread. The target's extra
-// -(1-e) w_t term is folded into that same write, so no second write can race with it.
+// Thread 0's v, in every thread of the block.
+template <typename acc_t>
+__device__ acc_t broadcast_from_thread0(acc_t v) {
+  __shared__ acc_t shared;
+  if (threadIdx.x == 0) shared = v;
+  __syncthreads();
+  return shared;
+}
+
+// The gradient of one row, by the whole block, from its lse l and its grad_loss g; an ignored row (t < 0) gets
+// zeros and does not use g or l, so callers fetch them only for other rows. dx may alias x: each element is
+// read, then written, by the same thread. The target's extra -(1-e) w_t term is folded into that same write,
+// so no second write can race with it.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxThreads)
-    backward_kernel(const scalar_t* logits, int64_t row_stride, CrossEntropyArgs<acc_t> a, const acc_t* lse,
-                    const acc_t* grad_loss, scalar_t* grad, int64_t grad_row_stride) {
-  const int64_t row = blockIdx.x, C = a.num_classes, t = row_target(a, row);
-  const scalar_t* x = logits + row * row_stride;
-  scalar_t* dx = grad + row * grad_row_stride;
+__device__ void row_grad(const scalar_t* x, scalar_t* dx, const CrossEntropyArgs<acc_t>& a, int64_t t, acc_t g,
+                         acc_t l) {
+  const int64_t C = a.num_classes;
   if (t < 0) {
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) store(dx + c, acc_t(0));
     return;
   }
-  const acc_t g = grad_loss[row], l = lse[row], w_t = weight_of(a, t), smooth = a.smoothing / acc_t(C);
+  const acc_t w_t = weight_of(a, t), smooth = a.smoothing / acc_t(C);
   const acc_t p_scale = g * ((acc_t(1) - a.smoothing) * w_t + smooth * weight_total(a) + 2 * a.lse_square_scale * l);
   const acc_t target_grad = g * (acc_t(1) - a.smoothing) * w_t, smooth_grad = g * smooth;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
@@ -155,6 +168,37 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (c == t) d -= target_grad;
     store(dx + c, d);
   }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    forward_kernel(const scalar_t* logits, int64_t row_stride, CrossEntropyArgs<acc_t> a, acc_t* loss,
+                   acc_t* lse_out) {
+  const int64_t row = blockIdx.x;
+  row_forward(logits + row * row_stride, a, row, row_target(a, row), loss, lse_out);
+}
+
+// grad may alias logits (see row_grad).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    backward_kernel(const scalar_t* logits, int64_t row_stride, CrossEntropyArgs<acc_t> a, const acc_t* lse,
+                    const acc_t* grad_loss, scalar_t* grad, int64_t grad_row_stride) {
+  const int64_t row = blockIdx.x, t = row_target(a, row);
+  const acc_t g = t < 0 ? acc_t(0) : grad_loss[row], l = t < 0 ? acc_t(0) : lse[row];
+  row_grad(logits + row * row_stride, grad + row * grad_row_stride, a, t, g, l);
+}
+
+// Forward then gradient of a row in one block: the row is read a second time for the gradient (mostly from
+// L2 for rows that fit), recomputing p = exp(x - lse) as the backward kernel does.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    forward_backward_kernel(const scalar_t* logits, int64_t row_stride, CrossEntropyArgs<acc_t> a,
+                            const acc_t* grad_loss, acc_t* loss, acc_t* lse_out, scalar_t* grad,
+                            int64_t grad_row_stride) {
+  const int64_t row = blockIdx.x, t = row_target(a, row);
+  const scalar_t* x = logits + row * row_stride;
+  const acc_t lse = broadcast_from_thread0(row_forward(x, a, row, t, loss, lse_out));
+  row_grad(x, grad + row * grad_row_stride, a, t, t < 0 ? acc_t(0) : grad_loss[row], lse);
 }
 
 // One element per thread up to 1024 classes, then 1024 threads striding over the row; always whole warps.
@@ -187,12 +231,28 @@ cudaError_t cross_entropy_backward_cuda(const scalar_t* logits, int64_t row_stri
   return cudaGetLastError();
 }
 
-#define FASTLM_INSTANTIATE(T)                                                                               \
-  template cudaError_t cross_entropy_forward_cuda<T>(const T*, int64_t, const CrossEntropyArgs<acc_type<T>>&, \
-                                                     acc_type<T>*, acc_type<T>*, cudaStream_t);               \
-  template cudaError_t cross_entropy_backward_cuda<T>(const T*, int64_t, const CrossEntropyArgs<acc_type<T>>&, \
-                                                      const acc_type<T>*, const acc_type<T>*, T*, int64_t,     \
-                                                      cudaStream_t);
+template <typename scalar_t>
+cudaError_t cross_entropy_forward_backward_cuda(const scalar_t* logits, int64_t row_stride,
+                                                const CrossEntropyArgs<acc_type<scalar_t>>& args,
+                                                const acc_type<scalar_t>* grad_loss, acc_type<scalar_t>* loss,
+                                                acc_type<scalar_t>* lse, scalar_t* grad, int64_t grad_row_stride,
+                                                cudaStream_t stream) {
+  if (args.num_rows == 0) return cudaSuccess;
+  if (args.num_rows > INT_MAX) return cudaErrorInvalidValue;
+  forward_backward_kernel<<<unsigned(args.num_rows), threads_for(args.num_classes), 0, stream>>>(
+      logits, row_stride, args, grad_loss, loss, lse, grad, grad_row_stride);
+  return cudaGetLastError();
+}
+
+#define FASTLM_INSTANTIATE(T)                                                                                          \
+  template cudaError_t cross_entropy_forward_cuda<T>(const T*, int64_t, const CrossEntropyArgs<acc_type<T>>&,          \
+                                                     acc_type<T>*, acc_type<T>*, cudaStream_t);                        \
+  template cudaError_t cross_entropy_backward_cuda<T>(const T*, int64_t, const CrossEntropyArgs<acc_type<T>>&,         \
+                                                      const acc_type<T>*, const acc_type<T>*, T*, int64_t,             \
+                                                      cudaStream_t);                                                   \
+  template cudaError_t cross_entropy_forward_backward_cuda<T>(const T*, int64_t, const CrossEntropyArgs<acc_type<T>>&, \
+                                                              const acc_type<T>*, acc_type<T>*, acc_type<T>*, T*,      \
+                                                              int64_t, cudaStream_t);
 FASTLM_INSTANTIATE(float)
 FASTLM_INSTANTIATE(double)
 FASTLM_INSTANTIATE(__half)

@@ -40,4 +40,14 @@ cudaError_t cross_entropy_backward_cuda(const scalar_t* logits, int64_t row_stri
                                         const acc_type<scalar_t>* lse, const acc_type<scalar_t>* grad_loss,
                                         scalar_t* grad, int64_t grad_row_stride, cudaStream_t stream);
 
+// The forward and the backward in one launch: loss[i] and lse[i] as cross_entropy_forward_cuda writes them,
+// and grad as cross_entropy_backward_cuda writes it for that lse and grad_loss (row i of grad starts at
+// grad + i * grad_row_stride, unit column stride). grad is a buffer of its own, not logits.
+template <typename scalar_t>
+cudaError_t cross_entropy_forward_backward_cuda(const scalar_t* logits, int64_t row_stride,
+                                                const CrossEntropyArgs<acc_type<scalar_t>>& args,
+                                                const acc_type<scalar_t>* grad_loss, acc_type<scalar_t>* loss,
+                                                acc_type<scalar_t>* lse, scalar_t* grad, int64_t grad_row_stride,
+                                                cudaStream_t stream);
+
 }  // namespace fastlm

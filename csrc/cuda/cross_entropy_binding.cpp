@@ -108,6 +108,33 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
   return {loss, lse};
 }
 
+// The forward and the gradient for grad_loss in one launch; grad is allocated contiguous in the kernels' logits
+// dtype and returned in that of logits, as cross_entropy_backward returns it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& grad_loss, int64_t ignore_index, double label_smoothing, double lse_square_scale) {
+  const Prepared p = prepare(logits, target, weight, ignore_index);
+  const int64_t N = p.logits.size(0);
+  TORCH_CHECK(grad_loss.numel() == N, "fastlm cross_entropy: grad_loss must have N = ", N, " entries");
+  check_device(grad_loss, p.logits, "grad_loss");
+  const at::Tensor grad_loss_c = grad_loss.to(math_dtype(p.logits)).contiguous();
+  const c10::cuda::CUDAGuard guard(p.logits.device());
+  const auto options = p.logits.options().dtype(math_dtype(p.logits));
+  at::Tensor loss = at::empty({N}, options), lse = at::empty({N}, options);
+  at::Tensor grad = at::empty(p.logits.sizes(), p.logits.options());  // contiguous
+  dispatch(p.logits.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using acc_t = acc_type<T>;
+    check_cuda(cross_entropy_forward_backward_cuda<T>(
+                   static_cast<const T*>(p.logits.data_ptr()), p.logits.stride(0),
+                   kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale),
+                   grad_loss_c.data_ptr<acc_t>(), loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+                   static_cast<T*>(grad.data_ptr()), grad.stride(0), c10::cuda::getCurrentCUDAStream().stream()),
+               "cross_entropy_forward_backward");
+  });
+  return {loss, lse, grad.to(logits.scalar_type())};
+}
+
 // grad: (N, C) in p.logits' dtype with unit column stride; may be p.logits itself.
 void backward_into(const Prepared& p, const at::Tensor& lse, const at::Tensor& grad_loss, at::Tensor& grad,
                    int64_t ignore_index, double label_smoothing, double lse_square_scale) {
@@ -158,6 +185,7 @@ void cross_entropy_backward_(at::Tensor& logits, const at::Tensor& target, const
 
 TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
   m.impl("cross_entropy_forward", &cross_entropy_forward);
+  m.impl("cross_entropy_forward_backward", &cross_entropy_forward_backward);
   m.impl("cross_entropy_backward", &cross_entropy_backward);
   m.impl("cross_entropy_backward_", &cross_entropy_backward_);
 }

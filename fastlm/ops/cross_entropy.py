@@ -4,9 +4,9 @@ Layers, as in Liger-Kernel: kernels (csrc/cpu, csrc/cuda, kernels/) -> torch.lib
 with fake implementations so torch.compile traces them) -> ``CrossEntropyFunction`` (autograd) -> the
 functional ``cross_entropy`` -> ``fastlm.nn.CrossEntropyLoss``.
 
-The forward kernel returns per-row losses and the row log-sum-exp; only lse is kept for the backward,
-which recomputes softmax from it in one pass, so the extra memory is the (N, C) gradient alone, and none
-with ``inplace_backward=True``. Beyond torch: the per-row lse as an output (``return_lse``) and z-loss
+In training the forward kernel returns per-row losses, the row log-sum-exp and the gradient at once (one
+exp per logit); the extra memory is that (N, C) gradient alone, and none with ``inplace_backward=True``,
+where the backward instead recomputes softmax from the saved lse and writes over the logits. Beyond torch: the per-row lse as an output (``return_lse``) and z-loss
 (``lse_square_scale * lse**2`` added to each non-ignored row's loss, reduced like the loss).
 """
 
@@ -37,6 +37,11 @@ def _fake_forward(logits, target, weight, ignore_index, label_smoothing, lse_squ
     return rows, torch.empty_like(rows)
 
 
+def _fake_forward_backward(logits, target, weight, grad_loss, ignore_index, label_smoothing, lse_square_scale):
+    rows, lse = _fake_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
+    return rows, lse, torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
 def _fake_backward(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, lse_square_scale):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
@@ -53,6 +58,17 @@ def _triton_forward(
     from fastlm.kernels import cross_entropy as kernels
 
     return kernels.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
+
+
+@torch.library.custom_op("fastlm::triton_cross_entropy_forward_backward", mutates_args=())
+def _triton_forward_backward(
+    logits: Tensor, target: Tensor, weight: Tensor | None, grad_loss: Tensor, ignore_index: int,
+    label_smoothing: float, lse_square_scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from fastlm.kernels import cross_entropy as kernels
+
+    return kernels.cross_entropy_forward_backward(logits, target, weight, grad_loss, ignore_index, label_smoothing,
+                                                  lse_square_scale)
 
 
 @torch.library.custom_op("fastlm::triton_cross_entropy_backward", mutates_args=())
@@ -85,25 +101,23 @@ def _register_fakes() -> None:
     prefixes = ("", "triton_") if backends.why_unavailable("cpp") is None else ("triton_",)
     for prefix in prefixes:
         torch.library.register_fake(f"fastlm::{prefix}cross_entropy_forward", _fake_forward)
+        torch.library.register_fake(f"fastlm::{prefix}cross_entropy_forward_backward", _fake_forward_backward)
         torch.library.register_fake(f"fastlm::{prefix}cross_entropy_backward", _fake_backward)
         torch.library.register_fake(f"fastlm::{prefix}cross_entropy_backward_", _fake_backward_)
 
 
 class KernelOps(NamedTuple):
     forward: Callable
+    forward_backward: Callable
     backward: Callable
     backward_: Callable
 
 
 def kernel_ops(backend: str) -> KernelOps:
-    """The forward, backward and in-place backward ops of a kernel backend (cpp, cuda or triton)."""
+    """The cross-entropy ops of a kernel backend (cpp, cuda or triton)."""
     prefix = "triton_" if backend == "triton" else ""
     ops = torch.ops.fastlm
-    return KernelOps(
-        getattr(ops, f"{prefix}cross_entropy_forward"),
-        getattr(ops, f"{prefix}cross_entropy_backward"),
-        getattr(ops, f"{prefix}cross_entropy_backward_"),
-    )
+    return KernelOps(*(getattr(ops, f"{prefix}cross_entropy_{name}") for name in KernelOps._fields))
 
 
 # --- reduction ---------------------------------------------------------------------------------------
@@ -115,7 +129,8 @@ def mean_denominator(target: Tensor, weight: Tensor | None, ignore_index: int, d
     valid = target != ignore_index
     if weight is None:
         return valid.sum().to(dtype)
-    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    # Clamped so that an out-of-range target reaches the kernels, which refuse it with a clear IndexError.
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).clamp(0, weight.shape[0] - 1)
     return torch.where(valid, weight.to(dtype)[safe_target], 0).sum()
 
 
@@ -139,28 +154,46 @@ def grad_per_row(grad_output: Tensor, reduction: str, denominator: Tensor | None
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Cross-entropy on a kernel backend. Returns (loss, lse); lse carries no gradient."""
+    """Cross-entropy on a kernel backend. Returns (loss, lse); lse carries no gradient.
+
+    When the logits need a gradient, the forward computes it too (one exp per logit instead of two), for
+    an upstream gradient of 1, and the backward hands that buffer out once, scaled in place if needed.
+    A second backward through a retained graph recomputes the gradient from the saved logits and lse.
+    With ``inplace_backward`` the forward computes only the loss, and the backward writes the gradient
+    over the logits instead of allocating a buffer.
+    """
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
                 inplace_backward, backend):
         ops = kernel_ops(backend)
-        rows, lse = ops.forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
-        denominator = mean_denominator(target, weight, ignore_index, rows.dtype) if reduction == "mean" else None
-        loss = reduce_rows(rows, reduction, denominator).to(logits.dtype)
-        ctx.save_for_backward(logits, target, weight, lse, denominator)
-        ctx.config = (ignore_index, reduction, label_smoothing, lse_square_scale, backend)
+        ce_args = (ignore_index, label_smoothing, lse_square_scale)
+        math_dtype = _math_dtype(logits)
+        denominator = mean_denominator(target, weight, ignore_index, math_dtype) if reduction == "mean" else None
         ctx.inplace = inplace_backward and can_overwrite(logits, backend)
+        ctx.grad = None
+        if ctx.needs_input_grad[0] and not ctx.inplace:
+            unit = torch.ones((), dtype=math_dtype, device=logits.device)
+            grad_rows = grad_per_row(unit, reduction, denominator, logits.shape[0], math_dtype)
+            rows, lse, ctx.grad = ops.forward_backward(logits, target, weight, grad_rows, *ce_args)
+        else:
+            rows, lse = ops.forward(logits, target, weight, *ce_args)
+        ctx.save_for_backward(logits, target, weight, lse, denominator)
+        ctx.config = (ce_args, reduction, backend)
         ctx.mark_non_differentiable(lse)
-        return loss, lse
+        return reduce_rows(rows, reduction, denominator).to(logits.dtype), lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_lse):
+        ce_args, reduction, backend = ctx.config
+        if ctx.grad is not None:
+            grad, ctx.grad = ctx.grad, None  # handed out once: nothing else holds it, so it is scaled in place
+            return scale_in_place(grad, grad_loss, reduction), None, None, None, None, None, None, None, None
         logits, target, weight, lse, denominator = ctx.saved_tensors
-        ignore_index, reduction, label_smoothing, lse_square_scale, backend = ctx.config
         ops = kernel_ops(backend)
         grad_rows = grad_per_row(grad_loss, reduction, denominator, logits.shape[0], lse.dtype)
-        args = (target, weight, lse, grad_rows, ignore_index, label_smoothing, lse_square_scale)
+        args = (target, weight, lse, grad_rows, *ce_args)
         if ctx.inplace:
             ops.backward_(logits, *args)
             # Any other saved use of these logits now fails autograd's version check instead of
@@ -170,6 +203,19 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             grad = ops.backward(logits, *args)
         return grad, None, None, None, None, None, None, None, None
+
+
+def scale_in_place(grad: Tensor, grad_loss: Tensor, reduction: str) -> Tensor:
+    """Multiplies a gradient made for an upstream gradient of 1 by the real one (per row for 'none')."""
+    if reduction == "none":
+        return grad.mul_(grad_loss.unsqueeze(1))
+    return grad if is_exactly_one(grad_loss) else grad.mul_(grad_loss)
+
+
+def is_exactly_one(grad_loss: Tensor) -> bool:
+    """Whether a scalar upstream gradient is exactly 1, as after ``loss.backward()``, so that scaling a
+    large gradient buffer can be skipped. Costs a device sync on GPU; while compiling, assumes not."""
+    return not torch.compiler.is_compiling() and grad_loss.item() == 1.0
 
 
 def can_overwrite(logits: Tensor, backend: str) -> bool:

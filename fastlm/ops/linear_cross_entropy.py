@@ -4,10 +4,12 @@ Rows are processed in chunks: each chunk's logits are made by one matrix product
 cross-entropy kernels, and (when gradients are needed) overwritten in place by their gradient, which is
 at once folded into d_input, d_weight and d_bias. Only one chunk of logits exists at a time; the default
 chunk holds a quarter as many logits as d_weight has entries, so the extra memory stays a small multiple
-of the weight's own gradient while each chunk's products stay large enough for the BLAS. d_weight and d_bias accumulate in fp32 across chunks.
+of the weight's own gradient while each chunk's products stay large enough for the BLAS. d_weight and
+d_bias accumulate in fp32 across chunks.
 
 For 'mean' and 'sum' the gradients are finished during the forward (the upstream gradient is a scalar
-that only scales them); for 'none' the backward recomputes the chunks with the per-row upstream gradient.
+that only scales them) and handed out, without a copy, by the first backward. For 'none', and for a
+second backward through a retained graph, the backward recomputes the chunks.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from fastlm.ops.cross_entropy import (
     check_logits,
     check_target,
     grad_per_row,
+    is_exactly_one,
     kernel_ops,
     mean_denominator,
     reduce_rows,
@@ -86,25 +89,25 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grad_rows = grad_per_row(unit, reduction, denominator, input.shape[0], acc_dtype)
         rows, lse, grads = chunked_loss_and_grads(input, weight, bias, target, ce_weight, ce_args, chunk_size,
                                                   backend, grad_rows, needs_grad)
-        ctx.config = (ce_args, chunk_size, backend, needs_grad, grad_now)
+        ctx.config = (ce_args, chunk_size, backend, needs_grad, reduction)
         ctx.dtypes = (input.dtype, weight.dtype, input.dtype)
-        if grad_now:
-            ctx.save_for_backward(*grads)
-        else:
-            ctx.save_for_backward(input, weight, bias, target, ce_weight)
+        ctx.grads = grads if grad_now else None
+        ctx.save_for_backward(input, weight, bias, target, ce_weight, denominator)
         ctx.mark_non_differentiable(lse)
         return reduce_rows(rows, reduction, denominator).to(input.dtype), lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_lse):
-        ce_args, chunk_size, backend, needs_grad, grad_now = ctx.config
-        if grad_now:
-            grads = [None if g is None else g * grad_loss.to(torch.promote_types(g.dtype, torch.float32))
-                     for g in ctx.saved_tensors]
+        ce_args, chunk_size, backend, needs_grad, reduction = ctx.config
+        if ctx.grads is not None:
+            grads, ctx.grads = ctx.grads, None  # handed out once, so scaled in place
+            if not is_exactly_one(grad_loss):
+                grads = [None if g is None else g.mul_(grad_loss) for g in grads]
         else:
-            input, weight, bias, target, ce_weight = ctx.saved_tensors
+            input, weight, bias, target, ce_weight, denominator = ctx.saved_tensors
             acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-            grad_rows = grad_loss.to(acc_dtype).contiguous()
+            grad_rows = grad_per_row(grad_loss, reduction, denominator, input.shape[0], acc_dtype)
             _, _, grads = chunked_loss_and_grads(input, weight, bias, target, ce_weight, ce_args, chunk_size,
                                                  backend, grad_rows, needs_grad)
         d_input, d_weight, d_bias = (None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
