@@ -23,6 +23,12 @@ inline void check_cross_entropy_shapes(const at::Tensor& logits, const at::Tenso
   }
 }
 
+// lse and grad_loss: one value per row of logits.
+inline void check_per_row(const at::Tensor& values, int64_t num_rows, const char* name) {
+  TORCH_CHECK(values.numel() == num_rows, "fastlm cross_entropy: ", name, " must have N = ", num_rows,
+              " entries, got ", values.numel());
+}
+
 [[noreturn]] inline void raise_target_out_of_bounds(int64_t value, int64_t num_classes, int64_t ignore_index) {
   TORCH_CHECK_INDEX(false, "Target ", value, " is out of bounds: expected a class index in [0, ", num_classes,
                     ") or ignore_index (", ignore_index, ")");

@@ -272,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
     const at::Tensor& grad_loss, int64_t ignore_index, double label_smoothing, double lse_square_scale) {
   const Prepared p = prepare(logits, target, weight, ignore_index);
   const int64_t N = p.logits.size(0);
-  TORCH_CHECK(grad_loss.numel() == N, "fastlm cross_entropy: grad_loss must have N = ", N, " entries");
+  check_per_row(grad_loss, N, "grad_loss");
   at::Tensor loss = at::empty({N}, p.logits.options());
   at::Tensor lse = at::empty({N}, p.logits.options());
   at::Tensor grad = empty_on_huge_pages(p.logits.sizes(), p.logits.options());
@@ -289,8 +289,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
 void backward_into(const Prepared& p, const at::Tensor& lse, const at::Tensor& grad_loss, at::Tensor& grad,
                    int64_t ignore_index, double label_smoothing, double lse_square_scale) {
   const int64_t N = p.logits.size(0);
-  TORCH_CHECK(lse.numel() == N && grad_loss.numel() == N,
-              "fastlm cross_entropy backward: lse and grad_loss must have N = ", N, " entries");
+  check_per_row(lse, N, "lse");
+  check_per_row(grad_loss, N, "grad_loss");
   AT_DISPATCH_FLOATING_TYPES(p.logits.scalar_type(), "fastlm_cross_entropy_backward", [&] {
     const auto terms = loss_terms<scalar_t>(p, ignore_index, label_smoothing, lse_square_scale);
     const at::Tensor lse_c = lse.to(p.logits.scalar_type()).contiguous();

@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
     const at::Tensor& grad_loss, int64_t ignore_index, double label_smoothing, double lse_square_scale) {
   const Prepared p = prepare(logits, target, weight, ignore_index);
   const int64_t N = p.logits.size(0);
-  TORCH_CHECK(grad_loss.numel() == N, "fastlm cross_entropy: grad_loss must have N = ", N, " entries");
+  check_per_row(grad_loss, N, "grad_loss");
   check_device(grad_loss, p.logits, "grad_loss");
   const at::Tensor grad_loss_c = grad_loss.to(math_dtype(p.logits)).contiguous();
   const c10::cuda::CUDAGuard guard(p.logits.device());
@@ -139,8 +139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
 void backward_into(const Prepared& p, const at::Tensor& lse, const at::Tensor& grad_loss, at::Tensor& grad,
                    int64_t ignore_index, double label_smoothing, double lse_square_scale) {
   const int64_t N = p.logits.size(0);
-  TORCH_CHECK(lse.numel() == N && grad_loss.numel() == N,
-              "fastlm cross_entropy backward: lse and grad_loss must have N = ", N, " entries");
+  check_per_row(lse, N, "lse");
+  check_per_row(grad_loss, N, "grad_loss");
   check_device(lse, p.logits, "lse");
   check_device(grad_loss, p.logits, "grad_loss");
   const at::Tensor lse_c = lse.to(math_dtype(p.logits)).contiguous();
