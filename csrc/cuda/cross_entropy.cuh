@@ -3,6 +3,8 @@
 // headers, and cross_entropy_binding.cpp, built by the host compiler, owns every torch type and check.
 #pragma once
 
+#include "acc_type.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -12,10 +14,7 @@
 namespace fastlm {
 
 // Logits are read in their own type (float, double, __half, __nv_bfloat16); all math, the per-row outputs,
-// lse, grad_loss and the class weights are in acc_t: double for double logits, float otherwise.
-template <typename scalar_t> struct CrossEntropyAcc { using type = float; };
-template <> struct CrossEntropyAcc<double> { using type = double; };
-template <typename scalar_t> using acc_type = typename CrossEntropyAcc<scalar_t>::type;
+// lse, grad_loss and the class weights are in acc_type<scalar_t> (acc_type.cuh).
 
 // Everything a row's loss and gradient depend on besides its logits. All pointers are on the device.
 template <typename acc_t>

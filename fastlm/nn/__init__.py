@@ -1,5 +1,6 @@
 """Drop-in modules built on fastlm's fused ops."""
 
+from fastlm.nn.batch_norm import BatchNorm1d, SyncBatchNorm
 from fastlm.nn.loss import CrossEntropyLoss, LinearCrossEntropyLoss
 
-__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
+__all__ = ["BatchNorm1d", "CrossEntropyLoss", "LinearCrossEntropyLoss", "SyncBatchNorm"]

@@ -1,6 +1,8 @@
-"""Functional fused ops: ``fastlm.ops.cross_entropy``, ``fastlm.ops.linear_cross_entropy``."""
+"""Functional fused ops: ``cross_entropy``, ``linear_cross_entropy``, ``batch_norm``, ``sync_batch_norm``."""
 
+from fastlm.ops.batch_norm import batch_norm
 from fastlm.ops.cross_entropy import cross_entropy
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
+from fastlm.ops.sync_batch_norm import sync_batch_norm
 
-__all__ = ["cross_entropy", "linear_cross_entropy"]
+__all__ = ["batch_norm", "cross_entropy", "linear_cross_entropy", "sync_batch_norm"]

@@ -1,0 +1,559 @@
+// BatchNorm on the CPU: the op schemas of the family and their CPU kernels.
+//
+// Every op sees the input as x of shape (N, C, L), contiguous (2D input is L = 1), and reduces over the
+// n = N*L values of each channel c. With an optional activation (0 none, 1 relu, 2 tanh):
+//   xhat = (x - mean) * invstd,   z = xhat * w + b,   y = act(z)
+//   forward_train: mean, M2 = sum (x - mean)^2; var = M2/(n-1) if unbiased else M2/n; invstd = 1/sqrt(var+eps);
+//                  running_mean <- (1-m) running_mean + m mean;  running_var <- (1-m) running_var + m M2/(n-1)
+//   backward:      dz = dy * act'(z) (1; y > 0; 1 - y^2), read from the saved output y;
+//                  sum_dz = sum dz, sum_dz_xhat = sum dz*xhat  (= grad_bias, grad_weight);
+//                  dx = w invstd (dz - mean_scale sum_dz - xhat_scale xhat sum_dz_xhat)
+//   with mean_scale = 1/n and xhat_scale = 1/(n-1) (unbiased) or 1/n for batch statistics, both 0 for
+//   running statistics (eval). The unbiased case is the makemore manual-backprop lecture's closed form.
+// Statistics and sums are in fp32 (fp64 for double input) and come back in that math dtype; weight, bias
+// and running stats are passed in it. Every reduction runs over fixed blocks of rows combined in a fixed
+// order (Chan's formula for mean and M2), so results do not depend on the thread count and two runs are
+// bitwise equal.
+// The schemas are defined here because this file is built on every machine; CUDA adds its kernels to the
+// same ops in csrc/cuda/batch_norm_binding.cpp.
+
+#include "huge_pages.h"
+#include "vec_config.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace fastlm {
+namespace {
+
+using at::vec::Vectorized;
+
+enum Activation : int64_t { kIdentity = 0, kRelu = 1, kTanh = 2 };
+
+// The input as the kernels see it: N rows of M = C*L contiguous lanes, lane j in channel j / L.
+struct Layout {
+  int64_t N, C, L, M;
+  int64_t count() const { return N * L; }  // values per channel
+};
+
+// Rows per reduction block: about 256 KiB of fp32 lanes, so a block's second pass reads from L2 and the
+// per-channel work of a block is small beside its rows. The blocking depends on the shape alone, which
+// makes every reduction's order, and so its result, fixed.
+int64_t rows_per_block(const Layout& s) { return std::clamp<int64_t>(65536 / std::max<int64_t>(1, s.M), 1, 1024); }
+
+// Rows per thread task in the element-wise passes: about 32k values.
+int64_t rows_per_task(const Layout& s) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.M)); }
+
+template <typename T>
+Vectorized<T> load(const T* p, int64_t n) {
+  return n == Vectorized<T>::size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, n);
+}
+
+// f(k, n) for lanes [k, k + n) in vector-sized steps; n is short only at the tail.
+template <typename T, typename F>
+void for_each_vector(int64_t lanes, const F& f) {
+  constexpr int64_t kWidth = Vectorized<T>::size();
+  int64_t k = 0;
+  for (; k + kWidth <= lanes; k += kWidth) f(k, kWidth);
+  if (k < lanes) f(k, lanes - k);
+}
+
+// out[q][k] = sum over rows i in [r0, r0 + rows) of f(i, k, n)[q], for every lane k of M. Lanes go in tiles
+// of kTile vectors held in registers, rows inner, so each row's tile is one contiguous read and each
+// lane's sum runs over the rows in order.
+template <typename T, size_t Q, typename F>
+void column_sums(int64_t r0, int64_t rows, int64_t M, const F& f, const std::array<T*, Q>& out) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t kWidth = Vec::size(), kTile = 4;
+  int64_t k = 0;
+  for (; k + kTile * kWidth <= M; k += kTile * kWidth) {
+    std::array<std::array<Vec, Q>, kTile> acc;
+    for (auto& tile : acc) tile.fill(Vec(T(0)));
+    for (int64_t i = r0; i < r0 + rows; ++i) {
+      for (int64_t t = 0; t < kTile; ++t) {
+        const std::array<Vec, Q> v = f(i, k + t * kWidth, kWidth);
+        for (size_t q = 0; q < Q; ++q) acc[t][q] += v[q];
+      }
+    }
+    for (int64_t t = 0; t < kTile; ++t)
+      for (size_t q = 0; q < Q; ++q) acc[t][q].store(out[q] + k + t * kWidth);
+  }
+  for (; k < M; k += kWidth) {
+    const int64_t n = std::min(kWidth, M - k);
+    std::array<Vec, Q> acc;
+    acc.fill(Vec(T(0)));
+    for (int64_t i = r0; i < r0 + rows; ++i) {
+      const std::array<Vec, Q> v = f(i, k, n);
+      for (size_t q = 0; q < Q; ++q) acc[q] += v[q];
+    }
+    for (size_t q = 0; q < Q; ++q) acc[q].store(out[q] + k, n);
+  }
+}
+
+// tanh from one exp, 1 - 2 / (exp(2z) + 1), and below |z| = 0.3, where that form loses relative precision,
+// its Taylor series to z^9 (relative error under 1e-7 there). ATen's polynomial exp_u20 makes this several
+// times cheaper than Sleef's tanh (measured: the fused BN + tanh forward was 7x slower than BN alone).
+template <typename T>
+Vectorized<T> fast_tanh(Vectorized<T> z) {
+  using Vec = Vectorized<T>;
+  const Vec clamped = at::vec::clamp(z, Vec(T(-20)), Vec(T(20)));  // tanh(20) is 1 in double too
+  const Vec large = Vec(T(1)) - Vec(T(2)) / ((clamped + clamped).exp_u20() + Vec(T(1)));
+  const Vec z2 = z * z;
+  Vec series = at::vec::fmadd(z2, Vec(T(62.0 / 2835)), Vec(T(-17.0 / 315)));
+  series = at::vec::fmadd(z2, series, Vec(T(2.0 / 15)));
+  series = at::vec::fmadd(z2, series, Vec(T(-1.0 / 3)));
+  series = at::vec::fmadd(z2, series, Vec(T(1)));
+  return Vec::blendv(large, z * series, z.abs() < Vec(T(0.3)));
+}
+
+template <int64_t act, typename T>
+Vectorized<T> activate(Vectorized<T> z) {
+  if constexpr (act == kRelu) return at::vec::clamp_min(z, Vectorized<T>(T(0)));
+  if constexpr (act == kTanh) {
+    if constexpr (std::is_same_v<T, float>) return fast_tanh(z);
+    return z.tanh();  // double input asks for double accuracy, beyond fast_tanh's series
+  }
+  return z;
+}
+
+// dL/dz from dL/dy and y = act(z).
+template <int64_t act, typename T>
+Vectorized<T> activation_grad(Vectorized<T> dy, Vectorized<T> y) {
+  if constexpr (act == kRelu) return Vectorized<T>::blendv(Vectorized<T>(T(0)), dy, y > Vectorized<T>(T(0)));
+  if constexpr (act == kTanh) return dy * (Vectorized<T>(T(1)) - y * y);
+  return dy;
+}
+
+template <typename F>
+void dispatch_activation(int64_t activation, const F& f) {
+  switch (activation) {
+    case kIdentity: return f(std::integral_constant<int64_t, kIdentity>{});
+    case kRelu: return f(std::integral_constant<int64_t, kRelu>{});
+    case kTanh: return f(std::integral_constant<int64_t, kTanh>{});
+    default: TORCH_CHECK(false, "fastlm batch_norm: activation must be 0 (none), 1 (relu) or 2 (tanh), got ", activation);
+  }
+}
+
+// Per-channel values spread over the lanes: for L > 1, each channel's value repeated L times.
+template <typename T>
+std::vector<T> to_lanes(const Layout& s, const T* per_channel) {
+  std::vector<T> lanes(s.M);
+  for (int64_t c = 0; c < s.C; ++c) std::fill_n(lanes.data() + c * s.L, s.L, per_channel[c]);
+  return lanes;
+}
+
+// Sums each channel's L lanes of a block's lane sums, in lane order (for L == 1 lanes are channels, and
+// the kernels write channel sums directly).
+template <typename T>
+void lanes_to_channels(const Layout& s, const T* lanes, T* channels) {
+  if (s.L == 1) return;
+  for (int64_t c = 0; c < s.C; ++c) {
+    T sum = 0;
+    for (int64_t l = 0; l < s.L; ++l) sum += lanes[c * s.L + l];
+    channels[c] = sum;
+  }
+}
+
+// Per-channel mean and M2 = sum (x - mean)^2. Each block of rows is reduced in two passes (its sum, then
+// the squares about its own mean, from cache) and the blocks are merged in order with Chan's formula.
+template <typename T>
+void channel_moments(const T* x, const Layout& s, T* mean, T* m2) {
+  using Vec = Vectorized<T>;
+  const int64_t block_rows = rows_per_block(s);
+  const int64_t num_blocks = (s.N + block_rows - 1) / block_rows;
+  std::vector<T> block_mean(num_blocks * s.C), block_m2(num_blocks * s.C);
+  at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> lane_buffer(s.L > 1 ? s.M : 0), lane_mean_buffer(s.L > 1 ? s.M : 0);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * block_rows, rows = std::min(block_rows, s.N - r0);
+      T* bmean = block_mean.data() + b * s.C;
+      T* bm2 = block_m2.data() + b * s.C;
+      T* lanes = s.L > 1 ? lane_buffer.data() : bmean;
+      column_sums<T, 1>(r0, rows, s.M, [&](int64_t i, int64_t k, int64_t n) {
+        return std::array<Vec, 1>{load(x + i * s.M + k, n)};
+      }, {lanes});
+      lanes_to_channels(s, lanes, bmean);
+      const T inv_count = T(1) / T(rows * s.L);
+      for (int64_t c = 0; c < s.C; ++c) bmean[c] *= inv_count;
+      const T* lane_mean = s.L > 1 ? lane_mean_buffer.data() : bmean;
+      for (int64_t c = 0; s.L > 1 && c < s.C; ++c) std::fill_n(lane_mean_buffer.data() + c * s.L, s.L, bmean[c]);
+      lanes = s.L > 1 ? lane_buffer.data() : bm2;
+      column_sums<T, 1>(r0, rows, s.M, [&](int64_t i, int64_t k, int64_t n) {
+        const Vec d = load(x + i * s.M + k, n) - load(lane_mean + k, n);
+        return std::array<Vec, 1>{d * d};
+      }, {lanes});
+      lanes_to_channels(s, lanes, bm2);
+    }
+  });
+  // Merge block b into blocks [0, b) for all channels at once (the weights depend on b alone).
+  std::fill_n(mean, s.C, T(0));
+  std::fill_n(m2, s.C, T(0));
+  T n_a = 0;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const T n_b = T(std::min(block_rows, s.N - b * block_rows) * s.L), n = n_a + n_b;
+    const T mean_weight = n_b / n, m2_weight = n_a * n_b / n;
+    const T* bmean = block_mean.data() + b * s.C;
+    const T* bm2 = block_m2.data() + b * s.C;
+    for (int64_t c = 0; c < s.C; ++c) {
+      const T delta = bmean[c] - mean[c];
+      mean[c] += delta * mean_weight;
+      m2[c] += bm2[c] + delta * delta * m2_weight;
+    }
+    n_a = n;
+  }
+  if (s.N == 0) {
+    std::fill_n(mean, s.C, std::numeric_limits<T>::quiet_NaN());
+    std::fill_n(m2, s.C, std::numeric_limits<T>::quiet_NaN());
+  }
+}
+
+// y = act((x - mean) * scale + bias), per lane.
+template <int64_t act, typename T>
+void normalize(const T* x, const Layout& s, const T* mean, const T* scale, const T* bias, T* y) {
+  using Vec = Vectorized<T>;
+  at::parallel_for(0, s.N, rows_per_task(s), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for_each_vector<T>(s.M, [&](int64_t k, int64_t n) {
+        const Vec z = at::vec::fmadd(load(x + i * s.M + k, n) - load(mean + k, n), load(scale + k, n),
+                                     load(bias + k, n));
+        activate<act>(z).store(y + i * s.M + k, n);
+      });
+    }
+  });
+}
+
+// Per-channel sum dz and sum dz * (x - mean), dz = act'(z) dy; blocks of rows summed in order.
+template <int64_t act, typename T>
+void grad_sums(const T* dy, const T* x, const T* y, const Layout& s, const T* mean, T* sum_dz, T* sum_dz_xmu) {
+  using Vec = Vectorized<T>;
+  const int64_t block_rows = rows_per_block(s);
+  const int64_t num_blocks = (s.N + block_rows - 1) / block_rows;
+  std::vector<T> block_dz(num_blocks * s.C), block_dz_xmu(num_blocks * s.C);
+  at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> lane_buffer(s.L > 1 ? 2 * s.M : 0);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * block_rows, rows = std::min(block_rows, s.N - r0);
+      T* bdz = block_dz.data() + b * s.C;
+      T* bdz_xmu = block_dz_xmu.data() + b * s.C;
+      T* lanes_dz = s.L > 1 ? lane_buffer.data() : bdz;
+      T* lanes_dz_xmu = s.L > 1 ? lane_buffer.data() + s.M : bdz_xmu;
+      column_sums<T, 2>(r0, rows, s.M, [&](int64_t i, int64_t k, int64_t n) {
+        const int64_t o = i * s.M + k;
+        const Vec dz = activation_grad<act>(load(dy + o, n), act == kIdentity ? Vec(T(0)) : load(y + o, n));
+        return std::array<Vec, 2>{dz, dz * (load(x + o, n) - load(mean + k, n))};
+      }, {lanes_dz, lanes_dz_xmu});
+      lanes_to_channels(s, lanes_dz, bdz);
+      lanes_to_channels(s, lanes_dz_xmu, bdz_xmu);
+    }
+  });
+  std::fill_n(sum_dz, s.C, T(0));
+  std::fill_n(sum_dz_xmu, s.C, T(0));
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    for (int64_t c = 0; c < s.C; ++c) {
+      sum_dz[c] += block_dz[b * s.C + c];
+      sum_dz_xmu[c] += block_dz_xmu[b * s.C + c];
+    }
+  }
+}
+
+// dx = dz * scale + (x - mean) * xmu_coef + shift, per lane.
+template <int64_t act, typename T>
+void input_grad(const T* dy, const T* x, const T* y, const Layout& s, const T* mean, const T* scale,
+                const T* xmu_coef, const T* shift, T* dx) {
+  using Vec = Vectorized<T>;
+  at::parallel_for(0, s.N, rows_per_task(s), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for_each_vector<T>(s.M, [&](int64_t k, int64_t n) {
+        const int64_t o = i * s.M + k;
+        const Vec dz = activation_grad<act>(load(dy + o, n), act == kIdentity ? Vec(T(0)) : load(y + o, n));
+        const Vec xmu = load(x + o, n) - load(mean + k, n);
+        const Vec out = at::vec::fmadd(dz, load(scale + k, n), at::vec::fmadd(xmu, load(xmu_coef + k, n),
+                                                                                load(shift + k, n)));
+        out.store(dx + o, n);
+      });
+    }
+  });
+}
+
+// --- op wrappers: checks, layout, dtypes ---------------------------------------------------------------
+
+at::ScalarType math_dtype(const at::Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Layout layout_of(const at::Tensor& input) {
+  TORCH_CHECK(input.dim() == 2 || input.dim() == 3, "fastlm batch_norm: expected 2D or 3D input (got ", input.dim(),
+              "D input)");
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "fastlm batch_norm: input must be floating point, got ",
+              input.scalar_type());
+  const int64_t N = input.size(0), C = input.size(1), L = input.dim() == 3 ? input.size(2) : 1;
+  return {N, C, L, C * L};
+}
+
+// A tensor in the math dtype, contiguous, as the kernels read it.
+at::Tensor as_math(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+
+// A same-shaped companion of the input (grad_output, output) in the math dtype, contiguous.
+at::Tensor companion(const at::Tensor& t, const at::Tensor& input, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.sizes() == input.sizes(), "fastlm batch_norm: ", name, " must have the input's shape ", input.sizes(),
+              ", got ", t.sizes());
+  return as_math(t, dtype);
+}
+
+at::Tensor per_channel(const at::Tensor& t, int64_t C, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "fastlm batch_norm: ", name, " must have C = ", C,
+              " entries, got shape ", t.sizes());
+  return as_math(t, dtype);
+}
+
+// Per-channel values, or `fill` for every channel where the tensor is absent (weight 1, bias 0).
+template <typename T>
+std::vector<T> channel_values(const std::optional<at::Tensor>& t, int64_t C, T fill, const char* name) {
+  if (!t.has_value()) return std::vector<T>(C, fill);
+  const at::Tensor v = per_channel(*t, C, c10::CppTypeToScalarType<T>::value, name);
+  return std::vector<T>(v.data_ptr<T>(), v.data_ptr<T>() + C);
+}
+
+// The saved output y that activation gradients are read from (none needed without an activation).
+at::Tensor activation_output(const std::optional<at::Tensor>& output, const at::Tensor& input, at::ScalarType dtype,
+                             int64_t activation) {
+  if (activation == kIdentity) return at::Tensor();
+  TORCH_CHECK(output.has_value(), "fastlm batch_norm: the backward of an activation needs the forward's output");
+  return companion(*output, input, dtype, "output");
+}
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+at::Tensor new_like_input(const at::Tensor& input, at::ScalarType dtype) {
+  return empty_on_huge_pages(input.sizes(), input.options().dtype(dtype));
+}
+
+// y = act((x - mean) * invstd * w + b) into a new tensor shaped and typed like input.
+template <typename T>
+at::Tensor forward_with(const at::Tensor& x, const at::Tensor& input, const Layout& s, const T* mean,
+                        const T* invstd, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, int64_t activation) {
+  const std::vector<T> w = channel_values<T>(weight, s.C, T(1), "weight");
+  const std::vector<T> b = channel_values<T>(bias, s.C, T(0), "bias");
+  std::vector<T> scale(s.C);
+  for (int64_t c = 0; c < s.C; ++c) scale[c] = w[c] * invstd[c];
+  at::Tensor y = new_like_input(input, x.scalar_type());
+  const auto mean_l = to_lanes(s, mean), scale_l = to_lanes(s, scale.data()), bias_l = to_lanes(s, b.data());
+  dispatch_activation(activation, [&](auto act) {
+    normalize<decltype(act)::value>(x.data_ptr<T>(), s, mean_l.data(), scale_l.data(), bias_l.data(),
+                                    y.data_ptr<T>());
+  });
+  return y.to(input.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {
+  const Layout s = layout_of(input);
+  const auto dtype = math_dtype(input);
+  const at::Tensor x = as_math(input, dtype);
+  at::Tensor mean = at::empty({s.C}, x.options()), var = at::empty({s.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fastlm_batch_norm_stats", [&] {
+    scalar_t* v = var.data_ptr<scalar_t>();
+    channel_moments(x.data_ptr<scalar_t>(), s, mean.data_ptr<scalar_t>(), v);
+    for (int64_t c = 0; c < s.C; ++c) v[c] /= scalar_t(s.count());
+  });
+  return {mean, var};
+}
+
+at::Tensor batch_norm_forward(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                              int64_t activation) {
+  const Layout s = layout_of(input);
+  const auto dtype = math_dtype(input);
+  const at::Tensor x = as_math(input, dtype);
+  const at::Tensor mean_c = per_channel(mean, s.C, dtype, "mean"), invstd_c = per_channel(invstd, s.C, dtype, "invstd");
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fastlm_batch_norm_forward", [&] {
+    y = forward_with<scalar_t>(x, input, s, mean_c.data_ptr<scalar_t>(), invstd_c.data_ptr<scalar_t>(), weight, bias,
+                               activation);
+  });
+  return y;
+}
+
+void check_running_stat(const std::optional<at::Tensor>& t, int64_t C, at::ScalarType dtype, const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == C && t->scalar_type() == dtype && t->is_contiguous(),
+              "fastlm batch_norm: ", name, " must be a contiguous ", dtype, " tensor of C = ", C, " entries, got ",
+              t->scalar_type(), " of shape ", t->sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_train(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double momentum,
+    double eps, bool unbiased, int64_t activation) {
+  const Layout s = layout_of(input);
+  TORCH_CHECK(s.count() > 1, "fastlm batch_norm: expected more than 1 value per channel when training, got input size ",
+              input.sizes());
+  const auto dtype = math_dtype(input);
+  check_running_stat(running_mean, s.C, dtype, "running_mean");
+  check_running_stat(running_var, s.C, dtype, "running_var");
+  const at::Tensor x = as_math(input, dtype);
+  at::Tensor mean = at::empty({s.C}, x.options()), invstd = at::empty({s.C}, x.options()), y;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fastlm_batch_norm_forward_train", [&] {
+    using T = scalar_t;
+    T* mu = mean.data_ptr<T>();
+    T* is = invstd.data_ptr<T>();
+    std::vector<T> m2(s.C);
+    channel_moments(x.data_ptr<T>(), s, mu, m2.data());
+    const T n = T(s.count()), m = T(momentum);
+    for (int64_t c = 0; c < s.C; ++c) is[c] = T(1) / std::sqrt(m2[c] / (unbiased ? n - 1 : n) + T(eps));
+    if (running_mean.has_value()) {
+      T* rm = running_mean->data_ptr<T>();
+      for (int64_t c = 0; c < s.C; ++c) rm[c] = (1 - m) * rm[c] + m * mu[c];
+    }
+    if (running_var.has_value()) {
+      T* rv = running_var->data_ptr<T>();
+      for (int64_t c = 0; c < s.C; ++c) rv[c] = (1 - m) * rv[c] + m * m2[c] / (n - 1);
+    }
+    y = forward_with<T>(x, input, s, mu, is, weight, bias, activation);
+  });
+  return {y, mean, invstd};
+}
+
+// What every backward op reads: grad_output, input and (with an activation) output in the math dtype.
+struct GradInputs {
+  Layout s;
+  at::ScalarType dtype;
+  at::Tensor dy, x, y, mean, invstd;
+};
+
+GradInputs grad_inputs(const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& output,
+                       const at::Tensor& mean, const at::Tensor& invstd, int64_t activation) {
+  const Layout s = layout_of(input);
+  const auto dtype = math_dtype(input);
+  return {s,
+          dtype,
+          companion(grad_output, input, dtype, "grad_output"),
+          as_math(input, dtype),
+          activation_output(output, input, dtype, activation),
+          per_channel(mean, s.C, dtype, "mean"),
+          per_channel(invstd, s.C, dtype, "invstd")};
+}
+
+// (sum dz, sum dz * xhat) per channel.
+std::tuple<at::Tensor, at::Tensor> reduce_grads(const GradInputs& g, int64_t activation) {
+  at::Tensor sum_dz = at::empty({g.s.C}, g.x.options()), sum_dz_xhat = at::empty({g.s.C}, g.x.options());
+  AT_DISPATCH_FLOATING_TYPES(g.dtype, "fastlm_batch_norm_backward_reduce", [&] {
+    using T = scalar_t;
+    const auto mean_l = to_lanes(g.s, g.mean.data_ptr<T>());
+    T* sdx = sum_dz_xhat.data_ptr<T>();
+    dispatch_activation(activation, [&](auto act) {
+      grad_sums<decltype(act)::value>(g.dy.data_ptr<T>(), g.x.data_ptr<T>(), data_or_null<T>(g.y), g.s,
+                                      mean_l.data(), sum_dz.data_ptr<T>(), sdx);
+    });
+    const T* is = g.invstd.data_ptr<T>();
+    for (int64_t c = 0; c < g.s.C; ++c) sdx[c] *= is[c];
+  });
+  return {sum_dz, sum_dz_xhat};
+}
+
+// dx = w invstd (dz - mean_scale sum_dz - xhat_scale xhat sum_dz_xhat).
+at::Tensor input_grad_from_sums(const GradInputs& g, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat, double mean_scale,
+                                double xhat_scale, int64_t activation) {
+  const at::Tensor sdz = per_channel(sum_dz, g.s.C, g.dtype, "sum_dz");
+  const at::Tensor sdx = per_channel(sum_dz_xhat, g.s.C, g.dtype, "sum_dz_xhat");
+  at::Tensor dx = new_like_input(input, g.dtype);
+  AT_DISPATCH_FLOATING_TYPES(g.dtype, "fastlm_batch_norm_backward_input", [&] {
+    using T = scalar_t;
+    const std::vector<T> w = channel_values<T>(weight, g.s.C, T(1), "weight");
+    const T* is = g.invstd.data_ptr<T>();
+    std::vector<T> scale(g.s.C), xmu_coef(g.s.C), shift(g.s.C);
+    for (int64_t c = 0; c < g.s.C; ++c) {
+      scale[c] = w[c] * is[c];
+      xmu_coef[c] = -scale[c] * T(xhat_scale) * sdx.data_ptr<T>()[c] * is[c];
+      shift[c] = -scale[c] * T(mean_scale) * sdz.data_ptr<T>()[c];
+    }
+    const auto mean_l = to_lanes(g.s, g.mean.data_ptr<T>()), scale_l = to_lanes(g.s, scale.data());
+    const auto xmu_l = to_lanes(g.s, xmu_coef.data()), shift_l = to_lanes(g.s, shift.data());
+    dispatch_activation(activation, [&](auto act) {
+      input_grad<decltype(act)::value>(g.dy.data_ptr<T>(), g.x.data_ptr<T>(), data_or_null<T>(g.y), g.s,
+                                       mean_l.data(), scale_l.data(), xmu_l.data(), shift_l.data(), dx.data_ptr<T>());
+    });
+  });
+  return dx.to(input.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce(const at::Tensor& grad_output, const at::Tensor& input,
+                                                              const std::optional<at::Tensor>& output,
+                                                              const at::Tensor& mean, const at::Tensor& invstd,
+                                                              int64_t activation) {
+  return reduce_grads(grad_inputs(grad_output, input, output, mean, invstd, activation), activation);
+}
+
+at::Tensor batch_norm_backward_input(const at::Tensor& grad_output, const at::Tensor& input,
+                                     const std::optional<at::Tensor>& output, const at::Tensor& mean,
+                                     const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+                                     const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat, double mean_scale,
+                                     double xhat_scale, int64_t activation) {
+  const GradInputs g = grad_inputs(grad_output, input, output, mean, invstd, activation);
+  return input_grad_from_sums(g, input, weight, sum_dz, sum_dz_xhat, mean_scale, xhat_scale, activation);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& output,
+    const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& weight, bool batch_stats,
+    bool unbiased, int64_t activation) {
+  const GradInputs g = grad_inputs(grad_output, input, output, mean, invstd, activation);
+  auto [sum_dz, sum_dz_xhat] = reduce_grads(g, activation);
+  const double n = double(g.s.count());
+  const double mean_scale = batch_stats ? 1.0 / n : 0.0;
+  const double xhat_scale = batch_stats ? 1.0 / (unbiased ? n - 1 : n) : 0.0;
+  at::Tensor dx = input_grad_from_sums(g, input, weight, sum_dz, sum_dz_xhat, mean_scale, xhat_scale, activation);
+  return {dx, sum_dz_xhat, sum_dz};
+}
+
+}  // namespace
+
+
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def(
+      "batch_norm_forward(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, "
+      "int activation) -> Tensor");
+  m.def(
+      "batch_norm_forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps, bool unbiased, int activation) "
+      "-> (Tensor output, Tensor mean, Tensor invstd)");
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor? output, Tensor mean, Tensor invstd, "
+      "int activation) -> (Tensor sum_dz, Tensor sum_dz_xhat)");
+  m.def(
+      "batch_norm_backward_input(Tensor grad_output, Tensor input, Tensor? output, Tensor mean, Tensor invstd, "
+      "Tensor? weight, Tensor sum_dz, Tensor sum_dz_xhat, float mean_scale, float xhat_scale, int activation) "
+      "-> Tensor");
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? output, Tensor mean, Tensor invstd, "
+      "Tensor? weight, bool batch_stats, bool unbiased, int activation) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+}
+
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("batch_norm_stats", &batch_norm_stats);
+  m.impl("batch_norm_forward", &batch_norm_forward);
+  m.impl("batch_norm_forward_train", &batch_norm_forward_train);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce);
+  m.impl("batch_norm_backward_input", &batch_norm_backward_input);
+  m.impl("batch_norm_backward", &batch_norm_backward);
+}
+
+}  // namespace fastlm

@@ -1,0 +1,114 @@
+"""Drop-in BatchNorm modules: ``fastlm.nn.BatchNorm1d`` and ``fastlm.nn.SyncBatchNorm``.
+
+Subclasses of the torch modules (as apex does) that replace only the computation: same constructor, same
+parameters and buffers, so state_dicts move between them and torch's modules unchanged. Two options beyond
+torch: ``unbiased=True`` normalises with the Bessel-corrected batch variance (makemore's BatchNorm), and
+``activation="tanh"``/``"relu"`` fuses that activation into the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastlm.ops.batch_norm import ACTIVATIONS, batch_norm
+from fastlm.ops.sync_batch_norm import sync_batch_norm
+
+
+class _FusedBatchNorm:
+    """What the fused BatchNorm modules add to torch's: the options and the running-stat bookkeeping."""
+
+    def _init_fused(self, unbiased: bool, activation: str | None, backend: str | None) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        self.unbiased = unbiased
+        self.activation = activation
+        self.backend = backend
+
+    def _batch_options(self) -> tuple[bool, float]:
+        """Whether to normalise with batch statistics, and the running-stat momentum, as nn.BatchNorm1d
+        decides them (counting the batch when it is tracked)."""
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        return use_batch_stats, momentum
+
+    def _running_stats(self) -> tuple[Tensor | None, Tensor | None]:
+        if self.training and not self.track_running_stats:
+            return None, None
+        return self.running_mean, self.running_var
+
+    def extra_repr(self) -> str:
+        extra = "".join(f", {name}={value!r}" for name, value in
+                        (("unbiased", self.unbiased), ("activation", self.activation)) if value)
+        return super().extra_repr() + extra
+
+
+class BatchNorm1d(_FusedBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` on fastlm's fused kernels, for (N, C) and (N, C, L) input."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, unbiased: bool = False,
+                 activation: str | None = None, backend: str | None = None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._init_fused(unbiased, activation, backend)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        use_batch_stats, momentum = self._batch_options()
+        running_mean, running_var = self._running_stats()
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum,
+                          self.eps, self.unbiased, self.activation, backend=self.backend)
+
+
+class SyncBatchNorm(_FusedBatchNorm, nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` on fastlm's kernels: in training under torch.distributed, the batch statistics
+    and the backward's sums are combined across the processes of ``process_group`` (per-rank batch sizes
+    may differ). Outside distributed training it is BatchNorm1d."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
+                 unbiased: bool = False, activation: str | None = None, backend: str | None = None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype)
+        self._init_fused(unbiased, activation, backend)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        use_batch_stats, momentum = self._batch_options()
+        running_mean, running_var = self._running_stats()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if use_batch_stats and distributed and torch.distributed.get_world_size(self.process_group) > 1:
+            return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps,
+                                   self.unbiased, self.activation, self.process_group, backend=self.backend)
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum,
+                          self.eps, self.unbiased, self.activation, backend=self.backend)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: every BatchNorm layer in ``module`` (torch's or
+        fastlm's) becomes a fastlm SyncBatchNorm with the same parameters, buffers and options."""
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, process_group, unbiased=getattr(module, "unbiased", False),
+                            activation=getattr(module, "activation", None), backend=getattr(module, "backend", None))
+            if module.affine:
+                with torch.no_grad():
+                    converted.weight = module.weight
+                    converted.bias = module.bias
+            converted.running_mean = module.running_mean
+            converted.running_var = module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+            converted.training = module.training
+            if hasattr(module, "qconfig"):
+                converted.qconfig = module.qconfig
+            return converted
+        for name, child in module.named_children():
+            module.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return module

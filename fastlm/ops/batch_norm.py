@@ -1,0 +1,283 @@
+"""Fused BatchNorm: ``fastlm.ops.batch_norm``, ``F.batch_norm`` for (N, C) and (N, C, L) input.
+
+Layers: kernels (csrc/cpu, csrc/cuda, kernels/) -> torch.library ops (``fastlm::batch_norm_*``, semantics
+in csrc/cpu/batch_norm.cpp) -> ``BatchNormFunction`` (autograd) -> the functional ``batch_norm`` ->
+``fastlm.nn.BatchNorm1d``. Training runs one op forward (statistics, normalisation, activation and the
+running-stat update) and one op backward; SyncBatchNorm uses the split ops (stats, forward,
+backward_reduce, backward_input) with collectives in between.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from fastlm import backends
+
+ACTIVATIONS = {None: 0, "relu": 1, "tanh": 2}
+
+
+# --- torch.library ops -------------------------------------------------------------------------------
+# The cpp and cuda kernels are C++ ops registered by fastlm._C; the Triton kernels are Python custom ops
+# registered here. Both share one set of fake implementations.
+
+
+def math_dtype(input: Tensor) -> torch.dtype:
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def _per_channel(input: Tensor) -> Tensor:
+    return input.new_empty(input.shape[1], dtype=math_dtype(input))
+
+
+def _fake_stats(input):
+    return _per_channel(input), _per_channel(input)
+
+
+def _fake_forward(input, mean, invstd, weight, bias, activation):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _fake_forward_train(input, weight, bias, running_mean, running_var, momentum, eps, unbiased, activation):
+    return torch.empty_like(input, memory_format=torch.contiguous_format), _per_channel(input), _per_channel(input)
+
+
+def _fake_backward_reduce(grad_output, input, output, mean, invstd, activation):
+    return _per_channel(input), _per_channel(input)
+
+
+def _fake_backward_input(grad_output, input, output, mean, invstd, weight, sum_dz, sum_dz_xhat, mean_scale,
+                         xhat_scale, activation):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _fake_backward(grad_output, input, output, mean, invstd, weight, batch_stats, unbiased, activation):
+    return (torch.empty_like(input, memory_format=torch.contiguous_format), _per_channel(input),
+            _per_channel(input))
+
+
+def _kernels():
+    from fastlm.kernels import batch_norm
+
+    return batch_norm
+
+
+@torch.library.custom_op("fastlm::triton_batch_norm_stats", mutates_args=())
+def _triton_stats(input: Tensor) -> tuple[Tensor, Tensor]:
+    return _kernels().batch_norm_stats(input)
+
+
+@torch.library.custom_op("fastlm::triton_batch_norm_forward", mutates_args=())
+def _triton_forward(input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+                    activation: int) -> Tensor:
+    return _kernels().batch_norm_forward(input, mean, invstd, weight, bias, activation)
+
+
+@torch.library.custom_op("fastlm::triton_batch_norm_forward_train", mutates_args=("running_mean", "running_var"))
+def _triton_forward_train(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                          running_var: Tensor | None, momentum: float, eps: float, unbiased: bool,
+                          activation: int) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels().batch_norm_forward_train(input, weight, bias, running_mean, running_var, momentum, eps,
+                                               unbiased, activation)
+
+
+@torch.library.custom_op("fastlm::triton_batch_norm_backward_reduce", mutates_args=())
+def _triton_backward_reduce(grad_output: Tensor, input: Tensor, output: Tensor | None, mean: Tensor,
+                            invstd: Tensor, activation: int) -> tuple[Tensor, Tensor]:
+    return _kernels().batch_norm_backward_reduce(grad_output, input, output, mean, invstd, activation)
+
+
+@torch.library.custom_op("fastlm::triton_batch_norm_backward_input", mutates_args=())
+def _triton_backward_input(grad_output: Tensor, input: Tensor, output: Tensor | None, mean: Tensor, invstd: Tensor,
+                           weight: Tensor | None, sum_dz: Tensor, sum_dz_xhat: Tensor, mean_scale: float,
+                           xhat_scale: float, activation: int) -> Tensor:
+    return _kernels().batch_norm_backward_input(grad_output, input, output, mean, invstd, weight, sum_dz,
+                                                sum_dz_xhat, mean_scale, xhat_scale, activation)
+
+
+@torch.library.custom_op("fastlm::triton_batch_norm_backward", mutates_args=())
+def _triton_backward(grad_output: Tensor, input: Tensor, output: Tensor | None, mean: Tensor, invstd: Tensor,
+                     weight: Tensor | None, batch_stats: bool, unbiased: bool,
+                     activation: int) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels().batch_norm_backward(grad_output, input, output, mean, invstd, weight, batch_stats, unbiased,
+                                          activation)
+
+
+class KernelOps(NamedTuple):
+    stats: Callable
+    forward: Callable
+    forward_train: Callable
+    backward_reduce: Callable
+    backward_input: Callable
+    backward: Callable
+
+
+_FAKES = KernelOps(_fake_stats, _fake_forward, _fake_forward_train, _fake_backward_reduce, _fake_backward_input,
+                   _fake_backward)
+
+
+def _register_fakes() -> None:
+    prefixes = ("", "triton_") if backends.why_unavailable("cpp") is None else ("triton_",)
+    for prefix in prefixes:
+        for name, fake in zip(KernelOps._fields, _FAKES):
+            torch.library.register_fake(f"fastlm::{prefix}batch_norm_{name}", fake)
+
+
+@functools.cache
+def kernel_ops(backend: str) -> KernelOps:
+    """The BatchNorm ops of a kernel backend (cpp, cuda or triton)."""
+    prefix = "triton_" if backend == "triton" else ""
+    ops = torch.ops.fastlm
+    return KernelOps(*(getattr(ops, f"{prefix}batch_norm_{name}") for name in KernelOps._fields))
+
+
+_register_fakes()
+
+
+# --- autograd ----------------------------------------------------------------------------------------
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """BatchNorm (+ activation) on a kernel backend: one op forward, one op backward.
+
+    Saves the input, the batch (or running) statistics and, with an activation, the output, whose
+    values give the activation's derivative without recomputing it.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, unbiased, activation,
+                backend):
+        ops = kernel_ops(backend)
+        if training:
+            output, mean, invstd = _forward_train(ops, input, weight, bias, running_mean, running_var, momentum, eps,
+                                                  unbiased, activation)
+        else:
+            dtype = math_dtype(input)
+            mean, invstd = running_mean.to(dtype), torch.rsqrt(running_var.to(dtype) + eps)
+            output = ops.forward(input, mean, invstd, weight, bias, activation)
+        ctx.save_for_backward(input, output if activation else None, mean, invstd, weight)
+        ctx.config = (training, unbiased, activation, backend)
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        input, output, mean, invstd, weight = ctx.saved_tensors
+        training, unbiased, activation, backend = ctx.config
+        grad_input, grad_weight, grad_bias = kernel_ops(backend).backward(
+            grad_output, input, output, mean, invstd, weight, training, unbiased, activation)
+        return (grad_input, _as_param_grad(grad_weight, weight, ctx.needs_input_grad[1]),
+                _as_param_grad(grad_bias, weight, ctx.needs_input_grad[2]), None, None, None, None, None, None, None,
+                None)
+
+
+def _forward_train(ops, input, weight, bias, running_mean, running_var, momentum, eps, unbiased, activation):
+    """The training forward; running stats that the kernels cannot update in place (another dtype) are
+    updated through a math-dtype copy."""
+    dtype = math_dtype(input)
+    staged = [r if r is None or (r.dtype == dtype and r.is_contiguous()) else r.to(dtype)
+              for r in (running_mean, running_var)]
+    output, mean, invstd = ops.forward_train(input, weight, bias, *staged, momentum, eps, unbiased, activation)
+    for running, copy in zip((running_mean, running_var), staged):
+        if copy is not running:
+            running.copy_(copy)
+    return output, mean, invstd
+
+
+def _as_param_grad(grad: Tensor, weight: Tensor | None, needed: bool) -> Tensor | None:
+    if not needed:
+        return None
+    return grad if weight is None else grad.to(weight.dtype)
+
+
+# --- reference ---------------------------------------------------------------------------------------
+
+ACTIVATION_FUNCTIONS = {None: lambda x: x, "relu": torch.relu, "tanh": torch.tanh}
+
+
+def reference_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased,
+                         activation):
+    """The ``torch`` backend and the oracle: F.batch_norm, or for ``unbiased`` training the lecture's
+    formula with the Bessel-corrected variance, then the activation."""
+    if not (training and unbiased):
+        out = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return ACTIVATION_FUNCTIONS[activation](out)
+    dims = [0, 2] if input.dim() == 3 else [0]
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    mean = input.mean(dims, keepdim=True)
+    var = input.var(dims, unbiased=True, keepdim=True)
+    out = (input - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.lerp_(mean.flatten().to(running_mean.dtype), momentum)
+        if running_var is not None:
+            running_var.lerp_(var.flatten().to(running_var.dtype), momentum)
+    return ACTIVATION_FUNCTIONS[activation](out)
+
+
+# --- functional --------------------------------------------------------------------------------------
+
+
+def check_input(input: Tensor, training: bool) -> None:
+    """The checks nn.BatchNorm1d and F.batch_norm make, with their messages."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"fastlm.batch_norm: input must be a tensor, got {type(input).__name__}")
+    if input.dim() not in (2, 3):
+        raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+    if not input.is_floating_point():
+        raise TypeError(f"fastlm.batch_norm: input must be a floating-point tensor, got {input.dtype}")
+    if training and input.shape[0] * (input.shape[2] if input.dim() == 3 else 1) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+
+
+def check_per_channel(input: Tensor, **tensors: Tensor | None) -> None:
+    channels = input.shape[1]
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise ValueError(f"fastlm.batch_norm: {name} must have one entry per channel ({channels}), got shape "
+                             f"{tuple(t.shape)}")
+        if t.device != input.device:
+            raise ValueError(f"fastlm.batch_norm: input is on {input.device} but {name} is on {t.device}")
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    unbiased: bool = False,
+    activation: str | None = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """``F.batch_norm`` for (N, C) or (N, C, L) input, fused, with an optional fused activation.
+
+    ``unbiased=True`` normalises with the Bessel-corrected batch variance (the makemore lectures' BatchNorm);
+    ``activation`` is ``None``, ``"relu"`` or ``"tanh"``, applied to the normalised output inside the kernel;
+    ``backend`` forces a backend for this call.
+    """
+    check_input(input, training)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fastlm.batch_norm: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("fastlm.batch_norm: running_mean and running_var are needed when not training")
+    check_per_channel(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    name = backends.resolve(input.device, backend)
+    if name == "torch" or input.numel() == 0:  # an empty batch leaves the running stats as they are, as in torch
+        return reference_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased,
+                                    activation)
+    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps, unbiased,
+                                   ACTIVATIONS[activation], name)

@@ -1,0 +1,102 @@
+"""BatchNorm across processes: ``fastlm.ops.sync_batch_norm``, what nn.SyncBatchNorm computes, on fastlm's
+kernels.
+
+Each rank reduces its own batch with the split BatchNorm ops; the collectives in between exchange only
+per-channel values. Forward: every rank's (count, mean, biased var) is all-gathered and merged in rank order
+with Chan's formula, so every rank normalises with the same statistics, whatever its batch size. Backward:
+the per-channel sums of dz and dz*xhat are all-reduced, then each rank computes its own input gradient. The
+weight and bias gradients stay per rank, as in torch: DDP averages them like any other parameter gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fastlm import backends
+from fastlm.ops.batch_norm import ACTIVATIONS, check_per_channel, kernel_ops, math_dtype
+
+
+def merge_moments(counts: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, M2) of the union of groups given by rows of (count, mean, biased var), merged in order."""
+    total = torch.zeros((), dtype=means.dtype, device=means.device)
+    mean = torch.zeros_like(means[0])
+    m2 = torch.zeros_like(means[0])
+    for count, group_mean, group_var in zip(counts, means, variances):
+        if count == 0:
+            continue
+        merged = total + count
+        delta = group_mean - mean
+        mean = mean + delta * (count / merged)
+        m2 = m2 + group_var * count + delta * delta * (total * count / merged)
+        total = merged
+    return total, mean, m2
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, unbiased, activation,
+                process_group, backend):
+        ops = kernel_ops(backend)
+        dtype = math_dtype(input)
+        channels = input.shape[1]
+        count = input.numel() // channels if channels else 0
+        if count:
+            mean, var = ops.stats(input)
+        else:
+            mean = var = torch.zeros(channels, dtype=dtype, device=input.device)
+        local = torch.cat([torch.tensor([count], dtype=dtype, device=input.device), mean, var])
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
+        dist.all_gather(gathered, local, group=process_group)
+        table = torch.stack(gathered)
+        total, mean, m2 = merge_moments(table[:, 0], table[:, 1:channels + 1], table[:, channels + 1:])
+        if total <= 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input size "
+                             f"{input.size()} on this rank and {int(total)} values per channel on all ranks")
+        invstd = torch.rsqrt(m2 / (total - 1 if unbiased else total) + eps)
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            if running_var is not None:
+                running_var.lerp_((m2 / (total - 1)).to(running_var.dtype), momentum)
+        output = ops.forward(input, mean, invstd, weight, bias, activation)
+        ctx.save_for_backward(input, output if activation else None, mean, invstd, weight)
+        ctx.config = (total, unbiased, activation, process_group, backend)
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        input, output, mean, invstd, weight = ctx.saved_tensors
+        total, unbiased, activation, process_group, backend = ctx.config
+        ops = kernel_ops(backend)
+        grad_output = grad_output.contiguous()
+        sum_dz, sum_dz_xhat = ops.backward_reduce(grad_output, input, output, mean, invstd, activation)
+        global_sums = torch.cat([sum_dz, sum_dz_xhat])
+        dist.all_reduce(global_sums, group=process_group)
+        global_dz, global_dz_xhat = global_sums.split(input.shape[1])
+        n = float(total)
+        grad_input = ops.backward_input(grad_output, input, output, mean, invstd, weight, global_dz, global_dz_xhat,
+                                        1.0 / n, 1.0 / (n - 1 if unbiased else n), activation)
+        grad_weight = sum_dz_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = sum_dz.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                    weight: Tensor | None = None, bias: Tensor | None = None, momentum: float = 0.1,
+                    eps: float = 1e-5, unbiased: bool = False, activation: str | None = None, process_group=None,
+                    *, backend: str | None = None) -> Tensor:
+    """Training-mode BatchNorm with the statistics of the batch of all ranks in ``process_group``."""
+    if input.dim() not in (2, 3):
+        raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fastlm.sync_batch_norm: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    check_per_channel(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    name = backends.resolve(input.device, backend)
+    if name == "torch":
+        raise RuntimeError("fastlm.sync_batch_norm runs on a kernel backend (cpp, cuda or triton), not 'torch'; "
+                           "use torch.nn.SyncBatchNorm for the plain-PyTorch version")
+    return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps, unbiased,
+                                       ACTIVATIONS[activation], process_group, name)

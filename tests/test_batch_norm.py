@@ -1,0 +1,309 @@
+"""fastlm.nn.BatchNorm1d / fastlm.ops.batch_norm against nn.BatchNorm1d and float64 references, on every
+backend present (the Triton kernels through the interpreter on CPU); the op-level kernel tests are in
+test_batch_norm_ops.py, SyncBatchNorm's in test_sync_batch_norm.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastlm
+from conftest import DEVICES, assert_close_to_reference, skip_unless_runs
+
+BACKENDS = ["cpp", "triton", "cuda", "torch"]
+ACTIVATIONS = {None: lambda x: x, "relu": torch.relu, "tanh": torch.tanh}
+
+
+def make_pair(C, device, dtype=torch.float32, backend=None, **options):
+    """A torch BatchNorm1d with random affine parameters and running stats, and a fastlm copy of it."""
+    torch.manual_seed(C)
+    reference = nn.BatchNorm1d(C, device=device, dtype=dtype, **options)
+    if reference.affine:
+        with torch.no_grad():
+            reference.weight.uniform_(0.5, 1.5)
+            reference.bias.uniform_(-0.5, 0.5)
+    if reference.track_running_stats:
+        reference.running_mean.uniform_(-0.5, 0.5)
+        reference.running_var.uniform_(0.5, 1.5)
+    ours = fastlm.nn.BatchNorm1d(C, device=device, dtype=dtype, backend=backend, **options)
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+def run_steps(module, inputs, grads, activation=None):
+    """Forward and backward over several batches; returns outputs and gradients of each step."""
+    results = []
+    for x, g in zip(inputs, grads):
+        x = x.clone().requires_grad_()
+        module.zero_grad()
+        y = module(x) if activation is None or isinstance(module, fastlm.nn.BatchNorm1d) else (
+            ACTIVATIONS[activation](module(x)))
+        y.backward(g)
+        params = [p.grad.clone() for p in module.parameters()]
+        results.append((y.detach(), x.grad, *params))
+    return results
+
+
+def assert_same_modules(ours, reference, results, expected, dtype):
+    for got, want in zip(results, expected):
+        for a, b in zip(got, want):
+            assert_close_to_reference(a, b, dtype, magnitude=1.0)
+    for name, buffer in reference.named_buffers():
+        assert_close_to_reference(dict(ours.named_buffers())[name], buffer, dtype)
+
+
+SHAPES = [(2, 1), (3, 3), (32, 200), (4097, 3), (5, 1023), (6, 4, 5), (3, 7, 17)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_matches_torch(backend, device, shape):
+    skip_unless_runs(backend, device)
+    reference, ours = make_pair(shape[1], device, backend=backend)
+    torch.manual_seed(1)
+    inputs = [torch.randn(shape, device=device) * 2 + 1 for _ in range(3)]
+    grads = [torch.randn(shape, device=device) for _ in range(3)]
+    expected = run_steps(reference, inputs, grads)
+    assert_same_modules(ours, reference, run_steps(ours, inputs, grads), expected, torch.float32)
+    assert int(ours.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(momentum=None), dict(affine=False), dict(track_running_stats=False), dict(momentum=0.5, eps=1e-3)],
+    ids=["momentum_none", "no_affine", "no_tracking", "momentum_eps"],
+)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_options_match_torch(backend, device, training, options):
+    skip_unless_runs(backend, device)
+    reference, ours = make_pair(13, device, backend=backend, **options)
+    reference.train(training)
+    ours.train(training)
+    torch.manual_seed(2)
+    inputs = [torch.randn(9, 13, 4, device=device) for _ in range(3)]
+    grads = [torch.randn(9, 13, 4, device=device) for _ in range(3)]
+    expected = run_steps(reference, inputs, grads)
+    assert_same_modules(ours, reference, run_steps(ours, inputs, grads), expected, torch.float32)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_activation_matches_torch(backend, device, training, activation):
+    skip_unless_runs(backend, device)
+    reference, _ = make_pair(200, device)
+    ours = fastlm.nn.BatchNorm1d(200, device=device, activation=activation, backend=backend)
+    ours.load_state_dict(reference.state_dict())
+    reference.train(training)
+    ours.train(training)
+    torch.manual_seed(3)
+    inputs = [torch.randn(32, 200, device=device) * 3 for _ in range(2)]
+    grads = [torch.randn(32, 200, device=device) for _ in range(2)]
+    expected = run_steps(reference, inputs, grads, activation)
+    assert_same_modules(ours, reference, run_steps(ours, inputs, grads), expected, torch.float32)
+
+
+def unbiased_reference(x, weight, bias, eps, activation):
+    """The makemore lecture's BatchNorm in float64 autograd: normalised with the Bessel-corrected variance."""
+    dims = [0, 2] if x.dim() == 3 else [0]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = x.mean(dims, keepdim=True)
+    var = ((x - mean) ** 2).sum(dims, keepdim=True) / (x.numel() // x.shape[1] - 1)
+    return ACTIVATIONS[activation]((x - mean) / torch.sqrt(var + eps) * weight.view(shape) + bias.view(shape))
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (32, 200), (7, 3, 5)], ids=str)
+@pytest.mark.parametrize("activation", [None, "tanh"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_unbiased_matches_lecture_formula(backend, device, activation, shape):
+    skip_unless_runs(backend, device)
+    torch.manual_seed(4)
+    x = torch.randn(shape, device=device, dtype=torch.float64)
+    weight = torch.rand(shape[1], device=device, dtype=torch.float64) + 0.5
+    bias = torch.randn(shape[1], device=device, dtype=torch.float64)
+    g = torch.randn(shape, device=device, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    expected = unbiased_reference(*leaves, 1e-5, activation)
+    expected.backward(g)
+    ours = fastlm.nn.BatchNorm1d(shape[1], device=device, unbiased=True, activation=activation, backend=backend)
+    with torch.no_grad():
+        ours.weight.copy_(weight)
+        ours.bias.copy_(bias)
+    x32 = x.float().requires_grad_()
+    out = ours(x32)
+    out.backward(g.float())
+    for got, want in [(out, expected), (x32.grad, leaves[0].grad), (ours.weight.grad, leaves[1].grad),
+                      (ours.bias.grad, leaves[2].grad)]:
+        assert_close_to_reference(got, want, torch.float32, magnitude=1.0)
+    assert_close_to_reference(ours.running_var, 0.9 + 0.1 * x.transpose(0, 1).reshape(shape[1], -1).var(1),
+                              torch.float32)
+
+
+def test_unbiased_backward_is_the_lecture_closed_form():
+    """dx = gain*invstd/n * (n*dy - dy.sum(0) - n/(n-1)*xhat*(dy*xhat).sum(0)), in float64."""
+    torch.manual_seed(5)
+    n, C = 32, 64
+    x, dy = torch.randn(n, C, dtype=torch.float64), torch.randn(n, C, dtype=torch.float64)
+    gain = torch.rand(C, dtype=torch.float64) + 0.5
+    module = fastlm.nn.BatchNorm1d(C, dtype=torch.float64, unbiased=True, eps=1e-5)
+    with torch.no_grad():
+        module.weight.copy_(gain)
+    x_leaf = x.clone().requires_grad_()
+    module(x_leaf).backward(dy)
+    var = x.var(0, unbiased=True)
+    invstd = (var + 1e-5).rsqrt()
+    xhat = (x - x.mean(0)) * invstd
+    closed = gain * invstd / n * (n * dy - dy.sum(0) - n / (n - 1) * xhat * (dy * xhat).sum(0))
+    torch.testing.assert_close(x_leaf.grad, closed, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("activation", [None, "tanh", "relu"])
+@pytest.mark.parametrize("training,unbiased", [(True, False), (True, True), (False, False)])
+def test_gradcheck(backend, activation, training, unbiased):
+    skip_unless_runs(backend)
+    torch.manual_seed(6)
+    x = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
+    weight = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    running_mean, running_var = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+
+    def function(x, weight, bias):
+        return fastlm.ops.batch_norm(x, running_mean.clone(), running_var.clone(), weight, bias, training, 0.1, 1e-5,
+                                     unbiased, activation, backend=backend)
+
+    assert torch.autograd.gradcheck(function, (x, weight, bias), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_input(backend, device):
+    skip_unless_runs(backend, device)
+    reference, ours = make_pair(7, device, backend=backend)
+    torch.manual_seed(7)
+    base = torch.randn(7, 20, device=device)
+    x = base.t()[::2]  # (10, 7), strided both ways
+    g = torch.randn(20, 7, device=device)[::2]
+    assert not x.is_contiguous() and not g.is_contiguous()
+    expected = run_steps(reference, [x], [g])
+    assert_same_modules(ours, reference, run_steps(ours, [x], [g]), expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_half_precision_on_gpu(backend, dtype):
+    skip_unless_runs(backend, "cuda")
+    torch.manual_seed(8)
+    x = torch.randn(4097, 1023, device="cuda") * 2 + 1
+    g = torch.randn_like(x)
+    reference, ours = make_pair(1023, "cuda", backend=backend)
+    want = run_steps(reference, [x], [g])[0]
+    got = run_steps(ours, [x.to(dtype)], [g.to(dtype)])[0]
+    for a, b in zip(got, want):
+        assert_close_to_reference(a.float(), b, dtype, magnitude=1.0)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic(backend, device):
+    skip_unless_runs(backend, device)
+    torch.manual_seed(9)
+    x = torch.randn(4097, 33, device=device)
+    g = torch.randn_like(x)
+    runs = []
+    for _ in range(2):
+        module = fastlm.nn.BatchNorm1d(33, device=device, activation="tanh", backend=backend)
+        runs.append(run_steps(module, [x], [g])[0] + (module.running_mean, module.running_var))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_moves_between_torch_and_fastlm():
+    reference, _ = make_pair(5, "cpu", momentum=None)
+    reference(torch.randn(8, 5))
+    ours = fastlm.nn.BatchNorm1d(5, momentum=None, unbiased=True, activation="tanh")
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+    ours.load_state_dict(reference.state_dict())
+    back = nn.BatchNorm1d(5)
+    back.load_state_dict(ours.state_dict())
+    for key, value in reference.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value)
+    assert isinstance(ours, nn.BatchNorm1d)
+
+
+def test_empty_batch_behaves_like_torch():
+    reference, ours = make_pair(3, "cpu")
+    for module in (reference, ours):
+        x = torch.randn(0, 3, requires_grad=True)
+        y = module(x)
+        y.sum().backward()
+        assert y.shape == (0, 3) and x.grad.shape == (0, 3)
+    assert torch.equal(ours.running_mean, reference.running_mean)
+    assert torch.equal(ours.running_var, reference.running_var)
+
+
+@pytest.mark.parametrize("module_class", [nn.BatchNorm1d, fastlm.nn.BatchNorm1d])
+def test_errors_have_torch_messages(module_class):
+    module = module_class(4)
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size "
+                                         r"torch.Size\(\[1, 4\]\)"):
+        module(torch.randn(1, 4))
+    with pytest.raises(ValueError, match=r"expected 2D or 3D input \(got 4D input\)"):
+        module(torch.randn(2, 4, 3, 3))
+    module.eval()
+    assert module(torch.randn(1, 4)).shape == (1, 4)  # one value per channel is fine outside training
+
+
+def test_bad_input_is_refused():
+    module = fastlm.nn.BatchNorm1d(4)
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        module(torch.randn(4))
+    with pytest.raises(TypeError, match="floating-point"):
+        fastlm.ops.batch_norm(torch.ones(3, 4, dtype=torch.int64), None, None, training=True)
+    with pytest.raises(ValueError, match="one entry per channel"):
+        fastlm.ops.batch_norm(torch.randn(3, 4), None, None, torch.ones(5), training=True)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fastlm.ops.batch_norm(torch.randn(3, 4), None, None, training=True, activation="gelu")
+    with pytest.raises(ValueError, match="running_mean and running_var are needed"):
+        fastlm.ops.batch_norm(torch.randn(3, 4), None, None, training=False)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_torch_compile_has_no_graph_break(backend):
+    skip_unless_runs(backend)
+    torch._dynamo.reset()
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(6, 8), fastlm.nn.BatchNorm1d(8, activation="tanh", backend=backend),
+                          nn.Linear(8, 3))
+    reference = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    reference.load_state_dict(model.state_dict(), strict=False)
+    reference[3].load_state_dict(model[2].state_dict())
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(16, 6)
+    out = compiled(x)
+    out.sum().backward()
+    expected = reference(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model[0].weight.grad, reference[0].weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+
+
+def test_functional_matches_f_batch_norm():
+    torch.manual_seed(11)
+    x = torch.randn(10, 6, 3)
+    rm, rv = torch.randn(6), torch.rand(6) + 0.5
+    weight, bias = torch.randn(6), torch.randn(6)
+    for training in (True, False):
+        ours_stats, torch_stats = (rm.clone(), rv.clone()), (rm.clone(), rv.clone())
+        got = fastlm.ops.batch_norm(x, *ours_stats, weight, bias, training, 0.3, 1e-4)
+        want = F.batch_norm(x, *torch_stats, weight, bias, training, 0.3, 1e-4)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+        for a, b in zip(ours_stats, torch_stats):
+            torch.testing.assert_close(a, b)

@@ -1,0 +1,101 @@
+"""fastlm.nn.SyncBatchNorm for real: 2 processes on CPU with the gloo backend, ranks holding batches of
+different sizes, must equal single-process BatchNorm on the concatenated batch, forward and backward."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fastlm
+
+WORLD = 2
+ROWS = (5, 9)  # per-rank batch sizes differ on purpose
+
+
+def make_data(shape_tail, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(sum(ROWS), *shape_tail) * 2 + 0.5
+    g = torch.randn_like(x)
+    return x, g
+
+
+def run_rank(rank, port, out_dir, shape_tail, options):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        module = fastlm.nn.SyncBatchNorm(shape_tail[0], **options)
+        x, g = make_data(shape_tail, 1)
+        start = sum(ROWS[:rank])
+        local = x[start:start + ROWS[rank]].clone().requires_grad_()
+        for _ in range(2):  # two steps: running stats accumulate
+            local.grad = None
+            module.zero_grad()
+            out = module(local)
+            out.backward(g[start:start + ROWS[rank]])
+        torch.save({"out": out.detach(), "grad": local.grad, "weight_grad": module.weight.grad,
+                    "bias_grad": module.bias.grad, "running_mean": module.running_mean,
+                    "running_var": module.running_var}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "shape_tail,options",
+    [((6,), {}), ((4, 3), {}), ((6,), dict(unbiased=True, activation="tanh")), ((5,), dict(momentum=None))],
+    ids=["2d", "3d", "unbiased_tanh", "momentum_none"],
+)
+def test_sync_matches_single_process_on_the_whole_batch(tmp_path, shape_tail, options):
+    mp.spawn(run_rank, args=(free_port(), str(tmp_path), shape_tail, options), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    torch.manual_seed(0)
+    single = fastlm.nn.BatchNorm1d(shape_tail[0], **options)
+    x, g = make_data(shape_tail, 1)
+    x = x.clone().requires_grad_()
+    for _ in range(2):
+        x.grad = None
+        single.zero_grad()
+        out = single(x)
+        out.backward(g)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), out.detach(), **tol)
+    torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), x.grad, **tol)
+    # per-rank parameter gradients, as torch's SyncBatchNorm leaves them: DDP sums (averages) them
+    torch.testing.assert_close(sum(r["weight_grad"] for r in ranks), single.weight.grad, **tol)
+    torch.testing.assert_close(sum(r["bias_grad"] for r in ranks), single.bias.grad, **tol)
+    for r in ranks:
+        torch.testing.assert_close(r["running_mean"], single.running_mean, **tol)
+        torch.testing.assert_close(r["running_var"], single.running_var, **tol)
+
+
+def test_convert_sync_batchnorm_keeps_parameters_and_options():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None),
+                          nn.Sequential(fastlm.nn.BatchNorm1d(4, unbiased=True, activation="tanh")))
+    model(torch.randn(8, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = fastlm.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(converted[1], fastlm.nn.SyncBatchNorm) and converted[1].momentum is None
+    inner = converted[2][0]
+    assert isinstance(inner, fastlm.nn.SyncBatchNorm) and inner.unbiased and inner.activation == "tanh"
+    for key, value in converted.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_without_a_process_group_it_is_batch_norm():
+    torch.manual_seed(2)
+    sync, plain = fastlm.nn.SyncBatchNorm(5), nn.BatchNorm1d(5)
+    x = torch.randn(7, 5)
+    torch.testing.assert_close(sync(x), plain(x))
+    torch.testing.assert_close(sync.running_var, plain.running_var)
