@@ -101,3 +101,27 @@ def resolve(device: torch.device, requested: str | None = None) -> str:
     if not runs_on(name, device):
         raise RuntimeError(f"fastlm backend {name!r} cannot run on {device.type} tensors")
     return name
+
+
+_op_tables: dict = {}
+
+
+def kernel_ops(table_type, family: str, backend: str):
+    """The ops of a kernel family on a kernel backend (cpp, cuda or triton), as a ``table_type`` NamedTuple
+    whose fields name them: ``fastlm::{family}_{field}``, or ``fastlm::triton_{family}_{field}`` for the
+    Triton custom ops. Looked up once per family and backend."""
+    key = (family, backend)
+    if key not in _op_tables:
+        prefix = "triton_" if backend == "triton" else ""
+        ops = torch.ops.fastlm
+        _op_tables[key] = table_type(*(getattr(ops, f"{prefix}{family}_{name}") for name in table_type._fields))
+    return _op_tables[key]
+
+
+def register_fakes(table_type, family: str, fakes) -> None:
+    """Registers the fake (meta) implementations ``fakes`` (a ``table_type`` of functions) for the family's
+    Triton custom ops and, where fastlm._C loaded, its C++ ops, so torch.compile can trace them."""
+    prefixes = ("", "triton_") if why_unavailable("cpp") is None else ("triton_",)
+    for prefix in prefixes:
+        for name, fake in zip(table_type._fields, fakes):
+            torch.library.register_fake(f"fastlm::{prefix}{family}_{name}", fake)

@@ -9,7 +9,6 @@ backward_reduce, backward_input) with collectives in between.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple
 
 import torch
@@ -115,26 +114,13 @@ class KernelOps(NamedTuple):
     backward: Callable
 
 
-_FAKES = KernelOps(_fake_stats, _fake_forward, _fake_forward_train, _fake_backward_reduce, _fake_backward_input,
-                   _fake_backward)
-
-
-def _register_fakes() -> None:
-    prefixes = ("", "triton_") if backends.why_unavailable("cpp") is None else ("triton_",)
-    for prefix in prefixes:
-        for name, fake in zip(KernelOps._fields, _FAKES):
-            torch.library.register_fake(f"fastlm::{prefix}batch_norm_{name}", fake)
-
-
-@functools.cache
 def kernel_ops(backend: str) -> KernelOps:
     """The BatchNorm ops of a kernel backend (cpp, cuda or triton)."""
-    prefix = "triton_" if backend == "triton" else ""
-    ops = torch.ops.fastlm
-    return KernelOps(*(getattr(ops, f"{prefix}batch_norm_{name}") for name in KernelOps._fields))
+    return backends.kernel_ops(KernelOps, "batch_norm", backend)
 
 
-_register_fakes()
+backends.register_fakes(KernelOps, "batch_norm", KernelOps(_fake_stats, _fake_forward, _fake_forward_train, _fake_backward_reduce,
+                                                       _fake_backward_input, _fake_backward))
 
 
 # --- autograd ----------------------------------------------------------------------------------------

@@ -97,15 +97,6 @@ def _triton_backward_(
     )
 
 
-def _register_fakes() -> None:
-    prefixes = ("", "triton_") if backends.why_unavailable("cpp") is None else ("triton_",)
-    for prefix in prefixes:
-        torch.library.register_fake(f"fastlm::{prefix}cross_entropy_forward", _fake_forward)
-        torch.library.register_fake(f"fastlm::{prefix}cross_entropy_forward_backward", _fake_forward_backward)
-        torch.library.register_fake(f"fastlm::{prefix}cross_entropy_backward", _fake_backward)
-        torch.library.register_fake(f"fastlm::{prefix}cross_entropy_backward_", _fake_backward_)
-
-
 class KernelOps(NamedTuple):
     forward: Callable
     forward_backward: Callable
@@ -115,9 +106,7 @@ class KernelOps(NamedTuple):
 
 def kernel_ops(backend: str) -> KernelOps:
     """The cross-entropy ops of a kernel backend (cpp, cuda or triton)."""
-    prefix = "triton_" if backend == "triton" else ""
-    ops = torch.ops.fastlm
-    return KernelOps(*(getattr(ops, f"{prefix}cross_entropy_{name}") for name in KernelOps._fields))
+    return backends.kernel_ops(KernelOps, "cross_entropy", backend)
 
 
 # --- reduction ---------------------------------------------------------------------------------------
@@ -313,4 +302,5 @@ def cross_entropy(
     return (loss, lse) if return_lse else loss
 
 
-_register_fakes()
+backends.register_fakes(KernelOps, "cross_entropy",
+                        KernelOps(_fake_forward, _fake_forward_backward, _fake_backward, _fake_backward_))

@@ -1,0 +1,252 @@
+// Fused embedding + linear on the CPU: the op schemas of the family and their CPU kernels.
+//
+// y = F.linear(table[idx].view(B, T*D), weight, bias) for idx (B, T), table (V, D), weight (out, T*D) in
+// nn.Linear layout; W_t = weight[:, t*D:(t+1)*D] is the slice that sees context position t.
+// Two strategies, exact up to rounding (strategy 0 or 1 in the schemas):
+//   0 gather-GEMM: X = table[idx] gathered block by block into a packed buffer and multiplied by the BLAS;
+//     backward dW = dY^T X (X regathered per block), db = sum dY, dX = dY W scattered by token into d(table).
+//   1 product table, for V small against B: P_t = table W_t^T (V x out), y = b + sum_t P_t[idx[:, t]];
+//     backward G_t[v] = sum of the rows of dY whose idx[:, t] == v, dW_t = G_t^T table,
+//     d(table) = sum_t G_t W_t, db = sum dY.
+// Every scatter is deterministic: each output row is owned by one thread, which adds its contributions in
+// batch order (no float atomics). Indices are checked before any kernel reads or writes through them.
+// Math is in fp32 (fp64 for double); outputs come back in the table's dtype.
+// The schemas are defined here because this file is built on every machine; CUDA adds its kernels to the
+// same ops in csrc/cuda/embedding_linear_binding.cpp.
+
+#include "vec_config.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+
+namespace fastlm {
+namespace {
+
+using at::vec::Vectorized;
+
+enum Strategy : int64_t { kGatherGemm = 0, kProductTable = 1 };
+
+// Rows of X packed per BLAS call in the gather-GEMM strategy: about 1 MiB of fp32, so the packed block
+// stays in L2 between the gather and the GEMM that reads it.
+int64_t rows_per_block(int64_t in_features) { return std::max<int64_t>(16, 262144 / std::max<int64_t>(1, in_features)); }
+
+// Checked inputs: int64 ids, the table and weight in the math dtype (contiguous), the sizes.
+struct Prepared {
+  at::Tensor idx, table, weight;
+  int64_t B, T, V, D, out;
+};
+
+Prepared prepare(const at::Tensor& idx, const at::Tensor& table, const at::Tensor& weight) {
+  TORCH_CHECK(idx.dim() == 2, "fastlm embedding_linear: idx must be 2D (B, T), got ", idx.dim(), "D");
+  TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt,
+              "fastlm embedding_linear: idx must be int64 or int32, got ", idx.scalar_type());
+  TORCH_CHECK(table.dim() == 2, "fastlm embedding_linear: table must be 2D (V, D), got ", table.dim(), "D");
+  TORCH_CHECK(at::isFloatingType(table.scalar_type()), "fastlm embedding_linear: table must be floating point");
+  TORCH_CHECK(weight.scalar_type() == table.scalar_type(), "fastlm embedding_linear: weight (", weight.scalar_type(),
+              ") must have the table's dtype (", table.scalar_type(), ")");
+  const int64_t B = idx.size(0), T = idx.size(1), V = table.size(0), D = table.size(1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == T * D, "fastlm embedding_linear: weight must be (out, T*D = ",
+              T * D, "), got ", weight.sizes());
+  const auto dtype = table.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Prepared p{idx.to(at::kLong).contiguous(), table.to(dtype).contiguous(), weight.to(dtype).contiguous(),
+             B, T, V, D, weight.size(0)};
+  const int64_t* ids = p.idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * T; ++i) {
+    TORCH_CHECK_INDEX(ids[i] >= 0 && ids[i] < V, "fastlm embedding_linear: index ", ids[i],
+                      " is out of range for a table of ", V, " rows");
+  }
+  return p;
+}
+
+// X[r] = concat_t table[idx[b0 + r, t]] for rows r of a block.
+template <typename T>
+void gather_rows(const Prepared& p, int64_t b0, int64_t rows, T* x) {
+  const int64_t* ids = p.idx.data_ptr<int64_t>();
+  const T* table = p.table.data_ptr<T>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t t = 0; t < p.T; ++t)
+      std::memcpy(x + (r * p.T + t) * p.D, table + ids[(b0 + r) * p.T + t] * p.D, p.D * sizeof(T));
+}
+
+// dst[0:n] += src[0:n].
+template <typename T>
+void add_row(T* dst, const T* src, int64_t n) {
+  at::vec::map2([](Vectorized<T> a, Vectorized<T> b) { return a + b; }, dst, dst, src, n);
+}
+
+at::Tensor gather_gemm_forward(const Prepared& p, const std::optional<at::Tensor>& bias) {
+  at::Tensor y = at::empty({p.B, p.out}, p.table.options());
+  const int64_t block = rows_per_block(p.T * p.D);
+  at::Tensor x = at::empty({std::min(block, p.B), p.T * p.D}, p.table.options());
+  const at::Tensor weight_t = p.weight.t();
+  AT_DISPATCH_FLOATING_TYPES(p.table.scalar_type(), "fastlm_embedding_linear_forward", [&] {
+    for (int64_t b0 = 0; b0 < p.B; b0 += block) {
+      const int64_t rows = std::min(block, p.B - b0);
+      at::Tensor xb = x.narrow(0, 0, rows), yb = y.narrow(0, b0, rows);
+      gather_rows<scalar_t>(p, b0, rows, xb.data_ptr<scalar_t>());
+      if (bias.has_value()) {
+        at::addmm_out(yb, *bias, xb, weight_t);
+      } else {
+        at::mm_out(yb, xb, weight_t);
+      }
+    }
+  });
+  return y;
+}
+
+// P (T, V, out), P_t = table W_t^T, as one batched GEMM.
+at::Tensor product_tables(const Prepared& p) {
+  const at::Tensor w = p.weight.view({p.out, p.T, p.D}).permute({1, 2, 0});  // (T, D, out)
+  return at::matmul(p.table.unsqueeze(0), w).contiguous();
+}
+
+at::Tensor product_table_forward(const Prepared& p, const std::optional<at::Tensor>& bias) {
+  const at::Tensor tables = product_tables(p);
+  at::Tensor y = at::empty({p.B, p.out}, p.table.options());
+  AT_DISPATCH_FLOATING_TYPES(p.table.scalar_type(), "fastlm_embedding_linear_forward", [&] {
+    using T = scalar_t;
+    const int64_t* ids = p.idx.data_ptr<int64_t>();
+    const T* P = tables.data_ptr<T>();
+    const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+    T* out = y.data_ptr<T>();
+    at::parallel_for(0, p.B, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.T * p.out)), [&](int64_t b0, int64_t b1) {
+      for (int64_t row = b0; row < b1; ++row) {
+        T* yr = out + row * p.out;
+        if (b) std::memcpy(yr, b, p.out * sizeof(T)); else std::fill_n(yr, p.out, T(0));
+        for (int64_t t = 0; t < p.T; ++t) add_row(yr, P + (t * p.V + ids[row * p.T + t]) * p.out, p.out);
+      }
+    });
+  });
+  return y;
+}
+
+at::Tensor embedding_linear_forward(const at::Tensor& idx, const at::Tensor& table, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, int64_t strategy) {
+  const Prepared p = prepare(idx, table, weight);
+  std::optional<at::Tensor> b;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.out, "fastlm embedding_linear: bias must have out = ", p.out,
+                " entries, got ", bias->sizes());
+    b = bias->to(p.table.scalar_type()).contiguous();
+  }
+  TORCH_CHECK(strategy == kGatherGemm || strategy == kProductTable,
+              "fastlm embedding_linear: strategy must be 0 (gather-GEMM) or 1 (product table), got ", strategy);
+  at::Tensor y = strategy == kGatherGemm ? gather_gemm_forward(p, b) : product_table_forward(p, b);
+  return y.to(table.scalar_type());
+}
+
+// d(table) from dX blocks: rows of dX (B rows of T*D) added into their tokens' rows, in batch order. Threads
+// split the D columns, so every element of d(table) is owned by one thread and summed in a fixed order.
+template <typename T>
+void scatter_rows(const Prepared& p, int64_t b0, int64_t rows, const T* dx, T* grad_table) {
+  const int64_t* ids = p.idx.data_ptr<int64_t>();
+  constexpr int64_t kColumnsPerTask = 4 * Vectorized<T>::size();
+  at::parallel_for(0, p.D, std::max<int64_t>(kColumnsPerTask, p.D * p.T * rows >= 65536 ? kColumnsPerTask : p.D),
+                   [&](int64_t d0, int64_t d1) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t t = 0; t < p.T; ++t)
+        add_row(grad_table + ids[(b0 + r) * p.T + t] * p.D + d0, dx + (r * p.T + t) * p.D + d0, d1 - d0);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> gather_gemm_backward(const Prepared& p, const at::Tensor& dy) {
+  at::Tensor grad_table = at::zeros({p.V, p.D}, p.table.options());
+  at::Tensor grad_weight = at::zeros({p.out, p.T * p.D}, p.table.options());
+  const int64_t block = rows_per_block(p.T * p.D);
+  at::Tensor x = at::empty({std::min(block, p.B), p.T * p.D}, p.table.options());
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  AT_DISPATCH_FLOATING_TYPES(p.table.scalar_type(), "fastlm_embedding_linear_backward", [&] {
+    for (int64_t b0 = 0; b0 < p.B; b0 += block) {
+      const int64_t rows = std::min(block, p.B - b0);
+      at::Tensor xb = x.narrow(0, 0, rows), dxb = dx.narrow(0, 0, rows);
+      const at::Tensor dyb = dy.narrow(0, b0, rows);
+      gather_rows<scalar_t>(p, b0, rows, xb.data_ptr<scalar_t>());
+      grad_weight.addmm_(dyb.t(), xb);
+      at::mm_out(dxb, dyb, p.weight);
+      scatter_rows<scalar_t>(p, b0, rows, dxb.data_ptr<scalar_t>(), grad_table.data_ptr<scalar_t>());
+    }
+  });
+  return {grad_table, grad_weight};
+}
+
+// G (T, V, out): G[t, v] = sum of the rows of dY whose idx[:, t] == v, in batch order. Threads split the out
+// columns, so each element has one owner.
+at::Tensor token_grad_tables(const Prepared& p, const at::Tensor& dy) {
+  at::Tensor G = at::zeros({p.T, p.V, p.out}, p.table.options());
+  AT_DISPATCH_FLOATING_TYPES(p.table.scalar_type(), "fastlm_embedding_linear_backward", [&] {
+    using T = scalar_t;
+    const int64_t* ids = p.idx.data_ptr<int64_t>();
+    const T* g = dy.data_ptr<T>();
+    T* tables = G.data_ptr<T>();
+    constexpr int64_t kColumnsPerTask = 4 * Vectorized<T>::size();
+    const int64_t grain = p.B * p.T * p.out >= 65536 ? kColumnsPerTask : std::max<int64_t>(1, p.out);
+    at::parallel_for(0, p.out, grain, [&](int64_t o0, int64_t o1) {
+      for (int64_t b = 0; b < p.B; ++b)
+        for (int64_t t = 0; t < p.T; ++t)
+          add_row(tables + (t * p.V + ids[b * p.T + t]) * p.out + o0, g + b * p.out + o0, o1 - o0);
+    });
+  });
+  return G;
+}
+
+std::tuple<at::Tensor, at::Tensor> product_table_backward(const Prepared& p, const at::Tensor& dy) {
+  const at::Tensor G = token_grad_tables(p, dy);  // (T, V, out)
+  // dW_t = G_t^T table: (T, out, D) laid out as weight's (out, T, D).
+  at::Tensor grad_weight = at::matmul(G.transpose(1, 2), p.table).permute({1, 0, 2}).reshape({p.out, p.T * p.D});
+  // d(table) = sum_t G_t W_t as one GEMM over the concatenated (t, out) axis.
+  const at::Tensor g_cat = G.permute({1, 0, 2}).reshape({p.V, p.T * p.out});
+  const at::Tensor w_cat = p.weight.view({p.out, p.T, p.D}).permute({1, 0, 2}).reshape({p.T * p.out, p.D});
+  return {at::mm(g_cat, w_cat), grad_weight};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_linear_backward(
+    const at::Tensor& grad_output, const at::Tensor& idx, const at::Tensor& table, const at::Tensor& weight,
+    bool has_bias, int64_t strategy, int64_t padding_idx, bool deterministic) {
+  (void)deterministic;  // the CPU kernels are always deterministic
+  const Prepared p = prepare(idx, table, weight);
+  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == p.B && grad_output.size(1) == p.out,
+              "fastlm embedding_linear: grad_output must be (B, out) = (", p.B, ", ", p.out, "), got ",
+              grad_output.sizes());
+  TORCH_CHECK(strategy == kGatherGemm || strategy == kProductTable,
+              "fastlm embedding_linear: strategy must be 0 (gather-GEMM) or 1 (product table), got ", strategy);
+  TORCH_CHECK(padding_idx >= -1 && padding_idx < p.V, "fastlm embedding_linear: padding_idx must be -1 or in [0, ",
+              p.V, "), got ", padding_idx);
+  const at::Tensor dy = grad_output.to(p.table.scalar_type()).contiguous();
+  auto [grad_table, grad_weight] = strategy == kGatherGemm ? gather_gemm_backward(p, dy) : product_table_backward(p, dy);
+  if (padding_idx >= 0) grad_table.select(0, padding_idx).zero_();
+  at::Tensor grad_bias = has_bias ? at::sum(dy, {0}) : at::empty({0}, dy.options());
+  const auto dtype = table.scalar_type();
+  return {grad_table.to(dtype), grad_weight.to(dtype), grad_bias.to(dtype)};
+}
+
+}  // namespace
+
+
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  m.def(
+      "embedding_linear_forward(Tensor idx, Tensor table, Tensor weight, Tensor? bias, int strategy) -> Tensor");
+  m.def(
+      "embedding_linear_backward(Tensor grad_output, Tensor idx, Tensor table, Tensor weight, bool has_bias, "
+      "int strategy, int padding_idx, bool deterministic) "
+      "-> (Tensor grad_table, Tensor grad_weight, Tensor grad_bias)");
+}
+
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("embedding_linear_forward", &embedding_linear_forward);
+  m.impl("embedding_linear_backward", &embedding_linear_backward);
+}
+
+}  // namespace fastlm

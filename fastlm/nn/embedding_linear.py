@@ -1,0 +1,54 @@
+"""``fastlm.nn.EmbeddingLinear``: an ``nn.Embedding`` followed by an ``nn.Linear`` over the flattened context,
+``linear(embedding(idx).view(B, -1))``, computed by the fused ``fastlm.ops.embedding_linear``.
+
+The two torch modules are kept as submodules, so parameters map one to one (``embedding.weight``,
+``linear.weight``, ``linear.bias``) and ``from_modules``/``to_modules`` move weights exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import Tensor, nn
+
+from fastlm.ops.embedding_linear import embedding_linear
+
+
+class EmbeddingLinear(nn.Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int, context: int, out_features: int, bias: bool = True,
+                 padding_idx: int | None = None, device=None, dtype=None, *, strategy: str | None = None,
+                 atomic_scatter: bool = False, backend: str | None = None):
+        super().__init__()
+        self.context = context
+        self.embedding = nn.Embedding(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype)
+        self.linear = nn.Linear(context * embedding_dim, out_features, bias, device=device, dtype=dtype)
+        self.strategy = strategy
+        self.atomic_scatter = atomic_scatter
+        self.backend = backend
+
+    @classmethod
+    def from_modules(cls, embedding: nn.Embedding, linear: nn.Linear, **options) -> "EmbeddingLinear":
+        """The fused layer for ``linear(embedding(idx).view(B, -1))``, sharing (not copying) their parameters."""
+        if linear.in_features % embedding.embedding_dim:
+            raise ValueError(f"linear.in_features ({linear.in_features}) is not a multiple of the embedding "
+                             f"dimension ({embedding.embedding_dim})")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.context = linear.in_features // embedding.embedding_dim
+        fused.embedding, fused.linear = embedding, linear
+        fused.strategy = options.get("strategy")
+        fused.atomic_scatter = options.get("atomic_scatter", False)
+        fused.backend = options.get("backend")
+        return fused
+
+    def to_modules(self) -> tuple[nn.Embedding, nn.Linear]:
+        """Independent copies of the embedding and linear layers."""
+        return copy.deepcopy(self.embedding), copy.deepcopy(self.linear)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return embedding_linear(idx, self.embedding.weight, self.linear.weight, self.linear.bias,
+                                padding_idx=self.embedding.padding_idx, strategy=self.strategy,
+                                atomic_scatter=self.atomic_scatter, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"context={self.context}" + (f", strategy={self.strategy!r}" if self.strategy else "")

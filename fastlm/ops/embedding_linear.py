@@ -1,0 +1,170 @@
+"""Fused embedding + linear: ``fastlm.ops.embedding_linear(idx, table, weight, bias)`` computes
+``F.linear(table[idx].view(B, T*D), weight, bias)``, the first layer of the makemore models, without
+materialising the gathered (B, T*D) input.
+
+Two strategies (math in csrc/cpu/embedding_linear.cpp), both exact up to rounding:
+  "gather"  gather-GEMM: the gather fused into the matrix product's loads (blocked packing + BLAS on CPU);
+  "table"   product tables P_t = table @ W_t^T, then y = b + sum_t P_t[idx[:, t]]: for a vocabulary small
+            against the batch it replaces the B*T*D*out multiply-adds by V*T*D*out plus B*T*out additions.
+By default the cheaper one by that count is chosen. The scatter-adds of the backward are deterministic
+unless ``atomic_scatter=True`` asks for the atomic GPU path (ignored when
+``torch.are_deterministic_algorithms_enabled()``).
+Layers: kernels -> ``fastlm::*embedding_linear_*`` ops -> ``EmbeddingLinearFunction`` -> this functional ->
+``fastlm.nn.EmbeddingLinear``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastlm import backends
+
+STRATEGIES = {"gather": 0, "table": 1}
+
+
+# --- torch.library ops -------------------------------------------------------------------------------
+
+
+def _fake_forward(idx, table, weight, bias, strategy):
+    return table.new_empty(idx.shape[0], weight.shape[0])
+
+
+def _fake_backward(grad_output, idx, table, weight, has_bias, strategy, padding_idx, deterministic):
+    return (torch.empty_like(table, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            weight.new_empty(weight.shape[0] if has_bias else 0))
+
+
+@torch.library.custom_op("fastlm::triton_embedding_linear_forward", mutates_args=())
+def _triton_forward(idx: Tensor, table: Tensor, weight: Tensor, bias: Tensor | None, strategy: int) -> Tensor:
+    from fastlm.kernels import embedding_linear as kernels
+
+    check_ids(idx, table.shape[0])  # inside the op: at run time, also under torch.compile
+    return kernels.embedding_linear_forward(idx, table, weight, bias, strategy)
+
+
+@torch.library.custom_op("fastlm::triton_embedding_linear_backward", mutates_args=())
+def _triton_backward(grad_output: Tensor, idx: Tensor, table: Tensor, weight: Tensor, has_bias: bool, strategy: int,
+                     padding_idx: int, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from fastlm.kernels import embedding_linear as kernels
+
+    return kernels.embedding_linear_backward(grad_output, idx, table, weight, has_bias, strategy, padding_idx,
+                                             deterministic)
+
+
+class KernelOps(NamedTuple):
+    forward: Callable
+    backward: Callable
+
+
+def kernel_ops(backend: str) -> KernelOps:
+    """The embedding-linear ops of a kernel backend (cpp, cuda or triton)."""
+    return backends.kernel_ops(KernelOps, "embedding_linear", backend)
+
+
+# --- autograd ----------------------------------------------------------------------------------------
+
+
+class EmbeddingLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, idx, table, weight, bias, strategy, padding_idx, deterministic, backend):
+        ctx.save_for_backward(idx, table, weight)
+        ctx.config = (bias is not None, strategy, padding_idx, deterministic, backend)
+        return kernel_ops(backend).forward(idx, table, weight, bias, strategy)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        idx, table, weight = ctx.saved_tensors
+        has_bias, strategy, padding_idx, deterministic, backend = ctx.config
+        grad_table, grad_weight, grad_bias = kernel_ops(backend).backward(
+            grad_output, idx, table, weight, has_bias, strategy, padding_idx, deterministic)
+        return (None, grad_table, grad_weight, grad_bias if has_bias and ctx.needs_input_grad[3] else None,
+                None, None, None, None)
+
+
+# --- reference ---------------------------------------------------------------------------------------
+
+
+def reference_embedding_linear(idx, table, weight, bias, padding_idx):
+    """The ``torch`` backend and the oracle: embedding, view, linear."""
+    embedded = F.embedding(idx, table, padding_idx=None if padding_idx < 0 else padding_idx)
+    return F.linear(embedded.view(idx.shape[0], -1), weight, bias)
+
+
+# --- functional --------------------------------------------------------------------------------------
+
+
+def choose_strategy(batch: int, vocab: int, dim: int) -> str:
+    """The product table when its multiply-adds (3 V T D out for P, dW and d(table), plus 2 B T out to gather
+    and scatter) undercut the gather-GEMM's (3 B T D out)."""
+    return "table" if 3 * vocab * dim + 2 * batch < 3 * batch * dim else "gather"
+
+
+def check_inputs(idx: Tensor, table: Tensor, weight: Tensor, bias: Tensor | None, padding_idx: int | None) -> None:
+    if not isinstance(idx, Tensor) or idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"fastlm.embedding_linear: idx must hold token ids as int64 or int32, got "
+                        f"{getattr(idx, 'dtype', type(idx).__name__)}")
+    if idx.dim() != 2:
+        raise ValueError(f"fastlm.embedding_linear: idx must be 2D (B, T), got shape {tuple(idx.shape)}")
+    if table.dim() != 2 or not table.is_floating_point():
+        raise ValueError(f"fastlm.embedding_linear: table must be a 2D floating-point (V, D) tensor, got "
+                         f"{table.dtype} of shape {tuple(table.shape)}")
+    in_features = idx.shape[1] * table.shape[1]
+    if weight.dim() != 2 or weight.shape[1] != in_features:
+        raise ValueError(f"fastlm.embedding_linear: weight must be (out, T*D) = (out, {in_features}) for T = "
+                         f"{idx.shape[1]} tokens of D = {table.shape[1]}, got {tuple(weight.shape)}")
+    if weight.dtype != table.dtype:
+        raise TypeError(f"fastlm.embedding_linear: weight ({weight.dtype}) and table ({table.dtype}) must have one dtype")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"fastlm.embedding_linear: bias must have out = {weight.shape[0]} entries, got "
+                         f"{tuple(bias.shape)}")
+    for name, t in (("table", table), ("weight", weight), ("bias", bias)):
+        if t is not None and t.device != idx.device:
+            raise ValueError(f"fastlm.embedding_linear: idx is on {idx.device} but {name} is on {t.device}")
+    if padding_idx is not None and not -table.shape[0] <= padding_idx < table.shape[0]:
+        raise ValueError(f"fastlm.embedding_linear: padding_idx must be within the table's {table.shape[0]} rows")
+
+
+def check_ids(idx: Tensor, vocab: int) -> None:
+    """IndexError for any id outside [0, V), before any kernel reads through it (one sync on GPU)."""
+    bad = (idx < 0) | (idx >= vocab)
+    if idx.numel() and bool(bad.any()):
+        value = int(idx[bad][0])
+        raise IndexError(f"fastlm embedding_linear: index {value} is out of range for a table of {vocab} rows")
+
+
+def embedding_linear(
+    idx: Tensor,
+    table: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    padding_idx: int | None = None,
+    strategy: str | None = None,
+    atomic_scatter: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """``F.linear(table[idx].view(B, -1), weight, bias)`` fused; ``padding_idx`` as in ``nn.Embedding`` (that
+    row of the table gets no gradient); ``strategy`` forces "gather" or "table"; ``atomic_scatter`` allows
+    the GPU's atomic scatter-add (not deterministic); ``backend`` forces a backend for this call."""
+    check_inputs(idx, table, weight, bias, padding_idx)
+    if strategy is None:
+        strategy = choose_strategy(idx.shape[0], table.shape[0], table.shape[1])
+    if strategy not in STRATEGIES:
+        raise ValueError(f"fastlm.embedding_linear: strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+    padding = -1 if padding_idx is None else padding_idx % table.shape[0]
+    name = backends.resolve(idx.device, backend)
+    if name == "torch":  # the kernel backends' ops check the ids themselves
+        if not torch.compiler.is_compiling():
+            check_ids(idx, table.shape[0])
+        return reference_embedding_linear(idx, table, weight, bias, padding)
+    deterministic = not atomic_scatter or torch.are_deterministic_algorithms_enabled()
+    return EmbeddingLinearFunction.apply(idx, table, weight, bias, STRATEGIES[strategy], padding, deterministic, name)
+
+
+backends.register_fakes(KernelOps, "embedding_linear", KernelOps(_fake_forward, _fake_backward))

@@ -1,0 +1,199 @@
+"""fastlm.ops.embedding_linear / fastlm.nn.EmbeddingLinear against the float64 reference
+``F.linear(table[idx].view(B, -1), W, b)``, both strategies, every backend present (Triton through the
+interpreter on CPU; its kernel-level tests are in test_embedding_linear_kernels.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastlm
+from conftest import DEVICES, assert_close_to_reference, skip_unless_runs
+from fastlm.ops.embedding_linear import choose_strategy, embedding_linear, kernel_ops
+
+BACKENDS = ["cpp", "triton", "cuda", "torch"]
+STRATEGIES = ["gather", "table"]
+
+
+def make_case(B, T, D, out, V, device, dtype=torch.float32, bias=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, V, (B, T), generator=generator)
+    idx[0] = idx[-1]  # repeated indices in every case
+    table = torch.randn(V, D, generator=generator, dtype=torch.float64)
+    weight = torch.randn(out, T * D, generator=generator, dtype=torch.float64) / (T * D) ** 0.5
+    b = torch.randn(out, generator=generator, dtype=torch.float64) if bias else None
+    grad = torch.randn(B, out, generator=generator, dtype=torch.float64)
+    to = dict(device=device)
+    return (idx.to(**to), table.to(**to), weight.to(**to), None if b is None else b.to(**to), grad.to(**to))
+
+
+def reference(idx, table, weight, bias, grad, padding_idx=None):
+    leaves = [t.clone().requires_grad_() for t in (table, weight)] + ([bias.clone().requires_grad_()] if bias is not None
+                                                                      else [])
+    y = F.linear(F.embedding(idx, leaves[0], padding_idx=padding_idx).view(idx.shape[0], -1), leaves[1],
+                 leaves[2] if bias is not None else None)
+    y.backward(grad)
+    return y.detach(), [leaf.grad for leaf in leaves]
+
+
+def run_fastlm(idx, table, weight, bias, grad, dtype, **options):
+    leaves = [t.to(dtype).requires_grad_() for t in (table, weight)] + (
+        [bias.to(dtype).requires_grad_()] if bias is not None else [])
+    y = embedding_linear(idx, leaves[0], leaves[1], leaves[2] if bias is not None else None, **options)
+    y.backward(grad.to(dtype))
+    return y.detach(), [leaf.grad for leaf in leaves]
+
+
+def assert_matches(got, want, dtype):
+    assert_close_to_reference(got[0], want[0], dtype)
+    for g, w in zip(got[1], want[1]):
+        assert_close_to_reference(g, w, dtype)
+
+
+GRID = [  # (B, T, D, out, V): the issue's ranges, crossed sparsely
+    (1, 1, 2, 1, 1), (32, 3, 10, 200, 27), (257, 8, 64, 27, 1000), (32, 8, 2, 1, 27), (257, 1, 10, 200, 1),
+    (1, 3, 64, 27, 1000), (257, 3, 2, 200, 27),
+]
+
+
+@pytest.mark.parametrize("shape", GRID, ids=lambda s: "B{}T{}D{}out{}V{}".format(*s))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference(backend, device, strategy, shape):
+    skip_unless_runs(backend, device)
+    case = make_case(*shape, device)
+    got = run_fastlm(*case, torch.float32, strategy=strategy, backend=backend)
+    assert_matches(got, reference(*case), torch.float32)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_padding_idx_no_bias_int32(backend, device, strategy):
+    skip_unless_runs(backend, device)
+    idx, table, weight, _, grad = make_case(33, 3, 10, 27, 27, device, bias=False)
+    idx = idx.clone()
+    idx[::3, 1] = 5  # the padding row is used
+    got = run_fastlm(idx.int(), table, weight, None, grad, torch.float32, strategy=strategy, backend=backend,
+                     padding_idx=5)
+    want = reference(idx, table, weight, None, grad, padding_idx=5)
+    assert_matches(got, want, torch.float32)
+    assert torch.all(got[1][0][5] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_half_precision_on_gpu(backend, strategy, dtype):
+    skip_unless_runs(backend, "cuda")
+    case = make_case(257, 8, 64, 200, 1000, "cuda")
+    got = run_fastlm(*case, dtype, strategy=strategy, backend=backend)
+    assert_matches(got, reference(*case), dtype)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_deterministic(backend, device, strategy):
+    skip_unless_runs(backend, device)
+    idx, table, weight, bias, grad = make_case(257, 3, 10, 27, 5, device)  # many repeats of each token
+    first = run_fastlm(idx, table, weight, bias, grad, torch.float32, strategy=strategy, backend=backend)
+    second = run_fastlm(idx, table, weight, bias, grad, torch.float32, strategy=strategy, backend=backend)
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_gradcheck(backend, strategy):
+    skip_unless_runs(backend)
+    idx, table, weight, bias, _ = make_case(7, 3, 2, 4, 5, "cpu")
+    params = [t.clone().requires_grad_() for t in (table, weight, bias)]
+    assert torch.autograd.gradcheck(lambda t, w, b: embedding_linear(idx, t, w, b, strategy=strategy, backend=backend),
+                                     params)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_opcheck(backend):
+    skip_unless_runs(backend)
+    ops = kernel_ops(backend)
+    idx, table, weight, bias, grad = (t.float() if t.is_floating_point() else t
+                                      for t in make_case(9, 3, 4, 5, 6, "cpu"))
+    for strategy in (0, 1):
+        torch.library.opcheck(ops.forward, (idx, table, weight, bias, strategy))
+        torch.library.opcheck(ops.backward, (grad, idx, table, weight, True, strategy, 2, True))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_torch_compile_has_no_graph_break(backend):
+    skip_unless_runs(backend)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    fused = fastlm.nn.EmbeddingLinear(27, 10, 3, 20, backend=backend)
+    model = torch.compile(nn.Sequential(fused, nn.Tanh()), fullgraph=True)
+    idx = torch.randint(0, 27, (16, 3))
+    out = model(idx)
+    out.sum().backward()
+    embedding, linear = fused.to_modules()
+    expected = torch.tanh(linear(embedding(idx).view(16, -1)))
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.embedding.weight.grad, embedding.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_module_round_trips_torch_modules_exactly():
+    embedding = nn.Embedding(27, 10, padding_idx=0)
+    linear = nn.Linear(30, 200)
+    fused = fastlm.nn.EmbeddingLinear.from_modules(embedding, linear)
+    assert fused.context == 3 and fused.embedding.weight is embedding.weight
+    assert set(fused.state_dict()) == {"embedding.weight", "linear.weight", "linear.bias"}
+    fresh = fastlm.nn.EmbeddingLinear(27, 10, 3, 200, padding_idx=0)
+    fresh.load_state_dict(fused.state_dict())
+    back_embedding, back_linear = fresh.to_modules()
+    assert torch.equal(back_embedding.weight, embedding.weight) and torch.equal(back_linear.weight, linear.weight)
+    assert torch.equal(back_linear.bias, linear.bias) and back_embedding.padding_idx == 0
+    idx = torch.randint(0, 27, (5, 3))
+    torch.testing.assert_close(fresh(idx), linear(embedding(idx).view(5, -1)))
+
+
+def test_strategy_choice_follows_the_multiply_add_count():
+    assert choose_strategy(batch=4096, vocab=27, dim=64) == "table"
+    assert choose_strategy(batch=32, vocab=27, dim=10) == "table"
+    assert choose_strategy(batch=4096, vocab=50000, dim=64) == "gather"
+    assert choose_strategy(batch=1, vocab=27, dim=10) == "gather"
+
+
+@pytest.mark.parametrize("bad", [-1, 27, 1000])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda", "torch"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_range_index_raises_index_error(backend, device, bad):
+    skip_unless_runs(backend, device)
+    idx, table, weight, bias, _ = make_case(8, 3, 4, 5, 27, device)
+    idx[3, 1] = bad
+    for strategy in STRATEGIES:
+        with pytest.raises(IndexError, match=str(bad)):
+            embedding_linear(idx, table.float(), weight.float(), bias.float(), strategy=strategy, backend=backend)
+
+
+def test_bad_inputs_are_refused_clearly():
+    idx, table, weight, bias, _ = (t.float() if t.is_floating_point() else t for t in make_case(8, 3, 4, 5, 27, "cpu"))
+    cases = [
+        ((idx[:, 0], table, weight, bias), ValueError, "idx must be 2D"),
+        ((idx.float(), table, weight, bias), TypeError, "int64 or int32"),
+        ((idx, table, weight[:, :-1], bias), ValueError, r"T\*D"),
+        ((idx, table, weight.double(), bias), TypeError, "one dtype"),
+        ((idx, table, weight, bias[:-1]), ValueError, "bias must have"),
+        ((idx, table.to("meta"), weight, bias), ValueError, "is on meta"),
+    ]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            embedding_linear(*args)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        embedding_linear(idx, table, weight, bias, strategy="dense")
+
+
+def test_shapes_cover_the_issue_ranges():
+    """The grid above crosses every value the issue names at least once."""
+    for position, values in enumerate([(1, 32, 257), (1, 3, 8), (2, 10, 64), (1, 27, 200), (1, 27, 1000)]):
+        assert set(values) <= {shape[position] for shape in GRID}
