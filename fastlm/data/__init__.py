@@ -1,0 +1,98 @@
+"""The names data set and the makemore data pipeline: words -> (context window, next character) pairs.
+
+The 32,033 names of makemore ship with the package (names.txt, MIT licence in names.LICENSE). A word list
+of one's own (one word per line) works the same way. Words are split 80/10/10 after a seeded shuffle; every
+word becomes one example per character plus the end token '.', each with the ``context`` previous ids
+(padded with '.').
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+END = "."
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def bundled_names_path() -> Path:
+    return Path(str(resources.files(__name__) / "names.txt"))
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Characters and their ids; id 0 is the end/padding token '.'."""
+
+    chars: str = END + LETTERS
+
+    @property
+    def size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, word: str) -> list[int]:
+        return [self.chars.index(ch) for ch in word]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    @classmethod
+    def from_words(cls, words: list[str]) -> "Vocabulary":
+        """The default vocabulary, extended by any other characters of ``words``."""
+        extra = sorted(set("".join(words)) - set(END + LETTERS))
+        return cls(END + LETTERS + "".join(extra))
+
+
+class DataError(ValueError):
+    """A word list that cannot be used, with a message meant for the user."""
+
+
+def load_words(path: str | Path | None = None, vocab: Vocabulary | None = Vocabulary(),
+               ) -> tuple[list[str], Vocabulary]:
+    """The words of ``path`` (default: the bundled names), one per line, blank lines skipped, and the
+    vocabulary to use. With ``vocab=None`` the vocabulary is extended by the file's own characters;
+    otherwise a character outside ``vocab`` is an error naming it and its line."""
+    path = Path(path) if path is not None else bundled_names_path()
+    if not path.is_file():
+        raise DataError(f"word list {str(path)!r} does not exist or is not a file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise DataError(f"word list {str(path)!r} is not UTF-8 text: {error}") from None
+    words = [line.strip() for line in lines if line.strip()]
+    if not words:
+        raise DataError(f"word list {str(path)!r} has no words")
+    if vocab is None:
+        return words, Vocabulary.from_words(words)
+    allowed = set(vocab.chars) - {END}
+    for number, word in enumerate(words, 1):
+        bad = sorted(set(word) - allowed)
+        if bad:
+            raise DataError(f"{path}: word {number} ({word!r}) has characters outside the vocabulary: "
+                            f"{''.join(bad)!r}; use --extend-vocab to add them")
+    return words, vocab
+
+
+def split_words(words: list[str], seed: int = 42) -> tuple[list[str], list[str], list[str]]:
+    """80/10/10 train/val/test after a shuffle seeded with ``seed`` (makemore's split for seed 42)."""
+    shuffled = list(words)
+    random.Random(seed).shuffle(shuffled)
+    n1, n2 = int(0.8 * len(shuffled)), int(0.9 * len(shuffled))
+    return shuffled[:n1], shuffled[n1:n2], shuffled[n2:]
+
+
+def build_windows(words: list[str], context: int, vocab: Vocabulary) -> tuple[torch.Tensor, torch.Tensor]:
+    """X (n, context) of previous ids and Y (n,) of next ids, over every character of every word and the
+    end token."""
+    xs, ys = [], []
+    for word in words:
+        window = [0] * context
+        for ch in word + END:
+            i = vocab.chars.index(ch)
+            xs.append(window)
+            ys.append(i)
+            window = window[1:] + [i]
+    return torch.tensor(xs, dtype=torch.long).view(-1, context), torch.tensor(ys, dtype=torch.long)
