@@ -159,7 +159,7 @@ def test_module_round_trips_torch_modules_exactly():
 
 def test_strategy_choice_follows_the_multiply_add_count():
     assert choose_strategy(batch=4096, vocab=27, dim=64) == "table"
-    assert choose_strategy(batch=32, vocab=27, dim=10) == "table"
+    assert choose_strategy(batch=32, vocab=27, dim=10) == "gather"  # near parity: one GEMM fewer wins
     assert choose_strategy(batch=4096, vocab=50000, dim=64) == "gather"
     assert choose_strategy(batch=1, vocab=27, dim=10) == "gather"
 
