@@ -64,16 +64,18 @@ class BatchNorm1d(_FusedBatchNorm, nn.BatchNorm1d):
                           self.eps, self.unbiased, self.activation, backend=self.backend)
 
 
-class SyncBatchNorm(_FusedBatchNorm, nn.SyncBatchNorm):
-    """``nn.SyncBatchNorm`` on fastlm's kernels: in training under torch.distributed, the batch statistics
-    and the backward's sums are combined across the processes of ``process_group`` (per-rank batch sizes
-    may differ). Outside distributed training it is BatchNorm1d."""
+class SyncBatchNorm(BatchNorm1d):
+    """BatchNorm1d whose training-mode statistics and backward sums are combined across the processes of
+    ``process_group`` under torch.distributed (per-rank batch sizes may differ), as ``nn.SyncBatchNorm`` does;
+    outside distributed training it is BatchNorm1d. It subclasses BatchNorm1d rather than nn.SyncBatchNorm
+    because DistributedDataParallel refuses nn.SyncBatchNorm layers on CPU, and this one runs on gloo too."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
                  unbiased: bool = False, activation: str | None = None, backend: str | None = None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype)
-        self._init_fused(unbiased, activation, backend)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, unbiased=unbiased,
+                         activation=activation, backend=backend)
+        self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in (2, 3):

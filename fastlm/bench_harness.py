@@ -1,0 +1,367 @@
+"""The benchmark harness behind ``fastlm bench``: providers timed side by side in one run, medians with their
+spread, speed-ups over eager PyTorch, GB/s, peak memory, and the results written as a terminal table, CSV,
+JSON and PNG plots. It lives in the package (not in bench/) so that an installed fastlm can benchmark itself.
+
+A ``Problem`` is one case of one op (sizes, dtype) with the forward of every provider (fastlm backends,
+eager PyTorch, torch.compile, Liger-Kernel where installed) on shared inputs; ``run_problem`` times each
+provider in the chosen mode (fwd, bwd or full) and returns one ``Row`` per provider.
+
+Timing: CPU with a perf_counter loop around each call (median and quartiles of the repetitions); GPU with
+triton.testing.do_bench (CUDA events, L2 flushed between calls), or, for ``bwd``, CUDA events around each
+backward whose forward ran, untimed, just before. Two untimed warm-up calls come first; the first call's
+extra time over the second (compilation, Triton JIT and autotuning, first allocations) is reported apart as
+``compile_s``. Peak memory: CPU as the growth of the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs before the measured call); GPU with torch.cuda.max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import torch
+
+MODES = ("fwd", "bwd", "full")
+T = TypeVar("T")
+# The checkout this module sits in, if any: results then default to its bench/results and carry its commit.
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Problem:
+    """One case of an op. ``forwards`` maps each provider to its forward on the shared inputs; ``backward``
+    backpropagates such an output and frees the inputs' gradients (inside the step, so peak memory counts
+    them); ``min_bytes`` holds, per mode, the fewest bytes that mode must move (no entry: no GB/s)."""
+
+    case: str
+    forwards: dict[str, Callable[[], torch.Tensor]]
+    backward: Callable[[torch.Tensor], None]
+    reps: int
+    min_bytes: dict[str, int] = field(default_factory=dict)
+    annotate: Callable[["Row"], None] | None = None  # fills op-specific fields of row.extra
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    mode: str
+    provider: str
+    median_ms: float
+    spread_ms: tuple[float, float]  # 25th and 75th percentiles
+    reps: int
+    speedup_vs_eager: float | None = None
+    gbs: float | None = None
+    of_copy_bw: float | None = None
+    peak_extra_mb: float | None = None
+    peak_vs_eager: float | None = None
+    compile_s: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def fastlm_backends(device: str) -> list[str]:
+    """The fastlm backends worth timing on ``device``: compiled ones only (not the torch reference, which
+    eager already covers, nor Triton's CPU interpreter)."""
+    from fastlm import backends
+
+    return [name for name in backends.available()
+            if name != "torch" and not (name == "triton" and device == "cpu")
+            and backends.runs_on(name, torch.device(device))]
+
+
+def backward_for(leaves: list[torch.Tensor], grad: torch.Tensor | None = None) -> Callable[[torch.Tensor], None]:
+    def backward(output: torch.Tensor) -> None:
+        output.backward(grad)
+        for leaf in leaves:
+            leaf.grad = None
+
+    return backward
+
+
+def step(problem: Problem, provider: str, mode: str) -> tuple[Callable[[], object] | None, Callable[[object], object]]:
+    """(setup, run) for one provider in ``mode``: only ``run`` is timed; it takes what ``setup`` returned."""
+    forward = problem.forwards[provider]
+    if mode == "fwd":
+        return None, lambda _: forward()
+    if mode == "bwd":
+        return forward, problem.backward
+    return None, lambda _: problem.backward(forward())
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(run: Callable[[object], object], device: str, reps: int,
+            setup: Callable[[], object] | None = None) -> list[float]:
+    """Milliseconds of each timed call of ``run(setup())`` (setup untimed)."""
+    if device == "cuda" and setup is None:
+        import triton.testing
+
+        return list(triton.testing.do_bench(lambda: run(None), warmup=25, rep=max(100, reps * 10),
+                                            return_mode="all"))
+    times = []
+    for _ in range(reps):
+        state = setup() if setup else None
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            run(state)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start_s = time.perf_counter()
+            run(state)
+            times.append((time.perf_counter() - start_s) * 1e3)
+    return times
+
+
+def warm_up(run: Callable[[object], object], device: str, setup: Callable[[], object] | None) -> float:
+    """Two untimed calls; returns the first one's extra seconds over the second (the one-off costs)."""
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        run(setup() if setup else None)
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return max(0.0, seconds[0] - seconds[1])
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def peak_extra_mb(run: Callable[[object], object], device: str,
+                  setup: Callable[[], object] | None = None) -> float | None:
+    """Memory one call of ``run`` adds at its peak over what was allocated before it (None if unmeasurable)."""
+    state = setup() if setup else None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run(state)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current resident set
+        before = _status_mb("VmRSS")
+        run(state)
+        return max(0.0, _status_mb("VmHWM") - before)  # not below zero when the call frees memory
+    except OSError:
+        return None
+
+
+def run_problem(op: str, problem: Problem, device: str, mode: str, copy_gbs: float | None,
+                on_provider: Callable[[str], None] = lambda name: None) -> list[Row]:
+    """Times every provider of the problem side by side; ratios are over the 'eager' provider."""
+    torch.compiler.reset()  # each case compiles afresh, for its own shapes, inside its own warm-up
+    rows = []
+    for provider in problem.forwards:
+        on_provider(provider)
+        setup, run = step(problem, provider, mode)
+        compile_s = warm_up(run, device, setup)
+        times = time_ms(run, device, problem.reps, setup)
+        row = Row(op, problem.case, mode, provider, statistics.median(times),
+                  (_percentile(times, 0.25), _percentile(times, 0.75)), len(times), compile_s=compile_s,
+                  peak_extra_mb=peak_extra_mb(run, device, setup))
+        if mode in problem.min_bytes:
+            row.gbs = problem.min_bytes[mode] / (row.median_ms * 1e-3) / 1e9
+            row.of_copy_bw = row.gbs / copy_gbs if copy_gbs else None
+        if problem.annotate:
+            problem.annotate(row)
+        rows.append(row)
+    eager = next((row for row in rows if row.provider == "eager"), None)
+    for row in rows:
+        if eager:
+            row.speedup_vs_eager = eager.median_ms / row.median_ms
+            if row.peak_extra_mb is not None and eager.peak_extra_mb:
+                row.peak_vs_eager = row.peak_extra_mb / eager.peak_extra_mb
+    return rows
+
+
+def copy_bandwidth_gbs(device: str, nbytes: int = 2**30) -> float:
+    """Device-to-device copy bandwidth measured now (bytes read + written per second): the roofline."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = statistics.median(time_ms(lambda _: dst.copy_(src), device, reps=20))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def timing_method(device: str) -> str:
+    if device == "cuda":
+        return ("triton.testing.do_bench (CUDA events, L2 flushed), median; bwd: CUDA events around each "
+                "backward after an untimed forward")
+    return "time.perf_counter around each call after 2 warm-up calls; median and quartiles of the repetitions"
+
+
+def environment(device: str) -> dict:
+    commit = ""
+    if os.path.exists(os.path.join(CHECKOUT, ".git")):
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=CHECKOUT).stdout.strip()
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    if device == "cpu" and os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+    return {
+        "device": device,
+        "device_name": name,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timing": timing_method(device),
+    }
+
+
+def progress(items: Iterable[T], total: int, label: Callable[[T], str]) -> Iterator[T]:
+    """``items`` with progress on stderr: a tqdm bar when tqdm is installed, else a line per item."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        for done, item in enumerate(items, 1):
+            print(f"[{done}/{total}] {label(item)}", file=sys.stderr, flush=True)
+            yield item
+        return
+    with tqdm(items, total=total, file=sys.stderr) as bar:
+        for item in bar:
+            bar.set_description(label(item))
+            yield item
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else format(value, spec) + suffix
+
+
+def _ms(value: float) -> str:
+    """Three significant digits, never in exponent notation."""
+    return f"{value:.{max(0, 2 - math.floor(math.log10(value)))}f}" if value > 0 else f"{value:g}"
+
+
+def print_rows(rows: list[Row]) -> None:
+    width = max(len(row.case) for row in rows)
+    header = (f"{'case':<{width}} {'provider':<16} {'median ms':>10} {'IQR ms':>17} {'vs eager':>9} {'GB/s':>8} "
+              f"{'of copy':>8} {'peak +MB':>9} {'compile s':>10}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        spread = f"{row.spread_ms[0]:.3f}-{row.spread_ms[1]:.3f}"
+        extra = " ".join(f"{k}={v}" for k, v in row.extra.items())
+        print(f"{row.case:<{width}} {row.provider:<16} {row.median_ms:>10.3f} {spread:>17} "
+              f"{_fmt(row.speedup_vs_eager, '.2f', 'x'):>9} {_fmt(row.gbs, '.1f'):>8} {_fmt(row.of_copy_bw, '.3f'):>8} "
+              f"{_fmt(row.peak_extra_mb, '.0f'):>9} {_fmt(row.compile_s, '.2f'):>10} {extra}")
+
+
+def save(stem: str, device: str, rows: list[Row], header: dict) -> list[str]:
+    """Writes ``stem``.json (environment, ``header``, rows), ``stem``.csv (one line per row) and, when
+    matplotlib is installed, ``stem``.png; returns the paths written."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(f"{stem}.json", "w") as out:
+        json.dump({"environment": environment(device), **header, "rows": [asdict(row) for row in rows]}, out,
+                  indent=1)
+    flat = [_flat(row) for row in rows]
+    columns = list(dict.fromkeys(key for line in flat for key in line))
+    with open(f"{stem}.csv", "w", newline="") as out:
+        writer = csv.DictWriter(out, columns)
+        writer.writeheader()
+        writer.writerows(flat)
+    paths = [f"{stem}.json", f"{stem}.csv"]
+    if plot(rows, f"{stem}.png"):
+        paths.append(f"{stem}.png")
+    return paths
+
+
+def _flat(row: Row) -> dict:
+    line = asdict(row)
+    line["q25_ms"], line["q75_ms"] = line.pop("spread_ms")
+    line.update(line.pop("extra"))
+    return line
+
+
+def plot(rows: list[Row], path: str) -> bool:
+    """Time (and GB/s, where the op defines its bytes) against the case, one line per provider. False, with
+    a printed note, when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return False
+    cases = list(dict.fromkeys(row.case for row in rows))
+    providers = list(dict.fromkeys(row.provider for row in rows))
+    panels = [("median_ms", "median ms (log)")] + ([("gbs", "GB/s")] if any(row.gbs for row in rows) else [])
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for provider in providers:
+            points = [(cases.index(row.case), getattr(row, key)) for row in rows
+                      if row.provider == provider and getattr(row, key) is not None]
+            ax.plot(*zip(*points), marker="o", label=provider)
+        ax.set_xticks(range(len(cases)), cases, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(label)
+        if key == "median_ms":
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    figure.suptitle(f"{rows[0].op}, {rows[0].mode}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def markdown_table(paths: list[str]) -> str:
+    """The README's benchmark table from saved JSON results: per file, a line saying the op, mode, device,
+    versions, how it was measured and the commit, then one table row per provider and case."""
+    parts = []
+    for path in paths:
+        with open(path) as source:
+            result = json.load(source)
+        env = result["environment"]
+        copy = f"; copy bandwidth {result['copy_bandwidth_gbs']:.1f} GB/s" if result.get("copy_bandwidth_gbs") else ""
+        parts.append(f"**{result['op']}** ({result['mode']}) on {env['device_name']} ({env['device']}, "
+                     f"{env['threads']} threads), torch {env['torch']}, triton {env['triton']}; {env['timing']}; "
+                     f"commit {env['git_commit'][:10]}, {env['date'][:10]}{copy}.\n")
+        parts.append("| case | provider | median ms (IQR) | vs eager | GB/s | peak +MB |")
+        parts.append("|---|---|---|---|---|---|")
+        previous = None
+        for row in result["rows"]:
+            spread = row["spread_ms"]
+            median = f"{_ms(row['median_ms'])} ({_ms(spread[0])}-{_ms(spread[1])})"
+            parts.append(f"| {row['case'] if row['case'] != previous else ''} | {row['provider']} | {median} | "
+                         f"{_fmt(row['speedup_vs_eager'], '.2f', 'x')} | {_fmt(row['gbs'], '.1f')} | "
+                         f"{_fmt(row['peak_extra_mb'], '.0f')} |")
+            previous = row["case"]
+        parts.append("")
+    return "\n".join(parts)

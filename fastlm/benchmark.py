@@ -1,0 +1,276 @@
+"""``fastlm bench``: every op's benchmark cases and the command that runs them, so that an installed fastlm
+can measure itself against eager PyTorch, torch.compile and Liger-Kernel on the machine it runs on.
+
+    fastlm bench [--op cross_entropy|linear_cross_entropy|batch_norm|embedding_linear|all] [--device cpu|cuda]
+                 [--dtype float32 ...] [--sizes 4096x1024 ...] [--mode fwd|bwd|full] [--quick] [--out DIR]
+    fastlm bench --table bench/results/*.json        the README's markdown table from saved results
+
+The cases follow the issues that introduced each op (their default sizes per device, a small --quick set);
+the timing, output files and plots are in fastlm/bench_harness.py. ``python bench/bench_<op>.py`` runs the
+same with --op set. Modes: ``fwd`` times the training forward (autograd on: fastlm's fused cross-entropy
+computes its gradient there), ``bwd`` the backward alone (its forward runs untimed before each call),
+``full`` both. GB/s counts the fewest bytes a mode must move (none for the matmul-bound ops):
+cross-entropy reads the logits (fwd), reads them and writes their gradient (bwd, and full when fused);
+BatchNorm reads x and writes y (fwd), reads dy and x and writes dx (bwd), five tensors of N*C in all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastlm import bench_harness as harness
+from fastlm.bench_harness import Problem, backward_for, fastlm_backends
+
+Size = tuple[int, ...]
+DTYPES = {name: getattr(torch, name) for name in ("float32", "float64", "bfloat16", "float16")}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _liger(name: str, device: str) -> Callable | None:
+    """A Liger-Kernel function (GPU only) when liger_kernel is installed."""
+    if device != "cuda":
+        return None
+    try:
+        from liger_kernel.transformers import functional
+    except ImportError:
+        return None
+    return getattr(functional, name)
+
+
+def cross_entropy_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) -> Iterator[Problem]:
+    from fastlm.ops import cross_entropy
+
+    n, c = size
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, c, device=device, dtype=dtype, generator=generator).requires_grad_()
+    target = torch.randint(0, c, (n,), device=device, generator=generator)
+    forwards = {f"fastlm-{name}": partial(cross_entropy, x, target, backend=name) for name in fastlm_backends(device)}
+    forwards["eager"] = partial(F.cross_entropy, x, target)
+    forwards["torch.compile"] = partial(torch.compile(F.cross_entropy), x, target)
+    liger = _liger("liger_cross_entropy", device)
+    if liger:
+        forwards["liger"] = partial(liger, x, target)
+    logits_bytes = n * c * dtype.itemsize
+
+    def annotate(row: harness.Row) -> None:
+        if row.peak_extra_mb is not None:
+            row.extra["peak_in_NxC_buffers"] = round(row.peak_extra_mb * 2**20 / logits_bytes, 2)
+
+    yield Problem(f"N={n} C={c} {dtype_name(dtype)}", forwards, backward_for([x]),
+                  reps=3 if quick else max(10, int(2e8 // (n * c))),  # small cases are noisy: more repetitions
+                  min_bytes={"fwd": logits_bytes, "bwd": 2 * logits_bytes, "full": 2 * logits_bytes},
+                  annotate=annotate)
+
+
+def _linear_then_cross_entropy(x, weight, bias, target):
+    return F.cross_entropy(F.linear(x, weight, bias), target)
+
+
+def linear_cross_entropy_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) -> Iterator[Problem]:
+    from fastlm.ops import linear_cross_entropy
+
+    n, h, v = size
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, h, device=device, dtype=dtype, generator=generator).requires_grad_()
+    weight = (torch.randn(v, h, device=device, dtype=dtype, generator=generator) / h**0.5).requires_grad_()
+    bias = torch.zeros(v, device=device, dtype=dtype).requires_grad_()
+    target = torch.randint(0, v, (n,), device=device, generator=generator)
+    forwards = {f"fastlm-{name}": partial(linear_cross_entropy, x, weight, target, bias, backend=name)
+                for name in fastlm_backends(device)}
+    forwards["eager"] = partial(_linear_then_cross_entropy, x, weight, bias, target)
+    forwards["torch.compile"] = partial(torch.compile(_linear_then_cross_entropy), x, weight, bias, target)
+    liger = _liger("liger_fused_linear_cross_entropy", device)
+    if liger:
+        forwards["liger"] = partial(liger, x, weight, target, bias)
+    yield Problem(f"N={n} H={h} V={v} {dtype_name(dtype)}", forwards, backward_for([x, weight, bias]),
+                  reps=3 if quick or device == "cpu" else 10)
+
+
+def batch_norm_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) -> Iterator[Problem]:
+    """BatchNorm1d in training, alone and with a tanh after it (fused in fastlm, a separate module in torch)."""
+    import fastlm
+
+    n, c = size
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, c, device=device, dtype=dtype, generator=generator).requires_grad_()
+    grad = torch.randn(n, c, device=device, dtype=dtype, generator=generator)
+    tensor_bytes = n * c * dtype.itemsize
+    for activation in (None, "tanh"):
+        def torch_module():
+            bn = nn.BatchNorm1d(c, device=device, dtype=dtype)
+            return bn if activation is None else nn.Sequential(bn, nn.Tanh())
+
+        modules = {f"fastlm-{name}": fastlm.nn.BatchNorm1d(c, device=device, dtype=dtype, activation=activation,
+                                                           backend=name)
+                   for name in fastlm_backends(device)}
+        modules["eager"] = torch_module()
+        modules["torch.compile"] = torch.compile(torch_module())
+        params = [p for module in modules.values() for p in module.parameters()]
+        yield Problem(f"N={n} C={c} {dtype_name(dtype)}" + (f" +{activation}" if activation else ""),
+                      {name: partial(module, x) for name, module in modules.items()}, backward_for([x, *params], grad),
+                      reps=5 if quick else max(20, int(4e8 // (n * c))),
+                      min_bytes={"fwd": 2 * tensor_bytes, "bwd": 3 * tensor_bytes, "full": 5 * tensor_bytes})
+
+
+def _embed_then_linear(idx, table, weight, bias):
+    return F.linear(F.embedding(idx, table).view(idx.shape[0], -1), weight, bias)
+
+
+def embedding_linear_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) -> Iterator[Problem]:
+    """fastlm's automatic strategy (named in each fastlm row) against F.linear(F.embedding(...))."""
+    from fastlm.ops.embedding_linear import choose_strategy, embedding_linear
+
+    b, t, d, out, v = size
+    generator = torch.Generator(device=device).manual_seed(0)
+    idx = torch.randint(0, v, (b, t), device=device, generator=generator)
+    params = [torch.randn(shape, device=device, dtype=dtype, generator=generator).requires_grad_()
+              for shape in ((v, d), (out, t * d), (out,))]
+    grad = torch.randn(b, out, device=device, dtype=dtype, generator=generator)
+    forwards = {f"fastlm-{name}": partial(embedding_linear, idx, *params, backend=name)
+                for name in fastlm_backends(device)}
+    forwards["eager"] = partial(_embed_then_linear, idx, *params)
+    forwards["torch.compile"] = partial(torch.compile(_embed_then_linear), idx, *params)
+
+    def annotate(row: harness.Row) -> None:
+        if row.provider.startswith("fastlm"):
+            row.extra["strategy"] = choose_strategy(b, v, d)
+
+    yield Problem(f"B={b} T={t} D={d} out={out} V={v} {dtype_name(dtype)}", forwards, backward_for(params, grad),
+                  reps=5 if quick else (300 if b * out < 1e5 else 15), annotate=annotate)
+
+
+@dataclass(frozen=True)
+class OpBench:
+    dims: tuple[str, ...]  # the numbers of a size, in the order --sizes takes them
+    cases: dict[str, list[tuple[Size, torch.dtype]]]  # per device: the default sizes with their dtype
+    quick: list[Size]  # --quick sizes (float32 unless --dtype)
+    problems: Callable[[Size, torch.dtype, str, bool], Iterator[Problem]]
+    variants: int = 1  # problems per size and dtype
+
+
+FP32, BF16 = torch.float32, torch.bfloat16
+EMBEDDING_SIZES = [(4096, 8, 64, 1024, 27), (4096, 8, 64, 1024, 50000), (32, 3, 10, 200, 27)]
+OPS = {
+    # The foundation issue: fp32 (4096, 32000) and (8192, 128) on CPU; bf16 (16384, 128256) on GPU.
+    "cross_entropy": OpBench(
+        ("N", "C"),
+        {"cpu": [((4096, 32000), FP32), ((8192, 128), FP32)],
+         "cuda": [((16384, 128256), BF16), ((4096, 32000), FP32), ((8192, 128), FP32)]},
+        [(512, 4096), (1024, 128)], cross_entropy_problems),
+    "linear_cross_entropy": OpBench(
+        ("N", "H", "V"),
+        {"cpu": [((4096, 1024, 32000), FP32)],
+         "cuda": [((4096, 1024, 32000), FP32), ((16384, 4096, 128256), BF16)]},
+        [(512, 256, 4000)], linear_cross_entropy_problems),
+    # The BatchNorm issue: (4096, 1024) and the makemore size (32, 200); (65536, 1024) on GPU.
+    "batch_norm": OpBench(
+        ("N", "C"),
+        {"cpu": [((4096, 1024), FP32), ((32, 200), FP32)],
+         "cuda": [((65536, 1024), FP32), ((65536, 1024), BF16), ((32, 200), FP32)]},
+        [(512, 256), (32, 200)], batch_norm_problems, variants=2),
+    # The embedding-linear issue: V=27 (product-table route), V=50000 (gather-GEMM route), makemore size.
+    "embedding_linear": OpBench(
+        ("B", "T", "D", "out", "V"),
+        {"cpu": [(size, FP32) for size in EMBEDDING_SIZES],
+         "cuda": [(size, dtype) for dtype in (FP32, BF16) for size in EMBEDDING_SIZES]},
+        [(512, 8, 64, 256, 27), (512, 8, 64, 256, 5000), (32, 3, 10, 200, 27)], embedding_linear_problems),
+}
+
+
+def default_out() -> str:
+    """bench/results of the checkout fastlm runs from, else ./fastlm-bench."""
+    bench = os.path.join(harness.CHECKOUT, "bench")
+    return os.path.join(bench, "results") if os.path.isdir(bench) else "fastlm-bench"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fastlm bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--op", choices=[*OPS, "all"], default="all")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: each case's own (float32 mostly)")
+    parser.add_argument("--sizes", nargs="+", metavar="AxB...",
+                        help="sizes for one --op, e.g. 4096x1024 (" +
+                             "; ".join(f"{op}: {'x'.join(bench.dims)}" for op, bench in OPS.items()) + ")")
+    parser.add_argument("--mode", choices=harness.MODES, default="full", help="forward, backward or both (default)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions (under a minute on CPU)")
+    parser.add_argument("--out", default=None, help=f"results directory (default: {default_out()})")
+    parser.add_argument("--table", nargs="+", metavar="JSON",
+                        help="print the markdown table of saved results instead of running anything")
+    args = parser.parse_args(argv)
+    if args.sizes and args.op == "all":
+        parser.error("--sizes needs one --op (each op's sizes have their own numbers)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU here")
+    return args
+
+
+def parse_size(text: str, dims: tuple[str, ...]) -> Size:
+    try:
+        size = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        size = ()
+    if len(size) != len(dims) or min(size) < 1:
+        raise SystemExit(f"fastlm bench: size {text!r} must be {'x'.join(dims)}, positive integers")
+    return size
+
+
+def cases(bench: OpBench, args: argparse.Namespace) -> list[tuple[Size, torch.dtype]]:
+    """The (size, dtype) pairs to run: --sizes or the quick or default sizes, crossed with --dtype if given."""
+    if args.sizes:
+        sized = [(parse_size(text, bench.dims), FP32) for text in args.sizes]
+    elif args.quick:
+        sized = [(size, FP32) for size in bench.quick]
+    else:
+        sized = bench.cases[args.device]
+    if not args.dtype:
+        return sized
+    sizes = list(dict.fromkeys(size for size, _ in sized))
+    return [(size, DTYPES[name]) for size in sizes for name in args.dtype]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.table:
+        print(harness.markdown_table(args.table))
+        return 0
+    ops = list(OPS) if args.op == "all" else [args.op]
+    plan = {op: cases(OPS[op], args) for op in ops}
+    out = args.out or default_out()
+    copy_gbs = harness.copy_bandwidth_gbs(args.device, 2**26 if args.quick else 2**30)
+    print(f"copy bandwidth (read + write) measured in this run: {copy_gbs:.1f} GB/s")
+
+    def problems() -> Iterator[tuple[str, Problem]]:
+        for op in ops:
+            for size, dtype in plan[op]:
+                for problem in OPS[op].problems(size, dtype, args.device, args.quick):
+                    yield op, problem
+
+    total = sum(len(plan[op]) * OPS[op].variants for op in ops)
+    rows = {op: [] for op in ops}
+    for op, problem in harness.progress(problems(), total, lambda item: f"{item[0]} {item[1].case}"):
+        rows[op] += harness.run_problem(op, problem, args.device, args.mode, copy_gbs)
+    for op in ops:
+        print(f"\n{op} ({args.mode}, {args.device})")
+        harness.print_rows(rows[op])
+        stem = os.path.join(out, f"{op}-{args.device}" + ("" if args.mode == "full" else f"-{args.mode}")
+                            + ("-quick" if args.quick else ""))
+        paths = harness.save(stem, args.device, rows[op],
+                             {"op": op, "mode": args.mode, "quick": args.quick, "copy_bandwidth_gbs": copy_gbs})
+        print("saved", ", ".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""``fastlm check``: every op on every backend this machine has, against float64 PyTorch, so that a user can
+see on their own machine (their GPU, their build, their torch) that the kernels are right before trusting them.
+
+    fastlm check [--device cpu|cuda] [--backend cpp ...] [--dtype float32 ...] [--quick]
+
+Each op runs on random inputs of several shapes (odd sizes, non-contiguous inputs, ignored targets, repeated
+indices), forward and backward with a non-unit upstream gradient, and is compared with the float64 reference
+(F.cross_entropy, F.batch_norm, F.linear(F.embedding(...))) run on the same values rounded to the dtype under
+test. Then: two runs of the BatchNorm and embedding + linear backward must agree bit for bit, and bad input
+(a target or index out of range, a training batch of one) must be refused with IndexError / ValueError.
+Prints a table op x backend x dtype with the largest error, the tolerance and PASS/FAIL; exits 1 on any
+failure.
+
+The backends checked are the entries of ``BACKENDS`` (every fastlm backend available here) that run on the
+device; a test, or a new backend in development, adds its own entry there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import fastlm
+from fastlm import backends
+from fastlm.ops.batch_norm import reference_batch_norm
+
+# Relative to the largest reference magnitude (or to each element, whichever is larger); as in the tests.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+DTYPES = {"cpu": (torch.float32, torch.float64),
+          "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+HALF = (torch.float16, torch.bfloat16)
+OPS = ("cross_entropy", "linear_cross_entropy", "batch_norm", "embedding_linear")
+
+
+@dataclass
+class Backend:
+    """How `fastlm check` runs the ops on one backend: per op, a function with fastlm.ops' signature."""
+
+    ops: dict[str, Callable]
+    runs_on: Callable[[torch.device], bool]
+
+
+def fastlm_backend(name: str) -> Backend:
+    return Backend({op: partial(getattr(fastlm.ops, op), backend=name) for op in OPS},
+                   partial(backends.runs_on, name))
+
+
+BACKENDS: dict[str, Backend] = {name: fastlm_backend(name) for name in backends.available()}
+
+
+# --- the float64 references ------------------------------------------------------------------------------
+
+
+def _reference_linear_cross_entropy(input, weight, target, bias=None, chunk_size=None, **options):
+    """``chunk_size`` only says how fastlm splits the rows: the math is one F.linear."""
+    return F.cross_entropy(F.linear(input, weight, bias), target, **options)
+
+
+def _reference_batch_norm(input, running_mean, running_var, weight, bias, training, momentum=0.1, eps=1e-5,
+                          unbiased=False, activation=None):
+    """F.batch_norm (for ``unbiased``, the same formula with the Bessel-corrected batch variance), then the
+    activation."""
+    return reference_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased,
+                                activation)
+
+
+def _reference_embedding_linear(idx, table, weight, bias=None, strategy=None):
+    """``strategy`` only picks fastlm's kernel: the math is one F.linear of the gathered rows."""
+    return F.linear(F.embedding(idx, table).view(idx.shape[0], -1), weight, bias)
+
+
+REFERENCE = {"cross_entropy": F.cross_entropy, "linear_cross_entropy": _reference_linear_cross_entropy,
+             "batch_norm": _reference_batch_norm, "embedding_linear": _reference_embedding_linear}
+
+
+# --- cases ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """Inputs of one op call (float64 or integer, on CPU) and how to make the call."""
+
+    op: str
+    label: str
+    tensors: dict[str, Tensor]
+    call: Callable[[Callable, dict[str, Tensor]], Tensor]  # (op function, tensors on the device) -> output
+    grads: tuple[str, ...]  # tensors whose gradients are compared
+    upstream: Tensor  # the gradient fed to backward
+    state: tuple[str, ...] = ()  # tensors the op updates in place (running stats), compared afterwards
+    strided: tuple[str, ...] = ()  # handed over non-contiguous (column-major)
+    keep_fp32: tuple[str, ...] = ()  # kept in fp32 at half precision, as mixed precision keeps BN's
+    magnitude: float = 0.0  # size of the terms that cancel into the results, where larger than the results
+
+
+def _generator(*size: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash(size) % 2**31)
+
+
+def cross_entropy_cases(quick: bool) -> list[Case]:
+    shapes = [(7, 27), (33, 1000)] + ([] if quick else [(1, 2), (513, 4099)])
+    variants = [  # (label, options, ignored fraction, non-contiguous)
+        ("mean", {}, 0.0, False),
+        ("ignore_index=-100", {}, 0.3, False),
+        ("sum ignore_index=1 label_smoothing=0.1", {"reduction": "sum", "ignore_index": 1, "label_smoothing": 0.1},
+         0.3, False),
+        ("none, strided", {"reduction": "none"}, 0.2, True),
+    ]
+    cases = []
+    for n, c in shapes:
+        for label, options, ignored, strided in variants:
+            generator = _generator(n, c, len(cases))
+            logits = torch.randn(n, c, generator=generator, dtype=torch.float64) * 3
+            target = torch.randint(0, c, (n,), generator=generator)
+            target[torch.rand(n, generator=generator) < ignored] = options.get("ignore_index", -100)
+            upstream = (torch.randn(n, generator=generator, dtype=torch.float64) if options.get("reduction") == "none"
+                        else torch.tensor(0.37, dtype=torch.float64))
+            cases.append(Case("cross_entropy", f"N={n} C={c} {label}", {"input": logits, "target": target},
+                              lambda fn, t, options=options: fn(t["input"], t["target"], **options),
+                              ("input",), upstream, strided=("input",) if strided else ()))
+    return cases
+
+
+def linear_cross_entropy_cases(quick: bool) -> list[Case]:
+    shapes = [(7, 16, 27), (65, 32, 1000)] + ([] if quick else [(257, 64, 4099)])
+    cases = []
+    for n, h, v in shapes:
+        for label, options, strided in [("mean, bias", {}, ()),
+                                        ("sum ignore_index=-100 label_smoothing=0.1 chunk_size=16, strided",
+                                         {"reduction": "sum", "label_smoothing": 0.1, "chunk_size": 16}, ("input",))]:
+            generator = _generator(n, h, v, len(cases))
+            tensors = {"input": torch.randn(n, h, generator=generator, dtype=torch.float64),
+                       "weight": torch.randn(v, h, generator=generator, dtype=torch.float64) / h**0.5,
+                       "bias": torch.randn(v, generator=generator, dtype=torch.float64),
+                       "target": torch.randint(0, v, (n,), generator=generator)}
+            tensors["target"][::4] = -100
+            cases.append(Case("linear_cross_entropy", f"N={n} H={h} V={v} {label}", tensors,
+                              lambda fn, t, options=options: fn(t["input"], t["weight"], t["target"], t["bias"],
+                                                                **options),
+                              ("input", "weight", "bias"), torch.tensor(0.37, dtype=torch.float64), strided=strided))
+    return cases
+
+
+def batch_norm_case(shape: tuple[int, ...], label: str, options: dict, strided: bool = False) -> Case:
+    c = shape[1]
+    generator = _generator(*shape, len(label))
+    tensors = {"input": torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 1,
+               "weight": torch.rand(c, generator=generator, dtype=torch.float64) + 0.5,
+               "bias": torch.rand(c, generator=generator, dtype=torch.float64) - 0.5,
+               "running_mean": torch.rand(c, generator=generator, dtype=torch.float64) - 0.5,
+               "running_var": torch.rand(c, generator=generator, dtype=torch.float64) + 0.5}
+    training = options.get("training", True)
+    return Case("batch_norm", f"{'x'.join(map(str, shape))} {label}", tensors,
+                lambda fn, t: fn(t["input"], t["running_mean"], t["running_var"], t["weight"], t["bias"], **options),
+                ("input", "weight", "bias"), torch.randn(shape, generator=generator, dtype=torch.float64),
+                state=("running_mean", "running_var") if training else (), strided=("input",) if strided else (),
+                keep_fp32=("weight", "bias", "running_mean", "running_var"), magnitude=1.0)
+
+
+def batch_norm_cases(quick: bool) -> list[Case]:
+    shapes = [(32, 200), (6, 4, 5)] + ([] if quick else [(2, 1), (4097, 3), (5, 1023), (3, 7, 17)])
+    return [case for shape in shapes for case in (
+        batch_norm_case(shape, "train", {"training": True}),
+        batch_norm_case(shape, "train unbiased", {"training": True, "unbiased": True}),
+        batch_norm_case(shape, "train tanh, strided", {"training": True, "activation": "tanh"}, strided=True),
+        batch_norm_case(shape, "eval relu", {"training": False, "activation": "relu"}),
+    )]
+
+
+def embedding_linear_case(b: int, t: int, d: int, out: int, v: int, strategy: str, strided: bool = False) -> Case:
+    generator = _generator(b, t, d, out, v)
+    idx = torch.randint(0, v, (b, t), generator=generator)
+    idx[0] = idx[-1]  # repeated indices in every case, beyond those a small vocabulary gives
+    tensors = {"idx": idx, "table": torch.randn(v, d, generator=generator, dtype=torch.float64),
+               "weight": torch.randn(out, t * d, generator=generator, dtype=torch.float64) / (t * d) ** 0.5,
+               "bias": torch.randn(out, generator=generator, dtype=torch.float64)}
+    return Case("embedding_linear", f"B={b} T={t} D={d} out={out} V={v} {strategy}" + (", strided" if strided else ""),
+                tensors, lambda fn, ts: fn(ts["idx"], ts["table"], ts["weight"], ts["bias"], strategy=strategy),
+                ("table", "weight", "bias"), torch.randn(b, out, generator=generator, dtype=torch.float64),
+                strided=("weight",) if strided else ())
+
+
+def embedding_linear_cases(quick: bool) -> list[Case]:
+    shapes = [(32, 3, 10, 200, 27), (33, 4, 8, 27, 100)] + (
+        [] if quick else [(33, 8, 16, 27, 1000), (1, 1, 2, 1, 1), (257, 3, 2, 200, 27), (257, 1, 10, 200, 1)])
+    return [case for shape in shapes for case in (embedding_linear_case(*shape, "gather", strided=True),
+                                                  embedding_linear_case(*shape, "table"))]
+
+
+CASES = {"cross_entropy": cross_entropy_cases, "linear_cross_entropy": linear_cross_entropy_cases,
+         "batch_norm": batch_norm_cases, "embedding_linear": embedding_linear_cases}
+
+
+# --- running and comparing -----------------------------------------------------------------------------------
+
+
+def prepare(case: Case, dtype: torch.dtype, device: str) -> dict[str, Tensor]:
+    """The case's tensors on ``device``: floating ones in ``dtype`` (``keep_fp32`` ones at least fp32)."""
+    tensors = {}
+    for name, value in case.tensors.items():
+        if value.is_floating_point():
+            value = value.to(torch.float32 if name in case.keep_fp32 and dtype in HALF else dtype)
+        value = value.to(device, copy=True)  # a fresh leaf: the case's own tensors stay as they are
+        if name in case.strided:
+            order = list(reversed(range(value.dim())))
+            value = value.permute(order).contiguous().permute(order)  # same values, reversed strides
+        tensors[name] = value.requires_grad_() if name in case.grads else value
+    return tensors
+
+
+def run(case: Case, fn: Callable, dtype: torch.dtype, device: str,
+        rounded_to: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Output, gradients and updated state of one call of ``fn`` in ``dtype``; with ``rounded_to``, on the
+    inputs first rounded to that dtype (so the reference sees the values the backend under test saw)."""
+    if rounded_to is not None:
+        case = dataclasses.replace(case, tensors={
+            name: value.to(torch.float32 if name in case.keep_fp32 and rounded_to in HALF else rounded_to).to(dtype)
+            if value.is_floating_point() else value for name, value in case.tensors.items()})
+    tensors = prepare(case, dtype, device)
+    output = case.call(fn, tensors)
+    output.backward(case.upstream.to(device=device, dtype=output.dtype))
+    return {"output": output.detach(), **{f"grad {name}": tensors[name].grad for name in case.grads},
+            **{name: tensors[name] for name in case.state}}
+
+
+def relative_error(actual: Tensor | None, expected: Tensor, magnitude: float) -> float:
+    """max |a - e| / (scale + |e|), scale the largest finite |e| (or ``magnitude``): within tolerance tol
+    exactly when torch.testing.assert_close(rtol=tol, atol=tol * scale) passes."""
+    if actual is None or actual.shape != expected.shape:
+        return math.inf
+    expected = expected.detach().double()
+    actual = actual.detach().double().to(expected.device)
+    finite = expected[torch.isfinite(expected)]
+    scale = max(finite.abs().max().item() if finite.numel() else 0.0, magnitude, 1e-30)
+    both_nan = torch.isnan(actual) & torch.isnan(expected)
+    error = torch.where(both_nan, 0.0, (actual - expected).abs() / (scale + expected.abs()))
+    return torch.nan_to_num(error, nan=math.inf).max().item() if error.numel() else 0.0
+
+
+@dataclass
+class Result:
+    check: str
+    backend: str
+    dtype: str
+    cases: int = 0
+    error: float = 0.0
+    tolerance: float | None = None
+    worst: str = ""
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def record(self, label: str, error: float) -> None:
+        self.cases += 1
+        if error > self.error or self.cases == 1:
+            self.error, self.worst = error, label
+        if not error <= self.tolerance:
+            self.failures.append(label)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_op(op: str, cases: list[Case], backend: str, dtype: torch.dtype, device: str) -> Result:
+    result = Result(op, backend, dtype_name(dtype), tolerance=TOLERANCE[dtype])
+    for case in cases:
+        expected = run(case, REFERENCE[op], torch.float64, device, rounded_to=dtype)
+        try:
+            got = run(case, BACKENDS[backend].ops[op], dtype, device)
+        except Exception as error:  # a crash is a failure of this case, reported with the others
+            result.record(f"{case.label}: {type(error).__name__}: {error}", math.inf)
+            continue
+        errors = {name: relative_error(got[name], want, case.magnitude) for name, want in expected.items()}
+        worst = max(errors, key=errors.get)
+        result.record(f"{case.label}: {worst}", errors[worst])
+    return result
+
+
+def check_determinism(backend: str, device: str) -> Result:
+    """BatchNorm and embedding + linear, whose backward reduces over the batch: two runs agree bit for bit."""
+    result = Result("determinism", backend, "float32", tolerance=0.0)
+    cases = [batch_norm_case((4097, 33), "train tanh", {"training": True, "activation": "tanh"}),
+             embedding_linear_case(257, 3, 10, 27, 5, "gather"), embedding_linear_case(257, 3, 10, 27, 5, "table")]
+    for case in cases:
+        fn = BACKENDS[backend].ops[case.op]
+        first, second = (run(case, fn, torch.float32, device) for _ in range(2))
+        differences = [(a.double() - second[name].double()).abs().max().item() for name, a in first.items()]
+        result.record(f"{case.op} {case.label}", max(differences))
+    return result
+
+
+def _bad_inputs(device: str) -> list[tuple[str, type[Exception], str, Callable[[dict[str, Callable]], object]]]:
+    """(what, the exception expected, op, a call of that op on bad input)."""
+    x = torch.randn(4, 5, device=device)
+    ids = torch.tensor([[0, 1], [2, 5]], device=device)
+    return [
+        ("cross_entropy target 5 of 5 classes", IndexError, "cross_entropy",
+         lambda fn: fn(x, torch.tensor([0, 1, 2, 5], device=device))),
+        ("cross_entropy target -3", IndexError, "cross_entropy",
+         lambda fn: fn(x, torch.tensor([0, -3, 2, 1], device=device))),
+        ("linear_cross_entropy target 6 of 6 classes", IndexError, "linear_cross_entropy",
+         lambda fn: fn(x, torch.randn(6, 5, device=device), torch.tensor([0, 1, 6, 2], device=device))),
+        ("embedding_linear index 5 of 5 rows", IndexError, "embedding_linear",
+         lambda fn: fn(ids, torch.randn(5, 3, device=device), torch.randn(7, 6, device=device))),
+        ("embedding_linear index -1", IndexError, "embedding_linear",
+         lambda fn: fn(-ids, torch.randn(5, 3, device=device), torch.randn(7, 6, device=device))),
+        ("batch_norm training on a batch of one", ValueError, "batch_norm",
+         lambda fn: fn(torch.randn(1, 5, device=device), None, None, training=True)),
+    ]
+
+
+def check_refusals(backend: str, device: str) -> Result:
+    result = Result("refuses bad input", backend, "-", tolerance=0.0)
+    for what, expected, op, call in _bad_inputs(device):
+        try:
+            call(BACKENDS[backend].ops[op])
+            outcome = f"{what}: accepted"
+        except expected:
+            outcome = None
+        except Exception as error:
+            outcome = f"{what}: {type(error).__name__} instead of {expected.__name__}"
+        result.record(outcome or what, 0.0 if outcome is None else math.inf)
+    return result
+
+
+def print_table(results: list[Result]) -> None:
+    header = f"{'check':<22} {'backend':<10} {'dtype':<9} {'cases':>5} {'max error':>10} {'tolerance':>9}  result"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        shown = r.failures[0] if r.failures else r.worst
+        print(f"{r.check:<22} {r.backend:<10} {r.dtype:<9} {r.cases:>5} {r.error:>10.2e} {r.tolerance:>9.0e}  "
+              f"{'PASS' if r.passed else 'FAIL'}  {'first failure: ' if r.failures else 'worst: '}{shown}")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fastlm check", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", nargs="+", help="default: every one available here that runs on the device")
+    parser.add_argument("--dtype", nargs="+", choices=[dtype_name(d) for d in TOLERANCE],
+                        help="default: float32 and float64, plus float16 and bfloat16 on cuda")
+    parser.add_argument("--op", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU here")
+    for name in args.backend or ():
+        if name not in BACKENDS:
+            parser.error(f"backend {name!r} cannot be checked here: "
+                         f"{backends.why_unavailable(name) or 'not registered in fastlm.check.BACKENDS'}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = torch.device(args.device)
+    names = [name for name in args.backend or BACKENDS if BACKENDS[name].runs_on(device)]
+    dtypes = [getattr(torch, name) for name in args.dtype] if args.dtype else DTYPES[args.device]
+    print(f"fastlm check on {args.device}: backends {', '.join(names) or 'none'}")
+    for name in backends.BACKENDS:
+        if name not in BACKENDS:
+            print(f"  not checked: {name}: {backends.why_unavailable(name)}")
+    results = []
+    for op in args.op:
+        cases = CASES[op](args.quick)
+        results += [check_op(op, cases, name, dtype, args.device) for name in names for dtype in dtypes]
+    # The determinism and refusal promises are the kernels'; the torch backend is plain PyTorch.
+    kernels = [name for name in names if name != "torch"]
+    results += [check_determinism(name, args.device) for name in kernels]
+    results += [check_refusals(name, args.device) for name in kernels]
+    print_table(results)
+    failed = [r for r in results if not r.passed]
+    print(f"{len(results) - len(failed)} of {len(results)} checks passed" + (
+        "" if not failed else f"; FAILED: {', '.join(f'{r.check} on {r.backend} {r.dtype}' for r in failed)}"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

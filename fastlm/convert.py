@@ -1,0 +1,131 @@
+"""``fastlm.convert(model)``: swap torch layers of any module for fastlm's fused ones, keeping its state_dict.
+
+Swapped, anywhere in the module tree:
+  nn.Sequential runs of nn.Embedding, nn.Flatten, nn.Linear (the makemore first layer) -> one fused
+      ``EmbeddingLinear`` (built by ``EmbeddingLinear.from_modules``, sharing their parameters);
+  nn.BatchNorm1d -> ``fastlm.nn.BatchNorm1d`` (the same parameter and buffer tensors);
+  nn.BatchNorm1d then nn.Tanh or nn.ReLU in an nn.Sequential -> ``fastlm.nn.BatchNorm1d`` with that
+      activation fused, and an nn.Identity in the activation's place;
+  nn.CrossEntropyLoss -> ``fastlm.nn.CrossEntropyLoss`` (the same class-weight buffer).
+Only these exact torch classes are swapped: a subclass may have a forward of its own.
+
+The converted model's ``state_dict()`` has the original keys and tensors: the fused embedding + linear
+lives in a ``FusedSequential``, an nn.Sequential that keeps the Embedding, Flatten and Linear as its
+children (their keys unchanged) and routes its forward through the fused layer, which is not registered
+as a module, so no parameter appears twice. As with ``nn.SyncBatchNorm.convert_sync_batchnorm``, children
+are replaced in place; use the returned module, which is new where the root itself was swapped.
+
+``fastlm.convert`` is this function (the package exports it under the module's name); import the other
+names from the module: ``from fastlm.convert import FusedSequential``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import Tensor, nn
+
+from fastlm.nn import BatchNorm1d, CrossEntropyLoss, EmbeddingLinear
+
+FUSABLE_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
+
+
+def fusable_run(modules: list[nn.Module], i: int) -> bool:
+    """Whether modules i, i+1, i+2 compute ``linear(embedding(idx).view(B, -1))`` as one EmbeddingLinear can."""
+    if i + 2 >= len(modules):
+        return False
+    embedding, flatten, linear = modules[i:i + 3]
+    return (type(embedding) is nn.Embedding and embedding.max_norm is None and not embedding.scale_grad_by_freq
+            and not embedding.sparse and type(flatten) is nn.Flatten and flatten.start_dim == 1
+            and flatten.end_dim == -1 and type(linear) is nn.Linear
+            and linear.in_features % embedding.embedding_dim == 0)
+
+
+class FusedSequential(nn.Sequential):
+    """An nn.Sequential whose Embedding, Flatten, Linear runs go through one fused ``EmbeddingLinear``.
+
+    The children are those of the nn.Sequential (same modules, same state_dict keys). The fused layers
+    share their parameters and are found again whenever the children change (append, slicing, ...; a
+    slice runs on the default backend). Input other than (B, T) ids, which the fused op does not take,
+    runs through the children as they are.
+    """
+
+    def __init__(self, *args, backend: str | None = None):
+        super().__init__(*args)
+        self.backend = backend
+        self._fused_for: tuple[nn.Module, ...] = ()
+        self._fused: dict[int, EmbeddingLinear] = {}
+
+    def fused_layers(self) -> dict[int, EmbeddingLinear]:
+        """The fused layer for each position where a run starts, for the current children."""
+        children = list(self._modules.values())
+        if tuple(children) != self._fused_for:
+            self._fused = {i: EmbeddingLinear.from_modules(children[i], children[i + 2], backend=self.backend)
+                           for i in range(len(children)) if fusable_run(children, i)}
+            self._fused_for = tuple(children)
+        return self._fused
+
+    def forward(self, input: Tensor) -> Tensor:
+        fused = self.fused_layers() if input.dim() == 2 else {}
+        children = list(self._modules.values())
+        i = 0
+        while i < len(children):
+            if i in fused:
+                input = fused[i](input)
+                i += 3
+            else:
+                input = children[i](input)
+                i += 1
+        return input
+
+    def extra_repr(self) -> str:
+        return f"fused runs at {sorted(self.fused_layers())}"
+
+
+def fused_batch_norm(module: nn.BatchNorm1d, activation: str | None, backend: str | None) -> BatchNorm1d:
+    """A fastlm BatchNorm1d holding ``module``'s parameter and buffer tensors themselves."""
+    fused = BatchNorm1d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                        activation=activation, backend=backend)
+    for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        setattr(fused, name, tensor)
+    return fused.train(module.training)
+
+
+def fused_cross_entropy(module: nn.CrossEntropyLoss, backend: str | None) -> CrossEntropyLoss:
+    fused = CrossEntropyLoss(module.weight, ignore_index=module.ignore_index, reduction=module.reduction,
+                             label_smoothing=module.label_smoothing, backend=backend)
+    return fused.train(module.training)
+
+
+def convert_sequential(sequential: nn.Sequential, backend: str | None) -> nn.Sequential:
+    names = list(sequential._modules)
+    k = 0
+    while k < len(names):
+        child = sequential._modules[names[k]]
+        following = sequential._modules[names[k + 1]] if k + 1 < len(names) else None
+        activation = FUSABLE_ACTIVATIONS.get(type(following))
+        if type(child) is nn.BatchNorm1d and activation:
+            sequential.add_module(names[k], fused_batch_norm(child, activation, backend))
+            sequential.add_module(names[k + 1], nn.Identity())
+            k += 2
+        else:
+            sequential.add_module(names[k], convert(child, backend))
+            k += 1
+    modules = list(sequential._modules.values())
+    if not any(fusable_run(modules, i) for i in range(len(modules))):
+        return sequential
+    return FusedSequential(OrderedDict(sequential._modules), backend=backend).train(sequential.training)
+
+
+def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
+    """``model`` with its torch layers swapped for fastlm's (see the module docstring); ``backend`` forces a
+    fastlm backend in every swapped layer."""
+    if type(model) is nn.BatchNorm1d:
+        return fused_batch_norm(model, None, backend)
+    if type(model) is nn.CrossEntropyLoss:
+        return fused_cross_entropy(model, backend)
+    if type(model) is nn.Sequential:
+        return convert_sequential(model, backend)
+    for name, child in list(model.named_children()):
+        model.add_module(name, convert(child, backend))
+    return model

@@ -1,0 +1,304 @@
+"""The makemore models of the lecture notes, each as a plain-PyTorch reference and a fused twin.
+
+One class per architecture; ``fused`` picks its layers: ``ReferenceEmbeddingLinear``/``ReferenceBatchNorm1d``
+and ``F.cross_entropy`` for the reference, ``fastlm.nn.EmbeddingLinear``/``fastlm.nn.BatchNorm1d`` (with the
+activation fused) and ``fastlm.ops.cross_entropy`` for the twin. Both twins register the same parameters
+under the same names and draw the same initial values from the same RNG in the same order.
+
+The fused loss is the output nn.Linear and fastlm's cross-entropy, not ``linear_cross_entropy``: with a
+27-character vocabulary the (B, vocab) logits are a few KB, and the op that avoids holding them (by
+chunking) measured slower here (mlp-bn, batch 32, one CPU thread: 365 us per training step against 327 us).
+
+Learnable tensors are kept in the nn.Embedding/nn.Linear layout. The lectures write ``x @ W + b`` with W of
+shape (in, out); here ``linear.weight`` is (out, in), i.e. W.T. For the MLPs:
+    C (vocab, embedding)                   first.embedding.weight = C
+    W1 (context * embedding, hidden), b1   first.linear.weight = W1.T, first.linear.bias = b1
+    bngain, bnbias (1, hidden)             bn.weight, bn.bias (hidden,)
+    W2 (hidden, vocab), b2                 output.weight = W2.T, output.bias = b2
+The neural bigram's W (vocab, vocab) multiplies a one-hot row, which picks row x of W: it is the weight of
+an nn.Embedding as it stands (``embedding.weight`` = W, no transpose).
+
+Every model: ``model(idx)`` -> (B, vocab) logits for idx (B, model.context) of int64 ids,
+``model.loss(idx, targets)`` -> the mean loss, ``model.recipe`` (how the lecture trains it) and
+``model.default_optimizer(params)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastlm.models.layers import ReferenceBatchNorm1d, ReferenceEmbeddingLinear
+from fastlm.nn import BatchNorm1d, EmbeddingLinear
+from fastlm.ops import cross_entropy
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the lecture trains a model: ``optimizer`` ("sgd" is the lectures' ``p.data += -lr * p.grad``,
+    "adam", or None for a model fit by counting), learning rate ``lr`` (times ``decay`` from step
+    ``decay_at`` on), ``steps``, and ``batch_size`` (None: the whole training set every step)."""
+
+    optimizer: str | None
+    lr: float = 0.0
+    steps: int = 0
+    batch_size: int | None = 32
+    decay_at: int | None = None
+    decay: float = 1.0
+
+    def lr_at(self, step: int) -> float:
+        return self.lr * self.decay if self.decay_at is not None and step >= self.decay_at else self.lr
+
+
+def layers_rng():
+    """Where the layers are built: their own default initialisation runs on a forked RNG, so a model takes
+    from the caller's RNG exactly the lecture's draws (``reset_parameters``), whatever its layers draw when
+    built, and both twins take the same."""
+    return torch.random.fork_rng(devices=[])
+
+
+class MakemoreModel(nn.Module):
+    """The shared interface and the choice of layers. Subclasses define ``forward``, or an ``output``
+    nn.Linear and ``hidden_state(idx)``, its input."""
+
+    recipe: Recipe
+
+    def __init__(self, fused: bool, backend: str | None, vocab_size: int, context: int):
+        super().__init__()
+        self.fused = fused
+        self.backend = backend
+        self.vocab_size = vocab_size
+        self.context = context
+
+    def default_optimizer(self, params) -> torch.optim.Optimizer | None:
+        """The lecture's optimizer at its first learning rate (``recipe.lr_at(step)`` gives the schedule);
+        None for a model fit by counting."""
+        if self.recipe.optimizer is None:
+            return None
+        return OPTIMIZERS[self.recipe.optimizer](params, lr=self.recipe.lr)
+
+    def embedding_linear(self, vocab: int, dim: int, context: int, out: int, bias: bool = True) -> nn.Module:
+        if self.fused:
+            return EmbeddingLinear(vocab, dim, context, out, bias, backend=self.backend)
+        return ReferenceEmbeddingLinear(vocab, dim, context, out, bias)
+
+    def batch_norm(self, features: int, **options) -> nn.Module:
+        if self.fused:
+            return BatchNorm1d(features, backend=self.backend, **options)
+        return ReferenceBatchNorm1d(features, **options)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.output(self.hidden_state(idx))
+
+    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """The mean cross-entropy of the next ids. In the fused twin the gradient is written over the logits,
+        which nothing else uses (the output layer's backward needs its input and weight only)."""
+        logits = self(idx)
+        if self.fused:
+            return cross_entropy(logits, targets, inplace_backward=True, backend=self.backend)
+        return F.cross_entropy(logits, targets)
+
+
+def check_bigram_context(context: int) -> None:
+    if context != 1:
+        raise ValueError(f"a bigram model conditions on one character: context must be 1, got {context}")
+
+
+class BigramCounts(MakemoreModel):
+    """The counting bigram of part 1: P[i, j] = (N[i, j] + 1) / sum_k (N[i, k] + 1), N the bigram counts of the
+    training data (add-one smoothing). The logits are log P, so the loss is the mean negative log-likelihood.
+    Fit by ``fit(X, Y)``, not by gradient steps; the fused twin evaluates the loss with fastlm's
+    cross-entropy. The buffer ``counts`` holds N + smoothing."""
+
+    recipe = Recipe(None, batch_size=None)
+
+    def __init__(self, *, fused: bool = False, context: int = 1, vocab_size: int = 27, smoothing: float = 1.0,
+                 backend: str | None = None):
+        check_bigram_context(context)
+        super().__init__(fused, backend, vocab_size, context)
+        self.smoothing = smoothing
+        self.register_buffer("counts", torch.full((vocab_size, vocab_size), smoothing))
+
+    @torch.no_grad()
+    def fit(self, X: Tensor, Y: Tensor) -> "BigramCounts":
+        """Counts the pairs (last id of each row of X, Y)."""
+        V = self.vocab_size
+        counts = torch.bincount((X[:, -1] * V + Y).to(self.counts.device), minlength=V * V).view(V, V)
+        self.counts.copy_(counts + self.smoothing)
+        return self
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return (self.counts / self.counts.sum(1, keepdim=True)).log()[idx[:, -1]]
+
+
+class Bigram(MakemoreModel):
+    """The neural bigram of part 1: logits = one_hot(x) @ W with W ~ randn(vocab, vocab), loss = NLL +
+    0.01 * (W**2).mean(), trained full-batch by gradient descent at lr 50 (Karpathy's makemore part 1)."""
+
+    recipe = Recipe("sgd", lr=50.0, steps=100, batch_size=None)
+    regularization = 0.01
+
+    def __init__(self, *, fused: bool = False, context: int = 1, vocab_size: int = 27, backend: str | None = None,
+                 generator: torch.Generator | None = None):
+        check_bigram_context(context)
+        super().__init__(fused, backend, vocab_size, context)
+        with layers_rng():
+            self.embedding = nn.Embedding(vocab_size, vocab_size)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        self.embedding.weight.copy_(torch.randn(self.vocab_size, self.vocab_size, generator=generator))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.embedding(idx[:, -1])
+
+    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
+        return super().loss(idx, targets) + self.regularization * (self.embedding.weight ** 2).mean()
+
+
+class MLP(MakemoreModel):
+    """Bengio et al.'s MLP: embedding, linear over the concatenated context, tanh, linear.
+
+    ``batchnorm=False``: part 2, every tensor drawn from randn. ``batchnorm=True``: the part 4 /
+    manual-backprop network, linear -> BatchNorm with the Bessel-corrected batch variance -> tanh ->
+    linear, initialised as in makemore-manual-backprop (W1 * (5/3) / sqrt(embedding * context), b1 * 0.1,
+    W2 * 0.1, b2 * 0.1, bngain = 1.1, bnbias = 0). The notes keep no running statistics and calibrate
+    them after training (``calibrate_batchnorm``); the running stats kept here move by ``momentum`` 0.001,
+    part 3's ``bnmean_running = 0.999 * bnmean_running + 0.001 * bnmeani`` (with the variance in place of
+    its standard deviation). Trained with SGD, batch 32, lr 0.1 for 100k steps then 0.01 for 100k.
+    """
+
+    recipe = Recipe("sgd", lr=0.1, steps=200_000, batch_size=32, decay_at=100_000, decay=0.1)
+
+    def __init__(self, *, fused: bool = False, batchnorm: bool = False, context: int = 3, vocab_size: int = 27,
+                 embedding: int = 10, hidden: int = 200, momentum: float = 0.001, backend: str | None = None,
+                 generator: torch.Generator | None = None):
+        super().__init__(fused, backend, vocab_size, context)
+        self.batchnorm = batchnorm
+        with layers_rng():
+            self.first = self.embedding_linear(vocab_size, embedding, context, hidden)
+            if batchnorm:
+                self.bn = self.batch_norm(hidden, momentum=momentum, unbiased=True, activation="tanh")
+            self.output = nn.Linear(hidden, vocab_size)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        embedding = self.first.embedding.embedding_dim
+        fan_in, hidden = self.first.linear.in_features, self.output.in_features
+        C = torch.randn(self.vocab_size, embedding, generator=generator)
+        W1 = torch.randn(fan_in, hidden, generator=generator)
+        b1 = torch.randn(hidden, generator=generator)
+        W2 = torch.randn(hidden, self.vocab_size, generator=generator)
+        b2 = torch.randn(self.vocab_size, generator=generator)
+        if self.batchnorm:  # the notes' expressions as written, rounding included
+            W1 = W1 * (5 / 3) / fan_in ** 0.5
+            b1, W2, b2 = b1 * 0.1, W2 * 0.1, b2 * 0.1
+            self.bn.reset_running_stats()
+            self.bn.weight.fill_(1.1)
+            self.bn.bias.zero_()
+        self.first.embedding.weight.copy_(C)
+        self.first.linear.weight.copy_(W1.T)
+        self.first.linear.bias.copy_(b1)
+        self.output.weight.copy_(W2.T)
+        self.output.bias.copy_(b2)
+
+    def hidden_state(self, idx: Tensor) -> Tensor:
+        h = self.first(idx)
+        return self.bn(h) if self.batchnorm else torch.tanh(h)  # the BatchNorm layer applies the tanh
+
+
+class ResidualMLP(MakemoreModel):
+    """The three-layer residual MLP of makemore-batchnorm-residual:
+    emb = C[X].view(B, -1); out = relu(BN(emb @ W1 + b1)); logits = tanh(out @ W2 + b2 + emb) @ W3 + b3.
+
+    Parameters: ``first`` (C, W1, b1), ``bn`` (gamma, beta), ``middle`` (W2, b2), ``output`` (W3, b3).
+    W1 and W2 are drawn by ``kaiming_uniform_`` in the notes' (in, out) layout, where torch takes the fan-in
+    from dim 1 (so W1's bound uses the hidden size, as in the notes); C and W3 from randn, biases zero,
+    gamma one, beta zero. The notes normalise with (std + 1e-5), std Bessel-corrected; here it is
+    (var + 1e-5)**-0.5 as in the manual-backprop notes and fastlm's BatchNorm, and the running stats (torch's
+    momentum 0.1) stand in for the notes' statistics of the training set (``calibrate_batchnorm``).
+    Trained with SGD at lr 0.01, batch 32, 10k steps.
+    """
+
+    recipe = Recipe("sgd", lr=0.01, steps=10_000, batch_size=32)
+
+    def __init__(self, *, fused: bool = False, context: int = 3, vocab_size: int = 27, embedding: int = 10,
+                 hidden: int = 100, momentum: float = 0.1, backend: str | None = None,
+                 generator: torch.Generator | None = None):
+        super().__init__(fused, backend, vocab_size, context)
+        width = context * embedding
+        with layers_rng():
+            self.first = self.embedding_linear(vocab_size, embedding, context, hidden)
+            self.bn = self.batch_norm(hidden, momentum=momentum, unbiased=True, activation="relu")
+            self.middle = nn.Linear(hidden, width)
+            self.output = nn.Linear(width, vocab_size)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        width, hidden = self.middle.out_features, self.middle.in_features
+        self.first.embedding.weight.copy_(torch.randn(self.first.embedding.weight.shape, generator=generator))
+        self.first.linear.weight.copy_(nn.init.kaiming_uniform_(torch.empty(width, hidden), generator=generator).T)
+        self.middle.weight.copy_(nn.init.kaiming_uniform_(torch.empty(hidden, width), generator=generator).T)
+        self.output.weight.copy_(torch.randn(width, self.vocab_size, generator=generator).T)
+        for bias in (self.first.linear.bias, self.middle.bias, self.output.bias):
+            bias.zero_()
+        self.bn.reset_parameters()
+
+    def hidden_state(self, idx: Tensor) -> Tensor:
+        emb = self.first.embedding(idx).view(idx.shape[0], -1)
+        return torch.tanh(self.middle(self.bn(self.first(idx))) + emb)  # the BatchNorm layer applies the relu
+
+
+class ResidualBlock(MakemoreModel):
+    """The ``ResidualBlock`` module of makemore-batchnorm-residual: per position, emb -> fc1 -> BatchNorm
+    -> relu -> fc2 -> BatchNorm, plus emb; fc3 of the last position gives the logits.
+
+    The BatchNorms see (batch, channels, time) input, statistics over batch and time (torch's BatchNorm,
+    momentum 0.1). Parameters: ``first`` (emb and fc1, the fused embedding + linear with context 1 applied
+    to every position), ``bn1``, ``fc2``, ``bn2``, ``output`` (fc3); initialised as torch initialises the
+    notes' layers, fc1 by ``kaiming_uniform_(nonlinearity="relu")``. The notes compute fc3 at every position
+    and train on ``logits[:, -1, :]``; only that position is computed here. Trained with Adam at lr 0.01,
+    batch 32, 10k steps.
+    """
+
+    recipe = Recipe("adam", lr=0.01, steps=10_000, batch_size=32)
+
+    def __init__(self, *, fused: bool = False, context: int = 3, vocab_size: int = 27, embedding: int = 10,
+                 hidden: int = 100, momentum: float = 0.1, backend: str | None = None,
+                 generator: torch.Generator | None = None):
+        super().__init__(fused, backend, vocab_size, context)
+        with layers_rng():
+            self.first = self.embedding_linear(vocab_size, embedding, 1, hidden, bias=False)
+            self.bn1 = self.batch_norm(hidden, momentum=momentum, activation="relu")
+            self.fc2 = nn.Linear(hidden, embedding, bias=False)
+            self.bn2 = self.batch_norm(embedding, momentum=momentum)
+            self.output = nn.Linear(embedding, vocab_size)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        nn.init.normal_(self.first.embedding.weight, generator=generator)
+        nn.init.kaiming_uniform_(self.first.linear.weight, nonlinearity="relu", generator=generator)
+        for linear in (self.fc2, self.output):  # nn.Linear's own initialisation
+            nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5), generator=generator)
+        bound = 1 / math.sqrt(self.output.in_features)
+        nn.init.uniform_(self.output.bias, -bound, bound, generator=generator)
+        self.bn1.reset_parameters()
+        self.bn2.reset_parameters()
+
+    def hidden_state(self, idx: Tensor) -> Tensor:
+        B, T = idx.shape
+        emb = self.first.embedding(idx)                                  # (B, T, embedding)
+        h = self.first(idx.reshape(B * T, 1)).view(B, T, -1)             # fc1(emb)
+        h = self.bn1(h.transpose(1, 2)).transpose(1, 2)                  # BatchNorm over (B, hidden, T), relu
+        h = self.bn2(self.fc2(h).transpose(1, 2)).transpose(1, 2) + emb  # the shortcut
+        return h[:, -1]

@@ -1,0 +1,364 @@
+"""Training a makemore model on a word list: the loop behind ``fastlm train`` and ``fastlm sample``.
+
+One ``TrainConfig`` says everything about a run and is stored in every checkpoint. Batches come from a
+seeded generator whose state is checkpointed with the model and optimizer, and every fastlm kernel is
+deterministic, so a run interrupted (Ctrl-C writes a checkpoint) and resumed with ``--resume`` ends with
+the same parameters, bit for bit, as one that was never interrupted. Checkpoints are written to a temporary
+file and renamed, so a crash mid-write never leaves a broken one. Under ``torchrun`` the run is data
+parallel: each rank trains on its slice of a batch of ``world_size * batch_size`` rows drawn by the same
+generator, BatchNorm is synchronised across ranks, and rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastlm import data, models
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # None: the model's lecture recipe (fastlm.models: mlp-bn is batch 32, SGD, lr 0.1 then 0.01 after half)
+    model: str = "mlp-bn"
+    steps: int = 200_000
+    batch_size: int = 32
+    lr: float | None = None
+    lr_after: float | None = None  # the learning rate from decay_at (a fraction of the steps) on
+    decay_at: float | None = None
+    optimizer: str | None = None
+    context: int | None = None
+    embedding: int | None = None
+    hidden: int | None = None
+    backend: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 42
+    data: str | None = None
+    extend_vocab: bool = False
+    eval_every: int = 10_000
+    checkpoint_every: int = 10_000
+    samples: int = 20
+    compare: bool = False
+    out: str = "runs/fastlm"
+
+    def learning_rate(self, step: int) -> float:
+        return self.lr if step < self.decay_at * self.steps else self.lr_after
+
+    def with_recipe(self, recipe: models.Recipe) -> "TrainConfig":
+        """Unset schedule options filled from a model's lecture recipe."""
+        decays = recipe.decay_at is not None and recipe.steps
+        return dataclasses.replace(
+            self,
+            optimizer=self.optimizer or recipe.optimizer,
+            lr=recipe.lr if self.lr is None else self.lr,
+            lr_after=(recipe.lr * recipe.decay if decays else recipe.lr) if self.lr_after is None else self.lr_after,
+            decay_at=(recipe.decay_at / recipe.steps if decays else 1.0) if self.decay_at is None else self.decay_at)
+
+
+class ConfigError(ValueError):
+    """Options that cannot work together, with a message meant for the user."""
+
+
+@dataclasses.dataclass
+class Dataset:
+    vocab: data.Vocabulary
+    splits: dict  # name -> (X, Y)
+
+
+def load_dataset(config: TrainConfig, device: torch.device) -> Dataset:
+    words, vocab = data.load_words(config.data, None if config.extend_vocab else data.Vocabulary())
+    context = context_of(config)
+    splits = {}
+    for name, part in zip(("train", "val", "test"), data.split_words(words, config.seed)):
+        X, Y = data.build_windows(part, context, vocab)
+        splits[name] = (X.to(device), Y.to(device))
+    if len(splits["train"][0]) == 0:
+        raise data.DataError("the word list is too short: the training split is empty")
+    return Dataset(vocab, splits)
+
+
+def context_of(config: TrainConfig) -> int:
+    if config.context is not None:
+        return config.context
+    return 1 if config.model.startswith("bigram") else 3
+
+
+def build_model(config: TrainConfig, vocab_size: int, fused: bool, device: torch.device) -> nn.Module:
+    torch.manual_seed(config.seed)  # both twins start from the same initialisation
+    try:
+        model = models.build(config.model, fused=fused, context=config.context, vocab_size=vocab_size,
+                             embedding=config.embedding, hidden=config.hidden,
+                             backend=config.backend if fused else None)
+    except ValueError as error:  # a size the model does not have, an unknown model
+        raise ConfigError(str(error)) from None
+    return model.to(device=device, dtype=DTYPES[config.dtype])
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer | None:
+    if config.optimizer is None:  # a model fit by counting
+        return None
+    return models.makemore.OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr)
+
+
+class LossOf(nn.Module):
+    """model.loss as a forward, so that DDP (which hooks forward) can wrap it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, targets):
+        return self.model.loss(idx, targets)
+
+
+@torch.no_grad()
+def split_loss(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, batch: int = 65536) -> float:
+    """The mean loss over a whole split, in eval mode (BatchNorm on its running statistics)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, len(X), batch):
+        total += model.loss(X[i:i + batch], Y[i:i + batch]).item() * len(X[i:i + batch])
+    model.train(was_training)
+    return total / max(1, len(X))
+
+
+@torch.no_grad()
+def sample_words(model: nn.Module, vocab: data.Vocabulary, context: int, count: int, seed: int,
+                 max_length: int = 50) -> list[str]:
+    model.eval()
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    words = []
+    for _ in range(count):
+        window, out = [0] * context, []
+        for _ in range(max_length):
+            logits = model(torch.tensor([window], device=device))
+            probs = torch.softmax(logits.float(), dim=1).cpu()
+            i = int(torch.multinomial(probs, 1, generator=generator))
+            if i == 0:
+                break
+            out.append(i)
+            window = window[1:] + [i]
+        words.append(vocab.decode(out))
+    return words
+
+
+def save_atomically(state: dict, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_state(config, vocab, model, optimizer, step, generator, history) -> dict:
+    unwrapped = model.module if hasattr(model, "module") else model
+    return {"config": dataclasses.asdict(config), "vocab": vocab.chars, "model": unwrapped.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer else None, "step": step,
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history}
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@contextlib.contextmanager
+def interrupts_between_steps():
+    """Within the block, SIGINT only raises a flag (read by calling the yielded function), so a step is never
+    cut in half; outside the main thread, where no handler can be set, it is left as it is."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size), initialising the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+class Trainer:
+    """One training run: model (and with ``compare`` its plain-PyTorch twin), optimizer, batches, logs."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, log=print):
+        self.config, self.log = config, log
+        self.rank, self.world = distributed_rank()
+        self.device = torch.device(config.device if self.world == 1 or config.device == "cpu"
+                                   else f"cuda:{self.rank % torch.cuda.device_count()}")
+        self.out = Path(config.out)
+        self.dataset = load_dataset(config, self.device)
+        vocab_size = self.dataset.vocab.size
+        self.model = build_model(config, vocab_size, fused=True, device=self.device)
+        self.config = config = config.with_recipe(self.model.recipe)
+        self.reference = build_model(config, vocab_size, fused=False, device=self.device) if config.compare else None
+        if self.reference is not None:
+            self.model.load_state_dict(self.reference.state_dict())
+        if self.world > 1:
+            from fastlm.nn import SyncBatchNorm
+
+            self.model = SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.optimizer = make_optimizer(config, self.model)
+        self.reference_optimizer = make_optimizer(config, self.reference) if self.reference is not None else None
+        self.reference_loss_of = LossOf(self.reference) if self.reference is not None else None
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.history = {"step_loss": [], "val": [], "reference_step_loss": []}
+        if resume:
+            if config.compare:
+                raise ConfigError("--resume does not continue a --compare run (the reference twin is not checkpointed)")
+            self._restore(load_checkpoint(self.out))
+        self.loss_of = LossOf(self.model)
+        if self.world > 1 and self.optimizer is not None:
+            self.loss_of = nn.parallel.DistributedDataParallel(self.loss_of)
+
+    def _restore(self, state: dict) -> None:
+        saved = TrainConfig(**state["config"])
+        if dataclasses.replace(saved, steps=self.config.steps, out=self.config.out) != self.config:
+            self.log("note: resuming with the checkpoint's configuration (other options ignored)")
+            self.config = dataclasses.replace(saved, steps=self.config.steps, out=self.config.out)
+        self.model.load_state_dict(state["model"])
+        if self.optimizer and state["optimizer"]:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.history = state["step"], state["history"]
+
+    def save(self) -> None:
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_atomically(checkpoint_state(self.config, self.dataset.vocab, self.model, self.optimizer, self.step,
+                                             self.generator, self.history), self.out / "checkpoint.pt")
+
+    def _batch(self):
+        X, Y = self.dataset.splits["train"]
+        B = self.config.batch_size
+        ix = torch.randint(0, len(X), (self.world * B,), generator=self.generator)[self.rank * B:(self.rank + 1) * B]
+        ix = ix.to(self.device)
+        return X[ix], Y[ix]
+
+    def _train_step(self, loss_of, optimizer, xb, yb, lr) -> float:
+        loss = loss_of(xb, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        return loss.item()
+
+    def fit(self) -> dict:
+        """Runs the remaining steps and returns the summary. Ctrl-C (SIGINT) is honoured between steps: the
+        step under way completes, a checkpoint is written, then KeyboardInterrupt is raised."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        if hasattr(self.model, "fit"):  # the counting bigram: no gradient steps
+            self.model.fit(*self.dataset.splits["train"])
+            self.step = config.steps
+        timing = {"fastlm": 0.0, "reference": 0.0}
+        bar = tqdm(total=config.steps, initial=self.step, disable=self.rank != 0, unit="step", dynamic_ncols=True)
+        with interrupts_between_steps() as interrupted:
+            while self.step < config.steps:
+                self._step(timing)
+                bar.update(1)
+                loss = self.history["step_loss"][-1]
+                if self.step % 100 == 0 or self.step == config.steps:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=config.learning_rate(self.step - 1))
+                if self.step % config.eval_every == 0 or self.step == config.steps:
+                    val = split_loss(self.model, *self.dataset.splits["val"])
+                    self.history["val"].append((self.step, val))
+                    bar.write(f"step {self.step}: train batch loss {loss:.4f}, val loss {val:.4f}")
+                if self.step % config.checkpoint_every == 0:
+                    self.save()
+                if interrupted():
+                    bar.close()
+                    self.save()
+                    self.log(f"interrupted at step {self.step}: checkpoint written to {self.out / 'checkpoint.pt'};"
+                             f" continue with --resume")
+                    raise KeyboardInterrupt
+        bar.close()
+        return self._finish(timing)
+
+    def _step(self, timing: dict) -> None:
+        xb, yb = self._batch()
+        lr = self.config.learning_rate(self.step)
+        start = time.perf_counter()
+        self.history["step_loss"].append(self._train_step(self.loss_of, self.optimizer, xb, yb, lr))
+        timing["fastlm"] += time.perf_counter() - start
+        if self.reference is not None:
+            start = time.perf_counter()
+            self.history["reference_step_loss"].append(
+                self._train_step(self.reference_loss_of, self.reference_optimizer, xb, yb, lr))
+            timing["reference"] += time.perf_counter() - start
+        self.step += 1
+
+    def _finish(self, timing: dict) -> dict:
+        config, splits = self.config, self.dataset.splits
+        for model in filter(None, (self.model, self.reference)):
+            models.calibrate_batchnorm(model, splits["train"][0])
+        summary = {"steps": self.step, **{f"{name}_loss": split_loss(self.model, *splits[name]) for name in splits}}
+        steps_timed = max(1, len(self.history["reference_step_loss"]) or self.step)
+        if timing["fastlm"]:
+            summary["fastlm_ms_per_step"] = 1e3 * timing["fastlm"] / max(1, self.step)
+        if self.reference is not None:
+            summary.update({f"reference_{name}_loss": split_loss(self.reference, *splits[name]) for name in splits})
+            summary["reference_ms_per_step"] = 1e3 * timing["reference"] / steps_timed
+        summary["samples"] = sample_words(self.model, self.dataset.vocab, context_of(config), config.samples,
+                                          config.seed)
+        self.save()
+        if self.rank == 0:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._plot()
+        return summary
+
+    def _plot(self) -> None:
+        """loss.png: the training loss averaged over windows of 1% of the run, and the val loss, in log10."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            self.log("note: matplotlib is not installed, so no loss plot was drawn")
+            return
+        losses = self.history["step_loss"]
+        if not losses:
+            return
+        window = max(1, len(losses) // 100)
+        steps = range(0, len(losses) - window + 1, window)
+        figure, axes = plt.subplots(figsize=(7, 4))
+        axes.plot([s + window for s in steps], [math.log10(sum(losses[s:s + window]) / window) for s in steps],
+                  label="train (batch, windowed)")
+        if self.history["val"]:
+            axes.plot(*zip(*[(s, math.log10(v)) for s, v in self.history["val"]]), "o-", label="val")
+        axes.set_xlabel("step")
+        axes.set_ylabel("log10 loss")
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(self.out / "loss.png", dpi=100)
+        plt.close(figure)

@@ -1,0 +1,71 @@
+"""fastlm.benchmark, the `fastlm bench` command, on small CPU runs: the CSV and JSON it writes parse and hold
+positive finite numbers for eager and fastlm-cpp side by side, and the markdown table renders from them and
+from the committed results."""
+
+import csv
+import glob
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+from conftest import skip_unless_runs
+from fastlm import benchmark
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def positive(value) -> bool:
+    return value is not None and math.isfinite(float(value)) and float(value) > 0
+
+
+def test_quick_batch_norm_writes_csv_json_and_a_table(tmp_path, capsys):
+    skip_unless_runs("cpp")
+    assert benchmark.main(["--quick", "--op", "batch_norm", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    stem = tmp_path / "batch_norm-cpu-quick"
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert {"device_name", "torch", "triton", "git_commit", "date", "timing"} <= result["environment"].keys()
+    assert result["op"] == "batch_norm" and result["mode"] == "full" and positive(result["copy_bandwidth_gbs"])
+    rows = result["rows"]
+    assert {"eager", "fastlm-cpp", "torch.compile"} <= {row["provider"] for row in rows}
+    assert len({row["case"] for row in rows}) == 4  # two quick sizes, with and without tanh
+    for row in rows:
+        low, high = row["spread_ms"]
+        assert positive(row["median_ms"]) and low <= row["median_ms"] <= high
+        assert positive(row["speedup_vs_eager"]) and positive(row["gbs"]) and positive(row["of_copy_bw"])
+        assert row["compile_s"] >= 0 and row["peak_extra_mb"] >= 0
+    with open(stem.with_suffix(".csv"), newline="") as source:
+        lines = list(csv.DictReader(source))
+    assert [line["provider"] for line in lines] == [row["provider"] for row in rows]
+    assert all(positive(line["median_ms"]) and positive(line["gbs"]) for line in lines)
+    assert stem.with_suffix(".png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+    capsys.readouterr()
+
+    assert benchmark.main(["--table", str(stem.with_suffix(".json"))]) == 0
+    table = capsys.readouterr().out
+    assert "**batch_norm** (full)" in table and "| case | provider |" in table
+    assert table.count("| fastlm-cpp |") == 4
+
+
+def test_backward_mode_on_chosen_sizes_and_dtypes(tmp_path):
+    assert benchmark.main(["--quick", "--op", "cross_entropy", "--mode", "bwd", "--sizes", "65x33", "--dtype",
+                           "float32", "float64", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "cross_entropy-cpu-bwd-quick.json").read_text())["rows"]
+    assert [row["case"] for row in rows[::len(rows) // 2]] == ["N=65 C=33 float32", "N=65 C=33 float64"]
+    assert all(row["mode"] == "bwd" and positive(row["median_ms"]) and positive(row["gbs"]) for row in rows)
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(SystemExit):
+        benchmark.main(["--op", "batch_norm", "--sizes", "12x", "--out", "unused"])
+    with pytest.raises(SystemExit):
+        benchmark.main(["--sizes", "4x4"])  # --sizes needs one --op
+
+
+def test_markdown_table_of_the_committed_results():
+    paths = sorted(glob.glob(os.path.join(REPO, "bench", "results", "*.json")))
+    table = benchmark.harness.markdown_table(paths)
+    assert table.count("| case | provider | median ms (IQR) |") == len(paths)
+    assert "| eager |" in table

@@ -1,0 +1,117 @@
+"""fastlm.convert on hand-built models: the converted model keeps its state_dict (the same keys, the very
+same tensors) and computes what the torch model computes, outputs, gradients, running stats and all, over
+training steps; what it cannot fuse stays as it was."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastlm
+from conftest import skip_unless_runs
+from fastlm.convert import FusedSequential
+
+
+class Net(nn.Module):
+    """A makemore MLP written the torch way, plus a BatchNorm outside any Sequential and a weighted loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Embedding(27, 10), nn.Flatten(), nn.Linear(30, 64), nn.BatchNorm1d(64),
+                                  nn.Tanh(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 27))
+        self.norm = nn.BatchNorm1d(27, momentum=None)
+        self.criterion = nn.CrossEntropyLoss(weight=torch.rand(27) + 0.5, label_smoothing=0.1)
+
+    def forward(self, idx, targets):
+        return self.criterion(self.norm(self.body(idx)), targets)
+
+
+def make_pair(backend=None):
+    torch.manual_seed(0)
+    model = Net()
+    return model, fastlm.convert(copy.deepcopy(model), backend=backend)
+
+
+def test_convert_swaps_the_layers_and_keeps_the_state_dict():
+    torch.manual_seed(0)
+    model = Net()
+    before = model.state_dict()
+    converted = fastlm.convert(model)
+    after = converted.state_dict()
+    assert list(after) == list(before)
+    assert all(after[key].data_ptr() == before[key].data_ptr() for key in before)  # the tensors themselves
+    body = converted.body
+    assert isinstance(body, FusedSequential) and list(body.fused_layers()) == [0]
+    assert isinstance(body[3], fastlm.nn.BatchNorm1d) and body[3].activation == "tanh"
+    assert isinstance(body[6], fastlm.nn.BatchNorm1d) and body[6].activation == "relu"
+    assert isinstance(body[4], nn.Identity) and isinstance(body[7], nn.Identity)
+    assert isinstance(converted.norm, fastlm.nn.BatchNorm1d) and converted.norm.activation is None
+    assert isinstance(converted.criterion, fastlm.nn.CrossEntropyLoss)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_converted_model_trains_like_the_torch_model(backend):
+    skip_unless_runs(backend)
+    model, converted = make_pair(backend)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, converted)]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5 if backend == "triton" else 50):
+        idx = torch.randint(0, 27, (32, 3), generator=generator)
+        targets = torch.randint(0, 27, (32,), generator=generator)
+        losses = []
+        for m, optimizer in zip((model, converted), optimizers):
+            optimizer.zero_grad()
+            losses.append(m(idx, targets))
+            losses[-1].backward()
+        for (name, p), q in zip(model.named_parameters(), converted.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+        for optimizer in optimizers:
+            optimizer.step()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    model.eval()
+    converted.eval()
+    idx, targets = torch.randint(0, 27, (64, 3)), torch.randint(0, 27, (64,))
+    torch.testing.assert_close(converted(idx, targets), model(idx, targets), rtol=1e-5, atol=0)
+
+
+def test_root_sequential_is_converted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(27, 4), nn.Flatten(), nn.Linear(20, 8), nn.BatchNorm1d(8), nn.Tanh())
+    reference = copy.deepcopy(model)
+    converted = fastlm.convert(model)
+    assert isinstance(converted, FusedSequential)
+    idx = torch.randint(0, 27, (16, 5))
+    torch.testing.assert_close(converted(idx), reference(idx), rtol=1e-5, atol=1e-6)
+
+
+def test_what_cannot_be_fused_is_left_alone():
+    model = nn.Sequential(nn.Embedding(27, 4, max_norm=1.0), nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8),
+                          nn.Sigmoid(), nn.LazyBatchNorm1d())
+    converted = fastlm.convert(model)
+    assert type(converted) is nn.Sequential
+    assert isinstance(converted[3], fastlm.nn.BatchNorm1d) and converted[3].activation is None
+    assert isinstance(converted[4], nn.Sigmoid)
+    assert type(converted[5]) is nn.LazyBatchNorm1d
+
+
+def test_fused_sequential_follows_its_children():
+    torch.manual_seed(0)
+    converted = fastlm.convert(nn.Sequential(nn.Embedding(27, 30), nn.Flatten(), nn.Linear(30, 8)))
+    idx = torch.randint(0, 27, (16, 1))
+
+    def unfused(seq, x):
+        return seq[2](seq[1](seq[0](x)))
+
+    twin = copy.deepcopy(converted)  # its fused layer reads the copy's parameters
+    with torch.no_grad():
+        twin[2].weight.mul_(2)
+    torch.testing.assert_close(twin(idx), unfused(twin, idx))
+    torch.testing.assert_close(converted(idx), unfused(converted, idx))
+    converted.append(nn.Tanh())
+    torch.testing.assert_close(converted(idx), torch.tanh(unfused(converted, idx)))
+    assert isinstance(converted[0:3], FusedSequential) and list(converted[0:3].fused_layers()) == [0]
+    flat = idx.view(-1)  # (B,) ids: nn.Embedding takes them, the fused op does not, so the children run
+    torch.testing.assert_close(converted(flat), torch.tanh(unfused(converted, flat)))

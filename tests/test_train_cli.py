@@ -1,0 +1,127 @@
+"""``fastlm train`` / ``fastlm sample`` end to end on short runs: files written, interrupt and resume
+bit-identical, the plain-PyTorch twin side by side, data parallel with torchrun, bad word lists refused."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastlm.train import Trainer, TrainConfig
+
+WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia", "harper", "evelyn", "abigail", "emily",
+         "ella", "elizabeth", "camila", "luna", "sofia", "avery", "mila", "aria", "scarlett"] * 5
+
+
+@pytest.fixture
+def words_file(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_text("\n".join(WORDS) + "\n")
+    return str(path)
+
+
+def small_config(words_file, out, **changes):
+    options = dict(steps=40, batch_size=8, eval_every=20, checkpoint_every=1000, samples=3, data=words_file,
+                   out=str(out), hidden=16)
+    options.update(changes)
+    return TrainConfig(**options)
+
+
+def fastlm_command(*args, **env):
+    return subprocess.run([sys.executable, "-m", "fastlm", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+
+
+def test_interrupted_and_resumed_run_ends_bit_identical(words_file, tmp_path, monkeypatch):
+    whole = Trainer(small_config(words_file, tmp_path / "whole"), log=lambda *_: None)
+    whole.fit()
+
+    interrupted = Trainer(small_config(words_file, tmp_path / "cut"), log=lambda *_: None)
+    train_step = Trainer._train_step
+
+    def ctrl_c_during_step_17(self, *args):
+        if self.step == 16:  # mid-step: the step completes, then the run stops at step 17
+            os.kill(os.getpid(), signal.SIGINT)
+        return train_step(self, *args)
+
+    monkeypatch.setattr(Trainer, "_train_step", ctrl_c_during_step_17)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    monkeypatch.setattr(Trainer, "_train_step", train_step)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 17
+
+    resumed = Trainer(small_config(words_file, tmp_path / "cut"), resume=True, log=lambda *_: None)
+    assert resumed.step == 17
+    resumed.fit()
+    for (name, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert resumed.history["step_loss"] == whole.history["step_loss"]
+
+
+def test_compare_trains_the_reference_twin_on_the_same_batches(words_file, tmp_path):
+    trainer = Trainer(small_config(words_file, tmp_path, compare=True), log=lambda *_: None)
+    summary = trainer.fit()
+    fused, reference = trainer.history["step_loss"], trainer.history["reference_step_loss"]
+    assert len(fused) == len(reference) == 40
+    for a, b in zip(fused, reference):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert summary["val_loss"] == pytest.approx(summary["reference_val_loss"], rel=1e-4)
+    assert summary["fastlm_ms_per_step"] > 0 and summary["reference_ms_per_step"] > 0
+
+
+def test_cli_train_then_sample(words_file, tmp_path):
+    out = tmp_path / "run"
+    result = fastlm_command("train", "--steps", "30", "--batch-size", "8", "--eval-every", "10", "--hidden", "16",
+                            "--samples", "3", "--data", words_file, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 30 and all(summary[f"{s}_loss"] > 0 for s in ("train", "val", "test"))
+    assert len(summary["samples"]) == 3
+    assert (out / "checkpoint.pt").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
+    sampled = fastlm_command("sample", "--checkpoint", str(out), "--count", "4")
+    assert sampled.returncode == 0, sampled.stderr
+    names = sampled.stdout.split()
+    assert len(sampled.stdout.splitlines()) == 4 and all(set(n) <= set("abcdefghijklmnopqrstuvwxyz") for n in names)
+
+
+@pytest.mark.parametrize("content,message", [(None, "does not exist"), ("", "has no words"),
+                                             ("anna\nzoë\n", "outside the vocabulary")])
+def test_bad_word_lists_end_with_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "words.txt"
+    if content is not None:
+        path.write_text(content)
+    result = fastlm_command("train", "--steps", "1", "--data", str(path), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sample_without_a_checkpoint_is_a_clear_error(tmp_path):
+    result = fastlm_command("sample", "--checkpoint", str(tmp_path / "nothing"))
+    assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_data_parallel_with_torchrun_equals_one_process_on_the_whole_batch(words_file, tmp_path):
+    """2 gloo ranks with batch 8 each (synchronised BatchNorm, DDP) against 1 process with batch 16."""
+    common = ["--steps", "12", "--eval-every", "12", "--hidden", "16", "--samples", "1", "--data", words_file]
+    single = fastlm_command("train", *common, "--batch-size", "16", "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    parallel = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(free_port()), "-m", "fastlm", "train", *common, "--batch-size", "8",
+                               "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert parallel.returncode == 0, parallel.stderr
+    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
+    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
