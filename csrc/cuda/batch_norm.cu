@@ -17,13 +17,12 @@
 // Data is read in its own type (float, double, __half, __nv_bfloat16); math is in fp32 (fp64 for double).
 // Torch-free: batch_norm_binding.cpp validates inputs, allocates outputs and workspace, calls the launchers.
 #include "batch_norm.cuh"
+#include "launch_utils.cuh"
 
 #include <math_constants.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <initializer_list>
-#include <type_traits>
 
 namespace fastlm {
 namespace {
@@ -34,20 +33,7 @@ constexpr int kGradUnroll = 2;              // the same for the backward's two o
 constexpr int64_t kTargetItems = 2048;      // work items a reduction aims for: ~16 per SM on ~132 SMs
 constexpr int64_t kMinRowsPerGroup = 16;    // 2D: a chunk gives each row group at least this many rows
 constexpr int64_t kMinChunk3d = 4096;       // 3D: values per (chunk, channel) at least
-constexpr unsigned kFullMask = 0xffffffffu;
 
-template <typename T> constexpr int kMaxVec = 16 / int(sizeof(T));  // one 16-byte load
-
-__host__ __device__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ void assign(float& d, float v) { d = v; }
-__device__ __forceinline__ void assign(double& d, double v) { d = v; }
-__device__ __forceinline__ void assign(__half& d, float v) { d = __float2half_rn(v); }
-__device__ __forceinline__ void assign(__nv_bfloat16& d, float v) { d = __float2bfloat16_rn(v); }
 __device__ __forceinline__ float sqrt_(float v) { return sqrtf(v); }
 __device__ __forceinline__ double sqrt_(double v) { return sqrt(v); }
 __device__ __forceinline__ float quiet_nan(float) { return CUDART_NAN_F; }
@@ -59,16 +45,6 @@ __device__ __forceinline__ float tanh_(float z) {
   return copysignf(1.f - 2.f / (__expf(2.f * fabsf(z)) + 1.f), z);
 }
 __device__ __forceinline__ double tanh_(double z) { return tanh(z); }
-
-// Up to 16 bytes of consecutive values, loaded and stored as one vector.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Packed {
-  T v[VEC];
-};
-template <int VEC, typename T>
-__device__ __forceinline__ Packed<T, VEC> load(const T* p) {
-  return *reinterpret_cast<const Packed<T, VEC>*>(p);
-}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t activate(acc_t z, int act) {
@@ -200,6 +176,34 @@ struct Tile {
 
 __device__ __forceinline__ int64_t tiles_of(int64_t C, int vec) { return ceil_div(C, int64_t(blockDim.x) * vec); }
 
+// Rows r + u * groups (u < UNROLL) of the tile's channels from x, those before t.r1 only, into v[u]: the loads
+// of one step of the 2D reductions and elementwise kernels, all issued before any value is used.
+template <int UNROLL, typename T, int VEC>
+__device__ __forceinline__ void load_rows(Packed<T, VEC> (&v)[UNROLL], const T* __restrict__ x, int64_t C,
+                                          const Tile<VEC>& t, int64_t r, int64_t groups) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    if (r + u * groups < t.r1) v[u] = load<VEC>(x + (r + u * groups) * C + t.c0);
+  }
+}
+
+// The same for the backward's streams: dy, x and, only when the activation needs it, the saved output y.
+template <int UNROLL, typename T, int VEC>
+__device__ __forceinline__ void load_grad_rows(Packed<T, VEC> (&g)[UNROLL], Packed<T, VEC> (&v)[UNROLL],
+                                               Packed<T, VEC> (&o)[UNROLL], const T* __restrict__ dy,
+                                               const T* __restrict__ x, const T* __restrict__ y, int act, int64_t C,
+                                               const Tile<VEC>& t, int64_t r, int64_t groups) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int64_t off = (r + u * groups) * C + t.c0;
+    if (r + u * groups < t.r1) {
+      g[u] = load<VEC>(dy + off);
+      v[u] = load<VEC>(x + off);
+      if (act != kActNone) o[u] = load<VEC>(y + off);
+    }
+  }
+}
+
 // Per (chunk, channel) (mean, M2) of 2D input: one Welford state per thread and channel, then the row groups
 // merged in order. The shared slots hold all kThreads * VEC states, row group by row group.
 template <typename T, int VEC>
@@ -220,10 +224,7 @@ __global__ void __launch_bounds__(kThreads)
     if (t.c0 < C) {
       for (int64_t r = t.r0 + threadIdx.y; r < t.r1; r += groups * kUnroll) {
         Packed<T, VEC> v[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          if (r + u * groups < t.r1) v[u] = load<VEC>(x + (r + u * groups) * C + t.c0);
-        }
+        load_rows(v, x, C, t, r, groups);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           if (r + u * groups < t.r1) {
@@ -280,15 +281,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < VEC; ++k) m[k] = mean[t.c0 + k];
       for (int64_t r = t.r0 + threadIdx.y; r < t.r1; r += groups * kGradUnroll) {
         Packed<T, VEC> g[kGradUnroll], v[kGradUnroll], o[kGradUnroll] = {};
-#pragma unroll
-        for (int u = 0; u < kGradUnroll; ++u) {
-          const int64_t off = (r + u * groups) * C + t.c0;
-          if (r + u * groups < t.r1) {
-            g[u] = load<VEC>(dy + off);
-            v[u] = load<VEC>(x + off);
-            if (act != kActNone) o[u] = load<VEC>(y + off);
-          }
-        }
+        load_grad_rows(g, v, o, dy, x, y, act, C, t, r, groups);
 #pragma unroll
         for (int u = 0; u < kGradUnroll; ++u) {
           if (r + u * groups < t.r1) {
@@ -546,10 +539,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < VEC; ++j) a.channel(t.c0 + j, m[j], scale[j], shift[j]);
     for (int64_t r = t.r0 + threadIdx.y; r < t.r1; r += groups * kUnroll) {
       Packed<T, VEC> v[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (r + u * groups < t.r1) v[u] = load<VEC>(x + (r + u * groups) * C + t.c0);
-      }
+      load_rows(v, x, C, t, r, groups);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         if (r + u * groups < t.r1) {
@@ -579,15 +569,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < VEC; ++j) grad_channel(a, t.c0 + j, m[j], scale[j], shift[j], xscale[j]);
     for (int64_t r = t.r0 + threadIdx.y; r < t.r1; r += groups * kGradUnroll) {
       Packed<T, VEC> g[kGradUnroll], v[kGradUnroll], o[kGradUnroll] = {};
-#pragma unroll
-      for (int u = 0; u < kGradUnroll; ++u) {
-        const int64_t off = (r + u * groups) * C + t.c0;
-        if (r + u * groups < t.r1) {
-          g[u] = load<VEC>(dy + off);
-          v[u] = load<VEC>(x + off);
-          if (a.activation != kActNone) o[u] = load<VEC>(y + off);
-        }
-      }
+      load_grad_rows(g, v, o, dy, x, y, a.activation, C, t, r, groups);
 #pragma unroll
       for (int u = 0; u < kGradUnroll; ++u) {
         if (r + u * groups < t.r1) {
@@ -668,46 +650,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The widest vector (at most 16 bytes) that divides len (C for 2D, L for 3D) and to which every pointer is
-// aligned; nullptr counts as aligned.
-template <typename T>
-int pick_vec(int64_t len, std::initializer_list<const void*> ptrs) {
-  int vec = kMaxVec<T>;
-  const auto fits = [&](int v) {
-    if (len % v != 0) return false;
-    for (const void* p : ptrs) {
-      if (reinterpret_cast<uintptr_t>(p) % (v * sizeof(T)) != 0) return false;
-    }
-    return true;
-  };
-  while (vec > 1 && !fits(vec)) vec /= 2;
-  return vec;
-}
-
-// Calls f(std::integral_constant<int, vec>{}) for a runtime vec in {MAX, MAX / 2, ..., 1}.
-template <int MAX, typename F>
-cudaError_t with_vec(int vec, F&& f) {
-  if constexpr (MAX > 1) {
-    if (vec < MAX) return with_vec<MAX / 2>(vec, f);
-  }
-  return f(std::integral_constant<int, MAX>{});
-}
-
-// Launches kernel with min(items, blocks resident at once) blocks of kThreads threads, blockDim `block`;
-// the kernels loop over their items, so a larger grid would only queue blocks behind the resident ones.
-template <typename... Params, typename... Args>
-cudaError_t launch_items(void (*kernel)(Params...), int64_t items, dim3 block, cudaStream_t stream, Args... args) {
-  if (items == 0) return cudaSuccess;
-  int device = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
-  if (err != cudaSuccess) return err;
-  const int64_t grid = std::min(items, int64_t(sms) * std::max(per_sm, 1));
-  kernel<<<unsigned(grid), block, 0, stream>>>(args...);
-  return cudaGetLastError();
-}
-
 dim3 tile_block(const Plan& plan) { return dim3(plan.tile_x, kThreads / plan.tile_x); }
 
 // Finalize blocks: up to 8 channels along x (one 32-byte sector of a chunk row), the rest of kThreads as lanes
@@ -728,12 +670,12 @@ template <typename T>
 cudaError_t stats_partials(const T* x, BatchNormShape s, const Plan& plan, acc_type<T>* ws, cudaStream_t stream) {
   acc_type<T>* part_m2 = ws + plan.chunks * s.C;
   if (s.L != 1) {
-    return launch_items(stats_partial_3d<T>, plan.chunks * s.C, dim3(kThreads), stream, x, s, plan, ws, part_m2);
+    return launch_resident(stats_partial_3d<T>, plan.chunks * s.C, dim3(kThreads), stream, x, s, plan, ws, part_m2);
   }
   return with_vec<kMaxVec<T>>(pick_vec<T>(s.C, {x}), [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     const int64_t items = ceil_div(s.C, int64_t(plan.tile_x) * VEC) * plan.chunks;
-    return launch_items(stats_partial_2d<T, VEC>, items, tile_block(plan), stream, x, s.C, plan, ws, part_m2);
+    return launch_resident(stats_partial_2d<T, VEC>, items, tile_block(plan), stream, x, s.C, plan, ws, part_m2);
   });
 }
 
@@ -744,13 +686,13 @@ cudaError_t launch_forward(const T* x, BatchNormShape s, const Plan& plan, const
     return with_vec<kMaxVec<T>>(pick_vec<T>(s.L, {x, y}), [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
       const int64_t vectors = s.N * s.C * (s.L / VEC);
-      return launch_items(forward_3d<T, VEC>, ceil_div(vectors, kThreads), dim3(kThreads), stream, x, s, args, y);
+      return launch_resident(forward_3d<T, VEC>, ceil_div(vectors, kThreads), dim3(kThreads), stream, x, s, args, y);
     });
   }
   return with_vec<kMaxVec<T>>(pick_vec<T>(s.C, {x, y}), [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     const int64_t items = ceil_div(s.C, int64_t(plan.tile_x) * VEC) * plan.chunks;
-    return launch_items(forward_2d<T, VEC>, items, tile_block(plan), stream, x, s.C, plan, args, y);
+    return launch_resident(forward_2d<T, VEC>, items, tile_block(plan), stream, x, s.C, plan, args, y);
   });
 }
 
@@ -817,14 +759,14 @@ cudaError_t batch_norm_backward_reduce_cuda(const scalar_t* grad_output, const s
   acc_t* part_dzx = workspace + plan.chunks * shape.C;
   cudaError_t err;
   if (shape.L != 1) {
-    err = launch_items(grad_partial_3d<scalar_t>, plan.chunks * shape.C, dim3(kThreads), stream, grad_output, input,
-                       output, shape, plan, mean, activation, workspace, part_dzx);
+    err = launch_resident(grad_partial_3d<scalar_t>, plan.chunks * shape.C, dim3(kThreads), stream, grad_output,
+                          input, output, shape, plan, mean, activation, workspace, part_dzx);
   } else {
     err = with_vec<kMaxVec<scalar_t>>(pick_vec<scalar_t>(shape.C, {grad_output, input, output}), [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
       const int64_t items = ceil_div(shape.C, int64_t(plan.tile_x) * VEC) * plan.chunks;
-      return launch_items(grad_partial_2d<scalar_t, VEC>, items, tile_block(plan), stream, grad_output, input, output,
-                          shape.C, plan, mean, activation, workspace, part_dzx);
+      return launch_resident(grad_partial_2d<scalar_t, VEC>, items, tile_block(plan), stream, grad_output, input,
+                             output, shape.C, plan, mean, activation, workspace, part_dzx);
     });
   }
   if (err != cudaSuccess) return err;
@@ -844,16 +786,16 @@ cudaError_t batch_norm_backward_input_cuda(const scalar_t* grad_output, const sc
         pick_vec<scalar_t>(shape.L, {grad_output, input, output, grad_input}), [&](auto vec) {
           constexpr int VEC = decltype(vec)::value;
           const int64_t vectors = shape.N * shape.C * (shape.L / VEC);
-          return launch_items(grad_input_3d<scalar_t, VEC>, ceil_div(vectors, kThreads), dim3(kThreads), stream,
-                              grad_output, input, output, shape, args, grad_input);
+          return launch_resident(grad_input_3d<scalar_t, VEC>, ceil_div(vectors, kThreads), dim3(kThreads), stream,
+                                 grad_output, input, output, shape, args, grad_input);
         });
   }
   return with_vec<kMaxVec<scalar_t>>(
       pick_vec<scalar_t>(shape.C, {grad_output, input, output, grad_input}), [&](auto vec) {
         constexpr int VEC = decltype(vec)::value;
         const int64_t items = ceil_div(shape.C, int64_t(plan.tile_x) * VEC) * plan.chunks;
-        return launch_items(grad_input_2d<scalar_t, VEC>, items, tile_block(plan), stream, grad_output, input, output,
-                            shape.C, plan, args, grad_input);
+        return launch_resident(grad_input_2d<scalar_t, VEC>, items, tile_block(plan), stream, grad_output, input,
+                               output, shape.C, plan, args, grad_input);
       });
 }
 
@@ -871,10 +813,7 @@ cudaError_t batch_norm_backward_input_cuda(const scalar_t* grad_output, const sc
                                                           acc_type<T>*, acc_type<T>*, cudaStream_t);               \
   template cudaError_t batch_norm_backward_input_cuda<T>(const T*, const T*, const T*, BatchNormShape,             \
                                                          const BatchNormGradArgs<acc_type<T>>&, T*, cudaStream_t);
-FASTLM_INSTANTIATE(float)
-FASTLM_INSTANTIATE(double)
-FASTLM_INSTANTIATE(__half)
-FASTLM_INSTANTIATE(__nv_bfloat16)
+FASTLM_FOR_EACH_KERNEL_DTYPE(FASTLM_INSTANTIATE)
 #undef FASTLM_INSTANTIATE
 
 }  // namespace fastlm

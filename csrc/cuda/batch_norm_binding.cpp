@@ -5,6 +5,7 @@
 // nvcc never parses torch headers. Data in float, double, half and bfloat16 is read in its own dtype; any other
 // floating dtype goes through fp32 and comes back in its own.
 #include "batch_norm.cuh"
+#include "binding_utils.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -18,37 +19,11 @@
 namespace fastlm {
 namespace {
 
-template <typename T> struct Tag { using type = T; };
-
-// Calls f(Tag<T>{}) with T the type the kernels read for this dtype.
-template <typename F>
-void dispatch(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(Tag<float>{});
-    case at::kDouble: return f(Tag<double>{});
-    case at::kHalf: return f(Tag<__half>{});
-    case at::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    default: TORCH_CHECK(false, "fastlm batch_norm (CUDA): unsupported dtype ", dtype);
-  }
-}
-
-bool kernel_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "fastlm ", op, " (CUDA): ", cudaGetErrorString(err));
-}
-
 void check_activation(int64_t activation) {
   TORCH_CHECK(activation >= kActNone && activation <= kActTanh,
               "fastlm batch_norm: activation must be 0 (none), 1 (relu) or 2 (tanh), got ", activation);
 }
 
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-template <typename T> const T* data(const at::Tensor& t) { return static_cast<const T*>(t.const_data_ptr()); }
-template <typename T> T* mutable_data(const at::Tensor& t) { return static_cast<T*>(t.mutable_data_ptr()); }
 // nullptr for an absent (undefined) tensor, which the kernels read as the default.
 template <typename T> const T* data_or_null(const at::Tensor& t) { return t.defined() ? data<T>(t) : nullptr; }
 template <typename T> T* mutable_data_or_null(const at::Tensor& t) {
@@ -133,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {
   const Input in = prepare(input);
   const c10::cuda::CUDAGuard guard(in.x.device());
   at::Tensor mean = in.new_per_channel(), var = in.new_per_channel();
-  dispatch(in.x.scalar_type(), [&](auto tag) {
+  dispatch(in.x.scalar_type(), "batch_norm", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
     const at::Tensor ws = in.workspace<T>();
@@ -153,7 +128,7 @@ at::Tensor batch_norm_forward(const at::Tensor& input, const at::Tensor& mean, c
   const at::Tensor w = in.per_channel(weight, "weight"), b = in.per_channel(bias, "bias");
   const c10::cuda::CUDAGuard guard(in.x.device());
   at::Tensor output = in.new_like_x();
-  dispatch(in.x.scalar_type(), [&](auto tag) {
+  dispatch(in.x.scalar_type(), "batch_norm", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
     check_cuda(batch_norm_forward_cuda<T>(data<T>(in.x), in.shape, data<acc_t>(m), data<acc_t>(is),
@@ -177,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_train(
   const at::Tensor rv = running_stat(in, running_var, "running_var");
   const c10::cuda::CUDAGuard guard(in.x.device());
   at::Tensor output = in.new_like_x(), mean = in.new_per_channel(), invstd = in.new_per_channel();
-  dispatch(in.x.scalar_type(), [&](auto tag) {
+  dispatch(in.x.scalar_type(), "batch_norm", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
     const at::Tensor ws = in.workspace<T>();
@@ -200,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_train(
 // sum_dz and sum_dz_xhat into the given per-channel tensors.
 void backward_reduce_into(const Input& in, const at::Tensor& dy, const at::Tensor& y, const at::Tensor& m,
                           const at::Tensor& is, int64_t activation, at::Tensor& sum_dz, at::Tensor& sum_dz_xhat) {
-  dispatch(in.x.scalar_type(), [&](auto tag) {
+  dispatch(in.x.scalar_type(), "batch_norm", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
     const at::Tensor ws = in.workspace<T>();
@@ -216,7 +191,7 @@ at::Tensor backward_input(const Input& in, const at::Tensor& dy, const at::Tenso
                           const at::Tensor& is, const at::Tensor& w, const at::Tensor& sum_dz,
                           const at::Tensor& sum_dz_xhat, double mean_scale, double xhat_scale, int64_t activation) {
   at::Tensor grad_input = in.new_like_x();
-  dispatch(in.x.scalar_type(), [&](auto tag) {
+  dispatch(in.x.scalar_type(), "batch_norm", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
     const BatchNormGradArgs<acc_t> args{data<acc_t>(m),      data<acc_t>(is),          data_or_null<acc_t>(w),

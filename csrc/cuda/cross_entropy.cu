@@ -7,6 +7,7 @@
 // row_forward and row_grad, shared by the three kernels. Logits are read in their own type; math is in fp32
 // (fp64 for double). Torch-free: cross_entropy_binding.cpp validates inputs and calls the launchers.
 #include "cross_entropy.cuh"
+#include "launch_utils.cuh"
 
 #include <math_constants.h>
 
@@ -17,12 +18,7 @@ namespace fastlm {
 namespace {
 
 constexpr int kMaxThreads = 1024;
-constexpr unsigned kFullMask = 0xffffffffu;
 
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
@@ -253,10 +249,7 @@ cudaError_t cross_entropy_forward_backward_cuda(const scalar_t* logits, int64_t 
   template cudaError_t cross_entropy_forward_backward_cuda<T>(const T*, int64_t, const CrossEntropyArgs<acc_type<T>>&, \
                                                               const acc_type<T>*, acc_type<T>*, acc_type<T>*, T*,      \
                                                               int64_t, cudaStream_t);
-FASTLM_INSTANTIATE(float)
-FASTLM_INSTANTIATE(double)
-FASTLM_INSTANTIATE(__half)
-FASTLM_INSTANTIATE(__nv_bfloat16)
+FASTLM_FOR_EACH_KERNEL_DTYPE(FASTLM_INSTANTIATE)
 #undef FASTLM_INSTANTIATE
 
 }  // namespace fastlm

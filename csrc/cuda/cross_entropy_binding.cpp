@@ -5,6 +5,7 @@
 // Unlike the CPU kernels, fp16 and bf16 logits are read in their own dtype rather than copied to fp32.
 #include "../cross_entropy_checks.h"
 #include "cross_entropy.cuh"
+#include "binding_utils.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -18,29 +19,8 @@
 namespace fastlm {
 namespace {
 
-template <typename T> struct Tag { using type = T; };
-
-// Calls f(Tag<T>{}) with T the type the kernels read for this logits dtype.
-template <typename F>
-void dispatch(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(Tag<float>{});
-    case at::kDouble: return f(Tag<double>{});
-    case at::kHalf: return f(Tag<__half>{});
-    case at::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    default: TORCH_CHECK(false, "fastlm cross_entropy (CUDA): unsupported logits dtype ", dtype);
-  }
-}
-
-bool kernel_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
 at::ScalarType math_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "fastlm ", op, " (CUDA): ", cudaGetErrorString(err));
 }
 
 void check_device(const at::Tensor& t, const at::Tensor& logits, const char* name) {
@@ -96,13 +76,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
   const c10::cuda::CUDAGuard guard(p.logits.device());
   const auto options = p.logits.options().dtype(math_dtype(p.logits));
   at::Tensor loss = at::empty({p.logits.size(0)}, options), lse = at::empty({p.logits.size(0)}, options);
-  dispatch(p.logits.scalar_type(), [&](auto tag) {
+  dispatch(p.logits.scalar_type(), "cross_entropy", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
     check_cuda(cross_entropy_forward_cuda<T>(static_cast<const T*>(p.logits.data_ptr()), p.logits.stride(0),
                                              kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale),
-                                             loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
-                                             c10::cuda::getCurrentCUDAStream().stream()),
+                                             loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), stream()),
                "cross_entropy_forward");
   });
   return {loss, lse};
@@ -122,14 +101,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
   const auto options = p.logits.options().dtype(math_dtype(p.logits));
   at::Tensor loss = at::empty({N}, options), lse = at::empty({N}, options);
   at::Tensor grad = at::empty(p.logits.sizes(), p.logits.options());  // contiguous
-  dispatch(p.logits.scalar_type(), [&](auto tag) {
+  dispatch(p.logits.scalar_type(), "cross_entropy", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
     check_cuda(cross_entropy_forward_backward_cuda<T>(
                    static_cast<const T*>(p.logits.data_ptr()), p.logits.stride(0),
                    kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale),
                    grad_loss_c.data_ptr<acc_t>(), loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
-                   static_cast<T*>(grad.data_ptr()), grad.stride(0), c10::cuda::getCurrentCUDAStream().stream()),
+                   static_cast<T*>(grad.data_ptr()), grad.stride(0), stream()),
                "cross_entropy_forward_backward");
   });
   return {loss, lse, grad.to(logits.scalar_type())};
@@ -146,14 +125,13 @@ void backward_into(const Prepared& p, const at::Tensor& lse, const at::Tensor& g
   const at::Tensor lse_c = lse.to(math_dtype(p.logits)).contiguous();
   const at::Tensor grad_loss_c = grad_loss.to(math_dtype(p.logits)).contiguous();
   const c10::cuda::CUDAGuard guard(p.logits.device());
-  dispatch(p.logits.scalar_type(), [&](auto tag) {
+  dispatch(p.logits.scalar_type(), "cross_entropy", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
     check_cuda(cross_entropy_backward_cuda<T>(static_cast<const T*>(p.logits.data_ptr()), p.logits.stride(0),
                                               kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale),
                                               lse_c.data_ptr<acc_t>(), grad_loss_c.data_ptr<acc_t>(),
-                                              static_cast<T*>(grad.data_ptr()), grad.stride(0),
-                                              c10::cuda::getCurrentCUDAStream().stream()),
+                                              static_cast<T*>(grad.data_ptr()), grad.stride(0), stream()),
                "cross_entropy_backward");
   });
 }

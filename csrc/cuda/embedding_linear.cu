@@ -13,11 +13,9 @@
 // are int64. Data is read in its own type (float, double, __half, __nv_bfloat16), sums are in fp32 (fp64 for
 // double). Torch-free: embedding_linear_binding.cpp validates inputs, sorts, allocates, calls the launchers.
 #include "embedding_linear.cuh"
+#include "launch_utils.cuh"
 
-#include <algorithm>
 #include <cstdint>
-#include <initializer_list>
-#include <type_traits>
 
 namespace fastlm {
 namespace {
@@ -25,30 +23,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowUnroll = 4;  // segment rows loaded before any is added, to keep loads in flight
-constexpr unsigned kFullMask = 0xffffffffu;
 
-template <typename T> constexpr int kMaxVec = 16 / int(sizeof(T));  // one 16-byte load
-
-__host__ __device__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ void assign(float& d, float v) { d = v; }
-__device__ __forceinline__ void assign(double& d, double v) { d = v; }
-__device__ __forceinline__ void assign(__half& d, float v) { d = __float2half_rn(v); }
-__device__ __forceinline__ void assign(__nv_bfloat16& d, float v) { d = __float2bfloat16_rn(v); }
-
-// Up to 16 bytes of consecutive values, loaded and stored as one vector.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Packed {
-  T v[VEC];
-};
-template <int VEC, typename T>
-__device__ __forceinline__ Packed<T, VEC> load(const T* p) {
-  return *reinterpret_cast<const Packed<T, VEC>*>(p);
-}
 template <typename T, int VEC>
 __device__ __forceinline__ void store(T* p, const acc_type<T> (&acc)[VEC]) {
   Packed<T, VEC> out;
@@ -167,52 +142,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The widest vector (at most 16 bytes) that divides len and to which every pointer is aligned; nullptr
-// counts as aligned.
-template <typename T>
-int pick_vec(int64_t len, std::initializer_list<const void*> ptrs) {
-  int vec = kMaxVec<T>;
-  const auto fits = [&](int v) {
-    if (len % v != 0) return false;
-    for (const void* p : ptrs) {
-      if (reinterpret_cast<uintptr_t>(p) % (v * sizeof(T)) != 0) return false;
-    }
-    return true;
-  };
-  while (vec > 1 && !fits(vec)) vec /= 2;
-  return vec;
-}
-
-// Calls f(std::integral_constant<int, vec>{}) for a runtime vec in {MAX, MAX / 2, ..., 1}.
-template <int MAX, typename F>
-cudaError_t with_vec(int vec, F&& f) {
-  if constexpr (MAX > 1) {
-    if (vec < MAX) return with_vec<MAX / 2>(vec, f);
-  }
-  return f(std::integral_constant<int, MAX>{});
-}
-
-// Launches kernel with min(blocks, blocks resident at once) blocks of kThreads threads; the kernels loop over
-// their items, so a larger grid would only queue blocks behind the resident ones.
-template <typename... Params, typename... Args>
-cudaError_t launch_blocks(void (*kernel)(Params...), int64_t blocks, cudaStream_t stream, Args... args) {
-  if (blocks == 0) return cudaSuccess;  // an empty grid is a launch error
-  int device = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
-  if (err != cudaSuccess) return err;
-  const int64_t grid = std::min(blocks, int64_t(sms) * std::max(per_sm, 1));
-  kernel<<<unsigned(grid), kThreads, 0, stream>>>(args...);
-  return cudaGetLastError();
-}
-
 template <typename U>
 cudaError_t launch_gather(const int64_t* idx, int64_t rows, const void* table, int64_t V, int64_t row_bytes,
                           void* out, cudaStream_t stream) {
   const int64_t units = row_bytes / int64_t(sizeof(U));
-  return launch_blocks(gather_kernel<U>, ceil_div(rows * units, kThreads), stream, idx, rows,
-                       static_cast<const U*>(table), V, units, static_cast<U*>(out));
+  return launch_resident(gather_kernel<U>, ceil_div(rows * units, kThreads), kThreads, stream, idx, rows,
+                         static_cast<const U*>(table), V, units, static_cast<U*>(out));
 }
 
 bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % uint64_t(bytes) == 0; }
@@ -241,8 +176,8 @@ cudaError_t embedding_linear_product_sum_cuda(const int64_t* idx, int64_t B, int
   if (B == 0 || out == 0) return cudaSuccess;
   return with_vec<kMaxVec<scalar_t>>(pick_vec<scalar_t>(out, {product, bias, y}), [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
-    return launch_blocks(product_sum_kernel<scalar_t, VEC>, ceil_div(B * (out / VEC), kThreads), stream, idx, B, T,
-                         V, out, product, bias, y);
+    return launch_resident(product_sum_kernel<scalar_t, VEC>, ceil_div(B * (out / VEC), kThreads), kThreads, stream,
+                           idx, B, T, V, out, product, bias, y);
   });
 }
 
@@ -253,7 +188,8 @@ cudaError_t embedding_linear_segment_sum_cuda(const EmbeddingLinearScatter& s, c
   return with_vec<kMaxVec<scalar_t>>(pick_vec<scalar_t>(s.width, {src, dst}), [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     const int64_t items = s.n * ceil_div(s.width, 32 * VEC);
-    return launch_blocks(segment_sum_kernel<scalar_t, VEC>, ceil_div(items, kWarps), stream, s, src_rows, src, dst);
+    return launch_resident(segment_sum_kernel<scalar_t, VEC>, ceil_div(items, kWarps), kThreads, stream, s, src_rows,
+                           src, dst);
   });
 }
 
@@ -265,8 +201,8 @@ cudaError_t embedding_linear_scatter_add_cuda(const EmbeddingLinearScatter& s, i
   // dst is written one value at a time, so only src's alignment limits the vector.
   return with_vec<kMaxVec<scalar_t>>(pick_vec<scalar_t>(s.width, {src}), [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
-    return launch_blocks(scatter_add_kernel<scalar_t, VEC>, ceil_div(s.n * (s.width / VEC), kThreads), stream, s,
-                         src_div, src, dst);
+    return launch_resident(scatter_add_kernel<scalar_t, VEC>, ceil_div(s.n * (s.width / VEC), kThreads), kThreads,
+                           stream, s, src_div, src, dst);
   });
 }
 
@@ -279,10 +215,7 @@ cudaError_t embedding_linear_scatter_add_cuda(const EmbeddingLinearScatter& s, i
                                                             const T*, T*, cudaStream_t);                         \
   template cudaError_t embedding_linear_scatter_add_cuda<T>(const EmbeddingLinearScatter&, int64_t, const T*,    \
                                                             acc_type<T>*, cudaStream_t);
-FASTLM_INSTANTIATE(float)
-FASTLM_INSTANTIATE(double)
-FASTLM_INSTANTIATE(__half)
-FASTLM_INSTANTIATE(__nv_bfloat16)
+FASTLM_FOR_EACH_KERNEL_DTYPE(FASTLM_INSTANTIATE)
 #undef FASTLM_INSTANTIATE
 
 }  // namespace fastlm

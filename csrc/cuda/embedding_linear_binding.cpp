@@ -12,6 +12,7 @@
 // Data in float, double, half and bfloat16 is used in its own dtype; any other floating dtype goes through fp32
 // and comes back in its own.
 #include "embedding_linear.cuh"
+#include "binding_utils.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -31,33 +32,6 @@
 
 namespace fastlm {
 namespace {
-
-template <typename T> struct Tag { using type = T; };
-
-// Calls f(Tag<T>{}) with T the type the kernels read for this dtype.
-template <typename F>
-void dispatch(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(Tag<float>{});
-    case at::kDouble: return f(Tag<double>{});
-    case at::kHalf: return f(Tag<__half>{});
-    case at::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    default: TORCH_CHECK(false, "fastlm embedding_linear (CUDA): unsupported dtype ", dtype);
-  }
-}
-
-bool kernel_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "fastlm ", op, " (CUDA): ", cudaGetErrorString(err));
-}
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-template <typename T> const T* data(const at::Tensor& t) { return static_cast<const T*>(t.const_data_ptr()); }
-template <typename T> T* mutable_data(const at::Tensor& t) { return static_cast<T*>(t.mutable_data_ptr()); }
 
 enum Strategy : int64_t { kGatherGemm = 0, kProductTable = 1 };
 
@@ -124,7 +98,7 @@ Inputs prepare(const at::Tensor& idx, const at::Tensor& table, const at::Tensor&
 // X = table[idx] packed as (B, T*D), the input of the linear layer.
 at::Tensor gather(const Inputs& in) {
   at::Tensor x = at::empty({in.B, in.T * in.D}, in.table.options());
-  dispatch(in.dtype(), [&](auto tag) {
+  dispatch(in.dtype(), "embedding_linear", [&](auto tag) {
     using T = typename decltype(tag)::type;
     check_cuda(embedding_linear_gather_cuda<T>(data<int64_t>(in.idx), in.B * in.T, data<T>(in.table), in.V, in.D,
                                                mutable_data<T>(x), stream()),
@@ -139,7 +113,7 @@ at::Tensor scatter_rows(const Inputs& in, const at::Tensor& keys, const at::Tens
                         int64_t dst_rows, int64_t skip_key, bool deterministic) {
   const int64_t width = src.size(1);
   at::Tensor dst;
-  dispatch(in.dtype(), [&](auto tag) {
+  dispatch(in.dtype(), "embedding_linear", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
     if (deterministic) {
@@ -180,7 +154,7 @@ at::Tensor embedding_linear_forward(const at::Tensor& idx, const at::Tensor& tab
   }
   const at::Tensor product = at::mm(in.table, in.position_major_weight().t());  // (V, T*out)
   at::Tensor y = at::empty({in.B, in.out}, in.table.options());
-  dispatch(in.dtype(), [&](auto tag) {
+  dispatch(in.dtype(), "embedding_linear", [&](auto tag) {
     using T = typename decltype(tag)::type;
     check_cuda(embedding_linear_product_sum_cuda<T>(data<int64_t>(in.idx), in.B, in.T, in.V, in.out,
                                                     data<T>(product), b.defined() ? data<T>(b) : nullptr,
