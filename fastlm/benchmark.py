@@ -1,7 +1,8 @@
 """``fastlm bench``: every op's benchmark cases and the command that runs them, so that an installed fastlm
 can measure itself against eager PyTorch, torch.compile and Liger-Kernel on the machine it runs on.
 
-    fastlm bench [--op cross_entropy|linear_cross_entropy|batch_norm|embedding_linear|all] [--device cpu|cuda]
+    fastlm bench [--op cross_entropy|linear_cross_entropy|batch_norm|embedding_linear|mlp_step|all]
+                 [--device cpu|cuda]
                  [--dtype float32 ...] [--sizes 4096x1024 ...] [--mode fwd|bwd|full] [--quick] [--out DIR]
     fastlm bench --table bench/results/*.json        the README's markdown table from saved results
 
@@ -151,6 +152,39 @@ def embedding_linear_problems(size: Size, dtype: torch.dtype, device: str, quick
                   reps=5 if quick else (300 if b * out < 1e5 else 15), annotate=annotate)
 
 
+def mlp_step_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) -> Iterator[Problem]:
+    """One training step of makemore's MLP + BatchNorm (forward, backward, SGD update): the fused model on each
+    fastlm backend vs its plain-PyTorch twin, eager and under torch.compile (the loss compiled)."""
+    from fastlm import models
+
+    batch, embedding, hidden = size
+
+    def build(fused: bool, backend: str | None = None) -> nn.Module:
+        torch.manual_seed(0)
+        return models.build("mlp-bn", fused=fused, embedding=embedding, hidden=hidden, backend=backend).to(
+            device=device, dtype=dtype)
+
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randint(0, 27, (batch, 3), generator=generator).to(device)
+    Y = torch.randint(0, 27, (batch,), generator=generator).to(device)
+    models_by_provider = {f"fastlm-{name}": build(True, name) for name in fastlm_backends(device)}
+    models_by_provider["eager"] = reference = build(False)
+    forwards = {name: partial(model.loss, X, Y) for name, model in models_by_provider.items()}
+    forwards["torch.compile"] = partial(torch.compile(reference.loss), X, Y)
+    params = [p for model in models_by_provider.values() for p in model.parameters()]
+
+    def backward_and_update(loss: torch.Tensor) -> None:
+        loss.backward()
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-0.01)
+                    p.grad = None
+
+    yield Problem(f"mlp-bn step B={batch} emb={embedding} hidden={hidden} {dtype_name(dtype)}", forwards,
+                  backward_and_update, reps=5 if quick else (2000 if batch <= 64 else 20))
+
+
 @dataclass(frozen=True)
 class OpBench:
     dims: tuple[str, ...]  # the numbers of a size, in the order --sizes takes them
@@ -186,6 +220,11 @@ OPS = {
         {"cpu": [(size, FP32) for size in EMBEDDING_SIZES],
          "cuda": [(size, dtype) for dtype in (FP32, BF16) for size in EMBEDDING_SIZES]},
         [(512, 8, 64, 256, 27), (512, 8, 64, 256, 5000), (32, 3, 10, 200, 27)], embedding_linear_problems),
+    # The models issue: one mlp-bn training step at the makemore size and at batch 4096, embedding 64, hidden 1024.
+    "mlp_step": OpBench(
+        ("B", "embedding", "hidden"),
+        {device: [((32, 10, 200), FP32), ((4096, 64, 1024), FP32)] for device in ("cpu", "cuda")},
+        [(32, 10, 200)], mlp_step_problems),
 }
 
 

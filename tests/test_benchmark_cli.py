@@ -69,3 +69,11 @@ def test_markdown_table_of_the_committed_results():
     table = benchmark.harness.markdown_table(paths)
     assert table.count("| case | provider | median ms (IQR) |") == len(paths)
     assert "| eager |" in table
+
+
+def test_mlp_step_times_a_whole_training_step(tmp_path):
+    assert benchmark.main(["--quick", "--op", "mlp_step", "--sizes", "8x4x16", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("mlp_step-*.json")).read_text())["rows"]
+    providers = {row["provider"] for row in rows}
+    assert {"fastlm-cpp", "eager", "torch.compile"} <= providers
+    assert all(row["median_ms"] > 0 and math.isfinite(row["median_ms"]) for row in rows)
