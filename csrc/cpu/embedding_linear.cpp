@@ -15,6 +15,7 @@
 // The schemas are defined here because this file is built on every machine; CUDA adds its kernels to the
 // same ops in csrc/cuda/embedding_linear_binding.cpp.
 
+#include "../embedding_linear_checks.h"
 #include "vec_config.h"
 
 #include <ATen/Dispatch.h>
@@ -49,16 +50,8 @@ struct Prepared {
 };
 
 Prepared prepare(const at::Tensor& idx, const at::Tensor& table, const at::Tensor& weight) {
-  TORCH_CHECK(idx.dim() == 2, "fastlm embedding_linear: idx must be 2D (B, T), got ", idx.dim(), "D");
-  TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt,
-              "fastlm embedding_linear: idx must be int64 or int32, got ", idx.scalar_type());
-  TORCH_CHECK(table.dim() == 2, "fastlm embedding_linear: table must be 2D (V, D), got ", table.dim(), "D");
-  TORCH_CHECK(at::isFloatingType(table.scalar_type()), "fastlm embedding_linear: table must be floating point");
-  TORCH_CHECK(weight.scalar_type() == table.scalar_type(), "fastlm embedding_linear: weight (", weight.scalar_type(),
-              ") must have the table's dtype (", table.scalar_type(), ")");
+  check_embedding_linear_shapes(idx, table, weight);
   const int64_t B = idx.size(0), T = idx.size(1), V = table.size(0), D = table.size(1);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == T * D, "fastlm embedding_linear: weight must be (out, T*D = ",
-              T * D, "), got ", weight.sizes());
   const auto dtype = table.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Prepared p{idx.to(at::kLong).contiguous(), table.to(dtype).contiguous(), weight.to(dtype).contiguous(),
              B, T, V, D, weight.size(0)};

@@ -11,6 +11,7 @@
 //   sum over t is part of its inner dimension) and d(weight) from G^T table, (T*out, D) permuted back.
 // Data in float, double, half and bfloat16 is used in its own dtype; any other floating dtype goes through fp32
 // and comes back in its own.
+#include "../embedding_linear_checks.h"
 #include "embedding_linear.cuh"
 #include "binding_utils.h"
 
@@ -74,16 +75,8 @@ struct Inputs {
 
 Inputs prepare(const at::Tensor& idx, const at::Tensor& table, const at::Tensor& weight) {
   TORCH_CHECK(table.is_cuda(), "fastlm embedding_linear: table must be a CUDA tensor, got ", table.device());
-  TORCH_CHECK(idx.dim() == 2, "fastlm embedding_linear: idx must be 2D (B, T), got ", idx.dim(), "D");
-  TORCH_CHECK(table.dim() == 2, "fastlm embedding_linear: table must be 2D (V, D), got ", table.dim(), "D");
-  TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt,
-              "fastlm embedding_linear: idx must be int64 or int32, got ", idx.scalar_type());
-  TORCH_CHECK(at::isFloatingType(table.scalar_type()), "fastlm embedding_linear: table must be floating point");
-  TORCH_CHECK(weight.scalar_type() == table.scalar_type(), "fastlm embedding_linear: weight (", weight.scalar_type(),
-              ") must have the table's dtype (", table.scalar_type(), ")");
+  check_embedding_linear_shapes(idx, table, weight);
   const int64_t B = idx.size(0), T = idx.size(1), V = table.size(0), D = table.size(1);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == T * D, "fastlm embedding_linear: weight must be (out, T*D = ",
-              T * D, "), got ", weight.sizes());
   Inputs in{table, at::Tensor(), at::Tensor(), at::Tensor(), B, T, V, D, weight.size(0)};
   in.check_device(idx, "idx");
   in.check_device(weight, "weight");
