@@ -5,6 +5,7 @@ any kernel module is imported), so every backend's code is exercised on CPU.
 """
 
 import os
+import socket
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastlm import backends  # noqa: E402
+from fastlm.check import TOLERANCE  # noqa: E402  (the tolerances fastlm check holds every backend to)
 
 DEVICES = ["cpu", "cuda"]
 
@@ -28,7 +30,6 @@ def skip_unless_runs(backend: str, device: str = "cpu") -> None:
         pytest.skip(f"the {backend} backend does not run on {device} tensors")
 
 
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
@@ -43,3 +44,10 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtyp
     scale = finite.abs().max().item() if finite.numel() else 1.0
     torch.testing.assert_close(actual.detach().double(), expected, rtol=tol, atol=tol * max(scale, magnitude, 1e-30),
                                equal_nan=True)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for the rendezvous of multi-process tests."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fastlm
+from conftest import free_port
 
 WORLD = 2
 ROWS = (5, 9)  # per-rank batch sizes differ on purpose
@@ -41,14 +42,6 @@ def run_rank(rank, port, out_dir, shape_tail, options):
                     "running_var": module.running_var}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(

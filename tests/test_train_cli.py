@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from conftest import free_port
 from fastlm.train import Trainer, TrainConfig
 
 WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia", "harper", "evelyn", "abigail", "emily",
@@ -101,14 +102,6 @@ def test_bad_word_lists_end_with_a_clear_error(tmp_path, content, message):
 def test_sample_without_a_checkpoint_is_a_clear_error(tmp_path):
     result = fastlm_command("sample", "--checkpoint", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_data_parallel_with_torchrun_equals_one_process_on_the_whole_batch(words_file, tmp_path):

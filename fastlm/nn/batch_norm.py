@@ -15,53 +15,46 @@ from fastlm.ops.batch_norm import ACTIVATIONS, batch_norm
 from fastlm.ops.sync_batch_norm import sync_batch_norm
 
 
-class _FusedBatchNorm:
-    """What the fused BatchNorm modules add to torch's: the options and the running-stat bookkeeping."""
-
-    def _init_fused(self, unbiased: bool, activation: str | None, backend: str | None) -> None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-        self.unbiased = unbiased
-        self.activation = activation
-        self.backend = backend
-
-    def _batch_options(self) -> tuple[bool, float]:
-        """Whether to normalise with batch statistics, and the running-stat momentum, as nn.BatchNorm1d
-        decides them (counting the batch when it is tracked)."""
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        return use_batch_stats, momentum
-
-    def _running_stats(self) -> tuple[Tensor | None, Tensor | None]:
-        if self.training and not self.track_running_stats:
-            return None, None
-        return self.running_mean, self.running_var
-
-    def extra_repr(self) -> str:
-        extra = "".join(f", {name}={value!r}" for name, value in
-                        (("unbiased", self.unbiased), ("activation", self.activation)) if value)
-        return super().extra_repr() + extra
-
-
-class BatchNorm1d(_FusedBatchNorm, nn.BatchNorm1d):
+class BatchNorm1d(nn.BatchNorm1d):
     """``nn.BatchNorm1d`` on fastlm's fused kernels, for (N, C) and (N, C, L) input."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, unbiased: bool = False,
                  activation: str | None = None, backend: str | None = None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self._init_fused(unbiased, activation, backend)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        self.unbiased = unbiased
+        self.activation = activation
+        self.backend = backend
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or (self.running_mean is None and self.running_var is None)
+
+    def _momentum(self) -> float:
+        """The running-stat momentum, as nn.BatchNorm1d decides it (counting the batch when it is tracked)."""
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return momentum
+
+    def _running_stats(self) -> tuple[Tensor | None, Tensor | None]:
+        if self.training and not self.track_running_stats:
+            return None, None
+        return self.running_mean, self.running_var
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        use_batch_stats, momentum = self._batch_options()
-        running_mean, running_var = self._running_stats()
-        return batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum,
+        momentum = self._momentum()
+        return batch_norm(input, *self._running_stats(), self.weight, self.bias, self._uses_batch_stats(), momentum,
                           self.eps, self.unbiased, self.activation, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        extra = "".join(f", {name}={value!r}" for name, value in
+                        (("unbiased", self.unbiased), ("activation", self.activation)) if value)
+        return super().extra_repr() + extra
 
 
 class SyncBatchNorm(BatchNorm1d):
@@ -77,20 +70,14 @@ class SyncBatchNorm(BatchNorm1d):
                          activation=activation, backend=backend)
         self.process_group = process_group
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
-
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        use_batch_stats, momentum = self._batch_options()
-        running_mean, running_var = self._running_stats()
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if use_batch_stats and distributed and torch.distributed.get_world_size(self.process_group) > 1:
-            return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps,
-                                   self.unbiased, self.activation, self.process_group, backend=self.backend)
-        return batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum,
-                          self.eps, self.unbiased, self.activation, backend=self.backend)
+        if not (self._uses_batch_stats() and distributed and torch.distributed.get_world_size(self.process_group) > 1):
+            return super().forward(input)
+        self._check_input_dim(input)
+        momentum = self._momentum()
+        return sync_batch_norm(input, *self._running_stats(), self.weight, self.bias, momentum, self.eps,
+                               self.unbiased, self.activation, self.process_group, backend=self.backend)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
