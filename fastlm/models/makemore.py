@@ -19,8 +19,10 @@ The neural bigram's W (vocab, vocab) multiplies a one-hot row, which picks row x
 an nn.Embedding as it stands (``embedding.weight`` = W, no transpose).
 
 Every model: ``model(idx)`` -> (B, vocab) logits for idx (B, model.context) of int64 ids,
-``model.loss(idx, targets)`` -> the mean loss, ``model.recipe`` (how the lecture trains it) and
-``model.default_optimizer(params)``.
+``model.loss(idx, targets)`` -> the mean loss, ``model.loss_and_grads(idx, targets)`` -> the mean loss and
+the gradient of each of ``model.parameters()`` (a training step's forward and backward), ``model.recipe``
+(how the lecture trains it) and ``model.default_optimizer(params)``. The fused MLPs' ``loss_and_grads`` on the
+CPU is one kernel call for the whole network (``fastlm.ops.mlp_loss_and_grads``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from torch import Tensor, nn
 
 from fastlm.models.layers import ReferenceBatchNorm1d, ReferenceEmbeddingLinear
 from fastlm.nn import BatchNorm1d, EmbeddingLinear
-from fastlm.ops import cross_entropy
+from fastlm import backends
+from fastlm.ops import cross_entropy, mlp_loss_and_grads
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
@@ -103,6 +106,12 @@ class MakemoreModel(nn.Module):
         if self.fused:
             return cross_entropy(logits, targets, inplace_backward=True, backend=self.backend)
         return F.cross_entropy(logits, targets)
+
+    def loss_and_grads(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The mean loss (detached) and its gradient with respect to each of ``self.parameters()``, in that
+        order: the forward and backward of a training step, leaving ``.grad`` untouched."""
+        loss = self.loss(idx, targets)
+        return loss.detach(), list(torch.autograd.grad(loss, list(self.parameters())))
 
 
 def check_bigram_context(context: int) -> None:
@@ -213,6 +222,24 @@ class MLP(MakemoreModel):
     def hidden_state(self, idx: Tensor) -> Tensor:
         h = self.first(idx)
         return self.bn(h) if self.batchnorm else torch.tanh(h)  # the BatchNorm layer applies the tanh
+
+    def loss_and_grads(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The fused twin's training step on the cpp backend is one kernel call for the whole network; every
+        other case (the reference, eval mode, the other backends) runs the layers."""
+        if not (self.fused and self.training and backends.resolve(idx.device, self.backend) == "cpp"):
+            return super().loss_and_grads(idx, targets)
+        first, bn = self.first, self.bn if self.batchnorm else None
+        params = [first.embedding.weight, first.linear.weight, first.linear.bias, self.output.weight,
+                  self.output.bias, *((bn.weight, bn.bias) if bn is not None else ())]
+        values = [p.detach() for p in params]
+        if bn is None:
+            result = mlp_loss_and_grads(idx, targets, *values, backend="cpp")
+        else:
+            momentum = bn._momentum()  # counts the batch, as bn(h) would
+            result = mlp_loss_and_grads(idx, targets, *values, *bn._running_stats(), momentum=momentum, eps=bn.eps,
+                                        unbiased=bn.unbiased, backend="cpp")
+        grad_of = dict(zip(params, result[1:]))
+        return result.loss, [grad_of[p] for p in self.parameters()]
 
 
 class ResidualMLP(MakemoreModel):

@@ -1,0 +1,347 @@
+// The makemore MLP's training step on the CPU: loss and every gradient of the whole model in one call.
+//
+// At the lecture's size (batch 32, context 3, embedding 10, hidden 200, vocabulary 27) one step is about a
+// million multiply-adds, a few microseconds of arithmetic, while calling the layers one by one through
+// autograd costs some 20 us per layer in Python, dispatch and small-GEMM overhead (measured: 0.39 ms per
+// fused step, 0.44 ms eager). This op does what llm.c does for GPT-2: the forward and backward of the
+// whole network written out in one place, with every intermediate in one scratch buffer, on one thread.
+// On a GPU the same overhead is removed by capturing the layer-by-layer step in a CUDA graph instead.
+//
+// The network (all matrices row-major, weights in nn.Linear's (out, in) layout):
+//   x = table[idx].view(B, K)                  idx (B, T), table (Vt, D), K = T*D
+//   h = x W1^T + b1                            W1 (H, K)
+//   a = tanh(BN(h)) with BatchNorm, else tanh(h); BN on batch statistics, variance M2/(n-1) if unbiased
+//       else M2/n, running stats moved by momentum towards the mean and M2/(n-1) (as torch does)
+//   logits = a W2^T + b2                       W2 (V, H)
+//   loss = mean over rows of cross_entropy(logits, targets)
+// and back: dlogits = (softmax - onehot)/B; dW2 = dlogits^T a; da = dlogits W2; dz = da (1 - a^2);
+// BatchNorm's closed form (see batch_norm.cpp) gives dh, d(bn weight), d(bn bias); dW1 = dh^T x;
+// dx = dh W1, scattered by token into d(table) in batch order. Every sum runs in a fixed order: results are
+// deterministic. Math in the input's dtype (fp32 or fp64).
+
+#include "fast_tanh.h"
+#include "vec_config.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace fastlm {
+namespace {
+
+using at::vec::Vectorized;
+
+// c (M x N, row stride ldc) += A B, where A's element (i, k) is a[i * a_row + k * a_col] (so A may be a
+// transposed view) and B is K x N with row stride ldb. Register-blocked: a tile of up to 4 rows by 2 vectors
+// of c stays in registers for the whole K loop, each row of B's strip loaded once per 4 rows; partial
+// vectors at the right edge are masked, so short rows (the vocabulary, the context width) cost no scalar
+// tail loops.
+template <typename T, int R>
+void add_matmul_tile(int64_t K, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c,
+                     int64_t ldc, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t n0 = std::min(n, W), n1 = n - n0;  // lanes in the strip's first and second vector
+  auto load = [](const T* p, int64_t lanes) {
+    return lanes == W ? Vec::loadu(p) : lanes > 0 ? Vec::loadu(p, lanes) : Vec(T(0));
+  };
+  Vec acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = load(c + r * ldc, n0);
+    acc[r][1] = load(c + r * ldc + W, n1);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec b0 = load(b + k * ldb, n0), b1 = load(b + k * ldb + W, n1);
+    for (int r = 0; r < R; ++r) {
+      const Vec ark(a[r * a_row + k * a_col]);
+      acc[r][0] = at::vec::fmadd(ark, b0, acc[r][0]);
+      acc[r][1] = at::vec::fmadd(ark, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    acc[r][0].store(c + r * ldc, n0);
+    if (n1 > 0) acc[r][1].store(c + r * ldc + W, n1);
+  }
+}
+
+template <typename T>
+void add_matmul(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_row, int64_t a_col, const T* b,
+                int64_t ldb, T* c, int64_t ldc) {
+  constexpr int64_t kStrip = 2 * Vectorized<T>::size();
+  for (int64_t j = 0; j < N; j += kStrip) {
+    const int64_t n = std::min(kStrip, N - j);
+    int64_t i = 0;
+    for (; i + 4 <= M; i += 4) add_matmul_tile<T, 4>(K, a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc, n);
+    const T* ai = a + i * a_row;
+    T* ci = c + i * ldc + j;
+    switch (M - i) {
+      case 3: add_matmul_tile<T, 3>(K, ai, a_row, a_col, b + j, ldb, ci, ldc, n); break;
+      case 2: add_matmul_tile<T, 2>(K, ai, a_row, a_col, b + j, ldb, ci, ldc, n); break;
+      case 1: add_matmul_tile<T, 1>(K, ai, a_row, a_col, b + j, ldb, ci, ldc, n); break;
+      default: break;
+    }
+  }
+}
+
+// dst (cols x rows) = src^T for src (rows x cols).
+template <typename T>
+void transpose(int64_t rows, int64_t cols, const T* src, T* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+}
+
+// Every row of m (rows x n) set to v (or zero without v).
+template <typename T>
+void fill_rows(int64_t rows, int64_t n, const T* v, T* m) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (v) std::memcpy(m + r * n, v, n * sizeof(T)); else std::fill_n(m + r * n, n, T(0));
+  }
+}
+
+// sums[j] = sum over rows of m[r, j], rows in order.
+template <typename T>
+void column_sums(int64_t rows, int64_t n, const T* m, T* sums) {
+  std::fill_n(sums, n, T(0));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) sums[j] += m[r * n + j];
+}
+
+template <typename T>
+void tanh_in_place(T* v, int64_t n) {
+  at::vec::map([](Vectorized<T> z) {
+    if constexpr (std::is_same_v<T, float>) return fast_tanh(z);
+    return z.tanh();
+  }, v, v, n);
+}
+
+struct Sizes {
+  int64_t B, T, D, K, H, V, vocab;
+};
+
+// BatchNorm over the rows of h (B x H) in place: h becomes xhat and a = tanh(w xhat + b); the per-channel
+// invstd is left in invstd for the backward, and the running stats are moved.
+template <typename T>
+void batch_norm_tanh_forward(const Sizes& s, T* h, T* a, const T* w, const T* b, T* mean, T* invstd,
+                             T* running_mean, T* running_var, double momentum, double eps, bool unbiased) {
+  const int64_t B = s.B, H = s.H;
+  column_sums(B, H, h, mean);
+  for (int64_t j = 0; j < H; ++j) mean[j] /= T(B);
+  std::fill_n(invstd, H, T(0));  // first M2, the sum of squared deviations
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t j = 0; j < H; ++j) {
+      const T d = h[r * H + j] - mean[j];
+      invstd[j] += d * d;
+    }
+  for (int64_t j = 0; j < H; ++j) {
+    const T m2 = invstd[j];
+    if (running_mean) running_mean[j] = T((1 - momentum) * running_mean[j] + momentum * mean[j]);
+    if (running_var) running_var[j] = T((1 - momentum) * running_var[j] + momentum * (m2 / T(B - 1)));
+    invstd[j] = T(1) / std::sqrt(m2 / T(unbiased ? B - 1 : B) + T(eps));
+  }
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t j = 0; j < H; ++j) {
+      const T xhat = (h[r * H + j] - mean[j]) * invstd[j];
+      h[r * H + j] = xhat;
+      a[r * H + j] = w[j] * xhat + b[j];
+    }
+  tanh_in_place(a, B * H);
+}
+
+// From dz (B x H, in place) to dh, with d(weight) = sum dz xhat and d(bias) = sum dz.
+template <typename T>
+void batch_norm_backward(const Sizes& s, T* dz, const T* xhat, const T* w, const T* invstd, bool unbiased,
+                         T* grad_weight, T* grad_bias) {
+  const int64_t B = s.B, H = s.H;
+  column_sums(B, H, dz, grad_bias);
+  std::fill_n(grad_weight, H, T(0));
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t j = 0; j < H; ++j) grad_weight[j] += dz[r * H + j] * xhat[r * H + j];
+  const T mean_scale = T(1) / T(B), xhat_scale = T(1) / T(unbiased ? B - 1 : B);
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t j = 0; j < H; ++j) {
+      T& d = dz[r * H + j];
+      d = w[j] * invstd[j] * (d - mean_scale * grad_bias[j] - xhat_scale * xhat[r * H + j] * grad_weight[j]);
+    }
+}
+
+// Mean cross-entropy of logits (B x V) against targets; the logits are overwritten by their gradient.
+template <typename T>
+T cross_entropy_forward_backward(const Sizes& s, T* logits, const int64_t* targets) {
+  const int64_t V = s.V;
+  T total = 0;
+  for (int64_t r = 0; r < s.B; ++r) {
+    T* l = logits + r * V;
+    const T max = *std::max_element(l, l + V);
+    const T target_logit = l[targets[r]] - max;
+    T sum = 0;
+    for (int64_t j = 0; j < V; ++j) sum += (l[j] = std::exp(l[j] - max));
+    total += std::log(sum) - target_logit;  // -log softmax[target]
+    const T scale = T(1) / (sum * T(s.B));
+    for (int64_t j = 0; j < V; ++j) l[j] *= scale;
+    l[targets[r]] -= T(1) / T(s.B);
+  }
+  return total / T(s.B);
+}
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor>;
+
+template <typename T>
+void step(const Sizes& s, const int64_t* idx, const int64_t* targets, const T* table, const T* w1, const T* b1,
+          const T* w2, const T* b2, const T* bn_w, const T* bn_b, T* running_mean, T* running_var,
+          double momentum, double eps, bool unbiased, T* loss, T* g_table, T* g_w1, T* g_b1, T* g_w2, T* g_b2,
+          T* g_bn_w, T* g_bn_b) {
+  const int64_t B = s.B, K = s.K, H = s.H, V = s.V, D = s.D;
+  const bool batchnorm = bn_w != nullptr;
+  // Scratch, kept between calls (a fresh buffer of this size is a fresh mmap, page faults included):
+  // x (B,K), W1^T (K,H), h (B,H; xhat with BatchNorm), a (B,H), W2^T (H,V), logits (B,V), da (B,H),
+  // dx (B,K), mean and invstd (H each).
+  thread_local std::vector<T> scratch;
+  scratch.resize(2 * B * K + K * H + 3 * B * H + H * V + B * V + 2 * H);
+  T* x = scratch.data();
+  T* w1t = x + B * K;
+  T* h = w1t + K * H;
+  T* a = h + B * H;
+  T* w2t = a + B * H;
+  T* logits = w2t + H * V;
+  T* da = logits + B * V;
+  T* dx = da + B * H;
+  T* mean = dx + B * K;
+  T* invstd = mean + H;
+
+  for (int64_t r = 0; r < B * s.T; ++r) std::memcpy(x + r * D, table + idx[r] * D, D * sizeof(T));
+  transpose(H, K, w1, w1t);
+  fill_rows(B, H, b1, h);
+  add_matmul(B, H, K, x, K, 1, w1t, H, h, H);
+  if (batchnorm) {
+    batch_norm_tanh_forward(s, h, a, bn_w, bn_b, mean, invstd, running_mean, running_var, momentum, eps, unbiased);
+  } else {
+    std::memcpy(a, h, B * H * sizeof(T));
+    tanh_in_place(a, B * H);
+  }
+  transpose(V, H, w2, w2t);
+  fill_rows(B, V, b2, logits);
+  add_matmul(B, V, H, a, H, 1, w2t, V, logits, V);
+  *loss = cross_entropy_forward_backward(s, logits, targets);  // logits now hold dlogits
+
+  std::fill_n(g_w2, V * H, T(0));
+  add_matmul(V, H, B, logits, 1, V, a, H, g_w2, H);  // dW2 = dlogits^T a
+  column_sums(B, V, logits, g_b2);
+  std::fill_n(da, B * H, T(0));
+  add_matmul(B, H, V, logits, V, 1, w2, H, da, H);  // da = dlogits W2
+  for (int64_t i = 0; i < B * H; ++i) da[i] *= T(1) - a[i] * a[i];  // through the tanh: dz
+  if (batchnorm) batch_norm_backward(s, da, h, bn_w, invstd, unbiased, g_bn_w, g_bn_b);  // da now holds dh
+  column_sums(B, H, da, g_b1);
+  std::fill_n(g_w1, H * K, T(0));
+  add_matmul(H, K, B, da, 1, H, x, K, g_w1, K);  // dW1 = dh^T x
+  std::fill_n(dx, B * K, T(0));
+  add_matmul(B, K, H, da, H, 1, w1, K, dx, K);  // dx = dh W1
+  std::fill_n(g_table, s.vocab * D, T(0));
+  for (int64_t r = 0; r < B * s.T; ++r)
+    for (int64_t d = 0; d < D; ++d) g_table[idx[r] * D + d] += dx[r * D + d];
+}
+
+void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols, at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "fastlm mlp_loss_and_grads: ", name,
+              " must be (", rows, ", ", cols, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "fastlm mlp_loss_and_grads: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+}
+
+void check_vector(const std::optional<at::Tensor>& t, const char* name, int64_t n, at::ScalarType dtype) {
+  TORCH_CHECK(t.has_value(), "fastlm mlp_loss_and_grads: ", name, " is required");
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, "fastlm mlp_loss_and_grads: ", name, " must have ", n,
+              " entries, got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == dtype, "fastlm mlp_loss_and_grads: ", name, " must be ", dtype, ", got ",
+              t->scalar_type());
+}
+
+void check_ids(const at::Tensor& ids, int64_t limit, const char* what) {
+  const int64_t* p = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < ids.numel(); ++i) {
+    TORCH_CHECK_INDEX(p[i] >= 0 && p[i] < limit, "fastlm mlp_loss_and_grads: ", what, " ", p[i],
+                      " is out of range [0, ", limit, ")");
+  }
+}
+
+// Returns (loss, d table, d w1, d b1, d w2, d b2, d bn_weight, d bn_bias); the BatchNorm gradients are empty
+// without BatchNorm (bn_weight None).
+Grads mlp_loss_and_grads(const at::Tensor& idx, const at::Tensor& targets, const at::Tensor& table,
+                         const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                         const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                         const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                         double momentum, double eps, bool unbiased) {
+  TORCH_CHECK(idx.dim() == 2 && !at::isFloatingType(idx.scalar_type()),
+              "fastlm mlp_loss_and_grads: idx must be (B, T) integer ids, got ", idx.scalar_type(), " of shape ",
+              idx.sizes());
+  TORCH_CHECK(table.dim() == 2, "fastlm mlp_loss_and_grads: table must be (vocab, D), got ", table.sizes());
+  const auto dtype = table.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "fastlm mlp_loss_and_grads: parameters must be float32 or float64, got ", dtype);
+  const int64_t B = idx.size(0), T = idx.size(1), D = table.size(1);
+  const Sizes s{B, T, D, T * D, w1.size(0), w2.size(0), table.size(0)};
+  TORCH_CHECK(B > 0, "fastlm mlp_loss_and_grads: empty batch");
+  check_matrix(w1, "w1", s.H, s.K, dtype);
+  check_matrix(w2, "w2", s.V, s.H, dtype);
+  check_vector(b1, "b1", s.H, dtype);
+  check_vector(b2, "b2", s.V, dtype);
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == B && !at::isFloatingType(targets.scalar_type()),
+              "fastlm mlp_loss_and_grads: targets must be (B,) = (", B, ",) integer ids, got ",
+              targets.scalar_type(), " of shape ", targets.sizes());
+  const bool batchnorm = bn_weight.has_value();
+  if (batchnorm) {
+    check_vector(bn_weight, "bn_weight", s.H, dtype);
+    check_vector(bn_bias, "bn_bias", s.H, dtype);
+    TORCH_CHECK(B > 1, "Expected more than 1 value per channel when training, got input size [", B, ", ", s.H, "]");
+    for (const auto* stat : {&running_mean, &running_var}) {
+      if (stat->has_value()) check_vector(*stat, "running statistics", s.H, dtype);
+      TORCH_CHECK(!stat->has_value() || (*stat)->is_contiguous(),
+                  "fastlm mlp_loss_and_grads: running statistics must be contiguous (they are updated in place)");
+    }
+  }
+  const at::Tensor ids = idx.to(at::kLong).contiguous(), labels = targets.to(at::kLong).contiguous();
+  check_ids(ids, s.vocab, "index");
+  check_ids(labels, s.V, "target");
+
+  const auto options = table.options();
+  at::Tensor loss = at::empty({}, options), g_table = at::empty({s.vocab, D}, options);
+  at::Tensor g_w1 = at::empty({s.H, s.K}, options), g_b1 = at::empty({s.H}, options);
+  at::Tensor g_w2 = at::empty({s.V, s.H}, options), g_b2 = at::empty({s.V}, options);
+  at::Tensor g_bn_w = at::empty({batchnorm ? s.H : 0}, options), g_bn_b = at::empty({batchnorm ? s.H : 0}, options);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fastlm_mlp_loss_and_grads", [&] {
+    using S = scalar_t;
+    auto in = [](const at::Tensor& t) { return t.contiguous(); };
+    const at::Tensor table_c = in(table), w1_c = in(w1), w2_c = in(w2), b1_c = in(b1), b2_c = in(b2);
+    const at::Tensor bn_w_c = batchnorm ? in(*bn_weight) : at::Tensor(), bn_b_c = batchnorm ? in(*bn_bias) : at::Tensor();
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<S>() : nullptr; };
+    auto stat = [&](const std::optional<at::Tensor>& t) { return batchnorm && t.has_value() ? t->data_ptr<S>() : nullptr; };
+    step<S>(s, ids.data_ptr<int64_t>(), labels.data_ptr<int64_t>(), ptr(table_c), ptr(w1_c), ptr(b1_c), ptr(w2_c),
+            ptr(b2_c), ptr(bn_w_c), ptr(bn_b_c), stat(running_mean), stat(running_var), momentum, eps, unbiased,
+            ptr(loss), ptr(g_table), ptr(g_w1), ptr(g_b1), ptr(g_w2), ptr(g_b2), ptr(g_bn_w), ptr(g_bn_b));
+  });
+  return {loss, g_table, g_w1, g_b1, g_w2, g_b2, g_bn_w, g_bn_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  m.def(
+      "mlp_loss_and_grads(Tensor idx, Tensor targets, Tensor table, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+      "Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, "
+      "float eps, bool unbiased) -> (Tensor loss, Tensor grad_table, Tensor grad_w1, Tensor grad_b1, "
+      "Tensor grad_w2, Tensor grad_b2, Tensor grad_bn_weight, Tensor grad_bn_bias)");
+}
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("mlp_loss_and_grads", &mlp_loss_and_grads); }
+
+}  // namespace fastlm

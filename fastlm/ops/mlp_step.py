@@ -1,0 +1,126 @@
+"""The makemore MLP's training step in one call: ``fastlm.ops.mlp_loss_and_grads`` returns the mean loss and
+the gradient of every parameter of embedding -> linear -> [BatchNorm] -> tanh -> linear -> cross-entropy.
+
+At the lecture's batch of 32 the arithmetic of a step is a few microseconds, and calling the layers one by one
+through autograd costs more than the arithmetic (fastlm's fused layers included). The ``cpp`` kernel
+(csrc/cpu/mlp_step.cpp) runs the whole forward and backward in one C++ call instead, as llm.c does. It has
+no GPU kernel: on a GPU the per-layer overhead is removed by capturing the layer-by-layer step in a CUDA
+graph. The ``torch`` backend is the reference: the same network in torch ops, differentiated by autograd.
+``fastlm.models.MLP.loss_and_grads`` uses this op where it applies and the layers elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastlm import backends
+from fastlm.ops.batch_norm import reference_batch_norm
+from fastlm.ops.embedding_linear import check_ids, reference_embedding_linear
+
+
+class MLPGrads(NamedTuple):
+    """The loss and the gradients, each shaped as its parameter (the BatchNorm ones None without BatchNorm)."""
+
+    loss: Tensor
+    table: Tensor
+    w1: Tensor
+    b1: Tensor
+    w2: Tensor
+    b2: Tensor
+    bn_weight: Tensor | None
+    bn_bias: Tensor | None
+
+
+def _fake(idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
+          unbiased):
+    bn_size = w1.shape[0] if bn_weight is not None else 0
+    return (table.new_empty(()), torch.empty_like(table), torch.empty_like(w1), torch.empty_like(b1),
+            torch.empty_like(w2), torch.empty_like(b2), table.new_empty(bn_size), table.new_empty(bn_size))
+
+
+def reference_mlp_loss_and_grads(idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias, running_mean, running_var,
+                                 momentum, eps, unbiased) -> MLPGrads:
+    """The ``torch`` backend and the oracle: the network in torch ops, its gradients by autograd."""
+    params = [table, w1, b1, w2, b2] + ([bn_weight, bn_bias] if bn_weight is not None else [])
+    params = [p.detach().requires_grad_() for p in params]
+    with torch.enable_grad():
+        h = reference_embedding_linear(idx, params[0], params[1], params[2], -1)
+        if bn_weight is not None:
+            a = reference_batch_norm(h, running_mean, running_var, params[5], params[6], True, momentum, eps,
+                                     unbiased, "tanh")
+        else:
+            a = torch.tanh(h)
+        loss = F.cross_entropy(F.linear(a, params[3], params[4]), targets)
+        grads = torch.autograd.grad(loss, params)
+    return MLPGrads(loss.detach(), *grads, *([None, None] if bn_weight is None else []))
+
+
+def check_inputs(idx: Tensor, targets: Tensor, hidden: int, batchnorm: bool) -> None:
+    if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 2:
+        raise TypeError(f"fastlm.mlp_loss_and_grads: idx must be (B, T) int64 or int32 ids, got {idx.dtype} of "
+                        f"shape {tuple(idx.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32) or targets.shape != idx.shape[:1]:
+        raise TypeError(f"fastlm.mlp_loss_and_grads: targets must be ({idx.shape[0]},) int64 or int32 ids, got "
+                        f"{targets.dtype} of shape {tuple(targets.shape)}")
+    if idx.shape[0] == 0:
+        raise ValueError("fastlm.mlp_loss_and_grads: empty batch")
+    if batchnorm and idx.shape[0] == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         f"{torch.Size([1, hidden])}")
+
+
+def check_targets(targets: Tensor, classes: int) -> None:
+    bad = (targets < 0) | (targets >= classes)
+    if bool(bad.any()):
+        raise IndexError(f"fastlm.mlp_loss_and_grads: target {int(targets[bad][0])} is out of range [0, {classes})")
+
+
+def mlp_loss_and_grads(
+    idx: Tensor,
+    targets: Tensor,
+    table: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    *,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    unbiased: bool = False,
+    backend: str | None = None,
+) -> MLPGrads:
+    """Loss and gradients of ``cross_entropy(linear(tanh(BN(embedding_linear(idx, table, w1, b1))), w2, b2),
+    targets)``, weights in nn.Linear's (out, in) layout. With ``bn_weight``/``bn_bias`` the BatchNorm (batch
+    statistics, Bessel-corrected when ``unbiased``) is in the network and moves ``running_mean`` and
+    ``running_var`` (updated in place, where given) by ``momentum``; without them the network is
+    tanh(linear). ``backend`` is ``cpp`` (CPU tensors, the default there) or ``torch``."""
+    batchnorm = bn_weight is not None
+    if batchnorm != (bn_bias is not None):
+        raise ValueError("fastlm.mlp_loss_and_grads: give both bn_weight and bn_bias, or neither")
+    check_inputs(idx, targets, w1.shape[0], batchnorm)
+    name = backends.resolve(idx.device, backend)
+    args = (idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
+            unbiased)
+    if name == "torch":  # the cpp kernel checks the ids itself, before it reads through any
+        check_ids(idx, table.shape[0])
+        check_targets(targets, w2.shape[0])
+        return reference_mlp_loss_and_grads(*args)
+    if name != "cpp":
+        raise RuntimeError(f"fastlm.mlp_loss_and_grads has a cpp kernel only (the {name} backend runs the layers: "
+                           f"model.loss); use backend='torch' for the reference")
+    loss, *grads = torch.ops.fastlm.mlp_loss_and_grads(*args)
+    if not batchnorm:
+        grads[-2:] = None, None
+    return MLPGrads(loss, *grads)
+
+
+if backends.why_unavailable("cpp") is None:
+    torch.library.register_fake("fastlm::mlp_loss_and_grads", _fake)
