@@ -1,0 +1,172 @@
+"""fastlm.ops.mlp_loss_and_grads (the makemore MLP's whole step in one CPU kernel call) against autograd.
+
+The cpp kernel's loss, gradients and running statistics against the torch reference in float64, for odd
+sizes, non-contiguous and int32 inputs, with and without BatchNorm (biased and Bessel-corrected); the
+fused MLP twins trained through ``loss_and_grads`` against the plain-PyTorch models trained layer by layer;
+the errors bad input gets; opcheck and determinism.
+"""
+
+import pytest
+import torch
+
+from conftest import assert_close_to_reference, skip_unless_runs
+from fastlm.models import build
+from fastlm.ops import mlp_loss_and_grads
+from test_models import make_twins, make_windows, make_words
+
+# (batch, context, embedding, hidden, classes, vocab): odd and prime sizes, sizes that are not a multiple of
+# the vector width or of the kernel's 4-row tiles, and the lecture's. (Batch 2 is left out: there BatchNorm's
+# output is +-1 whatever its input, so every gradient below it is zero in exact arithmetic, rounding alone.)
+SIZES = [(7, 2, 5, 13, 11, 9), (3, 1, 3, 37, 5, 4), (33, 3, 7, 41, 29, 31), (32, 3, 10, 200, 27, 27)]
+
+
+def make_case(B, T, D, H, V, vocab, batchnorm, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, vocab, (B, T), generator=g)
+    targets = torch.randint(0, V, (B,), generator=g)
+    table = torch.randn(vocab, D, generator=g, dtype=dtype)
+    w1 = torch.randn(H, T * D, generator=g, dtype=dtype) / (T * D) ** 0.5
+    b1 = torch.randn(H, generator=g, dtype=dtype) * 0.1
+    w2 = torch.randn(V, H, generator=g, dtype=dtype) / H ** 0.5
+    b2 = torch.randn(V, generator=g, dtype=dtype) * 0.1
+    bn = [torch.rand(H, generator=g, dtype=dtype) + 0.5, torch.randn(H, generator=g, dtype=dtype) * 0.1,
+          torch.randn(H, generator=g, dtype=dtype), torch.rand(H, generator=g, dtype=dtype) + 0.5]
+    return idx, targets, [table, w1, b1, w2, b2], (bn if batchnorm else [None] * 4)
+
+
+def run(backend, idx, targets, params, bn, dtype, unbiased=True, momentum=0.1):
+    params = [p.to(dtype) for p in params]
+    bn = [None if t is None else t.to(dtype).clone() for t in bn]
+    result = mlp_loss_and_grads(idx, targets, *params, *bn, momentum=momentum, eps=1e-5, unbiased=unbiased,
+                                backend=backend)
+    return result, bn[2:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("batchnorm, unbiased", [(False, False), (True, False), (True, True)],
+                         ids=["tanh", "bn", "bn-unbiased"])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_cpp_kernel_matches_autograd(size, batchnorm, unbiased, dtype):
+    skip_unless_runs("cpp")
+    idx, targets, params, bn = make_case(*size, batchnorm)
+    want, want_stats = run("torch", idx, targets, params, bn, torch.float64, unbiased)
+    got, got_stats = run("cpp", idx, targets, params, bn, dtype, unbiased)
+    assert got.loss.dtype == dtype and got.loss.dim() == 0
+    assert_close_to_reference(got.loss, want.loss, dtype)
+    for name in got._fields[1:]:
+        g, w = getattr(got, name), getattr(want, name)
+        if w is None:
+            assert g is None, name
+            continue
+        assert g.shape == w.shape and g.dtype == dtype, name
+        # b1's gradient under BatchNorm is zero in exact arithmetic: compare it at the scale of its terms
+        magnitude = want.w1.abs().max().item() if name == "b1" and batchnorm else 0.0
+        assert_close_to_reference(g, w, dtype, magnitude=magnitude)
+    for g, w in zip(got_stats, want_stats):
+        if w is not None:
+            assert_close_to_reference(g, w, dtype)
+
+
+def test_non_contiguous_and_int32_inputs():
+    skip_unless_runs("cpp")
+    idx, targets, params, bn = make_case(9, 3, 4, 21, 6, 7, True)
+    table, w1, b1, w2, b2 = params
+    idx_strided = torch.stack([idx.int(), idx.int()], dim=2)[:, :, 0]  # int32, a column-strided view
+    w1_t = w1.t().contiguous().t()  # same values, transposed strides
+    w2_wide = torch.stack([w2, w2], dim=2).flatten(1)[:, ::2]  # every other column: w2 itself
+    assert not (idx_strided.is_contiguous() or w1_t.is_contiguous() or w2_wide.is_contiguous())
+    want, _ = run("torch", idx, targets, params, bn, torch.float64)
+    got, _ = run("cpp", idx_strided, targets.int(), [table, w1_t, b1, w2_wide, b2], bn, torch.float64)
+    for name in ("loss", "table", "w1", "w2", "bn_weight"):
+        assert_close_to_reference(getattr(got, name), getattr(want, name), torch.float64)
+
+
+def test_is_deterministic():
+    skip_unless_runs("cpp")
+    idx, targets, params, bn = make_case(32, 3, 10, 200, 27, 27, True, dtype=torch.float32)
+    first, _ = run("cpp", idx, targets, params, bn, torch.float32)
+    second, _ = run("cpp", idx, targets, params, bn, torch.float32)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["mlp", "mlp-bn"])
+def test_opcheck(batchnorm):
+    skip_unless_runs("cpp")
+    idx, targets, params, bn = make_case(5, 2, 3, 7, 4, 6, batchnorm, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.fastlm.mlp_loss_and_grads, (idx, targets, *params, *bn, 0.1, 1e-5, True))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_bad_input_gets_a_clear_error(backend):
+    skip_unless_runs(backend)
+    idx, targets, params, bn = make_case(6, 3, 4, 8, 5, 7, True)
+
+    def call(idx=idx, targets=targets, params=params, bn=bn):
+        return mlp_loss_and_grads(idx, targets, *params, *bn, backend=backend)
+
+    for bad in (-1, 7):
+        with pytest.raises(IndexError, match="out of range"):
+            call(idx=idx.clone().index_fill_(0, torch.tensor([3]), bad))
+    for bad in (-1, 5):
+        with pytest.raises(IndexError, match="out of range"):
+            call(targets=targets.clone().index_fill_(0, torch.tensor([2]), bad))
+    with pytest.raises(TypeError, match="idx must be"):
+        call(idx=idx.double())
+    with pytest.raises(TypeError, match="targets must be"):
+        call(targets=targets[:4])
+    with pytest.raises(ValueError, match="empty batch"):
+        call(idx=idx[:0], targets=targets[:0])
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size "
+                                         r"torch.Size\(\[1, 8\]\)"):
+        call(idx=idx[:1], targets=targets[:1])
+    with pytest.raises(ValueError, match="both bn_weight and bn_bias"):
+        call(bn=[bn[0], None, None, None])
+
+
+def test_cpp_kernel_checks_shapes_and_dtypes():
+    skip_unless_runs("cpp")
+    idx, targets, params, bn = make_case(6, 3, 4, 8, 5, 7, False)
+    table, w1, b1, w2, b2 = params
+    with pytest.raises(RuntimeError, match=r"w1 must be \(8, 12\)"):
+        mlp_loss_and_grads(idx, targets, table, w1[:, :10], b1, w2, b2)
+    with pytest.raises(RuntimeError, match="w2 must be"):
+        mlp_loss_and_grads(idx, targets, table, w1, b1, w2.float(), b2)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        mlp_loss_and_grads(idx, targets, table.half(), w1.half(), b1.half(), w2.half(), b2.half())
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp-bn"])
+def test_fused_mlp_loss_and_grads_trains_like_the_reference(name):
+    """300 SGD steps: the fused twin through its one-call step, the reference through its layers and
+    autograd; losses, parameters and running statistics agree."""
+    skip_unless_runs("cpp")
+    reference, fused = (model.double() for model in make_twins(name, backend="cpp"))
+    X, Y = make_windows(make_words(300), reference.context)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(300):
+        ix = torch.randint(0, len(X), (32,), generator=generator)
+        want = reference.loss(X[ix], Y[ix])
+        reference.zero_grad()
+        want.backward()
+        got, grads = fused.loss_and_grads(X[ix], Y[ix])
+        with torch.no_grad():
+            for p, g in zip(fused.parameters(), grads):
+                p -= 0.02 * g
+            for p in reference.parameters():
+                p -= 0.02 * p.grad
+        assert got.item() == pytest.approx(want.item(), rel=1e-10)
+    for (key, a), (_, b) in zip(fused.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=key)
+
+
+def test_loss_and_grads_runs_the_layers_where_the_kernel_does_not_apply():
+    skip_unless_runs("cpp")
+    torch.manual_seed(0)
+    model = build("mlp-bn", fused=True, backend="torch", hidden=16)
+    X, Y = torch.randint(0, 27, (8, 3)), torch.randint(0, 27, (8,))
+    loss, grads = model.loss_and_grads(X, Y)
+    want = torch.autograd.grad(model.loss(X, Y), list(model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w)
