@@ -153,8 +153,12 @@ def embedding_linear_problems(size: Size, dtype: torch.dtype, device: str, quick
 
 
 def mlp_step_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) -> Iterator[Problem]:
-    """One training step of makemore's MLP + BatchNorm (forward, backward, SGD update): the fused model on each
-    fastlm backend vs its plain-PyTorch twin, eager and under torch.compile (the loss compiled)."""
+    """One training step of makemore's MLP + BatchNorm (forward, backward, SGD update): the fused model through
+    its layers on each fastlm backend, on the CPU also as ``fastlm train`` runs it (``fastlm-cpp-step``:
+    model.loss_and_grads, the whole forward and backward in one fastlm::mlp_loss_and_grads call up to
+    MLP.ONE_CALL_MAX_WORK, the layers above), against its
+    plain-PyTorch twin eager and with the loss under torch.compile. Every provider's call is the whole step,
+    the update one foreach add for all, so --mode does not split it."""
     from fastlm import models
 
     batch, embedding, hidden = size
@@ -167,22 +171,44 @@ def mlp_step_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) 
     generator = torch.Generator().manual_seed(0)
     X = torch.randint(0, 27, (batch, 3), generator=generator).to(device)
     Y = torch.randint(0, 27, (batch,), generator=generator).to(device)
-    models_by_provider = {f"fastlm-{name}": build(True, name) for name in fastlm_backends(device)}
-    models_by_provider["eager"] = reference = build(False)
-    forwards = {name: partial(model.loss, X, Y) for name, model in models_by_provider.items()}
-    forwards["torch.compile"] = partial(torch.compile(reference.loss), X, Y)
-    params = [p for model in models_by_provider.values() for p in model.parameters()]
 
-    def backward_and_update(loss: torch.Tensor) -> None:
-        loss.backward()
+    def sgd(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         with torch.no_grad():
-            for p in params:
-                if p.grad is not None:
-                    p.add_(p.grad, alpha=-0.01)
-                    p.grad = None
+            torch._foreach_add_(params, grads, alpha=-0.01)
 
+    def layer_step(model: nn.Module, loss_fn: Callable) -> Callable[[], torch.Tensor]:
+        params = list(model.parameters())
+
+        def run() -> torch.Tensor:
+            loss = loss_fn(X, Y)
+            loss.backward()
+            sgd(params, [p.grad for p in params])
+            for p in params:
+                p.grad = None
+            return loss.detach()
+        return run
+
+    def one_call_step(model: nn.Module) -> Callable[[], torch.Tensor]:
+        params = list(model.parameters())
+
+        def run() -> torch.Tensor:
+            loss, grads = model.loss_and_grads(X, Y)
+            sgd(params, grads)
+            return loss
+        return run
+
+    forwards = {}
+    for name in fastlm_backends(device):
+        model = build(True, name)
+        forwards[f"fastlm-{name}"] = layer_step(model, model.loss)
+        if name == "cpp":
+            forwards["fastlm-cpp-step"] = one_call_step(build(True, name))
+    reference = build(False)
+    forwards["eager"] = layer_step(reference, reference.loss)
+    compiled = build(False)
+    forwards["torch.compile"] = layer_step(compiled, torch.compile(compiled.loss))
     yield Problem(f"mlp-bn step B={batch} emb={embedding} hidden={hidden} {dtype_name(dtype)}", forwards,
-                  backward_and_update, reps=5 if quick else (2000 if batch <= 64 else 20))
+                  lambda loss: None, reps=5 if quick else (2000 if batch <= 64 else 20))
 
 
 @dataclass(frozen=True)
