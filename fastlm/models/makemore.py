@@ -247,8 +247,9 @@ class MLP(MakemoreModel):
             momentum = bn._momentum()  # counts the batch, as bn(h) would
             result = mlp_loss_and_grads(idx, targets, *values, *bn._running_stats(), momentum=momentum, eps=bn.eps,
                                         unbiased=bn.unbiased, backend="cpp")
-        grad_of = dict(zip(params, result[1:]))
-        return result.loss, [grad_of[p] for p in self.parameters()]
+        # in the order of self.parameters(): first (embedding, linear), bn, output
+        bn_grads = [result.bn_weight, result.bn_bias] if bn is not None else []
+        return result.loss, [result.table, result.w1, result.b1, *bn_grads, result.w2, result.b2]
 
 
 class ResidualMLP(MakemoreModel):
