@@ -6,9 +6,10 @@ A ``Problem`` is one case of one op (sizes, dtype) with the forward of every pro
 eager PyTorch, torch.compile, Liger-Kernel where installed) on shared inputs; ``run_problem`` times each
 provider in the chosen mode (fwd, bwd or full) and returns one ``Row`` per provider.
 
-Timing: CPU with a perf_counter loop around each call (median and quartiles of the repetitions); GPU with
-triton.testing.do_bench (CUDA events, L2 flushed between calls), or, for ``bwd``, CUDA events around each
-backward whose forward ran, untimed, just before. Two untimed warm-up calls come first; the first call's
+Timing: CPU with torch.utils.benchmark's ``Timer.blocked_autorange`` (blocks of calls, over about as long as
+the case's repetitions take; median and quartiles of the blocks); GPU with triton.testing.do_bench (CUDA
+events, L2 flushed between calls). For ``bwd``, each backward is timed alone (perf_counter on CPU, CUDA
+events on GPU) after its forward ran, untimed, just before. Two untimed warm-up calls come first; the first call's
 extra time over the second (compilation, Triton JIT and autotuning, first allocations) is reported apart as
 ``compile_s``. Peak memory: CPU as the growth of the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs before the measured call); GPU with torch.cuda.max_memory_allocated.
@@ -110,12 +111,21 @@ def _sync(device: str) -> None:
 
 def time_ms(run: Callable[[object], object], device: str, reps: int,
             setup: Callable[[], object] | None = None) -> list[float]:
-    """Milliseconds of each timed call of ``run(setup())`` (setup untimed)."""
+    """Milliseconds per call of ``run(setup())`` (setup untimed): one entry per call, or, on CPU without a
+    setup, one per block of calls (torch.utils.benchmark)."""
     if device == "cuda" and setup is None:
         import triton.testing
 
         return list(triton.testing.do_bench(lambda: run(None), warmup=25, rep=max(100, reps * 10),
                                             return_mode="all"))
+    if setup is None:
+        from torch.utils import benchmark
+
+        start_s = time.perf_counter()
+        run(None)
+        budget_s = min(10.0, max(0.05, reps * (time.perf_counter() - start_s)))
+        timer = benchmark.Timer("run(None)", globals={"run": run}, num_threads=torch.get_num_threads())
+        return [seconds * 1e3 for seconds in timer.blocked_autorange(min_run_time=budget_s).times]
     times = []
     for _ in range(reps):
         state = setup() if setup else None
@@ -214,7 +224,8 @@ def timing_method(device: str) -> str:
     if device == "cuda":
         return ("triton.testing.do_bench (CUDA events, L2 flushed), median; bwd: CUDA events around each "
                 "backward after an untimed forward")
-    return "time.perf_counter around each call after 2 warm-up calls; median and quartiles of the repetitions"
+    return ("torch.utils.benchmark Timer.blocked_autorange after 2 warm-up calls, median and quartiles of its "
+            "blocks; bwd: time.perf_counter around each backward after an untimed forward")
 
 
 def environment(device: str) -> dict:
