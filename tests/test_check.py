@@ -1,7 +1,9 @@
-"""fastlm.check, the `fastlm check` command: it passes on this machine's backends, and a backend that is
-wrong (off by 1e-2, or accepting out-of-range ids) registered in fastlm.check.BACKENDS makes it fail."""
+"""fastlm.check, the `fastlm check` command: it passes on this machine's backends, a backend that is
+wrong (off by 1e-2, or accepting out-of-range ids) registered in fastlm.check.BACKENDS makes it fail, and an
+op a backend lacks is reported as not checked there."""
 
 import re
+from functools import partial
 
 import pytest
 
@@ -45,6 +47,63 @@ def test_a_backend_accepting_bad_ids_fails(monkeypatch, capsys, cpp):
     assert re.search(r"^embedding_linear\s+lenient\s+float64 .* PASS", out, re.MULTILINE)
     assert re.search(r"^refuses bad input\s+lenient .* FAIL  first failure: embedding_linear index 5 of 5 rows: "
                      r"accepted", out, re.MULTILINE)
+
+
+def test_mlp_loss_and_grads_check_passes_on_cpu(capsys, cpp):
+    assert check.main(["--op", "mlp_loss_and_grads", "--device", "cpu", "--backend", "cpp", "torch"]) == 0
+    out = capsys.readouterr().out
+    for backend in ("cpp", "torch"):
+        for dtype in ("float32", "float64"):
+            assert re.search(rf"^mlp_loss_and_grads\s+{backend}\s+{dtype}\s+14 .* PASS", out, re.MULTILINE)
+    assert re.search(r"^refuses bad input\s+cpp .* PASS", out, re.MULTILINE)
+
+
+# mlp_loss_and_grads gone wrong: ``op`` is cpp's, the rest the arguments fastlm check passes.
+def loss_off(op, *args, **kwargs):
+    result = op(*args, **kwargs)
+    return result._replace(loss=result.loss * (1 + 1e-4))
+
+
+def grad_w1_off(op, *args, **kwargs):
+    result = op(*args, **kwargs)
+    return result._replace(w1=result.w1 + 1e-3 * result.w1.abs().max())
+
+
+def running_stats_left(op, *args, running_mean=None, running_var=None, **kwargs):
+    return op(*args, **kwargs)
+
+
+def lenient_targets(op, idx, targets, table, w1, b1, w2, *args, **kwargs):
+    return op(idx, targets.clamp(0, w2.shape[0] - 1), table, w1, b1, w2, *args, **kwargs)
+
+
+@pytest.mark.parametrize("wrong, row, failure", [
+    (loss_off, "mlp_loss_and_grads", "output"),
+    (grad_w1_off, "mlp_loss_and_grads", "grad w1"),
+    (running_stats_left, "mlp_loss_and_grads", "running_(mean|var)"),
+    (lenient_targets, "refuses bad input", "mlp_loss_and_grads target 4 of 4 classes: accepted"),
+], ids=lambda value: getattr(value, "__name__", None))
+def test_a_wrong_mlp_step_fails(monkeypatch, capsys, cpp, wrong, row, failure):
+    step = partial(wrong, cpp.ops["mlp_loss_and_grads"])
+    monkeypatch.setitem(check.BACKENDS, "broken", check.Backend({**cpp.ops, "mlp_loss_and_grads": step}, cpp.runs_on))
+    assert check.main(["--quick", "--backend", "broken", "--op", "mlp_loss_and_grads", "--dtype", "float32"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(rf"^{row}\s+broken .* FAIL  first failure: .*{failure}", out, re.MULTILINE)
+
+
+def test_an_op_a_backend_lacks_is_not_checked_there(monkeypatch, capsys, cpp):
+    assert "mlp_loss_and_grads" in check.fastlm_backend("cpp").ops
+    assert not any("mlp_loss_and_grads" in check.fastlm_backend(name).ops for name in ("cuda", "triton"))
+    ops = {op: fn for op, fn in cpp.ops.items() if op != "mlp_loss_and_grads"}
+    monkeypatch.setitem(check.BACKENDS, "partial", check.Backend(ops, cpp.runs_on))
+    assert check.main(["--quick", "--backend", "partial", "cpp", "--op", "mlp_loss_and_grads",
+                       "--dtype", "float64"]) == 0
+    out = capsys.readouterr().out
+    assert "  not checked: mlp_loss_and_grads on partial: no such op there" in out
+    assert re.search(r"^mlp_loss_and_grads\s+cpp\s+float64 .* PASS", out, re.MULTILINE)
+    assert not re.search(r"^mlp_loss_and_grads\s+partial", out, re.MULTILINE)
+    assert re.search(r"^determinism\s+partial\s+float32\s+3 .* PASS", out, re.MULTILINE)
+    assert re.search(r"^refuses bad input\s+partial\s+-\s+6 .* PASS", out, re.MULTILINE)
 
 
 def test_unknown_backend_is_refused():
