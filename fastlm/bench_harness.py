@@ -9,7 +9,10 @@ provider in the chosen mode (fwd, bwd or full) and returns one ``Row`` per provi
 Timing: CPU with torch.utils.benchmark's ``Timer.blocked_autorange`` (blocks of calls, over about as long as
 the case's repetitions take; median and quartiles of the blocks); GPU with triton.testing.do_bench (CUDA
 events, L2 flushed between calls). For ``bwd``, each backward is timed alone (perf_counter on CPU, CUDA
-events on GPU) after its forward ran, untimed, just before. Two untimed warm-up calls come first; the first call's
+events on GPU) after its forward ran, untimed, just before. The providers take turns: the time of each is
+split into ``ROUNDS`` rounds, each round times every provider once (in alternating order), so that a
+machine whose speed drifts over seconds (a shared VM) slows every provider alike instead of whichever
+ran during a slow spell. Two untimed warm-up calls per provider come first; the first call's
 extra time over the second (compilation, Triton JIT and autotuning, first allocations) is reported apart as
 ``compile_s``. Peak memory: CPU as the growth of the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs before the measured call); GPU with torch.cuda.max_memory_allocated.
@@ -33,6 +36,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import torch
 
 MODES = ("fwd", "bwd", "full")
+ROUNDS = 5  # turns each provider gets within one case (see the module docstring)
 T = TypeVar("T")
 # The checkout this module sits in, if any: results then default to its bench/results and carry its commit.
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,19 +115,19 @@ def _sync(device: str) -> None:
 
 def time_ms(run: Callable[[object], object], device: str, reps: int,
             setup: Callable[[], object] | None = None) -> list[float]:
-    """Milliseconds per call of ``run(setup())`` (setup untimed): one entry per call, or, on CPU without a
-    setup, one per block of calls (torch.utils.benchmark)."""
+    """Milliseconds per call of ``run(setup())`` (setup untimed), over about ``reps`` calls: one entry per
+    call, or, on CPU without a setup, one per block of calls (torch.utils.benchmark)."""
     if device == "cuda" and setup is None:
         import triton.testing
 
-        return list(triton.testing.do_bench(lambda: run(None), warmup=25, rep=max(100, reps * 10),
+        return list(triton.testing.do_bench(lambda: run(None), warmup=5, rep=max(20, reps * 2),
                                             return_mode="all"))
     if setup is None:
         from torch.utils import benchmark
 
         start_s = time.perf_counter()
         run(None)
-        budget_s = min(10.0, max(0.05, reps * (time.perf_counter() - start_s)))
+        budget_s = min(2.0, max(0.01, reps * (time.perf_counter() - start_s)))
         timer = benchmark.Timer("run(None)", globals={"run": run}, num_threads=torch.get_num_threads())
         return [seconds * 1e3 for seconds in timer.blocked_autorange(min_run_time=budget_s).times]
     times = []
@@ -186,17 +190,27 @@ def peak_extra_mb(run: Callable[[object], object], device: str,
 
 def run_problem(op: str, problem: Problem, device: str, mode: str, copy_gbs: float | None,
                 on_provider: Callable[[str], None] = lambda name: None) -> list[Row]:
-    """Times every provider of the problem side by side; ratios are over the 'eager' provider."""
+    """Times every provider of the problem side by side, in turns; ratios are over the 'eager' provider."""
     torch.compiler.reset()  # each case compiles afresh, for its own shapes, inside its own warm-up
-    rows = []
+    steps, compile_s = {}, {}
     for provider in problem.forwards:
         on_provider(provider)
-        setup, run = step(problem, provider, mode)
-        compile_s = warm_up(run, device, setup)
-        times = time_ms(run, device, problem.reps, setup)
-        row = Row(op, problem.case, mode, provider, statistics.median(times),
-                  (_percentile(times, 0.25), _percentile(times, 0.75)), len(times), compile_s=compile_s,
-                  peak_extra_mb=peak_extra_mb(run, device, setup))
+        steps[provider] = step(problem, provider, mode)
+        setup, run = steps[provider]
+        compile_s[provider] = warm_up(run, device, setup)
+    times: dict[str, list[float]] = {provider: [] for provider in steps}
+    reps_per_round = max(1, -(-problem.reps // ROUNDS))
+    for turn in range(ROUNDS):
+        order = list(steps) if turn % 2 == 0 else list(reversed(steps))
+        for provider in order:
+            setup, run = steps[provider]
+            times[provider] += time_ms(run, device, reps_per_round, setup)
+    rows = []
+    for provider, (setup, run) in steps.items():
+        samples = times[provider]
+        row = Row(op, problem.case, mode, provider, statistics.median(samples),
+                  (_percentile(samples, 0.25), _percentile(samples, 0.75)), len(samples),
+                  compile_s=compile_s[provider], peak_extra_mb=peak_extra_mb(run, device, setup))
         if mode in problem.min_bytes:
             row.gbs = problem.min_bytes[mode] / (row.median_ms * 1e-3) / 1e9
             row.of_copy_bw = row.gbs / copy_gbs if copy_gbs else None
@@ -221,11 +235,12 @@ def copy_bandwidth_gbs(device: str, nbytes: int = 2**30) -> float:
 
 
 def timing_method(device: str) -> str:
+    turns = f"providers in {ROUNDS} interleaved rounds"
     if device == "cuda":
-        return ("triton.testing.do_bench (CUDA events, L2 flushed), median; bwd: CUDA events around each "
-                "backward after an untimed forward")
+        return (f"triton.testing.do_bench (CUDA events, L2 flushed), median; bwd: CUDA events around each "
+                f"backward after an untimed forward; {turns}")
     return ("torch.utils.benchmark Timer.blocked_autorange after 2 warm-up calls, median and quartiles of its "
-            "blocks; bwd: time.perf_counter around each backward after an untimed forward")
+            f"blocks; bwd: time.perf_counter around each backward after an untimed forward; {turns}")
 
 
 def environment(device: str) -> dict:
