@@ -24,6 +24,13 @@ DEFAULT_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
 _forced: list[str] = []
 
 
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream. The ops then skip their host-side checks
+    of ids and targets (each a device sync, which capture forbids); the kernels never read or write out of
+    bounds regardless (an id or target out of range reads as a zero row or an ignored row)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _extension_error() -> str | None:
     try:
         import fastlm._C  # noqa: F401  (loading it registers torch.ops.fastlm.*)

@@ -156,7 +156,8 @@ def mlp_step_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) 
     """One training step of makemore's MLP + BatchNorm (forward, backward, SGD update): the fused model through
     its layers on each fastlm backend, on the CPU also as ``fastlm train`` runs it (``fastlm-cpp-step``:
     model.loss_and_grads, the whole forward and backward in one fastlm::mlp_loss_and_grads call up to
-    MLP.ONE_CALL_MAX_WORK, the layers above), against its
+    MLP.ONE_CALL_MAX_WORK, the layers above), on a GPU also as ``fastlm train --cuda-graph`` runs it
+    (``fastlm-<backend>-graph``: the step replayed from a CUDA graph), against its
     plain-PyTorch twin eager and with the loss under torch.compile. Every provider's call is the whole step,
     the update one foreach add for all, so --mode does not split it."""
     from fastlm import models
@@ -197,12 +198,20 @@ def mlp_step_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) 
             return loss
         return run
 
+    def graphed_step(model: nn.Module) -> Callable[[], torch.Tensor]:
+        from fastlm.cuda_graph import CapturedStep
+
+        captured = CapturedStep(model, list(model.parameters()), X, Y)
+        return lambda: captured(X, Y, 0.01)
+
     forwards = {}
     for name in fastlm_backends(device):
         model = build(True, name)
         forwards[f"fastlm-{name}"] = layer_step(model, model.loss)
         if name == "cpp":
             forwards["fastlm-cpp-step"] = one_call_step(build(True, name))
+        if device == "cuda":
+            forwards[f"fastlm-{name}-graph"] = graphed_step(build(True, name))
     reference = build(False)
     forwards["eager"] = layer_step(reference, reference.loss)
     compiled = build(False)

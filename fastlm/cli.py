@@ -45,6 +45,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     parser.add_argument("--samples", type=int, default=d.samples, help="names to generate at the end")
     parser.add_argument("--compare", action="store_true", help="train the plain-PyTorch twin on the same batches")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture the training step in a CUDA graph (--device cuda, one process, plain SGD)")
     parser.add_argument("--out", default=d.out, help="output directory: checkpoint, summary.json, loss.png")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
 

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm import backends
+
 
 @triton.jit
 def _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C, ignore_index, e_hi, e_lo, s_hi, s_lo,
@@ -169,11 +171,13 @@ def _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_s
         if other is not None and other.device != logits.device:
             raise ValueError(f"fastlm cross_entropy: {name} is on {other.device} but logits are on {logits.device}")
     # Same rule and message as the C++ check (a target equal to ignore_index is fine even outside [0, C)).
-    # bad.any() waits for the device: the price of a clear error instead of a silently ignored row.
-    bad = (target != ignore_index) & ((target < 0) | (target >= C))
-    if bad.any():
-        raise IndexError(f"Target {target[bad][0].item()} is out of bounds: expected a class index in "
-                         f"[0, {C}) or ignore_index ({ignore_index})")
+    # bad.any() waits for the device: the price of a clear error instead of a silently ignored row, paid
+    # everywhere but in CUDA graph capture, which forbids the wait (the kernels then ignore such a row).
+    if not backends.capturing():
+        bad = (target != ignore_index) & ((target < 0) | (target >= C))
+        if bad.any():
+            raise IndexError(f"Target {target[bad][0].item()} is out of bounds: expected a class index in "
+                             f"[0, {C}) or ignore_index ({ignore_index})")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     acc = _MATH[logits.dtype]

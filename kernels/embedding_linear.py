@@ -30,18 +30,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile(ptr, s_r, s_c, r, c, mask, idx_ptr, T, D, GATHER: tl.constexpr):
+def _tile(ptr, s_r, s_c, r, c, mask, idx_ptr, T, D, V, GATHER: tl.constexpr):
     """A tile of an operand at rows r x cols c (int64); for GATHER the operand is X = table[idx].view(B, T*D)
-    (rows are batch rows, cols flat features) and ptr is the contiguous table."""
+    (rows are batch rows, cols flat features) and ptr is the contiguous table of V rows. An id outside [0, V)
+    reads as a zero row: the ids are checked before launch, except while a CUDA graph is captured."""
     if GATHER:
         t = c // D
         tok = tl.load(idx_ptr + r[:, None] * T + t[None, :], mask=mask, other=0).to(tl.int64)
-        return tl.load(ptr + tok * D + (c - t * D)[None, :], mask=mask, other=0.0)
+        return tl.load(ptr + tok * D + (c - t * D)[None, :], mask=mask & (tok >= 0) & (tok < V), other=0.0)
     return tl.load(ptr + r[:, None] * s_r + c[None, :] * s_c, mask=mask, other=0.0)
 
 
 @triton.jit
-def _gemm_kernel(a_ptr, s_am, s_ak, b_ptr, s_bk, s_bn, c_ptr, s_cm, s_cn, bias_ptr, idx_ptr, M, N, K, T, D,
+def _gemm_kernel(a_ptr, s_am, s_ak, b_ptr, s_bk, s_bn, c_ptr, s_cm, s_cn, bias_ptr, idx_ptr, M, N, K, T, D, V,
                  GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                  OPERAND: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -55,8 +56,8 @@ def _gemm_kernel(a_ptr, s_am, s_ak, b_ptr, s_bk, s_bn, c_ptr, s_cm, s_cn, bias_p
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
         k_mask = k < K
-        a = _tile(a_ptr, s_am, s_ak, m, k, m_mask[:, None] & k_mask[None, :], idx_ptr, T, D, GATHER_A)
-        b = _tile(b_ptr, s_bk, s_bn, k, n, k_mask[:, None] & n_mask[None, :], idx_ptr, T, D, GATHER_B)
+        a = _tile(a_ptr, s_am, s_ak, m, k, m_mask[:, None] & k_mask[None, :], idx_ptr, T, D, V, GATHER_A)
+        b = _tile(b_ptr, s_bk, s_bn, k, n, k_mask[:, None] & n_mask[None, :], idx_ptr, T, D, V, GATHER_B)
         if DOT:
             acc = tl.dot(a.to(OPERAND), b.to(OPERAND), acc, input_precision=PRECISION, out_dtype=ACC)
         else:
@@ -81,7 +82,9 @@ def _gather_sum_kernel(idx_ptr, p_ptr, bias_ptr, y_ptr, B, T, V, N, HAS_BIAS: tl
         acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(ACC)[None, :]
     for t in range(0, T):
         tok = tl.load(idx_ptr + b * T + t, mask=b_mask, other=0).to(tl.int64)
-        acc += tl.load(p_ptr + (t * V + tok)[:, None] * N + n[None, :], mask=mask, other=0.0).to(ACC)
+        tok_ok = (tok >= 0) & (tok < V)  # as in _tile
+        acc += tl.load(p_ptr + (t * V + tok)[:, None] * N + n[None, :], mask=mask & tok_ok[:, None],
+                       other=0.0).to(ACC)
     tl.store(y_ptr + b[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -108,13 +111,15 @@ def _segment_sum_kernel(src_ptr, s_r, s_c, perm_ptr, offsets_ptr, dst_ptr, C, DI
 
 
 @triton.jit
-def _scatter_add_kernel(src_ptr, s_r, s_c, keys_ptr, dst_ptr, R, C, DIV, ACC: tl.constexpr, BLOCK_O: tl.constexpr,
+def _scatter_add_kernel(src_ptr, s_r, s_c, keys_ptr, dst_ptr, R, C, DIV, KEYS, ACC: tl.constexpr, BLOCK_O: tl.constexpr,
                         BLOCK_C: tl.constexpr):
-    """dst[keys[p]] += src row p // DIV for p < R, by atomic adds (the deterministic=False path)."""
+    """dst[keys[p]] += src row p // DIV for p < R and keys[p] in [0, KEYS), by atomic adds (the
+    deterministic=False path)."""
     p = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
     c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (p < R)[:, None] & (c < C)[None, :]
     key = tl.load(keys_ptr + p, mask=p < R, other=0)
+    mask = mask & ((key >= 0) & (key < KEYS))[:, None]
     v = tl.load(src_ptr + (p // DIV)[:, None] * s_r + c[None, :] * s_c, mask=mask, other=0.0).to(ACC)
     tl.atomic_add(dst_ptr + key[:, None] * C + c[None, :], v, mask=mask, sem="relaxed")
 
@@ -201,8 +206,9 @@ def _gemm(a, a_strides, b, b_strides, c, M, N, K, math, idx=None, T=1, D=1, gath
         warps = 4
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     idx_arg = idx if idx is not None else c
+    V = (a if gather_a else b).shape[0] if idx is not None else 1  # the table's rows, where one is gathered
     _gemm_kernel[grid](a, a_strides[0], a_strides[1], b, b_strides[0], b_strides[1], c, c.stride(0), c.stride(1),
-                       bias if bias is not None else c, idx_arg, M, N, K, T, D, GATHER_A=gather_a,
+                       bias if bias is not None else c, idx_arg, M, N, K, T, D, V, GATHER_A=gather_a,
                        GATHER_B=gather_b, HAS_BIAS=bias is not None, DOT=math.dot, OPERAND=math.operand,
                        PRECISION=math.precision, ACC=math.tl_acc, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return c
@@ -223,7 +229,7 @@ def _scatter_rows(src, keys, n_keys, div, out, math, deterministic, pad_key=-1):
                                                                                     device=dev)
         buf.zero_()
         grid = (triton.cdiv(R, bo), triton.cdiv(C, bc))
-        _scatter_add_kernel[grid](src, src.stride(0), src.stride(1), keys, buf, R, C, div, ACC=math.tl_acc,
+        _scatter_add_kernel[grid](src, src.stride(0), src.stride(1), keys, buf, R, C, div, n_keys, ACC=math.tl_acc,
                                   BLOCK_O=bo, BLOCK_C=bc, num_warps=4)
         if pad_key >= 0:
             buf[pad_key] = 0
@@ -311,7 +317,9 @@ def embedding_linear_backward(grad_output, idx, table, weight, has_bias, strateg
         _scatter_rows(dx.view(B * T, D), idx.view(-1).long(), V, 1, grad_table, math, deterministic, padding_idx)
         return grad_table, grad_weight, grad_bias
     # Strategy 1: G (T*V, out), G[t*V + v] = sum of dY[b] over idx[b, t] == v; key of position p = b*T + t.
-    keys = (idx.long() + torch.arange(T, dtype=torch.int64, device=dev) * V).view(-1)
+    # An id out of range (unchecked only during CUDA graph capture) gets key -1, which no row of G owns.
+    ids = idx.long()
+    keys = torch.where((ids >= 0) & (ids < V), ids + torch.arange(T, dtype=torch.int64, device=dev) * V, -1).view(-1)
     G = torch.empty(T * V, out, dtype=math.acc, device=dev)
     _scatter_rows(dy, keys, T * V, T, G, math, deterministic)
     G = G.view(T, V, out)

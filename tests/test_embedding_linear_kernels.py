@@ -176,3 +176,22 @@ def test_bad_arguments():
         K.embedding_linear_backward(grad, idx, table, weight, True, 0, 27, True)
     with pytest.raises(ValueError, match="grad_output"):
         K.embedding_linear_backward(grad[1:], idx, table, weight, True, 0, -1, True)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_out_of_range_ids_read_as_zero_rows_and_get_no_gradient(strategy):
+    """The kernels never reach outside the table on their own: the ops refuse such ids before launch, except
+    while a CUDA graph is captured, and then an id outside [0, V) reads as a zero row and scatters nothing."""
+    V, T, D = 5, 3, 4
+    idx, table, weight, bias, grad = make(V, T, D, 7, 6, torch.float32)
+    idx[1, 0], idx[3, 2], idx[4, 1] = V, -1, V + 2  # V at t = 0 would alias row 0 of t = 1 in a flat t*V + id key
+    y = K.embedding_linear_forward(idx, table, weight, bias, strategy)
+    g_table, g_weight, g_bias = K.embedding_linear_backward(grad, idx, table, weight, True, strategy, -1, True)
+    # The reference: those ids pointed at an extra row of zeros, whose gradient is then dropped.
+    padded = torch.cat([table, torch.zeros(1, D, dtype=table.dtype, device=table.device)])
+    safe = torch.where((idx >= 0) & (idx < V), idx, V)
+    ref_y, ref_table, ref_weight, ref_bias = reference(safe, padded, weight, bias, grad)
+    assert_close_to_reference(y, ref_y, torch.float32)
+    assert_close_to_reference(g_table, ref_table[:V], torch.float32)
+    assert_close_to_reference(g_weight, ref_weight, torch.float32)
+    assert_close_to_reference(g_bias, ref_bias, torch.float32)

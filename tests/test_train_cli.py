@@ -118,3 +118,49 @@ def test_data_parallel_with_torchrun_equals_one_process_on_the_whole_batch(words
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_graph_on_the_cpu_is_a_clear_error(tmp_path):
+    result = fastlm_command("train", "--steps", "1", "--cuda-graph", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "--cuda-graph" in result.stderr and "--device cuda" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("model,world,message", [("mlp-bn", 2, "torchrun"), ("resblock", 1, "plain SGD"),
+                                                 ("bigram-counts", 1, "plain SGD")])
+def test_cuda_graph_refuses_what_it_cannot_capture(words_file, tmp_path, model, world, message):
+    from fastlm.train import ConfigError, check_cuda_graph, make_optimizer, models
+
+    config = small_config(words_file, tmp_path, model=model, cuda_graph=True)
+    network = models.build(model, fused=False)
+    config = config.with_recipe(network.recipe)
+    with pytest.raises(ConfigError, match=message):
+        check_cuda_graph(config, torch.device("cuda"), world, make_optimizer(config, network))
+
+
+@pytest.mark.parametrize("model", ["bigram", "mlp", "mlp-bn", "resmlp"])
+def test_cuda_graph_accepts_the_models_trained_by_plain_sgd(words_file, tmp_path, model):
+    from fastlm.train import check_cuda_graph, make_optimizer, models
+
+    network = models.build(model, fused=False)
+    config = small_config(words_file, tmp_path, model=model, cuda_graph=True).with_recipe(network.recipe)
+    check_cuda_graph(config, torch.device("cuda"), 1, make_optimizer(config, network))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_run_trains_like_the_uncaptured_run(words_file, tmp_path, backend):
+    from fastlm import backends
+
+    if backends.why_unavailable(backend):
+        pytest.skip(backends.why_unavailable(backend))
+    runs = [Trainer(small_config(words_file, tmp_path / str(graph), device="cuda", backend=backend, cuda_graph=graph,
+                                 steps=60), log=lambda *_: None) for graph in (False, True)]
+    for run in runs:
+        run.fit()
+    eager, graphed = runs
+    assert graphed.captured_step is not None
+    for a, b in zip(eager.history["step_loss"], graphed.history["step_loss"]):
+        assert b == pytest.approx(a, rel=1e-5)
+    for (name, a), (_, b) in zip(eager.model.state_dict().items(), graphed.model.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)

@@ -9,6 +9,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -28,8 +29,10 @@ void check_device(const at::Tensor& t, const at::Tensor& logits, const char* nam
               logits.device(), "), got ", t.device());
 }
 
-// One device-side test and one sync; the offending value is fetched only to raise.
+// One device-side test and one sync; the offending value is fetched only to raise. Skipped while a CUDA
+// graph is captured, which forbids the sync: the kernels then ignore a row whose target is out of range.
 void check_targets(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
   const at::Tensor bad = target.ne(ignore_index).logical_and_(target.lt(0).logical_or_(target.ge(num_classes)));
   if (bad.any().item<bool>()) {
     raise_target_out_of_bounds(target.masked_select(bad)[0].item<int64_t>(), num_classes, ignore_index);

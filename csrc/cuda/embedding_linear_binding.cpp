@@ -23,6 +23,7 @@
 #include <ATen/ops/sort.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -41,8 +42,11 @@ void check_strategy(int64_t strategy) {
               "fastlm embedding_linear: strategy must be 0 (gather-GEMM) or 1 (product table), got ", strategy);
 }
 
-// One device-side test and one sync; the offending value is fetched only to raise.
+// One device-side test and one sync; the offending value is fetched only to raise. Skipped while a CUDA
+// graph is captured, which forbids the sync: the kernels then read an out-of-range id as a zero row and
+// scatter nothing for it.
 void check_indices(const at::Tensor& idx, int64_t V) {
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
   const at::Tensor bad = idx.lt(0).logical_or_(idx.ge(V));
   if (bad.any().item<bool>()) {
     TORCH_CHECK_INDEX(false, "fastlm embedding_linear: index ", idx.masked_select(bad)[0].item<int64_t>(),

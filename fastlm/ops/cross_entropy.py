@@ -203,8 +203,9 @@ def scale_in_place(grad: Tensor, grad_loss: Tensor, reduction: str) -> Tensor:
 
 def is_exactly_one(grad_loss: Tensor) -> bool:
     """Whether a scalar upstream gradient is exactly 1, as after ``loss.backward()``, so that scaling a
-    large gradient buffer can be skipped. Costs a device sync on GPU; while compiling, assumes not."""
-    return not torch.compiler.is_compiling() and grad_loss.item() == 1.0
+    large gradient buffer can be skipped. Costs a device sync on GPU; while compiling or capturing a CUDA
+    graph, assumes not."""
+    return not torch.compiler.is_compiling() and not backends.capturing() and grad_loss.item() == 1.0
 
 
 def can_overwrite(logits: Tensor, backend: str) -> bool:

@@ -133,7 +133,10 @@ def check_inputs(idx: Tensor, table: Tensor, weight: Tensor, bias: Tensor | None
 
 
 def check_ids(idx: Tensor, vocab: int) -> None:
-    """IndexError for any id outside [0, V), before any kernel reads through it (one sync on GPU)."""
+    """IndexError for any id outside [0, V), before any kernel reads through it (one sync on GPU; none while a
+    CUDA graph is captured, see backends.capturing)."""
+    if backends.capturing():
+        return
     bad = (idx < 0) | (idx >= vocab)
     if idx.numel() and bool(bad.any()):
         value = int(idx[bad][0])
