@@ -164,3 +164,26 @@ def test_cuda_graph_run_trains_like_the_uncaptured_run(words_file, tmp_path, bac
         assert b == pytest.approx(a, rel=1e-5)
     for (name, a), (_, b) in zip(eager.model.state_dict().items(), graphed.model.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_step_a_cuda_graph_records_is_the_trainers_sgd_step():
+    """CapturedStep's recorded function, run uncaptured on the CPU: the same update as the trainer's eager step
+    (the graph itself needs a GPU; the test above runs it there)."""
+    from fastlm import models
+    from fastlm.cuda_graph import CapturedStep
+
+    torch.manual_seed(0)
+    model = models.build("mlp-bn", fused=True)
+    twin = models.build("mlp-bn", fused=True)
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randint(0, 27, (32, 3)), torch.randint(0, 27, (32,))
+    step = CapturedStep.__new__(CapturedStep)  # its buffers, without the capture
+    step.model, step.params, step.x, step.y = model, list(model.parameters()), x, y
+    step.lr = torch.tensor(0.1)
+    loss = step._step()
+    twin_loss, grads = twin.loss_and_grads(x, y)
+    with torch.no_grad():
+        torch._foreach_add_(list(twin.parameters()), grads, alpha=-0.1)
+    assert loss.item() == twin_loss.item()
+    for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
