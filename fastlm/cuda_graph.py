@@ -8,8 +8,9 @@ returns is a fixed buffer too, overwritten by the next replay.
 
 Capture follows PyTorch's recipe: a few warm-up steps on a side stream first (they build autograd's and the
 kernels' one-off state: Triton compilation, cuBLAS workspaces), then the recorded step. The warm-up steps
-train the model on the first batch, so the model's state (parameters, BatchNorm statistics) is put back
-afterwards: the first replay starts from exactly where an uncaptured run would. The fastlm ops skip their
+run at learning rate 0, so they leave the parameters alone, but they do move the BatchNorm statistics and
+batch count; the model's state is put back afterwards, so the first replay starts from exactly where an
+uncaptured run would. The fastlm ops skip their
 host-side id and target checks during capture (``fastlm.backends.capturing``); ``fastlm train`` has
 checked its data set's ids when it loaded it.
 """
