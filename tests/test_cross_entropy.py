@@ -83,6 +83,22 @@ def test_shapes_and_reductions(backend, n, c, reduction):
     check_against_reference(x, target, backend, reduction=reduction)
 
 
+@pytest.mark.parametrize("with_grad", [True, False])
+@pytest.mark.parametrize("c", [16384, 16411])
+def test_cpp_rows_in_groups_and_one_at_a_time(c, with_grad):
+    """The CPU kernels reduce rows in groups of 8 up to 16384 classes and one at a time above; 19 rows make two
+    groups and three single rows, or 19 single rows. Without a gradient the forward-only kernel runs."""
+    skip_unless_runs("cpp")
+    x, target = random_problem(19, c, seed=3)
+    if with_grad:
+        check_against_reference(x, target, "cpp", reduction="none", label_smoothing=0.1)
+    else:
+        loss, lse = cross_entropy(x, target, reduction="none", label_smoothing=0.1, return_lse=True, backend="cpp")
+        ref_loss, ref_lse, _ = reference(x, target, reduction="none", label_smoothing=0.1)
+        assert_close_to_reference(loss, ref_loss.detach(), torch.float32, magnitude=ref_lse.abs().max().item())
+        assert_close_to_reference(lse, ref_lse.detach(), torch.float32)
+
+
 OPTIONS = {
     "weight": dict(weight=torch.rand(27) + 0.1),
     "label_smoothing": dict(label_smoothing=0.1),

@@ -4,9 +4,9 @@
 //   lse  = log sum_c exp(x_c)
 //   loss = (1-e) w_t (lse - x_t) + e/C sum_c w_c (lse - x_c) + s lse^2        (0 where t == ignore_index)
 //   dloss/dx_c = p_c ((1-e) w_t + e/C sum_k w_k + 2 s lse) - (1-e) w_t [c == t] - e/C w_c,  p = exp(x - lse)
-// Forward makes two passes over a row (its max, then the sum of exp), the second from L2, and keeps only
+// Forward makes two passes over a row (its max, then the sum of exp), the second from L1/L2, and keeps only
 // lse; backward recomputes p from lse in one pass. Rows are spread over threads with at::parallel_for,
-// each row is vectorised with at::vec, and all math is in fp32 (fp64 for double input); loss and lse
+// reduced in small groups (see group_lse), each row vectorised with at::vec, and all math is in fp32 (fp64 for double input); loss and lse
 // come back in that math dtype.
 // The schemas are defined here because this file is built on every machine; CUDA adds its kernels
 // to the same ops in csrc/cuda/cross_entropy_binding.cpp.
@@ -22,9 +22,11 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 namespace fastlm {
 namespace {
@@ -88,66 +90,70 @@ LossTerms<scalar_t> loss_terms(const Prepared& p, int64_t ignore_index, double s
 // Enough rows per thread task to amortise scheduling: about 32k logits.
 int64_t rows_per_task(int64_t num_classes) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, num_classes)); }
 
-// The max and the sum of exp of a row, each with four independent vector accumulators: one accumulator
-// makes the loop wait on the latency of every max or add (measured: forward 2.4x slower than backward).
-template <typename scalar_t, typename Map, typename Reduce>
-scalar_t reduce_row(const scalar_t* x, int64_t size, scalar_t init, const Map& map, const Reduce& reduce) {
+// Rows are reduced in groups of kGroupRows. A row's lse is a chain of dependent steps (vector max, horizontal
+// max, exp, vector sum, horizontal sum, log); issuing each step for all the rows of a group at once lets
+// those chains overlap. Measured at C=128: 30% less time than one row after another, and still 10% less at
+// C=20000. Past kGroupMaxClasses a group's rows no longer stay in L2 between the max and exp passes, and
+// rows go one at a time.
+constexpr int kGroupRows = 8;
+constexpr int64_t kGroupMaxClasses = 16384;
+
+// The lse of R consecutive rows (row_stride apart) and the sum of exp(x - max) of each; with exps, each
+// exp(x - max) is also stored there (R rows of C), for the fused forward to turn into the gradient.
+template <int R, typename scalar_t>
+struct GroupLse {
+  scalar_t sum[R], lse[R];
+};
+
+template <int R, typename scalar_t>
+GroupLse<R, scalar_t> group_lse(const scalar_t* x, int64_t row_stride, int64_t C, scalar_t* exps) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t kWidth = Vec::size();
-  Vec acc0(init), acc1(init), acc2(init), acc3(init);
-  int64_t c = 0;
-  for (; c + 4 * kWidth <= size; c += 4 * kWidth) {
-    acc0 = reduce(acc0, map(Vec::loadu(x + c)));
-    acc1 = reduce(acc1, map(Vec::loadu(x + c + kWidth)));
-    acc2 = reduce(acc2, map(Vec::loadu(x + c + 2 * kWidth)));
-    acc3 = reduce(acc3, map(Vec::loadu(x + c + 3 * kWidth)));
+  const int64_t full = C - C % kWidth, tail = C - full;
+  const auto max_op = [](Vec a, Vec b) { return at::vec::maximum(a, b); };
+  const auto add_op = [](Vec a, Vec b) { return a + b; };
+  Vec acc[R];
+  for (int k = 0; k < R; ++k) acc[k] = Vec(-std::numeric_limits<scalar_t>::infinity());
+  for (int64_t c = 0; c < full; c += kWidth)
+    for (int k = 0; k < R; ++k) acc[k] = max_op(acc[k], Vec::loadu(x + k * row_stride + c));
+  for (int k = 0; tail && k < R; ++k)
+    acc[k] = Vec::set(acc[k], max_op(acc[k], Vec::loadu(x + k * row_stride + full, tail)), tail);
+  scalar_t max[R];
+  Vec shift[R];
+  for (int k = 0; k < R; ++k) {
+    max[k] = at::vec::vec_reduce_all<scalar_t>(max_op, acc[k]);
+    shift[k] = Vec(max[k]);
+    acc[k] = Vec(scalar_t(0));
   }
-  for (; c + kWidth <= size; c += kWidth) acc0 = reduce(acc0, map(Vec::loadu(x + c)));
-  if (c < size) acc1 = Vec::set(acc1, reduce(acc1, map(Vec::loadu(x + c, size - c))), size - c);
-  const Vec acc = reduce(reduce(acc0, acc1), reduce(acc2, acc3));
-  return at::vec::vec_reduce_all<scalar_t>(reduce, acc);
+  for (int64_t c = 0; c < full; c += kWidth)
+    for (int k = 0; k < R; ++k) {
+      const Vec e = (Vec::loadu(x + k * row_stride + c) - shift[k]).exp_u20();
+      if (exps) e.store(exps + k * C + c);
+      acc[k] = acc[k] + e;
+    }
+  for (int k = 0; tail && k < R; ++k) {
+    const Vec e = (Vec::loadu(x + k * row_stride + full, tail) - shift[k]).exp_u20();
+    if (exps) e.store(exps + k * C + full, tail);
+    acc[k] = Vec::set(acc[k], acc[k] + e, tail);
+  }
+  GroupLse<R, scalar_t> g;
+  for (int k = 0; k < R; ++k) g.sum[k] = g.lse[k] = at::vec::vec_reduce_all<scalar_t>(add_op, acc[k]);
+  for (int k = 0; k < R; k += kWidth) {  // the logs of the sums, one vector log for up to kWidth rows
+    const int64_t n = std::min<int64_t>(kWidth, R - k);
+    Vec::loadu(g.lse + k, n).log().store(g.lse + k, n);
+  }
+  for (int k = 0; k < R; ++k) g.lse[k] += max[k];
+  return g;
 }
 
-template <typename scalar_t>
-scalar_t row_max(const scalar_t* x, int64_t size) {
-  using Vec = Vectorized<scalar_t>;
-  return reduce_row<scalar_t>(
-      x, size, -std::numeric_limits<scalar_t>::infinity(), [](Vec v) { return v; },
-      [](Vec a, Vec b) { return at::vec::maximum(a, b); });
-}
-
-template <typename scalar_t>
-scalar_t row_lse(const scalar_t* x, int64_t size) {
-  using Vec = Vectorized<scalar_t>;
-  const scalar_t max = row_max(x, size);
-  const Vec shift(max);
-  const scalar_t sum = reduce_row<scalar_t>(
-      x, size, scalar_t(0), [shift](Vec v) { return (v - shift).exp_u20(); }, [](Vec a, Vec b) { return a + b; });
-  return max + std::log(sum);
-}
-
-// Sum of exp(x - shift) over a row, storing each exp in out: the fused forward keeps them for the gradient.
-template <typename scalar_t>
-scalar_t sum_exp_storing(const scalar_t* x, int64_t size, scalar_t shift, scalar_t* out) {
-  using Vec = Vectorized<scalar_t>;
-  constexpr int64_t kWidth = Vec::size();
-  const Vec shift_v(shift);
-  Vec acc0(scalar_t(0)), acc1(scalar_t(0));
-  int64_t c = 0;
-  for (; c + 2 * kWidth <= size; c += 2 * kWidth) {
-    const Vec e0 = (Vec::loadu(x + c) - shift_v).exp_u20(), e1 = (Vec::loadu(x + c + kWidth) - shift_v).exp_u20();
-    e0.store(out + c);
-    e1.store(out + c + kWidth);
-    acc0 = acc0 + e0;
-    acc1 = acc1 + e1;
-  }
-  for (; c < size; c += kWidth) {
-    const int64_t n = std::min<int64_t>(kWidth, size - c);
-    const Vec e = (Vec::loadu(x + c, n) - shift_v).exp_u20();
-    e.store(out + c, n);
-    acc0 = Vec::set(acc0, acc0 + e, n);
-  }
-  return at::vec::vec_reduce_all<scalar_t>([](Vec a, Vec b) { return a + b; }, acc0 + acc1);
+// Runs group(i, Rows) over [begin, end) in groups of kGroupRows rows where rows are short enough, then
+// one row at a time.
+template <typename Group>
+void for_each_group(int64_t begin, int64_t end, int64_t num_classes, const Group& group) {
+  int64_t i = begin;
+  if (num_classes <= kGroupMaxClasses)
+    for (; i + kGroupRows <= end; i += kGroupRows) group(i, std::integral_constant<int, kGroupRows>{});
+  for (; i < end; ++i) group(i, std::integral_constant<int, 1>{});
 }
 
 // The loss of a non-ignored row from its lse: the smoothing term costs one more pass, only when asked for.
@@ -197,13 +203,17 @@ void write_row_grad(const LossTerms<scalar_t>& terms, int64_t t, scalar_t g, sca
 template <typename scalar_t>
 void forward_rows(const scalar_t* logits, int64_t row_stride, int64_t num_rows, const LossTerms<scalar_t>& terms,
                   scalar_t* loss, scalar_t* lse_out) {
-  at::parallel_for(0, num_rows, rows_per_task(terms.num_classes), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* x = logits + i * row_stride;
-      const int64_t t = terms.target[i];
-      lse_out[i] = row_lse(x, terms.num_classes);
-      loss[i] = t == terms.ignore_index ? scalar_t(0) : row_loss(terms, x, t, lse_out[i]);
-    }
+  const int64_t C = terms.num_classes;
+  at::parallel_for(0, num_rows, rows_per_task(C), [&](int64_t begin, int64_t end) {
+    for_each_group(begin, end, C, [&](int64_t i0, auto rows) {
+      constexpr int R = decltype(rows)::value;
+      const auto g = group_lse<R, scalar_t>(logits + i0 * row_stride, row_stride, C, nullptr);
+      for (int k = 0; k < R; ++k) {
+        const int64_t i = i0 + k, t = terms.target[i];
+        lse_out[i] = g.lse[k];
+        loss[i] = t == terms.ignore_index ? scalar_t(0) : row_loss(terms, logits + i * row_stride, t, g.lse[k]);
+      }
+    });
   });
 }
 
@@ -221,8 +231,8 @@ void backward_rows(const scalar_t* logits, int64_t row_stride, int64_t num_rows,
   });
 }
 
-// Forward and gradient in one sweep of each row: max, then exp stored into the gradient row while
-// summing, then that row rescaled in place (from L1/L2). One exp per logit instead of two.
+// Forward and gradient in one sweep of each group of rows: max, then exp stored into the gradient rows while
+// summing, then each row rescaled in place (from L1/L2). One exp per logit instead of two.
 template <typename scalar_t>
 void forward_backward_rows(const scalar_t* logits, int64_t row_stride, int64_t num_rows,
                            const LossTerms<scalar_t>& terms, const scalar_t* grad_loss, scalar_t* loss,
@@ -230,24 +240,18 @@ void forward_backward_rows(const scalar_t* logits, int64_t row_stride, int64_t n
   using Vec = Vectorized<scalar_t>;
   const int64_t C = terms.num_classes;
   at::parallel_for(0, num_rows, rows_per_task(C), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* x = logits + i * row_stride;
-      scalar_t* dx = grad + i * C;
-      const int64_t t = terms.target[i];
-      if (t == terms.ignore_index) {
-        lse_out[i] = row_lse(x, C);
-        loss[i] = scalar_t(0);
-        std::fill(dx, dx + C, scalar_t(0));
-        continue;
+    for_each_group(begin, end, C, [&](int64_t i0, auto rows) {
+      constexpr int R = decltype(rows)::value;
+      const auto g = group_lse<R, scalar_t>(logits + i0 * row_stride, row_stride, C, grad + i0 * C);
+      for (int k = 0; k < R; ++k) {
+        const int64_t i = i0 + k, t = terms.target[i];
+        lse_out[i] = g.lse[k];
+        loss[i] = t == terms.ignore_index ? scalar_t(0) : row_loss(terms, logits + i * row_stride, t, g.lse[k]);
+        const Vec inv_sum(scalar_t(1) / g.sum[k]);
+        write_row_grad(terms, t, grad_loss[i], g.lse[k], grad + i * C, grad + i * C,
+                       [inv_sum](Vec e) { return e * inv_sum; });
       }
-      const scalar_t max = row_max(x, C);
-      const scalar_t sum = sum_exp_storing(x, C, max, dx);
-      const scalar_t lse = max + std::log(sum);
-      lse_out[i] = lse;
-      loss[i] = row_loss(terms, x, t, lse);
-      const Vec inv_sum(scalar_t(1) / sum);
-      write_row_grad(terms, t, grad_loss[i], lse, dx, dx, [inv_sum](Vec e) { return e * inv_sum; });
-    }
+    });
   });
 }
 
