@@ -155,11 +155,11 @@ def embedding_linear_problems(size: Size, dtype: torch.dtype, device: str, quick
 def mlp_step_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) -> Iterator[Problem]:
     """One training step of makemore's MLP + BatchNorm (forward, backward, SGD update): the fused model through
     its layers on each fastlm backend, on the CPU also as ``fastlm train`` runs it (``fastlm-cpp-step``:
-    model.loss_and_grads, the whole forward and backward in one fastlm::mlp_loss_and_grads call up to
+    model.sgd_step, the whole forward, backward and update in one fastlm::mlp_sgd_step call up to
     MLP.ONE_CALL_MAX_WORK, the layers above), on a GPU also as ``fastlm train --cuda-graph`` runs it
     (``fastlm-<backend>-graph``: the step replayed from a CUDA graph), against its
     plain-PyTorch twin eager and with the loss under torch.compile. Every provider's call is the whole step,
-    the update one foreach add for all, so --mode does not split it."""
+    the update one foreach add for all (inside the kernel for fastlm-cpp-step), so --mode does not split it."""
     from fastlm import models
 
     batch, embedding, hidden = size
@@ -173,30 +173,21 @@ def mlp_step_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) 
     X = torch.randint(0, 27, (batch, 3), generator=generator).to(device)
     Y = torch.randint(0, 27, (batch,), generator=generator).to(device)
 
-    def sgd(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            torch._foreach_add_(params, grads, alpha=-0.01)
-
     def layer_step(model: nn.Module, loss_fn: Callable) -> Callable[[], torch.Tensor]:
         params = list(model.parameters())
 
         def run() -> torch.Tensor:
             loss = loss_fn(X, Y)
             loss.backward()
-            sgd(params, [p.grad for p in params])
+            with torch.no_grad():
+                torch._foreach_add_(params, [p.grad for p in params], alpha=-0.01)
             for p in params:
                 p.grad = None
             return loss.detach()
         return run
 
     def one_call_step(model: nn.Module) -> Callable[[], torch.Tensor]:
-        params = list(model.parameters())
-
-        def run() -> torch.Tensor:
-            loss, grads = model.loss_and_grads(X, Y)
-            sgd(params, grads)
-            return loss
-        return run
+        return lambda: model.sgd_step(X, Y, 0.01)
 
     def graphed_step(model: nn.Module) -> Callable[[], torch.Tensor]:
         from fastlm.cuda_graph import CapturedStep

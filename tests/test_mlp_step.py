@@ -1,4 +1,5 @@
-"""fastlm.ops.mlp_loss_and_grads (the makemore MLP's whole step in one CPU kernel call) against autograd.
+"""fastlm.ops.mlp_loss_and_grads and mlp_sgd_step (the makemore MLP's whole step in one CPU kernel call)
+against autograd.
 
 The cpp kernel's loss, gradients and running statistics against the torch reference in float64, for odd
 sizes, non-contiguous and int32 inputs, with and without BatchNorm (biased and Bessel-corrected); the
@@ -11,7 +12,7 @@ import torch
 
 from conftest import assert_close_to_reference, skip_unless_runs
 from fastlm.models import build
-from fastlm.ops import mlp_loss_and_grads
+from fastlm.ops import mlp_loss_and_grads, mlp_sgd_step
 from test_models import make_twins, make_windows, make_words
 
 # (batch, context, embedding, hidden, classes, vocab): odd and prime sizes, sizes that are not a multiple of
@@ -95,6 +96,42 @@ def test_opcheck(batchnorm):
     skip_unless_runs("cpp")
     idx, targets, params, bn = make_case(5, 2, 3, 7, 4, 6, batchnorm, dtype=torch.float32)
     torch.library.opcheck(torch.ops.fastlm.mlp_loss_and_grads, (idx, targets, *params, *bn, 0.1, 1e-5, True))
+    torch.library.opcheck(torch.ops.fastlm.mlp_sgd_step, (idx, targets, *params, *bn, 0.1, 1e-5, True, 0.05))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["mlp", "mlp-bn"])
+def test_sgd_step_is_loss_and_grads_then_the_update(batchnorm, dtype, backend):
+    """mlp_sgd_step moves every parameter by -lr * the gradient mlp_loss_and_grads gives, in place, moves the
+    running stats as it does, and returns the loss before the step."""
+    skip_unless_runs(backend)
+    idx, targets, params, bn = make_case(33, 3, 7, 41, 29, 31, batchnorm)
+    want, want_stats = run("torch", idx, targets, params, bn, torch.float64)
+    stepped = [p.to(dtype).clone() for p in params]
+    bn_args = [None if t is None else t.to(dtype).clone() for t in bn]
+    storage = [p.data_ptr() for p in stepped + bn_args[:2] if p is not None]
+    loss = mlp_sgd_step(idx, targets, *stepped, *bn_args, lr=0.3, momentum=0.1, unbiased=True, backend=backend)
+    assert loss.dtype == dtype and loss.dim() == 0
+    assert_close_to_reference(loss, want.loss, dtype)
+    assert [p.data_ptr() for p in stepped + bn_args[:2] if p is not None] == storage  # updated in place
+    grads = list(want[1:6]) + ([want.bn_weight, want.bn_bias] if batchnorm else [])
+    for before, after, grad in zip(params + bn[:2], stepped + bn_args[:2], grads):
+        assert_close_to_reference(after, before - 0.3 * grad, dtype, magnitude=before.abs().max().item())
+        assert not torch.equal(after, before.to(dtype))
+    for got, expected in zip(bn_args[2:], want_stats):
+        if expected is not None:
+            assert_close_to_reference(got, expected, dtype)
+
+
+def test_sgd_step_refuses_parameters_it_cannot_update_in_place():
+    skip_unless_runs("cpp")
+    idx, targets, params, bn = make_case(6, 3, 4, 8, 5, 7, False)
+    table, w1, b1, w2, b2 = params
+    with pytest.raises(RuntimeError, match="mlp_sgd_step: parameters must be contiguous"):
+        mlp_sgd_step(idx, targets, table, w1.t().contiguous().t(), b1, w2, b2, lr=0.1)
+    with pytest.raises(IndexError, match="mlp_sgd_step: index 7 is out of range"):
+        mlp_sgd_step(idx.clone().index_fill_(0, torch.tensor([1]), 7), targets, *params, lr=0.1)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
@@ -156,6 +193,24 @@ def test_fused_mlp_loss_and_grads_trains_like_the_reference(name):
             for p in reference.parameters():
                 p -= 0.02 * p.grad
         assert got.item() == pytest.approx(want.item(), rel=1e-10)
+    for (key, a), (_, b) in zip(fused.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=key)
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp-bn"])
+def test_fused_mlp_sgd_step_trains_like_the_reference(name):
+    """300 steps of model.sgd_step: the fused twin in one mlp_sgd_step call each, the reference through its
+    layers, autograd and the foreach update; losses, parameters and running statistics agree."""
+    skip_unless_runs("cpp")
+    reference, fused = (model.double() for model in make_twins(name, backend="cpp"))
+    X, Y = make_windows(make_words(300), reference.context)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(300):
+        ix = torch.randint(0, len(X), (32,), generator=generator)
+        want = reference.sgd_step(X[ix], Y[ix], 0.02)
+        got = fused.sgd_step(X[ix], Y[ix], 0.02)
+        assert got.item() == pytest.approx(want.item(), rel=1e-10)
+    assert all(p.grad is None for p in fused.parameters())
     for (key, a), (_, b) in zip(fused.state_dict().items(), reference.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=key)
 

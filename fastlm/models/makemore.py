@@ -20,9 +20,10 @@ an nn.Embedding as it stands (``embedding.weight`` = W, no transpose).
 
 Every model: ``model(idx)`` -> (B, vocab) logits for idx (B, model.context) of int64 ids,
 ``model.loss(idx, targets)`` -> the mean loss, ``model.loss_and_grads(idx, targets)`` -> the mean loss and
-the gradient of each of ``model.parameters()`` (a training step's forward and backward), ``model.recipe``
-(how the lecture trains it) and ``model.default_optimizer(params)``. The fused MLPs' ``loss_and_grads`` on the
-CPU is one kernel call for the whole network (``fastlm.ops.mlp_loss_and_grads``).
+the gradient of each of ``model.parameters()`` (a training step's forward and backward),
+``model.sgd_step(idx, targets, lr)`` -> the loss of a plain-SGD step taken in place, ``model.recipe`` (how the
+lecture trains it) and ``model.default_optimizer(params)``. The fused MLPs' ``loss_and_grads`` and ``sgd_step``
+on the CPU are one kernel call for the whole network (``fastlm.ops.mlp_loss_and_grads``, ``mlp_sgd_step``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from fastlm.models.layers import ReferenceBatchNorm1d, ReferenceEmbeddingLinear
 from fastlm.nn import BatchNorm1d, EmbeddingLinear
 from fastlm import backends
-from fastlm.ops import cross_entropy, mlp_loss_and_grads
+from fastlm.ops import cross_entropy, mlp_loss_and_grads, mlp_sgd_step
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
@@ -112,6 +113,14 @@ class MakemoreModel(nn.Module):
         order: the forward and backward of a training step, leaving ``.grad`` untouched."""
         loss = self.loss(idx, targets)
         return loss.detach(), list(torch.autograd.grad(loss, list(self.parameters())))
+
+    def sgd_step(self, idx: Tensor, targets: Tensor, lr: float) -> Tensor:
+        """One step of plain SGD, ``p -= lr * grad`` for every parameter (the lectures' update), leaving ``.grad``
+        untouched; returns the loss before the step (detached)."""
+        loss, grads = self.loss_and_grads(idx, targets)
+        with torch.no_grad():
+            torch._foreach_add_(list(self.parameters()), grads, alpha=-lr)
+        return loss
 
 
 def check_bigram_context(context: int) -> None:
@@ -230,26 +239,40 @@ class MLP(MakemoreModel):
     # hidden 1024 (7.2M) 2.0 against 0.64.
     ONE_CALL_MAX_WORK = 4_000_000
 
-    def loss_and_grads(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """The fused twin's training step on the cpp backend at small sizes is one kernel call for the whole
-        network; every other case (the reference, eval mode, the other backends, large sizes) runs the layers."""
+    def _one_call_args(self, idx: Tensor) -> tuple[list[Tensor], dict] | None:
+        """The one-call kernel's parameters (table, W1, b1, W2, b2[, bn weight, bn bias]) and BatchNorm
+        arguments, where it applies: the fused twin training on the cpp backend at small sizes. Counts the
+        batch in the BatchNorm, as bn(h) would."""
         first, bn = self.first, self.bn if self.batchnorm else None
         work = idx.shape[0] * self.output.in_features * (first.linear.in_features + self.output.out_features)
         if not (self.fused and self.training and work <= self.ONE_CALL_MAX_WORK
                 and backends.resolve(idx.device, self.backend) == "cpp"):
-            return super().loss_and_grads(idx, targets)
+            return None
         params = [first.embedding.weight, first.linear.weight, first.linear.bias, self.output.weight,
                   self.output.bias, *((bn.weight, bn.bias) if bn is not None else ())]
-        values = [p.detach() for p in params]
         if bn is None:
-            result = mlp_loss_and_grads(idx, targets, *values, backend="cpp")
-        else:
-            momentum = bn._momentum()  # counts the batch, as bn(h) would
-            result = mlp_loss_and_grads(idx, targets, *values, *bn._running_stats(), momentum=momentum, eps=bn.eps,
-                                        unbiased=bn.unbiased, backend="cpp")
+            return [p.detach() for p in params], dict(backend="cpp")
+        return [p.detach() for p in params] + list(bn._running_stats()), dict(
+            momentum=bn._momentum(), eps=bn.eps, unbiased=bn.unbiased, backend="cpp")
+
+    def loss_and_grads(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The fused twin's training step on the cpp backend at small sizes is one kernel call for the whole
+        network; every other case (the reference, eval mode, the other backends, large sizes) runs the layers."""
+        one_call = self._one_call_args(idx)
+        if one_call is None:
+            return super().loss_and_grads(idx, targets)
+        result = mlp_loss_and_grads(idx, targets, *one_call[0], **one_call[1])
         # in the order of self.parameters(): first (embedding, linear), bn, output
-        bn_grads = [result.bn_weight, result.bn_bias] if bn is not None else []
+        bn_grads = [result.bn_weight, result.bn_bias] if self.batchnorm else []
         return result.loss, [result.table, result.w1, result.b1, *bn_grads, result.w2, result.b2]
+
+    def sgd_step(self, idx: Tensor, targets: Tensor, lr: float) -> Tensor:
+        """As ``MakemoreModel.sgd_step``; where ``loss_and_grads`` is one kernel call, so is the whole step,
+        update included (``fastlm.ops.mlp_sgd_step``)."""
+        one_call = self._one_call_args(idx)
+        if one_call is None:
+            return super().sgd_step(idx, targets, lr)
+        return mlp_sgd_step(idx, targets, *one_call[0], lr=lr, **one_call[1])
 
 
 class ResidualMLP(MakemoreModel):

@@ -1,12 +1,13 @@
 """Functional fused ops: ``cross_entropy``, ``linear_cross_entropy``, ``batch_norm``, ``sync_batch_norm``,
-``embedding_linear``, and ``mlp_loss_and_grads`` (a whole makemore MLP training step in one call)."""
+``embedding_linear``, and ``mlp_loss_and_grads`` / ``mlp_sgd_step`` (a whole makemore MLP training step in one
+call)."""
 
 from fastlm.ops.batch_norm import batch_norm
 from fastlm.ops.cross_entropy import cross_entropy
 from fastlm.ops.embedding_linear import embedding_linear
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
-from fastlm.ops.mlp_step import mlp_loss_and_grads
+from fastlm.ops.mlp_step import mlp_loss_and_grads, mlp_sgd_step
 from fastlm.ops.sync_batch_norm import sync_batch_norm
 
 __all__ = ["batch_norm", "cross_entropy", "embedding_linear", "linear_cross_entropy", "mlp_loss_and_grads",
-           "sync_batch_norm"]
+           "mlp_sgd_step", "sync_batch_norm"]

@@ -1,12 +1,13 @@
 """The makemore MLP's training step in one call: ``fastlm.ops.mlp_loss_and_grads`` returns the mean loss and
-the gradient of every parameter of embedding -> linear -> [BatchNorm] -> tanh -> linear -> cross-entropy.
+the gradient of every parameter of embedding -> linear -> [BatchNorm] -> tanh -> linear -> cross-entropy;
+``fastlm.ops.mlp_sgd_step`` goes on to the plain-SGD update, in place, and returns the loss alone.
 
 At the lecture's batch of 32 the arithmetic of a step is a few microseconds, and calling the layers one by one
 through autograd costs more than the arithmetic (fastlm's fused layers included). The ``cpp`` kernel
 (csrc/cpu/mlp_step.cpp) runs the whole forward and backward in one C++ call instead, as llm.c does. It has
 no GPU kernel: on a GPU the per-layer overhead is removed by capturing the layer-by-layer step in a CUDA
 graph. The ``torch`` backend is the reference: the same network in torch ops, differentiated by autograd.
-``fastlm.models.MLP.loss_and_grads`` uses this op where it applies and the layers elsewhere.
+``fastlm.models.MLP.loss_and_grads`` and ``.sgd_step`` use these ops where they apply and the layers elsewhere.
 """
 
 from __future__ import annotations
@@ -79,6 +80,23 @@ def check_targets(targets: Tensor, classes: int) -> None:
         raise IndexError(f"fastlm.mlp_loss_and_grads: target {int(targets[bad][0])} is out of range [0, {classes})")
 
 
+def _backend_for(idx, targets, table, w1, w2, bn_weight, bn_bias, backend, name):
+    """Checks a step's inputs and returns its backend, cpp or torch (which checks the ids here: the cpp kernel
+    checks them itself, before it reads through any)."""
+    batchnorm = bn_weight is not None
+    if batchnorm != (bn_bias is not None):
+        raise ValueError(f"fastlm.{name}: give both bn_weight and bn_bias, or neither")
+    check_inputs(idx, targets, w1.shape[0], batchnorm)
+    resolved = backends.resolve(idx.device, backend)
+    if resolved == "torch":
+        check_ids(idx, table.shape[0])
+        check_targets(targets, w2.shape[0])
+    elif resolved != "cpp":
+        raise RuntimeError(f"fastlm.{name} has a cpp kernel only (the {resolved} backend runs the layers: "
+                           f"model.loss); use backend='torch' for the reference")
+    return resolved
+
+
 def mlp_loss_and_grads(
     idx: Tensor,
     targets: Tensor,
@@ -102,25 +120,56 @@ def mlp_loss_and_grads(
     statistics, Bessel-corrected when ``unbiased``) is in the network and moves ``running_mean`` and
     ``running_var`` (updated in place, where given) by ``momentum``; without them the network is
     tanh(linear). ``backend`` is ``cpp`` (CPU tensors, the default there) or ``torch``."""
-    batchnorm = bn_weight is not None
-    if batchnorm != (bn_bias is not None):
-        raise ValueError("fastlm.mlp_loss_and_grads: give both bn_weight and bn_bias, or neither")
-    check_inputs(idx, targets, w1.shape[0], batchnorm)
-    name = backends.resolve(idx.device, backend)
+    name = _backend_for(idx, targets, table, w1, w2, bn_weight, bn_bias, backend, "mlp_loss_and_grads")
     args = (idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
             unbiased)
-    if name == "torch":  # the cpp kernel checks the ids itself, before it reads through any
-        check_ids(idx, table.shape[0])
-        check_targets(targets, w2.shape[0])
+    if name == "torch":
         return reference_mlp_loss_and_grads(*args)
-    if name != "cpp":
-        raise RuntimeError(f"fastlm.mlp_loss_and_grads has a cpp kernel only (the {name} backend runs the layers: "
-                           f"model.loss); use backend='torch' for the reference")
     loss, *grads = torch.ops.fastlm.mlp_loss_and_grads(*args)
-    if not batchnorm:
+    if bn_weight is None:
         grads[-2:] = None, None
     return MLPGrads(loss, *grads)
 
 
+def mlp_sgd_step(
+    idx: Tensor,
+    targets: Tensor,
+    table: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    *,
+    lr: float,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    unbiased: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """One plain-SGD step of the network of ``mlp_loss_and_grads``: every parameter given moves by ``-lr`` times
+    its gradient, in place (so they must be contiguous), and the running stats as there; returns the loss
+    before the step. On ``cpp`` the gradients never become tensors: the training loop's step in one call."""
+    name = _backend_for(idx, targets, table, w1, w2, bn_weight, bn_bias, backend, "mlp_sgd_step")
+    params = [p for p in (table, w1, b1, w2, b2, bn_weight, bn_bias) if p is not None]
+    if name == "torch":
+        loss, *grads = reference_mlp_loss_and_grads(idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias,
+                                                    running_mean, running_var, momentum, eps, unbiased)
+        with torch.no_grad():
+            torch._foreach_add_(params, grads[:len(params)], alpha=-lr)
+        return loss
+    return torch.ops.fastlm.mlp_sgd_step(idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias, running_mean,
+                                         running_var, momentum, eps, unbiased, lr)
+
+
+def _fake_sgd_step(idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
+                   unbiased, lr):
+    return table.new_empty(())
+
+
 if backends.why_unavailable("cpp") is None:
     torch.library.register_fake("fastlm::mlp_loss_and_grads", _fake)
+    torch.library.register_fake("fastlm::mlp_sgd_step", _fake_sgd_step)
