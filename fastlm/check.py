@@ -7,7 +7,8 @@ Each op runs on random inputs of several shapes (odd sizes, non-contiguous input
 indices), forward and backward with a non-unit upstream gradient, and is compared with the float64 reference
 (F.cross_entropy, F.batch_norm, F.linear(F.embedding(...))) run on the same values rounded to the dtype under
 test. mlp_loss_and_grads, the makemore MLP's whole step, returns its loss and gradients itself: those and the
-running statistics it moves are compared with the same network in torch ops, differentiated by autograd.
+running statistics it moves are compared with the same network in torch ops, differentiated by autograd;
+mlp_sgd_step goes on to the SGD update in place: its loss and the parameters after the step are compared.
 Then: two runs of the BatchNorm, embedding + linear and one-call MLP step backward must agree bit for bit,
 and bad input (a target or index out of range, a training batch of one) must be refused with IndexError /
 ValueError. Prints a table op x backend x dtype with the largest error, the tolerance and PASS/FAIL; exits 1
@@ -42,9 +43,10 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, tor
 DTYPES = {"cpu": (torch.float32, torch.float64),
           "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 HALF = (torch.float16, torch.bfloat16)
-OPS = ("cross_entropy", "linear_cross_entropy", "batch_norm", "embedding_linear", "mlp_loss_and_grads")
+OPS = ("cross_entropy", "linear_cross_entropy", "batch_norm", "embedding_linear", "mlp_loss_and_grads",
+       "mlp_sgd_step")
 # Ops that only some backends have (the others raise): those backends.
-ONLY_ON = {"mlp_loss_and_grads": ("cpp", "torch")}
+ONLY_ON = {"mlp_loss_and_grads": ("cpp", "torch"), "mlp_sgd_step": ("cpp", "torch")}
 
 
 @dataclass
@@ -92,9 +94,22 @@ def _reference_mlp_loss_and_grads(idx, targets, table, w1, b1, w2, b2, bn_weight
                                         running_var, momentum, eps, unbiased)
 
 
+def _reference_mlp_sgd_step(idx, targets, table, w1, b1, w2, b2, bn_weight=None, bn_bias=None, running_mean=None,
+                            running_var=None, *, lr, momentum=0.1, eps=1e-5, unbiased=False):
+    """The autograd gradients of that network, then p -= lr * grad in place; returns the loss."""
+    loss, *grads = _reference_mlp_loss_and_grads(idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias,
+                                                 running_mean, running_var, momentum=momentum, eps=eps,
+                                                 unbiased=unbiased)
+    with torch.no_grad():
+        for param, grad in zip((table, w1, b1, w2, b2, bn_weight, bn_bias), grads):
+            if param is not None:
+                param -= lr * grad
+    return loss
+
+
 REFERENCE = {"cross_entropy": F.cross_entropy, "linear_cross_entropy": _reference_linear_cross_entropy,
              "batch_norm": _reference_batch_norm, "embedding_linear": _reference_embedding_linear,
-             "mlp_loss_and_grads": _reference_mlp_loss_and_grads}
+             "mlp_loss_and_grads": _reference_mlp_loss_and_grads, "mlp_sgd_step": _reference_mlp_sgd_step}
 
 
 # --- cases ---------------------------------------------------------------------------------------------------
@@ -109,7 +124,8 @@ class Case:
     tensors: dict[str, Tensor]
     call: Callable[[Callable, dict[str, Tensor]], Tensor]  # (op function, tensors on the device) -> output
     grads: tuple[str, ...]  # tensors whose gradients are compared
-    upstream: Tensor | None  # the gradient fed to backward; None: the output is an MLPGrads, loss and gradients
+    upstream: Tensor | None  # the gradient fed to backward; None: the op computes what it returns itself (an
+    # MLPGrads, loss and gradients, or a loss)
     state: tuple[str, ...] = ()  # tensors the op updates in place (running stats), compared afterwards
     strided: tuple[str, ...] = ()  # handed over non-contiguous (column-major)
     keep_fp32: tuple[str, ...] = ()  # kept in fp32 at half precision, as mixed precision keeps BN's
@@ -211,7 +227,9 @@ def embedding_linear_cases(quick: bool) -> list[Case]:
 
 
 def mlp_loss_and_grads_case(b: int, t: int, d: int, h: int, batchnorm: bool, unbiased: bool = False,
-                            strided: bool = False) -> Case:
+                            strided: bool = False, sgd: bool = False) -> Case:
+    """A case of mlp_loss_and_grads (the loss and the gradients); with ``sgd``, of mlp_sgd_step at lr 0.1 (the
+    loss, then every parameter after the step, contiguous as the in-place update needs)."""
     v = 27  # the vocabulary and the classes
     generator = _generator(b, t, d, h, batchnorm, unbiased)
     idx = torch.randint(0, v, (b, t), generator=generator)
@@ -231,31 +249,35 @@ def mlp_loss_and_grads_case(b: int, t: int, d: int, h: int, batchnorm: bool, unb
         magnitude = _reference_mlp_loss_and_grads(**tensors, unbiased=unbiased).w1.abs().max().item()
         tensors |= {"running_mean": torch.randn(h, generator=generator, dtype=torch.float64),
                     "running_var": torch.rand(h, generator=generator, dtype=torch.float64) + 0.5}
-    label = ("bn unbiased" if unbiased else "bn") if batchnorm else "tanh"
-    return Case("mlp_loss_and_grads", f"B={b} T={t} D={d} H={h} V={v} {label}" + (", strided" if strided else ""),
-                tensors, lambda fn, ts: fn(**ts, unbiased=unbiased),
-                ("table", "w1", "b1", "w2", "b2") + (("bn_weight", "bn_bias") if batchnorm else ()), None,
-                state=("running_mean", "running_var") if batchnorm else (),
-                strided=("idx", "table", "w1", "w2") if strided else (), magnitude=magnitude)
+    label = f"B={b} T={t} D={d} H={h} V={v} " + (("bn unbiased" if unbiased else "bn") if batchnorm else "tanh") + (
+        ", strided" if strided else "")
+    params = ("table", "w1", "b1", "w2", "b2") + (("bn_weight", "bn_bias") if batchnorm else ())
+    stats = ("running_mean", "running_var") if batchnorm else ()
+    if sgd:
+        return Case("mlp_sgd_step", label, tensors, lambda fn, ts: fn(**ts, lr=0.1, unbiased=unbiased), (), None,
+                    state=params + stats, strided=("idx",) if strided else (), magnitude=magnitude)
+    return Case("mlp_loss_and_grads", label, tensors, lambda fn, ts: fn(**ts, unbiased=unbiased), params, None,
+                state=stats, strided=("idx", "table", "w1", "w2") if strided else (), magnitude=magnitude)
 
 
-def mlp_loss_and_grads_cases(quick: bool) -> list[Case]:
+def mlp_loss_and_grads_cases(quick: bool, sgd: bool = False) -> list[Case]:
     shapes = [(7, 3, 10, 200), (33, 1, 2, 5)] + ([] if quick else [(33, 3, 10, 200), (7, 1, 2, 5), (2, 3, 2, 200),
                                                                    (2, 1, 10, 5)])
     # At B=2 BatchNorm's output is +-1 whatever its input, every gradient below it zero but for rounding: there
     # the network runs without it.
     cases = []
     for b, t, d, h in shapes:
-        cases.append(mlp_loss_and_grads_case(b, t, d, h, batchnorm=False, strided=True))
+        cases.append(mlp_loss_and_grads_case(b, t, d, h, batchnorm=False, strided=True, sgd=sgd))
         if b > 2:
-            cases += [mlp_loss_and_grads_case(b, t, d, h, batchnorm=True),
-                      mlp_loss_and_grads_case(b, t, d, h, batchnorm=True, unbiased=True, strided=True)]
+            cases += [mlp_loss_and_grads_case(b, t, d, h, batchnorm=True, sgd=sgd),
+                      mlp_loss_and_grads_case(b, t, d, h, batchnorm=True, unbiased=True, strided=True, sgd=sgd)]
     return cases
 
 
 CASES = {"cross_entropy": cross_entropy_cases, "linear_cross_entropy": linear_cross_entropy_cases,
          "batch_norm": batch_norm_cases, "embedding_linear": embedding_linear_cases,
-         "mlp_loss_and_grads": mlp_loss_and_grads_cases}
+         "mlp_loss_and_grads": mlp_loss_and_grads_cases,
+         "mlp_sgd_step": partial(mlp_loss_and_grads_cases, sgd=True)}
 
 
 # --- running and comparing -----------------------------------------------------------------------------------
@@ -285,9 +307,9 @@ def run(case: Case, fn: Callable, dtype: torch.dtype, device: str,
             if value.is_floating_point() else value for name, value in case.tensors.items()})
     tensors = prepare(case, dtype, device)
     output = case.call(fn, tensors)
-    if case.upstream is None:  # an MLPGrads: the loss, and the gradients named as the tensors
+    if case.upstream is None:  # an MLPGrads (the loss, and the gradients named as the tensors) or a loss
         grads = {name: getattr(output, name) for name in case.grads}
-        output = output.loss
+        output = getattr(output, "loss", output)
     else:
         output.backward(case.upstream.to(device=device, dtype=output.dtype))
         grads = {name: tensors[name].grad for name in case.grads}
@@ -394,6 +416,10 @@ def _bad_inputs(device: str) -> list[tuple[str, type[Exception], str, Callable[[
          lambda fn: fn(ids % 5, torch.tensor([0, 4], device=device), *mlp)),
         ("mlp_loss_and_grads target -1", IndexError, "mlp_loss_and_grads",
          lambda fn: fn(ids % 5, torch.tensor([-1, 3], device=device), *mlp)),
+        ("mlp_sgd_step index 5 of 5 rows", IndexError, "mlp_sgd_step",
+         lambda fn: fn(ids, torch.tensor([0, 3], device=device), *mlp, lr=0.1)),
+        ("mlp_sgd_step target 4 of 4 classes", IndexError, "mlp_sgd_step",
+         lambda fn: fn(ids % 5, torch.tensor([0, 4], device=device), *mlp, lr=0.1)),
     ]
 
 

@@ -49,12 +49,14 @@ def test_a_backend_accepting_bad_ids_fails(monkeypatch, capsys, cpp):
                      r"accepted", out, re.MULTILINE)
 
 
-def test_mlp_loss_and_grads_check_passes_on_cpu(capsys, cpp):
-    assert check.main(["--op", "mlp_loss_and_grads", "--device", "cpu", "--backend", "cpp", "torch"]) == 0
+def test_mlp_step_checks_pass_on_cpu(capsys, cpp):
+    assert check.main(["--op", "mlp_loss_and_grads", "mlp_sgd_step", "--device", "cpu", "--backend", "cpp",
+                       "torch"]) == 0
     out = capsys.readouterr().out
-    for backend in ("cpp", "torch"):
-        for dtype in ("float32", "float64"):
-            assert re.search(rf"^mlp_loss_and_grads\s+{backend}\s+{dtype}\s+14 .* PASS", out, re.MULTILINE)
+    for op in ("mlp_loss_and_grads", "mlp_sgd_step"):
+        for backend in ("cpp", "torch"):
+            for dtype in ("float32", "float64"):
+                assert re.search(rf"^{op}\s+{backend}\s+{dtype}\s+14 .* PASS", out, re.MULTILINE)
     assert re.search(r"^refuses bad input\s+cpp .* PASS", out, re.MULTILINE)
 
 
@@ -91,10 +93,28 @@ def test_a_wrong_mlp_step_fails(monkeypatch, capsys, cpp, wrong, row, failure):
     assert re.search(rf"^{row}\s+broken .* FAIL  first failure: .*{failure}", out, re.MULTILINE)
 
 
+# mlp_sgd_step gone wrong, in the same way.
+def step_too_long(op, *args, lr, **kwargs):
+    return op(*args, lr=lr * 1.01, **kwargs)
+
+
+def no_step(op, *args, lr, **kwargs):
+    return op(*args, lr=0.0, **kwargs)
+
+
+@pytest.mark.parametrize("wrong", [step_too_long, no_step], ids=lambda wrong: wrong.__name__)
+def test_a_wrong_sgd_step_fails(monkeypatch, capsys, cpp, wrong):
+    step = partial(wrong, cpp.ops["mlp_sgd_step"])
+    monkeypatch.setitem(check.BACKENDS, "broken", check.Backend({**cpp.ops, "mlp_sgd_step": step}, cpp.runs_on))
+    assert check.main(["--quick", "--backend", "broken", "--op", "mlp_sgd_step", "--dtype", "float32"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^mlp_sgd_step\s+broken .* FAIL  first failure: .*: (table|w1|b1|w2|b2)", out, re.MULTILINE)
+
+
 def test_an_op_a_backend_lacks_is_not_checked_there(monkeypatch, capsys, cpp):
     assert "mlp_loss_and_grads" in check.fastlm_backend("cpp").ops
     assert not any("mlp_loss_and_grads" in check.fastlm_backend(name).ops for name in ("cuda", "triton"))
-    ops = {op: fn for op, fn in cpp.ops.items() if op != "mlp_loss_and_grads"}
+    ops = {op: fn for op, fn in cpp.ops.items() if op not in ("mlp_loss_and_grads", "mlp_sgd_step")}
     monkeypatch.setitem(check.BACKENDS, "partial", check.Backend(ops, cpp.runs_on))
     assert check.main(["--quick", "--backend", "partial", "cpp", "--op", "mlp_loss_and_grads",
                        "--dtype", "float64"]) == 0
