@@ -63,9 +63,14 @@ def test_cpp_kernel_matches_autograd(size, batchnorm, unbiased, dtype):
         # b1's gradient under BatchNorm is zero in exact arithmetic: compare it at the scale of its terms
         magnitude = want.w1.abs().max().item() if name == "b1" and batchnorm else 0.0
         assert_close_to_reference(g, w, dtype, magnitude=magnitude)
-    for g, w in zip(got_stats, want_stats):
-        if w is not None:
-            assert_close_to_reference(g, w, dtype)
+    assert_stats_close(got_stats, want_stats, dtype)
+
+
+def assert_stats_close(got_stats, want_stats, dtype):
+    """The running mean and variance as moved by the kernel, against the reference's (None without BatchNorm)."""
+    for got, want in zip(got_stats, want_stats):
+        if want is not None:
+            assert_close_to_reference(got, want, dtype)
 
 
 def test_non_contiguous_and_int32_inputs():
@@ -119,9 +124,7 @@ def test_sgd_step_is_loss_and_grads_then_the_update(batchnorm, dtype, backend):
     for before, after, grad in zip(params + bn[:2], stepped + bn_args[:2], grads):
         assert_close_to_reference(after, before - 0.3 * grad, dtype, magnitude=before.abs().max().item())
         assert not torch.equal(after, before.to(dtype))
-    for got, expected in zip(bn_args[2:], want_stats):
-        if expected is not None:
-            assert_close_to_reference(got, expected, dtype)
+    assert_stats_close(bn_args[2:], want_stats, dtype)
 
 
 def test_sgd_step_refuses_parameters_it_cannot_update_in_place():
@@ -173,10 +176,20 @@ def test_cpp_kernel_checks_shapes_and_dtypes():
         mlp_loss_and_grads(idx, targets, table.half(), w1.half(), b1.half(), w2.half(), b2.half())
 
 
+def step_through_loss_and_grads(model, X, Y, lr):
+    loss, grads = model.loss_and_grads(X, Y)
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), grads):
+            p -= lr * g
+    return loss
+
+
+@pytest.mark.parametrize("step", ["loss_and_grads", "sgd_step"])
 @pytest.mark.parametrize("name", ["mlp", "mlp-bn"])
-def test_fused_mlp_loss_and_grads_trains_like_the_reference(name):
-    """300 SGD steps: the fused twin through its one-call step, the reference through its layers and
-    autograd; losses, parameters and running statistics agree."""
+def test_fused_mlp_one_call_steps_train_like_the_reference(name, step):
+    """300 SGD steps: the fused twin through one kernel call per step (mlp_loss_and_grads then the update, or
+    mlp_sgd_step, update included), the reference through its layers and autograd; losses, parameters and
+    running statistics agree."""
     skip_unless_runs("cpp")
     reference, fused = (model.double() for model in make_twins(name, backend="cpp"))
     X, Y = make_windows(make_words(300), reference.context)
@@ -186,29 +199,13 @@ def test_fused_mlp_loss_and_grads_trains_like_the_reference(name):
         want = reference.loss(X[ix], Y[ix])
         reference.zero_grad()
         want.backward()
-        got, grads = fused.loss_and_grads(X[ix], Y[ix])
         with torch.no_grad():
-            for p, g in zip(fused.parameters(), grads):
-                p -= 0.02 * g
             for p in reference.parameters():
                 p -= 0.02 * p.grad
-        assert got.item() == pytest.approx(want.item(), rel=1e-10)
-    for (key, a), (_, b) in zip(fused.state_dict().items(), reference.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=key)
-
-
-@pytest.mark.parametrize("name", ["mlp", "mlp-bn"])
-def test_fused_mlp_sgd_step_trains_like_the_reference(name):
-    """300 steps of model.sgd_step: the fused twin in one mlp_sgd_step call each, the reference through its
-    layers, autograd and the foreach update; losses, parameters and running statistics agree."""
-    skip_unless_runs("cpp")
-    reference, fused = (model.double() for model in make_twins(name, backend="cpp"))
-    X, Y = make_windows(make_words(300), reference.context)
-    generator = torch.Generator().manual_seed(2)
-    for _ in range(300):
-        ix = torch.randint(0, len(X), (32,), generator=generator)
-        want = reference.sgd_step(X[ix], Y[ix], 0.02)
-        got = fused.sgd_step(X[ix], Y[ix], 0.02)
+        if step == "sgd_step":
+            got = fused.sgd_step(X[ix], Y[ix], 0.02)
+        else:
+            got = step_through_loss_and_grads(fused, X[ix], Y[ix], 0.02)
         assert got.item() == pytest.approx(want.item(), rel=1e-10)
     assert all(p.grad is None for p in fused.parameters())
     for (key, a), (_, b) in zip(fused.state_dict().items(), reference.state_dict().items()):
