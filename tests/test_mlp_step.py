@@ -116,8 +116,9 @@ def test_sgd_step_is_loss_and_grads_then_the_update(batchnorm, dtype, backend):
     stepped = [p.to(dtype).clone() for p in params]
     bn_args = [None if t is None else t.to(dtype).clone() for t in bn]
     storage = [p.data_ptr() for p in stepped + bn_args[:2] if p is not None]
+    stepped = [p.requires_grad_() for p in stepped]  # as a model's parameters: the step is no autograd op
     loss = mlp_sgd_step(idx, targets, *stepped, *bn_args, lr=0.3, momentum=0.1, unbiased=True, backend=backend)
-    assert loss.dtype == dtype and loss.dim() == 0
+    assert loss.dtype == dtype and loss.dim() == 0 and not loss.requires_grad
     assert_close_to_reference(loss, want.loss, dtype)
     assert [p.data_ptr() for p in stepped + bn_args[:2] if p is not None] == storage  # updated in place
     grads = list(want[1:6]) + ([want.bn_weight, want.bn_bias] if batchnorm else [])

@@ -267,8 +267,7 @@ class MLP(MakemoreModel):
         one_call = self._one_call_args(idx)
         if one_call is None:
             return super().loss_and_grads(idx, targets)
-        with torch.no_grad():  # the op returns the gradients itself
-            result = mlp_loss_and_grads(idx, targets, *one_call[0], **one_call[1])
+        result = mlp_loss_and_grads(idx, targets, *one_call[0], **one_call[1])
         # in the order of self.parameters(): first (embedding, linear), bn, output
         bn_grads = [result.bn_weight, result.bn_bias] if self.batchnorm else []
         return result.loss, [result.table, result.w1, result.b1, *bn_grads, result.w2, result.b2]
@@ -279,8 +278,7 @@ class MLP(MakemoreModel):
         one_call = self._one_call_args(idx)
         if one_call is None:
             return super().sgd_step(idx, targets, lr)
-        with torch.no_grad():  # the op updates the parameters itself
-            return mlp_sgd_step(idx, targets, *one_call[0], lr=lr, **one_call[1])
+        return mlp_sgd_step(idx, targets, *one_call[0], lr=lr, **one_call[1])
 
 
 class ResidualMLP(MakemoreModel):

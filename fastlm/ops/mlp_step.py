@@ -125,7 +125,8 @@ def mlp_loss_and_grads(
             unbiased)
     if name == "torch":
         return reference_mlp_loss_and_grads(*args)
-    loss, *grads = torch.ops.fastlm.mlp_loss_and_grads(*args)
+    with torch.no_grad():  # the op returns the gradients itself: nothing for autograd to record
+        loss, *grads = torch.ops.fastlm.mlp_loss_and_grads(*args)
     if bn_weight is None:
         grads[-2:] = None, None
     return MLPGrads(loss, *grads)
@@ -161,8 +162,9 @@ def mlp_sgd_step(
         with torch.no_grad():
             torch._foreach_add_(params, grads[:len(params)], alpha=-lr)
         return loss
-    return torch.ops.fastlm.mlp_sgd_step(idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias, running_mean,
-                                         running_var, momentum, eps, unbiased, lr)
+    with torch.no_grad():  # an update of the parameters, as an optimizer's step
+        return torch.ops.fastlm.mlp_sgd_step(idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias, running_mean,
+                                             running_var, momentum, eps, unbiased, lr)
 
 
 def _fake_sgd_step(idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
