@@ -7,8 +7,9 @@
 //     backward dW = dY^T X (X regathered per block), db = sum dY, dX = dY W scattered by token into d(table).
 //   1 product table, for V small against B: P_t = table W_t^T (V x out), y = b + sum_t P_t[idx[:, t]];
 //     backward G_t[v] = sum of the rows of dY whose idx[:, t] == v, dW_t = G_t^T table,
-//     d(table) = sum_t G_t W_t, db = sum dY. P and G are stored (V, T, out), so each of these is one GEMM
-//     over the concatenated (t, out) axis.
+//     d(table) = sum_t G_t W_t, db = sum_v G_0[v] (every row of dY is in exactly one G_0[v]: no second pass
+//     over dY). P and G are stored (V, T, out), so each of these is one GEMM over the concatenated (t, out)
+//     axis.
 // Every scatter is deterministic: each output row is owned by one thread, which adds its contributions in
 // batch order (no float atomics). Indices are checked before any kernel reads or writes through them.
 // Math is in fp32 (fp64 for double); outputs come back in the table's dtype.
@@ -157,7 +158,9 @@ void scatter_rows(const Prepared& p, int64_t b0, int64_t rows, const T* dx, T* g
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> gather_gemm_backward(const Prepared& p, const at::Tensor& dy) {
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // d(table), d(weight), d(bias)
+
+Grads gather_gemm_backward(const Prepared& p, const at::Tensor& dy, bool has_bias) {
   at::Tensor grad_table = at::zeros({p.V, p.D}, p.table.options());
   at::Tensor grad_weight = at::zeros({p.out, p.T * p.D}, p.table.options());
   const int64_t block = rows_per_block(p.T * p.D);
@@ -174,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> gather_gemm_backward(const Prepared& p, const
       scatter_rows<scalar_t>(p, b0, rows, dxb.data_ptr<scalar_t>(), grad_table.data_ptr<scalar_t>());
     }
   });
-  return {grad_table, grad_weight};
+  return {grad_table, grad_weight, has_bias ? at::sum(dy, {0}) : at::empty({0}, dy.options())};
 }
 
 // G (V, T, out): G[v, t] = sum of the rows of dY whose idx[:, t] == v, in batch order. Threads split the out
@@ -197,13 +200,15 @@ at::Tensor token_grad_tables(const Prepared& p, const at::Tensor& dy) {
   return G;
 }
 
-std::tuple<at::Tensor, at::Tensor> product_table_backward(const Prepared& p, const at::Tensor& dy) {
-  const at::Tensor G = token_grad_tables(p, dy).view({p.V, p.T * p.out});
+Grads product_table_backward(const Prepared& p, const at::Tensor& dy, bool has_bias) {
+  const at::Tensor tables = token_grad_tables(p, dy);
+  const at::Tensor G = tables.view({p.V, p.T * p.out});
   // d(table) = sum_t G_t W_t; dW_t = G_t^T table, computed as (T*out, D) and laid out as weight's (out, T*D).
   const at::Tensor grad_table = at::mm(G, position_major_weight(p));
   const at::Tensor grad_weight =
       at::mm(G.t(), p.table).view({p.T, p.out, p.D}).transpose(0, 1).reshape({p.out, p.T * p.D});
-  return {grad_table, grad_weight};
+  const at::Tensor grad_bias = has_bias ? at::sum(tables.select(1, 0), {0}) : at::empty({0}, dy.options());
+  return {grad_table, grad_weight, grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_linear_backward(
@@ -219,9 +224,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_linear_backward(
   TORCH_CHECK(padding_idx >= -1 && padding_idx < p.V, "fastlm embedding_linear: padding_idx must be -1 or in [0, ",
               p.V, "), got ", padding_idx);
   const at::Tensor dy = grad_output.to(p.table.scalar_type()).contiguous();
-  auto [grad_table, grad_weight] = strategy == kGatherGemm ? gather_gemm_backward(p, dy) : product_table_backward(p, dy);
+  auto [grad_table, grad_weight, grad_bias] =
+      strategy == kGatherGemm ? gather_gemm_backward(p, dy, has_bias) : product_table_backward(p, dy, has_bias);
   if (padding_idx >= 0) grad_table.select(0, padding_idx).zero_();
-  at::Tensor grad_bias = has_bias ? at::sum(dy, {0}) : at::empty({0}, dy.options());
   const auto dtype = table.scalar_type();
   return {grad_table.to(dtype), grad_weight.to(dtype), grad_bias.to(dtype)};
 }
