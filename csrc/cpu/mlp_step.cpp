@@ -94,11 +94,10 @@ void add_matmul(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_row, int6
   }
 }
 
-// dst (cols x rows) = src^T for src (rows x cols).
+// dst (cols x rows) = src^T for src (rows x cols), in 16 x 16 register blocks under AVX-512.
 template <typename T>
 void transpose(int64_t rows, int64_t cols, const T* src, T* dst) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+  at::vec::transpose_mxn<T>(src, cols, dst, rows, rows, cols);
 }
 
 // Every row of m (rows x n) set to v (or zero without v).
