@@ -192,7 +192,7 @@ def mlp_step_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) 
     def graphed_step(model: nn.Module) -> Callable[[], torch.Tensor]:
         from fastlm.cuda_graph import CapturedStep
 
-        captured = CapturedStep(model, list(model.parameters()), X, Y)
+        captured = CapturedStep(model, X, Y)
         return lambda: captured(X, Y, 0.01)
 
     forwards = {}

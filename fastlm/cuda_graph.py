@@ -22,15 +22,15 @@ from torch import Tensor, nn
 
 
 class CapturedStep:
-    """``model.loss_and_grads(x, y)`` then ``p -= lr * grad`` for every parameter in ``params``, for batches
+    """``model.loss_and_grads(x, y)`` then ``p -= lr * grad`` for every parameter of the model, for batches
     shaped like ``x`` and ``y``, recorded once and replayed by each call."""
 
     WARMUP_STEPS = 3
 
-    def __init__(self, model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor):
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor):
         if x.device.type != "cuda":
             raise ValueError(f"a CUDA graph needs CUDA tensors, got a batch on {x.device}")
-        self.model, self.params = model, params
+        self.model, self.params = model, list(model.parameters())
         self.x, self.y = x.clone(), y.clone()
         self.lr = torch.zeros((), dtype=torch.float32, device=x.device)
         before = {name: value.detach().clone() for name, value in model.state_dict().items()}

@@ -288,7 +288,7 @@ class Trainer:
     def _train_step(self, model, loss_of, optimizer, xb, yb, lr) -> float:
         if model is self.model and self.config.cuda_graph:
             if self.captured_step is None:
-                self.captured_step = CapturedStep(model, list(model.parameters()), xb, yb)
+                self.captured_step = CapturedStep(model, xb, yb)
             return self.captured_step(xb, yb, lr).item()
         for group in optimizer.param_groups:
             group["lr"] = lr

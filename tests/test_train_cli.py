@@ -181,9 +181,7 @@ def test_the_step_a_cuda_graph_records_is_the_trainers_sgd_step():
     step.model, step.params, step.x, step.y = model, list(model.parameters()), x, y
     step.lr = torch.tensor(0.1)
     loss = step._step()
-    twin_loss, grads = twin.loss_and_grads(x, y)
-    with torch.no_grad():
-        torch._foreach_add_(list(twin.parameters()), grads, alpha=-0.1)
+    twin_loss = twin.sgd_step(x, y, 0.1)
     assert loss.item() == twin_loss.item()
     for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)

@@ -5,9 +5,9 @@
 //   loss = (1-e) w_t (lse - x_t) + e/C sum_c w_c (lse - x_c) + s lse^2        (0 where t == ignore_index)
 //   dloss/dx_c = p_c ((1-e) w_t + e/C sum_k w_k + 2 s lse) - (1-e) w_t [c == t] - e/C w_c,  p = exp(x - lse)
 // Forward makes two passes over a row (its max, then the sum of exp), the second from L1/L2, and keeps only
-// lse; backward recomputes p from lse in one pass. Rows are spread over threads with at::parallel_for,
-// reduced in small groups (see group_lse), each row vectorised with at::vec, and all math is in fp32 (fp64 for double input); loss and lse
-// come back in that math dtype.
+// lse; backward recomputes p from lse in one pass. Rows are spread over threads with at::parallel_for and
+// reduced in small groups (see group_lse), each row is vectorised with at::vec, and all math is in fp32 (fp64
+// for double input); loss and lse come back in that math dtype.
 // The schemas are defined here because this file is built on every machine; CUDA adds its kernels
 // to the same ops in csrc/cuda/cross_entropy_binding.cpp.
 

@@ -4,8 +4,9 @@
 // At the lecture's size (batch 32, context 3, embedding 10, hidden 200, vocabulary 27) one step is about a
 // million multiply-adds, some 30 us at this 2-core machine's measured FMA peak (37 GFLOP-FMA/s), while
 // calling the layers one by one through autograd costs some 20 us per layer in Python, dispatch and
-// small-GEMM overhead (measured: 0.39 ms per fused step, 0.44 ms eager). This op does what llm.c does for GPT-2: the forward and backward of the
-// whole network written out in one place, with every intermediate in one scratch buffer, on one thread.
+// small-GEMM overhead (measured: 0.39 ms per fused step, 0.44 ms eager). This op does what llm.c does for
+// GPT-2: the forward and backward of the whole network written out in one place, with every intermediate in
+// one scratch buffer, on one thread.
 // On a GPU the same overhead is removed by capturing the layer-by-layer step in a CUDA graph instead.
 //
 // The network (all matrices row-major, weights in nn.Linear's (out, in) layout):

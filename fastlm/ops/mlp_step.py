@@ -155,10 +155,10 @@ def mlp_sgd_step(
     its gradient, in place (so they must be contiguous), and the running stats as there; returns the loss
     before the step. On ``cpp`` the gradients never become tensors: the training loop's step in one call."""
     name = _backend_for(idx, targets, table, w1, w2, bn_weight, bn_bias, backend, "mlp_sgd_step")
-    params = [p for p in (table, w1, b1, w2, b2, bn_weight, bn_bias) if p is not None]
     if name == "torch":
         loss, *grads = reference_mlp_loss_and_grads(idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias,
                                                     running_mean, running_var, momentum, eps, unbiased)
+        params = [p for p in (table, w1, b1, w2, b2, bn_weight, bn_bias) if p is not None]
         with torch.no_grad():
             torch._foreach_add_(params, grads[:len(params)], alpha=-lr)
         return loss
