@@ -155,8 +155,8 @@ def embedding_linear_problems(size: Size, dtype: torch.dtype, device: str, quick
 def mlp_step_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) -> Iterator[Problem]:
     """One training step of makemore's MLP + BatchNorm (forward, backward, SGD update): the fused model through
     its layers on each fastlm backend, on the CPU also as ``fastlm train`` runs it (``fastlm-cpp-step``:
-    model.sgd_step, the whole forward, backward and update in one fastlm::mlp_sgd_step call up to
-    MLP.ONE_CALL_MAX_WORK, the layers above), on a GPU also as ``fastlm train --cuda-graph`` runs it
+    model.sgd_step, the whole forward, backward and update in one fastlm::mlp_sgd_step call where that pays,
+    see MLP.ONE_CALL_MAX_WORK, the layers elsewhere), on a GPU also as ``fastlm train --cuda-graph`` runs it
     (``fastlm-<backend>-graph``: the step replayed from a CUDA graph), against its
     plain-PyTorch twin eager and with the loss under torch.compile. Every provider's call is the whole step,
     the update one foreach add for all (inside the kernel for fastlm-cpp-step), so --mode does not split it."""

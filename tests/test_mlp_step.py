@@ -16,9 +16,13 @@ from fastlm.ops import mlp_loss_and_grads, mlp_sgd_step
 from test_models import make_twins, make_windows, make_words
 
 # (batch, context, embedding, hidden, classes, vocab): odd and prime sizes, sizes that are not a multiple of
-# the vector width or of the kernel's 4-row tiles, and the lecture's. (Batch 2 is left out: there BatchNorm's
+# the vector width or of the kernels' 4-row tiles, and the lecture's. (Batch 2 is left out: there BatchNorm's
 # output is +-1 whatever its input, so every gradient below it is zero in exact arithmetic, rounding alone.)
-SIZES = [(7, 2, 5, 13, 11, 9), (3, 1, 3, 37, 5, 4), (33, 3, 7, 41, 29, 31), (32, 3, 10, 200, 27, 27)]
+# The first four run the one-thread gather kernel; the rest, 256 rows or more and at least 8 per token of the
+# vocabulary, the product-table kernel, with one part (300 rows) or several, the last not a whole number of
+# blocks of rows.
+SIZES = [(7, 2, 5, 13, 11, 9), (3, 1, 3, 37, 5, 4), (33, 3, 7, 41, 29, 31), (32, 3, 10, 200, 27, 27),
+         (300, 1, 5, 13, 11, 9), (600, 3, 7, 41, 29, 31), (1031, 2, 10, 200, 27, 27)]
 
 
 def make_case(B, T, D, H, V, vocab, batchnorm, dtype=torch.float64, seed=0):
@@ -87,13 +91,20 @@ def test_non_contiguous_and_int32_inputs():
         assert_close_to_reference(getattr(got, name), getattr(want, name), torch.float64)
 
 
-def test_is_deterministic():
+@pytest.mark.parametrize("batch", [32, 1031], ids=["gather", "product-tables"])
+def test_is_deterministic_whatever_the_thread_count(batch):
     skip_unless_runs("cpp")
-    idx, targets, params, bn = make_case(32, 3, 10, 200, 27, 27, True, dtype=torch.float32)
+    idx, targets, params, bn = make_case(batch, 3, 10, 200, 27, 27, True, dtype=torch.float32)
     first, _ = run("cpp", idx, targets, params, bn, torch.float32)
     second, _ = run("cpp", idx, targets, params, bn, torch.float32)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread, _ = run("cpp", idx, targets, params, bn, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, second, one_thread):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 @pytest.mark.parametrize("batchnorm", [False, True], ids=["mlp", "mlp-bn"])
@@ -185,18 +196,19 @@ def step_through_loss_and_grads(model, X, Y, lr):
     return loss
 
 
+@pytest.mark.parametrize("batch", [32, 256], ids=["gather", "product-tables"])
 @pytest.mark.parametrize("step", ["loss_and_grads", "sgd_step"])
 @pytest.mark.parametrize("name", ["mlp", "mlp-bn"])
-def test_fused_mlp_one_call_steps_train_like_the_reference(name, step):
+def test_fused_mlp_one_call_steps_train_like_the_reference(name, step, batch):
     """300 SGD steps: the fused twin through one kernel call per step (mlp_loss_and_grads then the update, or
-    mlp_sgd_step, update included), the reference through its layers and autograd; losses, parameters and
-    running statistics agree."""
+    mlp_sgd_step, update included; either kernel), the reference through its layers and autograd; losses,
+    parameters and running statistics agree."""
     skip_unless_runs("cpp")
     reference, fused = (model.double() for model in make_twins(name, backend="cpp"))
     X, Y = make_windows(make_words(300), reference.context)
     generator = torch.Generator().manual_seed(2)
     for _ in range(300):
-        ix = torch.randint(0, len(X), (32,), generator=generator)
+        ix = torch.randint(0, len(X), (batch,), generator=generator)
         want = reference.loss(X[ix], Y[ix])
         reference.zero_grad()
         want.backward()

@@ -6,7 +6,8 @@
 // calling the layers one by one through autograd costs some 20 us per layer in Python, dispatch and
 // small-GEMM overhead (measured: 0.39 ms per fused step, 0.44 ms eager). This op does what llm.c does for
 // GPT-2: the forward and backward of the whole network written out in one place, with every intermediate in
-// one scratch buffer, on one thread.
+// scratch. Two kernels: gather_step (here) on one thread for small batches, and product_table_step
+// (mlp_step_product_tables.cpp) on every thread for batches large against the vocabulary.
 // On a GPU the same overhead is removed by capturing the layer-by-layer step in a CUDA graph instead.
 //
 // The network (all matrices row-major, weights in nn.Linear's (out, in) layout):
@@ -21,13 +22,11 @@
 // dx = dh W1, scattered by token into d(table) in batch order. Every sum runs in a fixed order: results are
 // deterministic. Math in the input's dtype (fp32 or fp64).
 
-#include "fast_tanh.h"
-#include "vec_config.h"
+#include "mlp_step.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,7 +34,6 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 namespace fastlm {
@@ -43,167 +41,69 @@ namespace {
 
 using at::vec::Vectorized;
 
-// c (M x N, row stride ldc) += A B, where A's element (i, k) is a[i * a_row + k * a_col] (so A may be a
-// transposed view) and B is K x N with row stride ldb. Register-blocked: a tile of up to 4 rows by 2 vectors
-// of c stays in registers for the whole K loop, each row of B's strip loaded once per 4 rows; partial
-// vectors at the right edge are masked, so short rows (the vocabulary, the context width) cost no scalar
-// tail loops.
-template <typename T, int R>
-void add_matmul_tile(int64_t K, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c,
-                     int64_t ldc, int64_t n) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  const int64_t n0 = std::min(n, W), n1 = n - n0;  // lanes in the strip's first and second vector
-  auto load = [](const T* p, int64_t lanes) {
-    return lanes == W ? Vec::loadu(p) : lanes > 0 ? Vec::loadu(p, lanes) : Vec(T(0));
-  };
-  Vec acc[R][2];
-  for (int r = 0; r < R; ++r) {
-    acc[r][0] = load(c + r * ldc, n0);
-    acc[r][1] = load(c + r * ldc + W, n1);
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const Vec b0 = load(b + k * ldb, n0), b1 = load(b + k * ldb + W, n1);
-    for (int r = 0; r < R; ++r) {
-      const Vec ark(a[r * a_row + k * a_col]);
-      acc[r][0] = at::vec::fmadd(ark, b0, acc[r][0]);
-      acc[r][1] = at::vec::fmadd(ark, b1, acc[r][1]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    acc[r][0].store(c + r * ldc, n0);
-    if (n1 > 0) acc[r][1].store(c + r * ldc + W, n1);
-  }
-}
-
-template <typename T>
-void add_matmul(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_row, int64_t a_col, const T* b,
-                int64_t ldb, T* c, int64_t ldc) {
-  constexpr int64_t kStrip = 2 * Vectorized<T>::size();
-  for (int64_t j = 0; j < N; j += kStrip) {
-    const int64_t n = std::min(kStrip, N - j);
-    int64_t i = 0;
-    for (; i + 4 <= M; i += 4) add_matmul_tile<T, 4>(K, a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc, n);
-    const T* ai = a + i * a_row;
-    T* ci = c + i * ldc + j;
-    switch (M - i) {
-      case 3: add_matmul_tile<T, 3>(K, ai, a_row, a_col, b + j, ldb, ci, ldc, n); break;
-      case 2: add_matmul_tile<T, 2>(K, ai, a_row, a_col, b + j, ldb, ci, ldc, n); break;
-      case 1: add_matmul_tile<T, 1>(K, ai, a_row, a_col, b + j, ldb, ci, ldc, n); break;
-      default: break;
-    }
-  }
-}
-
-// dst (cols x rows) = src^T for src (rows x cols), in 16 x 16 register blocks under AVX-512.
-template <typename T>
-void transpose(int64_t rows, int64_t cols, const T* src, T* dst) {
-  at::vec::transpose_mxn<T>(src, cols, dst, rows, rows, cols);
-}
-
-// Every row of m (rows x n) set to v (or zero without v).
-template <typename T>
-void fill_rows(int64_t rows, int64_t n, const T* v, T* m) {
-  for (int64_t r = 0; r < rows; ++r) {
-    if (v) std::memcpy(m + r * n, v, n * sizeof(T)); else std::fill_n(m + r * n, n, T(0));
-  }
-}
+// The product-table kernel where the batch is large against the table: its first layer then costs about
+// vocab / B of the gathered product's multiply-adds, and its blocks of rows keep every core busy. (fastlm's
+// MLP.sgd_step calls this op at such sizes whatever the work per row: fastlm/models/makemore.py.)
+constexpr int64_t kProductTableMinBatch = 256;
+bool uses_product_tables(const Sizes& s) { return s.B >= kProductTableMinBatch && 8 * s.vocab <= s.B; }
 
 // sums[j] = sum over rows of m[r, j], rows in order.
 template <typename T>
 void column_sums(int64_t rows, int64_t n, const T* m, T* sums) {
   std::fill_n(sums, n, T(0));
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < n; ++j) sums[j] += m[r * n + j];
+  add_column_sums(rows, n, m, sums);
 }
-
-template <typename T>
-void tanh_in_place(T* v, int64_t n) {
-  at::vec::map([](Vectorized<T> z) {
-    if constexpr (std::is_same_v<T, float>) return fast_tanh(z);
-    return z.tanh();
-  }, v, v, n);
-}
-
-struct Sizes {
-  int64_t B, T, D, K, H, V, vocab;
-};
 
 // BatchNorm over the rows of h (B x H) in place: h becomes xhat and a = tanh(w xhat + b); the per-channel
 // invstd is left in invstd for the backward, and the running stats are moved.
 template <typename T>
-void batch_norm_tanh_forward(const Sizes& s, T* h, T* a, const T* w, const T* b, T* mean, T* invstd,
-                             T* running_mean, T* running_var, double momentum, double eps, bool unbiased) {
-  const int64_t B = s.B, H = s.H;
+void batch_norm_tanh_forward(const StepData<T>& d, T* h, T* a, T* mean, T* invstd) {
+  const int64_t B = d.s.B, H = d.s.H;
   column_sums(B, H, h, mean);
   for (int64_t j = 0; j < H; ++j) mean[j] /= T(B);
   std::fill_n(invstd, H, T(0));  // first M2, the sum of squared deviations
   for (int64_t r = 0; r < B; ++r)
     for (int64_t j = 0; j < H; ++j) {
-      const T d = h[r * H + j] - mean[j];
-      invstd[j] += d * d;
+      const T dev = h[r * H + j] - mean[j];
+      invstd[j] += dev * dev;
     }
   for (int64_t j = 0; j < H; ++j) {
     const T m2 = invstd[j];
-    if (running_mean) running_mean[j] = T((1 - momentum) * running_mean[j] + momentum * mean[j]);
-    if (running_var) running_var[j] = T((1 - momentum) * running_var[j] + momentum * (m2 / T(B - 1)));
-    invstd[j] = T(1) / std::sqrt(m2 / T(unbiased ? B - 1 : B) + T(eps));
+    if (d.running_mean) d.running_mean[j] = T((1 - d.momentum) * d.running_mean[j] + d.momentum * mean[j]);
+    if (d.running_var) d.running_var[j] = T((1 - d.momentum) * d.running_var[j] + d.momentum * (m2 / T(B - 1)));
+    invstd[j] = T(1) / std::sqrt(m2 / T(d.unbiased ? B - 1 : B) + T(d.eps));
   }
   for (int64_t r = 0; r < B; ++r)
     for (int64_t j = 0; j < H; ++j) {
       const T xhat = (h[r * H + j] - mean[j]) * invstd[j];
       h[r * H + j] = xhat;
-      a[r * H + j] = w[j] * xhat + b[j];
+      a[r * H + j] = d.bn_w[j] * xhat + d.bn_b[j];
     }
   tanh_in_place(a, B * H);
 }
 
 // From dz (B x H, in place) to dh, with d(weight) = sum dz xhat and d(bias) = sum dz.
 template <typename T>
-void batch_norm_backward(const Sizes& s, T* dz, const T* xhat, const T* w, const T* invstd, bool unbiased,
-                         T* grad_weight, T* grad_bias) {
-  const int64_t B = s.B, H = s.H;
-  column_sums(B, H, dz, grad_bias);
-  std::fill_n(grad_weight, H, T(0));
+void batch_norm_backward(const StepData<T>& d, T* dz, const T* xhat, const T* invstd) {
+  const int64_t B = d.s.B, H = d.s.H;
+  column_sums(B, H, dz, d.g_bn_b);
+  std::fill_n(d.g_bn_w, H, T(0));
   for (int64_t r = 0; r < B; ++r)
-    for (int64_t j = 0; j < H; ++j) grad_weight[j] += dz[r * H + j] * xhat[r * H + j];
-  const T mean_scale = T(1) / T(B), xhat_scale = T(1) / T(unbiased ? B - 1 : B);
+    for (int64_t j = 0; j < H; ++j) d.g_bn_w[j] += dz[r * H + j] * xhat[r * H + j];
+  const T mean_scale = T(1) / T(B), xhat_scale = T(1) / T(d.unbiased ? B - 1 : B);
   for (int64_t r = 0; r < B; ++r)
     for (int64_t j = 0; j < H; ++j) {
-      T& d = dz[r * H + j];
-      d = w[j] * invstd[j] * (d - mean_scale * grad_bias[j] - xhat_scale * xhat[r * H + j] * grad_weight[j]);
+      T& g = dz[r * H + j];
+      g = d.bn_w[j] * invstd[j] * (g - mean_scale * d.g_bn_b[j] - xhat_scale * xhat[r * H + j] * d.g_bn_w[j]);
     }
 }
 
-// Mean cross-entropy of logits (B x V) against targets; the logits are overwritten by their gradient.
-template <typename T>
-T cross_entropy_forward_backward(const Sizes& s, T* logits, const int64_t* targets) {
-  const int64_t V = s.V;
-  T total = 0;
-  for (int64_t r = 0; r < s.B; ++r) {
-    T* l = logits + r * V;
-    const T max = *std::max_element(l, l + V);
-    const T target_logit = l[targets[r]] - max;
-    T sum = 0;
-    for (int64_t j = 0; j < V; ++j) sum += (l[j] = std::exp(l[j] - max));
-    total += std::log(sum) - target_logit;  // -log softmax[target]
-    const T scale = T(1) / (sum * T(s.B));
-    for (int64_t j = 0; j < V; ++j) l[j] *= scale;
-    l[targets[r]] -= T(1) / T(s.B);
-  }
-  return total / T(s.B);
-}
-
-using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                         at::Tensor>;
+}  // namespace
 
 template <typename T>
-void step(const Sizes& s, const int64_t* idx, const int64_t* targets, const T* table, const T* w1, const T* b1,
-          const T* w2, const T* b2, const T* bn_w, const T* bn_b, T* running_mean, T* running_var,
-          double momentum, double eps, bool unbiased, T* loss, T* g_table, T* g_w1, T* g_b1, T* g_w2, T* g_b2,
-          T* g_bn_w, T* g_bn_b) {
+void gather_step(const StepData<T>& d) {
+  const Sizes& s = d.s;
   const int64_t B = s.B, K = s.K, H = s.H, V = s.V, D = s.D;
-  const bool batchnorm = bn_w != nullptr;
   // Scratch, kept between calls (a fresh buffer of this size is a fresh mmap, page faults included):
   // x (B,K), W1^T (K,H), h (B,H; xhat with BatchNorm), a (B,H), W2^T (H,V), logits (B,V), da (B,H),
   // dx (B,K), mean and invstd (H each).
@@ -220,37 +120,45 @@ void step(const Sizes& s, const int64_t* idx, const int64_t* targets, const T* t
   T* mean = dx + B * K;
   T* invstd = mean + H;
 
-  for (int64_t r = 0; r < B * s.T; ++r) std::memcpy(x + r * D, table + idx[r] * D, D * sizeof(T));
-  transpose(H, K, w1, w1t);
-  fill_rows(B, H, b1, h);
+  for (int64_t r = 0; r < B * s.T; ++r) std::memcpy(x + r * D, d.table + d.idx[r] * D, D * sizeof(T));
+  transpose(H, K, d.w1, w1t);
+  fill_rows(B, H, d.b1, h);
   add_matmul(B, H, K, x, K, 1, w1t, H, h, H);
-  if (batchnorm) {
-    batch_norm_tanh_forward(s, h, a, bn_w, bn_b, mean, invstd, running_mean, running_var, momentum, eps, unbiased);
+  if (d.bn_w) {
+    batch_norm_tanh_forward(d, h, a, mean, invstd);
   } else {
     std::memcpy(a, h, B * H * sizeof(T));
     tanh_in_place(a, B * H);
   }
-  transpose(V, H, w2, w2t);
-  fill_rows(B, V, b2, logits);
+  transpose(V, H, d.w2, w2t);
+  fill_rows(B, V, d.b2, logits);
   add_matmul(B, V, H, a, H, 1, w2t, V, logits, V);
-  *loss = cross_entropy_forward_backward(s, logits, targets);  // logits now hold dlogits
+  *d.loss = cross_entropy_rows(B, V, B, logits, d.targets) / T(B);  // logits now hold dlogits
 
-  std::fill_n(g_w2, V * H, T(0));
-  add_matmul(V, H, B, logits, 1, V, a, H, g_w2, H);  // dW2 = dlogits^T a
-  column_sums(B, V, logits, g_b2);
+  std::fill_n(d.g_w2, V * H, T(0));
+  add_matmul(V, H, B, logits, 1, V, a, H, d.g_w2, H);  // dW2 = dlogits^T a
+  column_sums(B, V, logits, d.g_b2);
   std::fill_n(da, B * H, T(0));
-  add_matmul(B, H, V, logits, V, 1, w2, H, da, H);  // da = dlogits W2
+  add_matmul(B, H, V, logits, V, 1, d.w2, H, da, H);  // da = dlogits W2
   for (int64_t i = 0; i < B * H; ++i) da[i] *= T(1) - a[i] * a[i];  // through the tanh: dz
-  if (batchnorm) batch_norm_backward(s, da, h, bn_w, invstd, unbiased, g_bn_w, g_bn_b);  // da now holds dh
-  column_sums(B, H, da, g_b1);
-  std::fill_n(g_w1, H * K, T(0));
-  add_matmul(H, K, B, da, 1, H, x, K, g_w1, K);  // dW1 = dh^T x
+  if (d.bn_w) batch_norm_backward(d, da, h, invstd);  // da now holds dh
+  column_sums(B, H, da, d.g_b1);
+  std::fill_n(d.g_w1, H * K, T(0));
+  add_matmul(H, K, B, da, 1, H, x, K, d.g_w1, K);  // dW1 = dh^T x
   std::fill_n(dx, B * K, T(0));
-  add_matmul(B, K, H, da, H, 1, w1, K, dx, K);  // dx = dh W1
-  std::fill_n(g_table, s.vocab * D, T(0));
+  add_matmul(B, K, H, da, H, 1, d.w1, K, dx, K);  // dx = dh W1
+  std::fill_n(d.g_table, s.vocab * D, T(0));
   for (int64_t r = 0; r < B * s.T; ++r)
-    for (int64_t d = 0; d < D; ++d) g_table[idx[r] * D + d] += dx[r * D + d];
+    for (int64_t j = 0; j < D; ++j) d.g_table[d.idx[r] * D + j] += dx[r * D + j];
 }
+
+template void gather_step<float>(const StepData<float>&);
+template void gather_step<double>(const StepData<double>&);
+
+namespace {
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor>;
 
 void check_matrix(const char* op, const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
                   at::ScalarType dtype) {
@@ -347,9 +255,10 @@ void run_step(const StepInputs& in, const std::vector<at::Tensor>& params,
   auto stat = [&](const std::optional<at::Tensor>& t) {
     return in.batchnorm && t.has_value() ? t->data_ptr<S>() : nullptr;
   };
-  step<S>(in.s, in.ids.data_ptr<int64_t>(), in.labels.data_ptr<int64_t>(), ptr(0), ptr(1), ptr(2), ptr(3), ptr(4),
-          ptr(5), ptr(6), stat(running_mean), stat(running_var), momentum, eps, unbiased, loss, grad(0), grad(1),
-          grad(2), grad(3), grad(4), grad(5), grad(6));
+  const StepData<S> d{in.s, in.ids.data_ptr<int64_t>(), in.labels.data_ptr<int64_t>(), ptr(0), ptr(1), ptr(2),
+                       ptr(3), ptr(4), ptr(5), ptr(6), stat(running_mean), stat(running_var), momentum, eps,
+                       unbiased, loss, grad(0), grad(1), grad(2), grad(3), grad(4), grad(5), grad(6)};
+  if (uses_product_tables(in.s)) product_table_step(d); else gather_step(d);
 }
 
 // Returns (loss, d table, d w1, d b1, d w2, d b2, d bn_weight, d bn_bias); the BatchNorm gradients are empty

@@ -233,18 +233,27 @@ class MLP(MakemoreModel):
         h = self.first(idx)
         return self.bn(h) if self.batchnorm else torch.tanh(h)  # the BatchNorm layer applies the tanh
 
-    # The one-call step runs on one thread with its own small matrix kernels; above this many multiply-adds
-    # per forward, batch * hidden * (context * embedding + vocab), the layers (BLAS on every core, the
-    # product-table first layer) are faster. Measured per forward + backward on 2 cores: B=128 hidden 200
-    # (1.5M) one call 0.21 ms, layers 0.42; B=512 hidden 200 (5.8M) 0.80 against 0.66; B=32 embedding 64
-    # hidden 1024 (7.2M) 2.0 against 0.64.
+    # The op has two CPU kernels (csrc/cpu/mlp_step.cpp). Its one-thread kernel with its own small matrix
+    # products pays up to ONE_CALL_MAX_WORK multiply-adds per forward, batch * hidden * (context * embedding +
+    # vocab); above, the layers (BLAS on every core, the product-table first layer) are faster. Measured per
+    # forward + backward on 2 cores: B=128 hidden 200 (1.5M) one call 0.21 ms, layers 0.42; B=512 hidden 200
+    # (5.8M) 0.80 against 0.66; B=32 embedding 64 hidden 1024 (7.2M) 2.0 against 0.64. Its product-table
+    # kernel, which the op runs from PRODUCT_TABLE_MIN_BATCH rows and 8 rows per token of the vocabulary (the
+    # same rule as in the C++), runs on every core and beats the layers at any width (measured per SGD step:
+    # B=256 hidden 200 0.33 ms against 0.70, B=256 embedding 64 hidden 1024 1.7 against 2.1, B=4096 15.8
+    # against 23.2).
     ONE_CALL_MAX_WORK = 4_000_000
+    PRODUCT_TABLE_MIN_BATCH = 256
+
+    def _one_call_pays(self, batch: int) -> bool:
+        return batch * self._work_per_row <= self.ONE_CALL_MAX_WORK or (
+            batch >= self.PRODUCT_TABLE_MIN_BATCH and 8 * self.vocab_size <= batch)
 
     def _one_call_args(self, idx: Tensor) -> tuple[list[Tensor], dict] | None:
         """The one-call kernel's parameters (table, W1, b1, W2, b2[, bn weight, bn bias]) and BatchNorm
-        arguments, where it applies: the fused twin training on the cpp backend at small sizes. Counts the
+        arguments, where it pays: the fused twin training on the cpp backend (see above). Counts the
         batch in the BatchNorm, as bn(h) would."""
-        if not (self.fused and self.training and idx.shape[0] * self._work_per_row <= self.ONE_CALL_MAX_WORK
+        if not (self.fused and self.training and self._one_call_pays(idx.shape[0])
                 and backends.resolve(idx.device, self.backend) == "cpp"):
             return None
         # Read through the module dicts: nn.Module's attribute lookup costs about 0.5 us per submodule or
@@ -262,8 +271,9 @@ class MLP(MakemoreModel):
         return params, dict(momentum=bn._momentum(), eps=bn.eps, unbiased=bn.unbiased, backend="cpp")
 
     def loss_and_grads(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """The fused twin's training step on the cpp backend at small sizes is one kernel call for the whole
-        network; every other case (the reference, eval mode, the other backends, large sizes) runs the layers."""
+        """The fused twin's training step on the cpp backend is one kernel call for the whole network where that
+        pays (see ONE_CALL_MAX_WORK); every other case (the reference, eval mode, the other backends, wide
+        layers at small batches) runs the layers."""
         one_call = self._one_call_args(idx)
         if one_call is None:
             return super().loss_and_grads(idx, targets)
