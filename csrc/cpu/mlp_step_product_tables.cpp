@@ -31,8 +31,11 @@
 namespace fastlm {
 namespace {
 
-// Parts of the batch: one per 256 rows, at most 8 (each part keeps its own copy of dW2, G and Gx).
-int64_t parts_of(int64_t B) { return std::clamp<int64_t>(B / 256, 1, 8); }
+// Parts of the batch: one per 256 rows, at most 8, and fewer where the parts' own token tables (G and Gx, of
+// table_size values each) would pass 8 M values.
+int64_t parts_of(int64_t B, int64_t table_size) {
+  return std::clamp<int64_t>(std::min(B / 256, (int64_t(8) << 20) / (2 * table_size)), 1, 8);
+}
 
 // Rows per block: about 128 KiB of one (rows, H) fp32 buffer, a multiple of the matmul's 4-row tiles, so a
 // block's three buffers stay in L2 beside a part's dW2 and token tables.
@@ -55,10 +58,15 @@ template <typename T>
 class ProductTableStep {
  public:
   explicit ProductTableStep(const StepData<T>& d)
-      : d_(d), s_(d.s), parts_(parts_of(d.s.B)), block_(rows_per_block(d.s.H)), table_size_(d.s.vocab * d.s.T * d.s.H) {}
+      : d_(d),
+        s_(d.s),
+        table_size_(d.s.vocab * d.s.T * d.s.H),
+        parts_(parts_of(d.s.B, table_size_)),
+        block_(rows_per_block(d.s.H)) {}
 
   void run() {
     allocate();
+    for_each_part([&](Part<T>& p, int64_t, int64_t) { clear(p); });
     build_product_tables();
     if (d_.bn_w) {
       for_each_part([&](Part<T>& p, int64_t r0, int64_t r1) { moments(p, r0, r1); });
@@ -71,7 +79,7 @@ class ProductTableStep {
  private:
   const StepData<T>& d_;
   const Sizes& s_;
-  const int64_t parts_, block_, table_size_;
+  const int64_t table_size_, parts_, block_;
   T *w1t_, *w2t_, *P_, *logits_, *mean_, *invstd_;
   std::vector<Part<T>> part_;
 
@@ -96,12 +104,16 @@ class ProductTableStep {
     for (auto& p : part_) {
       p = Part<T>{take(V * H), take(V), take(H), take(H), take(table_size_), take(table_size_), take(H), take(H),
                   take(H), take(H), take(block_ * H), take(block_ * H), take(block_ * H), T(0), 0};
-      std::fill_n(p.g_w2, V * H, T(0));
-      std::fill_n(p.g_b2, V, T(0));
-      std::fill_n(p.tables, table_size_, T(0));
-      std::fill_n(p.xhat_tables, table_size_, T(0));
-      for (T* v : {p.sum_dz, p.sum_dz_xhat, p.mean, p.m2}) std::fill_n(v, H, T(0));
     }
+  }
+
+  // A part's sums set to zero (by the thread that runs the part).
+  void clear(Part<T>& p) const {
+    std::fill_n(p.g_w2, s_.V * s_.H, T(0));
+    std::fill_n(p.g_b2, s_.V, T(0));
+    std::fill_n(p.tables, table_size_, T(0));
+    if (d_.bn_w) std::fill_n(p.xhat_tables, table_size_, T(0));
+    for (T* v : {p.sum_dz, p.sum_dz_xhat, p.mean, p.m2}) std::fill_n(v, s_.H, T(0));
   }
 
   // f(part, first row, end row) for every part, parts spread over the threads.
