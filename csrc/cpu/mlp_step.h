@@ -82,7 +82,9 @@ void add_matmul(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_row, int6
   for (int64_t j = 0; j < N; j += kStrip) {
     const int64_t n = std::min(kStrip, N - j);
     int64_t i = 0;
-    for (; i + 4 <= M; i += 4) add_matmul_tile<T, 4>(K, a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc, n);
+    for (; i + 4 <= M; i += 4) {
+      add_matmul_tile<T, 4>(K, a + i * a_row, a_row, a_col, b + j, ldb, c + i * ldc + j, ldc, n);
+    }
     const T* ai = a + i * a_row;
     T* ci = c + i * ldc + j;
     switch (M - i) {

@@ -6,8 +6,9 @@ functional ``cross_entropy`` -> ``fastlm.nn.CrossEntropyLoss``.
 
 In training the forward kernel returns per-row losses, the row log-sum-exp and the gradient at once (one
 exp per logit); the extra memory is that (N, C) gradient alone, and none with ``inplace_backward=True``,
-where the backward instead recomputes softmax from the saved lse and writes over the logits. Beyond torch: the per-row lse as an output (``return_lse``) and z-loss
-(``lse_square_scale * lse**2`` added to each non-ignored row's loss, reduced like the loss).
+where the backward instead recomputes softmax from the saved lse and writes over the logits. Beyond torch:
+the per-row lse as an output (``return_lse``) and z-loss (``lse_square_scale * lse**2`` added to each
+non-ignored row's loss, reduced like the loss).
 """
 
 from __future__ import annotations

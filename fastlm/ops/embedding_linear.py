@@ -6,8 +6,8 @@ Two strategies (math in csrc/cpu/embedding_linear.cpp), both exact up to roundin
   "gather"  gather-GEMM: the gather fused into the matrix product's loads (blocked packing + BLAS on CPU);
   "table"   product tables P_t = table @ W_t^T, then y = b + sum_t P_t[idx[:, t]]: for a vocabulary small
             against the batch it replaces the B*T*D*out multiply-adds by V*T*D*out plus B*T*out additions.
-By default the table is chosen when that count makes it at least twice as cheap. The scatter-adds of the backward are deterministic
-unless ``atomic_scatter=True`` asks for the atomic GPU path (ignored when
+By default the table is chosen when that count makes it at least twice as cheap. The scatter-adds of the
+backward are deterministic unless ``atomic_scatter=True`` asks for the atomic GPU path (ignored when
 ``torch.are_deterministic_algorithms_enabled()``).
 Layers: kernels -> ``fastlm::*embedding_linear_*`` ops -> ``EmbeddingLinearFunction`` -> this functional ->
 ``fastlm.nn.EmbeddingLinear``.
