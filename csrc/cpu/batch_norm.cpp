@@ -56,20 +56,6 @@ int64_t rows_per_block(const Layout& s) { return std::clamp<int64_t>(65536 / std
 // Rows per thread task in the element-wise passes: about 32k values.
 int64_t rows_per_task(const Layout& s) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.M)); }
 
-template <typename T>
-Vectorized<T> load(const T* p, int64_t n) {
-  return n == Vectorized<T>::size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, n);
-}
-
-// f(k, n) for lanes [k, k + n) in vector-sized steps; n is short only at the tail.
-template <typename T, typename F>
-void for_each_vector(int64_t lanes, const F& f) {
-  constexpr int64_t kWidth = Vectorized<T>::size();
-  int64_t k = 0;
-  for (; k + kWidth <= lanes; k += kWidth) f(k, kWidth);
-  if (k < lanes) f(k, lanes - k);
-}
-
 // out[q][k] = sum over rows i in [r0, r0 + rows) of f(i, k, n)[q], for every lane k of M. Lanes go in tiles
 // of kTile vectors held in registers, rows inner, so each row's tile is one contiguous read and each
 // lane's sum runs over the rows in order.

@@ -19,8 +19,8 @@
 //   loss = mean over rows of cross_entropy(logits, targets)
 // and back: dlogits = (softmax - onehot)/B; dW2 = dlogits^T a; da = dlogits W2; dz = da (1 - a^2);
 // BatchNorm's closed form (see batch_norm.cpp) gives dh, d(bn weight), d(bn bias); dW1 = dh^T x;
-// dx = dh W1, scattered by token into d(table) in batch order. Every sum runs in a fixed order: results are
-// deterministic. Math in the input's dtype (fp32 or fp64).
+// dx = dh W1, scattered by token into d(table), position by position in batch order. Every sum runs in a
+// fixed order: results are deterministic. Math in the input's dtype (fp32 or fp64).
 
 #include "mlp_step.h"
 
@@ -47,109 +47,160 @@ using at::vec::Vectorized;
 constexpr int64_t kProductTableMinBatch = 256;
 bool uses_product_tables(const Sizes& s) { return s.B >= kProductTableMinBatch && 8 * s.vocab <= s.B; }
 
-// sums[j] = sum over rows of m[r, j], rows in order.
+// The sum of a vector's lanes.
 template <typename T>
-void column_sums(int64_t rows, int64_t n, const T* m, T* sums) {
-  std::fill_n(sums, n, T(0));
-  add_column_sums(rows, n, m, sums);
+T sum_lanes(Vectorized<T> v) {
+  return at::vec::vec_reduce_all<T>([](Vectorized<T>& x, Vectorized<T>& y) { return x + y; }, v);
 }
 
-// BatchNorm over the rows of h (B x H) in place: h becomes xhat and a = tanh(w xhat + b); the per-channel
-// invstd is left in invstd for the backward, and the running stats are moved.
+// The sum of p[0:n]: in vector lanes, then across them.
 template <typename T>
-void batch_norm_tanh_forward(const StepData<T>& d, T* h, T* a, T* mean, T* invstd) {
+T row_sum(const T* p, int64_t n) {
+  Vectorized<T> acc(T(0));
+  for_each_vector<T>(n, [&](int64_t k, int64_t lanes) { acc += load(p + k, lanes); });
+  return sum_lanes(acc);
+}
+
+// The sum of p[0:n] * q[0:n], likewise.
+template <typename T>
+T row_dot(const T* p, const T* q, int64_t n) {
+  Vectorized<T> acc(T(0));
+  for_each_vector<T>(n, [&](int64_t k, int64_t lanes) {
+    acc = at::vec::fmadd(load(p + k, lanes), load(q + k, lanes), acc);
+  });
+  return sum_lanes(acc);
+}
+
+// BatchNorm over the columns of hT (H x B, a channel per row) in place: hT becomes xhat and
+// aT = tanh(w xhat + b); the per-channel invstd is left in invstd for the backward, the running stats moved.
+template <typename T>
+void batch_norm_tanh_forward(const StepData<T>& d, T* hT, T* aT, T* invstd) {
+  using Vec = Vectorized<T>;
   const int64_t B = d.s.B, H = d.s.H;
-  column_sums(B, H, h, mean);
-  for (int64_t j = 0; j < H; ++j) mean[j] /= T(B);
-  std::fill_n(invstd, H, T(0));  // first M2, the sum of squared deviations
-  for (int64_t r = 0; r < B; ++r)
-    for (int64_t j = 0; j < H; ++j) {
-      const T dev = h[r * H + j] - mean[j];
-      invstd[j] += dev * dev;
-    }
   for (int64_t j = 0; j < H; ++j) {
-    const T m2 = invstd[j];
-    if (d.running_mean) d.running_mean[j] = T((1 - d.momentum) * d.running_mean[j] + d.momentum * mean[j]);
+    T* h = hT + j * B;
+    const T mean = row_sum(h, B) / T(B);
+    Vec m2_lanes(T(0));
+    for_each_vector<T>(B, [&](int64_t k, int64_t n) {
+      const Vec dev = Vec::set(Vec(T(0)), load(h + k, n) - Vec(mean), n);
+      m2_lanes = at::vec::fmadd(dev, dev, m2_lanes);
+    });
+    const T m2 = sum_lanes(m2_lanes);
+    if (d.running_mean) d.running_mean[j] = T((1 - d.momentum) * d.running_mean[j] + d.momentum * mean);
     if (d.running_var) d.running_var[j] = T((1 - d.momentum) * d.running_var[j] + d.momentum * (m2 / T(B - 1)));
     invstd[j] = T(1) / std::sqrt(m2 / T(d.unbiased ? B - 1 : B) + T(d.eps));
+    const Vec mu(mean), scale(invstd[j]), w(d.bn_w[j]), b(d.bn_b[j]);
+    for_each_vector<T>(B, [&](int64_t k, int64_t n) {
+      const Vec xhat = (load(h + k, n) - mu) * scale;
+      xhat.store(h + k, n);
+      at::vec::fmadd(xhat, w, b).store(aT + j * B + k, n);
+    });
   }
-  for (int64_t r = 0; r < B; ++r)
-    for (int64_t j = 0; j < H; ++j) {
-      const T xhat = (h[r * H + j] - mean[j]) * invstd[j];
-      h[r * H + j] = xhat;
-      a[r * H + j] = d.bn_w[j] * xhat + d.bn_b[j];
-    }
-  tanh_in_place(a, B * H);
+  tanh_in_place(aT, H * B);  // in one long loop, where the tanh of many vectors overlap
 }
 
-// From dz (B x H, in place) to dh, with d(weight) = sum dz xhat and d(bias) = sum dz.
+// From dzT (H x B, in place) to dhT, with d(weight) = sum dz xhat and d(bias) = sum dz per channel.
 template <typename T>
-void batch_norm_backward(const StepData<T>& d, T* dz, const T* xhat, const T* invstd) {
+void batch_norm_backward(const StepData<T>& d, T* dzT, const T* xhatT, const T* invstd) {
+  using Vec = Vectorized<T>;
   const int64_t B = d.s.B, H = d.s.H;
-  column_sums(B, H, dz, d.g_bn_b);
-  std::fill_n(d.g_bn_w, H, T(0));
-  for (int64_t r = 0; r < B; ++r)
-    for (int64_t j = 0; j < H; ++j) d.g_bn_w[j] += dz[r * H + j] * xhat[r * H + j];
   const T mean_scale = T(1) / T(B), xhat_scale = T(1) / T(d.unbiased ? B - 1 : B);
-  for (int64_t r = 0; r < B; ++r)
-    for (int64_t j = 0; j < H; ++j) {
-      T& g = dz[r * H + j];
-      g = d.bn_w[j] * invstd[j] * (g - mean_scale * d.g_bn_b[j] - xhat_scale * xhat[r * H + j] * d.g_bn_w[j]);
+  for (int64_t j = 0; j < H; ++j) {
+    T* dz = dzT + j * B;
+    const T* xhat = xhatT + j * B;
+    d.g_bn_b[j] = row_sum(dz, B);
+    d.g_bn_w[j] = row_dot(dz, xhat, B);
+    const Vec scale(d.bn_w[j] * invstd[j]), shift(-mean_scale * d.g_bn_b[j]), slope(-xhat_scale * d.g_bn_w[j]);
+    for_each_vector<T>(B, [&](int64_t k, int64_t n) {
+      (scale * at::vec::fmadd(load(xhat + k, n), slope, load(dz + k, n) + shift)).store(dz + k, n);
+    });
+  }
+}
+
+// Mean cross-entropy over the columns of lT (V x B, a row per class); lT is overwritten by the gradient.
+// Columns are rows of the batch, so each step runs on a vector of batch rows at once.
+template <typename T>
+T cross_entropy_columns(int64_t B, int64_t V, T* lT, const int64_t* targets) {
+  using Vec = Vectorized<T>;
+  T total = 0;
+  for (int64_t r = 0; r < B; ++r) total -= lT[targets[r] * B + r];  // -logit[target], before it is overwritten
+  for_each_vector<T>(B, [&](int64_t k, int64_t n) {
+    Vec max = load(lT + k, n);
+    for (int64_t v = 1; v < V; ++v) max = at::vec::maximum(max, load(lT + v * B + k, n));
+    Vec sum(T(0));
+    for (int64_t v = 0; v < V; ++v) {
+      const Vec e = (load(lT + v * B + k, n) - max).exp();
+      e.store(lT + v * B + k, n);
+      sum += e;
     }
+    const Vec lse = Vec::set(Vec(T(0)), max + sum.log(), n);
+    total += sum_lanes(lse);
+    const Vec scale = Vec(T(1)) / (sum * Vec(T(B)));
+    for (int64_t v = 0; v < V; ++v) (load(lT + v * B + k, n) * scale).store(lT + v * B + k, n);
+  });
+  for (int64_t r = 0; r < B; ++r) lT[targets[r] * B + r] -= T(1) / T(B);
+  return total / T(B);
 }
 
 }  // namespace
 
+// Activations are kept transposed, (features, B): the batch runs along the vector lanes, so every product
+// has the batch as its vector dimension (B = 32 is two whole vectors, where the vocabulary of 27 wastes 5 of
+// 32 lanes), the weights are read in their own layout without transposes, and the cross-entropy runs on
+// vectors of rows.
 template <typename T>
 void gather_step(const StepData<T>& d) {
+  using Vec = Vectorized<T>;
   const Sizes& s = d.s;
   const int64_t B = s.B, K = s.K, H = s.H, V = s.V, D = s.D;
   // Scratch, kept between calls (a fresh buffer of this size is a fresh mmap, page faults included):
-  // x (B,K), W1^T (K,H), h (B,H; xhat with BatchNorm), a (B,H), W2^T (H,V), logits (B,V), da (B,H),
-  // dx (B,K), mean and invstd (H each).
+  // x (B,K) and its transpose, hT (H,B; xhat with BatchNorm), aT (H,B) and a (B,H), lT (V,B), daT (H,B),
+  // dxT (K,B), invstd (H).
   thread_local std::vector<T> scratch;
-  scratch.resize(2 * B * K + K * H + 3 * B * H + H * V + B * V + 2 * H);
+  scratch.resize(3 * B * K + 4 * B * H + B * V + H);
   T* x = scratch.data();
-  T* w1t = x + B * K;
-  T* h = w1t + K * H;
-  T* a = h + B * H;
-  T* w2t = a + B * H;
-  T* logits = w2t + H * V;
-  T* da = logits + B * V;
-  T* dx = da + B * H;
-  T* mean = dx + B * K;
-  T* invstd = mean + H;
+  T* xT = x + B * K;
+  T* hT = xT + K * B;
+  T* aT = hT + H * B;
+  T* a = aT + H * B;
+  T* lT = a + B * H;
+  T* daT = lT + V * B;
+  T* dxT = daT + H * B;
+  T* invstd = dxT + K * B;
 
   for (int64_t r = 0; r < B * s.T; ++r) std::memcpy(x + r * D, d.table + d.idx[r] * D, D * sizeof(T));
-  transpose(H, K, d.w1, w1t);
-  fill_rows(B, H, d.b1, h);
-  add_matmul(B, H, K, x, K, 1, w1t, H, h, H);
+  transpose(B, K, x, xT);
+  for (int64_t j = 0; j < H; ++j) std::fill_n(hT + j * B, B, d.b1[j]);
+  add_matmul(H, B, K, d.w1, K, 1, xT, B, hT, B);  // hT = W1 xT + b1
   if (d.bn_w) {
-    batch_norm_tanh_forward(d, h, a, mean, invstd);
+    batch_norm_tanh_forward(d, hT, aT, invstd);
   } else {
-    std::memcpy(a, h, B * H * sizeof(T));
-    tanh_in_place(a, B * H);
+    std::copy_n(hT, H * B, aT);
+    tanh_in_place(aT, H * B);
   }
-  transpose(V, H, d.w2, w2t);
-  fill_rows(B, V, d.b2, logits);
-  add_matmul(B, V, H, a, H, 1, w2t, V, logits, V);
-  *d.loss = cross_entropy_rows(B, V, B, logits, d.targets) / T(B);  // logits now hold dlogits
+  for (int64_t v = 0; v < V; ++v) std::fill_n(lT + v * B, B, d.b2[v]);
+  add_matmul(V, B, H, d.w2, H, 1, aT, B, lT, B);  // lT = W2 aT + b2
+  *d.loss = cross_entropy_columns(B, V, lT, d.targets);  // lT now holds dlogits^T
 
+  transpose(H, B, aT, a);
   std::fill_n(d.g_w2, V * H, T(0));
-  add_matmul(V, H, B, logits, 1, V, a, H, d.g_w2, H);  // dW2 = dlogits^T a
-  column_sums(B, V, logits, d.g_b2);
-  std::fill_n(da, B * H, T(0));
-  add_matmul(B, H, V, logits, V, 1, d.w2, H, da, H);  // da = dlogits W2
-  for (int64_t i = 0; i < B * H; ++i) da[i] *= T(1) - a[i] * a[i];  // through the tanh: dz
-  if (d.bn_w) batch_norm_backward(d, da, h, invstd);  // da now holds dh
-  column_sums(B, H, da, d.g_b1);
+  add_matmul(V, H, B, lT, B, 1, a, H, d.g_w2, H);  // dW2 = dlogits^T a
+  for (int64_t v = 0; v < V; ++v) d.g_b2[v] = row_sum(lT + v * B, B);
+  std::fill_n(daT, H * B, T(0));
+  add_matmul(H, B, V, d.w2, 1, H, lT, B, daT, B);  // daT = W2^T dlogits^T
+  at::vec::map2([](Vec g, Vec y) { return g * (Vec(T(1)) - y * y); }, daT, daT, aT, H * B);  // through the tanh
+  if (d.bn_w) batch_norm_backward(d, daT, hT, invstd);  // daT now holds dhT
+  for (int64_t j = 0; j < H; ++j) d.g_b1[j] = row_sum(daT + j * B, B);
   std::fill_n(d.g_w1, H * K, T(0));
-  add_matmul(H, K, B, da, 1, H, x, K, d.g_w1, K);  // dW1 = dh^T x
-  std::fill_n(dx, B * K, T(0));
-  add_matmul(B, K, H, da, H, 1, d.w1, K, dx, K);  // dx = dh W1
+  add_matmul(H, K, B, daT, B, 1, x, K, d.g_w1, K);  // dW1 = dh^T x
+  std::fill_n(dxT, K * B, T(0));
+  add_matmul(K, B, H, d.w1, 1, K, daT, B, dxT, B);  // dxT = W1^T dhT
   std::fill_n(d.g_table, s.vocab * D, T(0));
-  for (int64_t r = 0; r < B * s.T; ++r)
-    for (int64_t j = 0; j < D; ++j) d.g_table[d.idx[r] * D + j] += dx[r * D + j];
+  for (int64_t t = 0; t < s.T; ++t)  // d(table): each position's rows of dx added by token, in batch order
+    for (int64_t j = 0; j < D; ++j) {
+      const T* g = dxT + (t * D + j) * B;
+      for (int64_t r = 0; r < B; ++r) d.g_table[d.idx[r * s.T + t] * D + j] += g[r];
+    }
 }
 
 template void gather_step<float>(const StepData<float>&);

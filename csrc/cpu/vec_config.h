@@ -1,6 +1,6 @@
 // Selects ATen's vector width from what the compiler targets (setup.py builds with -march=native),
-// so at::vec::Vectorized<float> is 16 lanes under AVX-512, 8 under AVX2, and a portable fallback otherwise.
-// Include this before any ATen vector header.
+// so at::vec::Vectorized<float> is 16 lanes under AVX-512, 8 under AVX2, and a portable fallback otherwise;
+// and the two helpers the CPU kernels walk a row of lanes with. Include this before any ATen vector header.
 #pragma once
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
@@ -15,3 +15,23 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+
+namespace fastlm {
+
+// n lanes from p: a whole vector, or a masked load of the first n (the rest zero).
+template <typename T>
+at::vec::Vectorized<T> load(const T* p, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
+}
+
+// f(k, n) for lanes [k, k + n) in vector-sized steps; n is short only at the tail.
+template <typename T, typename F>
+void for_each_vector(int64_t lanes, const F& f) {
+  constexpr int64_t kWidth = at::vec::Vectorized<T>::size();
+  int64_t k = 0;
+  for (; k + kWidth <= lanes; k += kWidth) f(k, kWidth);
+  if (k < lanes) f(k, lanes - k);
+}
+
+}  // namespace fastlm
