@@ -1,6 +1,5 @@
 // What the two CPU kernels of the makemore MLP's training step share: the step's data as raw pointers, and
-// the small dense kernels both are built from (register-tiled matrix products, transposes, the tanh, the
-// cross-entropy of a block of rows). The kernels themselves: mlp_step.cpp (small batches, one thread) and
+// the small dense kernels both are built from (register-tiled matrix products, transposes, the tanh). The kernels themselves: mlp_step.cpp (small batches, one thread) and
 // mlp_step_product_tables.cpp (large batches over a small vocabulary, every thread).
 #pragma once
 
@@ -10,7 +9,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 namespace fastlm {
@@ -102,49 +100,13 @@ void transpose(int64_t rows, int64_t cols, const T* src, T* dst) {
   at::vec::transpose_mxn<T>(src, cols, dst, rows, rows, cols);
 }
 
-// Every row of m (rows x n) set to v (or zero without v).
-template <typename T>
-void fill_rows(int64_t rows, int64_t n, const T* v, T* m) {
-  for (int64_t r = 0; r < rows; ++r) {
-    if (v) std::memcpy(m + r * n, v, n * sizeof(T)); else std::fill_n(m + r * n, n, T(0));
-  }
-}
-
-// sums[j] += sum over rows of m[r, j], rows in order.
-template <typename T>
-void add_column_sums(int64_t rows, int64_t n, const T* m, T* sums) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < n; ++j) sums[j] += m[r * n + j];
-}
-
-template <typename T>
-at::vec::Vectorized<T> step_tanh(at::vec::Vectorized<T> z) {
-  if constexpr (std::is_same_v<T, float>) return fast_tanh(z);
-  return z.tanh();
-}
-
+// tanh in place: fastlm's one-exp tanh for fp32, ATen's for fp64 (double input asks for double accuracy).
 template <typename T>
 void tanh_in_place(T* v, int64_t n) {
-  at::vec::map([](at::vec::Vectorized<T> z) { return step_tanh(z); }, v, v, n);
-}
-
-// Sum over `rows` rows of logits (rows x V) of cross_entropy(logits, target); the logits are overwritten by
-// the gradient of the mean loss over a batch of `batch` rows.
-template <typename T>
-T cross_entropy_rows(int64_t rows, int64_t V, int64_t batch, T* logits, const int64_t* targets) {
-  T total = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    T* l = logits + r * V;
-    const T max = *std::max_element(l, l + V);
-    const T target_logit = l[targets[r]] - max;
-    T sum = 0;
-    for (int64_t j = 0; j < V; ++j) sum += (l[j] = std::exp(l[j] - max));
-    total += std::log(sum) - target_logit;  // -log softmax[target]
-    const T scale = T(1) / (sum * T(batch));
-    for (int64_t j = 0; j < V; ++j) l[j] *= scale;
-    l[targets[r]] -= T(1) / T(batch);
-  }
-  return total;
+  at::vec::map([](at::vec::Vectorized<T> z) {
+    if constexpr (std::is_same_v<T, float>) return fast_tanh(z);
+    return z.tanh();
+  }, v, v, n);
 }
 
 }  // namespace fastlm

@@ -26,6 +26,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <cstring>
 #include <vector>
 
 namespace fastlm {
@@ -44,6 +45,40 @@ int64_t rows_per_block(int64_t H) { return std::clamp<int64_t>(32768 / std::max<
 template <typename T>
 void add_row(T* dst, const T* src, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
+}
+
+// Every row of m (rows x n) set to v (or zero without v).
+template <typename T>
+void fill_rows(int64_t rows, int64_t n, const T* v, T* m) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (v) std::memcpy(m + r * n, v, n * sizeof(T)); else std::fill_n(m + r * n, n, T(0));
+  }
+}
+
+// sums[j] += sum over rows of m[r, j], rows in order.
+template <typename T>
+void add_column_sums(int64_t rows, int64_t n, const T* m, T* sums) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) sums[j] += m[r * n + j];
+}
+
+// Sum over `rows` rows of logits (rows x V) of cross_entropy(logits, target); the logits are overwritten by
+// the gradient of the mean loss over a batch of `batch` rows.
+template <typename T>
+T cross_entropy_rows(int64_t rows, int64_t V, int64_t batch, T* logits, const int64_t* targets) {
+  T total = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* l = logits + r * V;
+    const T max = *std::max_element(l, l + V);
+    const T target_logit = l[targets[r]] - max;
+    T sum = 0;
+    for (int64_t j = 0; j < V; ++j) sum += (l[j] = std::exp(l[j] - max));
+    total += std::log(sum) - target_logit;  // -log softmax[target]
+    const T scale = T(1) / (sum * T(batch));
+    for (int64_t j = 0; j < V; ++j) l[j] *= scale;
+    l[targets[r]] -= T(1) / T(batch);
+  }
+  return total;
 }
 
 // One part's sums over its rows, and its block buffers.
