@@ -9,6 +9,7 @@ import socket
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -30,6 +31,21 @@ def skip_unless_runs(backend: str, device: str = "cpu") -> None:
         pytest.skip(f"the {backend} backend does not run on {device} tensors")
 
 
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def fastlm_ops_called(fn) -> list[str]:
+    """The fastlm:: ops that fn() dispatches, in order."""
+    with _RecordOps() as recorder:
+        fn()
+    return [name for name in recorder.names if name.startswith("fastlm::")]
 
 
 def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,

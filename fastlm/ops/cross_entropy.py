@@ -146,7 +146,8 @@ def grad_per_row(grad_output: Tensor, reduction: str, denominator: Tensor | None
 class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy on a kernel backend. Returns (loss, lse); lse carries no gradient.
 
-    When the logits need a gradient, the forward computes it too (one exp per logit instead of two), for
+    When the logits need a gradient (and grad mode is on where the op is called: under no_grad, autograd
+    still marks a leaf that requires grad as needing one), the forward computes it too (one exp per logit instead of two), for
     an upstream gradient of 1, and the backward hands that buffer out once, scaled in place if needed.
     A second backward through a retained graph recomputes the gradient from the saved logits and lse.
     With ``inplace_backward`` the forward computes only the loss, and the backward writes the gradient
@@ -155,14 +156,14 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-                inplace_backward, backend):
+                inplace_backward, backend, grad_enabled):
         ops = kernel_ops(backend)
         ce_args = (ignore_index, label_smoothing, lse_square_scale)
         math_dtype = _math_dtype(logits)
         denominator = mean_denominator(target, weight, ignore_index, math_dtype) if reduction == "mean" else None
         ctx.inplace = inplace_backward and can_overwrite(logits, backend)
         ctx.grad = None
-        if ctx.needs_input_grad[0] and not ctx.inplace:
+        if grad_enabled and ctx.needs_input_grad[0] and not ctx.inplace:
             unit = torch.ones((), dtype=math_dtype, device=logits.device)
             grad_rows = grad_per_row(unit, reduction, denominator, logits.shape[0], math_dtype)
             rows, lse, ctx.grad = ops.forward_backward(logits, target, weight, grad_rows, *ce_args)
@@ -179,7 +180,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         ce_args, reduction, backend = ctx.config
         if ctx.grad is not None:
             grad, ctx.grad = ctx.grad, None  # handed out once: nothing else holds it, so it is scaled in place
-            return scale_in_place(grad, grad_loss, reduction), None, None, None, None, None, None, None, None
+            return scale_in_place(grad, grad_loss, reduction), None, None, None, None, None, None, None, None, None
         logits, target, weight, lse, denominator = ctx.saved_tensors
         ops = kernel_ops(backend)
         grad_rows = grad_per_row(grad_loss, reduction, denominator, logits.shape[0], lse.dtype)
@@ -192,7 +193,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             grad = logits
         else:
             grad = ops.backward(logits, *args)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def scale_in_place(grad: Tensor, grad_loss: Tensor, reduction: str) -> Tensor:
@@ -300,7 +301,7 @@ def cross_entropy(
     if name == "torch":
         loss, lse = reference_cross_entropy(*args)
     else:
-        loss, lse = CrossEntropyFunction.apply(*args, inplace_backward, name)
+        loss, lse = CrossEntropyFunction.apply(*args, inplace_backward, name, torch.is_grad_enabled())
     return (loss, lse) if return_lse else loss
 
 

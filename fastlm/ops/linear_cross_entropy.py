@@ -77,9 +77,11 @@ def chunked_loss_and_grads(input, weight, bias, target, ce_weight, ce_args, chun
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, target, ce_weight, ignore_index, reduction, label_smoothing,
-                lse_square_scale, chunk_size, backend):
+                lse_square_scale, chunk_size, backend, grad_enabled):
         ce_args = (ignore_index, label_smoothing, lse_square_scale)
-        needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        # Under no_grad autograd still reports a leaf that requires grad as needing one: grad mode decides.
+        needs_grad = (grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1],
+                      grad_enabled and bias is not None and ctx.needs_input_grad[2])
         acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
         denominator = mean_denominator(target, ce_weight, ignore_index, acc_dtype) if reduction == "mean" else None
         grad_now = reduction != "none" and any(needs_grad)
@@ -111,7 +113,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             _, _, grads = chunked_loss_and_grads(input, weight, bias, target, ce_weight, ce_args, chunk_size,
                                                  backend, grad_rows, needs_grad)
         d_input, d_weight, d_bias = (None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
-        return d_input, d_weight, d_bias, None, None, None, None, None, None, None, None
+        return d_input, d_weight, d_bias, None, None, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -153,5 +155,6 @@ def linear_cross_entropy(
     else:
         size = chunk_size or default_chunk_size(input.shape[0], input.shape[1], weight.shape[0])
         loss, lse = LinearCrossEntropyFunction.apply(input, weight, bias, target, ce_weight, ignore_index,
-                                                     reduction, label_smoothing, lse_square_scale, size, name)
+                                                     reduction, label_smoothing, lse_square_scale, size, name,
+                                                     torch.is_grad_enabled())
     return (loss, lse) if return_lse else loss
