@@ -31,11 +31,18 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+_extension_loaded = False
+
+
 def _extension_error() -> str | None:
+    global _extension_loaded
+    if _extension_loaded:  # resolve() asks on every op call: once loaded, the answer cannot change
+        return None
     try:
         import fastlm._C  # noqa: F401  (loading it registers torch.ops.fastlm.*)
     except ImportError as error:
         return f"fastlm._C failed to load ({error}); build it with `pip install --no-build-isolation -e .`"
+    _extension_loaded = True
     return None
 
 

@@ -88,18 +88,20 @@ def _reference_embedding_linear(idx, table, weight, bias=None, strategy=None):
 
 
 def _reference_mlp_loss_and_grads(idx, targets, table, w1, b1, w2, b2, bn_weight=None, bn_bias=None,
-                                  running_mean=None, running_var=None, *, momentum=0.1, eps=1e-5, unbiased=False):
+                                  running_mean=None, running_var=None, num_batches_tracked=None, *, momentum=0.1,
+                                  eps=1e-5, unbiased=False):
     """The network in torch ops, its gradients by autograd, with fastlm.ops.mlp_loss_and_grads' signature."""
     return reference_mlp_loss_and_grads(idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias, running_mean,
-                                        running_var, momentum, eps, unbiased)
+                                        running_var, num_batches_tracked, momentum, eps, unbiased)
 
 
 def _reference_mlp_sgd_step(idx, targets, table, w1, b1, w2, b2, bn_weight=None, bn_bias=None, running_mean=None,
-                            running_var=None, *, lr, momentum=0.1, eps=1e-5, unbiased=False):
+                            running_var=None, num_batches_tracked=None, *, lr, momentum=0.1, eps=1e-5,
+                            unbiased=False):
     """The autograd gradients of that network, then p -= lr * grad in place; returns the loss."""
     loss, *grads = _reference_mlp_loss_and_grads(idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias,
-                                                 running_mean, running_var, momentum=momentum, eps=eps,
-                                                 unbiased=unbiased)
+                                                 running_mean, running_var, num_batches_tracked, momentum=momentum,
+                                                 eps=eps, unbiased=unbiased)
     with torch.no_grad():
         for param, grad in zip((table, w1, b1, w2, b2, bn_weight, bn_bias), grads):
             if param is not None:
@@ -248,11 +250,12 @@ def mlp_loss_and_grads_case(b: int, t: int, d: int, h: int, batchnorm: bool, unb
         # (taken before the running stats join the tensors: the reference would move them)
         magnitude = _reference_mlp_loss_and_grads(**tensors, unbiased=unbiased).w1.abs().max().item()
         tensors |= {"running_mean": torch.randn(h, generator=generator, dtype=torch.float64),
-                    "running_var": torch.rand(h, generator=generator, dtype=torch.float64) + 0.5}
+                    "running_var": torch.rand(h, generator=generator, dtype=torch.float64) + 0.5,
+                    "num_batches_tracked": torch.tensor(5)}
     label = f"B={b} T={t} D={d} H={h} V={v} " + (("bn unbiased" if unbiased else "bn") if batchnorm else "tanh") + (
         ", strided" if strided else "")
     params = ("table", "w1", "b1", "w2", "b2") + (("bn_weight", "bn_bias") if batchnorm else ())
-    stats = ("running_mean", "running_var") if batchnorm else ()
+    stats = ("running_mean", "running_var", "num_batches_tracked") if batchnorm else ()
     if sgd:
         return Case("mlp_sgd_step", label, tensors, lambda fn, ts: fn(**ts, lr=0.1, unbiased=unbiased), (), None,
                     state=params + stats, strided=("idx",) if strided else (), magnitude=magnitude)

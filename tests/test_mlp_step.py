@@ -35,13 +35,22 @@ def make_case(B, T, D, H, V, vocab, batchnorm, dtype=torch.float64, seed=0):
     w2 = torch.randn(V, H, generator=g, dtype=dtype) / H ** 0.5
     b2 = torch.randn(V, generator=g, dtype=dtype) * 0.1
     bn = [torch.rand(H, generator=g, dtype=dtype) + 0.5, torch.randn(H, generator=g, dtype=dtype) * 0.1,
-          torch.randn(H, generator=g, dtype=dtype), torch.rand(H, generator=g, dtype=dtype) + 0.5]
-    return idx, targets, [table, w1, b1, w2, b2], (bn if batchnorm else [None] * 4)
+          torch.randn(H, generator=g, dtype=dtype), torch.rand(H, generator=g, dtype=dtype) + 0.5,
+          torch.tensor(BATCHES_BEFORE)]  # weight, bias, running mean and variance, num_batches_tracked
+    return idx, targets, [table, w1, b1, w2, b2], (bn if batchnorm else [None] * 5)
+
+
+BATCHES_BEFORE = 7
+
+
+def in_dtype(t, dtype):
+    """A fresh copy of a BatchNorm argument, floating ones in dtype (the batch counter stays int64)."""
+    return None if t is None else (t.to(dtype) if t.is_floating_point() else t).clone()
 
 
 def run(backend, idx, targets, params, bn, dtype, unbiased=True, momentum=0.1):
     params = [p.to(dtype) for p in params]
-    bn = [None if t is None else t.to(dtype).clone() for t in bn]
+    bn = [in_dtype(t, dtype) for t in bn]
     result = mlp_loss_and_grads(idx, targets, *params, *bn, momentum=momentum, eps=1e-5, unbiased=unbiased,
                                 backend=backend)
     return result, bn[2:]
@@ -71,10 +80,13 @@ def test_cpp_kernel_matches_autograd(size, batchnorm, unbiased, dtype):
 
 
 def assert_stats_close(got_stats, want_stats, dtype):
-    """The running mean and variance as moved by the kernel, against the reference's (None without BatchNorm)."""
+    """The running mean and variance as moved by the kernel, against the reference's, and the batch counted
+    by both (None without BatchNorm)."""
     for got, want in zip(got_stats, want_stats):
         if want is not None:
             assert_close_to_reference(got, want, dtype)
+    if want_stats[2] is not None:
+        assert got_stats[2].item() == want_stats[2].item() == BATCHES_BEFORE + 1
 
 
 def test_non_contiguous_and_int32_inputs():
@@ -125,7 +137,7 @@ def test_sgd_step_is_loss_and_grads_then_the_update(batchnorm, dtype, backend):
     idx, targets, params, bn = make_case(33, 3, 7, 41, 29, 31, batchnorm)
     want, want_stats = run("torch", idx, targets, params, bn, torch.float64)
     stepped = [p.to(dtype).clone() for p in params]
-    bn_args = [None if t is None else t.to(dtype).clone() for t in bn]
+    bn_args = [in_dtype(t, dtype) for t in bn]
     storage = [p.data_ptr() for p in stepped + bn_args[:2] if p is not None]
     stepped = [p.requires_grad_() for p in stepped]  # as a model's parameters: the step is no autograd op
     loss = mlp_sgd_step(idx, targets, *stepped, *bn_args, lr=0.3, momentum=0.1, unbiased=True, backend=backend)
@@ -173,7 +185,7 @@ def test_bad_input_gets_a_clear_error(backend):
                                          r"torch.Size\(\[1, 8\]\)"):
         call(idx=idx[:1], targets=targets[:1])
     with pytest.raises(ValueError, match="both bn_weight and bn_bias"):
-        call(bn=[bn[0], None, None, None])
+        call(bn=[bn[0], None, None, None, None])
 
 
 def test_cpp_kernel_checks_shapes_and_dtypes():
@@ -221,6 +233,24 @@ def test_fused_mlp_one_call_steps_train_like_the_reference(name, step, batch):
             got = step_through_loss_and_grads(fused, X[ix], Y[ix], 0.02)
         assert got.item() == pytest.approx(want.item(), rel=1e-10)
     assert all(p.grad is None for p in fused.parameters())
+    for (key, a), (_, b) in zip(fused.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=key)
+
+
+@pytest.mark.parametrize("step", ["loss_and_grads", "sgd_step"])
+def test_one_call_steps_keep_cumulative_running_stats(step):
+    """momentum=None (running stats as the average of every batch, 1 / num_batches_tracked): the kernel counts
+    each batch and moves the stats as the BatchNorm module would."""
+    skip_unless_runs("cpp")
+    reference, fused = (model.double() for model in make_twins("mlp-bn", backend="cpp", momentum=None))
+    X, Y = make_windows(make_words(300), reference.context)
+    for start in range(0, 20 * 32, 32):
+        reference.loss(X[start:start + 32], Y[start:start + 32])
+        if step == "sgd_step":
+            fused.sgd_step(X[start:start + 32], Y[start:start + 32], 0.0)
+        else:
+            fused.loss_and_grads(X[start:start + 32], Y[start:start + 32])
+    assert int(fused.bn.num_batches_tracked) == 20
     for (key, a), (_, b) in zip(fused.state_dict().items(), reference.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=key)
 

@@ -266,9 +266,10 @@ class MLP(MakemoreModel):
         params = [embedding["weight"], linear["weight"], linear["bias"], output["weight"], output["bias"]]
         if not self.batchnorm:
             return params, dict(backend="cpp")
-        bn = modules["bn"]
-        params += [bn._parameters["weight"], bn._parameters["bias"], *bn._running_stats()]
-        return params, dict(momentum=bn._momentum(), eps=bn.eps, unbiased=bn.unbiased, backend="cpp")
+        bn = modules["bn"]  # the op counts the batch in num_batches_tracked itself
+        params += [bn._parameters["weight"], bn._parameters["bias"], *bn._running_stats(), bn._batch_counter()]
+        return params, dict(momentum=bn._momentum(counts_batch=False), eps=bn.eps, unbiased=bn.unbiased,
+                            backend="cpp")
 
     def loss_and_grads(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
         """The fused twin's training step on the cpp backend is one kernel call for the whole network where that
