@@ -72,24 +72,31 @@ T row_dot(const T* p, const T* q, int64_t n) {
 }
 
 // BatchNorm over the columns of hT (H x B, a channel per row) in place: hT becomes xhat and
-// aT = tanh(w xhat + b); the per-channel invstd is left in invstd for the backward, the running stats moved.
+// aT = tanh(w xhat + b); the per-channel invstd is left in invstd for the backward, the running stats moved;
+// mean is scratch for H values. One pass over the channels per quantity (means, then squared deviations, then
+// xhat): within a pass the channels are independent, so their horizontal sums overlap, and invstd is one
+// vector loop (measured in a C++ harness: about 1 us less per batch-32 step than all of a channel at once).
 template <typename T>
-void batch_norm_tanh_forward(const StepData<T>& d, T* hT, T* aT, T* invstd) {
+void batch_norm_tanh_forward(const StepData<T>& d, T* hT, T* aT, T* mean, T* invstd) {
   using Vec = Vectorized<T>;
   const int64_t B = d.s.B, H = d.s.H;
-  for (int64_t j = 0; j < H; ++j) {
-    T* h = hT + j * B;
-    const T mean = row_sum(h, B) / T(B);
-    Vec m2_lanes(T(0));
+  for (int64_t j = 0; j < H; ++j) mean[j] = row_sum(hT + j * B, B) / T(B);
+  for (int64_t j = 0; j < H; ++j) {  // the sum of squared deviations, M2, into invstd
+    const T* h = hT + j * B;
+    Vec m2(T(0));
     for_each_vector<T>(B, [&](int64_t k, int64_t n) {
-      const Vec dev = Vec::set(Vec(T(0)), load(h + k, n) - Vec(mean), n);
-      m2_lanes = at::vec::fmadd(dev, dev, m2_lanes);
+      const Vec dev = Vec::set(Vec(T(0)), load(h + k, n) - Vec(mean[j]), n);
+      m2 = at::vec::fmadd(dev, dev, m2);
     });
-    const T m2 = sum_lanes(m2_lanes);
-    if (d.running_mean) d.running_mean[j] = T((1 - d.momentum) * d.running_mean[j] + d.momentum * mean);
-    if (d.running_var) d.running_var[j] = T((1 - d.momentum) * d.running_var[j] + d.momentum * (m2 / T(B - 1)));
-    invstd[j] = T(1) / std::sqrt(m2 / T(d.unbiased ? B - 1 : B) + T(d.eps));
-    const Vec mu(mean), scale(invstd[j]), w(d.bn_w[j]), b(d.bn_b[j]);
+    invstd[j] = sum_lanes(m2);
+    if (d.running_mean) d.running_mean[j] = T((1 - d.momentum) * d.running_mean[j] + d.momentum * mean[j]);
+    if (d.running_var) d.running_var[j] = T((1 - d.momentum) * d.running_var[j] + d.momentum * (invstd[j] / T(B - 1)));
+  }
+  const Vec var_scale(T(1) / T(d.unbiased ? B - 1 : B)), eps(T(d.eps));
+  at::vec::map([&](Vec m2) { return Vec(T(1)) / (m2 * var_scale + eps).sqrt(); }, invstd, invstd, H);
+  for (int64_t j = 0; j < H; ++j) {
+    const Vec mu(mean[j]), scale(invstd[j]), w(d.bn_w[j]), b(d.bn_b[j]);
+    T* h = hT + j * B;
     for_each_vector<T>(B, [&](int64_t k, int64_t n) {
       const Vec xhat = (load(h + k, n) - mu) * scale;
       xhat.store(h + k, n);
@@ -155,9 +162,9 @@ void gather_step(const StepData<T>& d) {
   const int64_t B = s.B, K = s.K, H = s.H, V = s.V, D = s.D;
   // Scratch, kept between calls (a fresh buffer of this size is a fresh mmap, page faults included):
   // x (B,K) and its transpose, hT (H,B; xhat with BatchNorm), aT (H,B) and a (B,H), lT (V,B), daT (H,B),
-  // dxT (K,B), invstd (H).
+  // dxT (K,B), mean and invstd (H).
   thread_local std::vector<T> scratch;
-  scratch.resize(3 * B * K + 4 * B * H + B * V + H);
+  scratch.resize(3 * B * K + 4 * B * H + B * V + 2 * H);
   T* x = scratch.data();
   T* xT = x + B * K;
   T* hT = xT + K * B;
@@ -166,14 +173,15 @@ void gather_step(const StepData<T>& d) {
   T* lT = a + B * H;
   T* daT = lT + V * B;
   T* dxT = daT + H * B;
-  T* invstd = dxT + K * B;
+  T* mean = dxT + K * B;
+  T* invstd = mean + H;
 
   for (int64_t r = 0; r < B * s.T; ++r) std::memcpy(x + r * D, d.table + d.idx[r] * D, D * sizeof(T));
   transpose(B, K, x, xT);
   for (int64_t j = 0; j < H; ++j) std::fill_n(hT + j * B, B, d.b1[j]);
   add_matmul(H, B, K, d.w1, K, 1, xT, B, hT, B);  // hT = W1 xT + b1
   if (d.bn_w) {
-    batch_norm_tanh_forward(d, hT, aT, invstd);
+    batch_norm_tanh_forward(d, hT, aT, mean, invstd);
   } else {
     std::copy_n(hT, H * B, aT);
     tanh_in_place(aT, H * B);
