@@ -18,7 +18,7 @@ from test_models import make_twins, make_windows, make_words
 # (batch, context, embedding, hidden, classes, vocab): odd and prime sizes, sizes that are not a multiple of
 # the vector width or of the kernels' 4-row tiles, and the lecture's. (Batch 2 is left out: there BatchNorm's
 # output is +-1 whatever its input, so every gradient below it is zero in exact arithmetic, rounding alone.)
-# The first four run the one-thread gather kernel; the rest, 256 rows or more and at least 8 per token of the
+# The first four run the gather kernel (two threads); the rest, 256 rows or more and at least 8 per token of the
 # vocabulary, the product-table kernel, with one part (300 rows) or several, the last not a whole number of
 # blocks of rows.
 SIZES = [(7, 2, 5, 13, 11, 9), (3, 1, 3, 37, 5, 4), (33, 3, 7, 41, 29, 31), (32, 3, 10, 200, 27, 27),

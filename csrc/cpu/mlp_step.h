@@ -1,6 +1,7 @@
 // What the two CPU kernels of the makemore MLP's training step share: the step's data as raw pointers, and
-// the small dense kernels both are built from (register-tiled matrix products, transposes, the tanh). The kernels themselves: mlp_step.cpp (small batches, one thread) and
-// mlp_step_product_tables.cpp (large batches over a small vocabulary, every thread).
+// the small dense kernels both are built from (register-tiled matrix products, transposes, the tanh). The
+// kernels themselves: mlp_step.cpp (small batches, two threads) and mlp_step_product_tables.cpp (large
+// batches over a small vocabulary, every thread).
 #pragma once
 
 #include "fast_tanh.h"
@@ -32,7 +33,7 @@ struct StepData {
   T *loss, *g_table, *g_w1, *g_b1, *g_w2, *g_b2, *g_bn_w, *g_bn_b;
 };
 
-// The step on one thread, the first layer as a gathered matrix product (mlp_step.cpp).
+// The step on up to two threads, the first layer as a gathered matrix product (mlp_step.cpp).
 template <typename T>
 void gather_step(const StepData<T>& d);
 

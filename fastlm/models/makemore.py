@@ -233,16 +233,17 @@ class MLP(MakemoreModel):
         h = self.first(idx)
         return self.bn(h) if self.batchnorm else torch.tanh(h)  # the BatchNorm layer applies the tanh
 
-    # The op has two CPU kernels (csrc/cpu/mlp_step.cpp). Its one-thread kernel with its own small matrix
+    # The op has two CPU kernels (csrc/cpu/mlp_step.cpp). Its two-thread kernel with its own small matrix
     # products pays up to ONE_CALL_MAX_WORK multiply-adds per forward, batch * hidden * (context * embedding +
-    # vocab); above, the layers (BLAS on every core, the product-table first layer) are faster. Measured per
-    # forward + backward on 2 cores: B=128 hidden 200 (1.5M) one call 0.21 ms, layers 0.42; B=512 hidden 200
-    # (5.8M) 0.80 against 0.66; B=32 embedding 64 hidden 1024 (7.2M) 2.0 against 0.64. Its product-table
+    # vocab); above, the layers (BLAS on every core, the product-table first layer) catch up. Measured per SGD
+    # step on 2 cores, one call against the layers: B=224 hidden 200 (2.6M) 0.16 ms against 0.47; B=32
+    # embedding 64 hidden 1024 (7.2M) 0.37 against 0.71; B=128 embedding 32 hidden 512 (8.1M) 0.40 against
+    # 0.67; B=128 embedding 64 hidden 512 (14.4M) 0.67 against 0.67. Its product-table
     # kernel, which the op runs from PRODUCT_TABLE_MIN_BATCH rows and 8 rows per token of the vocabulary (the
     # same rule as in the C++), runs on every core and beats the layers at any width (measured per SGD step:
     # B=256 hidden 200 0.33 ms against 0.70, B=256 embedding 64 hidden 1024 1.7 against 2.1, B=4096 15.8
     # against 23.2).
-    ONE_CALL_MAX_WORK = 4_000_000
+    ONE_CALL_MAX_WORK = 12_000_000
     PRODUCT_TABLE_MIN_BATCH = 256
 
     def _one_call_pays(self, batch: int) -> bool:
