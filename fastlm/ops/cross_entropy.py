@@ -147,8 +147,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy on a kernel backend. Returns (loss, lse); lse carries no gradient.
 
     When the logits need a gradient (and grad mode is on where the op is called: under no_grad, autograd
-    still marks a leaf that requires grad as needing one), the forward computes it too (one exp per logit instead of two), for
-    an upstream gradient of 1, and the backward hands that buffer out once, scaled in place if needed.
+    still marks a leaf that requires grad as needing one), the forward computes it too (one exp per logit
+    instead of two), for an upstream gradient of 1, and the backward hands that buffer out once, scaled in
+    place if needed.
     A second backward through a retained graph recomputes the gradient from the saved logits and lse.
     With ``inplace_backward`` the forward computes only the loss, and the backward writes the gradient
     over the logits instead of allocating a buffer.

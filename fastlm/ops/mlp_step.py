@@ -5,8 +5,8 @@ the gradient of every parameter of embedding -> linear -> [BatchNorm] -> tanh ->
 At the lecture's batch of 32 a step is about a million multiply-adds, some 30 us here, and calling the layers
 one by one through autograd costs more than the arithmetic (fastlm's fused layers included). The ``cpp`` kernel
 (csrc/cpu/mlp_step.cpp) runs the whole forward and backward in one C++ call instead, as llm.c does: on two
-threads (split by hidden channel) for small batches, and for batches of 256 rows and more (8 per token of the vocabulary) on every thread
-with the first layer through product tables (csrc/cpu/mlp_step_product_tables.cpp). It has no GPU kernel: on
+threads (split by hidden channel) for small batches, and for batches of 256 rows and more (8 per token of the
+vocabulary) on every thread with the first layer through product tables (csrc/cpu/mlp_step_product_tables.cpp). It has no GPU kernel: on
 a GPU the per-layer overhead is removed by capturing the layer-by-layer step in a CUDA graph. The ``torch``
 backend is the reference: the same network in torch ops, differentiated by autograd.
 ``fastlm.models.MLP.loss_and_grads`` and ``.sgd_step`` use these ops where they pay and the layers elsewhere.
