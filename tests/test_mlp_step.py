@@ -255,6 +255,22 @@ def test_one_call_steps_keep_cumulative_running_stats(step):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=key)
 
 
+def test_a_batchnorm_in_eval_mode_runs_the_layers():
+    """model.train() with model.bn.eval(): the BatchNorm normalises with its running stats, which the one-call
+    kernel does not do, so the step runs the layers, as the reference does."""
+    skip_unless_runs("cpp")
+    reference, fused = make_twins("mlp-bn", backend="cpp")
+    for model in (reference, fused):
+        model.bn.eval()
+    X, Y = make_windows(make_words(20), reference.context)
+    loss, grads = fused.loss_and_grads(X[:32], Y[:32])
+    want = torch.autograd.grad(reference.loss(X[:32], Y[:32]), list(reference.parameters()))
+    torch.testing.assert_close(loss, reference.loss(X[:32], Y[:32]).detach())
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w)
+    assert int(fused.bn.num_batches_tracked) == 0
+
+
 def test_loss_and_grads_runs_the_layers_where_the_kernel_does_not_apply():
     skip_unless_runs("cpp")
     torch.manual_seed(0)
