@@ -2,8 +2,8 @@
 // (mlp_loss_and_grads), or the whole plain-SGD step, update included (mlp_sgd_step).
 //
 // At the lecture's size (batch 32, context 3, embedding 10, hidden 200, vocabulary 27) one step is about a
-// million multiply-adds, some 30 us on one core at this 2-core machine's measured FMA peak (37 GFLOP-FMA/s), while
-// calling the layers one by one through autograd costs some 20 us per layer in Python, dispatch and
+// million multiply-adds, some 30 us on one core at this 2-core machine's measured FMA peak (37 GFLOP-FMA/s),
+// while calling the layers one by one through autograd costs some 20 us per layer in Python, dispatch and
 // small-GEMM overhead (measured: 0.39 ms per fused step, 0.44 ms eager). This op does what llm.c does for
 // GPT-2: the forward and backward of the whole network written out in one place, with every intermediate in
 // scratch. Two kernels: gather_step (here) on two threads for small batches, and product_table_step
@@ -81,9 +81,10 @@ T row_dot(const T* p, const T* q, int64_t n) {
 
 // BatchNorm over the columns of hT (H x B, a channel per row), channels [j0, j1), in place: hT becomes xhat
 // and aT = tanh(w xhat + b); the per-channel invstd is left in invstd for the backward, the running stats
-// moved; mean is scratch for H values. One pass over the channels per quantity (means, then squared deviations, then
-// xhat): within a pass the channels are independent, so their horizontal sums overlap, and invstd is one
-// vector loop (measured in a C++ harness: about 1 us less per batch-32 step than all of a channel at once).
+// moved; mean is scratch for H values. One pass over the channels per quantity (means, then squared
+// deviations, then xhat): within a pass the channels are independent, so their horizontal sums overlap, and
+// invstd is one vector loop (measured in a C++ harness: about 1 us less per batch-32 step than all of a
+// channel at once).
 template <typename T>
 void batch_norm_tanh_forward(const StepData<T>& d, int64_t j0, int64_t j1, T* hT, T* aT, T* mean, T* invstd) {
   using Vec = Vectorized<T>;
