@@ -7,6 +7,10 @@ fused MLP twins trained through ``loss_and_grads`` against the plain-PyTorch mod
 the errors bad input gets; opcheck and determinism.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -117,6 +121,24 @@ def test_is_deterministic_whatever_the_thread_count(batch):
         torch.set_num_threads(threads)
     for a, b, c in zip(first, second, one_thread):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_a_team_of_one_thread_runs_both_parts(tmp_path):
+    """Under OMP_THREAD_LIMIT=1 torch still reports two threads but OpenMP grants one: the kernel's one thread
+    must run both halves of the hidden channels (it ran only the first, silently, before this was handled)."""
+    skip_unless_runs("cpp")
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[2]); from test_mlp_step import make_case; "
+        "from fastlm.ops import mlp_loss_and_grads; "
+        "idx, targets, params, bn = make_case(32, 3, 10, 200, 27, 27, True, dtype=torch.float32); "
+        "torch.save(list(mlp_loss_and_grads(idx, targets, *params, *bn, unbiased=True)), sys.argv[1])")
+    out = tmp_path / "grads.pt"
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    subprocess.run([sys.executable, "-c", script, str(out), os.path.dirname(__file__)], env=env, check=True)
+    idx, targets, params, bn = make_case(32, 3, 10, 200, 27, 27, True, dtype=torch.float32)
+    want = mlp_loss_and_grads(idx, targets, *params, *bn, unbiased=True)
+    for got, expected in zip(torch.load(out), want):
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("batchnorm", [False, True], ids=["mlp", "mlp-bn"])

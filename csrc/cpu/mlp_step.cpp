@@ -162,25 +162,35 @@ T cross_entropy_columns(int64_t B, int64_t V, T* lT, const int64_t* targets) {
 }  // namespace
 
 // Runs phases[0](part) for both parts, then phases[1], and so on: on two threads (a part each, a barrier
-// between phases) where torch allows two, else one part after the other. Either way the same arithmetic in
-// the same order, so results do not depend on the thread count.
+// between phases) where torch allows two and OpenMP grants them, else one part after the other. Either way
+// the same arithmetic in the same order, so results do not depend on the thread count.
+template <size_t N, typename Phase>
+void run_parts_in_order(const std::array<Phase, N>& phases) {
+  for (const auto& phase : phases)
+    for (int part = 0; part < 2; ++part) phase(part);
+}
+
 template <size_t N, typename Phase>
 void run_two_parts(const std::array<Phase, N>& phases) {
 #ifdef _OPENMP
   if (at::get_num_threads() >= 2 && !at::in_parallel_region()) {
 #pragma omp parallel num_threads(2)
     {
-      const int part = omp_get_thread_num();
-      for (const auto& phase : phases) {
-        phase(part);
+      // The team can be smaller than asked (OMP_THREAD_LIMIT, dynamic threads): then its one thread runs both
+      // parts. Every thread of a team takes the same branch, so the barriers match.
+      if (omp_get_num_threads() == 2) {
+        for (const auto& phase : phases) {
+          phase(omp_get_thread_num());
 #pragma omp barrier
+        }
+      } else {
+        run_parts_in_order(phases);
       }
     }
     return;
   }
 #endif
-  for (const auto& phase : phases)
-    for (int part = 0; part < 2; ++part) phase(part);
+  run_parts_in_order(phases);
 }
 
 // Activations are kept transposed, (features, B): the batch runs along the vector lanes, so every product
