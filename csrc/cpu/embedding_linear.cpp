@@ -74,12 +74,6 @@ void gather_rows(const Prepared& p, int64_t b0, int64_t rows, T* x) {
       std::memcpy(x + (r * p.T + t) * p.D, table + ids[(b0 + r) * p.T + t] * p.D, p.D * sizeof(T));
 }
 
-// dst[0:n] += src[0:n].
-template <typename T>
-void add_row(T* dst, const T* src, int64_t n) {
-  at::vec::map2([](Vectorized<T> a, Vectorized<T> b) { return a + b; }, dst, dst, src, n);
-}
-
 at::Tensor gather_gemm_forward(const Prepared& p, const std::optional<at::Tensor>& bias) {
   at::Tensor y = at::empty({p.B, p.out}, p.table.options());
   const int64_t block = rows_per_block(p.T * p.D);

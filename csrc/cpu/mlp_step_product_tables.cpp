@@ -42,11 +42,6 @@ int64_t parts_of(int64_t B, int64_t table_size) {
 // block's three buffers stay in L2 beside a part's dW2 and token tables.
 int64_t rows_per_block(int64_t H) { return std::clamp<int64_t>(32768 / std::max<int64_t>(1, H) / 4 * 4, 4, 256); }
 
-template <typename T>
-void add_row(T* dst, const T* src, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
-}
-
 // Every row of m (rows x n) set to v (or zero without v).
 template <typename T>
 void fill_rows(int64_t rows, int64_t n, const T* v, T* m) {

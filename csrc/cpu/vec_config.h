@@ -1,6 +1,6 @@
 // Selects ATen's vector width from what the compiler targets (setup.py builds with -march=native),
 // so at::vec::Vectorized<float> is 16 lanes under AVX-512, 8 under AVX2, and a portable fallback otherwise;
-// and the two helpers the CPU kernels walk a row of lanes with. Include this before any ATen vector header.
+// and the helpers the CPU kernels walk a row of lanes with. Include this before any ATen vector header.
 #pragma once
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
@@ -32,6 +32,12 @@ void for_each_vector(int64_t lanes, const F& f) {
   int64_t k = 0;
   for (; k + kWidth <= lanes; k += kWidth) f(k, kWidth);
   if (k < lanes) f(k, lanes - k);
+}
+
+// dst[0:n] += src[0:n].
+template <typename T>
+void add_row(T* dst, const T* src, int64_t n) {
+  at::vec::map2([](at::vec::Vectorized<T> a, at::vec::Vectorized<T> b) { return a + b; }, dst, dst, src, n);
 }
 
 }  // namespace fastlm
