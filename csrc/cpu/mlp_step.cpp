@@ -217,14 +217,14 @@ void gather_step(const StepData<T>& d) {
   // Every array starts on a cache line, a's rows too (lda), and the parts meet at a cache line of every
   // array indexed by channel: the two threads never write the same line (which costs far more than the
   // arithmetic: measured, shared lines at the parts' borders made the step 1.8x slower).
-  constexpr int64_t kLine = 64 / sizeof(T);
-  const auto lines = [](int64_t n) { return (n + kLine - 1) / kLine * kLine; };
+  using Carver = LineCarver<T>;
+  constexpr int64_t kLine = Carver::kLine;
+  const auto lines = Carver::whole_lines;
   const int64_t lda = lines(H);
   thread_local std::vector<T> scratch;
-  scratch.resize(kLine + lines(B * K) * 2 + lines(H * B) * 3 + B * lda + lines(H) * 2 +
-                 2 * (lines(V * B) * 2 + lines(K * B)));
-  T* next = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
-  const auto take = [&](int64_t n) { T* p = next; next += lines(n); return p; };
+  Carver carver(scratch, lines(B * K) * 2 + lines(H * B) * 3 + B * lda + lines(H) * 2 +
+                             2 * (lines(V * B) * 2 + lines(K * B)));
+  const auto take = [&](int64_t n) { return carver.take(n); };
   T* x = take(B * K);
   T* xT = take(K * B);
   T* hT = take(H * B);
@@ -465,14 +465,12 @@ at::Tensor mlp_sgd_step(const at::Tensor& idx, const at::Tensor& targets, const 
     using Vec = Vectorized<S>;
     // The gradients, one after another, each from a cache line (as fresh tensors would be: the kernel's two
     // threads write the two sides of a line-aligned border of each).
-    constexpr int64_t kLine = 64 / sizeof(S);
     thread_local std::vector<S> scratch;
-    std::vector<int64_t> offsets{0};
-    for (const auto& p : params) offsets.push_back(offsets.back() + (p.numel() + kLine - 1) / kLine * kLine);
-    scratch.resize(offsets.back() + kLine);
-    S* base = reinterpret_cast<S*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+    int64_t values = 0;
+    for (const auto& p : params) values += LineCarver<S>::whole_lines(p.numel());
+    LineCarver<S> carver(scratch, values);
     std::vector<S*> grads;
-    for (size_t i = 0; i < params.size(); ++i) grads.push_back(base + offsets[i]);
+    for (const auto& p : params) grads.push_back(carver.take(p.numel()));
     run_step<S>(in, params, running_mean, running_var, num_batches_tracked, momentum, eps, unbiased,
                 loss.data_ptr<S>(), grads);
     const Vec step_size = Vec(static_cast<S>(lr));

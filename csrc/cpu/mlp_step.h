@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 namespace fastlm {
 
@@ -31,6 +32,28 @@ struct StepData {
   double momentum, eps;
   bool unbiased;
   T *loss, *g_table, *g_w1, *g_b1, *g_w2, *g_b2, *g_bn_w, *g_bn_b;
+};
+
+// Arrays carved one after another from a scratch buffer, each starting on a cache line: threads writing
+// neighbouring arrays then never share a line. values is the sum of whole_lines(n) over the arrays taken.
+template <typename T>
+class LineCarver {
+ public:
+  static constexpr int64_t kLine = 64 / sizeof(T);  // values per cache line
+  static int64_t whole_lines(int64_t n) { return (n + kLine - 1) / kLine * kLine; }
+
+  LineCarver(std::vector<T>& buffer, int64_t values) {
+    buffer.resize(values + kLine);
+    next_ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
+  }
+  T* take(int64_t n) {
+    T* p = next_;
+    next_ += whole_lines(n);
+    return p;
+  }
+
+ private:
+  T* next_;
 };
 
 // The step on up to two threads, the first layer as a gathered matrix product (mlp_step.cpp).

@@ -116,14 +116,13 @@ class ProductTableStep {
   // Scratch, kept between calls (a fresh buffer of this size is a fresh mmap, page faults included).
   void allocate() {
     const int64_t B = s_.B, H = s_.H, V = s_.V;
-    auto padded = [](int64_t n) { return (n + 15) / 16 * 16; };  // 64-byte aligned pieces
+    const auto padded = LineCarver<T>::whole_lines;  // each piece on its own cache lines
     const int64_t shared = padded(s_.K * H) + padded(H * V) + padded(table_size_) + padded(B * V) + 2 * padded(H);
     const int64_t per_part =
         padded(V * H) + padded(V) + 2 * padded(table_size_) + 6 * padded(H) + 3 * padded(block_ * H);
     thread_local std::vector<T> scratch;
-    scratch.resize(shared + parts_ * per_part + 16);
-    T* next = scratch.data() + (16 - reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(T) % 16) % 16;
-    auto take = [&](int64_t n) { T* p = next; next += padded(n); return p; };
+    LineCarver<T> carver(scratch, shared + parts_ * per_part);
+    auto take = [&](int64_t n) { return carver.take(n); };
     w1t_ = take(s_.K * H);
     w2t_ = take(H * V);
     P_ = take(table_size_);
