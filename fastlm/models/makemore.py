@@ -238,11 +238,10 @@ class MLP(MakemoreModel):
     # vocab); above, the layers (BLAS on every core, the product-table first layer) catch up. Measured per SGD
     # step on 2 cores, one call against the layers: B=224 hidden 200 (2.6M) 0.16 ms against 0.47; B=32
     # embedding 64 hidden 1024 (7.2M) 0.37 against 0.71; B=128 embedding 32 hidden 512 (8.1M) 0.40 against
-    # 0.67; B=128 embedding 64 hidden 512 (14.4M) 0.67 against 0.67. Its product-table
-    # kernel, which the op runs from PRODUCT_TABLE_MIN_BATCH rows and 8 rows per token of the vocabulary (the
-    # same rule as in the C++), runs on every core and beats the layers at any width (measured per SGD step:
-    # B=256 hidden 200 0.33 ms against 0.70, B=256 embedding 64 hidden 1024 1.7 against 2.1, B=4096 15.8
-    # against 23.2).
+    # 0.67; B=128 embedding 64 hidden 512 (14.4M) 0.67 against 0.67. Its product-table kernel, which the op
+    # runs from PRODUCT_TABLE_MIN_BATCH rows and 8 rows per token of the vocabulary (the same rule as in the
+    # C++), runs on every core and beats the layers at any width (measured per SGD step: B=256 hidden 200
+    # 0.33 ms against 0.70, B=256 embedding 64 hidden 1024 1.7 against 2.1, B=4096 15.8 against 23.2).
     ONE_CALL_MAX_WORK = 12_000_000
     PRODUCT_TABLE_MIN_BATCH = 256
 
@@ -251,9 +250,9 @@ class MLP(MakemoreModel):
             batch >= self.PRODUCT_TABLE_MIN_BATCH and 8 * self.vocab_size <= batch)
 
     def _one_call_args(self, idx: Tensor) -> tuple[list[Tensor], dict] | None:
-        """The one-call kernel's parameters (table, W1, b1, W2, b2[, bn weight, bn bias]) and BatchNorm
-        arguments, where it pays: the fused twin training on the cpp backend (see above). Counts the
-        batch in the BatchNorm, as bn(h) would."""
+        """The one-call kernel's tensors (table, W1, b1, W2, b2[, bn weight, bn bias, running mean and var,
+        num_batches_tracked]) and BatchNorm arguments, where it pays: the fused twin training on the cpp backend
+        (see above), its BatchNorm training too. The op counts the batch in the BatchNorm, as bn(h) would."""
         if not (self.fused and self.training and self._one_call_pays(idx.shape[0])
                 and backends.resolve(idx.device, self.backend) == "cpp"):
             return None
