@@ -29,6 +29,13 @@ inline void check_per_row(const at::Tensor& values, int64_t num_rows, const char
               " entries, got ", values.numel());
 }
 
+// The in-place backward writes each row's gradient over its logits: rows that share memory (an expanded
+// tensor) would receive several rows' gradients.
+inline void check_rows_apart(const at::Tensor& logits) {
+  TORCH_CHECK(logits.size(0) <= 1 || logits.stride(0) >= logits.size(1),
+              "fastlm cross_entropy_backward_: the rows of logits overlap in memory");
+}
+
 [[noreturn]] inline void raise_target_out_of_bounds(int64_t value, int64_t num_classes, int64_t ignore_index) {
   TORCH_CHECK_INDEX(false, "Target ", value, " is out of bounds: expected a class index in [0, ", num_classes,
                     ") or ignore_index (", ignore_index, ")");

@@ -235,6 +235,8 @@ def cross_entropy_backward_into(logits, target, weight, lse, grad_loss, ignore_i
                          f"{logits.device}, got {tuple(grad.shape)} {grad.dtype} on {grad.device}")
     if logits.shape[1] > 1 and grad.stride(1) != 1:
         raise ValueError("fastlm cross_entropy backward: grad must have unit column stride")
+    if grad.shape[0] > 1 and grad.stride(0) < grad.shape[1]:
+        raise ValueError("fastlm cross_entropy_backward_: the rows of grad overlap in memory")
     _check_rows("backward", logits, lse=lse, grad_loss=grad_loss)
     if logits.shape[0] > 0:
         _backward_kernel[(logits.shape[0],)](*args, grad, grad.stride(0), lse, lse.stride(0), grad_loss,

@@ -8,6 +8,7 @@ from conftest import DEVICES, assert_close_to_reference, fastlm_ops_called, skip
 import fastlm
 from fastlm import backends
 from fastlm.ops import cross_entropy
+from fastlm.ops.cross_entropy import kernel_ops
 
 ALL_BACKENDS = list(backends.BACKENDS)
 
@@ -231,6 +232,22 @@ def test_inplace_backward_gives_the_same_gradient(backend):
         grads.append(torch.autograd.grad(loss, weight)[0])
     # The default computes p = e / sum in the forward, the in-place path p = exp(x - lse) in the backward.
     assert_close_to_reference(grads[1], grads[0], torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "cuda", "triton"])
+def test_inplace_backward_with_overlapping_rows(backend):
+    """Rows that share memory (an expanded row) cannot each hold their own gradient: the in-place request
+    falls back to the out-of-place backward and still gives torch's gradient."""
+    skip_unless_runs(backend)
+    row = torch.randn(1, 5, requires_grad=True)
+    target = torch.tensor([3, 0, 1, 3])
+    loss = cross_entropy(row.expand(4, 5), target, inplace_backward=True, backend=backend)
+    (grad,) = torch.autograd.grad(loss, row)
+    (expected,) = torch.autograd.grad(F.cross_entropy(row.expand(4, 5), target), row)
+    torch.testing.assert_close(grad, expected)
+    lse = torch.logsumexp(row.detach(), 1).expand(4)
+    with pytest.raises((RuntimeError, ValueError), match="rows of (logits|grad) overlap"):
+        kernel_ops(backend).backward_(row.detach().expand(4, 5), target, None, lse, torch.ones(4), -100, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "cuda", "triton"])

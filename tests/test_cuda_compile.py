@@ -3,7 +3,8 @@
 No GPU is needed: every csrc/cuda/*.cu file is really compiled (not --dryrun) to an object for sm_80 and
 sm_90, so type errors, template instantiation and ptxas problems show up before a GPU machine does. The
 .cu/.cuh files must not include torch, ATen or c10 headers: keeping them torch-free is what lets nvcc
-build them without parsing torch, and the *_binding.cpp files are the only place torch meets CUDA.
+build them without parsing torch, and the *_binding.cpp files are the only place torch meets CUDA. Those
+are type-checked too, against this torch's headers and the CUDA toolkit's.
 """
 
 import re
@@ -15,6 +16,7 @@ import pytest
 
 CUDA_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
+BINDING_FILES = sorted(CUDA_DIR.glob("*_binding.cpp"))
 KERNEL_FILES = sorted(CU_FILES + list(CUDA_DIR.glob("*.cuh")))
 TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10)/', re.MULTILINE)
 
@@ -29,13 +31,34 @@ def test_kernels_are_torch_free(path):
     assert not includes, f"{path.name} includes {includes} headers; only the *_binding.cpp files may use torch"
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("path", CU_FILES, ids=lambda p: p.name)
-def test_nvcc_compiles(path, arch, tmp_path):
+def nvcc_or_skip() -> str:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH")
-    cmd = [nvcc, "-c", "-std=c++17", "-O2", f"-arch={arch}", str(path), "-o", str(tmp_path / f"{path.stem}.o")]
+    return nvcc
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("path", CU_FILES, ids=lambda p: p.name)
+def test_nvcc_compiles(path, arch, tmp_path):
+    cmd = [nvcc_or_skip(), "-c", "-std=c++17", "-O2", f"-arch={arch}", str(path), "-o", str(tmp_path / f"{path.stem}.o")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr}"
     assert (tmp_path / f"{path.stem}.o").stat().st_size > 0
+
+
+@pytest.mark.parametrize("path", BINDING_FILES, ids=lambda p: p.name)
+def test_bindings_type_check(path, tmp_path):
+    """nvcc drives the host compiler over the binding with -fsyntax-only. A CPU build of torch ships the
+    c10/cuda headers but not c10/cuda/impl/cuda_cmake_macros.h, which CMake generates for CUDA builds; an
+    empty one stands in for it, searched last so that a CUDA build's own header wins."""
+    from torch.utils.cpp_extension import include_paths
+
+    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#pragma once\n")
+    includes = [f"-I{p}" for p in include_paths()] + [f"-I{tmp_path}"]
+    cmd = [nvcc_or_skip(), "-std=c++17", "-c", *includes, "-w", "-Xcompiler", "-fsyntax-only", str(path),
+           "-o", str(tmp_path / f"{path.stem}.o")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-4000:]}"

@@ -320,6 +320,7 @@ void cross_entropy_backward_(at::Tensor& logits, const at::Tensor& target, const
   TORCH_CHECK((logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble) && logits.dim() == 2 &&
                   logits.stride(1) == 1,
               "fastlm cross_entropy_backward_: in-place needs float or double logits with unit column stride");
+  check_rows_apart(logits);
   Prepared p = prepare(logits, target, weight, ignore_index);
   backward_into(p, lse, grad_loss, logits, ignore_index, label_smoothing, lse_square_scale);
 }

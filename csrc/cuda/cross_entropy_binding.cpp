@@ -32,6 +32,7 @@ void check_device(const at::Tensor& t, const at::Tensor& logits, const char* nam
 // One device-side test and one sync; the offending value is fetched only to raise. Skipped while a CUDA
 // graph is captured, which forbids the sync: the kernels then ignore a row whose target is out of range.
 void check_targets(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(target.device());  // capture is a property of that device's current stream
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
   const at::Tensor bad = target.ne(ignore_index).logical_and_(target.lt(0).logical_or_(target.ge(num_classes)));
   if (bad.any().item<bool>()) {
@@ -155,9 +156,7 @@ void cross_entropy_backward_(at::Tensor& logits, const at::Tensor& target, const
   TORCH_CHECK(kernel_dtype(logits.scalar_type()) && logits.dim() == 2 && logits.stride(1) == 1,
               "fastlm cross_entropy_backward_: in-place needs float, double, half or bfloat16 logits with unit "
               "column stride");
-  // Rows that share memory (e.g. an expanded tensor) would be written by several blocks at once.
-  TORCH_CHECK(logits.size(0) <= 1 || logits.stride(0) >= logits.size(1),
-              "fastlm cross_entropy_backward_: the rows of logits overlap in memory");
+  check_rows_apart(logits);
   const Prepared p = prepare(logits, target, weight, ignore_index);  // p.logits is logits itself
   backward_into(p, lse, grad_loss, logits, ignore_index, label_smoothing, lse_square_scale);
 }

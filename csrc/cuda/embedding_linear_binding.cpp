@@ -15,6 +15,7 @@
 #include "embedding_linear.cuh"
 #include "binding_utils.h"
 
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/arange.h>
@@ -46,6 +47,7 @@ void check_strategy(int64_t strategy) {
 // graph is captured, which forbids the sync: the kernels then read an out-of-range id as a zero row and
 // scatter nothing for it.
 void check_indices(const at::Tensor& idx, int64_t V) {
+  const c10::cuda::CUDAGuard guard(idx.device());  // capture is a property of that device's current stream
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
   const at::Tensor bad = idx.lt(0).logical_or_(idx.ge(V));
   if (bad.any().item<bool>()) {
@@ -113,7 +115,8 @@ at::Tensor scatter_rows(const Inputs& in, const at::Tensor& keys, const at::Tens
   dispatch(in.dtype(), "embedding_linear", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
-    if (deterministic) {
+    // Checked again here: deterministic mode may have been switched on since the forward chose the path.
+    if (deterministic || at::globalContext().deterministicAlgorithms()) {
       const auto [sorted, perm] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
       // The source row of each sorted key, divided here once rather than per row and column chunk in the kernel.
       const at::Tensor src_rows = src_div == 1 ? perm : perm.div(src_div, "floor");

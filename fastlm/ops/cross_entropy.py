@@ -212,10 +212,13 @@ def is_exactly_one(grad_loss: Tensor) -> bool:
 
 
 def can_overwrite(logits: Tensor, backend: str) -> bool:
-    """Whether the in-place backward can write the gradient straight over these logits."""
+    """Whether the in-place backward can write the gradient straight over these logits: a dtype the kernel
+    writes, unit column stride, and rows that do not share memory (an expanded row has one buffer for
+    several rows' gradients)."""
     dtypes = (torch.float32, torch.float64) if backend == "cpp" else (torch.float32, torch.float64,
                                                                        torch.float16, torch.bfloat16)
-    return logits.dtype in dtypes and logits.stride(1) == 1
+    rows_apart = logits.shape[0] <= 1 or logits.stride(0) >= logits.shape[1]
+    return logits.dtype in dtypes and logits.stride(1) == 1 and rows_apart
 
 
 # --- reference ---------------------------------------------------------------------------------------
