@@ -7,7 +7,8 @@
 # again, on the kernel's B side) and for dX = dY W, which it writes in the math dtype; dX viewed (B*T, D)
 # is then scattered into d(table) by _segment_sum_kernel: the flat token ids are stable-sorted on the host,
 # and one program per vocabulary row adds the rows of its segment (zeros for a row no token uses and for
-# padding_idx). Strategy 1 (product table, for small V) builds P_t = table W_t^T with torch (a plain GEMM)
+# padding_idx); past a few hundred rows the segments are first cut into fixed pieces summed in parallel, so
+# a frequent token does not leave one program doing most of the work. Strategy 1 (product table, for small V) builds P_t = table W_t^T with torch (a plain GEMM)
 # and gathers y[b] = b + sum_t P[t, idx[b, t]] in _gather_sum_kernel; its backward makes
 # G[t, v] = sum of the rows of dY whose idx[b, t] == v with the same segment kernel over the stable-sorted
 # keys t*V + idx[b, t], then dW_t = G_t^T table and d(table) = sum_t G_t W_t with torch.
@@ -89,25 +90,28 @@ def _gather_sum_kernel(idx_ptr, p_ptr, bias_ptr, y_ptr, B, T, V, N, HAS_BIAS: tl
 
 
 @triton.jit
-def _segment_sum_kernel(src_ptr, s_r, s_c, perm_ptr, offsets_ptr, dst_ptr, C, DIV, pad_key, ACC: tl.constexpr,
-                        BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dst[key] = sum of src rows perm[i] // DIV for i in [offsets[key], offsets[key + 1]) (zero for an
-    empty segment and for key == pad_key). BLOCK_O lanes each add every BLOCK_O-th row of the segment in
-    sorted order, then the lanes are summed: a fixed order, so the result is the same on every run."""
-    key = tl.program_id(0).to(tl.int64)
+def _segment_sum_kernel(src_ptr, s_r, s_c, perm_ptr, starts_ptr, ends_ptr, dst_ptr, C, DIV, pad_key,
+                        PERMUTED: tl.constexpr, ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dst[s] = sum of src rows perm[i] // DIV (row i itself unless PERMUTED) for i in [starts[s], ends[s])
+    (zero for an empty segment and for s == pad_key). BLOCK_O lanes each add every BLOCK_O-th row of the
+    segment in sorted order, then the lanes are summed: a fixed order, so the result is the same on every run."""
+    seg = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    start = tl.load(offsets_ptr + key)
-    end = tl.load(offsets_ptr + key + 1)
-    end = tl.where(key == pad_key, start, end)
+    start = tl.load(starts_ptr + seg)
+    end = tl.load(ends_ptr + seg)
+    end = tl.where(seg == pad_key, start, end)
     o = tl.arange(0, BLOCK_O)
     acc = tl.zeros([BLOCK_O, BLOCK_C], ACC)
     for i in range(start, end, BLOCK_O):
         o_mask = i + o < end
-        row = tl.load(perm_ptr + i + o, mask=o_mask, other=0) // DIV
+        if PERMUTED:
+            row = tl.load(perm_ptr + i + o, mask=o_mask, other=0) // DIV
+        else:
+            row = i + o
         acc += tl.load(src_ptr + row[:, None] * s_r + c[None, :] * s_c, mask=o_mask[:, None] & c_mask[None, :],
                        other=0.0).to(ACC)
-    tl.store(dst_ptr + key * C + c, tl.sum(acc, 0).to(dst_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(dst_ptr + seg * C + c, tl.sum(acc, 0).to(dst_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -239,13 +243,43 @@ def _scatter_rows(src, keys, n_keys, div, out, math, deterministic, pad_key=-1):
     sorted_keys, perm = torch.sort(keys, stable=True)
     offsets = torch.searchsorted(sorted_keys, torch.arange(n_keys + 1, dtype=torch.int64, device=dev))
     if _interpreted(dev):
-        bo, bc = 16, min(_np2(C), 1024)
+        bo, bc, piece = 16, min(_np2(C), 1024), 512
     else:
-        bo, bc = 16, min(_np2(C), 128)
-    grid = (n_keys, triton.cdiv(C, bc))
-    _segment_sum_kernel[grid](src, src.stride(0), src.stride(1), perm, offsets, out, C, div, pad_key,
-                              ACC=math.tl_acc, BLOCK_O=bo, BLOCK_C=bc, num_warps=4)
+        bo, bc, piece = 16, min(_np2(C), 128), 128
+
+    def segment_sum(source, starts, ends, dst, permuted, pad):
+        grid = (starts.numel(), triton.cdiv(C, bc))
+        _segment_sum_kernel[grid](source, source.stride(0), source.stride(1), perm, starts, ends, dst, C, div, pad,
+                                  PERMUTED=permuted, ACC=math.tl_acc, BLOCK_O=bo, BLOCK_C=bc, num_warps=4)
+
+    if R <= piece:  # no segment is longer than a piece: one program per key
+        segment_sum(src, offsets[:-1], offsets[1:], out, True, pad_key)
+        return out
+    # A frequent key (the '.' of the names data) would leave one program adding most rows alone, so segments
+    # are cut into pieces of at most `piece` sorted positions: one program per piece writes a partial sum,
+    # then one per key adds its pieces in order. The cuts depend on the keys alone, so runs stay bitwise equal.
+    starts, ends, piece_offsets = _pieces(offsets, R, piece)
+    partial = torch.empty(starts.numel(), C, dtype=math.acc, device=dev)
+    segment_sum(src, starts, ends, partial, True, -1)
+    segment_sum(partial, piece_offsets[:-1], piece_offsets[1:], out, False, pad_key)
     return out
+
+
+def _pieces(offsets, rows, piece):
+    """Cuts each segment [offsets[k], offsets[k + 1]) of `rows` sorted positions into pieces of at most
+    `piece` positions: (starts, ends) of every piece, key by key, and piece_offsets (n_keys + 1,) such that
+    key k owns pieces [piece_offsets[k], piece_offsets[k + 1]). Computed on the device without reading the
+    count back: the arrays have rows // piece + n_keys entries (a bound on the count), the spare ones empty."""
+    n_keys = offsets.numel() - 1
+    counts = (offsets[1:] - offsets[:-1] + piece - 1) // piece
+    piece_offsets = torch.cat([offsets.new_zeros(1), counts.cumsum(0)])
+    p = torch.arange(rows // piece + n_keys, dtype=torch.int64, device=offsets.device)
+    key = torch.searchsorted(piece_offsets, p, right=True) - 1  # n_keys for the spare entries
+    owned = key < n_keys
+    key = key.clamp(max=n_keys - 1)
+    starts = torch.where(owned, offsets[key] + (p - piece_offsets[key]) * piece, 0)
+    ends = torch.where(owned, torch.minimum(starts + piece, offsets[key + 1]), 0)
+    return starts, ends, piece_offsets
 
 
 def _product_tables(table, weight, T, math):
