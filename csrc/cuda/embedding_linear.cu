@@ -4,10 +4,10 @@
 //    (up to 16 bytes) that the row size and both pointers allow, since it only moves bytes;
 //  - product sum: the product-table forward y[b] = bias + sum_t P[idx[b, t], t], one thread per VEC outputs
 //    of a row so that the reads of each P row are coalesced over o;
-//  - segment sum: the deterministic scatter of gradient rows by key. The keys arrive stably sorted; a warp
-//    takes one (sorted position, column chunk) item, does nothing unless the position starts a run of equal
-//    keys, and otherwise finds the run's end with ballots and sums its rows in sorted order, so every
-//    destination value is written once by one lane in an order fixed by the data alone;
+//  - segment sum: the deterministic scatter of gradient rows by key. The binding sorts the keys stably and
+//    hands over segments, ranges of sorted positions; a warp takes one (segment, column chunk) item and sums
+//    its rows in sorted order, so every destination value is written once by one lane in an order fixed by
+//    the data alone. Long segments arrive cut into pieces whose partial sums a second call adds in order;
 //  - scatter add: the non-deterministic fast path, one atomicAdd per source value into an fp32 (fp64) buffer.
 // Every kernel walks its items with a grid-stride loop over as many blocks as are resident at once; offsets
 // are int64. Data is read in its own type (float, double, __half, __nv_bfloat16), sums are in fp32 (fp64 for
@@ -76,42 +76,31 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The end (exclusive) of the run of `key` that starts at sorted position i: 32 positions per step, the first
-// lane that sees another key (or the end) stops the whole warp. Every lane of the warp must call it.
-__device__ int64_t run_end(const int64_t* keys, int64_t n, int64_t i, int64_t key, int lane) {
-  for (int64_t base = i + 1;; base += 32) {
-    const int64_t j = base + lane;
-    const unsigned stop = __ballot_sync(kFullMask, j >= n || keys[j] != key);
-    if (stop != 0u) return base + __ffs(int(stop)) - 1;
-  }
-}
-
-// Warp item w = (sorted position i, chunk of 32 * VEC columns); only the item at the first position of a run
-// does work, which keeps the loop branch-uniform per warp (required by the ballots in run_end).
+// Warp item w = (segment, chunk of 32 * VEC columns): dst[segment] = the sum of the source rows of the
+// segment's positions, in order. Written in the math type: it is either a partial sum or the final one.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    segment_sum_kernel(EmbeddingLinearScatter s, const int64_t* __restrict__ src_rows, const T* __restrict__ src,
-                       T* __restrict__ dst) {
+    segment_sum_kernel(EmbeddingLinearSegments s, const int64_t* __restrict__ rows, const T* __restrict__ src,
+                       acc_type<T>* __restrict__ dst) {
   using acc_t = acc_type<T>;
   const int lane = threadIdx.x % 32;
-  const int64_t chunks = ceil_div(s.width, 32 * VEC), items = s.n * chunks;
+  const int64_t chunks = ceil_div(s.width, 32 * VEC), items = s.count * chunks;
   const int64_t stride = int64_t(gridDim.x) * kWarps;
   for (int64_t w = blockIdx.x * int64_t(kWarps) + threadIdx.x / 32; w < items; w += stride) {
-    const int64_t i = w / chunks;
-    const int64_t key = s.keys[i];
-    if ((i > 0 && s.keys[i - 1] == key) || key == s.skip_key || key < 0 || key >= s.dst_rows) continue;
-    const int64_t end = run_end(s.keys, s.n, i, key, lane);
-    const int64_t c = (w - i * chunks) * (32 * VEC) + lane * VEC;
-    if (c >= s.width) continue;  // the last chunk's spare lanes, after the ballots they took part in
+    const int64_t segment = w / chunks;
+    const int64_t c = (w - segment * chunks) * (32 * VEC) + lane * VEC;
+    if (c >= s.width) continue;  // the last chunk's spare lanes
+    const int64_t end = s.ends[segment];
     const T* col = src + c;
+    const auto row = [&](int64_t j) { return rows != nullptr ? rows[j] : j; };
     acc_t acc[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
-    int64_t j = i;
+    int64_t j = s.starts[segment];
     for (; j + kRowUnroll <= end; j += kRowUnroll) {
       Packed<T, VEC> p[kRowUnroll];
 #pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u) p[u] = load<VEC>(col + src_rows[j + u] * s.width);
+      for (int u = 0; u < kRowUnroll; ++u) p[u] = load<VEC>(col + row(j + u) * s.width);
 #pragma unroll
       for (int u = 0; u < kRowUnroll; ++u) {
 #pragma unroll
@@ -119,11 +108,11 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     for (; j < end; ++j) {
-      const Packed<T, VEC> p = load<VEC>(col + src_rows[j] * s.width);
+      const Packed<T, VEC> p = load<VEC>(col + row(j) * s.width);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) acc[k] += to_acc(p.v[k]);
     }
-    store<T, VEC>(dst + key * s.width + c, acc);
+    store<acc_t, VEC>(dst + segment * s.width + c, acc);
   }
 }
 
@@ -182,13 +171,17 @@ cudaError_t embedding_linear_product_sum_cuda(const int64_t* idx, int64_t B, int
 }
 
 template <typename scalar_t>
-cudaError_t embedding_linear_segment_sum_cuda(const EmbeddingLinearScatter& s, const int64_t* src_rows,
-                                              const scalar_t* src, scalar_t* dst, cudaStream_t stream) {
-  if (s.n == 0 || s.width == 0) return cudaSuccess;
-  return with_vec<kMaxVec<scalar_t>>(pick_vec<scalar_t>(s.width, {src, dst}), [&](auto vec) {
-    constexpr int VEC = decltype(vec)::value;
-    const int64_t items = s.n * ceil_div(s.width, 32 * VEC);
-    return launch_resident(segment_sum_kernel<scalar_t, VEC>, ceil_div(items, kWarps), kThreads, stream, s, src_rows,
+cudaError_t embedding_linear_segment_sum_cuda(const EmbeddingLinearSegments& s, const int64_t* rows,
+                                              const scalar_t* src, acc_type<scalar_t>* dst, cudaStream_t stream) {
+  if (s.count == 0 || s.width == 0) return cudaSuccess;
+  // The vector must suit both the source rows and the (possibly wider) math-type destination rows.
+  using acc_t = acc_type<scalar_t>;
+  constexpr int kMax = std::min(kMaxVec<scalar_t>, kMaxVec<acc_t>);
+  const int vec = std::min(pick_vec<scalar_t>(s.width, {src}), pick_vec<acc_t>(s.width, {dst}));
+  return with_vec<kMax>(vec, [&](auto v) {
+    constexpr int VEC = decltype(v)::value;
+    const int64_t items = s.count * ceil_div(s.width, 32 * VEC);
+    return launch_resident(segment_sum_kernel<scalar_t, VEC>, ceil_div(items, kWarps), kThreads, stream, s, rows,
                            src, dst);
   });
 }
@@ -211,8 +204,8 @@ cudaError_t embedding_linear_scatter_add_cuda(const EmbeddingLinearScatter& s, i
                                                        cudaStream_t);                                            \
   template cudaError_t embedding_linear_product_sum_cuda<T>(const int64_t*, int64_t, int64_t, int64_t, int64_t, \
                                                             const T*, const T*, T*, cudaStream_t);               \
-  template cudaError_t embedding_linear_segment_sum_cuda<T>(const EmbeddingLinearScatter&, const int64_t*,       \
-                                                            const T*, T*, cudaStream_t);                         \
+  template cudaError_t embedding_linear_segment_sum_cuda<T>(const EmbeddingLinearSegments&, const int64_t*,      \
+                                                            const T*, acc_type<T>*, cudaStream_t);               \
   template cudaError_t embedding_linear_scatter_add_cuda<T>(const EmbeddingLinearScatter&, int64_t, const T*,    \
                                                             acc_type<T>*, cudaStream_t);
 FASTLM_FOR_EACH_KERNEL_DTYPE(FASTLM_INSTANTIATE)

@@ -31,20 +31,28 @@ cudaError_t embedding_linear_product_sum_cuda(const int64_t* idx, int64_t B, int
                                               const scalar_t* product, const scalar_t* bias, scalar_t* y,
                                               cudaStream_t stream);
 
-// A scatter of gradient rows by key: destination row keys[r] receives one source row per r < n, rows of
-// `width` values. A key equal to skip_key (-1 for none) or outside [0, dst_rows) is left out. The caller
-// zero-fills dst, so rows no key names stay zero.
+// The deterministic scatter, after the binding's stable sort of the keys: a segment is a range [starts[i],
+// ends[i]) of sorted positions, and dst row i (width values, in the math type) is the sum of the source rows
+// rows[j] for j in the range (row j itself where rows is nullptr), added in sorted order by one lane per
+// value, so the result does not depend on scheduling. Called once with a segment per key, or, where keys may
+// be frequent, once with pieces of the keys' segments (into a partial buffer) and once with a segment per key
+// over those pieces.
+struct EmbeddingLinearSegments {
+  const int64_t* starts;
+  const int64_t* ends;
+  int64_t count, width;
+};
+template <typename scalar_t>
+cudaError_t embedding_linear_segment_sum_cuda(const EmbeddingLinearSegments& s, const int64_t* rows,
+                                              const scalar_t* src, acc_type<scalar_t>* dst, cudaStream_t stream);
+
+// The atomic fast path's scatter of gradient rows by key: destination row keys[r] receives one source row per
+// r < n, rows of `width` values. A key equal to skip_key (-1 for none) or outside [0, dst_rows) is left out.
+// The caller zero-fills dst, so rows no key names stay zero.
 struct EmbeddingLinearScatter {
   const int64_t* keys;
   int64_t n, width, dst_rows, skip_key;
 };
-
-// Deterministic: s.keys sorted ascending (stably, so equal keys keep their original order), src_rows[j] the
-// source row of sorted key j. Each key's row is summed by one warp in sorted order and written once, so the
-// result does not depend on scheduling.
-template <typename scalar_t>
-cudaError_t embedding_linear_segment_sum_cuda(const EmbeddingLinearScatter& s, const int64_t* src_rows,
-                                              const scalar_t* src, scalar_t* dst, cudaStream_t stream);
 
 // The fast path: s.keys unsorted, key r takes source row r / src_div (1 when each key has its own row, T when
 // the B*T keys of a (B, T) index share the B rows of a (B, width) source). Every source value is atomically

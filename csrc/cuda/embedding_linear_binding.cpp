@@ -19,10 +19,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/minimum.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -106,12 +110,40 @@ at::Tensor gather(const Inputs& in) {
   return x;
 }
 
+// Segments of the sorted positions cut into pieces of at most `piece` positions, so that a frequent key (the
+// '.' that pads the names' contexts) is summed by many warps rather than one. offsets (keys + 1) bounds the keys'
+// segments; key k owns pieces [piece_offsets[k], piece_offsets[k + 1]). Computed on the device without reading
+// the count back (no sync, so CUDA graphs can capture it): rows / piece + keys entries bound the count, and the
+// spare ones are empty. The same cut as kernels/embedding_linear.py's _pieces.
+struct Pieces {
+  at::Tensor starts, ends, piece_offsets;
+};
+Pieces cut_into_pieces(const at::Tensor& offsets, int64_t rows, int64_t piece) {
+  const int64_t keys = offsets.numel() - 1;
+  const at::Tensor lengths = offsets.slice(0, 1).sub(offsets.slice(0, 0, keys));
+  const at::Tensor counts = lengths.add(piece - 1).div(piece, "floor");
+  const at::Tensor piece_offsets = at::cat({at::zeros({1}, offsets.options()), counts.cumsum(0)});
+  const at::Tensor p = at::arange(rows / piece + keys, offsets.options());
+  const at::Tensor owner = at::searchsorted(piece_offsets, p, /*out_int32=*/false, /*right=*/true).sub_(1);
+  const at::Tensor owned = owner.lt(keys);
+  const at::Tensor key = owner.clamp_max(keys - 1);
+  const at::Tensor zero = at::zeros({}, offsets.options());
+  const at::Tensor starts =
+      at::where(owned, offsets.index_select(0, key).add(p.sub(piece_offsets.index_select(0, key)).mul(piece)), zero);
+  const at::Tensor ends = at::where(owned, at::minimum(starts.add(piece), offsets.index_select(0, key.add(1))), zero);
+  return {starts, ends, piece_offsets};
+}
+
+// Past this many rows a key's segment may be long enough to be worth cutting (see cut_into_pieces).
+constexpr int64_t kPieceRows = 128;
+
 // dst (dst_rows, width), row k the sum of the rows r / src_div of src (contiguous, width wide) over the r with
 // keys[r] == k, except k == skip_key, which stays zero. Deterministic: summed in the order of a stable sort.
 at::Tensor scatter_rows(const Inputs& in, const at::Tensor& keys, const at::Tensor& src, int64_t src_div,
                         int64_t dst_rows, int64_t skip_key, bool deterministic) {
-  const int64_t width = src.size(1);
-  at::Tensor dst;
+  const int64_t width = src.size(1), n = keys.numel();
+  const at::TensorOptions math = src.options().dtype(in.math_dtype());
+  at::Tensor acc;
   dispatch(in.dtype(), "embedding_linear", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
@@ -120,20 +152,33 @@ at::Tensor scatter_rows(const Inputs& in, const at::Tensor& keys, const at::Tens
       const auto [sorted, perm] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
       // The source row of each sorted key, divided here once rather than per row and column chunk in the kernel.
       const at::Tensor src_rows = src_div == 1 ? perm : perm.div(src_div, "floor");
-      const EmbeddingLinearScatter s{data<int64_t>(sorted), keys.numel(), width, dst_rows, skip_key};
-      dst = at::zeros({dst_rows, width}, src.options());
-      check_cuda(embedding_linear_segment_sum_cuda<T>(s, data<int64_t>(src_rows), data<T>(src), mutable_data<T>(dst),
-                                                      stream()),
-                 "embedding_linear_segment_sum");
+      // Keys outside [0, dst_rows) fall before offsets[0] or after offsets[dst_rows], in no segment.
+      const at::Tensor offsets = at::searchsorted(sorted, at::arange(dst_rows + 1, keys.options()));
+      acc = at::empty({dst_rows, width}, math);
+      const auto segment_sum = [&](const at::Tensor& starts, const at::Tensor& ends, const int64_t* rows,
+                                   auto* source, const at::Tensor& dst) {
+        const EmbeddingLinearSegments s{data<int64_t>(starts), data<int64_t>(ends), starts.numel(), width};
+        check_cuda(embedding_linear_segment_sum_cuda(s, rows, source, mutable_data<acc_t>(dst), stream()),
+                   "embedding_linear_segment_sum");
+      };
+      if (n <= kPieceRows || dst_rows == 0) {
+        segment_sum(offsets.slice(0, 0, dst_rows), offsets.slice(0, 1), data<int64_t>(src_rows), data<T>(src), acc);
+      } else {
+        const Pieces pieces = cut_into_pieces(offsets, n, kPieceRows);
+        const at::Tensor partial = at::empty({pieces.starts.numel(), width}, math);
+        segment_sum(pieces.starts, pieces.ends, data<int64_t>(src_rows), data<T>(src), partial);
+        segment_sum(pieces.piece_offsets.slice(0, 0, dst_rows), pieces.piece_offsets.slice(0, 1), nullptr,
+                    data<acc_t>(partial), acc);
+      }
+      if (skip_key >= 0 && skip_key < dst_rows) acc.select(0, skip_key).zero_();
     } else {
-      const EmbeddingLinearScatter s{data<int64_t>(keys), keys.numel(), width, dst_rows, skip_key};
-      const at::Tensor acc = at::zeros({dst_rows, width}, src.options().dtype(in.math_dtype()));
+      const EmbeddingLinearScatter s{data<int64_t>(keys), n, width, dst_rows, skip_key};
+      acc = at::zeros({dst_rows, width}, math);
       check_cuda(embedding_linear_scatter_add_cuda<T>(s, src_div, data<T>(src), mutable_data<acc_t>(acc), stream()),
                  "embedding_linear_scatter_add");
-      dst = acc.to(in.dtype());
     }
   });
-  return dst;
+  return acc.to(in.dtype());
 }
 
 at::Tensor embedding_linear_forward(const at::Tensor& idx, const at::Tensor& table, const at::Tensor& weight,
