@@ -7,7 +7,7 @@
 # block are numbered along (n, l) and dealt out in fixed runs (chunks) of TILES tiles, so that chunks x
 # channel blocks fill the GPU; the chunking depends only on the shape, never on timing, and nothing uses
 # atomics, so two runs are bitwise equal.
-# Reductions take two launches: kernel 1 runs one program per (chunk, channel block) and writes the chunk's
+# Reductions take two launches: kernel 1 runs one program per (channel block, chunk) and writes the chunk's
 # partial results per channel into a small (chunks, C) workspace; kernel 2 combines the chunks of each
 # channel in chunk order. Statistics are numerically stable: each tile's mean and M2 come from the
 # corrected two-pass algorithm over the tile in registers, merged into the running values with Chan's
@@ -28,16 +28,18 @@ import triton.language as tl
 
 @triton.jit
 def _channels(BLOCK_C: tl.constexpr):
-    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     return c
 
 
 @triton.jit
 def _tile(t, tiles_l, N, L, CL, c, c_mask, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Tile t of the channel block c: element offsets (int64), mask, and its number of (n, l) positions."""
+    """Tile t of the channel block c: element offsets (int64), mask, and its number of (n, l) positions.
+    t is widened first: t_l * BLOCK_L passes 2^31 when L does (one channel of 2^31 values is read as L)."""
+    t = tl.cast(t, tl.int64)
     t_n = t // tiles_l
     t_l = t - t_n * tiles_l
-    n = t_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = t_n * BLOCK_N + tl.arange(0, BLOCK_N)
     l = t_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs = n[:, None, None] * CL + c[None, :, None] * L + l[None, None, :]
     mask = (n < N)[:, None, None] & c_mask[None, :, None] & (l < L)[None, None, :]
@@ -47,7 +49,7 @@ def _tile(t, tiles_l, N, L, CL, c, c_mask, BLOCK_N: tl.constexpr, BLOCK_L: tl.co
 
 @triton.jit
 def _tile_range(TILES, n_tiles):
-    start = tl.program_id(0) * TILES
+    start = tl.program_id(1) * TILES
     return start, tl.minimum(start + TILES, n_tiles)
 
 
@@ -125,11 +127,11 @@ def _stats_partial_kernel(x_ptr, part_mean_ptr, part_m2_ptr, part_count_ptr, N, 
         s_d, s_dd = _csum(d), _csum(d * d)
         m2_t = tl.maximum(s_dd - s_d * s_d / n_f, 0.0)
         count, mean, m2 = _chan(count, mean, m2, n_t, shift + s_d / n_f, m2_t, ACC)
-    row = tl.program_id(0).to(tl.int64) * C
+    row = tl.program_id(1).to(tl.int64) * C
     tl.store(part_mean_ptr + row + c, mean, mask=c_mask)
     tl.store(part_m2_ptr + row + c, m2, mask=c_mask)
-    if tl.program_id(1) == 0:
-        tl.store(part_count_ptr + tl.program_id(0), count)
+    if tl.program_id(0) == 0:
+        tl.store(part_count_ptr + tl.program_id(1), count)
 
 
 @triton.jit
@@ -217,7 +219,7 @@ def _backward_partial_kernel(dy_ptr, x_ptr, y_ptr, mean_ptr, part_dz_ptr, part_d
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         s_dz += dz
         s_dzx += dz * (x - mean)
-    row = tl.program_id(0).to(tl.int64) * C
+    row = tl.program_id(1).to(tl.int64) * C
     tl.store(part_dz_ptr + row + c, _csum(s_dz), mask=c_mask)
     tl.store(part_dzx_ptr + row + c, _csum(s_dzx), mask=c_mask)
 
@@ -311,7 +313,7 @@ class _Plan:
         c_blocks = triton.cdiv(C, block_c)
         tiles = max(1, triton.cdiv(n_tiles * c_blocks, sizes["programs"]))
         self.chunks = triton.cdiv(n_tiles, tiles)
-        self.grid = (self.chunks, c_blocks)
+        self.grid = (c_blocks, self.chunks)  # chunks (at most about `programs`) on axis 1, capped at 65535
         self.shape_args = (N, C, L, C * L, tiles_l, n_tiles, tiles)
         self.meta = dict(ACC=_TL[self.acc], BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_L=block_l,
                          num_warps=8 if block_n * block_c * block_l >= 2048 else 4)

@@ -16,8 +16,8 @@
 # per element (_scatter_add_kernel) into a zeroed buffer in the math dtype; otherwise every sum runs in an
 # order fixed by the shapes, so two runs are bitwise equal. db = dY.sum(0) is torch's (deterministic).
 # Math is fp32 (fp64 when table or weight is fp64): fp16/bf16 operands go to tl.dot as they are with fp32
-# accumulation, fp32 ones with input_precision="ieee" (TF32 only where torch.backends.cuda.matmul.allow_tf32
-# says so, as for F.linear); fp64 multiplies and sums tiles by hand
+# accumulation, fp32 ones with input_precision="ieee" (TF32 only where torch's matmul precision
+# setting says so, as for F.linear); fp64 multiplies and sums tiles by hand
 # (tl.dot has no fp64 on most GPUs). y and d(table) come back in the table's dtype, dW and db in the
 # weight's. Offsets into idx, table and every buffer are int64.
 
@@ -160,9 +160,16 @@ class _Math:
                      and not _interpreted(table.device))
         self.operand = _TL[table.dtype] if same_half else tl.float32
         # fp32 operands: exact fp32 products unless torch itself allows TF32 for matmuls (as F.linear does).
-        tf32 = not same_half and table.is_cuda and torch.backends.cuda.matmul.allow_tf32
+        tf32 = not same_half and table.is_cuda and cuda_matmul_allows_tf32()
         self.precision = "tf32" if tf32 else "ieee"
         self.tl_acc = _TL[self.acc]
+
+
+def cuda_matmul_allows_tf32():
+    """Whether torch lets fp32 CUDA matmuls use TF32, read from the setting that every way of choosing it
+    updates (allow_tf32, set_float32_matmul_precision, the fp32_precision attributes); reading allow_tf32
+    itself raises once the fp32_precision API has been used."""
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
 def _check(op, idx, table, weight, strategy, bias=None):

@@ -2,6 +2,9 @@
 reference F.linear(table[idx].view(B, -1), weight, bias) and its autograd gradients, for both strategies
 (on CPU through the Triton interpreter, so the shapes are kept small)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -208,3 +211,26 @@ def test_one_frequent_token(strategy):
     first = check(*args, strategy)
     assert torch.equal(first[0], check(*args, strategy)[0])
     check(*args, strategy, padding_idx=0)
+
+
+def test_tf32_setting_read_whichever_api_set_it():
+    """The fp32 GEMM asks torch whether TF32 is allowed. Once a user sets it through the fp32_precision API,
+    reading the legacy allow_tf32 raises, so every CUDA call would fail; each way of setting it must be read
+    right. In a subprocess: the settings are global."""
+    script = """
+import torch
+from fastlm.kernels.embedding_linear import cuda_matmul_allows_tf32 as allows
+seen = [allows()]
+torch.backends.fp32_precision = "tf32"; seen.append(allows())
+torch.backends.fp32_precision = "ieee"; seen.append(allows())
+torch.backends.cuda.matmul.allow_tf32 = True; seen.append(allows())
+torch.backends.cuda.matmul.allow_tf32 = False; seen.append(allows())
+torch.set_float32_matmul_precision("high"); seen.append(allows())
+torch.set_float32_matmul_precision("highest"); seen.append(allows())
+torch.backends.cuda.matmul.fp32_precision = "tf32"; seen.append(allows())
+torch.backends.cuda.matmul.fp32_precision = "ieee"; seen.append(allows())
+print(seen)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[-2] == str([False, True, False, True, False, True, False, True, False])
