@@ -103,7 +103,7 @@ def _load_dz(dy_ptr, y_ptr, offs, mask, ACT: tl.constexpr, ACC: tl.constexpr):
 
 
 # --- kernels -------------------------------------------------------------------------------------------
-# Grid (chunks, channel blocks) for the tile kernels; kernel 2 of each reduction runs one program per
+# Grid (channel blocks, chunks) for the tile kernels; kernel 2 of each reduction runs one program per
 # BLOCK_C channels and reads the (chunks, C) workspace BLOCK_K chunks at a time.
 
 

@@ -8,8 +8,9 @@
 # is then scattered into d(table) by _segment_sum_kernel: the flat token ids are stable-sorted on the host,
 # and one program per vocabulary row adds the rows of its segment (zeros for a row no token uses and for
 # padding_idx); past a few hundred rows the segments are first cut into fixed pieces summed in parallel, so
-# a frequent token does not leave one program doing most of the work. Strategy 1 (product table, for small V) builds P_t = table W_t^T with torch (a plain GEMM)
-# and gathers y[b] = b + sum_t P[t, idx[b, t]] in _gather_sum_kernel; its backward makes
+# a frequent token does not leave one program doing most of the work. Strategy 1 (product table, for small
+# V) builds P_t = table W_t^T with torch (a plain GEMM) and gathers y[b] = b + sum_t P[t, idx[b, t]] in
+# _gather_sum_kernel; its backward makes
 # G[t, v] = sum of the rows of dY whose idx[b, t] == v with the same segment kernel over the stable-sorted
 # keys t*V + idx[b, t], then dW_t = G_t^T table and d(table) = sum_t G_t W_t with torch.
 # Nothing uses float atomics unless deterministic=False on a GPU, where both scatters become one atomic add
@@ -276,11 +277,13 @@ def _pieces(offsets, rows, piece):
     """Cuts each segment [offsets[k], offsets[k + 1]) of `rows` sorted positions into pieces of at most
     `piece` positions: (starts, ends) of every piece, key by key, and piece_offsets (n_keys + 1,) such that
     key k owns pieces [piece_offsets[k], piece_offsets[k + 1]). Computed on the device without reading the
-    count back: the arrays have rows // piece + n_keys entries (a bound on the count), the spare ones empty."""
+    count back: the arrays have rows // piece + min(n_keys, rows) entries (a bound on the count: a key's
+    segment of l positions makes at most l // piece + 1 pieces, and at most `rows` keys have one), the spare
+    ones empty."""
     n_keys = offsets.numel() - 1
     counts = (offsets[1:] - offsets[:-1] + piece - 1) // piece
     piece_offsets = torch.cat([offsets.new_zeros(1), counts.cumsum(0)])
-    p = torch.arange(rows // piece + n_keys, dtype=torch.int64, device=offsets.device)
+    p = torch.arange(rows // piece + min(n_keys, rows), dtype=torch.int64, device=offsets.device)
     key = torch.searchsorted(piece_offsets, p, right=True) - 1  # n_keys for the spare entries
     owned = key < n_keys
     key = key.clamp(max=n_keys - 1)

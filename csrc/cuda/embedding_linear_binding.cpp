@@ -113,8 +113,9 @@ at::Tensor gather(const Inputs& in) {
 // Segments of the sorted positions cut into pieces of at most `piece` positions, so that a frequent key (the
 // '.' that pads the names' contexts) is summed by many warps rather than one. offsets (keys + 1) bounds the keys'
 // segments; key k owns pieces [piece_offsets[k], piece_offsets[k + 1]). Computed on the device without reading
-// the count back (no sync, so CUDA graphs can capture it): rows / piece + keys entries bound the count, and the
-// spare ones are empty. The same cut as kernels/embedding_linear.py's _pieces.
+// the count back (no sync, so CUDA graphs can capture it): rows / piece + min(keys, rows) entries bound the count
+// (a segment of l positions makes at most l / piece + 1 pieces, and at most `rows` keys have one), the spare ones
+// empty. The same cut as kernels/embedding_linear.py's _pieces.
 struct Pieces {
   at::Tensor starts, ends, piece_offsets;
 };
@@ -123,7 +124,7 @@ Pieces cut_into_pieces(const at::Tensor& offsets, int64_t rows, int64_t piece) {
   const at::Tensor lengths = offsets.slice(0, 1).sub(offsets.slice(0, 0, keys));
   const at::Tensor counts = lengths.add(piece - 1).div(piece, "floor");
   const at::Tensor piece_offsets = at::cat({at::zeros({1}, offsets.options()), counts.cumsum(0)});
-  const at::Tensor p = at::arange(rows / piece + keys, offsets.options());
+  const at::Tensor p = at::arange(rows / piece + std::min(keys, rows), offsets.options());
   const at::Tensor owner = at::searchsorted(piece_offsets, p, /*out_int32=*/false, /*right=*/true).sub_(1);
   const at::Tensor owned = owner.lt(keys);
   const at::Tensor key = owner.clamp_max(keys - 1);
