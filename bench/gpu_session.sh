@@ -4,8 +4,9 @@
 # CUDA extension itself where the build is missing. Everything lands in $OUT (the folder the device tool
 # returns, at most 8 files), else in bench/results.
 #
-#   bench/gpu_session.sh test    build; the test suite on the GPU; fastlm check --device cuda
-#                                -> build.log, tests.log, check.log
+#   bench/gpu_session.sh test    build; fastlm check --device cuda; the tests that use the GPU (CUDA devices,
+#                                Triton and kernel tests: CI runs the rest on CPU), slowest listed
+#                                -> build.log, check.log, tests.log
 #   bench/gpu_session.sh bench   build; fastlm bench --op all --device cuda
 #                                -> bench.log, results.tgz (the *-cuda.json/.csv/.png of every op)
 set -uo pipefail
@@ -31,8 +32,9 @@ build() {
 case "${1:-}" in
   test)
     build
-    timeout 420 python -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/tests.log" | tail -30
-    timeout 120 fastlm check --device cuda 2>&1 | tee "$out/check.log" | tail -30
+    timeout 100 fastlm check --device cuda 2>&1 | tee "$out/check.log" | tail -30
+    timeout 330 python -m pytest -q -p no:cacheprovider --durations=15 -k "cuda or gpu or triton or kernels" tests \
+      2>&1 | tee "$out/tests.log" | tail -45
     ;;
   bench)
     build
