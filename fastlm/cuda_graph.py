@@ -32,17 +32,20 @@ class CapturedStep:
             raise ValueError(f"a CUDA graph needs CUDA tensors, got a batch on {x.device}")
         self.model, self.params = model, list(model.parameters())
         self.x, self.y = x.clone(), y.clone()
-        self.lr = torch.zeros((), dtype=torch.float32, device=x.device)
+        # lr in the parameters' dtype, as the eager step's alpha is applied
+        self.lr = torch.zeros((), dtype=self.params[0].dtype, device=x.device)
         before = {name: value.detach().clone() for name, value in model.state_dict().items()}
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.WARMUP_STEPS):
-                self._step()
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = self._step()
+        # Capture, its streams and the ops' capturing() test all work on the current device: make it x's.
+        with torch.cuda.device(x.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP_STEPS):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.loss = self._step()
         with torch.no_grad():
             for name, value in model.state_dict().items():
                 value.copy_(before[name])
@@ -58,5 +61,6 @@ class CapturedStep:
         self.x.copy_(x)
         self.y.copy_(y)
         self.lr.fill_(lr)
-        self.graph.replay()
+        with torch.cuda.device(self.x.device):
+            self.graph.replay()
         return self.loss

@@ -227,7 +227,16 @@ class Trainer:
     """One training run: model (and with ``compare`` its plain-PyTorch twin), optimizer, batches, logs."""
 
     def __init__(self, config: TrainConfig, resume: bool = False, log=print):
-        self.config, self.log = config, log
+        self.log = log
+        # A resumed run is built from its checkpoint's configuration (only steps and out come from the caller), so
+        # that the model, device and the checks on them are those of the run it continues.
+        requested, checkpoint = config, None
+        if resume:
+            checkpoint = load_checkpoint(config.out)
+            config = dataclasses.replace(TrainConfig(**checkpoint["config"]), steps=config.steps, out=config.out)
+            if requested.compare or config.compare:
+                raise ConfigError("--resume does not continue a --compare run (the reference twin is not checkpointed)")
+        self.config = config
         self.rank, self.world = distributed_rank()
         self.device = torch.device(config.device if self.world == 1 or config.device == "cpu"
                                    else f"cuda:{self.rank % torch.cuda.device_count()}")
@@ -252,19 +261,15 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.history = {"step_loss": [], "val": [], "reference_step_loss": []}
-        if resume:
-            if config.compare:
-                raise ConfigError("--resume does not continue a --compare run (the reference twin is not checkpointed)")
-            self._restore(load_checkpoint(self.out))
+        if checkpoint is not None:
+            if requested.with_recipe(self.model.recipe) != config:
+                self.log("note: resuming with the checkpoint's configuration (other options ignored)")
+            self._restore(checkpoint)
         self.loss_of = LossOf(self.model)
         if self.world > 1 and self.optimizer is not None:
             self.loss_of = nn.parallel.DistributedDataParallel(self.loss_of)
 
     def _restore(self, state: dict) -> None:
-        saved = TrainConfig(**state["config"])
-        if dataclasses.replace(saved, steps=self.config.steps, out=self.config.out) != self.config:
-            self.log("note: resuming with the checkpoint's configuration (other options ignored)")
-            self.config = dataclasses.replace(saved, steps=self.config.steps, out=self.config.out)
         self.model.load_state_dict(state["model"])
         if self.optimizer and state["optimizer"]:
             self.optimizer.load_state_dict(state["optimizer"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import free_port
-from fastlm.train import Trainer, TrainConfig
+from fastlm.train import ConfigError, Trainer, TrainConfig
 
 WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia", "harper", "evelyn", "abigail", "emily",
          "ella", "elizabeth", "camila", "luna", "sofia", "avery", "mila", "aria", "scarlett"] * 5
@@ -60,6 +60,23 @@ def test_interrupted_and_resumed_run_ends_bit_identical(words_file, tmp_path, mo
     for (name, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
     assert resumed.history["step_loss"] == whole.history["step_loss"]
+
+
+def test_resume_takes_the_checkpoint_configuration(words_file, tmp_path):
+    """--resume without the original options continues the checkpointed run: its model and sizes, and the checks
+    that belong to it (a CUDA-graph run's checkpoint still needs a GPU)."""
+    Trainer(small_config(words_file, tmp_path, model="mlp", hidden=12, steps=10), log=lambda *_: None).fit()
+    notes = []
+    resumed = Trainer(small_config(words_file, tmp_path, steps=20), resume=True, log=notes.append)
+    assert (resumed.config.model, resumed.config.hidden, resumed.step) == ("mlp", 12, 10)
+    assert any("checkpoint's configuration" in note for note in notes)
+    resumed.fit()
+    assert resumed.step == 20
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state["config"]["cuda_graph"] = True
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="needs --device cuda"):
+        Trainer(small_config(words_file, tmp_path), resume=True, log=lambda *_: None)
 
 
 def test_compare_trains_the_reference_twin_on_the_same_batches(words_file, tmp_path):
@@ -162,6 +179,10 @@ def test_cuda_graph_run_trains_like_the_uncaptured_run(words_file, tmp_path, bac
     assert graphed.captured_step is not None
     for a, b in zip(eager.history["step_loss"], graphed.history["step_loss"]):
         assert b == pytest.approx(a, rel=1e-5)
+    # val losses at steps 20 and 40 use the running statistics as the replays left them (before calibration)
+    assert len(graphed.history["val"]) == len(eager.history["val"]) >= 2
+    for (step_a, a), (step_b, b) in zip(eager.history["val"], graphed.history["val"]):
+        assert step_b == step_a and b == pytest.approx(a, rel=1e-5)
     for (name, a), (_, b) in zip(eager.model.state_dict().items(), graphed.model.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
