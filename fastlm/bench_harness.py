@@ -120,7 +120,8 @@ def time_ms(run: Callable[[object], object], device: str, reps: int,
     if device == "cuda" and setup is None:
         import triton.testing
 
-        return list(triton.testing.do_bench(lambda: run(None), warmup=5, rep=max(20, reps * 2),
+        # rep is do_bench's time budget in ms: reps * 2 ms, capped (a tiny case asks for tens of thousands)
+        return list(triton.testing.do_bench(lambda: run(None), warmup=5, rep=min(200, max(20, reps * 2)),
                                             return_mode="all"))
     if setup is None:
         from torch.utils import benchmark
@@ -247,10 +248,14 @@ def timing_method(device: str) -> str:
 
 
 def environment(device: str) -> dict:
-    commit = ""
-    if os.path.exists(os.path.join(CHECKOUT, ".git")):
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=CHECKOUT).stdout.strip()
+    # A copy of the tree without .git (as on a lent GPU machine) can be told its commit in FASTLM_GIT_COMMIT.
+    commit = os.environ.get("FASTLM_GIT_COMMIT", "")
+    if not commit and os.path.exists(os.path.join(CHECKOUT, ".git")):
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    cwd=CHECKOUT).stdout.strip()
+        except OSError:  # no git program
+            pass
     try:
         import triton
 
