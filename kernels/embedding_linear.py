@@ -10,9 +10,9 @@
 # padding_idx); past a few hundred rows the segments are first cut into fixed pieces summed in parallel, so
 # a frequent token does not leave one program doing most of the work. Strategy 1 (product table, for small
 # V) builds P_t = table W_t^T with torch (a plain GEMM) and gathers y[b] = b + sum_t P[t, idx[b, t]] in
-# _gather_sum_kernel; its backward makes
-# G[t, v] = sum of the rows of dY whose idx[b, t] == v with the same segment kernel over the stable-sorted
-# keys t*V + idx[b, t], then dW_t = G_t^T table and d(table) = sum_t G_t W_t with torch.
+# _gather_sum_kernel; its backward makes G[t, v] = sum of the rows of dY whose idx[b, t] == v with the same
+# segment kernel over the stable-sorted keys t*V + idx[b, t], then dW_t = G_t^T table and
+# d(table) = sum_t G_t W_t with torch.
 # Nothing uses float atomics unless deterministic=False on a GPU, where both scatters become one atomic add
 # per element (_scatter_add_kernel) into a zeroed buffer in the math dtype; otherwise every sum runs in an
 # order fixed by the shapes, so two runs are bitwise equal. db = dY.sum(0) is torch's (deterministic).

@@ -109,8 +109,9 @@ def test_backward_is_deterministic(backend, device, strategy):
 @pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_one_frequent_token(backend, device, strategy, dtype):
-    """Token 0 at nearly every position, as '.' pads the names' contexts: the GPU scatters cut its long
-    segment into pieces added in order. Exact against the reference and bitwise repeatable."""
+    """Token 0 at nearly every position, as '.' pads the names' contexts: the Triton and CUDA scatters cut its
+    long segment into pieces added in order. Exact against the reference, bitwise repeatable, and zero where
+    token 0 is the padding_idx."""
     skip_unless_runs(backend, device)
     idx, table, weight, bias, grad = make_case(257, 8, 10, 27, 4, device)
     idx = torch.zeros_like(idx)
@@ -121,6 +122,9 @@ def test_one_frequent_token(backend, device, strategy, dtype):
     second = run_fastlm(*case, dtype, strategy=strategy, backend=backend)
     for a, b in zip(first[1], second[1]):
         assert torch.equal(a, b)
+    padded = run_fastlm(*case, dtype, strategy=strategy, backend=backend, padding_idx=0)
+    assert_matches(padded, reference(*case, padding_idx=0), dtype)
+    assert torch.all(padded[1][0][0] == 0)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -200,19 +200,6 @@ def test_out_of_range_ids_read_as_zero_rows_and_get_no_gradient(strategy):
     assert_close_to_reference(g_bias, ref_bias, torch.float32)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_one_frequent_token(strategy):
-    """Nearly every position holds token 0 (as '.' pads the names' contexts), so its segment is cut into
-    several pieces whose partial sums are added in order: exact against the reference, bitwise repeatable,
-    and zero where token 0 is the padding_idx."""
-    idx = torch.zeros(257, 8, dtype=torch.int64)
-    idx[::7, 3] = 2
-    args = make(4, 8, 10, 27, 257, torch.float32, idx=idx)
-    first = check(*args, strategy)
-    assert torch.equal(first[0], check(*args, strategy)[0])
-    check(*args, strategy, padding_idx=0)
-
-
 def test_tf32_setting_read_whichever_api_set_it():
     """The fp32 GEMM asks torch whether TF32 is allowed. Once a user sets it through the fp32_precision API,
     reading the legacy allow_tf32 raises, so every CUDA call would fail; each way of setting it must be read
