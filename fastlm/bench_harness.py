@@ -4,7 +4,9 @@ JSON and PNG plots. It lives in the package (not in bench/) so that an installed
 
 A ``Problem`` is one case of one op (sizes, dtype) with the forward of every provider (fastlm backends,
 eager PyTorch, torch.compile, Liger-Kernel where installed) on shared inputs; ``run_problem`` times each
-provider in the chosen mode (fwd, bwd or full) and returns one ``Row`` per provider.
+provider in the chosen mode (fwd, bwd or full) and returns one ``Row`` per provider. A provider that raises
+(torch.compile failing on a shape, a GPU out of memory) gets a row with the error instead of times, and the
+others are still measured.
 
 Timing: CPU with torch.utils.benchmark's ``Timer.blocked_autorange`` (blocks of calls, over about as long as
 the case's repetitions take; median and quartiles of the blocks); GPU with triton.testing.do_bench (CUDA
@@ -62,8 +64,8 @@ class Row:
     case: str
     mode: str
     provider: str
-    median_ms: float
-    spread_ms: tuple[float, float]  # 25th and 75th percentiles
+    median_ms: float | None  # None: the provider failed (see error)
+    spread_ms: tuple[float, float] | None  # 25th and 75th percentiles
     reps: int
     speedup_vs_eager: float | None = None
     gbs: float | None = None
@@ -72,6 +74,7 @@ class Row:
     peak_vs_eager: float | None = None
     compile_s: float | None = None
     extra: dict = field(default_factory=dict)
+    error: str | None = None  # what the provider raised, in one line
 
 
 def fastlm_backends(device: str) -> list[str]:
@@ -192,25 +195,45 @@ def peak_extra_mb(run: Callable[[object], object], device: str,
         return None
 
 
+def failure(error: Exception, device: str) -> str:
+    """One line saying what a provider raised; frees the cached GPU memory a failed call may have left."""
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
 def run_problem(op: str, problem: Problem, device: str, mode: str, copy_gbs: float | None,
                 on_provider: Callable[[str], None] = lambda name: None) -> list[Row]:
-    """Times every provider of the problem side by side, in turns; ratios are over the 'eager' provider."""
+    """Times every provider of the problem side by side, in turns; ratios are over the 'eager' provider. A
+    provider that raises, warming up or timed, leaves the turns and is reported by its error."""
     torch.compiler.reset()  # each case compiles afresh, for its own shapes, inside its own warm-up
-    steps, compile_s = {}, {}
+    steps, compile_s, errors = {}, {}, {}
     for provider in problem.forwards:
         on_provider(provider)
-        steps[provider] = step(problem, provider, mode)
-        setup, run = steps[provider]
-        compile_s[provider] = warm_up(run, device, setup)
+        try:
+            setup, run = step(problem, provider, mode)
+            compile_s[provider] = warm_up(run, device, setup)
+            steps[provider] = setup, run
+        except Exception as error:
+            errors[provider] = failure(error, device)
     times: dict[str, list[float]] = {provider: [] for provider in steps}
     reps_per_round = max(1, -(-problem.reps // ROUNDS))
     for turn in range(ROUNDS):
         order = list(steps) if turn % 2 == 0 else list(reversed(steps))
         for provider in order:
             setup, run = steps[provider]
-            times[provider] += time_ms(run, device, reps_per_round, setup)
+            try:
+                times[provider] += time_ms(run, device, reps_per_round, setup)
+            except Exception as error:
+                errors[provider] = failure(error, device)
+                del steps[provider]
     rows = []
-    for provider, (setup, run) in steps.items():
+    for provider in problem.forwards:
+        if provider in errors:
+            rows.append(Row(op, problem.case, mode, provider, None, None, 0, error=errors[provider]))
+            continue
+        setup, run = steps[provider]
         samples = times[provider]
         row = Row(op, problem.case, mode, provider, statistics.median(samples),
                   (_percentile(samples, 0.25), _percentile(samples, 0.75)), len(samples),
@@ -221,9 +244,9 @@ def run_problem(op: str, problem: Problem, device: str, mode: str, copy_gbs: flo
         if problem.annotate:
             problem.annotate(row)
         rows.append(row)
-    eager = next((row for row in rows if row.provider == "eager"), None)
+    eager = next((row for row in rows if row.provider == "eager" and not row.error), None)
     for row in rows:
-        if eager:
+        if eager and not row.error:
             row.speedup_vs_eager = eager.median_ms / row.median_ms
             if row.peak_extra_mb is not None and eager.peak_extra_mb:
                 row.peak_vs_eager = row.peak_extra_mb / eager.peak_extra_mb
@@ -310,6 +333,9 @@ def print_rows(rows: list[Row]) -> None:
     print(header)
     print("-" * len(header))
     for row in rows:
+        if row.error:
+            print(f"{row.case:<{width}} {row.provider:<16} FAILED: {row.error}")
+            continue
         spread = f"{row.spread_ms[0]:.3f}-{row.spread_ms[1]:.3f}"
         extra = " ".join(f"{k}={v}" for k, v in row.extra.items())
         print(f"{row.case:<{width}} {row.provider:<16} {row.median_ms:>10.3f} {spread:>17} "
@@ -317,28 +343,38 @@ def print_rows(rows: list[Row]) -> None:
               f"{_fmt(row.peak_extra_mb, '.0f'):>9} {_fmt(row.compile_s, '.2f'):>10} {extra}")
 
 
-def save(stem: str, device: str, rows: list[Row], header: dict) -> list[str]:
+def _write_atomically(path: str, write: Callable, mode: str = "w") -> None:
+    """``write(file)`` into a scratch file renamed over ``path``: a run killed mid-save leaves the last whole
+    file, never half of one."""
+    with open(f"{path}.part", mode, **({"newline": ""} if mode == "w" else {})) as out:
+        write(out)
+    os.replace(f"{path}.part", path)
+
+
+def save(stem: str, device: str, rows: list[Row], header: dict, with_plot: bool = True) -> list[str]:
     """Writes ``stem``.json (environment, ``header``, rows), ``stem``.csv (one line per row) and, when
-    matplotlib is installed, ``stem``.png; returns the paths written."""
+    ``with_plot`` and matplotlib is installed, ``stem``.png; returns the paths written. Called again as rows
+    come in, it rewrites them whole."""
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-    with open(f"{stem}.json", "w") as out:
-        json.dump({"environment": environment(device), **header, "rows": [asdict(row) for row in rows]}, out,
-                  indent=1)
+    result = {"environment": environment(device), **header, "rows": [asdict(row) for row in rows]}
+    _write_atomically(f"{stem}.json", lambda out: json.dump(result, out, indent=1))
     flat = [_flat(row) for row in rows]
     columns = list(dict.fromkeys(key for line in flat for key in line))
-    with open(f"{stem}.csv", "w", newline="") as out:
+
+    def write_csv(out) -> None:
         writer = csv.DictWriter(out, columns)
         writer.writeheader()
         writer.writerows(flat)
+    _write_atomically(f"{stem}.csv", write_csv)
     paths = [f"{stem}.json", f"{stem}.csv"]
-    if plot(rows, f"{stem}.png"):
+    if with_plot and plot(rows, f"{stem}.png"):
         paths.append(f"{stem}.png")
     return paths
 
 
 def _flat(row: Row) -> dict:
     line = asdict(row)
-    line["q25_ms"], line["q75_ms"] = line.pop("spread_ms")
+    line["q25_ms"], line["q75_ms"] = line.pop("spread_ms") or (None, None)
     line.update(line.pop("extra"))
     return line
 
@@ -362,7 +398,8 @@ def plot(rows: list[Row], path: str) -> bool:
         for provider in providers:
             points = [(cases.index(row.case), getattr(row, key)) for row in rows
                       if row.provider == provider and getattr(row, key) is not None]
-            ax.plot(*zip(*points), marker="o", label=provider)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=provider)
         ax.set_xticks(range(len(cases)), cases, rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(label)
         if key == "median_ms":
@@ -370,7 +407,7 @@ def plot(rows: list[Row], path: str) -> bool:
         ax.legend(fontsize=7)
     figure.suptitle(f"{rows[0].op}, {rows[0].mode}")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    _write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=120), mode="wb")
     plt.close(figure)
     return True
 
@@ -392,7 +429,8 @@ def markdown_table(paths: list[str]) -> str:
         previous = None
         for row in result["rows"]:
             spread = row["spread_ms"]
-            median = f"{_ms(row['median_ms'])} ({_ms(spread[0])}-{_ms(spread[1])})"
+            median = (f"failed: {row['error']}" if row.get("error") else
+                      f"{_ms(row['median_ms'])} ({_ms(spread[0])}-{_ms(spread[1])})")
             parts.append(f"| {row['case'] if row['case'] != previous else ''} | {row['provider']} | {median} | "
                          f"{_fmt(row['speedup_vs_eager'], '.2f', 'x')} | {_fmt(row['gbs'], '.1f')} | "
                          f"{_fmt(row['peak_extra_mb'], '.0f')} |")

@@ -13,6 +13,9 @@ computes its gradient there), ``bwd`` the backward alone (its forward runs untim
 ``full`` both. GB/s counts the fewest bytes a mode must move (none for the matmul-bound ops):
 cross-entropy reads the logits (fwd), reads them and writes their gradient (bwd, and full when fused);
 BatchNorm reads x and writes y (fwd), reads dy and x and writes dx (bwd), five tensors of N*C in all.
+A provider or case that fails (torch.compile erring on a shape, out of memory) is named on stderr and the
+run goes on; the command then exits 1. Each op's files are rewritten after each case, so a run cut short
+keeps what it measured (marked ``"complete": false`` in the JSON).
 """
 
 from __future__ import annotations
@@ -217,7 +220,6 @@ class OpBench:
     cases: dict[str, list[tuple[Size, torch.dtype]]]  # per device: the default sizes with their dtype
     quick: list[Size]  # --quick sizes (float32 unless --dtype)
     problems: Callable[[Size, torch.dtype, str, bool], Iterator[Problem]]
-    variants: int = 1  # problems per size and dtype
 
 
 FP32, BF16 = torch.float32, torch.bfloat16
@@ -239,7 +241,7 @@ OPS = {
         ("N", "C"),
         {"cpu": [((4096, 1024), FP32), ((32, 200), FP32)],
          "cuda": [((65536, 1024), FP32), ((65536, 1024), BF16), ((32, 200), FP32)]},
-        [(512, 256), (32, 200)], batch_norm_problems, variants=2),
+        [(512, 256), (32, 200)], batch_norm_problems),
     # The embedding-linear issue: V=27 (product-table route), V=50000 (gather-GEMM route), makemore size.
     "embedding_linear": OpBench(
         ("B", "T", "D", "out", "V"),
@@ -305,6 +307,10 @@ def cases(bench: OpBench, args: argparse.Namespace) -> list[tuple[Size, torch.dt
     return [(size, DTYPES[name]) for size in sizes for name in args.dtype]
 
 
+def case_label(op: str, size: Size, dtype: torch.dtype) -> str:
+    return f"{op} {'x'.join(map(str, size))} {dtype_name(dtype)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.table:
@@ -316,25 +322,30 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbs = harness.copy_bandwidth_gbs(args.device, 2**26 if args.quick else 2**30)
     print(f"copy bandwidth (read + write) measured in this run: {copy_gbs:.1f} GB/s")
 
-    def problems() -> Iterator[tuple[str, Problem]]:
-        for op in ops:
-            for size, dtype in plan[op]:
-                for problem in OPS[op].problems(size, dtype, args.device, args.quick):
-                    yield op, problem
-
-    total = sum(len(plan[op]) * OPS[op].variants for op in ops)
-    rows = {op: [] for op in ops}
-    for op, problem in harness.progress(problems(), total, lambda item: f"{item[0]} {item[1].case}"):
-        rows[op] += harness.run_problem(op, problem, args.device, args.mode, copy_gbs)
+    failures = []
     for op in ops:
-        print(f"\n{op} ({args.mode}, {args.device})")
-        harness.print_rows(rows[op])
         stem = os.path.join(out, f"{op}-{args.device}" + ("" if args.mode == "full" else f"-{args.mode}")
                             + ("-quick" if args.quick else ""))
-        paths = harness.save(stem, args.device, rows[op],
-                             {"op": op, "mode": args.mode, "quick": args.quick, "copy_bandwidth_gbs": copy_gbs})
-        print("saved", ", ".join(paths))
-    return 0
+        header = {"op": op, "mode": args.mode, "quick": args.quick, "copy_bandwidth_gbs": copy_gbs}
+        rows: list[harness.Row] = []
+        # The op's files are rewritten after every case, marked incomplete until its last: a run cut short
+        # (a timeout, Ctrl-C) keeps what it measured. A case whose inputs cannot be set up (out of memory) is
+        # reported and skipped; a provider that fails is a row with its error (see harness.run_problem).
+        for size, dtype in harness.progress(plan[op], len(plan[op]), lambda case: case_label(op, *case)):
+            try:
+                for problem in OPS[op].problems(size, dtype, args.device, args.quick):
+                    rows += harness.run_problem(op, problem, args.device, args.mode, copy_gbs)
+                    harness.save(stem, args.device, rows, {**header, "complete": False}, with_plot=False)
+            except Exception as error:
+                failures.append(f"{case_label(op, size, dtype)}: {harness.failure(error, args.device)}")
+        failures += [f"{op} {row.case} {row.provider}: {row.error}" for row in rows if row.error]
+        print(f"\n{op} ({args.mode}, {args.device})")
+        if rows:
+            harness.print_rows(rows)
+            print("saved", ", ".join(harness.save(stem, args.device, rows, {**header, "complete": True})))
+    for failure in failures:
+        print("FAILED:", failure, file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

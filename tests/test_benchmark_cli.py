@@ -1,6 +1,7 @@
 """fastlm.benchmark, the `fastlm bench` command, on small CPU runs: the CSV and JSON it writes parse and hold
 positive finite numbers for eager and fastlm-cpp side by side, and the markdown table renders from them and
-from the committed results."""
+from the committed results. A provider or case that fails is reported without stopping the others, and a run
+cut short keeps what it measured."""
 
 import csv
 import glob
@@ -10,6 +11,7 @@ import math
 import os
 
 import pytest
+import torch
 
 from conftest import skip_unless_runs
 from fastlm import benchmark
@@ -77,3 +79,66 @@ def test_mlp_step_times_a_whole_training_step(tmp_path):
     providers = {row["provider"] for row in rows}
     assert {"fastlm-cpp", "eager", "torch.compile"} <= providers
     assert all(row["median_ms"] > 0 and math.isfinite(row["median_ms"]) for row in rows)
+
+
+def _fails_on_call(n: int, error: Exception):
+    """A provider's forward that works (returns a tensor) until its ``n``-th call, which raises ``error``."""
+    calls = []
+
+    def forward():
+        calls.append(None)
+        if len(calls) >= n:
+            raise error
+        return torch.ones(3).sum()
+    return forward
+
+
+def test_a_failing_provider_is_reported_and_the_others_still_timed():
+    ok = lambda: torch.ones(3).sum()  # noqa: E731
+    problem = benchmark.Problem("tiny", {"eager": ok, "broken": _fails_on_call(1, RuntimeError("no kernel\nmore")),
+                                         "later": _fails_on_call(4, MemoryError("out of memory")), "fine": ok},
+                                backward=lambda out: None, reps=5)
+    rows = {row.provider: row for row in benchmark.harness.run_problem("op", problem, "cpu", "fwd", None)}
+    assert list(rows) == ["eager", "broken", "later", "fine"]  # in the problem's order
+    assert rows["broken"].error == "RuntimeError: no kernel" and rows["broken"].median_ms is None
+    assert rows["later"].error == "MemoryError: out of memory"  # raised while timed, after the warm-up
+    for name in ("eager", "fine"):
+        assert rows[name].error is None and positive(rows[name].median_ms) and positive(rows[name].speedup_vs_eager)
+    assert rows["broken"].speedup_vs_eager is None
+
+
+def test_failures_are_saved_reported_and_fail_the_command(tmp_path, monkeypatch, capsys):
+    """One size cannot be set up, one provider raises: the command goes on with the rest, saves the failing
+    row with its error, renders it in the table, names both failures and exits 1."""
+    def problems(size, dtype, device, quick):
+        if size == (2,):
+            raise MemoryError("no room for the inputs")
+        yield benchmark.Problem(f"n={size[0]}", {"eager": lambda: torch.ones(size).sum(),
+                                                 "broken": _fails_on_call(1, ValueError("bad shape"))},
+                                backward=lambda out: None, reps=3)
+    op = benchmark.OpBench(("n",), {"cpu": []}, [], problems)
+    monkeypatch.setitem(benchmark.OPS, "toy", op)
+    assert benchmark.main(["--op", "toy", "--sizes", "1", "2", "3", "--quick", "--out", str(tmp_path)]) == 1
+    result = json.loads((tmp_path / "toy-cpu-quick.json").read_text())
+    assert result["complete"] is True
+    assert [(row["case"], row["provider"], row["error"]) for row in result["rows"]] == [
+        ("n=1", "eager", None), ("n=1", "broken", "ValueError: bad shape"),
+        ("n=3", "eager", None), ("n=3", "broken", "ValueError: bad shape")]
+    err = capsys.readouterr().err
+    assert "FAILED: toy 2 float32: MemoryError: no room for the inputs" in err
+    assert "FAILED: toy n=3 broken: ValueError: bad shape" in err
+    table = benchmark.harness.markdown_table([str(tmp_path / "toy-cpu-quick.json")])
+    assert "| broken | failed: ValueError: bad shape |" in table
+
+
+def test_a_run_cut_short_keeps_the_cases_it_measured(tmp_path, monkeypatch):
+    def problems(size, dtype, device, quick):
+        if size == (2,):
+            raise KeyboardInterrupt  # Ctrl-C, or a timeout's signal, during the second case
+        yield benchmark.Problem(f"n={size[0]}", {"eager": lambda: torch.ones(size).sum()}, lambda out: None, reps=3)
+    monkeypatch.setitem(benchmark.OPS, "toy", benchmark.OpBench(("n",), {"cpu": []}, [], problems))
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(["--op", "toy", "--sizes", "1", "2", "--quick", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "toy-cpu-quick.json").read_text())
+    assert result["complete"] is False and [row["case"] for row in result["rows"]] == ["n=1"]
+    assert not list(tmp_path.glob("*.part"))
