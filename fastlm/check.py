@@ -11,8 +11,8 @@ running statistics it moves are compared with the same network in torch ops, dif
 mlp_sgd_step goes on to the SGD update in place: its loss and the parameters after the step are compared.
 Then: two runs of the BatchNorm, embedding + linear and one-call MLP step backward must agree bit for bit,
 and bad input (a target or index out of range, a training batch of one) must be refused with IndexError /
-ValueError. Prints a table op x backend x dtype with the largest error, the tolerance and PASS/FAIL; exits 1
-on any failure.
+ValueError. Prints a table op x backend x dtype with the largest error, the tolerance and PASS/FAIL, each row
+as its check ends (a kernel that raises fails that case); exits 1 on any failure.
 
 The backends checked are the entries of ``BACKENDS`` (every fastlm backend available here) that run on the
 device; a test, or a new backend in development, adds its own entry there. An op that only some backends
@@ -389,7 +389,11 @@ def check_determinism(backend: str, device: str) -> Result:
         if case.op not in BACKENDS[backend].ops:
             continue
         fn = BACKENDS[backend].ops[case.op]
-        first, second = (run(case, fn, torch.float32, device) for _ in range(2))
+        try:
+            first, second = (run(case, fn, torch.float32, device) for _ in range(2))
+        except Exception as error:
+            result.record(f"{case.op} {case.label}: {type(error).__name__}: {error}", math.inf)
+            continue
         differences = [(a.double() - second[name].double()).abs().max().item() for name, a in first.items()]
         result.record(f"{case.op} {case.label}", max(differences))
     return result
@@ -444,14 +448,16 @@ def check_refusals(backend: str, device: str) -> Result:
     return result
 
 
-def print_table(results: list[Result]) -> None:
+def print_header() -> None:
     header = f"{'check':<22} {'backend':<10} {'dtype':<9} {'cases':>5} {'max error':>10} {'tolerance':>9}  result"
     print(header)
     print("-" * len(header))
-    for r in results:
-        shown = r.failures[0] if r.failures else r.worst
-        print(f"{r.check:<22} {r.backend:<10} {r.dtype:<9} {r.cases:>5} {r.error:>10.2e} {r.tolerance:>9.0e}  "
-              f"{'PASS' if r.passed else 'FAIL'}  {'first failure: ' if r.failures else 'worst: '}{shown}")
+
+
+def print_result(r: Result) -> None:
+    shown = r.failures[0] if r.failures else r.worst
+    print(f"{r.check:<22} {r.backend:<10} {r.dtype:<9} {r.cases:>5} {r.error:>10.2e} {r.tolerance:>9.0e}  "
+          f"{'PASS' if r.passed else 'FAIL'}  {'first failure: ' if r.failures else 'worst: '}{shown}", flush=True)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -481,19 +487,22 @@ def main(argv: list[str] | None = None) -> int:
     for name in backends.BACKENDS:
         if name not in BACKENDS:
             print(f"  not checked: {name}: {backends.why_unavailable(name)}")
-    results = []
+    checks = []  # each row of the table, run and printed as it comes (a GPU check can take minutes)
     for op in args.op:
         lacking = [name for name in names if op not in BACKENDS[name].ops]
         if lacking:
             print(f"  not checked: {op} on {', '.join(lacking)}: no such op there")
-        cases = CASES[op](args.quick)
-        results += [check_op(op, cases, name, dtype, args.device) for name in names if name not in lacking
-                    for dtype in dtypes]
+        checks += [partial(check_op, op, CASES[op](args.quick), name, dtype, args.device)
+                   for name in names if name not in lacking for dtype in dtypes]
     # The determinism and refusal promises are the kernels'; the torch backend is plain PyTorch.
     kernels = [name for name in names if name != "torch"]
-    results += [check_determinism(name, args.device) for name in kernels]
-    results += [check_refusals(name, args.device) for name in kernels]
-    print_table(results)
+    checks += [partial(check_determinism, name, args.device) for name in kernels]
+    checks += [partial(check_refusals, name, args.device) for name in kernels]
+    print_header()
+    results = []
+    for check in checks:
+        results.append(check())
+        print_result(results[-1])
     failed = [r for r in results if not r.passed]
     print(f"{len(results) - len(failed)} of {len(results)} checks passed" + (
         "" if not failed else f"; FAILED: {', '.join(f'{r.check} on {r.backend} {r.dtype}' for r in failed)}"))

@@ -1,6 +1,7 @@
 """fastlm.check, the `fastlm check` command: it passes on this machine's backends, a backend that is
 wrong (off by 1e-2, or accepting out-of-range ids) registered in fastlm.check.BACKENDS makes it fail, and an
-op a backend lacks is reported as not checked there."""
+op a backend lacks is reported as not checked there; a kernel that raises fails its rows, printed as each
+check ends."""
 
 import re
 from functools import partial
@@ -129,3 +130,23 @@ def test_an_op_a_backend_lacks_is_not_checked_there(monkeypatch, capsys, cpp):
 def test_unknown_backend_is_refused():
     with pytest.raises(SystemExit):
         check.main(["--backend", "nope"])
+
+
+def test_a_crashing_backend_fails_each_check_and_rows_print_as_they_finish(monkeypatch, capsys, cpp):
+    """A kernel that raises is a FAIL row naming the error, in the accuracy and the determinism checks alike,
+    and the check goes on; each row is printed when its check ends, not all at the end."""
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setitem(check.BACKENDS, "crashing", check.Backend({**cpp.ops, "batch_norm": crash}, cpp.runs_on))
+    printed_before = []
+    determinism = check.check_determinism
+    monkeypatch.setattr(check, "check_determinism",
+                        lambda *args: printed_before.append(capsys.readouterr().out) or determinism(*args))
+    assert check.main(["--quick", "--backend", "crashing", "--op", "batch_norm", "--dtype", "float32"]) == 1
+    out = printed_before[0] + capsys.readouterr().out
+    assert re.search(r"^batch_norm\s+crashing\s+float32 .* FAIL  first failure: .*RuntimeError: CUDA error",
+                     printed_before[0], re.MULTILINE)
+    assert re.search(r"^determinism\s+crashing .* FAIL  first failure: batch_norm \S+ train tanh: RuntimeError",
+                     out, re.MULTILINE)
+    assert re.search(r"^refuses bad input\s+crashing .* FAIL", out, re.MULTILINE)  # the crash is not a refusal
