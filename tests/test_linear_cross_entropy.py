@@ -33,7 +33,7 @@ def check(x, weight, bias, target, backend, reduction="mean", chunk_size=None, *
                           ignore_index=options.get("ignore_index", -100),
                           label_smoothing=options.get("label_smoothing", 0.0))
     assert_close_to_reference(loss, ref, x.dtype)
-    upstream = torch.rand_like(ref) + 0.5 if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+    upstream = torch.rand_like(ref) + 0.5 if reduction == "none" else torch.tensor(1.7, dtype=torch.float64, device=ref.device)
     grads = torch.autograd.grad(loss, leaves, upstream.to(loss.dtype))
     ref_grads = torch.autograd.grad(ref, ref_leaves, upstream)
     for grad, ref_grad, leaf in zip(grads, ref_grads, leaves):
@@ -55,6 +55,15 @@ def test_options(backend):
     skip_unless_runs(backend)
     x, weight, _, target = problem(19, 8, 29, bias=False, seed=3)
     check(x, weight, None, target, backend, chunk_size=5, ce_weight=torch.rand(29) + 0.2, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_on_gpu(backend, dtype):
+    """fp16/bf16 on a GPU, where d_weight sums, in fp32, chunk products computed in the input's dtype."""
+    skip_unless_runs(backend, "cuda")
+    x, weight, bias, target = (t.to("cuda") for t in problem(300, 64, 1001))
+    check(x.to(dtype), weight.to(dtype), bias.to(dtype), target, backend, chunk_size=37)
 
 
 def test_larger_shapes_cpp():

@@ -39,6 +39,17 @@ def default_chunk_size(num_rows: int, hidden: int, vocab: int) -> int:
     return max(1, min(num_rows, max(hidden // 4, math.ceil(65536 / vocab))))
 
 
+def accumulate_weight_grad(d_weight: Tensor, d_logits: Tensor, x: Tensor) -> None:
+    """d_weight += d_logitsᵀ @ x, d_weight in fp32 (fp64 for fp64). On a GPU, fp16/bf16 chunks multiply on the
+    tensor cores in their own dtype into the fp32 sum (addmm's out_dtype, a CUDA-only overload); upcasting
+    them first would run the largest GEMM of the op in plain fp32, several times slower. Elsewhere they are
+    upcast."""
+    if d_logits.is_cuda and d_logits.dtype in (torch.float16, torch.bfloat16):
+        torch.addmm(d_weight, d_logits.t(), x, out_dtype=torch.float32, out=d_weight)
+    else:
+        d_weight.addmm_(d_logits.t().to(d_weight.dtype), x.to(d_weight.dtype))
+
+
 def chunked_loss_and_grads(input, weight, bias, target, ce_weight, ce_args, chunk_size, backend, grad_rows,
                            needs_grad):
     """Per-row losses and lse; with ``grad_rows`` (dloss/drow), also the gradients flagged in ``needs_grad``
@@ -68,7 +79,7 @@ def chunked_loss_and_grads(input, weight, bias, target, ce_weight, ce_args, chun
         if want_input:
             d_input[start:end] = d_logits @ weight
         if want_weight:
-            d_weight.addmm_(d_logits.t().to(acc_dtype), x.to(acc_dtype))
+            accumulate_weight_grad(d_weight, d_logits, x)
         if want_bias:
             d_bias += d_logits.sum(0, dtype=acc_dtype)
     return rows, lse, (d_input, d_weight, d_bias)
