@@ -9,9 +9,9 @@ provider in the chosen mode (fwd, bwd or full) and returns one ``Row`` per provi
 others are still measured.
 
 Timing: CPU with torch.utils.benchmark's ``Timer.blocked_autorange`` (blocks of calls, over about as long as
-the case's repetitions take; median and quartiles of the blocks); GPU with triton.testing.do_bench (CUDA
-events, L2 flushed between calls). For ``bwd``, each backward is timed alone (perf_counter on CPU, CUDA
-events on GPU) after its forward ran, untimed, just before. The providers take turns: the time of each is
+the case's repetitions take; median and quartiles of the blocks); GPU likewise, blocks of back-to-back calls
+between two CUDA events (see ``gpu_blocks_ms``). For ``bwd``, each backward is timed alone (perf_counter on
+CPU, CUDA events on GPU) after its forward ran, untimed, just before. The providers take turns: the time of each is
 split into ``ROUNDS`` rounds, each round times every provider once (in alternating order), so that a
 machine whose speed drifts over seconds (a shared VM) slows every provider alike instead of whichever
 ran during a slow spell. Two untimed warm-up calls per provider come first; the first call's
@@ -121,11 +121,7 @@ def time_ms(run: Callable[[object], object], device: str, reps: int,
     """Milliseconds per call of ``run(setup())`` (setup untimed), over about ``reps`` calls: one entry per
     call, or, on CPU without a setup, one per block of calls (torch.utils.benchmark)."""
     if device == "cuda" and setup is None:
-        import triton.testing
-
-        # rep is do_bench's time budget in ms: reps * 2 ms, capped (a tiny case asks for tens of thousands)
-        return list(triton.testing.do_bench(lambda: run(None), warmup=5, rep=min(200, max(20, reps * 2)),
-                                            return_mode="all"))
+        return gpu_blocks_ms(lambda: run(None), reps)
     if setup is None:
         from torch.utils import benchmark
 
@@ -153,6 +149,41 @@ def time_ms(run: Callable[[object], object], device: str, reps: int,
             run(state)
             times.append((time.perf_counter() - start_s) * 1e3)
     return times
+
+
+def gpu_blocks_ms(call: Callable[[], object], reps: int, block_ms: float = 1.0, budget_ms: float = 200.0,
+                  device: str = "cuda") -> list[float]:
+    """Milliseconds per call on a GPU, one entry per block of back-to-back calls timed by CUDA events, as a
+    training loop runs them: each call is issued while the previous one runs, so a provider bound by its
+    kernel launches is charged for them (flushing L2 between calls, as triton's do_bench does, lets it issue
+    them while the flush runs), and caches stay warm as in the loop. A block lasts about ``block_ms``, so that the events'
+    resolution does not matter; all blocks together about ``reps`` calls, at most ``budget_ms``.
+    ``device="cpu"`` times the same blocks with perf_counter (for tests without a GPU)."""
+    def mark() -> object:
+        if device != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed_ms(start: object, end: object) -> float:
+        return start.elapsed_time(end) if device == "cuda" else (end - start) * 1e3
+
+    _sync(device)
+    start_s = time.perf_counter()
+    call()
+    _sync(device)
+    first_ms = (time.perf_counter() - start_s) * 1e3
+    calls = max(1, round(block_ms / max(first_ms, 1e-3)))
+    blocks = max(5, min(round(reps / calls), round(budget_ms / (calls * max(first_ms, 1e-3)))))
+    marks = []
+    for _ in range(blocks):
+        start = mark()
+        for _ in range(calls):
+            call()
+        marks.append((start, mark()))
+    _sync(device)
+    return [elapsed_ms(start, end) / calls for start, end in marks]
 
 
 def warm_up(run: Callable[[object], object], device: str, setup: Callable[[], object] | None) -> float:
@@ -264,8 +295,8 @@ def copy_bandwidth_gbs(device: str, nbytes: int = 2**30) -> float:
 def timing_method(device: str) -> str:
     turns = f"providers in {ROUNDS} interleaved rounds"
     if device == "cuda":
-        return (f"triton.testing.do_bench (CUDA events, L2 flushed), median; bwd: CUDA events around each "
-                f"backward after an untimed forward; {turns}")
+        return ("CUDA events around blocks of back-to-back calls (~1 ms each, L2 not flushed), median and "
+                f"quartiles of the blocks; bwd: CUDA events around each backward after an untimed forward; {turns}")
     return ("torch.utils.benchmark Timer.blocked_autorange after 2 warm-up calls, median and quartiles of its "
             f"blocks; bwd: time.perf_counter around each backward after an untimed forward; {turns}")
 

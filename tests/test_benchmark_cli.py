@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -142,3 +143,19 @@ def test_a_run_cut_short_keeps_the_cases_it_measured(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "toy-cpu-quick.json").read_text())
     assert result["complete"] is False and [row["case"] for row in result["rows"]] == ["n=1"]
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_gpu_blocks_time_back_to_back_calls():
+    """The GPU timer's blocks, run with perf_counter in place of CUDA events: each entry is a block's time per
+    call, blocks hold enough calls to last about block_ms, and all of them together stay within the budget."""
+    calls = []
+
+    def call():
+        calls.append(None)
+        time.sleep(0.002)
+    samples = benchmark.harness.gpu_blocks_ms(call, reps=40, block_ms=5.0, budget_ms=1000.0, device="cpu")
+    assert len(samples) >= 5 and all(2.0 <= sample < 50.0 for sample in samples)
+    per_block = (len(calls) - 1) // len(samples)  # the first call sizes the blocks
+    assert len(calls) == 1 + per_block * len(samples) and per_block <= 3
+    few = benchmark.harness.gpu_blocks_ms(call, reps=10_000, block_ms=5.0, budget_ms=10.0, device="cpu")
+    assert len(few) == 5  # a budget under five blocks still gets five
