@@ -156,8 +156,9 @@ def gpu_blocks_ms(call: Callable[[], object], reps: int, block_ms: float = 1.0, 
     """Milliseconds per call on a GPU, one entry per block of back-to-back calls timed by CUDA events, as a
     training loop runs them: each call is issued while the previous one runs, so a provider bound by its
     kernel launches is charged for them (flushing L2 between calls, as triton's do_bench does, lets it issue
-    them while the flush runs), and caches stay warm as in the loop. A block lasts about ``block_ms``, so that the events'
-    resolution does not matter; all blocks together about ``reps`` calls, at most ``budget_ms``.
+    them while the flush runs), and caches stay warm as in the loop. A block lasts about ``block_ms``, so
+    that the events' resolution does not matter; all blocks together about ``reps`` calls, at most
+    ``budget_ms``.
     ``device="cpu"`` times the same blocks with perf_counter (for tests without a GPU)."""
     def mark() -> object:
         if device != "cuda":
