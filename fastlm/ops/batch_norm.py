@@ -119,8 +119,8 @@ def kernel_ops(backend: str) -> KernelOps:
     return backends.kernel_ops(KernelOps, "batch_norm", backend)
 
 
-backends.register_fakes(KernelOps, "batch_norm", KernelOps(_fake_stats, _fake_forward, _fake_forward_train, _fake_backward_reduce,
-                                                       _fake_backward_input, _fake_backward))
+backends.register_fakes(KernelOps, "batch_norm", KernelOps(_fake_stats, _fake_forward, _fake_forward_train,
+                                                           _fake_backward_reduce, _fake_backward_input, _fake_backward))
 
 
 # --- autograd ----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backends
+from fastlm.ops.autocast import autocast_dtype, autocast_off
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -173,7 +174,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(logits, target, weight, lse, denominator)
         ctx.config = (ce_args, reduction, backend)
         ctx.mark_non_differentiable(lse)
-        return reduce_rows(rows, reduction, denominator).to(logits.dtype), lse
+        return reduce_rows(rows, reduction, denominator), lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -225,7 +226,8 @@ def can_overwrite(logits: Tensor, backend: str) -> bool:
 
 
 def reference_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale):
-    """The ``torch`` backend and the oracle: F.cross_entropy in fp32 (fp64 for double) plus the z-loss term."""
+    """The ``torch`` backend and the oracle: F.cross_entropy in fp32 (fp64 for double) plus the z-loss term;
+    the loss stays in that dtype, as the kernels' does (``cross_entropy`` casts it)."""
     x = logits.to(_math_dtype(logits))
     w = None if weight is None else weight.to(x.dtype)
     loss = F.cross_entropy(x, target.long(), weight=w, ignore_index=ignore_index, reduction=reduction,
@@ -235,7 +237,7 @@ def reference_cross_entropy(logits, target, weight, ignore_index, reduction, lab
         z_rows = torch.where(target != ignore_index, lse_square_scale * lse.square(), 0)
         denominator = mean_denominator(target, w, ignore_index, x.dtype) if reduction == "mean" else None
         loss = loss + reduce_rows(z_rows, reduction, denominator)
-    return loss.to(logits.dtype), lse.detach()
+    return loss, lse.detach()
 
 
 # --- functional --------------------------------------------------------------------------------------
@@ -296,17 +298,27 @@ def cross_entropy(
     ``return_lse=True`` returns ``(loss, lse)`` with the fp32 per-row log-sum-exp; ``inplace_backward=True``
     writes the gradient over ``input`` during backward (``input`` then holds the gradient, and autograd
     refuses any other use of it that needed its values); ``backend`` forces a backend for this call.
+    The loss has the logits' dtype, or fp32 for fp16/bf16 logits under torch.autocast, as F.cross_entropy's
+    (see fastlm/ops/autocast.py).
     """
     check_logits(input, "cross_entropy")
     check_target(target, input.shape[0], input.shape[1], input.device, weight, reduction, label_smoothing,
                  "cross_entropy")
     name = backends.resolve(input.device, backend)
     args = (input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale)
-    if name == "torch":
-        loss, lse = reference_cross_entropy(*args)
-    else:
-        loss, lse = CrossEntropyFunction.apply(*args, inplace_backward, name, torch.is_grad_enabled())
+    amp = autocast_dtype(input.device)
+    with autocast_off(input.device, amp):
+        if name == "torch":
+            loss, lse = reference_cross_entropy(*args)
+        else:
+            loss, lse = CrossEntropyFunction.apply(*args, inplace_backward, name, torch.is_grad_enabled())
+    loss = loss.to(loss_dtype(input.dtype, amp))
     return (loss, lse) if return_lse else loss
+
+
+def loss_dtype(input_dtype: torch.dtype, amp: torch.dtype | None) -> torch.dtype:
+    """The loss's dtype: the input's, or fp32 for fp16/bf16 under autocast (``amp`` not None)."""
+    return torch.float32 if amp is not None and input_dtype in (torch.float16, torch.bfloat16) else input_dtype
 
 
 backends.register_fakes(KernelOps, "cross_entropy",

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backends
+from fastlm.ops.autocast import autocast_dtype, autocast_off, cast_to
 
 STRATEGIES = {"gather": 0, "table": 1}
 
@@ -121,7 +122,8 @@ def check_inputs(idx: Tensor, table: Tensor, weight: Tensor, bias: Tensor | None
         raise ValueError(f"fastlm.embedding_linear: weight must be (out, T*D) = (out, {in_features}) for T = "
                          f"{idx.shape[1]} tokens of D = {table.shape[1]}, got {tuple(weight.shape)}")
     if weight.dtype != table.dtype:
-        raise TypeError(f"fastlm.embedding_linear: weight ({weight.dtype}) and table ({table.dtype}) must have one dtype")
+        raise TypeError(f"fastlm.embedding_linear: weight ({weight.dtype}) and table ({table.dtype}) must have one "
+                        "dtype")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"fastlm.embedding_linear: bias must have out = {weight.shape[0]} entries, got "
                          f"{tuple(bias.shape)}")
@@ -156,7 +158,10 @@ def embedding_linear(
 ) -> Tensor:
     """``F.linear(table[idx].view(B, -1), weight, bias)`` fused; ``padding_idx`` as in ``nn.Embedding`` (that
     row of the table gets no gradient); ``strategy`` forces "gather" or "table"; ``atomic_scatter`` allows
-    the GPU's atomic scatter-add (not deterministic); ``backend`` forces a backend for this call."""
+    the GPU's atomic scatter-add (not deterministic); ``backend`` forces a backend for this call. Under
+    torch.autocast it runs in the autocast dtype, as F.linear does (see fastlm/ops/autocast.py)."""
+    amp = autocast_dtype(idx.device) if isinstance(idx, Tensor) else None
+    table, weight, bias = cast_to(amp, table, weight, bias)
     check_inputs(idx, table, weight, bias, padding_idx)
     if strategy is None:
         strategy = choose_strategy(idx.shape[0], table.shape[0], table.shape[1])
@@ -164,12 +169,14 @@ def embedding_linear(
         raise ValueError(f"fastlm.embedding_linear: strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     padding = -1 if padding_idx is None else padding_idx % table.shape[0]
     name = backends.resolve(idx.device, backend)
-    if name == "torch":  # the kernel backends' ops check the ids themselves
-        if not torch.compiler.is_compiling():
-            check_ids(idx, table.shape[0])
-        return reference_embedding_linear(idx, table, weight, bias, padding)
-    deterministic = not atomic_scatter or torch.are_deterministic_algorithms_enabled()
-    return EmbeddingLinearFunction.apply(idx, table, weight, bias, STRATEGIES[strategy], padding, deterministic, name)
+    with autocast_off(idx.device, amp):
+        if name == "torch":  # the kernel backends' ops check the ids themselves
+            if not torch.compiler.is_compiling():
+                check_ids(idx, table.shape[0])
+            return reference_embedding_linear(idx, table, weight, bias, padding)
+        deterministic = not atomic_scatter or torch.are_deterministic_algorithms_enabled()
+        return EmbeddingLinearFunction.apply(idx, table, weight, bias, STRATEGIES[strategy], padding, deterministic,
+                                             name)
 
 
 backends.register_fakes(KernelOps, "embedding_linear", KernelOps(_fake_forward, _fake_backward))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backends
+from fastlm.ops.autocast import autocast_dtype, autocast_off, cast_to
 from fastlm.ops.cross_entropy import (
     can_overwrite,
     check_logits,
@@ -28,6 +29,7 @@ from fastlm.ops.cross_entropy import (
     grad_per_row,
     is_exactly_one,
     kernel_ops,
+    loss_dtype,
     mean_denominator,
     reduce_rows,
     reference_cross_entropy,
@@ -107,7 +109,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.grads = grads if grad_now else None
         ctx.save_for_backward(input, weight, bias, target, ce_weight, denominator)
         ctx.mark_non_differentiable(lse)
-        return reduce_rows(rows, reduction, denominator).to(input.dtype), lse
+        return reduce_rows(rows, reduction, denominator), lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -145,9 +147,12 @@ def linear_cross_entropy(
     """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` computed chunk by chunk.
 
     input (N, H), weight (V, H) in ``nn.Linear`` layout, bias (V,), target (N,); ``ce_weight`` holds
-    the per-class weights of the loss. Other options as in ``fastlm.ops.cross_entropy``.
+    the per-class weights of the loss. Other options as in ``fastlm.ops.cross_entropy``. Under torch.autocast
+    the linear runs in the autocast dtype and the loss comes out in fp32, as with F.linear and F.cross_entropy.
     """
     check_logits(input, "linear_cross_entropy")
+    amp = autocast_dtype(input.device)
+    input, weight, bias = cast_to(amp, input, weight, bias)
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != input.shape[1]:
         raise ValueError(f"fastlm.linear_cross_entropy: weight must be (V, {input.shape[1]}), got "
                          f"{tuple(getattr(weight, 'shape', ()))}")
@@ -160,12 +165,14 @@ def linear_cross_entropy(
     check_target(target, input.shape[0], weight.shape[0], input.device, ce_weight, reduction, label_smoothing,
                  "linear_cross_entropy")
     name = backends.resolve(input.device, backend)
-    if name == "torch":
-        loss, lse = reference_cross_entropy(F.linear(input, weight, bias), target, ce_weight, ignore_index,
-                                            reduction, label_smoothing, lse_square_scale)
-    else:
-        size = chunk_size or default_chunk_size(input.shape[0], input.shape[1], weight.shape[0])
-        loss, lse = LinearCrossEntropyFunction.apply(input, weight, bias, target, ce_weight, ignore_index,
-                                                     reduction, label_smoothing, lse_square_scale, size, name,
-                                                     torch.is_grad_enabled())
+    with autocast_off(input.device, amp):
+        if name == "torch":
+            loss, lse = reference_cross_entropy(F.linear(input, weight, bias), target, ce_weight, ignore_index,
+                                                reduction, label_smoothing, lse_square_scale)
+        else:
+            size = chunk_size or default_chunk_size(input.shape[0], input.shape[1], weight.shape[0])
+            loss, lse = LinearCrossEntropyFunction.apply(input, weight, bias, target, ce_weight, ignore_index,
+                                                         reduction, label_smoothing, lse_square_scale, size, name,
+                                                         torch.is_grad_enabled())
+    loss = loss.to(loss_dtype(input.dtype, amp))
     return (loss, lse) if return_lse else loss
