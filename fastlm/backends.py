@@ -11,7 +11,6 @@ saying what is missing.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 
@@ -47,11 +46,16 @@ def _extension_error() -> str | None:
     return None
 
 
-@functools.cache
+_triton_installed: bool | None = None
+
+
 def _has_triton() -> bool:
-    """Whether the triton package is installed: asked once, as the search costs ~40 us and resolve() asks on
-    every op call on a GPU."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether the triton package is installed: looked up once, as the search costs ~40 us and resolve() asks
+    on every op call on a GPU (a module global rather than functools.cache, which torch.compile warns about)."""
+    global _triton_installed
+    if _triton_installed is None:
+        _triton_installed = importlib.util.find_spec("triton") is not None
+    return _triton_installed
 
 
 def _triton_interpreted() -> bool:

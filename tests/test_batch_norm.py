@@ -295,6 +295,52 @@ def test_torch_compile_has_no_graph_break(backend):
     torch.testing.assert_close(model[1].running_var, reference[1].running_var)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_autograd_op_opcheck(device, training, affine):
+    """fastlm::batch_norm, the C++ autograd op the cpp and cuda backends run: schema, fake, autograd
+    registration and AOT tracing (what torch.compile needs)."""
+    skip_unless_runs("cpp" if device == "cpu" else "cuda", device)
+    torch.manual_seed(12)
+    x = torch.randn(6, 3, 2, device=device, requires_grad=True)
+    weight, bias = (torch.rand(3, device=device) + 0.5, torch.randn(3, device=device)) if affine else (None, None)
+    if affine:
+        weight.requires_grad_(), bias.requires_grad_()
+    running_mean, running_var = torch.zeros(3, device=device), torch.ones(3, device=device)
+    torch.library.opcheck(torch.ops.fastlm.batch_norm.default,
+                          (x, weight, bias, running_mean, running_var, training, 0.1, 1e-5, False, 2))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_inference_mode_matches_torch(backend):
+    skip_unless_runs(backend)
+    reference, ours = make_pair(5, "cpu", backend=backend)
+    x = torch.randn(7, 5)
+    for training in (True, False):
+        reference.train(training), ours.train(training)
+        with torch.inference_mode():
+            assert_close_to_reference(ours(x), reference(x), torch.float32, magnitude=1.0)
+    assert_close_to_reference(ours.running_mean, reference.running_mean, torch.float32)
+    assert_close_to_reference(ours.running_var, reference.running_var, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_running_stats_of_another_dtype_are_updated(backend):
+    """Running statistics the kernels cannot update in place (float64 beside float32 input, or strided) are
+    updated through a copy."""
+    skip_unless_runs(backend)
+    torch.manual_seed(13)
+    x = torch.randn(9, 4)
+    for running_mean, running_var in [(torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)),
+                                      (torch.zeros(8)[::2], torch.ones(8)[::2])]:
+        want_mean, want_var = running_mean.clone(), running_var.clone()
+        torch.nn.functional.batch_norm(x.to(running_mean.dtype), want_mean, want_var, training=True)
+        fastlm.ops.batch_norm(x, running_mean, running_var, training=True, backend=backend)
+        torch.testing.assert_close(running_mean, want_mean)
+        torch.testing.assert_close(running_var, want_var)
+
+
 def test_functional_matches_f_batch_norm():
     torch.manual_seed(11)
     x = torch.randn(10, 6, 3)

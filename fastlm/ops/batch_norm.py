@@ -1,10 +1,11 @@
 """Fused BatchNorm: ``fastlm.ops.batch_norm``, ``F.batch_norm`` for (N, C) and (N, C, L) input.
 
 Layers: kernels (csrc/cpu, csrc/cuda, kernels/) -> torch.library ops (``fastlm::batch_norm_*``, semantics
-in csrc/cpu/batch_norm.cpp) -> ``BatchNormFunction`` (autograd) -> the functional ``batch_norm`` ->
-``fastlm.nn.BatchNorm1d``. Training runs one op forward (statistics, normalisation, activation and the
-running-stat update) and one op backward; SyncBatchNorm uses the split ops (stats, forward,
-backward_reduce, backward_input) with collectives in between.
+in csrc/cpu/batch_norm.cpp) -> autograd -> the functional ``batch_norm`` -> ``fastlm.nn.BatchNorm1d``. The
+autograd of the C++ kernels (cpp, cuda) is itself a C++ op, ``fastlm::batch_norm`` (csrc/batch_norm_autograd.cpp);
+that of the Triton kernels is ``BatchNormFunction`` here. Training runs one op forward (statistics,
+normalisation, activation and the running-stat update) and one op backward; SyncBatchNorm uses the split ops
+(stats, forward, backward_reduce, backward_input) with collectives in between.
 """
 
 from __future__ import annotations
@@ -121,13 +122,19 @@ def kernel_ops(backend: str) -> KernelOps:
 
 backends.register_fakes(KernelOps, "batch_norm", KernelOps(_fake_stats, _fake_forward, _fake_forward_train,
                                                            _fake_backward_reduce, _fake_backward_input, _fake_backward))
+if backends.why_unavailable("cpp") is None:
+    @torch.library.register_fake("fastlm::batch_norm")
+    def _fake_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, unbiased,
+                         activation):
+        return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
 # --- autograd ----------------------------------------------------------------------------------------
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """BatchNorm (+ activation) on a kernel backend: one op forward, one op backward.
+    """BatchNorm (+ activation) on the Triton kernels: one op forward, one op backward. (The C++ kernels have
+    the same autograd in C++, the op ``fastlm::batch_norm``, which saves this Function's Python overhead.)
 
     Saves the input, the batch (or running) statistics and, with an activation, the output, whose
     values give the activation's derivative without recomputing it.
@@ -164,8 +171,8 @@ def _forward_train(ops, input, weight, bias, running_mean, running_var, momentum
     """The training forward; running stats that the kernels cannot update in place (another dtype) are
     updated through a math-dtype copy."""
     dtype = math_dtype(input)
-    staged = [r if r is None or (r.dtype == dtype and r.is_contiguous()) else r.to(dtype)
-              for r in (running_mean, running_var)]
+    staged = [r if r is None or (r.dtype == dtype and r.is_contiguous())
+              else r.to(dtype, memory_format=torch.contiguous_format, copy=True) for r in (running_mean, running_var)]
     output, mean, invstd = ops.forward_train(input, weight, bias, *staged, momentum, eps, unbiased, activation)
     for running, copy in zip((running_mean, running_var), staged):
         if copy is not running:
@@ -224,15 +231,15 @@ def check_input(input: Tensor, training: bool) -> None:
 
 
 def check_per_channel(input: Tensor, **tensors: Tensor | None) -> None:
-    channels = input.shape[1]
+    channels, device = input.shape[1], input.device
     for name, t in tensors.items():
         if t is None:
             continue
-        if t.dim() != 1 or t.shape[0] != channels:
+        if t.shape != (channels,):
             raise ValueError(f"fastlm.batch_norm: {name} must have one entry per channel ({channels}), got shape "
                              f"{tuple(t.shape)}")
-        if t.device != input.device:
-            raise ValueError(f"fastlm.batch_norm: input is on {input.device} but {name} is on {t.device}")
+        if t.device != device:
+            raise ValueError(f"fastlm.batch_norm: input is on {device} but {name} is on {t.device}")
 
 
 def batch_norm(
@@ -265,5 +272,8 @@ def batch_norm(
     if name == "torch" or input.numel() == 0:  # an empty batch leaves the running stats as they are, as in torch
         return reference_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased,
                                     activation)
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps, unbiased,
-                                   ACTIVATIONS[activation], name)
+    if name == "triton":
+        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                       unbiased, ACTIVATIONS[activation], name)
+    return torch.ops.fastlm.batch_norm.default(input, weight, bias, running_mean, running_var, training, momentum,
+                                               eps, unbiased, ACTIVATIONS[activation])

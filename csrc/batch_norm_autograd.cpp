@@ -1,0 +1,131 @@
+// BatchNorm's autograd in C++: the op fastlm::batch_norm, which fastlm.ops.batch_norm calls on the cpp and cuda
+// backends. Its Autograd kernel runs batch_norm_forward_train (batch statistics) or batch_norm_forward (running
+// statistics) and records a C++ backward node that runs batch_norm_backward: what BatchNormFunction in
+// fastlm/ops/batch_norm.py does for the Triton kernels, without Python. At the makemore size (32 x 200) a Python
+// autograd.Function's forward and backward cost more than the two kernels themselves.
+// The Autograd kernel is device-generic: the ops it calls dispatch to the CPU or CUDA kernels. Below autograd
+// (inference mode) the op runs the forward alone. torch.compile traces through the Autograd kernel, so a
+// compiled graph holds the forward and backward ops themselves.
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastlm {
+namespace {
+
+using at::Tensor;
+using OptionalTensor = std::optional<Tensor>;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using ForwardTrainOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptionalTensor&, const OptionalTensor&,
+                                                          const OptionalTensor&, const OptionalTensor&, double, double,
+                                                          bool, int64_t);
+using ForwardOp = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&,
+                         int64_t);
+using BackwardOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptionalTensor&,
+                                                      const Tensor&, const Tensor&, const OptionalTensor&, bool, bool,
+                                                      int64_t);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+OptionalTensor present(const Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
+
+// A running statistic the kernels can update in place: contiguous, in the math dtype; any other is updated
+// through such a copy, written back after the kernel.
+OptionalTensor staged(const OptionalTensor& running, at::ScalarType dtype) {
+  if (!running || (running->scalar_type() == dtype && running->is_contiguous())) return running;
+  return running->to(dtype, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+}
+
+struct Normalized {
+  Tensor output, mean, invstd;
+};
+
+Normalized normalize(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                     const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
+                     double momentum, double eps, bool unbiased, int64_t activation) {
+  const auto dtype = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (training) {
+    static const auto forward_train = find_op<ForwardTrainOp>("fastlm::batch_norm_forward_train");
+    const OptionalTensor mean_copy = staged(running_mean, dtype), var_copy = staged(running_var, dtype);
+    auto [output, mean, invstd] =
+        forward_train.call(input, weight, bias, mean_copy, var_copy, momentum, eps, unbiased, activation);
+    if (running_mean && !running_mean->is_same(*mean_copy)) running_mean->copy_(*mean_copy);
+    if (running_var && !running_var->is_same(*var_copy)) running_var->copy_(*var_copy);
+    return {output, mean, invstd};
+  }
+  TORCH_CHECK(running_mean && running_var, "fastlm.batch_norm: running_mean and running_var are needed when not "
+              "training");
+  static const auto forward = find_op<ForwardOp>("fastlm::batch_norm_forward");
+  const Tensor mean = running_mean->to(dtype), invstd = running_var->to(dtype).add(eps).rsqrt();
+  return {forward.call(input, mean, invstd, weight, bias, activation), mean, invstd};
+}
+
+// A parameter's gradient in its own dtype (the kernels return the math dtype); none for an absent parameter.
+Tensor parameter_grad(const Tensor& grad, const OptionalTensor& parameter) {
+  return parameter ? grad.to(parameter->scalar_type()) : Tensor();
+}
+
+struct BatchNorm : torch::autograd::Function<BatchNorm> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const OptionalTensor& weight,
+                        const OptionalTensor& bias, const OptionalTensor& running_mean,
+                        const OptionalTensor& running_var, bool training, double momentum, double eps, bool unbiased,
+                        int64_t activation) {
+    auto [output, mean, invstd] =
+        normalize(input, weight, bias, running_mean, running_var, training, momentum, eps, unbiased, activation);
+    // With an activation, the output's values give its derivative (the backward reads them, not recomputes).
+    ctx->save_for_backward({input, activation ? output : Tensor(), mean, invstd, weight.value_or(Tensor()),
+                            bias.value_or(Tensor())});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["unbiased"] = unbiased;
+    ctx->saved_data["activation"] = activation;
+    return output;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_op = find_op<BackwardOp>("fastlm::batch_norm_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const OptionalTensor weight = present(saved[4]), bias = present(saved[5]);
+    auto [grad_input, grad_weight, grad_bias] = backward_op.call(
+        grads[0], saved[0], present(saved[1]), saved[2], saved[3], weight, ctx->saved_data["training"].toBool(),
+        ctx->saved_data["unbiased"].toBool(), ctx->saved_data["activation"].toInt());
+    return {grad_input, parameter_grad(grad_weight, weight), parameter_grad(grad_bias, bias), Tensor(), Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor batch_norm_autograd(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                           const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
+                           double momentum, double eps, bool unbiased, int64_t activation) {
+  return BatchNorm::apply(input, weight, bias, running_mean, running_var, training, momentum, eps, unbiased,
+                          activation);
+}
+
+Tensor batch_norm_inference(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                            const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
+                            double momentum, double eps, bool unbiased, int64_t activation) {
+  return normalize(input, weight, bias, running_mean, running_var, training, momentum, eps, unbiased, activation)
+      .output;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "bool training, float momentum, float eps, bool unbiased, int activation) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastlm, Autograd, m) { m.impl("batch_norm", &batch_norm_autograd); }
+
+TORCH_LIBRARY_IMPL(fastlm, CompositeExplicitAutograd, m) { m.impl("batch_norm", &batch_norm_inference); }
+
+}  // namespace fastlm
