@@ -7,20 +7,12 @@
 // (inference mode) the op runs the forward alone. torch.compile traces through the Autograd kernel, so a
 // compiled graph holds the forward and backward ops themselves.
 
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/custom_function.h>
-#include <torch/library.h>
-
-#include <optional>
-#include <tuple>
+#include "autograd_op.h"
 
 namespace fastlm {
 namespace {
 
-using at::Tensor;
-using OptionalTensor = std::optional<Tensor>;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
+using namespace autograd_op;
 
 using ForwardTrainOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptionalTensor&, const OptionalTensor&,
                                                           const OptionalTensor&, const OptionalTensor&, double, double,
@@ -30,11 +22,6 @@ using ForwardOp = Tensor(const Tensor&, const Tensor&, const Tensor&, const Opti
 using BackwardOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptionalTensor&,
                                                       const Tensor&, const Tensor&, const OptionalTensor&, bool, bool,
                                                       int64_t);
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 OptionalTensor present(const Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
 

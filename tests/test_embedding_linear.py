@@ -148,6 +148,28 @@ def test_opcheck(backend):
         torch.library.opcheck(ops.backward, (grad, idx, table, weight, True, strategy, 2, True))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_autograd_op_opcheck(device, with_bias):
+    """fastlm::embedding_linear, the C++ autograd op the cpp and cuda backends run: schema, fake, autograd
+    registration and AOT tracing (what torch.compile needs)."""
+    skip_unless_runs("cpp" if device == "cpu" else "cuda", device)
+    idx, table, weight, bias, _ = make_case(9, 3, 4, 5, 6, device, bias=with_bias)
+    for strategy in (0, 1):
+        table, weight, bias = (None if t is None else t.float().requires_grad_() for t in (table, weight, bias))
+        torch.library.opcheck(torch.ops.fastlm.embedding_linear.default,
+                              (idx, table, weight, bias, strategy, 2, True))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_inference_mode(backend):
+    skip_unless_runs(backend)
+    idx, table, weight, bias, _ = (t.float() if t.is_floating_point() else t for t in make_case(9, 3, 4, 5, 6, "cpu"))
+    with torch.inference_mode():
+        got = embedding_linear(idx, table, weight, bias, backend=backend)
+    assert_close_to_reference(got, F.linear(table[idx].view(9, -1), weight, bias), torch.float32)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_torch_compile_has_no_graph_break(backend):
     skip_unless_runs(backend)

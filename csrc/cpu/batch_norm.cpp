@@ -17,6 +17,7 @@
 // The schemas are defined here because this file is built on every machine; CUDA adds its kernels to the
 // same ops in csrc/cuda/batch_norm_binding.cpp.
 
+#include "contiguous_as.h"
 #include "fast_tanh.h"
 #include "huge_pages.h"
 #include "vec_config.h"
@@ -272,25 +273,17 @@ Layout layout_of(const at::Tensor& input) {
   return {N, C, L, C * L};
 }
 
-// A tensor in `dtype`, contiguous, as the kernels read and the ops return it. A tensor that already is passes
-// without the two dispatcher round trips of to() and contiguous(), which at the makemore size (32 x 200)
-// were a sizeable part of an op's time.
-at::Tensor as_math(const at::Tensor& t, at::ScalarType dtype) {
-  if (t.scalar_type() == dtype && t.is_contiguous()) return t;
-  return t.to(dtype).contiguous();
-}
-
 // A same-shaped companion of the input (grad_output, output) in the math dtype, contiguous.
 at::Tensor companion(const at::Tensor& t, const at::Tensor& input, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.sizes() == input.sizes(), "fastlm batch_norm: ", name, " must have the input's shape ", input.sizes(),
               ", got ", t.sizes());
-  return as_math(t, dtype);
+  return contiguous_as(t, dtype);
 }
 
 at::Tensor per_channel(const at::Tensor& t, int64_t C, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "fastlm batch_norm: ", name, " must have C = ", C,
               " entries, got shape ", t.sizes());
-  return as_math(t, dtype);
+  return contiguous_as(t, dtype);
 }
 
 // Per-channel values, or `fill` for every channel where the tensor is absent (weight 1, bias 0).
@@ -333,13 +326,13 @@ at::Tensor forward_with(const at::Tensor& x, const at::Tensor& input, const Layo
     normalize<decltype(act)::value>(x.data_ptr<T>(), s, mean_l.data(), scale_l.data(), bias_l.data(),
                                     y.data_ptr<T>());
   });
-  return as_math(y, input.scalar_type());
+  return contiguous_as(y, input.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {
   const Layout s = layout_of(input);
   const auto dtype = math_dtype(input);
-  const at::Tensor x = as_math(input, dtype);
+  const at::Tensor x = contiguous_as(input, dtype);
   at::Tensor mean = at::empty({s.C}, x.options()), var = at::empty({s.C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "fastlm_batch_norm_stats", [&] {
     scalar_t* v = var.data_ptr<scalar_t>();
@@ -354,7 +347,7 @@ at::Tensor batch_norm_forward(const at::Tensor& input, const at::Tensor& mean, c
                               int64_t activation) {
   const Layout s = layout_of(input);
   const auto dtype = math_dtype(input);
-  const at::Tensor x = as_math(input, dtype);
+  const at::Tensor x = contiguous_as(input, dtype);
   const at::Tensor mean_c = per_channel(mean, s.C, dtype, "mean"), invstd_c = per_channel(invstd, s.C, dtype, "invstd");
   at::Tensor y;
   AT_DISPATCH_FLOATING_TYPES(dtype, "fastlm_batch_norm_forward", [&] {
@@ -381,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_train(
   const auto dtype = math_dtype(input);
   check_running_stat(running_mean, s.C, dtype, "running_mean");
   check_running_stat(running_var, s.C, dtype, "running_var");
-  const at::Tensor x = as_math(input, dtype);
+  const at::Tensor x = contiguous_as(input, dtype);
   at::Tensor mean = at::empty({s.C}, x.options()), invstd = at::empty({s.C}, x.options()), y;
   AT_DISPATCH_FLOATING_TYPES(dtype, "fastlm_batch_norm_forward_train", [&] {
     using T = scalar_t;
@@ -418,7 +411,7 @@ GradInputs grad_inputs(const at::Tensor& grad_output, const at::Tensor& input, c
   return {s,
           dtype,
           companion(grad_output, input, dtype, "grad_output"),
-          as_math(input, dtype),
+          contiguous_as(input, dtype),
           activation_output(output, input, dtype, activation),
           per_channel(mean, s.C, dtype, "mean"),
           per_channel(invstd, s.C, dtype, "invstd")};
@@ -465,7 +458,7 @@ at::Tensor input_grad_from_sums(const GradInputs& g, const at::Tensor& input, co
                                        mean_l.data(), scale_l.data(), xmu_l.data(), shift_l.data(), dx.data_ptr<T>());
     });
   });
-  return as_math(dx, input.scalar_type());
+  return contiguous_as(dx, input.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce(const at::Tensor& grad_output, const at::Tensor& input,

@@ -12,6 +12,7 @@
 // to the same ops in csrc/cuda/cross_entropy_binding.cpp.
 
 #include "../cross_entropy_checks.h"
+#include "contiguous_as.h"
 #include "huge_pages.h"
 #include "vec_config.h"
 
@@ -69,8 +70,8 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::
   Prepared p;
   p.logits = logits.to(math_dtype);
   if (p.logits.stride(1) != 1) p.logits = p.logits.contiguous();
-  p.target = target.to(at::kLong).contiguous();
-  if (weight.has_value()) p.weight = weight->to(math_dtype).contiguous();
+  p.target = contiguous_as(target, at::kLong);
+  if (weight.has_value()) p.weight = contiguous_as(*weight, math_dtype);
   check_targets(p.target, logits.size(1), ignore_index);
   return p;
 }
@@ -282,12 +283,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
   at::Tensor grad = empty_on_huge_pages(p.logits.sizes(), p.logits.options());
   AT_DISPATCH_FLOATING_TYPES(p.logits.scalar_type(), "fastlm_cross_entropy_forward_backward", [&] {
     const auto terms = loss_terms<scalar_t>(p, ignore_index, label_smoothing, lse_square_scale);
-    const at::Tensor grad_loss_c = grad_loss.to(p.logits.scalar_type()).contiguous();
+    const at::Tensor grad_loss_c = contiguous_as(grad_loss, p.logits.scalar_type());
     forward_backward_rows<scalar_t>(p.logits.data_ptr<scalar_t>(), p.logits.stride(0), N, terms,
                                     grad_loss_c.data_ptr<scalar_t>(), loss.data_ptr<scalar_t>(),
                                     lse.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>());
   });
-  return {loss, lse, grad.to(logits.scalar_type())};
+  return {loss, lse, contiguous_as(grad, logits.scalar_type())};
 }
 
 void backward_into(const Prepared& p, const at::Tensor& lse, const at::Tensor& grad_loss, at::Tensor& grad,
@@ -297,8 +298,8 @@ void backward_into(const Prepared& p, const at::Tensor& lse, const at::Tensor& g
   check_per_row(grad_loss, N, "grad_loss");
   AT_DISPATCH_FLOATING_TYPES(p.logits.scalar_type(), "fastlm_cross_entropy_backward", [&] {
     const auto terms = loss_terms<scalar_t>(p, ignore_index, label_smoothing, lse_square_scale);
-    const at::Tensor lse_c = lse.to(p.logits.scalar_type()).contiguous();
-    const at::Tensor grad_loss_c = grad_loss.to(p.logits.scalar_type()).contiguous();
+    const at::Tensor lse_c = contiguous_as(lse, p.logits.scalar_type());
+    const at::Tensor grad_loss_c = contiguous_as(grad_loss, p.logits.scalar_type());
     backward_rows<scalar_t>(p.logits.data_ptr<scalar_t>(), p.logits.stride(0), N, terms, lse_c.data_ptr<scalar_t>(),
                             grad_loss_c.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), grad.stride(0));
   });
@@ -311,7 +312,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& ta
   const Prepared p = prepare(logits, target, weight, ignore_index);
   at::Tensor grad = empty_on_huge_pages(p.logits.sizes(), p.logits.options());
   backward_into(p, lse, grad_loss, grad, ignore_index, label_smoothing, lse_square_scale);
-  return grad.to(logits.scalar_type());
+  return contiguous_as(grad, logits.scalar_type());
 }
 
 void cross_entropy_backward_(at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,

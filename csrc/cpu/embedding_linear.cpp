@@ -17,6 +17,7 @@
 // same ops in csrc/cuda/embedding_linear_binding.cpp.
 
 #include "../embedding_linear_checks.h"
+#include "contiguous_as.h"
 #include "vec_config.h"
 
 #include <ATen/Dispatch.h>
@@ -54,8 +55,8 @@ Prepared prepare(const at::Tensor& idx, const at::Tensor& table, const at::Tenso
   check_embedding_linear_shapes(idx, table, weight);
   const int64_t B = idx.size(0), T = idx.size(1), V = table.size(0), D = table.size(1);
   const auto dtype = table.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Prepared p{idx.to(at::kLong).contiguous(), table.to(dtype).contiguous(), weight.to(dtype).contiguous(),
-             B, T, V, D, weight.size(0)};
+  Prepared p{contiguous_as(idx, at::kLong), contiguous_as(table, dtype), contiguous_as(weight, dtype), B, T, V, D,
+             weight.size(0)};
   const int64_t* ids = p.idx.data_ptr<int64_t>();
   for (int64_t i = 0; i < B * T; ++i) {
     TORCH_CHECK_INDEX(ids[i] >= 0 && ids[i] < V, "fastlm embedding_linear: index ", ids[i],
@@ -130,12 +131,12 @@ at::Tensor embedding_linear_forward(const at::Tensor& idx, const at::Tensor& tab
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.out, "fastlm embedding_linear: bias must have out = ", p.out,
                 " entries, got ", bias->sizes());
-    b = bias->to(p.table.scalar_type()).contiguous();
+    b = contiguous_as(*bias, p.table.scalar_type());
   }
   TORCH_CHECK(strategy == kGatherGemm || strategy == kProductTable,
               "fastlm embedding_linear: strategy must be 0 (gather-GEMM) or 1 (product table), got ", strategy);
   at::Tensor y = strategy == kGatherGemm ? gather_gemm_forward(p, b) : product_table_forward(p, b);
-  return y.to(table.scalar_type());
+  return contiguous_as(y, table.scalar_type());
 }
 
 // d(table) from dX blocks: rows of dX (B rows of T*D) added into their tokens' rows, in batch order. Threads
@@ -217,12 +218,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_linear_backward(
               "fastlm embedding_linear: strategy must be 0 (gather-GEMM) or 1 (product table), got ", strategy);
   TORCH_CHECK(padding_idx >= -1 && padding_idx < p.V, "fastlm embedding_linear: padding_idx must be -1 or in [0, ",
               p.V, "), got ", padding_idx);
-  const at::Tensor dy = grad_output.to(p.table.scalar_type()).contiguous();
+  const at::Tensor dy = contiguous_as(grad_output, p.table.scalar_type());
   auto [grad_table, grad_weight, grad_bias] =
       strategy == kGatherGemm ? gather_gemm_backward(p, dy, has_bias) : product_table_backward(p, dy, has_bias);
   if (padding_idx >= 0) grad_table.select(0, padding_idx).zero_();
   const auto dtype = table.scalar_type();
-  return {grad_table.to(dtype), grad_weight.to(dtype), grad_bias.to(dtype)};
+  return {contiguous_as(grad_table, dtype), contiguous_as(grad_weight, dtype), contiguous_as(grad_bias, dtype)};
 }
 
 }  // namespace

@@ -9,8 +9,10 @@ Two strategies (math in csrc/cpu/embedding_linear.cpp), both exact up to roundin
 By default the table is chosen when that count makes it at least twice as cheap. The scatter-adds of the
 backward are deterministic unless ``atomic_scatter=True`` asks for the atomic GPU path (ignored when
 ``torch.are_deterministic_algorithms_enabled()``).
-Layers: kernels -> ``fastlm::*embedding_linear_*`` ops -> ``EmbeddingLinearFunction`` -> this functional ->
-``fastlm.nn.EmbeddingLinear``.
+Layers: kernels -> ``fastlm::*embedding_linear_*`` ops -> autograd -> this functional ->
+``fastlm.nn.EmbeddingLinear``. The autograd of the C++ kernels (cpp, cuda) is itself a C++ op,
+``fastlm::embedding_linear`` (csrc/embedding_linear_autograd.cpp); that of the Triton kernels is
+``EmbeddingLinearFunction`` here.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def kernel_ops(backend: str) -> KernelOps:
 
 
 class EmbeddingLinearFunction(torch.autograd.Function):
+    """Embedding + linear on the Triton kernels (the C++ kernels have the same autograd in C++, the op
+    ``fastlm::embedding_linear``, without this Function's Python overhead)."""
+
     @staticmethod
     def forward(ctx, idx, table, weight, bias, strategy, padding_idx, deterministic, backend):
         ctx.save_for_backward(idx, table, weight)
@@ -175,8 +180,15 @@ def embedding_linear(
                 check_ids(idx, table.shape[0])
             return reference_embedding_linear(idx, table, weight, bias, padding)
         deterministic = not atomic_scatter or torch.are_deterministic_algorithms_enabled()
-        return EmbeddingLinearFunction.apply(idx, table, weight, bias, STRATEGIES[strategy], padding, deterministic,
-                                             name)
+        if name == "triton":
+            return EmbeddingLinearFunction.apply(idx, table, weight, bias, STRATEGIES[strategy], padding,
+                                                 deterministic, name)
+        return torch.ops.fastlm.embedding_linear.default(idx, table, weight, bias, STRATEGIES[strategy], padding,
+                                                         deterministic)
 
 
 backends.register_fakes(KernelOps, "embedding_linear", KernelOps(_fake_forward, _fake_backward))
+if backends.why_unavailable("cpp") is None:
+    @torch.library.register_fake("fastlm::embedding_linear")
+    def _fake_embedding_linear(idx, table, weight, bias, strategy, padding_idx, deterministic):
+        return _fake_forward(idx, table, weight, bias, strategy)

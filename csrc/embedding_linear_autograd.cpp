@@ -1,0 +1,71 @@
+// Embedding + linear's autograd in C++: the op fastlm::embedding_linear, which fastlm.ops.embedding_linear calls
+// on the cpp and cuda backends. Its Autograd kernel runs embedding_linear_forward and records a C++ backward node
+// that runs embedding_linear_backward: what EmbeddingLinearFunction in fastlm/ops/embedding_linear.py does for
+// the Triton kernels, without Python, whose autograd.Function costs more than the kernels at the makemore size
+// (B=32, T=3, D=10, out=200). Device-generic, inference mode and torch.compile as csrc/batch_norm_autograd.cpp.
+
+#include "autograd_op.h"
+
+namespace fastlm {
+namespace {
+
+using namespace autograd_op;
+
+using ForwardOp = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptionalTensor&, int64_t);
+using BackwardOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool,
+                                                      int64_t, int64_t, bool);
+
+Tensor forward_op(const Tensor& idx, const Tensor& table, const Tensor& weight, const OptionalTensor& bias,
+                  int64_t strategy) {
+  static const auto forward = find_op<ForwardOp>("fastlm::embedding_linear_forward");
+  return forward.call(idx, table, weight, bias, strategy);
+}
+
+struct EmbeddingLinear : torch::autograd::Function<EmbeddingLinear> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& idx, const Tensor& table, const Tensor& weight,
+                        const OptionalTensor& bias, int64_t strategy, int64_t padding_idx, bool deterministic) {
+    ctx->save_for_backward({idx, table, weight});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["strategy"] = strategy;
+    ctx->saved_data["padding_idx"] = padding_idx;
+    ctx->saved_data["deterministic"] = deterministic;
+    return forward_op(idx, table, weight, bias, strategy);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_op = find_op<BackwardOp>("fastlm::embedding_linear_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    auto [grad_table, grad_weight, grad_bias] =
+        backward_op.call(grads[0], saved[0], saved[1], saved[2], has_bias, ctx->saved_data["strategy"].toInt(),
+                         ctx->saved_data["padding_idx"].toInt(), ctx->saved_data["deterministic"].toBool());
+    return {Tensor(), grad_table, grad_weight, has_bias ? grad_bias : Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor embedding_linear_autograd(const Tensor& idx, const Tensor& table, const Tensor& weight,
+                                 const OptionalTensor& bias, int64_t strategy, int64_t padding_idx,
+                                 bool deterministic) {
+  return EmbeddingLinear::apply(idx, table, weight, bias, strategy, padding_idx, deterministic);
+}
+
+Tensor embedding_linear_inference(const Tensor& idx, const Tensor& table, const Tensor& weight,
+                                  const OptionalTensor& bias, int64_t strategy, int64_t, bool) {
+  return forward_op(idx, table, weight, bias, strategy);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  m.def(
+      "embedding_linear(Tensor idx, Tensor table, Tensor weight, Tensor? bias, int strategy, int padding_idx, "
+      "bool deterministic) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastlm, Autograd, m) { m.impl("embedding_linear", &embedding_linear_autograd); }
+
+TORCH_LIBRARY_IMPL(fastlm, CompositeExplicitAutograd, m) {
+  m.impl("embedding_linear", &embedding_linear_inference);
+}
+
+}  // namespace fastlm
