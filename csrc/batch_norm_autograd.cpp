@@ -79,13 +79,15 @@ struct BatchNorm : torch::autograd::Function<BatchNorm> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto backward_op = find_op<BackwardOp>("fastlm::batch_norm_backward");
-    const variable_list saved = ctx->get_saved_variables();
-    const OptionalTensor weight = present(saved[4]), bias = present(saved[5]);
-    auto [grad_input, grad_weight, grad_bias] = backward_op.call(
-        grads[0], saved[0], present(saved[1]), saved[2], saved[3], weight, ctx->saved_data["training"].toBool(),
-        ctx->saved_data["unbiased"].toBool(), ctx->saved_data["activation"].toInt());
-    return {grad_input, parameter_grad(grad_weight, weight), parameter_grad(grad_bias, bias), Tensor(), Tensor(),
-            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return once_differentiable("fastlm::batch_norm", grads, [&]() -> variable_list {
+      const variable_list saved = ctx->get_saved_variables();
+      const OptionalTensor weight = present(saved[4]), bias = present(saved[5]);
+      auto [grad_input, grad_weight, grad_bias] = backward_op.call(
+          grads[0], saved[0], present(saved[1]), saved[2], saved[3], weight, ctx->saved_data["training"].toBool(),
+          ctx->saved_data["unbiased"].toBool(), ctx->saved_data["activation"].toInt());
+      return {grad_input, parameter_grad(grad_weight, weight), parameter_grad(grad_bias, bias), Tensor(), Tensor(),
+              Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    });
   }
 };
 

@@ -34,12 +34,14 @@ struct EmbeddingLinear : torch::autograd::Function<EmbeddingLinear> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto backward_op = find_op<BackwardOp>("fastlm::embedding_linear_backward");
-    const variable_list saved = ctx->get_saved_variables();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    auto [grad_table, grad_weight, grad_bias] =
-        backward_op.call(grads[0], saved[0], saved[1], saved[2], has_bias, ctx->saved_data["strategy"].toInt(),
-                         ctx->saved_data["padding_idx"].toInt(), ctx->saved_data["deterministic"].toBool());
-    return {Tensor(), grad_table, grad_weight, has_bias ? grad_bias : Tensor(), Tensor(), Tensor(), Tensor()};
+    return once_differentiable("fastlm::embedding_linear", grads, [&]() -> variable_list {
+      const variable_list saved = ctx->get_saved_variables();
+      const bool has_bias = ctx->saved_data["has_bias"].toBool();
+      auto [grad_table, grad_weight, grad_bias] =
+          backward_op.call(grads[0], saved[0], saved[1], saved[2], has_bias, ctx->saved_data["strategy"].toInt(),
+                           ctx->saved_data["padding_idx"].toInt(), ctx->saved_data["deterministic"].toBool());
+      return {Tensor(), grad_table, grad_weight, has_bias ? grad_bias : Tensor(), Tensor(), Tensor(), Tensor()};
+    });
   }
 };
 

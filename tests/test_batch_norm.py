@@ -313,6 +313,17 @@ def test_autograd_op_opcheck(device, training, affine):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_double_backward_raises(backend):
+    """The backward is not differentiable: a second derivative through it raises instead of coming out zero."""
+    skip_unless_runs(backend)
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    y = fastlm.nn.BatchNorm1d(3, dtype=torch.float64, backend=backend)(x)
+    (grad,) = torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate"):
+        grad.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_inference_mode_matches_torch(backend):
     skip_unless_runs(backend)
     reference, ours = make_pair(5, "cpu", backend=backend)

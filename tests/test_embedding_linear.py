@@ -162,6 +162,18 @@ def test_autograd_op_opcheck(device, with_bias):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_double_backward_raises(backend):
+    """The backward is not differentiable: a second derivative through it raises instead of coming out zero."""
+    skip_unless_runs(backend)
+    idx, table, weight, bias, _ = make_case(9, 3, 4, 5, 6, "cpu")
+    table, weight = table.requires_grad_(), weight.requires_grad_()
+    y = embedding_linear(idx, table, weight, bias, backend=backend)
+    (grad,) = torch.autograd.grad((y ** 2).sum(), weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate"):
+        grad.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_inference_mode(backend):
     skip_unless_runs(backend)
     idx, table, weight, bias, _ = (t.float() if t.is_floating_point() else t for t in make_case(9, 3, 4, 5, 6, "cpu"))
