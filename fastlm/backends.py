@@ -144,10 +144,16 @@ def kernel_ops(table_type, family: str, backend: str):
     return _op_tables[key]
 
 
+def register_cpp_fake(op: str, fake) -> None:
+    """Registers the fake (meta) implementation of the C++ op ``fastlm::{op}``, where fastlm._C loaded (elsewhere
+    the op does not exist), so torch.compile can trace it."""
+    if why_unavailable("cpp") is None:
+        torch.library.register_fake(f"fastlm::{op}", fake)
+
+
 def register_fakes(table_type, family: str, fakes) -> None:
     """Registers the fake (meta) implementations ``fakes`` (a ``table_type`` of functions) for the family's
     Triton custom ops and, where fastlm._C loaded, its C++ ops, so torch.compile can trace them."""
-    prefixes = ("", "triton_") if why_unavailable("cpp") is None else ("triton_",)
-    for prefix in prefixes:
-        for name, fake in zip(table_type._fields, fakes):
-            torch.library.register_fake(f"fastlm::{prefix}{family}_{name}", fake)
+    for name, fake in zip(table_type._fields, fakes):
+        torch.library.register_fake(f"fastlm::triton_{family}_{name}", fake)
+        register_cpp_fake(f"{family}_{name}", fake)

@@ -122,11 +122,13 @@ def kernel_ops(backend: str) -> KernelOps:
 
 backends.register_fakes(KernelOps, "batch_norm", KernelOps(_fake_stats, _fake_forward, _fake_forward_train,
                                                            _fake_backward_reduce, _fake_backward_input, _fake_backward))
-if backends.why_unavailable("cpp") is None:
-    @torch.library.register_fake("fastlm::batch_norm")
-    def _fake_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, unbiased,
-                         activation):
-        return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _fake_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, unbiased, activation):
+    return _fake_forward(input, running_mean, running_var, weight, bias, activation)
+
+
+backends.register_cpp_fake("batch_norm", _fake_batch_norm)
 
 
 # --- autograd ----------------------------------------------------------------------------------------

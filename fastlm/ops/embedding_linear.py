@@ -188,7 +188,10 @@ def embedding_linear(
 
 
 backends.register_fakes(KernelOps, "embedding_linear", KernelOps(_fake_forward, _fake_backward))
-if backends.why_unavailable("cpp") is None:
-    @torch.library.register_fake("fastlm::embedding_linear")
-    def _fake_embedding_linear(idx, table, weight, bias, strategy, padding_idx, deterministic):
-        return _fake_forward(idx, table, weight, bias, strategy)
+
+
+def _fake_embedding_linear(idx, table, weight, bias, strategy, padding_idx, deterministic):
+    return _fake_forward(idx, table, weight, bias, strategy)
+
+
+backends.register_cpp_fake("embedding_linear", _fake_embedding_linear)

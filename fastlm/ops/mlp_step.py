@@ -179,6 +179,5 @@ def _fake_sgd_step(idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias, runn
     return table.new_empty(())
 
 
-if backends.why_unavailable("cpp") is None:
-    torch.library.register_fake("fastlm::mlp_loss_and_grads", _fake)
-    torch.library.register_fake("fastlm::mlp_sgd_step", _fake_sgd_step)
+backends.register_cpp_fake("mlp_loss_and_grads", _fake)
+backends.register_cpp_fake("mlp_sgd_step", _fake_sgd_step)
