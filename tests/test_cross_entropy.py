@@ -361,6 +361,57 @@ def test_opcheck(case):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_autograd_op_opcheck(device, reduction, weighted, inplace_backward):
+    """fastlm::cross_entropy, the C++ autograd op the cpp and cuda backends run: schema, fake, autograd
+    registration and AOT tracing (what torch.compile needs)."""
+    skip_unless_runs("cpp" if device == "cpu" else "cuda", device)
+    x, target = random_problem(7, 27, device=device)
+    weight = torch.rand(27, device=device) + 0.5 if weighted else None
+    torch.library.opcheck(torch.ops.fastlm.cross_entropy.default,
+                          (x.requires_grad_(), target, weight, -100, reduction, 0.1, 1e-3, inplace_backward))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_second_backward_through_a_retained_graph(backend):
+    """The gradient made in the forward is handed out once; a second backward recomputes it."""
+    skip_unless_runs(backend)
+    x, target = random_problem(9, 27)
+    x.requires_grad_()
+    loss = cross_entropy(x, target, label_smoothing=0.1, backend=backend)
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, x, torch.tensor(3.0))
+    ref_loss, _, leaf = reference(x, target, label_smoothing=0.1)
+    (ref,) = torch.autograd.grad(ref_loss, leaf)
+    assert_close_to_reference(first, ref, torch.float32, magnitude=1 / 9)
+    assert_close_to_reference(second, 3 * ref, torch.float32, magnitude=3 / 9)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_double_backward_raises(backend):
+    """The backward is not differentiable: a second derivative through it raises instead of coming out zero."""
+    skip_unless_runs(backend)
+    x, target = random_problem(6, 5)
+    x = x.double().requires_grad_()
+    for reduction in ("mean", "none"):  # an upstream gradient that itself needs a gradient
+        loss = (cross_entropy(x, target, reduction=reduction, backend=backend) ** 2).sum()
+        (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate"):
+            grad.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_inference_mode(backend):
+    skip_unless_runs(backend)
+    x, target = random_problem(6, 5)
+    with torch.inference_mode():
+        loss = cross_entropy(x, target, reduction="sum", backend=backend)
+    torch.testing.assert_close(loss, F.cross_entropy(x, target, reduction="sum"))
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_compiles_without_graph_breaks(backend):
     skip_unless_runs(backend)

@@ -1,8 +1,10 @@
 """Fused cross-entropy: ``fastlm.ops.cross_entropy``, a drop-in for ``F.cross_entropy`` on (N, C) logits.
 
 Layers, as in Liger-Kernel: kernels (csrc/cpu, csrc/cuda, kernels/) -> torch.library ops (``fastlm::*``,
-with fake implementations so torch.compile traces them) -> ``CrossEntropyFunction`` (autograd) -> the
-functional ``cross_entropy`` -> ``fastlm.nn.CrossEntropyLoss``.
+with fake implementations so torch.compile traces them) -> autograd -> the functional ``cross_entropy`` ->
+``fastlm.nn.CrossEntropyLoss``. The autograd of the C++ kernels (cpp, cuda) is itself a C++ op,
+``fastlm::cross_entropy`` (csrc/cross_entropy_autograd.cpp); that of the Triton kernels is
+``CrossEntropyFunction`` here, and the two do the same.
 
 In training the forward kernel returns per-row losses, the row log-sum-exp and the gradient at once (one
 exp per logit); the extra memory is that (N, C) gradient alone, and none with ``inplace_backward=True``,
@@ -145,7 +147,8 @@ def grad_per_row(grad_output: Tensor, reduction: str, denominator: Tensor | None
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Cross-entropy on a kernel backend. Returns (loss, lse); lse carries no gradient.
+    """Cross-entropy on the Triton kernels (the C++ kernels have the same autograd in C++, the op
+    ``fastlm::cross_entropy``). Returns (loss, lse); lse carries no gradient.
 
     When the logits need a gradient (and grad mode is on where the op is called: under no_grad, autograd
     still marks a leaf that requires grad as needing one), the forward computes it too (one exp per logit
@@ -310,8 +313,10 @@ def cross_entropy(
     with autocast_off(input.device, amp):
         if name == "torch":
             loss, lse = reference_cross_entropy(*args)
-        else:
+        elif name == "triton":
             loss, lse = CrossEntropyFunction.apply(*args, inplace_backward, name, torch.is_grad_enabled())
+        else:
+            loss, lse = torch.ops.fastlm.cross_entropy.default(*args, inplace_backward)
     loss = loss.to(loss_dtype(input.dtype, amp))
     return (loss, lse) if return_lse else loss
 
@@ -323,3 +328,12 @@ def loss_dtype(input_dtype: torch.dtype, amp: torch.dtype | None) -> torch.dtype
 
 backends.register_fakes(KernelOps, "cross_entropy",
                         KernelOps(_fake_forward, _fake_forward_backward, _fake_backward, _fake_backward_))
+
+
+def _fake_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+                        inplace_backward):
+    rows, lse = _fake_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
+    return (rows if reduction == "none" else rows.new_empty(())), lse
+
+
+backends.register_cpp_fake("cross_entropy", _fake_cross_entropy)

@@ -1,0 +1,211 @@
+// Cross-entropy's autograd in C++: the op fastlm::cross_entropy, which fastlm.ops.cross_entropy calls on the cpp
+// and cuda backends; CrossEntropyFunction in fastlm/ops/cross_entropy.py does the same for the Triton kernels. The
+// Python Function, with the reduction's small tensor ops around it, cost ~90 us a call on the CPU: more than the
+// kernels themselves below a few hundred thousand logits, and a third of a call at N=8192, C=128.
+// What it does: when the logits need a gradient, the forward runs cross_entropy_forward_backward, which computes
+// the gradient for an upstream gradient of 1 at once (one exponential per logit), and the backward hands that
+// buffer out once, scaled in place only when the upstream gradient is not exactly 1. A second backward through a
+// retained graph recomputes it from the saved logits and log-sum-exp. With inplace_backward the forward computes
+// the loss alone and the backward writes the gradient over the logits, bumping their version so that any other
+// saved use of them fails autograd's check instead of reading gradients.
+// Device-generic, inference mode and torch.compile as csrc/batch_norm_autograd.cpp.
+
+#include <c10/core/impl/VirtualGuardImpl.h>
+
+#include "autograd_op.h"
+
+namespace fastlm {
+namespace {
+
+using namespace autograd_op;
+
+using ForwardOp = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptionalTensor&, int64_t, double,
+                                             double);
+using ForwardBackwardOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptionalTensor&,
+                                                             const Tensor&, int64_t, double, double);
+using BackwardOp = Tensor(const Tensor&, const Tensor&, const OptionalTensor&, const Tensor&, const Tensor&, int64_t,
+                          double, double);
+using BackwardInPlaceOp = void(Tensor&, const Tensor&, const OptionalTensor&, const Tensor&, const Tensor&,
+                               int64_t, double, double);
+
+enum class Reduction { none, mean, sum };
+
+Reduction parse_reduction(c10::string_view reduction) {
+  if (reduction == "mean") return Reduction::mean;
+  if (reduction == "sum") return Reduction::sum;
+  TORCH_CHECK(reduction == "none", "fastlm.cross_entropy: reduction must be 'mean', 'sum' or 'none', got '",
+              reduction, "'");
+  return Reduction::none;
+}
+
+at::ScalarType math_dtype(const Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// What F.cross_entropy's mean divides by: the summed weight of the non-ignored targets (their count without
+// weights). Zero when every target is ignored, so the mean is NaN, as in torch.
+Tensor mean_denominator(const Tensor& target, const OptionalTensor& weight, int64_t ignore_index,
+                        at::ScalarType dtype) {
+  const Tensor valid = target.ne(ignore_index);
+  if (!weight) return valid.sum(dtype);
+  // Clamped so that an out-of-range target reaches the kernels, which refuse it with a clear IndexError.
+  const Tensor safe_target = target.masked_fill(valid.logical_not(), 0).clamp(0, weight->size(0) - 1);
+  return weight->to(dtype).index_select(0, safe_target).masked_fill(valid.logical_not(), 0).sum();
+}
+
+Tensor reduce_rows(const Tensor& rows, Reduction reduction, const Tensor& denominator) {
+  if (reduction == Reduction::none) return rows;
+  if (reduction == Reduction::sum) return rows.sum();
+  return rows.sum().div(denominator);
+}
+
+// dloss/d(row loss) for every row, as the contiguous vector the backward kernels read.
+Tensor grad_per_row(const Tensor& grad_loss, Reduction reduction, const Tensor& denominator, int64_t num_rows,
+                    at::ScalarType dtype) {
+  Tensor grad = grad_loss.to(dtype);
+  if (reduction == Reduction::mean) grad = grad.div(denominator);
+  return grad.expand({num_rows}).contiguous();
+}
+
+// Whether a tensor holds values this code may read: not a fake or functional tensor of torch.compile's tracing,
+// and not on a stream being captured into a CUDA graph (reading a GPU value syncs, which capture forbids).
+bool values_readable(const Tensor& t) {
+  constexpr auto traced = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
+  if (t.key_set().has_any(traced) || t.is_meta()) return false;
+  if (t.is_cpu()) return true;
+  const c10::impl::VirtualGuardImpl guard(t.device().type());
+  return !guard.isStreamCapturing(guard.getStream(t.device()));
+}
+
+// Multiplies a gradient made for an upstream gradient of 1 by the real one (per row for reduction 'none').
+// Skipping the pass over the gradient when the upstream gradient is exactly 1, as after loss.backward(), costs a
+// device sync on a GPU; where the value cannot be read, the gradient is always scaled.
+Tensor scale_in_place(Tensor grad, const Tensor& grad_loss, Reduction reduction) {
+  if (reduction == Reduction::none) return grad.mul_(grad_loss.unsqueeze(1));
+  if (values_readable(grad_loss) && grad_loss.item<double>() == 1.0) return grad;
+  return grad.mul_(grad_loss);
+}
+
+// Whether the in-place backward can write the gradient straight over these logits: a dtype the kernel writes,
+// unit column stride, and rows that do not share memory (an expanded row has one buffer for several rows').
+bool can_overwrite(const Tensor& logits) {
+  const auto dtype = logits.scalar_type();
+  const bool writable_dtype = dtype == at::kFloat || dtype == at::kDouble ||
+                              (!logits.is_cpu() && (dtype == at::kHalf || dtype == at::kBFloat16));
+  const bool rows_apart = logits.size(0) <= 1 || logits.stride(0) >= logits.size(1);
+  return writable_dtype && logits.stride(1) == 1 && rows_apart;
+}
+
+struct Options {
+  Reduction reduction;
+  int64_t ignore_index;
+  double label_smoothing, lse_square_scale;
+};
+
+std::tuple<Tensor, Tensor> forward_only(const Tensor& logits, const Tensor& target, const OptionalTensor& weight,
+                                        const Options& o) {
+  static const auto forward = find_op<ForwardOp>("fastlm::cross_entropy_forward");
+  return forward.call(logits, target, weight, o.ignore_index, o.label_smoothing, o.lse_square_scale);
+}
+
+struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& target,
+                               const OptionalTensor& weight, const Options& o, bool inplace_backward,
+                               bool grad_wanted) {
+    static const auto forward_backward = find_op<ForwardBackwardOp>("fastlm::cross_entropy_forward_backward");
+    const auto dtype = math_dtype(logits);
+    const Tensor denominator =
+        o.reduction == Reduction::mean ? mean_denominator(target, weight, o.ignore_index, dtype) : Tensor();
+    const bool inplace = inplace_backward && can_overwrite(logits);
+    Tensor rows, lse;
+    if (grad_wanted && !inplace) {
+      const Tensor unit = at::ones({}, logits.options().dtype(dtype));
+      const Tensor grad_rows = grad_per_row(unit, o.reduction, denominator, logits.size(0), dtype);
+      Tensor grad;
+      std::tie(rows, lse, grad) = forward_backward.call(logits, target, weight, grad_rows, o.ignore_index,
+                                                        o.label_smoothing, o.lse_square_scale);
+      ctx->saved_data["grad"] = grad;  // not a saved variable: handed out once, so no version check is needed
+    } else {
+      std::tie(rows, lse) = forward_only(logits, target, weight, o);
+    }
+    ctx->save_for_backward({logits, target, weight.value_or(Tensor()), lse, denominator});
+    ctx->saved_data["reduction"] = int64_t(o.reduction);
+    ctx->saved_data["ignore_index"] = o.ignore_index;
+    ctx->saved_data["label_smoothing"] = o.label_smoothing;
+    ctx->saved_data["lse_square_scale"] = o.lse_square_scale;
+    ctx->saved_data["inplace"] = inplace;
+    ctx->mark_non_differentiable({lse});
+    return {reduce_rows(rows, o.reduction, denominator), lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_op = find_op<BackwardOp>("fastlm::cross_entropy_backward");
+    static const auto backward_in_place = find_op<BackwardInPlaceOp>("fastlm::cross_entropy_backward_");
+    return once_differentiable("fastlm::cross_entropy", {grads[0]}, [&]() -> variable_list {
+      const auto reduction = Reduction(ctx->saved_data["reduction"].toInt());
+      variable_list result(6);
+      auto held = ctx->saved_data.find("grad");
+      if (held != ctx->saved_data.end()) {
+        Tensor grad = held->second.toTensor();
+        ctx->saved_data.erase(held);  // handed out once: nothing else holds it, so it is scaled in place
+        result[0] = scale_in_place(std::move(grad), grads[0], reduction);
+        return result;
+      }
+      const variable_list saved = ctx->get_saved_variables();
+      Tensor logits = saved[0];
+      const Tensor &target = saved[1], &lse = saved[3];
+      const OptionalTensor weight = saved[2].defined() ? OptionalTensor(saved[2]) : std::nullopt;
+      const Tensor grad_rows = grad_per_row(grads[0], reduction, saved[4], logits.size(0), lse.scalar_type());
+      const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+      const double label_smoothing = ctx->saved_data["label_smoothing"].toDouble();
+      const double lse_square_scale = ctx->saved_data["lse_square_scale"].toDouble();
+      if (ctx->saved_data["inplace"].toBool()) {
+        backward_in_place.call(logits, target, weight, lse, grad_rows, ignore_index, label_smoothing,
+                               lse_square_scale);
+        torch::autograd::impl::bump_version(logits);
+        result[0] = logits;
+      } else {
+        result[0] = backward_op.call(logits, target, weight, lse, grad_rows, ignore_index, label_smoothing,
+                                     lse_square_scale);
+      }
+      return result;
+    });
+  }
+};
+
+std::tuple<Tensor, Tensor> cross_entropy_autograd(const Tensor& logits, const Tensor& target,
+                                                  const OptionalTensor& weight, int64_t ignore_index,
+                                                  c10::string_view reduction, double label_smoothing,
+                                                  double lse_square_scale, bool inplace_backward) {
+  // Under no_grad autograd still marks a leaf that requires grad as needing one: ask grad mode too.
+  const bool grad_wanted = at::GradMode::is_enabled() && logits.requires_grad();
+  const Options options{parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale};
+  variable_list out = CrossEntropy::apply(logits, target, weight, options, inplace_backward, grad_wanted);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor> cross_entropy_inference(const Tensor& logits, const Tensor& target,
+                                                   const OptionalTensor& weight, int64_t ignore_index,
+                                                   c10::string_view reduction, double label_smoothing,
+                                                   double lse_square_scale, bool) {
+  const Options o{parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale};
+  auto [rows, lse] = forward_only(logits, target, weight, o);
+  const Tensor denominator = o.reduction == Reduction::mean
+                                 ? mean_denominator(target, weight, ignore_index, math_dtype(logits))
+                                 : Tensor();
+  return {reduce_rows(rows, o.reduction, denominator), lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  m.def(
+      "cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index, str reduction, "
+      "float label_smoothing, float lse_square_scale, bool inplace_backward) -> (Tensor loss, Tensor lse)");
+}
+
+TORCH_LIBRARY_IMPL(fastlm, Autograd, m) { m.impl("cross_entropy", &cross_entropy_autograd); }
+
+TORCH_LIBRARY_IMPL(fastlm, CompositeExplicitAutograd, m) { m.impl("cross_entropy", &cross_entropy_inference); }
+
+}  // namespace fastlm
