@@ -1,6 +1,9 @@
 // What the C++ autograd ops (csrc/<family>_autograd.cpp) share: the names they use, the kernel ops they call
 // (looked up once in the dispatcher by name, whichever file registered them), and backward nodes that refuse
 // to be differentiated.
+// Every kernel backend runs its family's autograd through these ops: the cpp and cuda kernels are chosen by the
+// tensors' device (fastlm::<family>_<step>); with `triton`, the op calls the Triton kernels instead
+// (fastlm::triton_<family>_<step>, Python custom ops that fastlm.ops registers), so one autograd serves all.
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -9,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -24,6 +28,27 @@ template <typename Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
+
+// One step of a kernel family, `kernels(triton)` being its op on the C++ kernels or on the Triton kernels, each
+// looked up the first time it is asked for (the Triton ops exist only once fastlm.ops is imported).
+template <typename Signature>
+class KernelOp {
+ public:
+  explicit KernelOp(const char* step) : step_(step) {}
+
+  const c10::TypedOperatorHandle<Signature>& kernels(bool triton) const {
+    const int i = triton ? 1 : 0;
+    std::call_once(found_[i], [&] {
+      handle_[i] = find_op<Signature>((std::string(triton ? "fastlm::triton_" : "fastlm::") + step_).c_str());
+    });
+    return *handle_[i];
+  }
+
+ private:
+  const char* step_;
+  mutable std::once_flag found_[2];
+  mutable std::optional<c10::TypedOperatorHandle<Signature>> handle_[2];
+};
 
 // The gradients `backward()` computes, as torch.autograd.function.once_differentiable returns them: computed
 // without recording, then, where the graph of this backward is being built (create_graph), behind a node that

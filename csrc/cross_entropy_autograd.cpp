@@ -1,14 +1,13 @@
-// Cross-entropy's autograd in C++: the op fastlm::cross_entropy, which fastlm.ops.cross_entropy calls on the cpp
-// and cuda backends; CrossEntropyFunction in fastlm/ops/cross_entropy.py does the same for the Triton kernels. The
-// Python Function, with the reduction's small tensor ops around it, cost ~90 us a call on the CPU: more than the
-// kernels themselves below a few hundred thousand logits, and a third of a call at N=8192, C=128.
+// Cross-entropy's autograd in C++: the op fastlm::cross_entropy, which fastlm.ops.cross_entropy calls on every
+// kernel backend. A Python autograd.Function with the reduction's small tensor ops around it cost ~90 us a call on
+// the CPU (N=32, C=27), many times the kernels.
 // What it does: when the logits need a gradient, the forward runs cross_entropy_forward_backward, which computes
 // the gradient for an upstream gradient of 1 at once (one exponential per logit), and the backward hands that
 // buffer out once, scaled in place only when the upstream gradient is not exactly 1. A second backward through a
 // retained graph recomputes it from the saved logits and log-sum-exp. With inplace_backward the forward computes
 // the loss alone and the backward writes the gradient over the logits, bumping their version so that any other
 // saved use of them fails autograd's check instead of reading gradients.
-// Device-generic, inference mode and torch.compile as csrc/batch_norm_autograd.cpp.
+// Device-generic (or the Triton kernels'), inference mode and torch.compile as csrc/batch_norm_autograd.cpp.
 
 #include <c10/core/impl/VirtualGuardImpl.h>
 
@@ -86,12 +85,13 @@ Tensor scale_in_place(Tensor grad, const Tensor& grad_loss, Reduction reduction)
   return grad.mul_(grad_loss);
 }
 
-// Whether the in-place backward can write the gradient straight over these logits: a dtype the kernel writes,
-// unit column stride, and rows that do not share memory (an expanded row has one buffer for several rows').
-bool can_overwrite(const Tensor& logits) {
+// Whether the in-place backward can write the gradient straight over these logits: a dtype the kernel writes
+// (fp16/bf16 too, except for the C++ CPU kernels), unit column stride, and rows that do not share memory (an
+// expanded row has one buffer for several rows').
+bool can_overwrite(const Tensor& logits, bool triton) {
   const auto dtype = logits.scalar_type();
   const bool writable_dtype = dtype == at::kFloat || dtype == at::kDouble ||
-                              (!logits.is_cpu() && (dtype == at::kHalf || dtype == at::kBFloat16));
+                              ((triton || !logits.is_cpu()) && (dtype == at::kHalf || dtype == at::kBFloat16));
   const bool rows_apart = logits.size(0) <= 1 || logits.stride(0) >= logits.size(1);
   return writable_dtype && logits.stride(1) == 1 && rows_apart;
 }
@@ -100,30 +100,32 @@ struct Options {
   Reduction reduction;
   int64_t ignore_index;
   double label_smoothing, lse_square_scale;
+  bool triton;
 };
 
 std::tuple<Tensor, Tensor> forward_only(const Tensor& logits, const Tensor& target, const OptionalTensor& weight,
                                         const Options& o) {
-  static const auto forward = find_op<ForwardOp>("fastlm::cross_entropy_forward");
-  return forward.call(logits, target, weight, o.ignore_index, o.label_smoothing, o.lse_square_scale);
+  static const KernelOp<ForwardOp> forward("cross_entropy_forward");
+  return forward.kernels(o.triton).call(logits, target, weight, o.ignore_index, o.label_smoothing,
+                                        o.lse_square_scale);
 }
 
 struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& target,
                                const OptionalTensor& weight, const Options& o, bool inplace_backward,
                                bool grad_wanted) {
-    static const auto forward_backward = find_op<ForwardBackwardOp>("fastlm::cross_entropy_forward_backward");
+    static const KernelOp<ForwardBackwardOp> forward_backward("cross_entropy_forward_backward");
     const auto dtype = math_dtype(logits);
     const Tensor denominator =
         o.reduction == Reduction::mean ? mean_denominator(target, weight, o.ignore_index, dtype) : Tensor();
-    const bool inplace = inplace_backward && can_overwrite(logits);
+    const bool inplace = inplace_backward && can_overwrite(logits, o.triton);
     Tensor rows, lse;
     if (grad_wanted && !inplace) {
       const Tensor unit = at::ones({}, logits.options().dtype(dtype));
       const Tensor grad_rows = grad_per_row(unit, o.reduction, denominator, logits.size(0), dtype);
       Tensor grad;
-      std::tie(rows, lse, grad) = forward_backward.call(logits, target, weight, grad_rows, o.ignore_index,
-                                                        o.label_smoothing, o.lse_square_scale);
+      std::tie(rows, lse, grad) = forward_backward.kernels(o.triton).call(
+          logits, target, weight, grad_rows, o.ignore_index, o.label_smoothing, o.lse_square_scale);
       ctx->saved_data["grad"] = grad;  // not a saved variable: handed out once, so no version check is needed
     } else {
       std::tie(rows, lse) = forward_only(logits, target, weight, o);
@@ -134,13 +136,14 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
     ctx->saved_data["label_smoothing"] = o.label_smoothing;
     ctx->saved_data["lse_square_scale"] = o.lse_square_scale;
     ctx->saved_data["inplace"] = inplace;
+    ctx->saved_data["triton"] = o.triton;
     ctx->mark_non_differentiable({lse});
     return {reduce_rows(rows, o.reduction, denominator), lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto backward_op = find_op<BackwardOp>("fastlm::cross_entropy_backward");
-    static const auto backward_in_place = find_op<BackwardInPlaceOp>("fastlm::cross_entropy_backward_");
+    static const KernelOp<BackwardOp> backward_op("cross_entropy_backward");
+    static const KernelOp<BackwardInPlaceOp> backward_in_place("cross_entropy_backward_");
     return once_differentiable("fastlm::cross_entropy", {grads[0]}, [&]() -> variable_list {
       const auto reduction = Reduction(ctx->saved_data["reduction"].toInt());
       variable_list result(6);
@@ -159,14 +162,15 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
       const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
       const double label_smoothing = ctx->saved_data["label_smoothing"].toDouble();
       const double lse_square_scale = ctx->saved_data["lse_square_scale"].toDouble();
+      const bool triton = ctx->saved_data["triton"].toBool();
       if (ctx->saved_data["inplace"].toBool()) {
-        backward_in_place.call(logits, target, weight, lse, grad_rows, ignore_index, label_smoothing,
+        backward_in_place.kernels(triton).call(logits, target, weight, lse, grad_rows, ignore_index, label_smoothing,
                                lse_square_scale);
         torch::autograd::impl::bump_version(logits);
         result[0] = logits;
       } else {
-        result[0] = backward_op.call(logits, target, weight, lse, grad_rows, ignore_index, label_smoothing,
-                                     lse_square_scale);
+        result[0] = backward_op.kernels(triton).call(logits, target, weight, lse, grad_rows, ignore_index,
+                                                     label_smoothing, lse_square_scale);
       }
       return result;
     });
@@ -176,10 +180,10 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
 std::tuple<Tensor, Tensor> cross_entropy_autograd(const Tensor& logits, const Tensor& target,
                                                   const OptionalTensor& weight, int64_t ignore_index,
                                                   c10::string_view reduction, double label_smoothing,
-                                                  double lse_square_scale, bool inplace_backward) {
+                                                  double lse_square_scale, bool inplace_backward, bool triton) {
   // Under no_grad autograd still marks a leaf that requires grad as needing one: ask grad mode too.
   const bool grad_wanted = at::GradMode::is_enabled() && logits.requires_grad();
-  const Options options{parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale};
+  const Options options{parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, triton};
   variable_list out = CrossEntropy::apply(logits, target, weight, options, inplace_backward, grad_wanted);
   return {out[0], out[1]};
 }
@@ -187,8 +191,8 @@ std::tuple<Tensor, Tensor> cross_entropy_autograd(const Tensor& logits, const Te
 std::tuple<Tensor, Tensor> cross_entropy_inference(const Tensor& logits, const Tensor& target,
                                                    const OptionalTensor& weight, int64_t ignore_index,
                                                    c10::string_view reduction, double label_smoothing,
-                                                   double lse_square_scale, bool) {
-  const Options o{parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale};
+                                                   double lse_square_scale, bool, bool triton) {
+  const Options o{parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, triton};
   auto [rows, lse] = forward_only(logits, target, weight, o);
   const Tensor denominator = o.reduction == Reduction::mean
                                  ? mean_denominator(target, weight, ignore_index, math_dtype(logits))
@@ -201,7 +205,8 @@ std::tuple<Tensor, Tensor> cross_entropy_inference(const Tensor& logits, const T
 TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def(
       "cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index, str reduction, "
-      "float label_smoothing, float lse_square_scale, bool inplace_backward) -> (Tensor loss, Tensor lse)");
+      "float label_smoothing, float lse_square_scale, bool inplace_backward, bool triton=False) "
+      "-> (Tensor loss, Tensor lse)");
 }
 
 TORCH_LIBRARY_IMPL(fastlm, Autograd, m) { m.impl("cross_entropy", &cross_entropy_autograd); }

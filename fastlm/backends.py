@@ -68,15 +68,15 @@ def why_unavailable(name: str) -> str | None:
         return f"unknown fastlm backend {name!r}; choose one of {', '.join(BACKENDS)}"
     if name == "torch":
         return None
+    error = _extension_error()  # every kernel backend's autograd is a C++ op (csrc/*_autograd.cpp)
+    if error:
+        return error
     if name == "triton":
         if not _has_triton():
             return "the triton backend needs the triton package (pip install triton)"
         if not torch.cuda.is_available() and not _triton_interpreted():
             return "the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 to run its kernels on the CPU"
         return None
-    error = _extension_error()
-    if error:
-        return error
     if name == "cuda":
         if not torch.cuda.is_available():
             return "the cuda backend needs a CUDA GPU and a CUDA build of torch"

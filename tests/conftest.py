@@ -31,6 +31,14 @@ def skip_unless_runs(backend: str, device: str = "cpu") -> None:
         pytest.skip(f"the {backend} backend does not run on {device} tensors")
 
 
+KERNEL_BACKENDS = ["cpp", "cuda", "triton"]
+
+
+def device_of(backend: str) -> str:
+    """Where a kernel backend's tests run: the GPU for cuda and (where there is one) triton, else the CPU."""
+    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+
+
 class _RecordOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()

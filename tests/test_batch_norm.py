@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastlm
-from conftest import DEVICES, assert_close_to_reference, skip_unless_runs
+from conftest import DEVICES, KERNEL_BACKENDS, assert_close_to_reference, device_of, skip_unless_runs
 
 BACKENDS = ["cpp", "triton", "cuda", "torch"]
 ACTIVATIONS = {None: lambda x: x, "relu": torch.relu, "tanh": torch.tanh}
@@ -295,13 +295,14 @@ def test_torch_compile_has_no_graph_break(backend):
     torch.testing.assert_close(model[1].running_var, reference[1].running_var)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
-def test_autograd_op_opcheck(device, training, affine):
-    """fastlm::batch_norm, the C++ autograd op the cpp and cuda backends run: schema, fake, autograd
-    registration and AOT tracing (what torch.compile needs)."""
-    skip_unless_runs("cpp" if device == "cpu" else "cuda", device)
+def test_autograd_op_opcheck(backend, training, affine):
+    """fastlm::batch_norm, the C++ autograd op every kernel backend runs: schema, fake, autograd registration
+    and AOT tracing (what torch.compile needs)."""
+    device = device_of(backend)
+    skip_unless_runs(backend, device)
     torch.manual_seed(12)
     x = torch.randn(6, 3, 2, device=device, requires_grad=True)
     weight, bias = (torch.rand(3, device=device) + 0.5, torch.randn(3, device=device)) if affine else (None, None)
@@ -309,7 +310,8 @@ def test_autograd_op_opcheck(device, training, affine):
         weight.requires_grad_(), bias.requires_grad_()
     running_mean, running_var = torch.zeros(3, device=device), torch.ones(3, device=device)
     torch.library.opcheck(torch.ops.fastlm.batch_norm.default,
-                          (x, weight, bias, running_mean, running_var, training, 0.1, 1e-5, False, 2))
+                          (x, weight, bias, running_mean, running_var, training, 0.1, 1e-5, False, 2,
+                           backend == "triton"))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

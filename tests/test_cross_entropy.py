@@ -3,7 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, assert_close_to_reference, fastlm_ops_called, skip_unless_runs
+from conftest import (DEVICES, KERNEL_BACKENDS, assert_close_to_reference, device_of, fastlm_ops_called,
+                      skip_unless_runs)
 
 import fastlm
 from fastlm import backends
@@ -361,18 +362,19 @@ def test_opcheck(case):
     torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("inplace_backward", [False, True])
-def test_autograd_op_opcheck(device, reduction, weighted, inplace_backward):
-    """fastlm::cross_entropy, the C++ autograd op the cpp and cuda backends run: schema, fake, autograd
+def test_autograd_op_opcheck(backend, reduction, weighted, inplace_backward):
+    """fastlm::cross_entropy, the C++ autograd op every kernel backend runs: schema, fake, autograd
     registration and AOT tracing (what torch.compile needs)."""
-    skip_unless_runs("cpp" if device == "cpu" else "cuda", device)
+    device = device_of(backend)
+    skip_unless_runs(backend, device)
     x, target = random_problem(7, 27, device=device)
     weight = torch.rand(27, device=device) + 0.5 if weighted else None
-    torch.library.opcheck(torch.ops.fastlm.cross_entropy.default,
-                          (x.requires_grad_(), target, weight, -100, reduction, 0.1, 1e-3, inplace_backward))
+    torch.library.opcheck(torch.ops.fastlm.cross_entropy.default, (x.requires_grad_(), target, weight, -100, reduction,
+                                                                   0.1, 1e-3, inplace_backward, backend == "triton"))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

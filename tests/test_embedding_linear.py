@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastlm
-from conftest import DEVICES, assert_close_to_reference, skip_unless_runs
+from conftest import DEVICES, KERNEL_BACKENDS, assert_close_to_reference, device_of, skip_unless_runs
 from fastlm.ops.embedding_linear import choose_strategy, embedding_linear, kernel_ops
 
 BACKENDS = ["cpp", "triton", "cuda", "torch"]
@@ -148,17 +148,18 @@ def test_opcheck(backend):
         torch.library.opcheck(ops.backward, (grad, idx, table, weight, True, strategy, 2, True))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_autograd_op_opcheck(device, with_bias):
-    """fastlm::embedding_linear, the C++ autograd op the cpp and cuda backends run: schema, fake, autograd
+def test_autograd_op_opcheck(backend, with_bias):
+    """fastlm::embedding_linear, the C++ autograd op every kernel backend runs: schema, fake, autograd
     registration and AOT tracing (what torch.compile needs)."""
-    skip_unless_runs("cpp" if device == "cpu" else "cuda", device)
+    device = device_of(backend)
+    skip_unless_runs(backend, device)
     idx, table, weight, bias, _ = make_case(9, 3, 4, 5, 6, device, bias=with_bias)
     for strategy in (0, 1):
         table, weight, bias = (None if t is None else t.float().requires_grad_() for t in (table, weight, bias))
         torch.library.opcheck(torch.ops.fastlm.embedding_linear.default,
-                              (idx, table, weight, bias, strategy, 2, True))
+                              (idx, table, weight, bias, strategy, 2, True, backend == "triton"))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

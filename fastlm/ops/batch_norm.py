@@ -1,11 +1,10 @@
 """Fused BatchNorm: ``fastlm.ops.batch_norm``, ``F.batch_norm`` for (N, C) and (N, C, L) input.
 
 Layers: kernels (csrc/cpu, csrc/cuda, kernels/) -> torch.library ops (``fastlm::batch_norm_*``, semantics
-in csrc/cpu/batch_norm.cpp) -> autograd -> the functional ``batch_norm`` -> ``fastlm.nn.BatchNorm1d``. The
-autograd of the C++ kernels (cpp, cuda) is itself a C++ op, ``fastlm::batch_norm`` (csrc/batch_norm_autograd.cpp);
-that of the Triton kernels is ``BatchNormFunction`` here. Training runs one op forward (statistics,
-normalisation, activation and the running-stat update) and one op backward; SyncBatchNorm uses the split ops
-(stats, forward, backward_reduce, backward_input) with collectives in between.
+in csrc/cpu/batch_norm.cpp) -> autograd, itself a C++ op for every kernel backend, ``fastlm::batch_norm``
+(csrc/batch_norm_autograd.cpp) -> the functional ``batch_norm`` -> ``fastlm.nn.BatchNorm1d``. Training runs one
+op forward (statistics, normalisation, activation and the running-stat update) and one op backward;
+SyncBatchNorm uses the split ops (stats, forward, backward_reduce, backward_input) with collectives in between.
 """
 
 from __future__ import annotations
@@ -124,68 +123,12 @@ backends.register_fakes(KernelOps, "batch_norm", KernelOps(_fake_stats, _fake_fo
                                                            _fake_backward_reduce, _fake_backward_input, _fake_backward))
 
 
-def _fake_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, unbiased, activation):
+def _fake_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, unbiased, activation,
+                     triton=False):
     return _fake_forward(input, running_mean, running_var, weight, bias, activation)
 
 
 backends.register_cpp_fake("batch_norm", _fake_batch_norm)
-
-
-# --- autograd ----------------------------------------------------------------------------------------
-
-
-class BatchNormFunction(torch.autograd.Function):
-    """BatchNorm (+ activation) on the Triton kernels: one op forward, one op backward. (The C++ kernels have
-    the same autograd in C++, the op ``fastlm::batch_norm``, which saves this Function's Python overhead.)
-
-    Saves the input, the batch (or running) statistics and, with an activation, the output, whose
-    values give the activation's derivative without recomputing it.
-    """
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, unbiased, activation,
-                backend):
-        ops = kernel_ops(backend)
-        if training:
-            output, mean, invstd = _forward_train(ops, input, weight, bias, running_mean, running_var, momentum, eps,
-                                                  unbiased, activation)
-        else:
-            dtype = math_dtype(input)
-            mean, invstd = running_mean.to(dtype), torch.rsqrt(running_var.to(dtype) + eps)
-            output = ops.forward(input, mean, invstd, weight, bias, activation)
-        ctx.save_for_backward(input, output if activation else None, mean, invstd, weight)
-        ctx.config = (training, unbiased, activation, backend)
-        return output
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        input, output, mean, invstd, weight = ctx.saved_tensors
-        training, unbiased, activation, backend = ctx.config
-        grad_input, grad_weight, grad_bias = kernel_ops(backend).backward(
-            grad_output, input, output, mean, invstd, weight, training, unbiased, activation)
-        return (grad_input, _as_param_grad(grad_weight, weight, ctx.needs_input_grad[1]),
-                _as_param_grad(grad_bias, weight, ctx.needs_input_grad[2]), None, None, None, None, None, None, None,
-                None)
-
-
-def _forward_train(ops, input, weight, bias, running_mean, running_var, momentum, eps, unbiased, activation):
-    """The training forward; running stats that the kernels cannot update in place (another dtype) are
-    updated through a math-dtype copy."""
-    dtype = math_dtype(input)
-    staged = [r if r is None or (r.dtype == dtype and r.is_contiguous())
-              else r.to(dtype, memory_format=torch.contiguous_format, copy=True) for r in (running_mean, running_var)]
-    output, mean, invstd = ops.forward_train(input, weight, bias, *staged, momentum, eps, unbiased, activation)
-    for running, copy in zip((running_mean, running_var), staged):
-        if copy is not running:
-            running.copy_(copy)
-    return output, mean, invstd
-
-
-def _as_param_grad(grad: Tensor, weight: Tensor | None, needed: bool) -> Tensor | None:
-    if not needed:
-        return None
-    return grad if weight is None else grad.to(weight.dtype)
 
 
 # --- reference ---------------------------------------------------------------------------------------
@@ -274,8 +217,5 @@ def batch_norm(
     if name == "torch" or input.numel() == 0:  # an empty batch leaves the running stats as they are, as in torch
         return reference_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased,
                                     activation)
-    if name == "triton":
-        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                                       unbiased, ACTIVATIONS[activation], name)
     return torch.ops.fastlm.batch_norm.default(input, weight, bias, running_mean, running_var, training, momentum,
-                                               eps, unbiased, ACTIVATIONS[activation])
+                                               eps, unbiased, ACTIVATIONS[activation], name == "triton")

@@ -1,10 +1,9 @@
 """Fused cross-entropy: ``fastlm.ops.cross_entropy``, a drop-in for ``F.cross_entropy`` on (N, C) logits.
 
 Layers, as in Liger-Kernel: kernels (csrc/cpu, csrc/cuda, kernels/) -> torch.library ops (``fastlm::*``,
-with fake implementations so torch.compile traces them) -> autograd -> the functional ``cross_entropy`` ->
-``fastlm.nn.CrossEntropyLoss``. The autograd of the C++ kernels (cpp, cuda) is itself a C++ op,
-``fastlm::cross_entropy`` (csrc/cross_entropy_autograd.cpp); that of the Triton kernels is
-``CrossEntropyFunction`` here, and the two do the same.
+with fake implementations so torch.compile traces them) -> autograd, itself a C++ op for every kernel backend,
+``fastlm::cross_entropy`` (csrc/cross_entropy_autograd.cpp) -> the functional ``cross_entropy`` ->
+``fastlm.nn.CrossEntropyLoss``.
 
 In training the forward kernel returns per-row losses, the row log-sum-exp and the gradient at once (one
 exp per logit); the extra memory is that (N, C) gradient alone, and none with ``inplace_backward=True``,
@@ -143,69 +142,7 @@ def grad_per_row(grad_output: Tensor, reduction: str, denominator: Tensor | None
     return grad.expand(num_rows).contiguous()
 
 
-# --- autograd ----------------------------------------------------------------------------------------
-
-
-class CrossEntropyFunction(torch.autograd.Function):
-    """Cross-entropy on the Triton kernels (the C++ kernels have the same autograd in C++, the op
-    ``fastlm::cross_entropy``). Returns (loss, lse); lse carries no gradient.
-
-    When the logits need a gradient (and grad mode is on where the op is called: under no_grad, autograd
-    still marks a leaf that requires grad as needing one), the forward computes it too (one exp per logit
-    instead of two), for an upstream gradient of 1, and the backward hands that buffer out once, scaled in
-    place if needed.
-    A second backward through a retained graph recomputes the gradient from the saved logits and lse.
-    With ``inplace_backward`` the forward computes only the loss, and the backward writes the gradient
-    over the logits instead of allocating a buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-                inplace_backward, backend, grad_enabled):
-        ops = kernel_ops(backend)
-        ce_args = (ignore_index, label_smoothing, lse_square_scale)
-        math_dtype = _math_dtype(logits)
-        denominator = mean_denominator(target, weight, ignore_index, math_dtype) if reduction == "mean" else None
-        ctx.inplace = inplace_backward and can_overwrite(logits, backend)
-        ctx.grad = None
-        if grad_enabled and ctx.needs_input_grad[0] and not ctx.inplace:
-            unit = torch.ones((), dtype=math_dtype, device=logits.device)
-            grad_rows = grad_per_row(unit, reduction, denominator, logits.shape[0], math_dtype)
-            rows, lse, ctx.grad = ops.forward_backward(logits, target, weight, grad_rows, *ce_args)
-        else:
-            rows, lse = ops.forward(logits, target, weight, *ce_args)
-        ctx.save_for_backward(logits, target, weight, lse, denominator)
-        ctx.config = (ce_args, reduction, backend)
-        ctx.mark_non_differentiable(lse)
-        return reduce_rows(rows, reduction, denominator), lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, grad_lse):
-        ce_args, reduction, backend = ctx.config
-        if ctx.grad is not None:
-            grad, ctx.grad = ctx.grad, None  # handed out once: nothing else holds it, so it is scaled in place
-            return scale_in_place(grad, grad_loss, reduction), None, None, None, None, None, None, None, None, None
-        logits, target, weight, lse, denominator = ctx.saved_tensors
-        ops = kernel_ops(backend)
-        grad_rows = grad_per_row(grad_loss, reduction, denominator, logits.shape[0], lse.dtype)
-        args = (target, weight, lse, grad_rows, *ce_args)
-        if ctx.inplace:
-            ops.backward_(logits, *args)
-            # Any other saved use of these logits now fails autograd's version check instead of
-            # silently reading gradients.
-            torch.autograd.graph.increment_version(logits)
-            grad = logits
-        else:
-            grad = ops.backward(logits, *args)
-        return grad, None, None, None, None, None, None, None, None, None
-
-
-def scale_in_place(grad: Tensor, grad_loss: Tensor, reduction: str) -> Tensor:
-    """Multiplies a gradient made for an upstream gradient of 1 by the real one (per row for 'none')."""
-    if reduction == "none":
-        return grad.mul_(grad_loss.unsqueeze(1))
-    return grad if is_exactly_one(grad_loss) else grad.mul_(grad_loss)
+# --- helpers shared with linear + cross-entropy ---------------------------------------------------------
 
 
 def is_exactly_one(grad_loss: Tensor) -> bool:
@@ -313,10 +250,8 @@ def cross_entropy(
     with autocast_off(input.device, amp):
         if name == "torch":
             loss, lse = reference_cross_entropy(*args)
-        elif name == "triton":
-            loss, lse = CrossEntropyFunction.apply(*args, inplace_backward, name, torch.is_grad_enabled())
         else:
-            loss, lse = torch.ops.fastlm.cross_entropy.default(*args, inplace_backward)
+            loss, lse = torch.ops.fastlm.cross_entropy.default(*args, inplace_backward, name == "triton")
     loss = loss.to(loss_dtype(input.dtype, amp))
     return (loss, lse) if return_lse else loss
 
@@ -331,7 +266,7 @@ backends.register_fakes(KernelOps, "cross_entropy",
 
 
 def _fake_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-                        inplace_backward):
+                        inplace_backward, triton=False):
     rows, lse = _fake_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
     return (rows if reduction == "none" else rows.new_empty(())), lse
 

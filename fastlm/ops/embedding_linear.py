@@ -9,10 +9,8 @@ Two strategies (math in csrc/cpu/embedding_linear.cpp), both exact up to roundin
 By default the table is chosen when that count makes it at least twice as cheap. The scatter-adds of the
 backward are deterministic unless ``atomic_scatter=True`` asks for the atomic GPU path (ignored when
 ``torch.are_deterministic_algorithms_enabled()``).
-Layers: kernels -> ``fastlm::*embedding_linear_*`` ops -> autograd -> this functional ->
-``fastlm.nn.EmbeddingLinear``. The autograd of the C++ kernels (cpp, cuda) is itself a C++ op,
-``fastlm::embedding_linear`` (csrc/embedding_linear_autograd.cpp); that of the Triton kernels is
-``EmbeddingLinearFunction`` here.
+Layers: kernels -> ``fastlm::*embedding_linear_*`` ops -> autograd, itself a C++ op for every kernel backend,
+``fastlm::embedding_linear`` (csrc/embedding_linear_autograd.cpp) -> this functional -> ``fastlm.nn.EmbeddingLinear``.
 """
 
 from __future__ import annotations
@@ -67,30 +65,6 @@ class KernelOps(NamedTuple):
 def kernel_ops(backend: str) -> KernelOps:
     """The embedding-linear ops of a kernel backend (cpp, cuda or triton)."""
     return backends.kernel_ops(KernelOps, "embedding_linear", backend)
-
-
-# --- autograd ----------------------------------------------------------------------------------------
-
-
-class EmbeddingLinearFunction(torch.autograd.Function):
-    """Embedding + linear on the Triton kernels (the C++ kernels have the same autograd in C++, the op
-    ``fastlm::embedding_linear``, without this Function's Python overhead)."""
-
-    @staticmethod
-    def forward(ctx, idx, table, weight, bias, strategy, padding_idx, deterministic, backend):
-        ctx.save_for_backward(idx, table, weight)
-        ctx.config = (bias is not None, strategy, padding_idx, deterministic, backend)
-        return kernel_ops(backend).forward(idx, table, weight, bias, strategy)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        idx, table, weight = ctx.saved_tensors
-        has_bias, strategy, padding_idx, deterministic, backend = ctx.config
-        grad_table, grad_weight, grad_bias = kernel_ops(backend).backward(
-            grad_output, idx, table, weight, has_bias, strategy, padding_idx, deterministic)
-        return (None, grad_table, grad_weight, grad_bias if has_bias and ctx.needs_input_grad[3] else None,
-                None, None, None, None)
 
 
 # --- reference ---------------------------------------------------------------------------------------
@@ -180,17 +154,14 @@ def embedding_linear(
                 check_ids(idx, table.shape[0])
             return reference_embedding_linear(idx, table, weight, bias, padding)
         deterministic = not atomic_scatter or torch.are_deterministic_algorithms_enabled()
-        if name == "triton":
-            return EmbeddingLinearFunction.apply(idx, table, weight, bias, STRATEGIES[strategy], padding,
-                                                 deterministic, name)
         return torch.ops.fastlm.embedding_linear.default(idx, table, weight, bias, STRATEGIES[strategy], padding,
-                                                         deterministic)
+                                                         deterministic, name == "triton")
 
 
 backends.register_fakes(KernelOps, "embedding_linear", KernelOps(_fake_forward, _fake_backward))
 
 
-def _fake_embedding_linear(idx, table, weight, bias, strategy, padding_idx, deterministic):
+def _fake_embedding_linear(idx, table, weight, bias, strategy, padding_idx, deterministic, triton=False):
     return _fake_forward(idx, table, weight, bias, strategy)
 
 
