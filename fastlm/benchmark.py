@@ -149,7 +149,7 @@ def embedding_linear_problems(size: Size, dtype: torch.dtype, device: str, quick
 
     def annotate(row: harness.Row) -> None:
         if row.provider.startswith("fastlm"):
-            row.extra["strategy"] = choose_strategy(b, v, d)
+            row.extra["strategy"] = choose_strategy(b, v, d, t, out)
 
     yield Problem(f"B={b} T={t} D={d} out={out} V={v} {dtype_name(dtype)}", forwards, backward_for(params, grad),
                   reps=5 if quick else (300 if b * out < 1e5 else 15), annotate=annotate)

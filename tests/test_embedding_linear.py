@@ -216,10 +216,12 @@ def test_module_round_trips_torch_modules_exactly():
 
 
 def test_strategy_choice_follows_the_multiply_add_count():
-    assert choose_strategy(batch=4096, vocab=27, dim=64) == "table"
-    assert choose_strategy(batch=32, vocab=27, dim=10) == "gather"  # near parity: one GEMM fewer wins
-    assert choose_strategy(batch=4096, vocab=50000, dim=64) == "gather"
-    assert choose_strategy(batch=1, vocab=27, dim=10) == "gather"
+    assert choose_strategy(batch=4096, vocab=27, dim=64, context=8, out=1024) == "table"
+    assert choose_strategy(batch=4096, vocab=50000, dim=64, context=8, out=1024) == "gather"
+    assert choose_strategy(batch=1, vocab=27, dim=10, context=3, out=200) == "gather"
+    # the makemore layer: the table's fixed cost outweighs its savings until a few hundred rows
+    assert [choose_strategy(batch=b, vocab=27, dim=10, context=3, out=200) for b in (32, 64, 128, 512)] == [
+        "gather", "gather", "gather", "table"]
 
 
 @pytest.mark.parametrize("bad", [-1, 27, 1000])

@@ -3,8 +3,9 @@
 // y = F.linear(table[idx].view(B, T*D), weight, bias) for idx (B, T), table (V, D), weight (out, T*D) in
 // nn.Linear layout; W_t = weight[:, t*D:(t+1)*D] is the slice that sees context position t.
 // Two strategies, exact up to rounding (strategy 0 or 1 in the schemas):
-//   0 gather-GEMM: X = table[idx] gathered block by block into a packed buffer and multiplied by the BLAS;
-//     backward dW = dY^T X (X regathered per block), db = sum dY, dX = dY W scattered by token into d(table).
+//   0 gather-GEMM: X = table[idx] gathered block by block into a packed buffer and multiplied by the BLAS
+//     (small products: whole, by small_matmul.h's kernel); backward dW = dY^T X (X regathered per block),
+//     db = sum dY, dX = dY W scattered by token into d(table).
 //   1 product table, for V small against B: P_t = table W_t^T (V x out), y = b + sum_t P_t[idx[:, t]];
 //     backward G_t[v] = sum of the rows of dY whose idx[:, t] == v, dW_t = G_t^T table,
 //     d(table) = sum_t G_t W_t, db = sum_v G_0[v] (every row of dY is in exactly one G_0[v]: no second pass
@@ -18,6 +19,7 @@
 
 #include "../embedding_linear_checks.h"
 #include "contiguous_as.h"
+#include "small_matmul.h"
 #include "vec_config.h"
 
 #include <ATen/Dispatch.h>
@@ -33,6 +35,7 @@
 #include <algorithm>
 #include <cstring>
 #include <tuple>
+#include <vector>
 
 namespace fastlm {
 namespace {
@@ -44,6 +47,13 @@ enum Strategy : int64_t { kGatherGemm = 0, kProductTable = 1 };
 // Rows of X packed per BLAS call in the gather-GEMM strategy: about 4 MiB of fp32, large enough that the
 // BLAS runs at full speed (measured: 1 MiB blocks cost 5% at B=4096, T*D=512), small beside X itself.
 int64_t rows_per_block(int64_t in_features) { return std::max<int64_t>(16, 1048576 / std::max<int64_t>(1, in_features)); }
+
+// Up to this many multiply-adds per product (B x T*D x out) the gather-GEMM strategy runs small_matmul.h's
+// single-threaded kernel on raw arrays instead of the BLAS through ATen. Timed alone the two are even at the
+// makemore size (192k), but inside a training loop the BLAS wakes its threads on every call: fwd + bwd through
+// autograd at T=3, D=10, out=200 measured B=32 118 us against 143 us, B=64 128 against 179 us; at B=128 (768k)
+// the two were even, at B=256 the BLAS won.
+constexpr int64_t kSmallProductMacs = 1 << 19;
 
 // Checked inputs: int64 ids, the table and weight in the math dtype (contiguous), the sizes.
 struct Prepared {
@@ -75,8 +85,29 @@ void gather_rows(const Prepared& p, int64_t b0, int64_t rows, T* x) {
       std::memcpy(x + (r * p.T + t) * p.D, table + ids[(b0 + r) * p.T + t] * p.D, p.D * sizeof(T));
 }
 
+bool is_small(const Prepared& p) { return p.B * p.T * p.D * p.out <= kSmallProductMacs; }
+
+// y = X W^T + b with X gathered whole, on small_matmul.h's kernel.
+template <typename T>
+void small_gather_gemm_forward(const Prepared& p, const T* bias, T* y) {
+  const int64_t K = p.T * p.D;
+  std::vector<T> x(p.B * K), weight_t(K * p.out);
+  gather_rows<T>(p, 0, p.B, x.data());
+  transpose(p.out, K, p.weight.data_ptr<T>(), weight_t.data());
+  for (int64_t b = 0; b < p.B; ++b) {
+    if (bias) std::memcpy(y + b * p.out, bias, p.out * sizeof(T)); else std::fill_n(y + b * p.out, p.out, T(0));
+  }
+  add_matmul(p.B, p.out, K, x.data(), K, 1, weight_t.data(), p.out, y, p.out);
+}
+
 at::Tensor gather_gemm_forward(const Prepared& p, const std::optional<at::Tensor>& bias) {
   at::Tensor y = at::empty({p.B, p.out}, p.table.options());
+  if (is_small(p)) {
+    AT_DISPATCH_FLOATING_TYPES(p.table.scalar_type(), "fastlm_embedding_linear_forward", [&] {
+      small_gather_gemm_forward<scalar_t>(p, bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
+    });
+    return y;
+  }
   const int64_t block = rows_per_block(p.T * p.D);
   at::Tensor x = at::empty({std::min(block, p.B), p.T * p.D}, p.table.options());
   const at::Tensor weight_t = p.weight.t();
@@ -155,9 +186,31 @@ void scatter_rows(const Prepared& p, int64_t b0, int64_t rows, const T* dx, T* g
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // d(table), d(weight), d(bias)
 
+// dW = dY^T X, dX = dY W scattered into d(table), db = the sum of dY's rows, on small_matmul.h's kernel; the
+// gradients arrive zeroed.
+template <typename T>
+void small_gather_gemm_backward(const Prepared& p, const T* dy, T* grad_table, T* grad_weight, T* grad_bias) {
+  const int64_t K = p.T * p.D;
+  std::vector<T> x(p.B * K), dx(p.B * K, T(0));
+  gather_rows<T>(p, 0, p.B, x.data());
+  add_matmul(p.out, K, p.B, dy, 1, p.out, x.data(), K, grad_weight, K);
+  add_matmul(p.B, K, p.out, dy, p.out, 1, p.weight.data_ptr<T>(), K, dx.data(), K);
+  scatter_rows<T>(p, 0, p.B, dx.data(), grad_table);
+  for (int64_t b = 0; grad_bias && b < p.B; ++b) add_row(grad_bias, dy + b * p.out, p.out);
+}
+
 Grads gather_gemm_backward(const Prepared& p, const at::Tensor& dy, bool has_bias) {
   at::Tensor grad_table = at::zeros({p.V, p.D}, p.table.options());
   at::Tensor grad_weight = at::zeros({p.out, p.T * p.D}, p.table.options());
+  if (is_small(p)) {
+    at::Tensor grad_bias = has_bias ? at::zeros({p.out}, dy.options()) : at::empty({0}, dy.options());
+    AT_DISPATCH_FLOATING_TYPES(p.table.scalar_type(), "fastlm_embedding_linear_backward", [&] {
+      small_gather_gemm_backward<scalar_t>(p, dy.data_ptr<scalar_t>(), grad_table.data_ptr<scalar_t>(),
+                                           grad_weight.data_ptr<scalar_t>(),
+                                           has_bias ? grad_bias.data_ptr<scalar_t>() : nullptr);
+    });
+    return {grad_table, grad_weight, grad_bias};
+  }
   const int64_t block = rows_per_block(p.T * p.D);
   at::Tensor x = at::empty({std::min(block, p.B), p.T * p.D}, p.table.options());
   at::Tensor dx = at::empty(x.sizes(), x.options());

@@ -3,12 +3,13 @@
 materialising the gathered (B, T*D) input.
 
 Two strategies (math in csrc/cpu/embedding_linear.cpp), both exact up to rounding:
-  "gather"  gather-GEMM: the gather fused into the matrix product's loads (blocked packing + BLAS on CPU);
+  "gather"  gather-GEMM: the gather fused into the matrix product's loads (blocked packing + BLAS on CPU, or
+            for small products fastlm's own register-tiled kernel);
   "table"   product tables P_t = table @ W_t^T, then y = b + sum_t P_t[idx[:, t]]: for a vocabulary small
             against the batch it replaces the B*T*D*out multiply-adds by V*T*D*out plus B*T*out additions.
-By default the table is chosen when that count makes it at least twice as cheap. The scatter-adds of the
-backward are deterministic unless ``atomic_scatter=True`` asks for the atomic GPU path (ignored when
-``torch.are_deterministic_algorithms_enabled()``).
+By default the table is chosen when that count, plus a fixed cost for its extra GEMM, makes it at least twice
+as cheap. The scatter-adds of the backward are deterministic unless ``atomic_scatter=True`` asks for the atomic
+GPU path (ignored when ``torch.are_deterministic_algorithms_enabled()``).
 Layers: kernels -> ``fastlm::*embedding_linear_*`` ops -> autograd, itself a C++ op for every kernel backend,
 ``fastlm::embedding_linear`` (csrc/embedding_linear_autograd.cpp) -> this functional -> ``fastlm.nn.EmbeddingLinear``.
 """
@@ -79,12 +80,17 @@ def reference_embedding_linear(idx, table, weight, bias, padding_idx):
 # --- functional --------------------------------------------------------------------------------------
 
 
-def choose_strategy(batch: int, vocab: int, dim: int) -> str:
+# The product table's fixed cost over the gather-GEMM's, in multiply-adds: it runs one more GEMM and zero-fills
+# G, each a few tensor ops. Measured on the CPU (fwd + bwd, T=3, D=10, out=200, V=27) the table took ~120 us
+# more than the gather at B=32 and B=64 and met it near B=256; 1.8M multiply-adds puts the switch there.
+TABLE_FIXED_MACS = 1_800_000
+
+
+def choose_strategy(batch: int, vocab: int, dim: int, context: int, out: int) -> str:
     """The product table when its multiply-adds (3 V T D out for P, dW and d(table), plus 2 B T out to gather
-    and scatter) are under half the gather-GEMM's (3 B T D out). Near parity the table loses: it runs one
-    more small GEMM and zero-fills G (measured on CPU at the makemore size B=32, V=27, D=10: gather 89 us,
-    table 112 us per forward + backward)."""
-    return "table" if 2 * (3 * vocab * dim + 2 * batch) < 3 * batch * dim else "gather"
+    and scatter) plus its fixed cost are under half the gather-GEMM's (3 B T D out)."""
+    table = 3 * vocab * context * dim * out + 2 * batch * context * out + TABLE_FIXED_MACS
+    return "table" if 2 * table < 3 * batch * context * dim * out else "gather"
 
 
 def check_inputs(idx: Tensor, table: Tensor, weight: Tensor, bias: Tensor | None, padding_idx: int | None) -> None:
@@ -143,7 +149,7 @@ def embedding_linear(
     table, weight, bias = cast_to(amp, table, weight, bias)
     check_inputs(idx, table, weight, bias, padding_idx)
     if strategy is None:
-        strategy = choose_strategy(idx.shape[0], table.shape[0], table.shape[1])
+        strategy = choose_strategy(idx.shape[0], table.shape[0], table.shape[1], idx.shape[1], weight.shape[0])
     if strategy not in STRATEGIES:
         raise ValueError(f"fastlm.embedding_linear: strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     padding = -1 if padding_idx is None else padding_idx % table.shape[0]
