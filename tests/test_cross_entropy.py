@@ -201,14 +201,24 @@ def test_large_index_offsets_on_gpu():
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_nan_and_inf_logits_give_nan_loss(backend):
+@pytest.mark.parametrize("c", [10, 100, 20000])  # tail only; whole vectors and a tail; rows one at a time (cpp)
+def test_nan_and_inf_logits_give_nan_loss(backend, c):
+    """A NaN or inf anywhere in a row (first column, inside a whole vector, in the tail) makes that row's loss
+    and gradient NaN (and a NaN its log-sum-exp), and no other row's."""
     skip_unless_runs(backend)
-    x = torch.randn(4, 10)
-    x[1, 3] = float("nan")
-    x[2, 5] = float("inf")
-    loss = cross_entropy(x, torch.tensor([0, 1, 2, 3]), reduction="none", backend=backend)
-    assert torch.isnan(loss[1]) and torch.isnan(loss[2])
-    assert torch.isfinite(loss[0]) and torch.isfinite(loss[3])
+    small_for_interpreter(backend, 9, c)
+    x = torch.randn(9, c)
+    for row, column in enumerate((0, c // 2, c - 1), start=1):
+        x[row, column] = float("nan")
+    x[5, c // 3] = float("inf")
+    x.requires_grad_()
+    loss, lse = cross_entropy(x, torch.arange(9) % c, reduction="none", return_lse=True, backend=backend)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    bad = torch.zeros(9, dtype=torch.bool)
+    bad[[1, 2, 3, 5]] = True
+    assert torch.isnan(loss[bad]).all() and torch.isfinite(loss[~bad]).all()
+    assert torch.isnan(lse[1:4]).all() and torch.isfinite(lse[~bad]).all()
+    assert torch.isnan(grad[bad]).any(1).all() and torch.isfinite(grad[~bad]).all()
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

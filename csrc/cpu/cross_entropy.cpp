@@ -13,6 +13,7 @@
 
 #include "../cross_entropy_checks.h"
 #include "contiguous_as.h"
+#include "fast_exp.h"
 #include "huge_pages.h"
 #include "vec_config.h"
 
@@ -112,11 +113,14 @@ GroupLse<R, scalar_t> group_lse(const scalar_t* x, int64_t row_stride, int64_t C
   constexpr int64_t kWidth = Vec::size();
   const int64_t full = C - C % kWidth, tail = C - full;
   const auto max_op = [](Vec a, Vec b) { return at::vec::maximum(a, b); };
+  // The hot loop takes plain maxima: a NaN logit may be skipped there, and makes the sum of exps NaN instead
+  // (exp_nonpositive passes NaN through).
+  const auto max_skipping_nan = [](Vec a, Vec b) { return at::vec::clamp_min(a, b); };
   const auto add_op = [](Vec a, Vec b) { return a + b; };
   Vec acc[R];
   for (int k = 0; k < R; ++k) acc[k] = Vec(-std::numeric_limits<scalar_t>::infinity());
   for (int64_t c = 0; c < full; c += kWidth)
-    for (int k = 0; k < R; ++k) acc[k] = max_op(acc[k], Vec::loadu(x + k * row_stride + c));
+    for (int k = 0; k < R; ++k) acc[k] = max_skipping_nan(acc[k], Vec::loadu(x + k * row_stride + c));
   for (int k = 0; tail && k < R; ++k)
     acc[k] = Vec::set(acc[k], max_op(acc[k], Vec::loadu(x + k * row_stride + full, tail)), tail);
   scalar_t max[R];
@@ -128,12 +132,12 @@ GroupLse<R, scalar_t> group_lse(const scalar_t* x, int64_t row_stride, int64_t C
   }
   for (int64_t c = 0; c < full; c += kWidth)
     for (int k = 0; k < R; ++k) {
-      const Vec e = (Vec::loadu(x + k * row_stride + c) - shift[k]).exp_u20();
+      const Vec e = exp_nonpositive(Vec::loadu(x + k * row_stride + c) - shift[k]);
       if (exps) e.store(exps + k * C + c);
       acc[k] = acc[k] + e;
     }
   for (int k = 0; tail && k < R; ++k) {
-    const Vec e = (Vec::loadu(x + k * row_stride + full, tail) - shift[k]).exp_u20();
+    const Vec e = exp_nonpositive(Vec::loadu(x + k * row_stride + full, tail) - shift[k]);
     if (exps) e.store(exps + k * C + full, tail);
     acc[k] = Vec::set(acc[k], acc[k] + e, tail);
   }
@@ -227,7 +231,7 @@ void backward_rows(const scalar_t* logits, int64_t row_stride, int64_t num_rows,
     for (int64_t i = begin; i < end; ++i) {
       const Vec lse_v(lse[i]);
       write_row_grad(terms, terms.target[i], grad_loss[i], lse[i], logits + i * row_stride, grad + i * grad_row_stride,
-                     [lse_v](Vec v) { return (v - lse_v).exp_u20(); });
+                     [lse_v](Vec v) { return exp_nonpositive(v - lse_v); });
     }
   });
 }
