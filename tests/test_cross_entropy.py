@@ -292,6 +292,22 @@ def test_no_gradient_work_under_no_grad(backend):
                                                                                              backend=backend)))
 
 
+def test_cpp_gradient_buffer_is_reused_only_once_dropped():
+    """The cpp kernels keep the last gradient's memory for the next call (a training loop frees each step's
+    gradient), and hand it out again only once nothing else holds it."""
+    skip_unless_runs("cpp")
+    x, target = random_problem(64, 300)
+    first_leaf, second_leaf = x.clone().requires_grad_(), (2 * x).requires_grad_()
+    (first,) = torch.autograd.grad(cross_entropy(first_leaf, target, backend="cpp"), first_leaf)
+    expected = first.clone()
+    (second,) = torch.autograd.grad(cross_entropy(second_leaf, target, backend="cpp"), second_leaf)
+    assert second.data_ptr() != first.data_ptr() and torch.equal(first, expected)  # first is still held
+    freed = second.data_ptr()
+    del second
+    (third,) = torch.autograd.grad(cross_entropy(first_leaf, target, backend="cpp"), first_leaf)
+    assert third.data_ptr() == freed and torch.equal(third, expected)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_deterministic(backend):
     skip_unless_runs(backend)

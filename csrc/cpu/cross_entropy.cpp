@@ -14,7 +14,7 @@
 #include "../cross_entropy_checks.h"
 #include "contiguous_as.h"
 #include "fast_exp.h"
-#include "huge_pages.h"
+#include "reused_buffer.h"
 #include "vec_config.h"
 
 #include <ATen/Dispatch.h>
@@ -276,6 +276,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
   return {loss, lse};
 }
 
+// The gradients' memory, reused from step to step of a training loop (see reused_buffer.h).
+ReusedBuffer gradient_buffer;
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& grad_loss, int64_t ignore_index, double label_smoothing, double lse_square_scale) {
@@ -284,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
   check_per_row(grad_loss, N, "grad_loss");
   at::Tensor loss = at::empty({N}, p.logits.options());
   at::Tensor lse = at::empty({N}, p.logits.options());
-  at::Tensor grad = empty_on_huge_pages(p.logits.sizes(), p.logits.options());
+  at::Tensor grad = gradient_buffer.empty(p.logits.sizes(), p.logits.options());
   AT_DISPATCH_FLOATING_TYPES(p.logits.scalar_type(), "fastlm_cross_entropy_forward_backward", [&] {
     const auto terms = loss_terms<scalar_t>(p, ignore_index, label_smoothing, lse_square_scale);
     const at::Tensor grad_loss_c = contiguous_as(grad_loss, p.logits.scalar_type());
@@ -314,7 +317,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& ta
                                   const at::Tensor& grad_loss, int64_t ignore_index, double label_smoothing,
                                   double lse_square_scale) {
   const Prepared p = prepare(logits, target, weight, ignore_index);
-  at::Tensor grad = empty_on_huge_pages(p.logits.sizes(), p.logits.options());
+  at::Tensor grad = gradient_buffer.empty(p.logits.sizes(), p.logits.options());
   backward_into(p, lse, grad_loss, grad, ignore_index, label_smoothing, lse_square_scale);
   return contiguous_as(grad, logits.scalar_type());
 }

@@ -1,0 +1,39 @@
+// A one-slot cache for a kernel output that a training loop drops every step: the cross-entropy gradient, which
+// optimizer.zero_grad(set_to_none=True) (or `x.grad = None`) frees before the next step makes another. glibc
+// hands such multi-MB buffers back to the system when they are freed, so every new one costs page faults and
+// freshly zeroed pages. The slot keeps the last buffer's storage (not its tensor, so that autograd still takes
+// the tensor over without a copy) and hands it out again only when nothing else holds it. Buffers larger than
+// kMaxBytes are not kept: at most that much stays allocated between calls.
+#pragma once
+
+#include "huge_pages.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/accumulate.h>
+
+#include <mutex>
+
+namespace fastlm {
+
+class ReusedBuffer {
+ public:
+  // An uninitialised contiguous tensor: the kept storage when it is free and of the right size, else a new one.
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    const int64_t bytes = c10::multiply_integers(sizes) * int64_t(options.dtype().itemsize());
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (kept_ && kept_.use_count() == 1 && int64_t(kept_.nbytes()) == bytes && kept_.device() == options.device()) {
+      return at::empty({0}, options).set_(kept_, 0, sizes);
+    }
+    at::Tensor out = empty_on_huge_pages(sizes, options);
+    kept_ = bytes <= kMaxBytes ? out.storage() : c10::Storage();
+    return out;
+  }
+
+ private:
+  static constexpr int64_t kMaxBytes = int64_t(64) << 20;
+  std::mutex mutex_;
+  c10::Storage kept_;
+};
+
+}  // namespace fastlm
