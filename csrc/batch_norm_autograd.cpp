@@ -40,7 +40,7 @@ Normalized normalize(const Tensor& input, const OptionalTensor& weight, const Op
                      double momentum, double eps, bool unbiased, int64_t activation, bool triton) {
   static const KernelOp<ForwardTrainOp> forward_train("batch_norm_forward_train");
   static const KernelOp<ForwardOp> forward("batch_norm_forward");
-  const auto dtype = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto dtype = math_dtype(input);
   if (training) {
     const OptionalTensor mean_copy = staged(running_mean, dtype), var_copy = staged(running_var, dtype);
     auto [output, mean, invstd] = forward_train.kernels(triton).call(input, weight, bias, mean_copy, var_copy,

@@ -37,10 +37,6 @@ Reduction parse_reduction(c10::string_view reduction) {
   return Reduction::none;
 }
 
-at::ScalarType math_dtype(const Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // What F.cross_entropy's mean divides by: the summed weight of the non-ignored targets (their count without
 // weights). Zero when every target is ignored, so the mean is NaN, as in torch.
 Tensor mean_denominator(const Tensor& target, const OptionalTensor& weight, int64_t ignore_index,
@@ -164,8 +160,8 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
       const double lse_square_scale = ctx->saved_data["lse_square_scale"].toDouble();
       const bool triton = ctx->saved_data["triton"].toBool();
       if (ctx->saved_data["inplace"].toBool()) {
-        backward_in_place.kernels(triton).call(logits, target, weight, lse, grad_rows, ignore_index, label_smoothing,
-                               lse_square_scale);
+        backward_in_place.kernels(triton).call(logits, target, weight, lse, grad_rows, ignore_index,
+                                               label_smoothing, lse_square_scale);
         torch::autograd::impl::bump_version(logits);
         result[0] = logits;
       } else {

@@ -34,6 +34,14 @@ def skip_unless_runs(backend: str, device: str = "cpu") -> None:
 KERNEL_BACKENDS = ["cpp", "cuda", "triton"]
 
 
+def assert_second_derivative_raises(loss: torch.Tensor, wrt: torch.Tensor) -> None:
+    """A fused op's backward is once-differentiable: differentiating the gradient it gave must raise instead of
+    coming out zero. ``loss`` must give the op an upstream gradient that itself needs a gradient."""
+    (grad,) = torch.autograd.grad(loss, wrt, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate"):
+        grad.sum().backward()
+
+
 def device_of(backend: str) -> str:
     """Where a kernel backend's tests run: the GPU for cuda and (where there is one) triton, else the CPU."""
     return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
