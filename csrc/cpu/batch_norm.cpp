@@ -117,12 +117,29 @@ void dispatch_activation(int64_t activation, const F& f) {
   }
 }
 
-// Per-channel values spread over the lanes: for L > 1, each channel's value repeated L times.
+// Per-channel values as per-lane values: for L > 1 each channel's value repeated L times, held here; for L == 1
+// (2D input, lanes are channels) the per-channel array itself, which must outlive this.
 template <typename T>
-std::vector<T> to_lanes(const Layout& s, const T* per_channel) {
-  std::vector<T> lanes(s.M);
-  for (int64_t c = 0; c < s.C; ++c) std::fill_n(lanes.data() + c * s.L, s.L, per_channel[c]);
-  return lanes;
+class Lanes {
+ public:
+  Lanes(const Layout& s, const T* per_channel) : data_(per_channel) {
+    if (s.L == 1) return;
+    storage_.resize(s.M);
+    for (int64_t c = 0; c < s.C; ++c) std::fill_n(storage_.data() + c * s.L, s.L, per_channel[c]);
+    data_ = storage_.data();
+  }
+  Lanes(const Lanes&) = delete;
+  Lanes& operator=(const Lanes&) = delete;
+  const T* data() const { return data_; }
+
+ private:
+  std::vector<T> storage_;
+  const T* data_;
+};
+
+template <typename T>
+Lanes<T> to_lanes(const Layout& s, const T* per_channel) {
+  return Lanes<T>(s, per_channel);
 }
 
 // Sums each channel's L lanes of a block's lane sums, in lane order (for L == 1 lanes are channels, and
@@ -446,10 +463,12 @@ at::Tensor input_grad_from_sums(const GradInputs& g, const at::Tensor& input, co
     const std::vector<T> w = channel_values<T>(weight, g.s.C, T(1), "weight");
     const T* is = g.invstd.data_ptr<T>();
     std::vector<T> scale(g.s.C), xmu_coef(g.s.C), shift(g.s.C);
+    const T* sum_dz_c = sdz.data_ptr<T>();
+    const T* sum_dz_xhat_c = sdx.data_ptr<T>();
     for (int64_t c = 0; c < g.s.C; ++c) {
       scale[c] = w[c] * is[c];
-      xmu_coef[c] = -scale[c] * T(xhat_scale) * sdx.data_ptr<T>()[c] * is[c];
-      shift[c] = -scale[c] * T(mean_scale) * sdz.data_ptr<T>()[c];
+      xmu_coef[c] = -scale[c] * T(xhat_scale) * sum_dz_xhat_c[c] * is[c];
+      shift[c] = -scale[c] * T(mean_scale) * sum_dz_c[c];
     }
     const auto mean_l = to_lanes(g.s, g.mean.data_ptr<T>()), scale_l = to_lanes(g.s, scale.data());
     const auto xmu_l = to_lanes(g.s, xmu_coef.data()), shift_l = to_lanes(g.s, shift.data());
