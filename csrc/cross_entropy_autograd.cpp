@@ -9,88 +9,14 @@
 // saved use of them fails autograd's check instead of reading gradients.
 // Device-generic (or the Triton kernels'), inference mode and torch.compile as csrc/batch_norm_autograd.cpp.
 
-#include <c10/core/impl/VirtualGuardImpl.h>
-
 #include "autograd_op.h"
+#include "cross_entropy_autograd.h"
 
 namespace fastlm {
 namespace {
 
 using namespace autograd_op;
-
-using ForwardOp = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptionalTensor&, int64_t, double,
-                                             double);
-using ForwardBackwardOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptionalTensor&,
-                                                             const Tensor&, int64_t, double, double);
-using BackwardOp = Tensor(const Tensor&, const Tensor&, const OptionalTensor&, const Tensor&, const Tensor&, int64_t,
-                          double, double);
-using BackwardInPlaceOp = void(Tensor&, const Tensor&, const OptionalTensor&, const Tensor&, const Tensor&,
-                               int64_t, double, double);
-
-enum class Reduction { none, mean, sum };
-
-Reduction parse_reduction(c10::string_view reduction) {
-  if (reduction == "mean") return Reduction::mean;
-  if (reduction == "sum") return Reduction::sum;
-  TORCH_CHECK(reduction == "none", "fastlm.cross_entropy: reduction must be 'mean', 'sum' or 'none', got '",
-              reduction, "'");
-  return Reduction::none;
-}
-
-// What F.cross_entropy's mean divides by: the summed weight of the non-ignored targets (their count without
-// weights). Zero when every target is ignored, so the mean is NaN, as in torch.
-Tensor mean_denominator(const Tensor& target, const OptionalTensor& weight, int64_t ignore_index,
-                        at::ScalarType dtype) {
-  const Tensor valid = target.ne(ignore_index);
-  if (!weight) return valid.sum(dtype);
-  // Clamped so that an out-of-range target reaches the kernels, which refuse it with a clear IndexError.
-  const Tensor safe_target = target.masked_fill(valid.logical_not(), 0).clamp(0, weight->size(0) - 1);
-  return weight->to(dtype).index_select(0, safe_target).masked_fill(valid.logical_not(), 0).sum();
-}
-
-Tensor reduce_rows(const Tensor& rows, Reduction reduction, const Tensor& denominator) {
-  if (reduction == Reduction::none) return rows;
-  if (reduction == Reduction::sum) return rows.sum();
-  return rows.sum().div(denominator);
-}
-
-// dloss/d(row loss) for every row, as the contiguous vector the backward kernels read.
-Tensor grad_per_row(const Tensor& grad_loss, Reduction reduction, const Tensor& denominator, int64_t num_rows,
-                    at::ScalarType dtype) {
-  Tensor grad = grad_loss.to(dtype);
-  if (reduction == Reduction::mean) grad = grad.div(denominator);
-  return grad.expand({num_rows}).contiguous();
-}
-
-// Whether a tensor holds values this code may read: not a fake or functional tensor of torch.compile's tracing,
-// and not on a stream being captured into a CUDA graph (reading a GPU value syncs, which capture forbids).
-bool values_readable(const Tensor& t) {
-  constexpr auto traced = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
-  if (t.key_set().has_any(traced) || t.is_meta()) return false;
-  if (t.is_cpu()) return true;
-  const c10::impl::VirtualGuardImpl guard(t.device().type());
-  return !guard.isStreamCapturing(guard.getStream(t.device()));
-}
-
-// Multiplies a gradient made for an upstream gradient of 1 by the real one (per row for reduction 'none').
-// Skipping the pass over the gradient when the upstream gradient is exactly 1, as after loss.backward(), costs a
-// device sync on a GPU; where the value cannot be read, the gradient is always scaled.
-Tensor scale_in_place(Tensor grad, const Tensor& grad_loss, Reduction reduction) {
-  if (reduction == Reduction::none) return grad.mul_(grad_loss.unsqueeze(1));
-  if (values_readable(grad_loss) && grad_loss.item<double>() == 1.0) return grad;
-  return grad.mul_(grad_loss);
-}
-
-// Whether the in-place backward can write the gradient straight over these logits: a dtype the kernel writes
-// (fp16/bf16 too, except for the C++ CPU kernels), unit column stride, and rows that do not share memory (an
-// expanded row has one buffer for several rows').
-bool can_overwrite(const Tensor& logits, bool triton) {
-  const auto dtype = logits.scalar_type();
-  const bool writable_dtype = dtype == at::kFloat || dtype == at::kDouble ||
-                              ((triton || !logits.is_cpu()) && (dtype == at::kHalf || dtype == at::kBFloat16));
-  const bool rows_apart = logits.size(0) <= 1 || logits.stride(0) >= logits.size(1);
-  return writable_dtype && logits.stride(1) == 1 && rows_apart;
-}
+using namespace cross_entropy_shared;
 
 struct Options {
   Reduction reduction;

@@ -3,7 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_to_reference, fastlm_ops_called, skip_unless_runs
+from conftest import (
+    KERNEL_BACKENDS,
+    assert_close_to_reference,
+    assert_second_derivative_raises,
+    device_of,
+    fastlm_ops_called,
+    skip_unless_runs,
+)
 
 import fastlm
 from fastlm import backends
@@ -127,6 +134,28 @@ def test_compiles_without_graph_breaks(backend):
     expected = loss_fn(x, head.weight, target, head.bias)
     compiled = torch.compile(loss_fn, fullgraph=True)
     torch.testing.assert_close(compiled(x, head.weight, target, head.bias), expected)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_autograd_op_opcheck(backend, reduction, bias):
+    """fastlm::linear_cross_entropy, the C++ autograd op every kernel backend runs: schema, fake, autograd
+    registration and AOT tracing (what torch.compile needs)."""
+    device = device_of(backend)
+    skip_unless_runs(backend, device)
+    x, weight, b, target = (None if t is None else t.to(device) for t in problem(11, 6, 13, bias=bias))
+    args = (x.requires_grad_(), weight.requires_grad_(), None if b is None else b.requires_grad_(), target,
+            torch.rand(13, device=device) + 0.5, -100, reduction, 0.1, 1e-3, 4, backend == "triton")
+    torch.library.opcheck(torch.ops.fastlm.linear_cross_entropy.default, args)
+
+
+def test_second_derivative_raises():
+    skip_unless_runs("cpp")
+    x, weight, bias, target = problem(9, 4, 11)
+    weight.requires_grad_()
+    loss = linear_cross_entropy(x, weight, target, bias, backend="cpp")
+    assert_second_derivative_raises(loss * weight.sum(), weight)
 
 
 def test_bad_input_is_refused():

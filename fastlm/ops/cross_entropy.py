@@ -112,56 +112,6 @@ def kernel_ops(backend: str) -> KernelOps:
     return backends.kernel_ops(KernelOps, "cross_entropy", backend)
 
 
-# --- reduction ---------------------------------------------------------------------------------------
-
-
-def mean_denominator(target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype) -> Tensor:
-    """What F.cross_entropy's mean divides by: the summed weight of the non-ignored targets (their count
-    without weights). Zero when every target is ignored, so the mean is NaN, as in torch."""
-    valid = target != ignore_index
-    if weight is None:
-        return valid.sum().to(dtype)
-    # Clamped so that an out-of-range target reaches the kernels, which refuse it with a clear IndexError.
-    safe_target = torch.where(valid, target, torch.zeros_like(target)).clamp(0, weight.shape[0] - 1)
-    return torch.where(valid, weight.to(dtype)[safe_target], 0).sum()
-
-
-def reduce_rows(rows: Tensor, reduction: str, denominator: Tensor | None) -> Tensor:
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / denominator
-
-
-def grad_per_row(grad_output: Tensor, reduction: str, denominator: Tensor | None, num_rows: int, dtype) -> Tensor:
-    """dloss/d(row loss) for every row, as the contiguous vector the backward kernels read."""
-    grad = grad_output.to(dtype)
-    if reduction == "mean":
-        grad = grad / denominator
-    return grad.expand(num_rows).contiguous()
-
-
-# --- helpers shared with linear + cross-entropy ---------------------------------------------------------
-
-
-def is_exactly_one(grad_loss: Tensor) -> bool:
-    """Whether a scalar upstream gradient is exactly 1, as after ``loss.backward()``, so that scaling a
-    large gradient buffer can be skipped. Costs a device sync on GPU; while compiling or capturing a CUDA
-    graph, assumes not."""
-    return not torch.compiler.is_compiling() and not backends.capturing() and grad_loss.item() == 1.0
-
-
-def can_overwrite(logits: Tensor, backend: str) -> bool:
-    """Whether the in-place backward can write the gradient straight over these logits: a dtype the kernel
-    writes, unit column stride, and rows that do not share memory (an expanded row has one buffer for
-    several rows' gradients)."""
-    dtypes = (torch.float32, torch.float64) if backend == "cpp" else (torch.float32, torch.float64,
-                                                                       torch.float16, torch.bfloat16)
-    rows_apart = logits.shape[0] <= 1 or logits.stride(0) >= logits.shape[1]
-    return logits.dtype in dtypes and logits.stride(1) == 1 and rows_apart
-
-
 # --- reference ---------------------------------------------------------------------------------------
 
 
@@ -174,9 +124,15 @@ def reference_cross_entropy(logits, target, weight, ignore_index, reduction, lab
                            label_smoothing=label_smoothing)
     lse = torch.logsumexp(x, dim=1)
     if lse_square_scale:
-        z_rows = torch.where(target != ignore_index, lse_square_scale * lse.square(), 0)
-        denominator = mean_denominator(target, w, ignore_index, x.dtype) if reduction == "mean" else None
-        loss = loss + reduce_rows(z_rows, reduction, denominator)
+        valid = target != ignore_index
+        z_rows = torch.where(valid, lse_square_scale * lse.square(), 0)
+        if reduction == "none":
+            loss = loss + z_rows
+        elif reduction == "sum":
+            loss = loss + z_rows.sum()
+        else:  # divided by what F.cross_entropy's mean divides by: the summed weight of the non-ignored targets
+            row_weights = valid.to(x.dtype) if w is None else torch.where(valid, w[target.clamp(0, len(w) - 1)], 0)
+            loss = loss + z_rows.sum() / row_weights.sum()
     return loss, lse.detach()
 
 

@@ -1,0 +1,96 @@
+// What the two cross-entropy autograd ops (csrc/cross_entropy_autograd.cpp, csrc/linear_cross_entropy_autograd.cpp)
+// share around the kernels: the kernel ops' signatures, the reduction (mean's denominator, the per-row upstream
+// gradient the kernels read), scaling a gradient made for an upstream gradient of 1, and whether a gradient may be
+// written over the logits.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastlm::cross_entropy_shared {
+
+using at::Tensor;
+using OptionalTensor = std::optional<Tensor>;
+
+// The signatures of the family's kernel ops (csrc/cpu/cross_entropy.cpp).
+using ForwardOp = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptionalTensor&, int64_t, double,
+                                             double);
+using ForwardBackwardOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptionalTensor&,
+                                                             const Tensor&, int64_t, double, double);
+using BackwardOp = Tensor(const Tensor&, const Tensor&, const OptionalTensor&, const Tensor&, const Tensor&, int64_t,
+                          double, double);
+using BackwardInPlaceOp = void(Tensor&, const Tensor&, const OptionalTensor&, const Tensor&, const Tensor&,
+                               int64_t, double, double);
+
+enum class Reduction { none, mean, sum };
+
+inline Reduction parse_reduction(c10::string_view reduction) {
+  if (reduction == "mean") return Reduction::mean;
+  if (reduction == "sum") return Reduction::sum;
+  TORCH_CHECK(reduction == "none", "fastlm.cross_entropy: reduction must be 'mean', 'sum' or 'none', got '",
+              reduction, "'");
+  return Reduction::none;
+}
+
+// What F.cross_entropy's mean divides by: the summed weight of the non-ignored targets (their count without
+// weights). Zero when every target is ignored, so the mean is NaN, as in torch.
+inline Tensor mean_denominator(const Tensor& target, const OptionalTensor& weight, int64_t ignore_index,
+                        at::ScalarType dtype) {
+  const Tensor valid = target.ne(ignore_index);
+  if (!weight) return valid.sum(dtype);
+  // Clamped so that an out-of-range target reaches the kernels, which refuse it with a clear IndexError.
+  const Tensor safe_target = target.masked_fill(valid.logical_not(), 0).clamp(0, weight->size(0) - 1);
+  return weight->to(dtype).index_select(0, safe_target).masked_fill(valid.logical_not(), 0).sum();
+}
+
+inline Tensor reduce_rows(const Tensor& rows, Reduction reduction, const Tensor& denominator) {
+  if (reduction == Reduction::none) return rows;
+  if (reduction == Reduction::sum) return rows.sum();
+  return rows.sum().div(denominator);
+}
+
+// dloss/d(row loss) for every row, as the contiguous vector the backward kernels read.
+inline Tensor grad_per_row(const Tensor& grad_loss, Reduction reduction, const Tensor& denominator,
+                           int64_t num_rows, at::ScalarType dtype) {
+  Tensor grad = grad_loss.to(dtype);
+  if (reduction == Reduction::mean) grad = grad.div(denominator);
+  return grad.expand({num_rows}).contiguous();
+}
+
+// Whether a tensor holds values this code may read: not a fake or functional tensor of torch.compile's tracing,
+// and not on a stream being captured into a CUDA graph (reading a GPU value syncs, which capture forbids).
+inline bool values_readable(const Tensor& t) {
+  constexpr auto traced = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
+  if (t.key_set().has_any(traced) || t.is_meta()) return false;
+  if (t.is_cpu()) return true;
+  const c10::impl::VirtualGuardImpl guard(t.device().type());
+  return !guard.isStreamCapturing(guard.getStream(t.device()));
+}
+
+// Whether a scalar upstream gradient is exactly 1, as after loss.backward(), so that scaling a gradient made for
+// an upstream gradient of 1 can be skipped. Costs a device sync on a GPU; where the value cannot be read, false.
+inline bool is_exactly_one(const Tensor& grad_loss) {
+  return values_readable(grad_loss) && grad_loss.item<double>() == 1.0;
+}
+
+// Multiplies a gradient made for an upstream gradient of 1 by the real one (per row for reduction 'none').
+inline Tensor scale_in_place(Tensor grad, const Tensor& grad_loss, Reduction reduction) {
+  if (reduction == Reduction::none) return grad.mul_(grad_loss.unsqueeze(1));
+  return is_exactly_one(grad_loss) ? grad : grad.mul_(grad_loss);
+}
+
+// Whether the in-place backward can write the gradient straight over these logits: a dtype the kernel writes
+// (fp16/bf16 too, except for the C++ CPU kernels), unit column stride, and rows that do not share memory (an
+// expanded row has one buffer for several rows').
+inline bool can_overwrite(const Tensor& logits, bool triton) {
+  const auto dtype = logits.scalar_type();
+  const bool writable_dtype = dtype == at::kFloat || dtype == at::kDouble ||
+                              ((triton || !logits.is_cpu()) && (dtype == at::kHalf || dtype == at::kBFloat16));
+  const bool rows_apart = logits.size(0) <= 1 || logits.stride(0) >= logits.size(1);
+  return writable_dtype && logits.stride(1) == 1 && rows_apart;
+}
+
+}  // namespace fastlm::cross_entropy_shared

@@ -1,0 +1,230 @@
+// Linear + cross-entropy's autograd in C++: the op fastlm::linear_cross_entropy, which
+// fastlm.ops.linear_cross_entropy calls on every kernel backend, computing
+// cross_entropy(input @ weight^T + bias, target) without ever holding the full (N, V) logits.
+// Rows go in chunks: each chunk's logits come from one matrix product, go through the cross-entropy kernels and,
+// when gradients are needed, are overwritten in place by their gradient, which is at once folded into d_input,
+// d_weight and d_bias (those two summed in fp32, fp64 for fp64 input). For 'mean' and 'sum' the gradients are
+// finished during the forward, for an upstream gradient of 1, and the first backward hands them out, scaled only
+// when the upstream gradient is not exactly 1. For 'none', and for a second backward through a retained graph,
+// the backward runs the chunks again. Device-generic (or the Triton kernels'), as csrc/cross_entropy_autograd.cpp.
+
+#include "autograd_op.h"
+#include "cross_entropy_autograd.h"
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+
+#include <array>
+#include <string>
+
+namespace fastlm {
+namespace {
+
+using namespace autograd_op;
+using namespace cross_entropy_shared;
+
+struct Options {
+  Reduction reduction;
+  int64_t ignore_index;
+  double label_smoothing, lse_square_scale;
+  int64_t chunk_size;
+  bool triton;
+};
+
+// What is differentiated: input, weight, bias.
+using Wanted = std::array<bool, 3>;
+
+struct Chunked {
+  Tensor rows, lse;
+  variable_list grads;  // d_input, d_weight, d_bias where wanted (undefined elsewhere)
+};
+
+// d_weight += d_logits^T x, into fp32 (fp64) sums. On a GPU, fp16/bf16 chunks multiply on the tensor cores in their
+// own dtype into the fp32 sum (addmm's out_dtype, CUDA only): upcasting them first would run the op's largest
+// product in plain fp32, several times slower. Elsewhere they are upcast.
+void accumulate_weight_grad(Tensor& d_weight, const Tensor& d_logits, const Tensor& x) {
+  const auto dtype = d_logits.scalar_type();
+  if (d_logits.is_cuda() && (dtype == at::kHalf || dtype == at::kBFloat16)) {
+    at::addmm_out(d_weight, d_weight, d_logits.t(), x, d_weight.scalar_type());
+  } else {
+    d_weight.addmm_(d_logits.t().to(d_weight.scalar_type()), x.to(d_weight.scalar_type()));
+  }
+}
+
+// Per-row losses and lse of every chunk; with grad_rows (dloss/drow, one per row), also the wanted gradients.
+Chunked run_chunks(const Tensor& input, const Tensor& weight, const OptionalTensor& bias, const Tensor& target,
+                   const OptionalTensor& ce_weight, const Options& o, const Tensor& grad_rows, Wanted wanted) {
+  static const KernelOp<ForwardOp> forward("cross_entropy_forward");
+  static const KernelOp<BackwardOp> backward("cross_entropy_backward");
+  static const KernelOp<BackwardInPlaceOp> backward_in_place("cross_entropy_backward_");
+  const int64_t num_rows = input.size(0);
+  const auto acc = input.options().dtype(math_dtype(input));
+  Chunked out{at::empty({num_rows}, acc), at::empty({num_rows}, acc), variable_list(3)};
+  if (!grad_rows.defined()) wanted = {false, false, false};
+  Tensor &d_input = out.grads[0], &d_weight = out.grads[1], &d_bias = out.grads[2];
+  if (wanted[0]) d_input = at::empty_like(input, at::MemoryFormat::Contiguous);
+  if (wanted[1]) d_weight = at::zeros(weight.sizes(), acc);
+  if (wanted[2]) d_bias = at::zeros({weight.size(0)}, acc);
+  for (int64_t start = 0; start < num_rows; start += o.chunk_size) {
+    const int64_t rows = std::min(o.chunk_size, num_rows - start);
+    const Tensor x = input.narrow(0, start, rows), t = target.narrow(0, start, rows);
+    Tensor logits = at::linear(x, weight, bias);
+    auto [loss_rows, lse] = forward.kernels(o.triton).call(logits, t, ce_weight, o.ignore_index, o.label_smoothing,
+                                                           o.lse_square_scale);
+    out.rows.narrow(0, start, rows).copy_(loss_rows);
+    out.lse.narrow(0, start, rows).copy_(lse);
+    if (!grad_rows.defined()) continue;
+    const Tensor g = grad_rows.narrow(0, start, rows);
+    Tensor d_logits;
+    if (can_overwrite(logits, o.triton)) {
+      backward_in_place.kernels(o.triton).call(logits, t, ce_weight, lse, g, o.ignore_index, o.label_smoothing,
+                                               o.lse_square_scale);
+      d_logits = logits;
+    } else {
+      d_logits = backward.kernels(o.triton).call(logits, t, ce_weight, lse, g, o.ignore_index, o.label_smoothing,
+                                                 o.lse_square_scale);
+    }
+    if (wanted[0]) {
+      Tensor d_x = d_input.narrow(0, start, rows);
+      at::mm_out(d_x, d_logits, weight);
+    }
+    if (wanted[1]) accumulate_weight_grad(d_weight, d_logits, x);
+    if (wanted[2]) d_bias.add_(d_logits.sum(0, false, d_bias.scalar_type()));
+  }
+  return out;
+}
+
+std::string held_key(size_t i) { return "grad" + std::to_string(i); }
+
+// Each gradient in the dtype of what it differentiates.
+variable_list in_dtypes(variable_list grads, const std::array<at::ScalarType, 3>& dtypes) {
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].defined()) grads[i] = grads[i].to(dtypes[i]);
+  }
+  return grads;
+}
+
+struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
+                               const OptionalTensor& bias, const Tensor& target, const OptionalTensor& ce_weight,
+                               const Options& o, Wanted wanted) {
+    const auto dtype = math_dtype(input);
+    const Tensor denominator =
+        o.reduction == Reduction::mean ? mean_denominator(target, ce_weight, o.ignore_index, dtype) : Tensor();
+    const bool grads_now = o.reduction != Reduction::none && (wanted[0] || wanted[1] || wanted[2]);
+    const Tensor grad_rows =
+        grads_now ? grad_per_row(at::ones({}, input.options().dtype(dtype)), o.reduction, denominator,
+                                 input.size(0), dtype)
+                  : Tensor();
+    Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, grad_rows, wanted);
+    // Not saved variables: handed out once, so no version check is needed.
+    for (size_t i = 0; grads_now && i < chunked.grads.size(); ++i) {
+      if (chunked.grads[i].defined()) ctx->saved_data[held_key(i)] = chunked.grads[i];
+    }
+    ctx->saved_data["held"] = grads_now;
+    ctx->save_for_backward({input, weight, bias.value_or(Tensor()), target, ce_weight.value_or(Tensor()),
+                            denominator});
+    ctx->saved_data["reduction"] = int64_t(o.reduction);
+    ctx->saved_data["ignore_index"] = o.ignore_index;
+    ctx->saved_data["label_smoothing"] = o.label_smoothing;
+    ctx->saved_data["lse_square_scale"] = o.lse_square_scale;
+    ctx->saved_data["chunk_size"] = o.chunk_size;
+    ctx->saved_data["triton"] = o.triton;
+    ctx->saved_data["wanted"] = c10::List<bool>({wanted[0], wanted[1], wanted[2]});
+    ctx->mark_non_differentiable({chunked.lse});
+    return {reduce_rows(chunked.rows, o.reduction, denominator), chunked.lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return once_differentiable("fastlm::linear_cross_entropy", {grads[0]}, [&]() -> variable_list {
+      const variable_list saved = ctx->get_saved_variables();
+      const std::array<at::ScalarType, 3> dtypes{saved[0].scalar_type(), saved[1].scalar_type(),
+                                                 saved[0].scalar_type()};
+      variable_list result(7);
+      if (ctx->saved_data["held"].toBool()) {
+        // Handed out once: nothing else holds them, so they are scaled in place.
+        ctx->saved_data["held"] = false;
+        const bool unit = is_exactly_one(grads[0]);
+        variable_list made(3);
+        for (size_t i = 0; i < made.size(); ++i) {
+          auto held = ctx->saved_data.find(held_key(i));
+          if (held == ctx->saved_data.end()) continue;
+          made[i] = held->second.toTensor();
+          ctx->saved_data.erase(held);
+          if (!unit) made[i].mul_(grads[0]);
+        }
+        made = in_dtypes(std::move(made), dtypes);
+        std::copy(made.begin(), made.end(), result.begin());
+        return result;
+      }
+      const Options o{Reduction(ctx->saved_data["reduction"].toInt()), ctx->saved_data["ignore_index"].toInt(),
+                      ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["lse_square_scale"].toDouble(),
+                      ctx->saved_data["chunk_size"].toInt(), ctx->saved_data["triton"].toBool()};
+      const auto flags = ctx->saved_data["wanted"].toBoolList();
+      const Tensor &input = saved[0], &weight = saved[1], &target = saved[3];
+      const OptionalTensor bias = saved[2].defined() ? OptionalTensor(saved[2]) : std::nullopt;
+      const OptionalTensor ce_weight = saved[4].defined() ? OptionalTensor(saved[4]) : std::nullopt;
+      const Tensor grad_rows = grad_per_row(grads[0], o.reduction, saved[5], input.size(0), math_dtype(input));
+      Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, grad_rows,
+                                   {flags.get(0), flags.get(1), flags.get(2)});
+      const variable_list made = in_dtypes(std::move(chunked.grads), dtypes);
+      std::copy(made.begin(), made.end(), result.begin());
+      return result;
+    });
+  }
+};
+
+Options options_of(c10::string_view reduction, int64_t ignore_index, double label_smoothing, double lse_square_scale,
+                   int64_t chunk_size, bool triton) {
+  TORCH_CHECK(chunk_size > 0, "fastlm.linear_cross_entropy: chunk_size must be positive, got ", chunk_size);
+  return {parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, chunk_size, triton};
+}
+
+std::tuple<Tensor, Tensor> linear_cross_entropy_autograd(const Tensor& input, const Tensor& weight,
+                                                         const OptionalTensor& bias, const Tensor& target,
+                                                         const OptionalTensor& ce_weight, int64_t ignore_index,
+                                                         c10::string_view reduction, double label_smoothing,
+                                                         double lse_square_scale, int64_t chunk_size, bool triton) {
+  // Under no_grad autograd still marks a leaf that requires grad as needing one: ask grad mode too.
+  const bool grad_mode = at::GradMode::is_enabled();
+  const Wanted wanted{grad_mode && input.requires_grad(), grad_mode && weight.requires_grad(),
+                      grad_mode && bias.has_value() && bias->requires_grad()};
+  const Options o = options_of(reduction, ignore_index, label_smoothing, lse_square_scale, chunk_size, triton);
+  variable_list out = LinearCrossEntropy::apply(input, weight, bias, target, ce_weight, o, wanted);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor> linear_cross_entropy_inference(const Tensor& input, const Tensor& weight,
+                                                          const OptionalTensor& bias, const Tensor& target,
+                                                          const OptionalTensor& ce_weight, int64_t ignore_index,
+                                                          c10::string_view reduction, double label_smoothing,
+                                                          double lse_square_scale, int64_t chunk_size, bool triton) {
+  const Options o = options_of(reduction, ignore_index, label_smoothing, lse_square_scale, chunk_size, triton);
+  const Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, Tensor(), {false, false, false});
+  const Tensor denominator = o.reduction == Reduction::mean
+                                 ? mean_denominator(target, ce_weight, ignore_index, math_dtype(input))
+                                 : Tensor();
+  return {reduce_rows(chunked.rows, o.reduction, denominator), chunked.lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  m.def(
+      "linear_cross_entropy(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? ce_weight, "
+      "int ignore_index, str reduction, float label_smoothing, float lse_square_scale, int chunk_size, "
+      "bool triton=False) -> (Tensor loss, Tensor lse)");
+}
+
+TORCH_LIBRARY_IMPL(fastlm, Autograd, m) { m.impl("linear_cross_entropy", &linear_cross_entropy_autograd); }
+
+TORCH_LIBRARY_IMPL(fastlm, CompositeExplicitAutograd, m) {
+  m.impl("linear_cross_entropy", &linear_cross_entropy_inference);
+}
+
+}  // namespace fastlm
