@@ -59,6 +59,7 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
     ctx->saved_data["lse_square_scale"] = o.lse_square_scale;
     ctx->saved_data["inplace"] = inplace;
     ctx->saved_data["triton"] = o.triton;
+    ctx->set_materialize_grads(false);  // lse has no gradient: no zeros made for it
     ctx->mark_non_differentiable({lse});
     return {reduce_rows(rows, o.reduction, denominator), lse};
   }
@@ -66,6 +67,7 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const KernelOp<BackwardOp> backward_op("cross_entropy_backward");
     static const KernelOp<BackwardInPlaceOp> backward_in_place("cross_entropy_backward_");
+    if (!grads[0].defined()) return variable_list(6);  // no gradient reached the loss (gradcheck tries this)
     return once_differentiable("fastlm::cross_entropy", {grads[0]}, [&]() -> variable_list {
       const auto reduction = Reduction(ctx->saved_data["reduction"].toInt());
       variable_list result(6);

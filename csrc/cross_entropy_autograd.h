@@ -7,6 +7,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -35,12 +39,29 @@ inline Reduction parse_reduction(c10::string_view reduction) {
   return Reduction::none;
 }
 
+// Whether a tensor holds values this code may read: not a fake or functional tensor of torch.compile's tracing,
+// and not on a stream being captured into a CUDA graph (reading a GPU value syncs, which capture forbids).
+inline bool values_readable(const Tensor& t) {
+  constexpr auto traced = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
+  if (t.key_set().has_any(traced) || t.is_meta()) return false;
+  if (t.is_cpu()) return true;
+  const c10::impl::VirtualGuardImpl guard(t.device().type());
+  return !guard.isStreamCapturing(guard.getStream(t.device()));
+}
+
 // What F.cross_entropy's mean divides by: the summed weight of the non-ignored targets (their count without
 // weights). Zero when every target is ignored, so the mean is NaN, as in torch.
 inline Tensor mean_denominator(const Tensor& target, const OptionalTensor& weight, int64_t ignore_index,
                         at::ScalarType dtype) {
+  if (!weight && target.is_cpu() && values_readable(target) && target.scalar_type() == at::kLong &&
+      target.is_contiguous()) {
+    // A count on the CPU, read directly: the tensor ops below cost ~20 us at N=8192 here, beside a ~300 us kernel.
+    const int64_t* t = target.const_data_ptr<int64_t>();
+    const int64_t count = std::count_if(t, t + target.numel(), [&](int64_t v) { return v != ignore_index; });
+    return at::scalar_tensor(double(count), target.options().dtype(dtype));
+  }
   const Tensor valid = target.ne(ignore_index);
-  if (!weight) return valid.sum(dtype);
+  if (!weight) return valid.sum().to(dtype);
   // Clamped so that an out-of-range target reaches the kernels, which refuse it with a clear IndexError.
   const Tensor safe_target = target.masked_fill(valid.logical_not(), 0).clamp(0, weight->size(0) - 1);
   return weight->to(dtype).index_select(0, safe_target).masked_fill(valid.logical_not(), 0).sum();
@@ -57,17 +78,8 @@ inline Tensor grad_per_row(const Tensor& grad_loss, Reduction reduction, const T
                            int64_t num_rows, at::ScalarType dtype) {
   Tensor grad = grad_loss.to(dtype);
   if (reduction == Reduction::mean) grad = grad.div(denominator);
+  if (grad.dim() == 0) return at::empty({num_rows}, grad.options()).fill_(grad);
   return grad.expand({num_rows}).contiguous();
-}
-
-// Whether a tensor holds values this code may read: not a fake or functional tensor of torch.compile's tracing,
-// and not on a stream being captured into a CUDA graph (reading a GPU value syncs, which capture forbids).
-inline bool values_readable(const Tensor& t) {
-  constexpr auto traced = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
-  if (t.key_set().has_any(traced) || t.is_meta()) return false;
-  if (t.is_cpu()) return true;
-  const c10::impl::VirtualGuardImpl guard(t.device().type());
-  return !guard.isStreamCapturing(guard.getStream(t.device()));
 }
 
 // Whether a scalar upstream gradient is exactly 1, as after loss.backward(), so that scaling a gradient made for
