@@ -18,13 +18,6 @@ namespace {
 using namespace autograd_op;
 using namespace cross_entropy_shared;
 
-struct Options {
-  Reduction reduction;
-  int64_t ignore_index;
-  double label_smoothing, lse_square_scale;
-  bool triton;
-};
-
 std::tuple<Tensor, Tensor> forward_only(const Tensor& logits, const Tensor& target, const OptionalTensor& weight,
                                         const Options& o) {
   static const KernelOp<ForwardOp> forward("cross_entropy_forward");
@@ -53,12 +46,8 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
       std::tie(rows, lse) = forward_only(logits, target, weight, o);
     }
     ctx->save_for_backward({logits, target, weight.value_or(Tensor()), lse, denominator});
-    ctx->saved_data["reduction"] = int64_t(o.reduction);
-    ctx->saved_data["ignore_index"] = o.ignore_index;
-    ctx->saved_data["label_smoothing"] = o.label_smoothing;
-    ctx->saved_data["lse_square_scale"] = o.lse_square_scale;
+    o.save(ctx);
     ctx->saved_data["inplace"] = inplace;
-    ctx->saved_data["triton"] = o.triton;
     ctx->set_materialize_grads(false);  // lse has no gradient: no zeros made for it
     ctx->mark_non_differentiable({lse});
     return {reduce_rows(rows, o.reduction, denominator), lse};
@@ -69,32 +58,28 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
     static const KernelOp<BackwardInPlaceOp> backward_in_place("cross_entropy_backward_");
     if (!grads[0].defined()) return variable_list(6);  // no gradient reached the loss (gradcheck tries this)
     return once_differentiable("fastlm::cross_entropy", {grads[0]}, [&]() -> variable_list {
-      const auto reduction = Reduction(ctx->saved_data["reduction"].toInt());
+      const Options o = Options::saved(ctx);
       variable_list result(6);
       auto held = ctx->saved_data.find("grad");
       if (held != ctx->saved_data.end()) {
         Tensor grad = held->second.toTensor();
         ctx->saved_data.erase(held);  // handed out once: nothing else holds it, so it is scaled in place
-        result[0] = scale_in_place(std::move(grad), grads[0], reduction);
+        result[0] = scale_in_place(std::move(grad), grads[0], o.reduction);
         return result;
       }
       const variable_list saved = ctx->get_saved_variables();
       Tensor logits = saved[0];
       const Tensor &target = saved[1], &lse = saved[3];
       const OptionalTensor weight = saved[2].defined() ? OptionalTensor(saved[2]) : std::nullopt;
-      const Tensor grad_rows = grad_per_row(grads[0], reduction, saved[4], logits.size(0), lse.scalar_type());
-      const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
-      const double label_smoothing = ctx->saved_data["label_smoothing"].toDouble();
-      const double lse_square_scale = ctx->saved_data["lse_square_scale"].toDouble();
-      const bool triton = ctx->saved_data["triton"].toBool();
+      const Tensor grad_rows = grad_per_row(grads[0], o.reduction, saved[4], logits.size(0), lse.scalar_type());
       if (ctx->saved_data["inplace"].toBool()) {
-        backward_in_place.kernels(triton).call(logits, target, weight, lse, grad_rows, ignore_index,
-                                               label_smoothing, lse_square_scale);
+        backward_in_place.kernels(o.triton).call(logits, target, weight, lse, grad_rows, o.ignore_index,
+                                                 o.label_smoothing, o.lse_square_scale);
         torch::autograd::impl::bump_version(logits);
         result[0] = logits;
       } else {
-        result[0] = backward_op.kernels(triton).call(logits, target, weight, lse, grad_rows, ignore_index,
-                                                     label_smoothing, lse_square_scale);
+        result[0] = backward_op.kernels(o.triton).call(logits, target, weight, lse, grad_rows, o.ignore_index,
+                                                       o.label_smoothing, o.lse_square_scale);
       }
       return result;
     });

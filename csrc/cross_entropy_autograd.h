@@ -4,6 +4,8 @@
 // written over the logits.
 #pragma once
 
+#include "autograd_op.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
@@ -38,6 +40,28 @@ inline Reduction parse_reduction(c10::string_view reduction) {
               reduction, "'");
   return Reduction::none;
 }
+
+// The loss's options, which a forward keeps in its context for the backward.
+struct Options {
+  Reduction reduction;
+  int64_t ignore_index;
+  double label_smoothing, lse_square_scale;
+  bool triton;
+
+  void save(autograd_op::AutogradContext* ctx) const {
+    ctx->saved_data["reduction"] = int64_t(reduction);
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["lse_square_scale"] = lse_square_scale;
+    ctx->saved_data["triton"] = triton;
+  }
+
+  static Options saved(autograd_op::AutogradContext* ctx) {
+    return {Reduction(ctx->saved_data["reduction"].toInt()), ctx->saved_data["ignore_index"].toInt(),
+            ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["lse_square_scale"].toDouble(),
+            ctx->saved_data["triton"].toBool()};
+  }
+};
 
 // Whether a tensor holds values this code may read: not a fake or functional tensor of torch.compile's tracing,
 // and not on a stream being captured into a CUDA graph (reading a GPU value syncs, which capture forbids).

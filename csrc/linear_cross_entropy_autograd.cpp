@@ -28,14 +28,6 @@ namespace {
 using namespace autograd_op;
 using namespace cross_entropy_shared;
 
-struct Options {
-  Reduction reduction;
-  int64_t ignore_index;
-  double label_smoothing, lse_square_scale;
-  int64_t chunk_size;
-  bool triton;
-};
-
 // What is differentiated: input, weight, bias.
 using Wanted = std::array<bool, 3>;
 
@@ -58,7 +50,8 @@ void accumulate_weight_grad(Tensor& d_weight, const Tensor& d_logits, const Tens
 
 // Per-row losses and lse of every chunk; with grad_rows (dloss/drow, one per row), also the wanted gradients.
 Chunked run_chunks(const Tensor& input, const Tensor& weight, const OptionalTensor& bias, const Tensor& target,
-                   const OptionalTensor& ce_weight, const Options& o, const Tensor& grad_rows, Wanted wanted) {
+                   const OptionalTensor& ce_weight, const Options& o, int64_t chunk_size, const Tensor& grad_rows,
+                   Wanted wanted) {
   static const KernelOp<ForwardOp> forward("cross_entropy_forward");
   static const KernelOp<BackwardOp> backward("cross_entropy_backward");
   static const KernelOp<BackwardInPlaceOp> backward_in_place("cross_entropy_backward_");
@@ -70,8 +63,8 @@ Chunked run_chunks(const Tensor& input, const Tensor& weight, const OptionalTens
   if (wanted[0]) d_input = at::empty_like(input, at::MemoryFormat::Contiguous);
   if (wanted[1]) d_weight = at::zeros(weight.sizes(), acc);
   if (wanted[2]) d_bias = at::zeros({weight.size(0)}, acc);
-  for (int64_t start = 0; start < num_rows; start += o.chunk_size) {
-    const int64_t rows = std::min(o.chunk_size, num_rows - start);
+  for (int64_t start = 0; start < num_rows; start += chunk_size) {
+    const int64_t rows = std::min(chunk_size, num_rows - start);
     const Tensor x = input.narrow(0, start, rows), t = target.narrow(0, start, rows);
     Tensor logits = at::linear(x, weight, bias);
     auto [loss_rows, lse] = forward.kernels(o.triton).call(logits, t, ce_weight, o.ignore_index, o.label_smoothing,
@@ -112,7 +105,7 @@ variable_list in_dtypes(variable_list grads, const std::array<at::ScalarType, 3>
 struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
                                const OptionalTensor& bias, const Tensor& target, const OptionalTensor& ce_weight,
-                               const Options& o, Wanted wanted) {
+                               const Options& o, int64_t chunk_size, Wanted wanted) {
     const auto dtype = math_dtype(input);
     const Tensor denominator =
         o.reduction == Reduction::mean ? mean_denominator(target, ce_weight, o.ignore_index, dtype) : Tensor();
@@ -121,7 +114,7 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
         grads_now ? grad_per_row(at::ones({}, input.options().dtype(dtype)), o.reduction, denominator,
                                  input.size(0), dtype)
                   : Tensor();
-    Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, grad_rows, wanted);
+    Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, chunk_size, grad_rows, wanted);
     // Not saved variables: handed out once, so no version check is needed.
     for (size_t i = 0; grads_now && i < chunked.grads.size(); ++i) {
       if (chunked.grads[i].defined()) ctx->saved_data[held_key(i)] = chunked.grads[i];
@@ -129,12 +122,8 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
     ctx->saved_data["held"] = grads_now;
     ctx->save_for_backward({input, weight, bias.value_or(Tensor()), target, ce_weight.value_or(Tensor()),
                             denominator});
-    ctx->saved_data["reduction"] = int64_t(o.reduction);
-    ctx->saved_data["ignore_index"] = o.ignore_index;
-    ctx->saved_data["label_smoothing"] = o.label_smoothing;
-    ctx->saved_data["lse_square_scale"] = o.lse_square_scale;
-    ctx->saved_data["chunk_size"] = o.chunk_size;
-    ctx->saved_data["triton"] = o.triton;
+    o.save(ctx);
+    ctx->saved_data["chunk_size"] = chunk_size;
     ctx->saved_data["wanted"] = c10::List<bool>({wanted[0], wanted[1], wanted[2]});
     ctx->set_materialize_grads(false);  // lse has no gradient: no zeros made for it
     ctx->mark_non_differentiable({chunked.lse});
@@ -142,12 +131,12 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(7);  // no gradient reached the loss (gradcheck tries this)
+    if (!grads[0].defined()) return variable_list(8);  // no gradient reached the loss (gradcheck tries this)
     return once_differentiable("fastlm::linear_cross_entropy", {grads[0]}, [&]() -> variable_list {
       const variable_list saved = ctx->get_saved_variables();
       const std::array<at::ScalarType, 3> dtypes{saved[0].scalar_type(), saved[1].scalar_type(),
                                                  saved[0].scalar_type()};
-      variable_list result(7);
+      variable_list result(8);
       if (ctx->saved_data["held"].toBool()) {
         // Handed out once: nothing else holds them, so they are scaled in place.
         ctx->saved_data["held"] = false;
@@ -164,15 +153,14 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
         std::copy(made.begin(), made.end(), result.begin());
         return result;
       }
-      const Options o{Reduction(ctx->saved_data["reduction"].toInt()), ctx->saved_data["ignore_index"].toInt(),
-                      ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["lse_square_scale"].toDouble(),
-                      ctx->saved_data["chunk_size"].toInt(), ctx->saved_data["triton"].toBool()};
+      const Options o = Options::saved(ctx);
       const auto flags = ctx->saved_data["wanted"].toBoolList();
       const Tensor &input = saved[0], &weight = saved[1], &target = saved[3];
       const OptionalTensor bias = saved[2].defined() ? OptionalTensor(saved[2]) : std::nullopt;
       const OptionalTensor ce_weight = saved[4].defined() ? OptionalTensor(saved[4]) : std::nullopt;
       const Tensor grad_rows = grad_per_row(grads[0], o.reduction, saved[5], input.size(0), math_dtype(input));
-      Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, grad_rows,
+      const int64_t chunk_size = ctx->saved_data["chunk_size"].toInt();
+      Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, chunk_size, grad_rows,
                                    {flags.get(0), flags.get(1), flags.get(2)});
       const variable_list made = in_dtypes(std::move(chunked.grads), dtypes);
       std::copy(made.begin(), made.end(), result.begin());
@@ -184,7 +172,7 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
 Options options_of(c10::string_view reduction, int64_t ignore_index, double label_smoothing, double lse_square_scale,
                    int64_t chunk_size, bool triton) {
   TORCH_CHECK(chunk_size > 0, "fastlm.linear_cross_entropy: chunk_size must be positive, got ", chunk_size);
-  return {parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, chunk_size, triton};
+  return {parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, triton};
 }
 
 std::tuple<Tensor, Tensor> linear_cross_entropy_autograd(const Tensor& input, const Tensor& weight,
@@ -197,7 +185,7 @@ std::tuple<Tensor, Tensor> linear_cross_entropy_autograd(const Tensor& input, co
   const Wanted wanted{grad_mode && input.requires_grad(), grad_mode && weight.requires_grad(),
                       grad_mode && bias.has_value() && bias->requires_grad()};
   const Options o = options_of(reduction, ignore_index, label_smoothing, lse_square_scale, chunk_size, triton);
-  variable_list out = LinearCrossEntropy::apply(input, weight, bias, target, ce_weight, o, wanted);
+  variable_list out = LinearCrossEntropy::apply(input, weight, bias, target, ce_weight, o, chunk_size, wanted);
   return {out[0], out[1]};
 }
 
@@ -207,7 +195,8 @@ std::tuple<Tensor, Tensor> linear_cross_entropy_inference(const Tensor& input, c
                                                           c10::string_view reduction, double label_smoothing,
                                                           double lse_square_scale, int64_t chunk_size, bool triton) {
   const Options o = options_of(reduction, ignore_index, label_smoothing, lse_square_scale, chunk_size, triton);
-  const Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, Tensor(), {false, false, false});
+  const Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, chunk_size, Tensor(),
+                                     {false, false, false});
   const Tensor denominator = o.reduction == Reduction::mean
                                  ? mean_denominator(target, ce_weight, ignore_index, math_dtype(input))
                                  : Tensor();
