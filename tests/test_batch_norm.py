@@ -224,6 +224,28 @@ def test_deterministic(backend, device):
         assert torch.equal(a, b)
 
 
+def test_cpp_buffers_are_reused_only_once_dropped():
+    """The cpp ops keep the last output's and the last input gradient's memory for the next call (a training loop
+    frees both every step) and hand it out again only once nothing else holds it."""
+    skip_unless_runs("cpp")
+    torch.manual_seed(4)
+    bn = fastlm.nn.BatchNorm1d(300, activation="tanh", backend="cpp")
+    x, g = torch.randn(64, 300), torch.randn(64, 300)
+    first_leaf, second_leaf = x.clone().requires_grad_(), (2 * x).requires_grad_()
+    first = bn(first_leaf)
+    (first_grad,) = torch.autograd.grad(first, first_leaf, g)
+    expected, expected_grad = first.detach().clone(), first_grad.clone()
+    second = bn(second_leaf)
+    (second_grad,) = torch.autograd.grad(second, second_leaf, g)
+    assert second.data_ptr() != first.data_ptr() and second_grad.data_ptr() != first_grad.data_ptr()
+    assert torch.equal(first, expected) and torch.equal(first_grad, expected_grad)  # both still held
+    freed, freed_grad = second.data_ptr(), second_grad.data_ptr()
+    del second, second_grad
+    third = bn(second_leaf)
+    (third_grad,) = torch.autograd.grad(third, second_leaf, g)
+    assert third.data_ptr() == freed and third_grad.data_ptr() == freed_grad
+
+
 def test_state_dict_moves_between_torch_and_fastlm():
     reference, _ = make_pair(5, "cpu", momentum=None)
     reference(torch.randn(8, 5))

@@ -19,7 +19,7 @@
 
 #include "contiguous_as.h"
 #include "fast_tanh.h"
-#include "huge_pages.h"
+#include "reused_buffer.h"
 #include "vec_config.h"
 
 #include <ATen/Dispatch.h>
@@ -324,8 +324,13 @@ const T* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
-at::Tensor new_like_input(const at::Tensor& input, at::ScalarType dtype) {
-  return empty_on_huge_pages(input.sizes(), input.options().dtype(dtype));
+// The outputs' and the input gradients' memory, each reused from step to step of a training loop (see
+// reused_buffer.h): a new multi-MB buffer on every call costs page faults whenever glibc has handed the last
+// one back to the system.
+ReusedBuffer output_buffer, input_grad_buffer;
+
+at::Tensor new_like_input(ReusedBuffer& buffer, const at::Tensor& input, at::ScalarType dtype) {
+  return buffer.empty(input.sizes(), input.options().dtype(dtype));
 }
 
 // y = act((x - mean) * invstd * w + b) into a new tensor shaped and typed like input.
@@ -337,7 +342,7 @@ at::Tensor forward_with(const at::Tensor& x, const at::Tensor& input, const Layo
   const std::vector<T> b = channel_values<T>(bias, s.C, T(0), "bias");
   std::vector<T> scale(s.C);
   for (int64_t c = 0; c < s.C; ++c) scale[c] = w[c] * invstd[c];
-  at::Tensor y = new_like_input(input, x.scalar_type());
+  at::Tensor y = new_like_input(output_buffer, input, x.scalar_type());
   const auto mean_l = to_lanes(s, mean), scale_l = to_lanes(s, scale.data()), bias_l = to_lanes(s, b.data());
   dispatch_activation(activation, [&](auto act) {
     normalize<decltype(act)::value>(x.data_ptr<T>(), s, mean_l.data(), scale_l.data(), bias_l.data(),
@@ -457,7 +462,7 @@ at::Tensor input_grad_from_sums(const GradInputs& g, const at::Tensor& input, co
                                 double xhat_scale, int64_t activation) {
   const at::Tensor sdz = per_channel(sum_dz, g.s.C, g.dtype, "sum_dz");
   const at::Tensor sdx = per_channel(sum_dz_xhat, g.s.C, g.dtype, "sum_dz_xhat");
-  at::Tensor dx = new_like_input(input, g.dtype);
+  at::Tensor dx = new_like_input(input_grad_buffer, input, g.dtype);
   AT_DISPATCH_FLOATING_TYPES(g.dtype, "fastlm_batch_norm_backward_input", [&] {
     using T = scalar_t;
     const std::vector<T> w = channel_values<T>(weight, g.s.C, T(1), "weight");
