@@ -6,6 +6,8 @@
 // (fastlm::triton_<family>_<step>, Python custom ops that fastlm.ops registers), so one autograd serves all.
 #pragma once
 
+#include "math_dtype.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
@@ -23,11 +25,6 @@ using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// The dtype the kernels compute and return statistics and losses in: fp64 for fp64 input, fp32 otherwise.
-inline at::ScalarType math_dtype(const Tensor& input) {
-  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {

@@ -17,6 +17,7 @@
 // The schemas are defined here because this file is built on every machine; CUDA adds its kernels to the
 // same ops in csrc/cuda/batch_norm_binding.cpp.
 
+#include "../math_dtype.h"
 #include "contiguous_as.h"
 #include "fast_tanh.h"
 #include "reused_buffer.h"
@@ -276,10 +277,6 @@ void input_grad(const T* dy, const T* x, const T* y, const Layout& s, const T* m
 }
 
 // --- op wrappers: checks, layout, dtypes ---------------------------------------------------------------
-
-at::ScalarType math_dtype(const at::Tensor& input) {
-  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 Layout layout_of(const at::Tensor& input) {
   TORCH_CHECK(input.dim() == 2 || input.dim() == 3, "fastlm batch_norm: expected 2D or 3D input (got ", input.dim(),

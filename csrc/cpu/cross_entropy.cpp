@@ -12,6 +12,7 @@
 // to the same ops in csrc/cuda/cross_entropy_binding.cpp.
 
 #include "../cross_entropy_checks.h"
+#include "../math_dtype.h"
 #include "contiguous_as.h"
 #include "fast_exp.h"
 #include "reused_buffer.h"
@@ -67,12 +68,12 @@ void check_targets(const at::Tensor& target, int64_t num_classes, int64_t ignore
 Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                  int64_t ignore_index) {
   check_cross_entropy_shapes(logits, target, weight);
-  const auto math_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto dtype = math_dtype(logits);
   Prepared p;
-  p.logits = logits.to(math_dtype);
+  p.logits = logits.to(dtype);
   if (p.logits.stride(1) != 1) p.logits = p.logits.contiguous();
   p.target = contiguous_as(target, at::kLong);
-  if (weight.has_value()) p.weight = contiguous_as(*weight, math_dtype);
+  if (weight.has_value()) p.weight = contiguous_as(*weight, dtype);
   check_targets(p.target, logits.size(1), ignore_index);
   return p;
 }

@@ -18,6 +18,7 @@
 // same ops in csrc/cuda/embedding_linear_binding.cpp.
 
 #include "../embedding_linear_checks.h"
+#include "../math_dtype.h"
 #include "contiguous_as.h"
 #include "small_matmul.h"
 #include "vec_config.h"
@@ -64,7 +65,7 @@ struct Prepared {
 Prepared prepare(const at::Tensor& idx, const at::Tensor& table, const at::Tensor& weight) {
   check_embedding_linear_shapes(idx, table, weight);
   const int64_t B = idx.size(0), T = idx.size(1), V = table.size(0), D = table.size(1);
-  const auto dtype = table.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto dtype = math_dtype(table);
   Prepared p{contiguous_as(idx, at::kLong), contiguous_as(table, dtype), contiguous_as(weight, dtype), B, T, V, D,
              weight.size(0)};
   const int64_t* ids = p.idx.data_ptr<int64_t>();

@@ -4,6 +4,7 @@
 // caching allocator, the device guard and the current stream. The kernels in batch_norm.cu stay torch-free, so
 // nvcc never parses torch headers. Data in float, double, half and bfloat16 is read in its own dtype; any other
 // floating dtype goes through fp32 and comes back in its own.
+#include "../math_dtype.h"
 #include "batch_norm.cuh"
 #include "binding_utils.h"
 
@@ -36,7 +37,7 @@ struct Input {
   at::Tensor x;         // contiguous, in a dtype the kernels read
   BatchNormShape shape;
 
-  at::ScalarType math_dtype() const { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+  at::ScalarType math_dtype() const { return fastlm::math_dtype(x); }
   at::TensorOptions math_options() const { return x.options().dtype(math_dtype()); }
 
   void check_device(const at::Tensor& t, const char* name) const {

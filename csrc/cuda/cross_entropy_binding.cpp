@@ -4,6 +4,7 @@
 // current stream. The kernels in cross_entropy.cu stay torch-free, so nvcc never parses torch headers.
 // Unlike the CPU kernels, fp16 and bf16 logits are read in their own dtype rather than copied to fp32.
 #include "../cross_entropy_checks.h"
+#include "../math_dtype.h"
 #include "cross_entropy.cuh"
 #include "binding_utils.h"
 
@@ -19,10 +20,6 @@
 
 namespace fastlm {
 namespace {
-
-at::ScalarType math_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 void check_device(const at::Tensor& t, const at::Tensor& logits, const char* name) {
   TORCH_CHECK(t.device() == logits.device(), "fastlm cross_entropy: ", name, " must be on the device of logits (",

@@ -12,6 +12,7 @@
 // Data in float, double, half and bfloat16 is used in its own dtype; any other floating dtype goes through fp32
 // and comes back in its own.
 #include "../embedding_linear_checks.h"
+#include "../math_dtype.h"
 #include "embedding_linear.cuh"
 #include "binding_utils.h"
 
@@ -68,7 +69,7 @@ struct Inputs {
   int64_t B, T, V, D, out;
 
   at::ScalarType dtype() const { return table.scalar_type(); }
-  at::ScalarType math_dtype() const { return dtype() == at::kDouble ? at::kDouble : at::kFloat; }
+  at::ScalarType math_dtype() const { return fastlm::math_dtype(table); }
 
   void check_device(const at::Tensor& t, const char* name) const {
     TORCH_CHECK(t.device() == original_table.device(), "fastlm embedding_linear: ", name,
