@@ -76,7 +76,7 @@ inline bool values_readable(const Tensor& t) {
 // What F.cross_entropy's mean divides by: the summed weight of the non-ignored targets (their count without
 // weights). Zero when every target is ignored, so the mean is NaN, as in torch.
 inline Tensor mean_denominator(const Tensor& target, const OptionalTensor& weight, int64_t ignore_index,
-                        at::ScalarType dtype) {
+                               at::ScalarType dtype) {
   if (!weight && target.is_cpu() && values_readable(target) && target.scalar_type() == at::kLong &&
       target.is_contiguous()) {
     // A count on the CPU, read directly: the tensor ops below cost ~20 us at N=8192 here, beside a ~300 us kernel.

@@ -221,10 +221,10 @@ backends.register_fakes(KernelOps, "cross_entropy",
                         KernelOps(_fake_forward, _fake_forward_backward, _fake_backward, _fake_backward_))
 
 
-def _fake_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-                        inplace_backward, triton=False):
+def fake_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+                       inplace_backward, triton=False):
     rows, lse = _fake_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
     return (rows if reduction == "none" else rows.new_empty(())), lse
 
 
-backends.register_cpp_fake("cross_entropy", _fake_cross_entropy)
+backends.register_cpp_fake("cross_entropy", fake_cross_entropy)

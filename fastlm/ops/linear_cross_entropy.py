@@ -19,7 +19,13 @@ from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops.autocast import autocast_dtype, autocast_off, cast_to
-from fastlm.ops.cross_entropy import check_logits, check_target, loss_dtype, reference_cross_entropy
+from fastlm.ops.cross_entropy import (
+    check_logits,
+    check_target,
+    fake_cross_entropy,
+    loss_dtype,
+    reference_cross_entropy,
+)
 
 
 def default_chunk_size(num_rows: int, hidden: int, vocab: int) -> int:
@@ -78,8 +84,9 @@ def linear_cross_entropy(
 
 def _fake_linear_cross_entropy(input, weight, bias, target, ce_weight, ignore_index, reduction, label_smoothing,
                                lse_square_scale, chunk_size, triton=False):
-    rows = input.new_empty(input.shape[0], dtype=torch.float64 if input.dtype == torch.float64 else torch.float32)
-    return (rows if reduction == "none" else rows.new_empty(())), torch.empty_like(rows)
+    # The loss and lse of cross-entropy over (N, V) logits in input's dtype: only N and the dtype shape them.
+    return fake_cross_entropy(input, target, ce_weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+                              False)
 
 
 backends.register_cpp_fake("linear_cross_entropy", _fake_linear_cross_entropy)
