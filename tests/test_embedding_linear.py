@@ -19,7 +19,8 @@ STRATEGIES = ["gather", "table"]
 def make_case(B, T, D, out, V, device, dtype=torch.float32, bias=True, seed=0):
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, V, (B, T), generator=generator)
-    idx[0] = idx[-1]  # repeated indices in every case
+    if B:
+        idx[0] = idx[-1]  # repeated indices in every case
     table = torch.randn(V, D, generator=generator, dtype=torch.float64)
     weight = torch.randn(out, T * D, generator=generator, dtype=torch.float64) / (T * D) ** 0.5
     b = torch.randn(out, generator=generator, dtype=torch.float64) if bias else None
@@ -31,8 +32,8 @@ def make_case(B, T, D, out, V, device, dtype=torch.float32, bias=True, seed=0):
 def reference(idx, table, weight, bias, grad, padding_idx=None):
     leaves = [t.clone().requires_grad_() for t in (table, weight)] + ([bias.clone().requires_grad_()] if bias is not None
                                                                       else [])
-    y = F.linear(F.embedding(idx, leaves[0], padding_idx=padding_idx).view(idx.shape[0], -1), leaves[1],
-                 leaves[2] if bias is not None else None)
+    gathered = F.embedding(idx, leaves[0], padding_idx=padding_idx).view(idx.shape[0], idx.shape[1] * table.shape[1])
+    y = F.linear(gathered, leaves[1], leaves[2] if bias is not None else None)
     y.backward(grad)
     return y.detach(), [leaf.grad for leaf in leaves]
 
@@ -91,6 +92,69 @@ def test_half_precision_on_gpu(backend, strategy, dtype):
     case = make_case(257, 8, 64, 200, 1000, "cuda")
     got = run_fastlm(*case, dtype, strategy=strategy, backend=backend)
     assert_matches(got, reference(*case), dtype)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(backend, device, strategy):
+    """B = 0: a (0, out) output and zero gradients, as F.linear(F.embedding(...)) gives."""
+    skip_unless_runs(backend, device)
+    idx, table, weight, bias, grad = make_case(0, 3, 4, 5, 27, device)
+    got = run_fastlm(idx, table, weight, bias, grad, torch.float32, strategy=strategy, backend=backend)
+    assert got[0].shape == (0, 5)
+    assert_matches(got, reference(idx, table, weight, bias, grad), torch.float32)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend, strategy):
+    """Transposed weight and table, every other column of idx."""
+    skip_unless_runs(backend)
+    idx, table, weight, bias, grad = make_case(33, 6, 4, 5, 27, "cpu")
+    idx = idx[:, ::2]
+    table, weight = table.t().contiguous().t(), weight[:, :12].t().contiguous().t()
+    assert not (idx.is_contiguous() or table.is_contiguous() or weight.is_contiguous())
+    assert_matches(run_fastlm(idx, table, weight, bias, grad, torch.float64, strategy=strategy, backend=backend),
+                   reference(idx, table, weight, bias, grad), torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_parameters_get_no_gradient(backend):
+    """requires_grad=False on the table and bias: only the weight gets a gradient, the right one."""
+    skip_unless_runs(backend)
+    idx, table, weight, bias, grad = make_case(17, 3, 4, 5, 27, "cpu")
+    weight = weight.clone().requires_grad_()
+    embedding_linear(idx, table, weight, bias, backend=backend).backward(grad)
+    _, (_, want, _) = reference(idx, table, weight.detach(), bias, grad)
+    assert table.grad is None and bias.grad is None
+    assert_close_to_reference(weight.grad, want, torch.float64)
+
+
+def test_atomic_scatter_is_opt_in_and_off_under_deterministic_algorithms(monkeypatch):
+    """What the public API hands the kernels: the atomic scatter only with atomic_scatter=True, and never while
+    torch.use_deterministic_algorithms(True) is on. Run on the Triton kernels through the interpreter, whose
+    atomic path (a GPU's) is forced on here whenever it is asked for; the gradients stay right either way."""
+    skip_unless_runs("triton")
+    from fastlm.kernels import embedding_linear as kernels
+
+    asked = []
+    monkeypatch.setattr(kernels, "_use_atomics", lambda deterministic, device: asked.append(deterministic) or
+                        not deterministic)
+    idx, table, weight, bias, grad = make_case(40, 3, 4, 5, 27, "cpu")
+    want = reference(idx, table, weight, bias, grad)
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    try:
+        for atomic_scatter, deterministic_algorithms, expected in [(False, False, True), (True, False, False),
+                                                                   (True, True, True)]:
+            torch.use_deterministic_algorithms(deterministic_algorithms)
+            asked.clear()
+            got = run_fastlm(idx, table, weight, bias, grad, torch.float64, atomic_scatter=atomic_scatter,
+                             backend="triton")
+            assert asked and set(asked) == {expected}
+            assert_matches(got, want, torch.float64)
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -214,6 +278,24 @@ def test_module_round_trips_torch_modules_exactly():
     torch.testing.assert_close(fresh(idx), linear(embedding(idx).view(5, -1)))
 
 
+@pytest.mark.parametrize("option", [dict(max_norm=1.0), dict(scale_grad_by_freq=True), dict(sparse=True)])
+def test_from_modules_refuses_embedding_options_it_lacks(option):
+    """An embedding whose lookup is not the plain one would give other outputs or gradients: refused."""
+    with pytest.raises(ValueError, match=f"no {next(iter(option))}"):
+        fastlm.nn.EmbeddingLinear.from_modules(nn.Embedding(27, 10, **option), nn.Linear(30, 7))
+
+
+def test_module_options_are_checked_when_built():
+    with pytest.raises(ValueError, match="strategy must be"):
+        fastlm.nn.EmbeddingLinear(27, 10, 3, 7, strategy="dense")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        fastlm.nn.EmbeddingLinear.from_modules(nn.Embedding(27, 10), nn.Linear(30, 7), stratgy="table")
+    with pytest.raises(TypeError, match="nn.Embedding and an nn.Linear"):
+        fastlm.nn.EmbeddingLinear.from_modules(nn.Embedding(27, 10), nn.Conv1d(30, 7, 1))
+    layer = fastlm.nn.EmbeddingLinear.from_modules(nn.Embedding(27, 10), nn.Linear(30, 7), strategy="table")
+    assert "strategy='table'" in repr(layer) and layer.strategy == "table"
+
+
 def test_strategy_choice_follows_the_multiply_add_count():
     assert choose_strategy(batch=4096, vocab=27, dim=64, context=8, out=1024) == "table"
     assert choose_strategy(batch=4096, vocab=50000, dim=64, context=8, out=1024) == "gather"
@@ -235,6 +317,18 @@ def test_out_of_range_index_raises_index_error(backend, device, bad):
             embedding_linear(idx, table.float(), weight.float(), bias.float(), strategy=strategy, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+def test_out_of_range_index_raises_index_error_under_torch_compile(backend):
+    skip_unless_runs(backend)
+    torch._dynamo.reset()
+    idx, table, weight, bias, _ = (t.float() if t.is_floating_point() else t for t in make_case(8, 3, 4, 5, 27, "cpu"))
+    layer = torch.compile(lambda i: embedding_linear(i, table, weight, bias, backend=backend), fullgraph=True)
+    torch.testing.assert_close(layer(idx), F.linear(table[idx].view(8, -1), weight, bias))
+    idx[2, 2] = 27
+    with pytest.raises(IndexError, match="27"):
+        layer(idx)
+
+
 def test_bad_inputs_are_refused_clearly():
     idx, table, weight, bias, _ = (t.float() if t.is_floating_point() else t for t in make_case(8, 3, 4, 5, 27, "cpu"))
     cases = [
@@ -243,6 +337,7 @@ def test_bad_inputs_are_refused_clearly():
         ((idx, table, weight[:, :-1], bias), ValueError, r"T\*D"),
         ((idx, table, weight.double(), bias), TypeError, "one dtype"),
         ((idx, table, weight, bias[:-1]), ValueError, "bias must have"),
+        ((idx, table, weight, bias.double()), TypeError, "bias .* must have one dtype"),
         ((idx, table.to("meta"), weight, bias), ValueError, "is on meta"),
     ]
     for args, error, message in cases:

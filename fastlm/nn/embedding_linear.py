@@ -11,7 +11,7 @@ import copy
 
 from torch import Tensor, nn
 
-from fastlm.ops.embedding_linear import embedding_linear
+from fastlm.ops.embedding_linear import STRATEGIES, embedding_linear
 
 
 class EmbeddingLinear(nn.Module):
@@ -22,13 +22,30 @@ class EmbeddingLinear(nn.Module):
         self.context = context
         self.embedding = nn.Embedding(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype)
         self.linear = nn.Linear(context * embedding_dim, out_features, bias, device=device, dtype=dtype)
+        self._set_options(strategy, atomic_scatter, backend)
+
+    def _set_options(self, strategy: str | None, atomic_scatter: bool, backend: str | None) -> None:
+        if strategy is not None and strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be None or one of {list(STRATEGIES)}, got {strategy!r}")
         self.strategy = strategy
         self.atomic_scatter = atomic_scatter
         self.backend = backend
 
     @classmethod
-    def from_modules(cls, embedding: nn.Embedding, linear: nn.Linear, **options) -> "EmbeddingLinear":
-        """The fused layer for ``linear(embedding(idx).view(B, -1))``, sharing (not copying) their parameters."""
+    def from_modules(cls, embedding: nn.Embedding, linear: nn.Linear, *, strategy: str | None = None,
+                     atomic_scatter: bool = False, backend: str | None = None) -> "EmbeddingLinear":
+        """The fused layer for ``linear(embedding(idx).view(B, -1))``, sharing (not copying) their parameters.
+        The embedding's lookup must be the plain one: max_norm (which renormalises the table's rows),
+        scale_grad_by_freq and sparse gradients are refused."""
+        if not isinstance(embedding, nn.Embedding) or not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_modules takes an nn.Embedding and an nn.Linear, got {type(embedding).__name__} "
+                            f"and {type(linear).__name__}")
+        unsupported = [name for name, value in (("max_norm", embedding.max_norm is not None),
+                                                ("scale_grad_by_freq", embedding.scale_grad_by_freq),
+                                                ("sparse", embedding.sparse)) if value]
+        if unsupported:
+            raise ValueError(f"from_modules: the fused layer has no {', '.join(unsupported)} (the embedding sets "
+                             f"{', '.join(unsupported)}); keep this nn.Embedding + nn.Linear as they are")
         if linear.in_features % embedding.embedding_dim:
             raise ValueError(f"linear.in_features ({linear.in_features}) is not a multiple of the embedding "
                              f"dimension ({embedding.embedding_dim})")
@@ -36,9 +53,7 @@ class EmbeddingLinear(nn.Module):
         nn.Module.__init__(fused)
         fused.context = linear.in_features // embedding.embedding_dim
         fused.embedding, fused.linear = embedding, linear
-        fused.strategy = options.get("strategy")
-        fused.atomic_scatter = options.get("atomic_scatter", False)
-        fused.backend = options.get("backend")
+        fused._set_options(strategy, atomic_scatter, backend)
         return fused
 
     def to_modules(self) -> tuple[nn.Embedding, nn.Linear]:

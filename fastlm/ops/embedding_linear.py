@@ -68,13 +68,26 @@ def kernel_ops(backend: str) -> KernelOps:
     return backends.kernel_ops(KernelOps, "embedding_linear", backend)
 
 
+@torch.library.custom_op("fastlm::checked_token_ids", mutates_args=())
+def _checked_ids(idx: Tensor, vocab: int) -> Tensor:
+    """The ``torch`` backend's id check as an op, so that it runs under torch.compile too (a traced check
+    would need the ids' values): a copy of idx (an op returns no alias of its input) once check_ids passes."""
+    check_ids(idx, vocab)
+    return idx.clone()
+
+
+@_checked_ids.register_fake
+def _(idx, vocab):
+    return torch.empty_like(idx)
+
+
 # --- reference ---------------------------------------------------------------------------------------
 
 
 def reference_embedding_linear(idx, table, weight, bias, padding_idx):
     """The ``torch`` backend and the oracle: embedding, view, linear."""
     embedded = F.embedding(idx, table, padding_idx=None if padding_idx < 0 else padding_idx)
-    return F.linear(embedded.view(idx.shape[0], -1), weight, bias)
+    return F.linear(embedded.view(idx.shape[0], idx.shape[1] * table.shape[1]), weight, bias)
 
 
 # --- functional --------------------------------------------------------------------------------------
@@ -112,6 +125,9 @@ def check_inputs(idx: Tensor, table: Tensor, weight: Tensor, bias: Tensor | None
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"fastlm.embedding_linear: bias must have out = {weight.shape[0]} entries, got "
                          f"{tuple(bias.shape)}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"fastlm.embedding_linear: bias ({bias.dtype}) and weight ({weight.dtype}) must have one "
+                        "dtype")
     for name, t in (("table", table), ("weight", weight), ("bias", bias)):
         if t is not None and t.device != idx.device:
             raise ValueError(f"fastlm.embedding_linear: idx is on {idx.device} but {name} is on {t.device}")
@@ -156,9 +172,7 @@ def embedding_linear(
     name = backends.resolve(idx.device, backend)
     with autocast_off(idx.device, amp):
         if name == "torch":  # the kernel backends' ops check the ids themselves
-            if not torch.compiler.is_compiling():
-                check_ids(idx, table.shape[0])
-            return reference_embedding_linear(idx, table, weight, bias, padding)
+            return reference_embedding_linear(_checked_ids(idx, table.shape[0]), table, weight, bias, padding)
         deterministic = not atomic_scatter or torch.are_deterministic_algorithms_enabled()
         return torch.ops.fastlm.embedding_linear.default(idx, table, weight, bias, STRATEGIES[strategy], padding,
                                                          deterministic, name == "triton")
