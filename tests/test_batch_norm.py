@@ -2,6 +2,9 @@
 backend present (the Triton kernels through the interpreter on CPU); the op-level kernel tests are in
 test_batch_norm_ops.py, SyncBatchNorm's in test_sync_batch_norm.py."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,6 +182,7 @@ def test_gradcheck(backend, activation, training, unbiased):
                                      unbiased, activation, backend=backend)
 
     assert torch.autograd.gradcheck(function, (x, weight, bias), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda x: function(x, None, None), (x,), eps=1e-6, atol=1e-6)  # affine=False
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
@@ -193,6 +197,11 @@ def test_non_contiguous_input(backend, device):
     assert not x.is_contiguous() and not g.is_contiguous()
     expected = run_steps(reference, [x], [g])
     assert_same_modules(ours, reference, run_steps(ours, [x], [g]), expected, torch.float32)
+    x3 = torch.randn(5, 9, 7, device=device).permute(0, 2, 1)[:, :, ::2]  # (5, 7, 5): channels-last, strided L
+    g3 = torch.randn(5, 7, 10, device=device)[:, :, ::2]
+    assert not x3.is_contiguous() and not g3.is_contiguous()
+    expected = run_steps(reference, [x3], [g3])
+    assert_same_modules(ours, reference, run_steps(ours, [x3], [g3]), expected, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -288,8 +297,10 @@ def test_bad_input_is_refused():
         module(torch.randn(4))
     with pytest.raises(TypeError, match="floating-point"):
         fastlm.ops.batch_norm(torch.ones(3, 4, dtype=torch.int64), None, None, training=True)
-    with pytest.raises(ValueError, match="one entry per channel"):
+    with pytest.raises(RuntimeError, match="^weight should contain 4 elements not 5$"):  # torch's message
         fastlm.ops.batch_norm(torch.randn(3, 4), None, None, torch.ones(5), training=True)
+    with pytest.raises(RuntimeError, match="^running_mean should contain 4 elements not 3$"):
+        fastlm.nn.BatchNorm1d(3)(torch.randn(3, 4))
     with pytest.raises(ValueError, match="activation must be one of"):
         fastlm.ops.batch_norm(torch.randn(3, 4), None, None, training=True, activation="gelu")
     with pytest.raises(ValueError, match="running_mean and running_var are needed"):
@@ -316,6 +327,38 @@ def test_torch_compile_has_no_graph_break(backend):
     torch.testing.assert_close(model[0].weight.grad, reference[0].weight.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
     torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_torch_compile_3d_train_then_eval(backend):
+    """3D input without activation, through a training step and then in eval (running statistics), compiled
+    with fullgraph: both graphs match torch's module."""
+    skip_unless_runs(backend)
+    torch._dynamo.reset()
+    reference, ours = make_pair(4, "cpu", backend=backend, momentum=0.3)
+    compiled = torch.compile(ours, fullgraph=True)
+    x = torch.randn(6, 4, 5)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    reference(x_ref).pow(2).sum().backward()
+    compiled(x_ours).pow(2).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.running_mean, reference.running_mean)
+    torch.testing.assert_close(ours.running_var, reference.running_var)
+    reference.eval(), ours.eval()
+    torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_deepcopy_and_pickle_keep_state_and_options():
+    module = fastlm.nn.BatchNorm1d(5, momentum=None, unbiased=True, activation="tanh")
+    module(torch.randn(8, 5))
+    for copied in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        assert (copied.unbiased, copied.activation, copied.momentum) == (True, "tanh", None)
+        for key, value in module.state_dict().items():
+            assert torch.equal(copied.state_dict()[key], value)
+        copied.eval(), module.eval()
+        x = torch.randn(3, 5)
+        assert torch.equal(copied(x), module(x))
+        module.train()
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

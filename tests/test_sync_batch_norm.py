@@ -37,8 +37,11 @@ def run_rank(rank, port, out_dir, shape_tail, options):
             module.zero_grad()
             out = module(local)
             out.backward(g[start:start + ROWS[rank]])
-        torch.save({"out": out.detach(), "grad": local.grad, "weight_grad": module.weight.grad,
-                    "bias_grad": module.bias.grad, "running_mean": module.running_mean,
+        module.eval()  # eval synchronises nothing: each rank's rows by themselves
+        eval_out = module(local.detach())
+        torch.save({"out": out.detach(), "grad": local.grad, "eval_out": eval_out,
+                    "weight_grad": module.weight.grad if module.affine else None,
+                    "bias_grad": module.bias.grad if module.affine else None, "running_mean": module.running_mean,
                     "running_var": module.running_var}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -46,8 +49,9 @@ def run_rank(rank, port, out_dir, shape_tail, options):
 
 @pytest.mark.parametrize(
     "shape_tail,options",
-    [((6,), {}), ((4, 3), {}), ((6,), dict(unbiased=True, activation="tanh")), ((5,), dict(momentum=None))],
-    ids=["2d", "3d", "unbiased_tanh", "momentum_none"],
+    [((6,), {}), ((4, 3), {}), ((6,), dict(unbiased=True, activation="tanh")), ((5,), dict(momentum=None)),
+     ((6,), dict(affine=False, track_running_stats=False))],
+    ids=["2d", "3d", "unbiased_tanh", "momentum_none", "no_affine_no_running_stats"],
 )
 def test_sync_matches_single_process_on_the_whole_batch(tmp_path, shape_tail, options):
     mp.spawn(run_rank, args=(free_port(), str(tmp_path), shape_tail, options), nprocs=WORLD, join=True)
@@ -66,11 +70,17 @@ def test_sync_matches_single_process_on_the_whole_batch(tmp_path, shape_tail, op
     torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), out.detach(), **tol)
     torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), x.grad, **tol)
     # per-rank parameter gradients, as torch's SyncBatchNorm leaves them: DDP sums (averages) them
-    torch.testing.assert_close(sum(r["weight_grad"] for r in ranks), single.weight.grad, **tol)
-    torch.testing.assert_close(sum(r["bias_grad"] for r in ranks), single.bias.grad, **tol)
+    if single.affine:
+        torch.testing.assert_close(sum(r["weight_grad"] for r in ranks), single.weight.grad, **tol)
+        torch.testing.assert_close(sum(r["bias_grad"] for r in ranks), single.bias.grad, **tol)
     for r in ranks:
-        torch.testing.assert_close(r["running_mean"], single.running_mean, **tol)
-        torch.testing.assert_close(r["running_var"], single.running_var, **tol)
+        for name in ("running_mean", "running_var"):
+            torch.testing.assert_close(r[name], getattr(single, name), **tol)
+    # in eval, each rank's rows by themselves: running stats, or (without them) the rank's own batch statistics
+    single.eval()
+    for rank, r in enumerate(ranks):
+        start = sum(ROWS[:rank])
+        torch.testing.assert_close(r["eval_out"], single(x.detach()[start:start + ROWS[rank]]), **tol)
 
 
 def test_convert_sync_batchnorm_keeps_parameters_and_options():
@@ -84,6 +94,16 @@ def test_convert_sync_batchnorm_keeps_parameters_and_options():
     assert isinstance(inner, fastlm.nn.SyncBatchNorm) and inner.unbiased and inner.activation == "tanh"
     for key, value in converted.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+def test_convert_sync_batchnorm_leaves_other_batch_norms_to_torch():
+    """BatchNorm2d takes 4D input, which fastlm's kernels do not: it becomes torch's SyncBatchNorm, as torch's
+    converter makes it, and the converted model still runs."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 5),
+                          nn.BatchNorm1d(5))
+    converted = fastlm.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(converted[1]) is nn.SyncBatchNorm and type(converted[4]) is fastlm.nn.SyncBatchNorm
+    assert converted(torch.randn(2, 3, 8, 8)).shape == (2, 5)
 
 
 def test_without_a_process_group_it_is_batch_norm():

@@ -86,8 +86,10 @@ class SyncBatchNorm(BatchNorm1d):
         self.process_group = process_group
 
     def forward(self, input: Tensor) -> Tensor:
+        # Synchronised in training only, as nn.SyncBatchNorm does (eval without running stats normalises each
+        # rank's batch by its own statistics).
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if not (self._uses_batch_stats() and distributed and torch.distributed.get_world_size(self.process_group) > 1):
+        if not (self.training and distributed and torch.distributed.get_world_size(self.process_group) > 1):
             return super().forward(input)
         self._check_input_dim(input)
         momentum = self._momentum()
@@ -96,9 +98,14 @@ class SyncBatchNorm(BatchNorm1d):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
-        """Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: every BatchNorm layer in ``module`` (torch's or
-        fastlm's) becomes a fastlm SyncBatchNorm with the same parameters, buffers and options."""
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+        """Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: every BatchNorm1d layer in ``module`` (torch's or
+        fastlm's) becomes a fastlm SyncBatchNorm with the same parameters, buffers and options; other BatchNorm
+        layers (2d, 3d), whose input fastlm's kernels do not take, become ``nn.SyncBatchNorm`` as torch's
+        converter makes them."""
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.BatchNorm1d):
+            return module if isinstance(module, nn.SyncBatchNorm) else nn.SyncBatchNorm.convert_sync_batchnorm(
+                module, process_group)
+        if isinstance(module, nn.BatchNorm1d) and not isinstance(module, SyncBatchNorm):
             converted = cls(module.num_features, module.eps, module.momentum, module.affine,
                             module.track_running_stats, process_group, unbiased=getattr(module, "unbiased", False),
                             activation=getattr(module, "activation", None), backend=getattr(module, "backend", None))

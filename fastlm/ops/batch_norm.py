@@ -180,9 +180,10 @@ def check_per_channel(input: Tensor, **tensors: Tensor | None) -> None:
     for name, t in tensors.items():
         if t is None:
             continue
-        if t.shape != (channels,):
-            raise ValueError(f"fastlm.batch_norm: {name} must have one entry per channel ({channels}), got shape "
-                             f"{tuple(t.shape)}")
+        if t.numel() != channels:  # torch's error and message
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+        if t.dim() != 1:
+            raise ValueError(f"fastlm.batch_norm: {name} must be 1D, got shape {tuple(t.shape)}")
         if t.device != device:
             raise ValueError(f"fastlm.batch_norm: input is on {device} but {name} is on {t.device}")
 
