@@ -3,10 +3,13 @@
 # on (and for CPU tensors under TRITON_INTERPRET=1).
 # One program per row. The forward reads the row once: an online softmax keeps a running max and a sum
 # of exp rescaled whenever the max grows, and the weighted sum of logits that smoothing needs rides
-# along in the same loop. The backward recomputes p = exp(x - lse) from the saved lse in one more pass.
+# along in the same loop. The loss takes lse - x as (max - x) + log(sum), and the smoothing sum is of logits
+# less the row's first one: neither loses the loss of logits far from 0 to lse's fp32 rounding. The backward
+# recomputes p = exp(x - lse) from the saved lse in one more pass; the fused forward-backward uses
+# exp((x - max) - log(sum)), exact however far from 0 the logits are.
 # The fused forward-backward does both in one program per row: the forward loop, then the gradient loop
 # over the same row again (on a GPU the second read mostly comes from L2). All three kernels are built
-# from the same three row helpers, so they compute bit-identical results.
+# from the same three row helpers.
 # Math is fp32 (fp64 for fp64 logits); loss and lse come back in that dtype.
 
 import torch
@@ -41,11 +44,14 @@ def _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C, igno
 @triton.jit
 def _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, HAS_WEIGHT: tl.constexpr,
                   HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One pass over the row: its lse and its loss (0 for an ignored row)."""
+    """One pass over the row: its max m, log of sum exp(x - m), lse and loss (0 for an ignored row)."""
     cols = tl.arange(0, BLOCK_C)
     m = tl.full([], float("-inf"), ACC)  # running max
     total = tl.zeros([], ACC)  # sum of exp(x - m)
-    wx = tl.zeros([], ACC)  # sum of w_c x_c, for smoothing
+    wx = tl.zeros([], ACC)  # sum of w_c (x_c - anchor), for smoothing
+    if HAS_SMOOTHING:
+        anchor = tl.load(x_row).to(ACC)  # the first logit (0 if not finite): a point near the others
+        anchor = tl.where(tl.abs(anchor) < float("inf"), anchor, 0.0)
     for start in range(0, C, BLOCK_C):
         mask = start + cols < C
         x = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(ACC)
@@ -58,21 +64,23 @@ def _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, HAS_WEIGHT: 
         if HAS_SMOOTHING:  # constexpr: with e == 0 a -inf logit must not turn the loss into 0 * inf
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + start + cols, mask=mask, other=0.0).to(ACC)
-                wx += tl.sum(w * tl.where(mask, x, 0.0), 0)
+                wx += tl.sum(w * tl.where(mask, x - anchor, 0.0), 0)
             else:
-                wx += tl.sum(tl.where(mask, x, 0.0), 0)
-    lse = m + tl.log(total)
+                wx += tl.sum(tl.where(mask, x - anchor, 0.0), 0)
+    log_sum = tl.log(total)
+    lse = m + log_sum
     x_t = tl.load(x_row + t, mask=valid, other=0.0).to(ACC)
-    loss = (1.0 - e) * w_t * (lse - x_t) + s * lse * lse
+    loss = (1.0 - e) * w_t * ((m - x_t) + log_sum) + s * lse * lse
     if HAS_SMOOTHING:
-        loss += e / C * (w_sum * lse - wx)
-    return lse, tl.where(valid, loss, 0.0)
+        loss += e / C * (w_sum * ((m - anchor) + log_sum) - wx)
+    return m, log_sum, lse, tl.where(valid, loss, 0.0)
 
 
 @triton.jit
-def _row_grad(x_row, dx_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, lse, g, HAS_WEIGHT: tl.constexpr,
-              HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One pass over the row: writes g * dloss/dx, recomputing p = exp(x - lse)."""
+def _row_grad(x_row, dx_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, lse, shift, log_norm, g,
+              HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One pass over the row: writes g * dloss/dx, recomputing p = exp((x - shift) - log_norm) (shift = lse and
+    log_norm = 0 from a saved lse, or the row's max and log of its sum of exps)."""
     cols = tl.arange(0, BLOCK_C)
     # dloss/dx_c = p_c * p_scale - on_target [c == t] - smooth * w_c, all scaled by g.
     on_target = g * (1.0 - e) * w_t
@@ -87,7 +95,7 @@ def _row_grad(x_row, dx_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, lse, g, 
         c = start + cols
         mask = c < C
         x = tl.load(x_row + c, mask=c < n_read, other=0.0).to(ACC)
-        dx = p_scale * tl.exp(x - lse) - tl.where(c == t, on_target, 0.0)
+        dx = p_scale * tl.exp((x - shift) - log_norm) - tl.where(c == t, on_target, 0.0)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 dx -= smooth * tl.load(weight_ptr + c, mask=mask, other=0.0).to(ACC)
@@ -106,8 +114,8 @@ def _forward_kernel(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C,
                     ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     row, x_row, t, valid, e, s, w_t, w_sum = _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C,
                                                         ignore_index, e_hi, e_lo, s_hi, s_lo, HAS_WEIGHT, ACC)
-    lse, loss = _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, HAS_WEIGHT, HAS_SMOOTHING, ACC,
-                              BLOCK_C)
+    _, _, lse, loss = _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, HAS_WEIGHT, HAS_SMOOTHING,
+                                    ACC, BLOCK_C)
     tl.store(lse_ptr + row, lse)
     tl.store(loss_ptr + row, loss)
 
@@ -121,8 +129,8 @@ def _backward_kernel(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C
                                                         ignore_index, e_hi, e_lo, s_hi, s_lo, HAS_WEIGHT, ACC)
     lse = tl.load(lse_ptr + row * stride_lse).to(ACC)
     g = tl.load(grad_loss_ptr + row * stride_grad_loss).to(ACC)
-    _row_grad(x_row, grad_ptr + row * stride_grad, weight_ptr, C, t, valid, e, s, w_t, w_sum, lse, g, HAS_WEIGHT,
-              HAS_SMOOTHING, ACC, BLOCK_C)
+    _row_grad(x_row, grad_ptr + row * stride_grad, weight_ptr, C, t, valid, e, s, w_t, w_sum, lse, lse,
+              tl.zeros([], ACC), g, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
 
 
 @triton.jit
@@ -132,14 +140,13 @@ def _forward_backward_kernel(logits_ptr, stride_row, target_ptr, weight_ptr, wsu
                              BLOCK_C: tl.constexpr):
     row, x_row, t, valid, e, s, w_t, w_sum = _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C,
                                                         ignore_index, e_hi, e_lo, s_hi, s_lo, HAS_WEIGHT, ACC)
-    lse, loss = _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, HAS_WEIGHT, HAS_SMOOTHING, ACC,
-                              BLOCK_C)
+    m, log_sum, lse, loss = _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, HAS_WEIGHT,
+                                          HAS_SMOOTHING, ACC, BLOCK_C)
     tl.store(lse_ptr + row, lse)
     tl.store(loss_ptr + row, loss)
-    # lse straight from registers: the same value the two-launch path stores and reloads (it is stored in ACC).
     g = tl.load(grad_loss_ptr + row * stride_grad_loss).to(ACC)
-    _row_grad(x_row, grad_ptr + row * stride_grad, weight_ptr, C, t, valid, e, s, w_t, w_sum, lse, g, HAS_WEIGHT,
-              HAS_SMOOTHING, ACC, BLOCK_C)
+    _row_grad(x_row, grad_ptr + row * stride_grad, weight_ptr, C, t, valid, e, s, w_t, w_sum, lse, m, log_sum, g,
+              HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
 
 
 _MATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,

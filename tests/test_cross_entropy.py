@@ -222,6 +222,24 @@ def test_nan_and_inf_logits_give_nan_loss(backend, c):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("offset", [1e5, -1e30])
+def test_logits_far_from_zero(backend, offset):
+    """Logits offset by 1e5, or a fully masked row (every logit -1e30): loss and gradient as exact as torch's in
+    fp32. Taking the loss as lse - x_t, with lse rounded to fp32, lost it (0 instead of log C at -1e30)."""
+    skip_unless_runs(backend)
+    x = (torch.randn(16, 50, dtype=torch.float64) * 3 + offset).float()
+    target = torch.randint(0, 50, (16,))
+    for options in (dict(), dict(label_smoothing=0.1, weight=torch.rand(50) + 0.5)):
+        leaf = x.clone().requires_grad_()
+        loss = cross_entropy(leaf, target, reduction="none", backend=backend, **options)
+        loss.sum().backward()
+        ref_loss, _, ref_leaf = reference(x, target, reduction="none", **options)
+        ref_loss.sum().backward()
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_empty_batch_matches_torch(backend, reduction):
     skip_unless_runs(backend)
@@ -361,6 +379,28 @@ def test_bad_weight_and_options_are_refused():
         cross_entropy(x, target, reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing"):
         cross_entropy(x, target, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="weight is on meta"):
+        cross_entropy(x, target, weight=torch.ones(5, device="meta"))
+    with pytest.raises(TypeError, match="weight must be a floating-point"):
+        cross_entropy(x, target, weight=torch.ones(5, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="cannot require grad"):  # torch refuses it too: no gradient goes there
+        cross_entropy(x, target, weight=torch.ones(5, requires_grad=True))
+    with torch.no_grad():
+        cross_entropy(x, target, weight=torch.ones(5, requires_grad=True))  # as torch, fine without a graph
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_inplace_backward_refuses_a_leaf(backend):
+    """The gradient written over a leaf parameter would replace its values: refused, as torch refuses any
+    in-place change to such a leaf; logits computed from it are fine."""
+    skip_unless_runs(backend)
+    x, target = random_problem(4, 5)
+    leaf = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="overwrite a leaf"):
+        cross_entropy(leaf, target, inplace_backward=True, backend=backend)
+    assert torch.equal(leaf, x)
+    cross_entropy(leaf * 1.0, target, inplace_backward=True, backend=backend).backward()
+    torch.testing.assert_close(leaf.grad, torch.autograd.grad(F.cross_entropy(x.requires_grad_(), target), x)[0])
 
 
 # --- library integration -------------------------------------------------------------------------------

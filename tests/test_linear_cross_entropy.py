@@ -170,3 +170,11 @@ def test_bad_input_is_refused():
         linear_cross_entropy(x, weight, target[:2])
     with pytest.raises(IndexError, match="out of bounds"):
         linear_cross_entropy(x, weight, torch.tensor([0, 1, 5, 2]), backend="cpp")
+    with pytest.raises(ValueError, match="one device"):
+        linear_cross_entropy(x, weight.to("meta"), target)
+    with pytest.raises(ValueError, match="one device"):
+        linear_cross_entropy(x, weight, target, bias.to("meta"))
+    for backend in ("cpp", "torch"):
+        for chunk_size in (0, -1, 2.5):
+            with pytest.raises(ValueError, match="chunk_size must be a positive"):
+                linear_cross_entropy(x, weight, target, chunk_size=chunk_size, backend=backend)

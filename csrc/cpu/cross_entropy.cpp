@@ -1,11 +1,14 @@
 // Cross-entropy on the CPU: the op schemas of the family and their CPU kernels.
 //
 // Row i of the logits x (C classes, target t, class weights w, smoothing e, z-loss scale s) has
-//   lse  = log sum_c exp(x_c)
+//   lse  = log sum_c exp(x_c) = m + log sum_c exp(x_c - m),  m = max_c x_c
 //   loss = (1-e) w_t (lse - x_t) + e/C sum_c w_c (lse - x_c) + s lse^2        (0 where t == ignore_index)
 //   dloss/dx_c = p_c ((1-e) w_t + e/C sum_k w_k + 2 s lse) - (1-e) w_t [c == t] - e/C w_c,  p = exp(x - lse)
+// The loss takes lse - x_c as (m - x_c) + log sum exp(x - m): lse itself, rounded to fp32, would lose the
+// loss of logits far from 0 (all at -1e30, or offset by 1e5), where torch's log_softmax keeps it.
 // Forward makes two passes over a row (its max, then the sum of exp), the second from L1/L2, and keeps only
-// lse; backward recomputes p from lse in one pass. Rows are spread over threads with at::parallel_for and
+// lse; backward recomputes p from lse in one pass (p is then as exact as the fp32 lse is beside x: the fused
+// forward-backward, the default when logits need a gradient, has no such limit). Rows are spread over threads with at::parallel_for and
 // reduced in small groups (see group_lse), each row is vectorised with at::vec, and all math is in fp32 (fp64
 // for double input); loss and lse come back in that math dtype.
 // The schemas are defined here because this file is built on every machine; CUDA adds its kernels
@@ -101,11 +104,12 @@ int64_t rows_per_task(int64_t num_classes) { return std::max<int64_t>(1, 32768 /
 constexpr int kGroupRows = 8;
 constexpr int64_t kGroupMaxClasses = 16384;
 
-// The lse of R consecutive rows (row_stride apart) and the sum of exp(x - max) of each; with exps, each
-// exp(x - max) is also stored there (R rows of C), for the fused forward to turn into the gradient.
+// Of R consecutive rows (row_stride apart): each row's max, sum of exp(x - max), its log, and
+// lse = max + log_sum; with exps, each exp(x - max) is also stored there (R rows of C), for the fused forward
+// to turn into the gradient.
 template <int R, typename scalar_t>
 struct GroupLse {
-  scalar_t sum[R], lse[R];
+  scalar_t max[R], sum[R], log_sum[R], lse[R];
 };
 
 template <int R, typename scalar_t>
@@ -124,11 +128,11 @@ GroupLse<R, scalar_t> group_lse(const scalar_t* x, int64_t row_stride, int64_t C
     for (int k = 0; k < R; ++k) acc[k] = max_skipping_nan(acc[k], Vec::loadu(x + k * row_stride + c));
   for (int k = 0; tail && k < R; ++k)
     acc[k] = Vec::set(acc[k], max_op(acc[k], Vec::loadu(x + k * row_stride + full, tail)), tail);
-  scalar_t max[R];
+  GroupLse<R, scalar_t> g;
   Vec shift[R];
   for (int k = 0; k < R; ++k) {
-    max[k] = at::vec::vec_reduce_all<scalar_t>(max_op, acc[k]);
-    shift[k] = Vec(max[k]);
+    g.max[k] = at::vec::vec_reduce_all<scalar_t>(max_op, acc[k]);
+    shift[k] = Vec(g.max[k]);
     acc[k] = Vec(scalar_t(0));
   }
   for (int64_t c = 0; c < full; c += kWidth)
@@ -142,13 +146,12 @@ GroupLse<R, scalar_t> group_lse(const scalar_t* x, int64_t row_stride, int64_t C
     if (exps) e.store(exps + k * C + full, tail);
     acc[k] = Vec::set(acc[k], acc[k] + e, tail);
   }
-  GroupLse<R, scalar_t> g;
-  for (int k = 0; k < R; ++k) g.sum[k] = g.lse[k] = at::vec::vec_reduce_all<scalar_t>(add_op, acc[k]);
+  for (int k = 0; k < R; ++k) g.sum[k] = at::vec::vec_reduce_all<scalar_t>(add_op, acc[k]);
   for (int k = 0; k < R; k += kWidth) {  // the logs of the sums, one vector log for up to kWidth rows
     const int64_t n = std::min<int64_t>(kWidth, R - k);
-    Vec::loadu(g.lse + k, n).log().store(g.lse + k, n);
+    Vec::loadu(g.sum + k, n).log().store(g.log_sum + k, n);
   }
-  for (int k = 0; k < R; ++k) g.lse[k] += max[k];
+  for (int k = 0; k < R; ++k) g.lse[k] = g.max[k] + g.log_sum[k];
   return g;
 }
 
@@ -162,19 +165,23 @@ void for_each_group(int64_t begin, int64_t end, int64_t num_classes, const Group
   for (; i < end; ++i) group(i, std::integral_constant<int, 1>{});
 }
 
-// The loss of a non-ignored row from its lse: the smoothing term costs one more pass, only when asked for.
-template <typename scalar_t>
-scalar_t row_loss(const LossTerms<scalar_t>& terms, const scalar_t* x, int64_t t, scalar_t lse) {
+// The loss of a non-ignored row k of a group (lse - x_c as (max - x_c) + log_sum): the smoothing term costs
+// one more pass, only when asked for.
+template <int R, typename scalar_t>
+scalar_t row_loss(const LossTerms<scalar_t>& terms, const scalar_t* x, int64_t t, const GroupLse<R, scalar_t>& g,
+                  int k) {
   using Vec = Vectorized<scalar_t>;
   const int64_t C = terms.num_classes;
-  scalar_t loss = (scalar_t(1) - terms.smoothing) * terms.weight_of(t) * (lse - x[t]);
+  const scalar_t row_max = g.max[k], log_sum = g.log_sum[k], lse = g.lse[k];
+  scalar_t loss = (scalar_t(1) - terms.smoothing) * terms.weight_of(t) * ((row_max - x[t]) + log_sum);
   if (terms.smoothing != scalar_t(0)) {
     const auto plus = [](Vec a, Vec b) { return a + b; };
-    const scalar_t weighted_sum =
-        terms.weight
-            ? at::vec::map2_reduce_all<scalar_t>([](Vec v, Vec w) { return v * w; }, plus, x, terms.weight, C)
-            : at::vec::reduce_all<scalar_t>(plus, x, C);
-    loss += terms.smoothing / scalar_t(C) * (terms.weight_sum * lse - weighted_sum);
+    const Vec max_v(row_max);
+    const scalar_t weighted_gap =  // sum_c w_c (max - x_c)
+        terms.weight ? at::vec::map2_reduce_all<scalar_t>([max_v](Vec v, Vec w) { return (max_v - v) * w; }, plus,
+                                                          x, terms.weight, C)
+                     : at::vec::map_reduce_all<scalar_t>([max_v](Vec v) { return max_v - v; }, plus, x, C);
+    loss += terms.smoothing / scalar_t(C) * (weighted_gap + terms.weight_sum * log_sum);
   }
   return loss + terms.lse_square_scale * lse * lse;
 }
@@ -217,7 +224,7 @@ void forward_rows(const scalar_t* logits, int64_t row_stride, int64_t num_rows, 
       for (int k = 0; k < R; ++k) {
         const int64_t i = i0 + k, t = terms.target[i];
         lse_out[i] = g.lse[k];
-        loss[i] = t == terms.ignore_index ? scalar_t(0) : row_loss(terms, logits + i * row_stride, t, g.lse[k]);
+        loss[i] = t == terms.ignore_index ? scalar_t(0) : row_loss(terms, logits + i * row_stride, t, g, k);
       }
     });
   });
@@ -252,7 +259,7 @@ void forward_backward_rows(const scalar_t* logits, int64_t row_stride, int64_t n
       for (int k = 0; k < R; ++k) {
         const int64_t i = i0 + k, t = terms.target[i];
         lse_out[i] = g.lse[k];
-        loss[i] = t == terms.ignore_index ? scalar_t(0) : row_loss(terms, logits + i * row_stride, t, g.lse[k]);
+        loss[i] = t == terms.ignore_index ? scalar_t(0) : row_loss(terms, logits + i * row_stride, t, g, k);
         const Vec inv_sum(scalar_t(1) / g.sum[k]);
         write_row_grad(terms, t, grad_loss[i], g.lse[k], grad + i * C, grad + i * C,
                        [inv_sum](Vec e) { return e * inv_sum; });

@@ -3,7 +3,10 @@
 // Forward reads a row once with an online softmax (a running max and a sum of exp rescaled whenever the
 // max grows), reduces the per-thread partials over the block, and thread 0 writes lse and the loss.
 // Backward recomputes p = exp(x - lse) in one pass. Forward-backward does both in one block per row: the
-// forward's pass, then (lse broadcast over the block) the backward's pass. The per-row work lives in
+// forward's pass, then (the row's max and log-sum broadcast over the block) the backward's pass, with
+// p = exp((x - max) - log sum exp(x - max)). As on the CPU, the loss takes lse - x as (max - x) + log-sum, and
+// the smoothing sum is of logits less the row's first one, so lse's fp32 rounding loses nothing of the loss
+// of logits far from 0. The per-row work lives in
 // row_forward and row_grad, shared by the three kernels. Logits are read in their own type; math is in fp32
 // (fp64 for double). Torch-free: cross_entropy_binding.cpp validates inputs and calls the launchers.
 #include "cross_entropy.cuh"
@@ -103,63 +106,76 @@ __device__ void block_reduce(acc_t& m, acc_t& s, acc_t& sum) {
   }
 }
 
-// The forward of one row, by the whole block: reads the row once (online softmax, plus sum_c w_c x_c when
-// label smoothing needs it), reduces over the block, and thread 0 writes lse_out[row] and loss[row] and gets
-// the lse back; the other threads get an unspecified value (see broadcast_from_thread0).
+// A row's softmax normaliser: p = exp((x - shift) - log_norm), and lse = shift + log_norm (z-loss).
+template <typename acc_t>
+struct RowNorm {
+  acc_t shift, log_norm, lse;
+};
+
+// The forward of one row, by the whole block: reads the row once (online softmax, plus
+// sum_c w_c (x_c - x_0) when label smoothing needs it), reduces over the block, and thread 0 writes
+// lse_out[row] and loss[row] and gets the row's max, log-sum and lse back; the other threads get unspecified
+// values (see broadcast_from_thread0).
 template <typename scalar_t, typename acc_t>
-__device__ acc_t row_forward(const scalar_t* x, const CrossEntropyArgs<acc_t>& a, int64_t row, int64_t t,
-                             acc_t* loss, acc_t* lse_out) {
+__device__ RowNorm<acc_t> row_forward(const scalar_t* x, const CrossEntropyArgs<acc_t>& a, int64_t row, int64_t t,
+                                      acc_t* loss, acc_t* lse_out) {
   const int64_t C = a.num_classes;
   const bool smoothed = t >= 0 && a.smoothing != acc_t(0);
+  const acc_t first = to_acc(x[0]);
+  const acc_t anchor = smoothed && fabs(first) < pos_inf(first) ? first : acc_t(0);
   acc_t m = -pos_inf(acc_t(0)), s = 0, weighted_sum = 0;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     const acc_t v = to_acc(x[c]);
     online_add(m, s, v);
-    if (smoothed) weighted_sum += weight_of(a, c) * v;
+    if (smoothed) weighted_sum += weight_of(a, c) * (v - anchor);
   }
   block_reduce(m, s, weighted_sum);
-  acc_t lse = 0;
+  RowNorm<acc_t> norm{m, 0, 0};
   if (threadIdx.x == 0) {
     // As on the CPU: NaN for a NaN logit (s is NaN) or a row of -inf (exp(-inf - -inf)), +inf for a +inf logit.
-    lse = m == -pos_inf(m) ? quiet_nan(m) : m + log_(s);
-    lse_out[row] = lse;
+    norm.log_norm = log_(s);
+    norm.lse = m == -pos_inf(m) ? quiet_nan(m) : m + norm.log_norm;
+    lse_out[row] = norm.lse;
     acc_t row_loss = 0;
     if (t >= 0) {
-      row_loss = (acc_t(1) - a.smoothing) * weight_of(a, t) * (lse - to_acc(x[t]));
-      if (smoothed) row_loss += a.smoothing / acc_t(C) * (weight_total(a) * lse - weighted_sum);
-      row_loss += a.lse_square_scale * lse * lse;
+      row_loss = (acc_t(1) - a.smoothing) * weight_of(a, t) * ((m - to_acc(x[t])) + norm.log_norm);
+      if (smoothed) {
+        row_loss += a.smoothing / acc_t(C) * (weight_total(a) * ((m - anchor) + norm.log_norm) - weighted_sum);
+      }
+      row_loss += a.lse_square_scale * norm.lse * norm.lse;
     }
     loss[row] = row_loss;
   }
-  return lse;
+  return norm;
 }
 
 // Thread 0's v, in every thread of the block.
-template <typename acc_t>
-__device__ acc_t broadcast_from_thread0(acc_t v) {
-  __shared__ acc_t shared;
+template <typename T>
+__device__ T broadcast_from_thread0(T v) {
+  __shared__ T shared;
   if (threadIdx.x == 0) shared = v;
   __syncthreads();
   return shared;
 }
 
-// The gradient of one row, by the whole block, from its lse l and its grad_loss g; an ignored row (t < 0) gets
-// zeros and does not use g or l, so callers fetch them only for other rows. dx may alias x: each element is
+// The gradient of one row, by the whole block, from its normaliser n and its grad_loss g; an ignored row
+// (t < 0) gets zeros and does not use g or n, so callers fetch them only for other rows. dx may alias x: each element is
 // read, then written, by the same thread. The target's extra -(1-e) w_t term is folded into that same write,
 // so no second write can race with it.
 template <typename scalar_t, typename acc_t>
 __device__ void row_grad(const scalar_t* x, scalar_t* dx, const CrossEntropyArgs<acc_t>& a, int64_t t, acc_t g,
-                         acc_t l) {
+                         const RowNorm<acc_t>& n) {
   const int64_t C = a.num_classes;
   if (t < 0) {
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) store(dx + c, acc_t(0));
     return;
   }
   const acc_t w_t = weight_of(a, t), smooth = a.smoothing / acc_t(C);
-  const acc_t p_scale = g * ((acc_t(1) - a.smoothing) * w_t + smooth * weight_total(a) + 2 * a.lse_square_scale * l);
+  const acc_t p_scale =
+      g * ((acc_t(1) - a.smoothing) * w_t + smooth * weight_total(a) + 2 * a.lse_square_scale * n.lse);
   const acc_t target_grad = g * (acc_t(1) - a.smoothing) * w_t, smooth_grad = g * smooth;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    acc_t d = p_scale * exp_(to_acc(x[c]) - l);
+    acc_t d = p_scale * exp_((to_acc(x[c]) - n.shift) - n.log_norm);
     if (a.smoothing != acc_t(0)) d -= smooth_grad * weight_of(a, c);
     if (c == t) d -= target_grad;
     store(dx + c, d);
@@ -181,11 +197,11 @@ __global__ void __launch_bounds__(kMaxThreads)
                     const acc_t* grad_loss, scalar_t* grad, int64_t grad_row_stride) {
   const int64_t row = blockIdx.x, t = row_target(a, row);
   const acc_t g = t < 0 ? acc_t(0) : grad_loss[row], l = t < 0 ? acc_t(0) : lse[row];
-  row_grad(logits + row * row_stride, grad + row * grad_row_stride, a, t, g, l);
+  row_grad(logits + row * row_stride, grad + row * grad_row_stride, a, t, g, RowNorm<acc_t>{l, 0, l});
 }
 
 // Forward then gradient of a row in one block: the row is read a second time for the gradient (mostly from
-// L2 for rows that fit), recomputing p = exp(x - lse) as the backward kernel does.
+// L2 for rows that fit), recomputing p from the row's max and log-sum.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
     forward_backward_kernel(const scalar_t* logits, int64_t row_stride, CrossEntropyArgs<acc_t> a,
@@ -193,8 +209,8 @@ __global__ void __launch_bounds__(kMaxThreads)
                             int64_t grad_row_stride) {
   const int64_t row = blockIdx.x, t = row_target(a, row);
   const scalar_t* x = logits + row * row_stride;
-  const acc_t lse = broadcast_from_thread0(row_forward(x, a, row, t, loss, lse_out));
-  row_grad(x, grad + row * grad_row_stride, a, t, t < 0 ? acc_t(0) : grad_loss[row], lse);
+  const RowNorm<acc_t> norm = broadcast_from_thread0(row_forward(x, a, row, t, loss, lse_out));
+  row_grad(x, grad + row * grad_row_stride, a, t, t < 0 ? acc_t(0) : grad_loss[row], norm);
 }
 
 // One element per thread up to 1024 classes, then 1024 threads striding over the row; always whole warps.

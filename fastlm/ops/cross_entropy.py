@@ -169,6 +169,11 @@ def check_target(target: Tensor, num_rows: int, num_classes: int, device: torch.
                              f"shape {tuple(weight.shape)}")
         if weight.device != device:
             raise ValueError(f"fastlm.{name}: input is on {device} but weight is on {weight.device}")
+        if not weight.is_floating_point():
+            raise TypeError(f"fastlm.{name}: weight must be a floating-point tensor, got {weight.dtype}")
+        if weight.requires_grad and torch.is_grad_enabled():  # torch refuses it too: no gradient flows there
+            raise RuntimeError(f"fastlm.{name}: the loss is not differentiable with respect to the class weights; "
+                               "weight cannot require grad")
     if reduction not in REDUCTIONS:
         raise ValueError(f"fastlm.{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -200,6 +205,9 @@ def cross_entropy(
     check_logits(input, "cross_entropy")
     check_target(target, input.shape[0], input.shape[1], input.device, weight, reduction, label_smoothing,
                  "cross_entropy")
+    if inplace_backward and input.is_leaf and input.requires_grad:  # its values are the user's, not scratch
+        raise RuntimeError("fastlm.cross_entropy: inplace_backward=True would overwrite a leaf that requires grad "
+                           "with its gradient; pass logits computed from it, or leave inplace_backward off")
     name = backends.resolve(input.device, backend)
     args = (input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale)
     amp = autocast_dtype(input.device)

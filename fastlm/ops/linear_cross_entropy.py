@@ -68,6 +68,9 @@ def linear_cross_entropy(
         raise TypeError(f"fastlm.linear_cross_entropy: input is {input.dtype} but weight/bias are {weight.dtype}")
     check_target(target, input.shape[0], weight.shape[0], input.device, ce_weight, reduction, label_smoothing,
                  "linear_cross_entropy")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"fastlm.linear_cross_entropy: chunk_size must be a positive number of rows, got "
+                         f"{chunk_size!r}")
     name = backends.resolve(input.device, backend)
     with autocast_off(input.device, amp):
         if name == "torch":
