@@ -26,8 +26,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     parser.add_argument("--model", default=d.model, choices=sorted(MODELS), help="which makemore model")
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--steps", type=int, help="default: the model's recipe (on --resume: the checkpoint's)")
+    parser.add_argument("--batch-size", type=int, help="default: the model's recipe; 0: the whole training split")
     parser.add_argument("--lr", type=float, help="learning rate before --decay-at (default: the model's recipe)")
     parser.add_argument("--lr-after", type=float, help="learning rate after --decay-at (default: the recipe's)")
     parser.add_argument("--decay-at", type=float, help="fraction of the steps at which lr drops (default: recipe)")
@@ -70,17 +70,19 @@ def run_train(args: argparse.Namespace) -> int:
         samples = summary.pop("samples")
         print(json.dumps(summary, indent=2))
         print("samples:", ", ".join(samples))
-        print(f"written to {trainer.out}/ (checkpoint.pt, summary.json, loss.png)")
+        print(f"written to {trainer.out}/ ({', '.join(trainer.files_written)})")
     return 0
 
 
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from fastlm.train import TrainConfig, build_model, context_of, load_checkpoint, sample_words
+    from fastlm.train import TrainConfig, build_model, check_options, context_of, load_checkpoint, sample_words
 
     state = load_checkpoint(args.checkpoint)
-    config = TrainConfig(**state["config"])
+    # On --device (the CPU by default), whatever device and backend the run trained on.
+    config = dataclasses.replace(TrainConfig(**state["config"]), device=args.device, backend=None)
+    check_options(config)
     vocab = data.Vocabulary(state["vocab"])
     model = build_model(config, vocab.size, fused=True, device=torch.device(config.device))
     model.load_state_dict(state["model"])
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--checkpoint", required=True, help="a checkpoint file or a training --out directory")
     sample.add_argument("--count", type=int, default=20)
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default="cpu", help="where to run the model (default: the CPU)")
     commands.add_parser("bench", help="benchmark kernels (fastlm bench --help)")
     commands.add_parser("check", help="check every op against PyTorch (fastlm check --help)")
     args = parser.parse_args(argv)

@@ -33,10 +33,11 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 @dataclasses.dataclass
 class TrainConfig:
-    # None: the model's lecture recipe (fastlm.models: mlp-bn is batch 32, SGD, lr 0.1 then 0.01 after half)
+    # None: the model's lecture recipe (fastlm.models: mlp-bn is 200k steps of batch 32, SGD, lr 0.1 then 0.01
+    # after half; the neural bigram 100 full-batch steps at lr 50). batch_size 0: the whole training split.
     model: str = "mlp-bn"
-    steps: int = 200_000
-    batch_size: int = 32
+    steps: int | None = None
+    batch_size: int | None = None
     lr: float | None = None
     lr_after: float | None = None  # the learning rate from decay_at (a fraction of the steps) on
     decay_at: float | None = None
@@ -65,6 +66,8 @@ class TrainConfig:
         decays = recipe.decay_at is not None and recipe.steps
         return dataclasses.replace(
             self,
+            steps=recipe.steps if self.steps is None else self.steps,
+            batch_size=(recipe.batch_size or 0) if self.batch_size is None else self.batch_size,
             optimizer=self.optimizer or recipe.optimizer,
             lr=recipe.lr if self.lr is None else self.lr,
             lr_after=(recipe.lr * recipe.decay if decays else recipe.lr) if self.lr_after is None else self.lr_after,
@@ -73,6 +76,25 @@ class TrainConfig:
 
 class ConfigError(ValueError):
     """Options that cannot work together, with a message meant for the user."""
+
+
+def check_options(config: TrainConfig) -> None:
+    """ConfigError for option values no run can use (before any data is read or model built)."""
+    for name, least in (("steps", 0), ("batch_size", 0), ("eval_every", 1), ("checkpoint_every", 1),
+                        ("context", 1), ("embedding", 1), ("hidden", 1), ("samples", 0)):
+        value = getattr(config, name)
+        if value is not None and value < least:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    try:
+        from fastlm import backends
+
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {config.device}: this machine's torch sees no CUDA GPU")
+        if config.backend is not None:
+            backends.resolve(device, config.backend)
+    except (RuntimeError, ValueError) as error:
+        raise ConfigError(str(error)) from None
 
 
 @dataclasses.dataclass
@@ -88,8 +110,10 @@ def load_dataset(config: TrainConfig, device: torch.device) -> Dataset:
     for name, part in zip(("train", "val", "test"), data.split_words(words, config.seed)):
         X, Y = data.build_windows(part, context, vocab)
         splits[name] = (X.to(device), Y.to(device))
-    if len(splits["train"][0]) == 0:
-        raise data.DataError("the word list is too short: the training split is empty")
+    empty = [name for name, (X, _) in splits.items() if len(X) == 0]
+    if empty:
+        raise data.DataError(f"the word list ({len(words)} words) is too short: the {' and '.join(empty)} "
+                             f"split{'s are' if len(empty) > 1 else ' is'} empty (the split is 80/10/10)")
     return Dataset(vocab, splits)
 
 
@@ -197,22 +221,33 @@ def load_checkpoint(path: str | Path) -> dict:
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch.load's errors for a truncated or foreign file vary: pickle, zip, EOF
+        raise ConfigError(f"{str(path)!r} is not a readable checkpoint: {error}") from None
+    missing = {"config", "vocab", "model", "step"} - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise ConfigError(f"{str(path)!r} is not a fastlm checkpoint (it lacks {', '.join(sorted(missing))})")
+    return state
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; torchrun's agent passing a Ctrl-C on, or a scheduler
 
 
 @contextlib.contextmanager
 def interrupts_between_steps():
-    """Within the block, SIGINT only raises a flag (read by calling the yielded function), so a step is never
-    cut in half; outside the main thread, where no handler can be set, it is left as it is."""
+    """Within the block, SIGINT and SIGTERM only raise a flag (read by calling the yielded function), so a step
+    is never cut in half; outside the main thread, where no handler can be set, they are left as they are."""
     received = []
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in STOP_SIGNALS}
     try:
         yield lambda: bool(received)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -233,9 +268,12 @@ class Trainer:
         requested, checkpoint = config, None
         if resume:
             checkpoint = load_checkpoint(config.out)
-            config = dataclasses.replace(TrainConfig(**checkpoint["config"]), steps=config.steps, out=config.out)
+            saved = TrainConfig(**checkpoint["config"])
+            config = dataclasses.replace(saved, steps=saved.steps if config.steps is None else config.steps,
+                                         out=config.out)
             if requested.compare or config.compare:
                 raise ConfigError("--resume does not continue a --compare run (the reference twin is not checkpointed)")
+        check_options(config)
         self.config = config
         self.rank, self.world = distributed_rank()
         self.device = torch.device(config.device if self.world == 1 or config.device == "cpu"
@@ -245,6 +283,9 @@ class Trainer:
         vocab_size = self.dataset.vocab.size
         self.model = build_model(config, vocab_size, fused=True, device=self.device)
         self.config = config = config.with_recipe(self.model.recipe)
+        if config.batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            raise ConfigError(f"--batch-size 1: the {config.model} model's BatchNorm needs more than one row per batch "
+                              "in training")
         self.reference = build_model(config, vocab_size, fused=False, device=self.device) if config.compare else None
         if self.reference is not None:
             self.model.load_state_dict(self.reference.state_dict())
@@ -262,7 +303,7 @@ class Trainer:
         self.step = 0
         self.history = {"step_loss": [], "val": [], "reference_step_loss": []}
         if checkpoint is not None:
-            if requested.with_recipe(self.model.recipe) != config:
+            if dataclasses.replace(requested, steps=config.steps).with_recipe(self.model.recipe) != config:
                 self.log("note: resuming with the checkpoint's configuration (other options ignored)")
             self._restore(checkpoint)
         self.loss_of = LossOf(self.model)
@@ -286,6 +327,8 @@ class Trainer:
     def _batch(self):
         X, Y = self.dataset.splits["train"]
         B = self.config.batch_size
+        if B == 0:  # the whole split, each rank its own share
+            return X[self.rank::self.world], Y[self.rank::self.world]
         ix = torch.randint(0, len(X), (self.world * B,), generator=self.generator)[self.rank * B:(self.rank + 1) * B]
         ix = ix.to(self.device)
         return X[ix], Y[ix]
@@ -335,14 +378,29 @@ class Trainer:
                     bar.write(f"step {self.step}: train batch loss {loss:.4f}, val loss {val:.4f}")
                 if self.step % config.checkpoint_every == 0:
                     self.save()
-                if interrupted():
+                if self._stop_requested(interrupted):
                     bar.close()
                     self.save()
-                    self.log(f"interrupted at step {self.step}: checkpoint written to {self.out / 'checkpoint.pt'};"
-                             f" continue with --resume")
+                    if self.rank == 0:
+                        self.log(f"interrupted at step {self.step}: checkpoint written to "
+                                 f"{self.out / 'checkpoint.pt'}; continue with --resume")
                     raise KeyboardInterrupt
         bar.close()
         return self._finish(timing)
+
+    STOP_AGREEMENT_STEPS = 10
+
+    def _stop_requested(self, interrupted) -> bool:
+        """Whether to stop after this step: a signal seen here or, under torchrun, by any rank. The ranks agree
+        every STOP_AGREEMENT_STEPS steps (one small all-reduce), so that all stop after the same step; a rank
+        stopping alone would leave the others waiting in the next step's gradient all-reduce."""
+        if self.world == 1:
+            return interrupted()
+        if self.step % self.STOP_AGREEMENT_STEPS:
+            return False
+        flag = torch.tensor([int(interrupted())], device=self.device)
+        dist.all_reduce(flag)
+        return bool(flag.item())
 
     def _step(self, timing: dict) -> None:
         xb, yb = self._batch()
@@ -373,11 +431,12 @@ class Trainer:
         self.save()
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            self._plot()
+            self.files_written = ["checkpoint.pt", "summary.json"] + (["loss.png"] if self._plot() else [])
         return summary
 
-    def _plot(self) -> None:
-        """loss.png: the training loss averaged over windows of 1% of the run, and the val loss, in log10."""
+    def _plot(self) -> bool:
+        """loss.png: the training loss averaged over windows of 1% of the run, and the val loss, in log10.
+        Whether it was drawn (not without matplotlib, nor for a model fit by counting)."""
         try:
             import matplotlib
 
@@ -385,10 +444,10 @@ class Trainer:
             import matplotlib.pyplot as plt
         except ImportError:
             self.log("note: matplotlib is not installed, so no loss plot was drawn")
-            return
+            return False
         losses = self.history["step_loss"]
         if not losses:
-            return
+            return False
         window = max(1, len(losses) // 100)
         steps = range(0, len(losses) - window + 1, window)
         figure, axes = plt.subplots(figsize=(7, 4))
@@ -402,3 +461,4 @@ class Trainer:
         figure.tight_layout()
         figure.savefig(self.out / "loss.png", dpi=100)
         plt.close(figure)
+        return True

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -54,8 +55,9 @@ def test_interrupted_and_resumed_run_ends_bit_identical(words_file, tmp_path, mo
     monkeypatch.setattr(Trainer, "_train_step", train_step)
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 17
 
-    resumed = Trainer(small_config(words_file, tmp_path / "cut"), resume=True, log=lambda *_: None)
-    assert resumed.step == 17
+    # --steps not given again: the checkpoint's 40 steps, with its learning-rate schedule
+    resumed = Trainer(small_config(words_file, tmp_path / "cut", steps=None), resume=True, log=lambda *_: None)
+    assert resumed.step == 17 and resumed.config.steps == 40
     resumed.fit()
     for (name, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
@@ -106,7 +108,9 @@ def test_cli_train_then_sample(words_file, tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [(None, "does not exist"), ("", "has no words"),
-                                             ("anna\nzoë\n", "outside the vocabulary")])
+                                             ("anna\nzoë\n", "outside the vocabulary"),
+                                             ("anna\nbob\ncarl\ndave\nemma\n", "the val split is empty"),
+                                             ("an.na\nbob\n", "end-of-word token")])
 def test_bad_word_lists_end_with_a_clear_error(tmp_path, content, message):
     path = tmp_path / "words.txt"
     if content is not None:
@@ -119,6 +123,55 @@ def test_bad_word_lists_end_with_a_clear_error(tmp_path, content, message):
 def test_sample_without_a_checkpoint_is_a_clear_error(tmp_path):
     result = fastlm_command("sample", "--checkpoint", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    result = fastlm_command("sample", "--checkpoint", str(tmp_path / "broken.pt"))
+    assert result.returncode == 2 and "not a readable checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(backend="bogus"), "unknown fastlm backend"), (dict(device="cuda:0"), "no CUDA GPU"),
+    (dict(eval_every=0), "--eval-every must be at least 1"), (dict(checkpoint_every=0), "--checkpoint-every"),
+    (dict(context=0), "--context must be at least 1"), (dict(steps=-5), "--steps must be at least 0"),
+    (dict(batch_size=1), "BatchNorm needs more than one row"),
+])
+def test_bad_options_are_config_errors(words_file, tmp_path, changes, message):
+    """Each gives the CLI's one-line error (ConfigError), before any data is read or model built."""
+    if "device" in changes and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match=message):
+        Trainer(small_config(words_file, tmp_path, model="mlp-bn", **changes), log=lambda *_: None)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_training_on_the_cpu(words_file, tmp_path, dtype):
+    """The one-call training step is fp32/fp64 only: half-precision models train through their layers."""
+    trainer = Trainer(small_config(words_file, tmp_path, dtype=dtype, steps=10), log=lambda *_: None)
+    summary = trainer.fit()
+    assert next(trainer.model.parameters()).dtype == getattr(torch, dtype)
+    assert all(0 < summary[f"{name}_loss"] < 10 for name in ("train", "val", "test"))
+
+
+def test_recipes_set_steps_and_batch_size(words_file, tmp_path):
+    """Unset --steps and --batch-size come from the model's lecture recipe: the neural bigram's 100 steps over
+    the whole training split (batch_size 0), mlp-bn's 200k steps of 32."""
+    bigram = Trainer(small_config(words_file, tmp_path, model="bigram", steps=None, batch_size=None, hidden=None),
+                     log=lambda *_: None)
+    assert (bigram.config.steps, bigram.config.batch_size) == (100, 0)
+    X, _ = bigram.dataset.splits["train"]
+    assert bigram._batch()[0].shape[0] == len(X)
+    mlp = Trainer(small_config(words_file, tmp_path, steps=None, batch_size=None), log=lambda *_: None)
+    assert (mlp.config.steps, mlp.config.batch_size) == (200_000, 32)
+
+
+def test_sample_runs_a_gpu_checkpoint_on_the_cpu(words_file, tmp_path):
+    """A checkpoint's device and backend (here made to say cuda) do not stop sampling on --device cpu."""
+    Trainer(small_config(words_file, tmp_path, steps=5), log=lambda *_: None).fit()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state["config"].update(device="cuda", backend="cuda")
+    torch.save(state, tmp_path / "checkpoint.pt")
+    result = fastlm_command("sample", "--checkpoint", str(tmp_path), "--count", "3")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3
 
 
 def test_data_parallel_with_torchrun_equals_one_process_on_the_whole_batch(words_file, tmp_path):
@@ -135,6 +188,30 @@ def test_data_parallel_with_torchrun_equals_one_process_on_the_whole_batch(words
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step(words_file, tmp_path):
+    """Ctrl-C reaches torchrun and both ranks: they agree to stop after one step, rank 0 writes the checkpoint
+    of that step and says so once."""
+    out = tmp_path / "run"
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            str(free_port()), "-m", "fastlm", "train", "--steps", "1000000", "--batch-size", "8",
+                            "--hidden", "16", "--eval-every", "1000000", "--checkpoint-every", "200", "--data",
+                            words_file, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint.pt").exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert run.poll() is None, run.communicate()[0]
+        os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+        output = run.communicate(timeout=120)[0]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert output.count("interrupted at step") == 1, output
+    assert f"interrupted at step {step}:" in output and step % Trainer.STOP_AGREEMENT_STEPS == 0
 
 
 def test_cuda_graph_on_the_cpu_is_a_clear_error(tmp_path):

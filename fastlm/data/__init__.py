@@ -65,6 +65,10 @@ def load_words(path: str | Path | None = None, vocab: Vocabulary | None = Vocabu
     words = [line.strip() for line in lines if line.strip()]
     if not words:
         raise DataError(f"word list {str(path)!r} has no words")
+    for number, word in enumerate(words, 1):
+        if END in word:
+            raise DataError(f"{path}: word {number} ({word!r}) contains {END!r}, the end-of-word token, which no "
+                            "vocabulary can hold as a character")
     if vocab is None:
         return words, Vocabulary.from_words(words)
     allowed = set(vocab.chars) - {END}

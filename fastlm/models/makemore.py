@@ -264,6 +264,8 @@ class MLP(MakemoreModel):
         embedding, linear = first["embedding"]._parameters, first["linear"]._parameters
         output = modules["output"]._parameters
         params = [embedding["weight"], linear["weight"], linear["bias"], output["weight"], output["bias"]]
+        if params[0].dtype not in (torch.float32, torch.float64):  # the kernel's dtypes; fp16/bf16 take the layers
+            return None
         if not self.batchnorm:
             return params, dict(backend="cpp")
         bn = modules["bn"]  # the op counts the batch in num_batches_tracked itself
