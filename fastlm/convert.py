@@ -8,6 +8,10 @@ Swapped, anywhere in the module tree:
       activation fused, and an nn.Identity in the activation's place;
   nn.CrossEntropyLoss -> ``fastlm.nn.CrossEntropyLoss`` (the same class-weight buffer).
 Only these exact torch classes are swapped: a subclass may have a forward of its own.
+Not swapped: a final nn.Linear and the cross-entropy of its output. The two meet only in the model's forward
+code, which this leaves as written (a torch.fx rewrite of it would keep only the branches its trace took, e.g.
+drop an ``if targets is None`` path); ``fastlm.nn.LinearCrossEntropyLoss`` is the fused pair for a forward that
+calls it.
 
 The converted model's ``state_dict()`` has the original keys and tensors: the fused embedding + linear
 lives in a ``FusedSequential``, an nn.Sequential that keeps the Embedding, Flatten and Linear as its
