@@ -154,7 +154,7 @@ def test_int32_target(backend):
     check_against_reference(x, target.int(), backend)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
 @pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.2, lse_square_scale=0.1), dict(reduction="none")])
 def test_gradcheck_float64(backend, options):
     skip_unless_runs(backend)

@@ -124,16 +124,20 @@ def test_gradcheck_float64(reduction):
     )
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
 def test_compiles_without_graph_breaks(backend):
+    """Forward and backward through torch.compile(fullgraph=True), the lse too, against eager."""
     skip_unless_runs(backend)
     torch._dynamo.reset()
     head = torch.nn.Linear(12, 31)
-    loss_fn = fastlm.nn.LinearCrossEntropyLoss(chunk_size=8, backend=backend)
-    x, target = torch.randn(20, 12), torch.randint(0, 31, (20,))
-    expected = loss_fn(x, head.weight, target, head.bias)
-    compiled = torch.compile(loss_fn, fullgraph=True)
-    torch.testing.assert_close(compiled(x, head.weight, target, head.bias), expected)
+    loss_fn = fastlm.nn.LinearCrossEntropyLoss(chunk_size=8, return_lse=True, backend=backend)
+    x, target = torch.randn(20, 12, requires_grad=True), torch.randint(0, 31, (20,))
+    results = []
+    for function in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
+        loss, lse = function(x, head.weight, target, head.bias)
+        results.append((loss, lse, *torch.autograd.grad(loss, (x, head.weight, head.bias))))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
