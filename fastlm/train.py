@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastlm import data, models
+from fastlm import backends, data, models
 from fastlm.cuda_graph import CapturedStep
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,15 +86,16 @@ def check_options(config: TrainConfig) -> None:
         if value is not None and value < least:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
     try:
-        from fastlm import backends
-
         device = torch.device(config.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {config.device}: this machine's torch sees no CUDA GPU")
-        if config.backend is not None:
+    except RuntimeError as error:
+        raise ConfigError(f"--device {config.device}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {config.device}: this machine's torch sees no CUDA GPU")
+    if config.backend is not None:
+        try:
             backends.resolve(device, config.backend)
-    except (RuntimeError, ValueError) as error:
-        raise ConfigError(str(error)) from None
+        except (RuntimeError, ValueError) as error:  # an unknown backend, or one this machine lacks
+            raise ConfigError(str(error)) from None
 
 
 @dataclasses.dataclass

@@ -8,9 +8,9 @@
 // loss of logits far from 0 (all at -1e30, or offset by 1e5), where torch's log_softmax keeps it.
 // Forward makes two passes over a row (its max, then the sum of exp), the second from L1/L2, and keeps only
 // lse; backward recomputes p from lse in one pass (p is then as exact as the fp32 lse is beside x: the fused
-// forward-backward, the default when logits need a gradient, has no such limit). Rows are spread over threads with at::parallel_for and
-// reduced in small groups (see group_lse), each row is vectorised with at::vec, and all math is in fp32 (fp64
-// for double input); loss and lse come back in that math dtype.
+// forward-backward, the default when logits need a gradient, has no such limit). Rows are spread over threads
+// with at::parallel_for and reduced in small groups (see group_lse), each row is vectorised with at::vec, and
+// all math is in fp32 (fp64 for double input); loss and lse come back in that math dtype.
 // The schemas are defined here because this file is built on every machine; CUDA adds its kernels
 // to the same ops in csrc/cuda/cross_entropy_binding.cpp.
 

@@ -6,9 +6,9 @@
 // forward's pass, then (the row's max and log-sum broadcast over the block) the backward's pass, with
 // p = exp((x - max) - log sum exp(x - max)). As on the CPU, the loss takes lse - x as (max - x) + log-sum, and
 // the smoothing sum is of logits less the row's first one, so lse's fp32 rounding loses nothing of the loss
-// of logits far from 0. The per-row work lives in
-// row_forward and row_grad, shared by the three kernels. Logits are read in their own type; math is in fp32
-// (fp64 for double). Torch-free: cross_entropy_binding.cpp validates inputs and calls the launchers.
+// of logits far from 0. The per-row work lives in row_forward and row_grad, shared by the three kernels.
+// Logits are read in their own type; math is in fp32 (fp64 for double). Torch-free: cross_entropy_binding.cpp
+// validates inputs and calls the launchers.
 #include "cross_entropy.cuh"
 #include "launch_utils.cuh"
 
@@ -159,8 +159,8 @@ __device__ T broadcast_from_thread0(T v) {
 }
 
 // The gradient of one row, by the whole block, from its normaliser n and its grad_loss g; an ignored row
-// (t < 0) gets zeros and does not use g or n, so callers fetch them only for other rows. dx may alias x: each element is
-// read, then written, by the same thread. The target's extra -(1-e) w_t term is folded into that same write,
+// (t < 0) gets zeros and does not use g or n, so callers fetch them only for other rows. dx may alias x: each
+// element is read, then written, by the same thread. The target's extra -(1-e) w_t term is folded into that same write,
 // so no second write can race with it.
 template <typename scalar_t, typename acc_t>
 __device__ void row_grad(const scalar_t* x, scalar_t* dx, const CrossEntropyArgs<acc_t>& a, int64_t t, acc_t g,
