@@ -190,25 +190,53 @@ def test_data_parallel_with_torchrun_equals_one_process_on_the_whole_batch(words
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
 
 
-def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step(words_file, tmp_path):
-    """Ctrl-C reaches torchrun and both ranks: they agree to stop after one step, rank 0 writes the checkpoint
-    of that step and says so once."""
-    out = tmp_path / "run"
-    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                            str(free_port()), "-m", "fastlm", "train", "--steps", "1000000", "--batch-size", "8",
-                            "--hidden", "16", "--eval-every", "1000000", "--checkpoint-every", "200", "--data",
-                            words_file, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, start_new_session=True)
+def interrupt_once_checkpointed(command, out):
+    """Runs ``command`` in its own process group, sends the group SIGINT (a terminal's Ctrl-C) once the run has
+    written its first checkpoint in ``out``, and returns the run's output."""
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not (out / "checkpoint.pt").exists() and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert run.poll() is None, run.communicate()[0]
-        os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
-        output = run.communicate(timeout=120)[0]
+        os.killpg(run.pid, signal.SIGINT)
+        return run.communicate(timeout=120)[0]
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
+
+
+def test_cli_ctrl_c_resume_and_sample(words_file, tmp_path):
+    """The CLI as a user runs it: Ctrl-C mid-run, --resume without repeating any option, then sample; the
+    resumed run ends with the parameters of a run never interrupted, bit for bit."""
+    options = ["--model", "mlp", "--steps", "30000", "--batch-size", "8", "--hidden", "16", "--eval-every", "1000",
+               "--checkpoint-every", "200", "--samples", "2", "--data", words_file]
+    whole = fastlm_command("train", *options, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    cut = tmp_path / "cut"
+    output = interrupt_once_checkpointed([sys.executable, "-m", "fastlm", "train", *options, "--out", str(cut)], cut)
+    step = torch.load(cut / "checkpoint.pt", weights_only=False)["step"]
+    assert f"interrupted at step {step}:" in output and 0 < step < 30000, output
+    resumed = fastlm_command("train", "--resume", "--out", str(cut))
+    assert resumed.returncode == 0, resumed.stderr
+    one = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
+    two = torch.load(cut / "checkpoint.pt", weights_only=False)
+    assert two["step"] == 30000
+    for key, value in one["model"].items():
+        assert torch.equal(two["model"][key], value), key
+    sampled = fastlm_command("sample", "--checkpoint", str(cut), "--count", "2")
+    assert sampled.returncode == 0 and len(sampled.stdout.splitlines()) == 2, sampled.stderr
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step(words_file, tmp_path):
+    """Ctrl-C reaches torchrun and both ranks: they agree to stop after one step, rank 0 writes the checkpoint
+    of that step and says so once."""
+    out = tmp_path / "run"
+    output = interrupt_once_checkpointed(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "fastlm", "train", "--steps", "1000000", "--batch-size", "8", "--hidden", "16", "--eval-every",
+         "1000000", "--checkpoint-every", "200", "--data", words_file, "--out", str(out)], out)
     step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
     assert output.count("interrupted at step") == 1, output
     assert f"interrupted at step {step}:" in output and step % Trainer.STOP_AGREEMENT_STEPS == 0
