@@ -23,6 +23,7 @@ extra time over the second (compilation, Triton JIT and autotuning, first alloca
 from __future__ import annotations
 
 import csv
+import ctypes
 import datetime
 import json
 import math
@@ -206,9 +207,23 @@ def _status_mb(key: str) -> float:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
+def release_cpu_memory() -> None:
+    """Frees what the CPU would reuse unseen by a resident-set count: fastlm's kept output and gradient buffers
+    (csrc/cpu/reused_buffer.h) and glibc's free heap pages. A call then shows in VmHWM all it allocates, where
+    memory taken back from the heap would otherwise count as nothing."""
+    if hasattr(torch.ops.fastlm, "release_reused_buffers"):
+        torch.ops.fastlm.release_reused_buffers()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def peak_extra_mb(run: Callable[[object], object], device: str,
                   setup: Callable[[], object] | None = None) -> float | None:
-    """Memory one call of ``run`` adds at its peak over what was allocated before it (None if unmeasurable)."""
+    """Memory one call of ``run`` adds at its peak over what was allocated before it (None if unmeasurable).
+    On a GPU the caching allocator's count; on the CPU the growth of the resident set, after
+    release_cpu_memory."""
     state = setup() if setup else None
     if device == "cuda":
         torch.cuda.synchronize()
@@ -217,6 +232,7 @@ def peak_extra_mb(run: Callable[[object], object], device: str,
         run(state)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
+    release_cpu_memory()
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # resets VmHWM to the current resident set
@@ -273,6 +289,9 @@ def run_problem(op: str, problem: Problem, device: str, mode: str, copy_gbs: flo
         if mode in problem.min_bytes:
             row.gbs = problem.min_bytes[mode] / (row.median_ms * 1e-3) / 1e9
             row.of_copy_bw = row.gbs / copy_gbs if copy_gbs else None
+            rated = rated_bandwidth_gbs(device)
+            if rated:
+                row.extra["of_rated_bw"] = round(row.gbs / rated, 3)
         if problem.annotate:
             problem.annotate(row)
         rows.append(row)
@@ -302,13 +321,26 @@ def timing_method(device: str) -> str:
             f"blocks; bwd: time.perf_counter around each backward after an untimed forward; {turns}")
 
 
+def rated_bandwidth_gbs(device: str) -> float | None:
+    """The GPU's rated memory bandwidth from its memory clock and bus width (double data rate), where torch
+    reports them; None on the CPU."""
+    if device != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
+
+
 def environment(device: str) -> dict:
     # A copy of the tree without .git (as on a lent GPU machine) can be told its commit in FASTLM_GIT_COMMIT.
     commit = os.environ.get("FASTLM_GIT_COMMIT", "")
+    dirty = None  # whether tracked files differ from the commit (unknown without .git)
     if not commit and os.path.exists(os.path.join(CHECKOUT, ".git")):
         try:
             commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                     cwd=CHECKOUT).stdout.strip()
+            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                        capture_output=True, text=True, cwd=CHECKOUT).stdout.strip())
         except OSError:  # no git program
             pass
     try:
@@ -329,6 +361,8 @@ def environment(device: str) -> dict:
         "triton": triton_version,
         "python": platform.python_version(),
         "git_commit": commit,
+        "git_dirty": dirty,
+        "rated_bandwidth_gbs": rated_bandwidth_gbs(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "timing": timing_method(device),
     }

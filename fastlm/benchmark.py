@@ -64,18 +64,20 @@ def cross_entropy_problems(size: Size, dtype: torch.dtype, device: str, quick: b
     forwards["eager"] = partial(F.cross_entropy, x, target)
     forwards["torch.compile"] = partial(torch.compile(F.cross_entropy), x, target)
     liger = _liger("liger_cross_entropy", device)
-    if liger:
-        forwards["liger"] = partial(liger, x, target)
+    if liger:  # on its own copy of the logits: it writes its gradient over them
+        liger_x = x.detach().clone().requires_grad_()
+        forwards["liger"] = partial(liger, liger_x, target)
     logits_bytes = n * c * dtype.itemsize
 
     def annotate(row: harness.Row) -> None:
         if row.peak_extra_mb is not None:
             row.extra["peak_in_NxC_buffers"] = round(row.peak_extra_mb * 2**20 / logits_bytes, 2)
 
-    yield Problem(f"N={n} C={c} {dtype_name(dtype)}", forwards, backward_for([x]),
+    # No byte count for --mode bwd: the fused providers make the gradient in the forward, so their backward
+    # moves next to nothing, and a bandwidth over it would mean nothing.
+    yield Problem(f"N={n} C={c} {dtype_name(dtype)}", forwards, backward_for([x, *([liger_x] if liger else [])]),
                   reps=3 if quick else max(10, int(2e8 // (n * c))),  # small cases are noisy: more repetitions
-                  min_bytes={"fwd": logits_bytes, "bwd": 2 * logits_bytes, "full": 2 * logits_bytes},
-                  annotate=annotate)
+                  min_bytes={"fwd": logits_bytes, "full": 2 * logits_bytes}, annotate=annotate)
 
 
 def _linear_then_cross_entropy(x, weight, bias, target):
@@ -220,6 +222,7 @@ class OpBench:
     cases: dict[str, list[tuple[Size, torch.dtype]]]  # per device: the default sizes with their dtype
     quick: list[Size]  # --quick sizes (float32 unless --dtype)
     problems: Callable[[Size, torch.dtype, str, bool], Iterator[Problem]]
+    modes: tuple[str, ...] = harness.MODES  # the --mode values that split its calls
 
 
 FP32, BF16 = torch.float32, torch.bfloat16
@@ -252,7 +255,7 @@ OPS = {
     "mlp_step": OpBench(
         ("B", "embedding", "hidden"),
         {device: [((32, 10, 200), FP32), ((4096, 64, 1024), FP32)] for device in ("cpu", "cuda")},
-        [(32, 10, 200)], mlp_step_problems),
+        [(32, 10, 200)], mlp_step_problems, modes=("full",)),
 }
 
 
@@ -324,9 +327,16 @@ def main(argv: list[str] | None = None) -> int:
 
     failures = []
     for op in ops:
+        if args.mode not in OPS[op].modes:
+            print(f"\n{op}: skipped, it times only --mode {' or '.join(OPS[op].modes)} (each call is a whole step)")
+            continue
+        # Sizes or dtypes of one's own, written to the default directory, do not replace the default run's files.
+        custom = bool(args.sizes or args.dtype) and not args.out
         stem = os.path.join(out, f"{op}-{args.device}" + ("" if args.mode == "full" else f"-{args.mode}")
-                            + ("-quick" if args.quick else ""))
-        header = {"op": op, "mode": args.mode, "quick": args.quick, "copy_bandwidth_gbs": copy_gbs}
+                            + ("-quick" if args.quick else "") + ("-custom" if custom else ""))
+        header = {"op": op, "mode": args.mode, "quick": args.quick, "copy_bandwidth_gbs": copy_gbs,
+                  "command": ["fastlm", "bench", *(sys.argv[1:] if argv is None else argv)],
+                  "cases": [case_label(op, *case) for case in plan[op]]}
         rows: list[harness.Row] = []
         # The op's files are rewritten after every case, marked incomplete until its last: a run cut short
         # (a timeout, Ctrl-C) keeps what it measured. A case whose inputs cannot be set up (out of memory) is

@@ -53,11 +53,43 @@ def test_quick_batch_norm_writes_csv_json_and_a_table(tmp_path, capsys):
 
 
 def test_backward_mode_on_chosen_sizes_and_dtypes(tmp_path):
-    assert benchmark.main(["--quick", "--op", "cross_entropy", "--mode", "bwd", "--sizes", "65x33", "--dtype",
-                           "float32", "float64", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "cross_entropy-cpu-bwd-quick.json").read_text())["rows"]
-    assert [row["case"] for row in rows[::len(rows) // 2]] == ["N=65 C=33 float32", "N=65 C=33 float64"]
+    command = ["--quick", "--op", "batch_norm", "--mode", "bwd", "--sizes", "65x33", "--dtype", "float32", "float64",
+               "--out", str(tmp_path)]
+    assert benchmark.main(command) == 0
+    result = json.loads((tmp_path / "batch_norm-cpu-bwd-quick.json").read_text())
+    rows = result["rows"]
+    assert result["command"] == ["fastlm", "bench", *command]
+    assert result["cases"] == ["batch_norm 65x33 float32", "batch_norm 65x33 float64"]
+    assert isinstance(result["environment"]["git_dirty"], bool)
+    assert [row["case"] for row in rows[::len(rows) // 4]] == ["N=65 C=33 float32", "N=65 C=33 float32 +tanh",
+                                                               "N=65 C=33 float64", "N=65 C=33 float64 +tanh"]
     assert all(row["mode"] == "bwd" and positive(row["median_ms"]) and positive(row["gbs"]) for row in rows)
+
+
+def test_no_bandwidth_for_a_backward_made_in_the_forward(tmp_path):
+    """Fused cross-entropy makes its gradient in the forward: its backward alone moves no fixed number of bytes,
+    so --mode bwd reports times without GB/s; mlp_step, whose calls are whole steps, is not split at all."""
+    assert benchmark.main(["--quick", "--op", "cross_entropy", "--mode", "bwd", "--sizes", "65x33",
+                           "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "cross_entropy-cpu-bwd-quick.json").read_text())["rows"]
+    assert all(positive(row["median_ms"]) and row["gbs"] is None for row in rows)
+    assert benchmark.main(["--quick", "--op", "mlp_step", "--mode", "bwd", "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "mlp_step-cpu-bwd-quick.json").exists()
+
+
+def test_cpu_peak_memory_counts_memory_taken_back_from_the_heap():
+    """A step that reallocates what the last one freed (eager BatchNorm's output and input gradient, 8 MB each)
+    still shows them: a resident-set count alone saw 0 MB, glibc handing the same pages back."""
+    x, grad = torch.randn(2048, 1024, requires_grad=True), torch.randn(2048, 1024)
+    bn = torch.nn.BatchNorm1d(1024)
+
+    def step(_):
+        bn(x).backward(grad)
+        x.grad = None
+
+    for _ in range(3):
+        step(None)
+    assert benchmark.harness.peak_extra_mb(step, "cpu") >= 15
 
 
 def test_bad_sizes_are_refused():

@@ -324,6 +324,12 @@ def test_cpp_gradient_buffer_is_reused_only_once_dropped():
     del second
     (third,) = torch.autograd.grad(cross_entropy(first_leaf, target, backend="cpp"), first_leaf)
     assert third.data_ptr() == freed and torch.equal(third, expected)
+    # release_reused_buffers drops the kept storage: what references it is then only the storage we hold here
+    storage = third.untyped_storage()
+    del third
+    uses = torch._C._storage_Use_Count(storage._cdata)
+    torch.ops.fastlm.release_reused_buffers()
+    assert torch._C._storage_Use_Count(storage._cdata) == uses - 1
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

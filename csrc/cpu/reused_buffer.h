@@ -3,7 +3,9 @@
 // and its input gradient (freed once the next layer's backward has used them). glibc hands such multi-MB buffers
 // back to the system when they are freed, so every new one costs page faults and freshly zeroed pages. The slot keeps the last buffer's storage (not its tensor, so that autograd still takes
 // the tensor over without a copy) and hands it out again only when nothing else holds it. Buffers larger than
-// kMaxBytes are not kept: at most that much stays allocated between calls.
+// kMaxBytes are not kept: at most that much stays allocated between calls. fastlm::release_reused_buffers()
+// (reused_buffer.cpp) drops every kept buffer, for a caller that wants the memory back or a benchmark that
+// measures what a call allocates.
 #pragma once
 
 #include "huge_pages.h"
@@ -13,11 +15,28 @@
 #include <c10/util/accumulate.h>
 
 #include <mutex>
+#include <vector>
 
 namespace fastlm {
 
 class ReusedBuffer {
  public:
+  ReusedBuffer() {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    registry().push_back(this);
+  }
+  ReusedBuffer(const ReusedBuffer&) = delete;
+  ReusedBuffer& operator=(const ReusedBuffer&) = delete;
+
+  // Drops the kept storage of every ReusedBuffer (a tensor handed out stays valid: it holds its storage).
+  static void release_all() {
+    std::lock_guard<std::mutex> registry_lock(registry_mutex());
+    for (ReusedBuffer* buffer : registry()) {
+      std::lock_guard<std::mutex> lock(buffer->mutex_);
+      buffer->kept_ = c10::Storage();
+    }
+  }
+
   // An uninitialised contiguous tensor: the kept storage when it is free and of the right size, else a new one.
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
     const int64_t bytes = c10::multiply_integers(sizes) * int64_t(options.dtype().itemsize());
@@ -32,6 +51,15 @@ class ReusedBuffer {
 
  private:
   static constexpr int64_t kMaxBytes = int64_t(64) << 20;
+  // Every ReusedBuffer (they are globals of the kernel files, alive for the whole process).
+  static std::vector<ReusedBuffer*>& registry() {
+    static std::vector<ReusedBuffer*> buffers;
+    return buffers;
+  }
+  static std::mutex& registry_mutex() {
+    static std::mutex mutex;
+    return mutex;
+  }
   std::mutex mutex_;
   c10::Storage kept_;
 };
