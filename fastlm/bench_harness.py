@@ -334,13 +334,13 @@ def rated_bandwidth_gbs(device: str) -> float | None:
 def environment(device: str) -> dict:
     # A copy of the tree without .git (as on a lent GPU machine) can be told its commit in FASTLM_GIT_COMMIT.
     commit = os.environ.get("FASTLM_GIT_COMMIT", "")
-    dirty = None  # whether tracked files differ from the commit (unknown without .git)
+    dirty = None  # whether tracked files other than bench/results differ from the commit (unknown without .git)
     if not commit and os.path.exists(os.path.join(CHECKOUT, ".git")):
         try:
             commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                     cwd=CHECKOUT).stdout.strip()
-            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                        capture_output=True, text=True, cwd=CHECKOUT).stdout.strip())
+            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                         ":!bench/results"], capture_output=True, text=True, cwd=CHECKOUT).stdout.strip())
         except OSError:  # no git program
             pass
     try:
