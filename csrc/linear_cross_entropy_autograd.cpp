@@ -169,9 +169,18 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
   }
 };
 
-Options options_of(c10::string_view reduction, int64_t ignore_index, double label_smoothing, double lse_square_scale,
-                   int64_t chunk_size, bool triton) {
+// The op's options, once its arguments are checked as far as the chunk loop relies on them: (N, H) input, (V, H)
+// weight, one target per row (the kernels check each chunk; a longer target would add its extra entries to
+// the mean's denominator).
+Options options_of(const Tensor& input, const Tensor& weight, const Tensor& target, c10::string_view reduction,
+                   int64_t ignore_index, double label_smoothing, double lse_square_scale, int64_t chunk_size,
+                   bool triton) {
   TORCH_CHECK(chunk_size > 0, "fastlm.linear_cross_entropy: chunk_size must be positive, got ", chunk_size);
+  TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
+              "fastlm.linear_cross_entropy: expected input (N, H) and weight (V, H), got ", input.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == input.size(0),
+              "fastlm.linear_cross_entropy: expected target of shape (", input.size(0), ",), got ", target.sizes());
   return {parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, triton};
 }
 
@@ -184,7 +193,8 @@ std::tuple<Tensor, Tensor> linear_cross_entropy_autograd(const Tensor& input, co
   const bool grad_mode = at::GradMode::is_enabled();
   const Wanted wanted{grad_mode && input.requires_grad(), grad_mode && weight.requires_grad(),
                       grad_mode && bias.has_value() && bias->requires_grad()};
-  const Options o = options_of(reduction, ignore_index, label_smoothing, lse_square_scale, chunk_size, triton);
+  const Options o =
+      options_of(input, weight, target, reduction, ignore_index, label_smoothing, lse_square_scale, chunk_size, triton);
   variable_list out = LinearCrossEntropy::apply(input, weight, bias, target, ce_weight, o, chunk_size, wanted);
   return {out[0], out[1]};
 }
@@ -194,7 +204,8 @@ std::tuple<Tensor, Tensor> linear_cross_entropy_inference(const Tensor& input, c
                                                           const OptionalTensor& ce_weight, int64_t ignore_index,
                                                           c10::string_view reduction, double label_smoothing,
                                                           double lse_square_scale, int64_t chunk_size, bool triton) {
-  const Options o = options_of(reduction, ignore_index, label_smoothing, lse_square_scale, chunk_size, triton);
+  const Options o =
+      options_of(input, weight, target, reduction, ignore_index, label_smoothing, lse_square_scale, chunk_size, triton);
   const Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, chunk_size, Tensor(),
                                      {false, false, false});
   const Tensor denominator = o.reduction == Reduction::mean

@@ -11,10 +11,12 @@ saying what is missing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 
 import torch
+import torch.utils._pytree as pytree
 
 BACKENDS = ("cpp", "cuda", "triton", "torch")
 # Preference for each device type when nothing is forced. On CUDA, triton comes first until the
@@ -144,16 +146,28 @@ def kernel_ops(table_type, family: str, backend: str):
     return _op_tables[key]
 
 
+def on_one_device(op: str, fake):
+    """``fake``, refusing tensors on different devices as torch's own meta kernels do: the dispatcher sends a
+    call mixing meta and CPU tensors to the fake, which would hand back uninitialised CPU memory."""
+    @functools.wraps(fake)
+    def checked(*args, **kwargs):
+        devices = {t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        if len(devices) > 1:
+            raise RuntimeError(f"fastlm::{op}: expected every tensor on one device, got {sorted(map(str, devices))}")
+        return fake(*args, **kwargs)
+    return checked
+
+
 def register_cpp_fake(op: str, fake) -> None:
     """Registers the fake (meta) implementation of the C++ op ``fastlm::{op}``, where fastlm._C loaded (elsewhere
     the op does not exist), so torch.compile can trace it."""
     if why_unavailable("cpp") is None:
-        torch.library.register_fake(f"fastlm::{op}", fake)
+        torch.library.register_fake(f"fastlm::{op}", on_one_device(op, fake))
 
 
 def register_fakes(table_type, family: str, fakes) -> None:
     """Registers the fake (meta) implementations ``fakes`` (a ``table_type`` of functions) for the family's
     Triton custom ops and, where fastlm._C loaded, its C++ ops, so torch.compile can trace them."""
     for name, fake in zip(table_type._fields, fakes):
-        torch.library.register_fake(f"fastlm::triton_{family}_{name}", fake)
+        torch.library.register_fake(f"fastlm::triton_{family}_{name}", on_one_device(f"triton_{family}_{name}", fake))
         register_cpp_fake(f"{family}_{name}", fake)

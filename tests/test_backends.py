@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import skip_unless_runs
 
 import fastlm
 from fastlm import backends
@@ -52,3 +53,12 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backends.why_unavailable("triton") is None
     assert backends.runs_on("triton", CPU)
+
+
+def test_fake_kernels_refuse_tensors_on_different_devices():
+    """A call mixing CPU and meta tensors reaches the ops' fake kernels, which would return uninitialised CPU
+    memory: they refuse it, as torch's own meta kernels do."""
+    skip_unless_runs("cpp")
+    with pytest.raises(RuntimeError, match="one device"):
+        torch.ops.fastlm.cross_entropy_forward(torch.randn(5, 7), torch.zeros(5, dtype=torch.long),
+                                               torch.ones(7, device="meta"), -100, 0.0, 0.0)

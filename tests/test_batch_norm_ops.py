@@ -255,6 +255,20 @@ def test_empty_input(backend, device, shape):
             ops.forward_train(too_few, ones, zeros, zeros.clone(), ones.clone(), MOMENTUM, EPS, False, 1)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_refused_forward_train_leaves_the_running_stats(backend, device):
+    """Bad weight, bias or activation are refused before the running statistics are updated."""
+    ops = ops_for(backend, device)
+    x = torch.randn(6, 4, device=device) + 5
+    ones, zeros = torch.ones(4, device=device), torch.zeros(4, device=device)
+    for weight, bias, activation in ((ones[:3], None, 0), (None, zeros[:3], 0), (ones, zeros, 7)):
+        running_mean, running_var = zeros.clone(), ones.clone()
+        with pytest.raises((RuntimeError, ValueError)):
+            ops.forward_train(x, weight, bias, running_mean, running_var, 0.5, EPS, True, activation)
+        assert torch.equal(running_mean, zeros) and torch.equal(running_var, ones)
+
+
 def opcheck_args(device):
     x = make_input((6, 3, 2), device, torch.float32)
     dy = torch.randn(x.shape, device=device)

@@ -402,8 +402,13 @@ def test_inplace_backward_refuses_a_leaf(backend):
     skip_unless_runs(backend)
     x, target = random_problem(4, 5)
     leaf = x.clone().requires_grad_()
-    with pytest.raises(RuntimeError, match="overwrite a leaf"):
-        cross_entropy(leaf, target, inplace_backward=True, backend=backend)
+    for logits in (leaf, leaf.view(4, 5), leaf[:, :]):
+        with pytest.raises(RuntimeError, match="overwrite a leaf"):
+            cross_entropy(logits, target, inplace_backward=True, backend=backend)
+    if backend != "torch":  # the op itself refuses too, called directly
+        with pytest.raises(RuntimeError, match="overwrite a leaf"):
+            torch.ops.fastlm.cross_entropy(leaf.view(4, 5), target, None, -100, "mean", 0.0, 0.0, True,
+                                           backend == "triton")
     assert torch.equal(leaf, x)
     cross_entropy(leaf * 1.0, target, inplace_backward=True, backend=backend).backward()
     torch.testing.assert_close(leaf.grad, torch.autograd.grad(F.cross_entropy(x.requires_grad_(), target), x)[0])
@@ -445,8 +450,9 @@ def test_autograd_op_opcheck(backend, reduction, weighted, inplace_backward):
     skip_unless_runs(backend, device)
     x, target = random_problem(7, 27, device=device)
     weight = torch.rand(27, device=device) + 0.5 if weighted else None
-    torch.library.opcheck(torch.ops.fastlm.cross_entropy.default, (x.requires_grad_(), target, weight, -100, reduction,
-                                                                   0.1, 1e-3, inplace_backward, backend == "triton"))
+    logits = x.requires_grad_() * 1.0  # not a leaf: the in-place backward refuses to overwrite a leaf
+    torch.library.opcheck(torch.ops.fastlm.cross_entropy.default, (logits, target, weight, -100, reduction, 0.1, 1e-3,
+                                                                   inplace_backward, backend == "triton"))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

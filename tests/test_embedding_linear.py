@@ -329,6 +329,18 @@ def test_out_of_range_index_raises_index_error_under_torch_compile(backend):
         layer(idx)
 
 
+def test_cpp_kernel_op_called_directly_on_tensors_that_require_grad():
+    """The kernel op (below fastlm::embedding_linear's autograd) runs its BLAS products below autograd, on the
+    large path too, when a user calls it directly on parameters."""
+    skip_unless_runs("cpp")
+    idx, table, weight, bias, _ = (t.float() if t.is_floating_point() else t
+                                   for t in make_case(300, 3, 10, 200, 27, "cpu"))  # past the small-product path
+    weight, bias = weight.requires_grad_(), bias.requires_grad_()
+    for strategy in (0, 1):
+        y = torch.ops.fastlm.embedding_linear_forward(idx, table, weight, bias, strategy)
+        torch.testing.assert_close(y, F.linear(table[idx].view(300, -1), weight, bias).detach())
+
+
 def test_bad_inputs_are_refused_clearly():
     idx, table, weight, bias, _ = (t.float() if t.is_floating_point() else t for t in make_case(8, 3, 4, 5, 27, "cpu"))
     cases = [

@@ -178,6 +178,9 @@ def test_bad_input_is_refused():
         linear_cross_entropy(x, weight.to("meta"), target)
     with pytest.raises(ValueError, match="one device"):
         linear_cross_entropy(x, weight, target, bias.to("meta"))
+    with pytest.raises(RuntimeError, match="expected target of shape"):  # the op itself, called directly
+        torch.ops.fastlm.linear_cross_entropy(x, weight, None, torch.cat([target, target]), None, -100, "mean", 0.0,
+                                              0.0, 4)
     for backend in ("cpp", "torch"):
         for chunk_size in (0, -1, 2.5):
             with pytest.raises(ValueError, match="chunk_size must be a positive"):

@@ -83,6 +83,19 @@ def test_cpp_kernel_matches_autograd(size, batchnorm, unbiased, dtype):
     assert_stats_close(got_stats, want_stats, dtype)
 
 
+@pytest.mark.parametrize("context, hidden", [(0, 8), (3, 0)], ids=["no-context", "no-hidden"])
+@pytest.mark.parametrize("batch", [32, 256], ids=["gather", "product-tables"])
+def test_empty_layers(batch, context, hidden):
+    """No context or no hidden unit: empty product tables (the kernel divided by their size, SIGFPE) go to the
+    gather kernel, which gives what autograd gives."""
+    skip_unless_runs("cpp")
+    idx, targets, params, bn = make_case(batch, context, 4, hidden, 5, 6, False)
+    want, _ = run("torch", idx, targets, params, bn, torch.float64)
+    got, _ = run("cpp", idx, targets, params, bn, torch.float64)
+    for name in ("loss", "table", "w1", "b1", "w2", "b2"):
+        assert_close_to_reference(getattr(got, name), getattr(want, name), torch.float64)
+
+
 def assert_stats_close(got_stats, want_stats, dtype):
     """The running mean and variance as moved by the kernel, against the reference's, and the batch counted
     by both (None without BatchNorm)."""

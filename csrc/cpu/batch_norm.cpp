@@ -108,13 +108,18 @@ Vectorized<T> activation_grad(Vectorized<T> dy, Vectorized<T> y) {
   return dy;
 }
 
+void check_activation(int64_t activation) {
+  TORCH_CHECK(activation == kIdentity || activation == kRelu || activation == kTanh,
+              "fastlm batch_norm: activation must be 0 (none), 1 (relu) or 2 (tanh), got ", activation);
+}
+
 template <typename F>
 void dispatch_activation(int64_t activation, const F& f) {
+  check_activation(activation);
   switch (activation) {
-    case kIdentity: return f(std::integral_constant<int64_t, kIdentity>{});
     case kRelu: return f(std::integral_constant<int64_t, kRelu>{});
     case kTanh: return f(std::integral_constant<int64_t, kTanh>{});
-    default: TORCH_CHECK(false, "fastlm batch_norm: activation must be 0 (none), 1 (relu) or 2 (tanh), got ", activation);
+    default: return f(std::integral_constant<int64_t, kIdentity>{});
   }
 }
 
@@ -294,9 +299,13 @@ at::Tensor companion(const at::Tensor& t, const at::Tensor& input, at::ScalarTyp
   return contiguous_as(t, dtype);
 }
 
-at::Tensor per_channel(const at::Tensor& t, int64_t C, at::ScalarType dtype, const char* name) {
+void check_per_channel(const at::Tensor& t, int64_t C, const char* name) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "fastlm batch_norm: ", name, " must have C = ", C,
               " entries, got shape ", t.sizes());
+}
+
+at::Tensor per_channel(const at::Tensor& t, int64_t C, at::ScalarType dtype, const char* name) {
+  check_per_channel(t, C, name);
   return contiguous_as(t, dtype);
 }
 
@@ -391,8 +400,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_train(
   TORCH_CHECK(s.count() > 1, "fastlm batch_norm: expected more than 1 value per channel when training, got input size ",
               input.sizes());
   const auto dtype = math_dtype(input);
+  // Everything checked before the running stats change: a call that raises leaves them as they were.
   check_running_stat(running_mean, s.C, dtype, "running_mean");
   check_running_stat(running_var, s.C, dtype, "running_var");
+  if (weight) check_per_channel(*weight, s.C, "weight");
+  if (bias) check_per_channel(*bias, s.C, "bias");
+  check_activation(activation);
   const at::Tensor x = contiguous_as(input, dtype);
   at::Tensor mean = at::empty({s.C}, x.options()), invstd = at::empty({s.C}, x.options()), y;
   AT_DISPATCH_FLOATING_TYPES(dtype, "fastlm_batch_norm_forward_train", [&] {

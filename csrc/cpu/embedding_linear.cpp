@@ -25,6 +25,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -158,6 +159,9 @@ at::Tensor product_table_forward(const Prepared& p, const std::optional<at::Tens
 
 at::Tensor embedding_linear_forward(const at::Tensor& idx, const at::Tensor& table, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias, int64_t strategy) {
+  // The ATen products inside run below autograd, also when this op is called directly on tensors that require
+  // grad (its autograd is fastlm::embedding_linear's).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Prepared p = prepare(idx, table, weight);
   std::optional<at::Tensor> b;
   if (bias.has_value()) {
@@ -264,6 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_linear_backward(
     const at::Tensor& grad_output, const at::Tensor& idx, const at::Tensor& table, const at::Tensor& weight,
     bool has_bias, int64_t strategy, int64_t padding_idx, bool deterministic) {
   (void)deterministic;  // the CPU kernels are always deterministic
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in the forward
   const Prepared p = prepare(idx, table, weight);
   TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == p.B && grad_output.size(1) == p.out,
               "fastlm embedding_linear: grad_output must be (B, out) = (", p.B, ", ", p.out, "), got ",

@@ -51,9 +51,12 @@ using at::vec::Vectorized;
 
 // The product-table kernel where the batch is large against the table: its first layer then costs about
 // vocab / B of the gathered product's multiply-adds, and its blocks of rows keep every core busy. (fastlm's
-// MLP.sgd_step calls this op at such sizes whatever the work per row: fastlm/models/makemore.py.)
+// MLP.sgd_step calls this op at such sizes whatever the work per row: fastlm/models/makemore.py.) Empty
+// tables (no context or no hidden unit) are the gather kernel's: the product-table kernel divides by their size.
 constexpr int64_t kProductTableMinBatch = 256;
-bool uses_product_tables(const Sizes& s) { return s.B >= kProductTableMinBatch && 8 * s.vocab <= s.B; }
+bool uses_product_tables(const Sizes& s) {
+  return s.B >= kProductTableMinBatch && 8 * s.vocab <= s.B && s.vocab * s.T * s.H > 0;
+}
 
 // The sum of a vector's lanes.
 template <typename T>

