@@ -339,8 +339,8 @@ def environment(device: str) -> dict:
         try:
             commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                     cwd=CHECKOUT).stdout.strip()
-            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                         ":!bench/results"], capture_output=True, text=True, cwd=CHECKOUT).stdout.strip())
+            status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"]
+            dirty = bool(subprocess.run(status, capture_output=True, text=True, cwd=CHECKOUT).stdout.strip())
         except OSError:  # no git program
             pass
     try:
