@@ -93,9 +93,11 @@ std::tuple<Tensor, Tensor> cross_entropy_autograd(const Tensor& logits, const Te
   // Under no_grad autograd still marks a leaf that requires grad as needing one: ask grad mode too.
   const bool grad_wanted = at::GradMode::is_enabled() && logits.requires_grad();
   // The gradient written over a leaf that requires grad, or over a view of one, would replace the user's values
-  // (torch refuses any in-place change to such tensors for the same reason).
+  // (torch refuses any in-place change to such tensors for the same reason). Logits the kernels cannot write
+  // over (overlapping rows, ...) take the out-of-place backward and are fine.
   const at::TensorBase& base = logits.is_view() ? logits._base() : static_cast<const at::TensorBase&>(logits);
-  TORCH_CHECK(!(grad_wanted && inplace_backward && base.is_leaf() && base.requires_grad()),
+  TORCH_CHECK(!(grad_wanted && inplace_backward && can_overwrite(logits, triton) && base.is_leaf() &&
+                base.requires_grad()),
               "fastlm.cross_entropy: inplace_backward=True would overwrite a leaf that requires grad (or a view of "
               "one) with its gradient; pass logits computed from it, or leave inplace_backward off");
   const Options options{parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, triton};

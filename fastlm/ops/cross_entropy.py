@@ -205,11 +205,6 @@ def cross_entropy(
     check_logits(input, "cross_entropy")
     check_target(target, input.shape[0], input.shape[1], input.device, weight, reduction, label_smoothing,
                  "cross_entropy")
-    base = input if input._base is None else input._base
-    if inplace_backward and torch.is_grad_enabled() and base.is_leaf and base.requires_grad:  # the user's values
-        raise RuntimeError("fastlm.cross_entropy: inplace_backward=True would overwrite a leaf that requires grad "
-                           "(or a view of one) with its gradient; pass logits computed from it, or leave "
-                           "inplace_backward off")
     name = backends.resolve(input.device, backend)
     args = (input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale)
     amp = autocast_dtype(input.device)
