@@ -34,6 +34,13 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
     const Tensor denominator =
         o.reduction == Reduction::mean ? mean_denominator(target, weight, o.ignore_index, dtype) : Tensor();
     const bool inplace = inplace_backward && can_overwrite(logits, o.triton);
+    // The gradient written over a leaf that requires grad, or over a view of one, would replace the user's values
+    // (torch refuses any in-place change to such tensors for the same reason). Logits the kernels cannot write
+    // over (overlapping rows, ...) take the out-of-place backward and are fine.
+    const at::TensorBase& base = logits.is_view() ? logits._base() : static_cast<const at::TensorBase&>(logits);
+    TORCH_CHECK(!(grad_wanted && inplace && base.is_leaf() && base.requires_grad()),
+                "fastlm.cross_entropy: inplace_backward=True would overwrite a leaf that requires grad (or a view "
+                "of one) with its gradient; pass logits computed from it, or leave inplace_backward off");
     Tensor rows, lse;
     if (grad_wanted && !inplace) {
       const Tensor unit = at::ones({}, logits.options().dtype(dtype));
@@ -92,14 +99,6 @@ std::tuple<Tensor, Tensor> cross_entropy_autograd(const Tensor& logits, const Te
                                                   double lse_square_scale, bool inplace_backward, bool triton) {
   // Under no_grad autograd still marks a leaf that requires grad as needing one: ask grad mode too.
   const bool grad_wanted = at::GradMode::is_enabled() && logits.requires_grad();
-  // The gradient written over a leaf that requires grad, or over a view of one, would replace the user's values
-  // (torch refuses any in-place change to such tensors for the same reason). Logits the kernels cannot write
-  // over (overlapping rows, ...) take the out-of-place backward and are fine.
-  const at::TensorBase& base = logits.is_view() ? logits._base() : static_cast<const at::TensorBase&>(logits);
-  TORCH_CHECK(!(grad_wanted && inplace_backward && can_overwrite(logits, triton) && base.is_leaf() &&
-                base.requires_grad()),
-              "fastlm.cross_entropy: inplace_backward=True would overwrite a leaf that requires grad (or a view of "
-              "one) with its gradient; pass logits computed from it, or leave inplace_backward off");
   const Options options{parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, triton};
   variable_list out = CrossEntropy::apply(logits, target, weight, options, inplace_backward, grad_wanted);
   return {out[0], out[1]};

@@ -276,7 +276,7 @@ def run_problem(op: str, problem: Problem, device: str, mode: str, copy_gbs: flo
             except Exception as error:
                 errors[provider] = failure(error, device)
                 del steps[provider]
-    rows = []
+    rows, rated = [], rated_bandwidth_gbs(device)
     for provider in problem.forwards:
         if provider in errors:
             rows.append(Row(op, problem.case, mode, provider, None, None, 0, error=errors[provider]))
@@ -289,7 +289,6 @@ def run_problem(op: str, problem: Problem, device: str, mode: str, copy_gbs: flo
         if mode in problem.min_bytes:
             row.gbs = problem.min_bytes[mode] / (row.median_ms * 1e-3) / 1e9
             row.of_copy_bw = row.gbs / copy_gbs if copy_gbs else None
-            rated = rated_bandwidth_gbs(device)
             if rated:
                 row.extra["of_rated_bw"] = round(row.gbs / rated, 3)
         if problem.annotate:

@@ -39,8 +39,8 @@ def fusable_run(modules: list[nn.Module], i: int) -> bool:
     if i + 2 >= len(modules):
         return False
     embedding, flatten, linear = modules[i:i + 3]
-    return (type(embedding) is nn.Embedding and embedding.max_norm is None and not embedding.scale_grad_by_freq
-            and not embedding.sparse and type(flatten) is nn.Flatten and flatten.start_dim == 1
+    return (type(embedding) is nn.Embedding and not EmbeddingLinear.unsupported_options(embedding)
+            and type(flatten) is nn.Flatten and flatten.start_dim == 1
             and flatten.end_dim == -1 and type(linear) is nn.Linear
             and linear.in_features % embedding.embedding_dim == 0)
 

@@ -1,8 +1,9 @@
 // A one-slot cache for a kernel output that a training loop drops every step: the cross-entropy gradient (freed by
 // optimizer.zero_grad(set_to_none=True) or `x.grad = None` before the next step makes another), BatchNorm's output
 // and its input gradient (freed once the next layer's backward has used them). glibc hands such multi-MB buffers
-// back to the system when they are freed, so every new one costs page faults and freshly zeroed pages. The slot keeps the last buffer's storage (not its tensor, so that autograd still takes
-// the tensor over without a copy) and hands it out again only when nothing else holds it. Buffers larger than
+// back to the system when they are freed, so every new one costs page faults and freshly zeroed pages. The slot
+// keeps the last buffer's storage (not its tensor, so that autograd still takes the tensor over without a copy)
+// and hands it out again only when nothing else holds it. Buffers larger than
 // kMaxBytes are not kept: at most that much stays allocated between calls. fastlm::release_reused_buffers()
 // (reused_buffer.cpp) drops every kept buffer, for a caller that wants the memory back or a benchmark that
 // measures what a call allocates.

@@ -31,6 +31,13 @@ class EmbeddingLinear(nn.Module):
         self.atomic_scatter = atomic_scatter
         self.backend = backend
 
+    @staticmethod
+    def unsupported_options(embedding: nn.Embedding) -> list[str]:
+        """The options of ``embedding`` that the fused layer does not reproduce (none for a plain lookup)."""
+        return [name for name, value in (("max_norm", embedding.max_norm is not None),
+                                         ("scale_grad_by_freq", embedding.scale_grad_by_freq),
+                                         ("sparse", embedding.sparse)) if value]
+
     @classmethod
     def from_modules(cls, embedding: nn.Embedding, linear: nn.Linear, *, strategy: str | None = None,
                      atomic_scatter: bool = False, backend: str | None = None) -> "EmbeddingLinear":
@@ -40,9 +47,7 @@ class EmbeddingLinear(nn.Module):
         if not isinstance(embedding, nn.Embedding) or not isinstance(linear, nn.Linear):
             raise TypeError(f"from_modules takes an nn.Embedding and an nn.Linear, got {type(embedding).__name__} "
                             f"and {type(linear).__name__}")
-        unsupported = [name for name, value in (("max_norm", embedding.max_norm is not None),
-                                                ("scale_grad_by_freq", embedding.scale_grad_by_freq),
-                                                ("sparse", embedding.sparse)) if value]
+        unsupported = cls.unsupported_options(embedding)
         if unsupported:
             raise ValueError(f"from_modules: the fused layer has no {', '.join(unsupported)} (the embedding sets "
                              f"{', '.join(unsupported)}); keep this nn.Embedding + nn.Linear as they are")
