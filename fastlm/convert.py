@@ -8,10 +8,12 @@ Swapped, anywhere in the module tree:
       activation fused, and an nn.Identity in the activation's place;
   nn.CrossEntropyLoss -> ``fastlm.nn.CrossEntropyLoss`` (the same class-weight buffer).
 Only these exact torch classes are swapped: a subclass may have a forward of its own.
-Not swapped: a final nn.Linear and the cross-entropy of its output. The two meet only in the model's forward
-code, which this leaves as written (a torch.fx rewrite of it would keep only the branches its trace took, e.g.
-drop an ``if targets is None`` path); ``fastlm.nn.LinearCrossEntropyLoss`` is the fused pair for a forward that
-calls it.
+With ``fuse_linear_cross_entropy=True``, also a final nn.Linear and the cross-entropy of its output, fused into
+    ``fastlm.ops.linear_cross_entropy`` where the forward uses the logits for the loss alone. The two meet only
+    in the model's forward code, so the pair is found in the graphs torch.compile captures of it, which are
+    guarded (a branch not taken when captured is captured again when taken): ``model.compile`` with the
+    ``FuseLinearCrossEntropy`` backend (fastlm/fuse_linear_cross_entropy.py), which runs the rewritten graphs
+    eagerly. A forward that calls ``fastlm.nn.LinearCrossEntropyLoss`` itself needs none of this.
 
 The converted model's ``state_dict()`` has the original keys and tensors: the fused embedding + linear
 lives in a ``FusedSequential``, an nn.Sequential that keeps the Embedding, Flatten and Linear as its
@@ -29,6 +31,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
+from fastlm.fuse_linear_cross_entropy import FuseLinearCrossEntropy
 from fastlm.nn import BatchNorm1d, CrossEntropyLoss, EmbeddingLinear
 
 FUSABLE_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
@@ -113,7 +116,7 @@ def convert_sequential(sequential: nn.Sequential, backend: str | None) -> nn.Seq
             sequential.add_module(names[k + 1], nn.Identity())
             k += 2
         else:
-            sequential.add_module(names[k], convert(child, backend))
+            sequential.add_module(names[k], swap_layers(child, backend))
             k += 1
     modules = list(sequential._modules.values())
     if not any(fusable_run(modules, i) for i in range(len(modules))):
@@ -121,9 +124,17 @@ def convert_sequential(sequential: nn.Sequential, backend: str | None) -> nn.Seq
     return FusedSequential(OrderedDict(sequential._modules), backend=backend).train(sequential.training)
 
 
-def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
+def convert(model: nn.Module, backend: str | None = None, *, fuse_linear_cross_entropy: bool = False) -> nn.Module:
     """``model`` with its torch layers swapped for fastlm's (see the module docstring); ``backend`` forces a
-    fastlm backend in every swapped layer."""
+    fastlm backend in every swapped layer; ``fuse_linear_cross_entropy`` also fuses the final Linear with the
+    loss, compiling the returned module's forward (its first call, and each new branch or shape, takes a capture)."""
+    converted = swap_layers(model, backend)
+    if fuse_linear_cross_entropy:
+        converted.compile(backend=FuseLinearCrossEntropy(backend))
+    return converted
+
+
+def swap_layers(model: nn.Module, backend: str | None) -> nn.Module:
     if type(model) is nn.BatchNorm1d:
         return fused_batch_norm(model, None, backend)
     if type(model) is nn.CrossEntropyLoss:
@@ -131,5 +142,5 @@ def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
     if type(model) is nn.Sequential:
         return convert_sequential(model, backend)
     for name, child in list(model.named_children()):
-        model.add_module(name, convert(child, backend))
+        model.add_module(name, swap_layers(child, backend))
     return model
