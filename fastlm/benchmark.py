@@ -84,17 +84,33 @@ def _linear_then_cross_entropy(x, weight, bias, target):
     return F.cross_entropy(F.linear(x, weight, bias), target)
 
 
+class _HeadAndLoss(nn.Module):
+    """A model's output layer and loss as torch code writes them, for ``fastlm.convert`` to fuse."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter):
+        super().__init__()
+        self.head = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+        self.head.weight, self.head.bias = weight, bias
+
+    def forward(self, x, target):
+        return F.cross_entropy(self.head(x), target)
+
+
 def linear_cross_entropy_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) -> Iterator[Problem]:
+    from fastlm import convert
     from fastlm.ops import linear_cross_entropy
 
     n, h, v = size
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(n, h, device=device, dtype=dtype, generator=generator).requires_grad_()
-    weight = (torch.randn(v, h, device=device, dtype=dtype, generator=generator) / h**0.5).requires_grad_()
-    bias = torch.zeros(v, device=device, dtype=dtype).requires_grad_()
+    weight = nn.Parameter(torch.randn(v, h, device=device, dtype=dtype, generator=generator) / h**0.5)
+    bias = nn.Parameter(torch.zeros(v, device=device, dtype=dtype))
     target = torch.randint(0, v, (n,), device=device, generator=generator)
     forwards = {f"fastlm-{name}": partial(linear_cross_entropy, x, weight, target, bias, backend=name)
                 for name in fastlm_backends(device)}
+    # The same loss written as torch code, fused by fastlm.convert in the graph torch.compile captures.
+    forwards["fastlm.convert"] = partial(convert(_HeadAndLoss(weight, bias), fuse_linear_cross_entropy=True), x,
+                                         target)
     forwards["eager"] = partial(_linear_then_cross_entropy, x, weight, bias, target)
     forwards["torch.compile"] = partial(torch.compile(_linear_then_cross_entropy), x, weight, bias, target)
     liger = _liger("liger_fused_linear_cross_entropy", device)
