@@ -10,9 +10,10 @@ own), and ``fuse_linear_cross_entropy`` rewrites, in such a graph, every
 
 whose logits are used by the loss alone, into ``fastlm.ops.linear_cross_entropy(hidden, weight, target, bias,
 ...)``, which never holds the (rows, V) logits. Anything else is left as it was: logits the forward also returns
-or reads, class-probability targets, (N, C, d1, ...) logits, the deprecated size_average/reduce arguments, and
-fastlm's op where autocast changed the linear's dtype (the op runs with autocast off; F.cross_entropy's form keeps
-its autocast semantics, as ``linear_cross_entropy`` follows F.linear and F.cross_entropy under autocast).
+or reads, targets other than int64 class indices (F.cross_entropy refuses int32 ones), (N, C, d1, ...) logits,
+the deprecated size_average/reduce arguments, and fastlm's op where autocast changed the linear's dtype (the op
+runs with autocast off; F.cross_entropy's form keeps its autocast semantics, as ``linear_cross_entropy`` follows
+F.linear and F.cross_entropy under autocast).
 
 ``FuseLinearCrossEntropy(backend)`` is the torch.compile backend that applies the rewrite and runs the graph as it
 is (no Inductor: the outputs are the eager model's); ``fastlm.convert(model, fuse_linear_cross_entropy=True)``
@@ -74,7 +75,7 @@ def torch_loss_arguments(node: fx.Node, backend: str | None) -> dict | None:
     given = bound.arguments
     target, logits = example(given["target"]), example(given["input"])
     if (given["size_average"] is not None or given["reduce"] is not None or target is None or logits is None
-            or logits.dim() != 2 or target.dim() != 1 or target.dtype.is_floating_point):
+            or logits.dim() != 2 or target.dim() != 1 or target.dtype != torch.int64):
         return None
     return dict(target=given["target"], ce_weight=given["weight"], ignore_index=given["ignore_index"],
                 reduction=given["reduction"], label_smoothing=given["label_smoothing"], backend=backend)
@@ -83,6 +84,8 @@ def torch_loss_arguments(node: fx.Node, backend: str | None) -> dict | None:
 def fastlm_op_arguments(node: fx.Node, linear: fx.Node) -> dict | None:
     """fused_loss's arguments for a ``fastlm::cross_entropy`` node it can replace (the backend the op was traced
     with, and its (loss, lse) pair), or None where autocast made the logits' dtype differ from the hidden's."""
+    if len(node.args) != 9 or node.kwargs:
+        return None
     logits, target, ce_weight, *options, _inplace_backward, triton = node.args
     hidden, weight, _ = linear_arguments(linear)
     if example(hidden) is None or example(weight) is None or not (
