@@ -109,8 +109,7 @@ def linear_cross_entropy_problems(size: Size, dtype: torch.dtype, device: str, q
     forwards = {f"fastlm-{name}": partial(linear_cross_entropy, x, weight, target, bias, backend=name)
                 for name in fastlm_backends(device)}
     # The same loss written as torch code, fused by fastlm.convert in the graph torch.compile captures.
-    forwards["fastlm.convert"] = partial(convert(_HeadAndLoss(weight, bias), fuse_linear_cross_entropy=True), x,
-                                         target)
+    forwards["fastlm.convert"] = partial(convert(_HeadAndLoss(weight, bias), fuse_forward_code=True), x, target)
     forwards["eager"] = partial(_linear_then_cross_entropy, x, weight, bias, target)
     forwards["torch.compile"] = partial(torch.compile(_linear_then_cross_entropy), x, weight, bias, target)
     liger = _liger("liger_fused_linear_cross_entropy", device)

@@ -8,12 +8,12 @@ Swapped, anywhere in the module tree:
       activation fused, and an nn.Identity in the activation's place;
   nn.CrossEntropyLoss -> ``fastlm.nn.CrossEntropyLoss`` (the same class-weight buffer).
 Only these exact torch classes are swapped: a subclass may have a forward of its own.
-With ``fuse_linear_cross_entropy=True``, also a final nn.Linear and the cross-entropy of its output, fused into
-    ``fastlm.ops.linear_cross_entropy`` where the forward uses the logits for the loss alone. The two meet only
-    in the model's forward code, so the pair is found in the graphs torch.compile captures of it, which are
-    guarded (a branch not taken when captured is captured again when taken): ``model.compile`` with the
-    ``FuseLinearCrossEntropy`` backend (fastlm/fuse_linear_cross_entropy.py), which runs the rewritten graphs
-    eagerly. A forward that calls ``fastlm.nn.LinearCrossEntropyLoss`` itself needs none of this.
+With ``fuse_forward_code=True``, also what meets only in the model's forward code: Embedding -> view(B, -1) ->
+    Linear (the makemore first layer written out), BatchNorm1d -> tanh/relu, and the final Linear -> cross-entropy
+    (into ``linear_cross_entropy``, which never holds the logits), each where the forward uses the intermediate
+    result for nothing else. They are found in the graphs torch.compile captures of the forward, which are guarded
+    (a branch not taken when captured is captured again when taken): ``model.compile`` with the ``FuseGraph``
+    backend (fastlm/fuse_graph.py), which runs the rewritten graphs eagerly.
 
 The converted model's ``state_dict()`` has the original keys and tensors: the fused embedding + linear
 lives in a ``FusedSequential``, an nn.Sequential that keeps the Embedding, Flatten and Linear as its
@@ -31,7 +31,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from fastlm.fuse_linear_cross_entropy import FuseLinearCrossEntropy
+from fastlm.fuse_graph import FuseGraph
 from fastlm.nn import BatchNorm1d, CrossEntropyLoss, EmbeddingLinear
 
 FUSABLE_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
@@ -124,13 +124,13 @@ def convert_sequential(sequential: nn.Sequential, backend: str | None) -> nn.Seq
     return FusedSequential(OrderedDict(sequential._modules), backend=backend).train(sequential.training)
 
 
-def convert(model: nn.Module, backend: str | None = None, *, fuse_linear_cross_entropy: bool = False) -> nn.Module:
+def convert(model: nn.Module, backend: str | None = None, *, fuse_forward_code: bool = False) -> nn.Module:
     """``model`` with its torch layers swapped for fastlm's (see the module docstring); ``backend`` forces a
-    fastlm backend in every swapped layer; ``fuse_linear_cross_entropy`` also fuses the final Linear with the
-    loss, compiling the returned module's forward (its first call, and each new branch or shape, takes a capture)."""
+    fastlm backend in every swapped layer; ``fuse_forward_code`` also fuses the layers that meet in the forward's
+    code, compiling the returned module's forward (its first call, and each new branch or shape, takes a capture)."""
     converted = swap_layers(model, backend)
-    if fuse_linear_cross_entropy:
-        converted.compile(backend=FuseLinearCrossEntropy(backend))
+    if fuse_forward_code:
+        converted.compile(backend=FuseGraph(backend))
     return converted
 
 

@@ -1,0 +1,214 @@
+"""Fusing layers that meet only in a model's forward code, in the graphs torch.compile captures of that forward.
+
+``fastlm.convert`` swaps modules; which module's output feeds which is written in the forward's code alone. So
+the pairs are found where that code runs: TorchDynamo captures the forward as FX graphs and guards them (a branch
+not taken when captured, e.g. ``targets=None``, gets a graph of its own when taken), and ``fuse_graph`` rewrites,
+in such a graph, each of these whose intermediate result feeds nothing else:
+
+  embedding linear     F.embedding(idx, table) -> view/reshape/flatten to (B, T*D) -> F.linear(., W, b)
+                       (the makemore first layer)                   => fastlm.ops.embedding_linear(idx, table, W, b)
+  batch norm + act     fastlm's BatchNorm op (nn.BatchNorm1d, converted) -> torch.tanh / torch.relu / F.relu
+                                                                    => the op with the activation fused
+  linear cross-entropy F.linear(hidden, W, b) -> [view/reshape/flatten to (rows, V)] -> F.cross_entropy, or
+                       fastlm's op (nn.CrossEntropyLoss, converted) => fastlm.ops.linear_cross_entropy, which never
+                                                                       holds the (rows, V) logits
+
+A reshape is accepted only to 2D with the last size kept or the last two merged: the producer's output is a
+fresh contiguous tensor, so the rows are its leading positions in order. Left as written: results the forward
+also returns or reads; embeddings with max_norm, scale_grad_by_freq or sparse; targets other than int64 class
+indices (F.cross_entropy refuses int32 ones), (N, C, d1, ...) logits and the deprecated size_average/reduce
+arguments; fastlm's cross-entropy op where autocast changed the linear's dtype (the op runs with autocast off;
+the F.cross_entropy form keeps autocast's semantics, which ``linear_cross_entropy`` follows).
+
+``FuseGraph(backend)`` is the torch.compile backend that applies the rewrites and runs the graphs as they are
+(no Inductor: the results are the eager model's); ``fastlm.convert(model, fuse_forward_code=True)`` installs it
+with ``model.compile``, which keeps the module and its state_dict keys.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx
+
+from fastlm.ops.batch_norm import ACTIVATIONS
+from fastlm.ops.embedding_linear import embedding_linear
+from fastlm.ops.linear_cross_entropy import linear_cross_entropy
+
+RESHAPES = {("call_method", "view"), ("call_method", "reshape"), ("call_method", "flatten"),
+            ("call_function", torch.reshape), ("call_function", torch.flatten)}
+ACTIVATION_CALLS = {("call_function", torch.tanh): "tanh", ("call_method", "tanh"): "tanh",
+                    ("call_function", torch.relu): "relu", ("call_function", F.relu): "relu",
+                    ("call_method", "relu"): "relu"}
+LINEAR = inspect.signature(lambda input, weight, bias=None: None)
+EMBEDDING = inspect.signature(F.embedding)
+CROSS_ENTROPY = inspect.signature(F.cross_entropy)
+FASTLM_CROSS_ENTROPY_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "lse_square_scale")
+BATCH_NORM_ACTIVATION = 9  # the position of the activation code among fastlm::batch_norm's 11 arguments
+
+
+def fused_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ce_weight: Tensor | None,
+               ignore_index: int, reduction: str, label_smoothing: float, lse_square_scale: float = 0.0,
+               return_lse: bool = False, backend: str | None = None):
+    """What a rewritten graph calls for a loss: that of ``linear(hidden, weight, bias)`` flattened to (rows, V)."""
+    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, target, bias, ce_weight, ignore_index,
+                                reduction, label_smoothing, lse_square_scale=lse_square_scale, return_lse=return_lse,
+                                backend=backend)
+
+
+def example(node) -> Tensor | None:
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, Tensor) else None
+
+
+def arguments(node: fx.Node, signature: inspect.Signature) -> dict:
+    bound = signature.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def sole_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def through_reshape(node: fx.Node, merged: int) -> fx.Node:
+    """The node ``node`` reads, if ``node`` is a reshape to 2D whose last size is the product of its source's last
+    ``merged`` sizes and whose source feeds nothing else; ``node`` itself otherwise."""
+    source = node.args[0] if node.args else None
+    value, before = example(node), example(source)
+    if ((node.op, node.target) not in RESHAPES or value is None or before is None or value.dim() != 2
+            or before.dim() < merged or sole_user(source) is not node):
+        return node
+    last = 1
+    for size in before.shape[before.dim() - merged:]:
+        last *= size
+    return source if isinstance(value.shape[-1], int) and isinstance(last, int) and value.shape[-1] == last else node
+
+
+def replace(graph: fx.Graph, node: fx.Node, target, args: tuple, kwargs: dict, dead: tuple[fx.Node, ...]) -> None:
+    """Put a call of ``target`` in ``node``'s place and erase ``dead`` (the fused producers, last first)."""
+    with graph.inserting_before(node):
+        fused = graph.call_function(target, args, kwargs)
+    fused.meta.update(node.meta)
+    node.replace_all_uses_with(fused)
+    graph.erase_node(node)
+    for producer in dict.fromkeys(dead):
+        if not producer.users:
+            graph.erase_node(producer)
+
+
+def fuse_embedding_linear(graph: fx.Graph, backend: str | None) -> int:
+    fused = 0
+    for linear in list(graph.nodes):
+        if linear.op != "call_function" or linear.target is not F.linear:
+            continue
+        given = arguments(linear, LINEAR)
+        flat = given["input"]
+        if not isinstance(flat, fx.Node) or sole_user(flat) is not linear:
+            continue
+        embedding = through_reshape(flat, merged=2)
+        if embedding is flat or embedding.op != "call_function" or embedding.target is not F.embedding:
+            continue
+        options = arguments(embedding, EMBEDDING)
+        idx = example(options["input"])
+        if (idx is None or idx.dim() != 2 or options["max_norm"] is not None or options["scale_grad_by_freq"]
+                or options["sparse"]):
+            continue
+        replace(graph, linear, embedding_linear, (options["input"], options["weight"], given["weight"], given["bias"]),
+                {"padding_idx": options["padding_idx"], "backend": backend}, (flat, embedding))
+        fused += 1
+    return fused
+
+
+def fuse_batch_norm_activation(graph: fx.Graph) -> int:
+    fused = 0
+    for node in list(graph.nodes):
+        activation = ACTIVATION_CALLS.get((node.op, node.target))
+        norm = node.args[0] if node.args else None
+        if (activation is None or len(node.args) != 1 or set(node.kwargs) - {"inplace"} or node.kwargs.get("inplace")
+                or not isinstance(norm, fx.Node) or norm.target is not torch.ops.fastlm.batch_norm.default
+                or sole_user(norm) is not node or len(norm.args) != BATCH_NORM_ACTIVATION + 2
+                or norm.args[BATCH_NORM_ACTIVATION] != ACTIVATIONS[None]):
+            continue
+        norm.args = (*norm.args[:BATCH_NORM_ACTIVATION], ACTIVATIONS[activation], *norm.args[BATCH_NORM_ACTIVATION + 1:])
+        node.replace_all_uses_with(norm)
+        graph.erase_node(node)
+        fused += 1
+    return fused
+
+
+def torch_loss_options(loss: fx.Node, backend: str | None) -> dict | None:
+    """fused_loss's options for an F.cross_entropy node it can replace, or None."""
+    given = arguments(loss, CROSS_ENTROPY)
+    target, logits = example(given["target"]), example(given["input"])
+    if (given["size_average"] is not None or given["reduce"] is not None or target is None or logits is None
+            or logits.dim() != 2 or target.dim() != 1 or target.dtype != torch.int64):
+        return None
+    return dict(target=given["target"], ce_weight=given["weight"], ignore_index=given["ignore_index"],
+                reduction=given["reduction"], label_smoothing=given["label_smoothing"], backend=backend)
+
+
+def fastlm_loss_options(loss: fx.Node, hidden: fx.Node, weight: fx.Node) -> dict | None:
+    """fused_loss's options for a ``fastlm::cross_entropy`` node it can replace (the backend the op was traced
+    with, and its (loss, lse) pair), or None where autocast made the logits' dtype differ from the hidden's."""
+    if len(loss.args) != 9 or loss.kwargs:
+        return None
+    logits, target, ce_weight, *options, _inplace_backward, triton = loss.args
+    dtypes = {getattr(example(node), "dtype", None) for node in (logits, hidden, weight)}
+    if len(dtypes) != 1 or None in dtypes:
+        return None
+    backend = "triton" if triton else ("cpp" if example(logits).device.type == "cpu" else "cuda")
+    return dict(target=target, ce_weight=ce_weight, **dict(zip(FASTLM_CROSS_ENTROPY_OPTIONS, options)),
+                return_lse=True, backend=backend)
+
+
+def fuse_linear_cross_entropy(graph: fx.Graph, backend: str | None) -> int:
+    fused = 0
+    for loss in list(graph.nodes):
+        if loss.op != "call_function" or loss.target not in (F.cross_entropy, torch.ops.fastlm.cross_entropy.default):
+            continue
+        logits = loss.args[0] if loss.args else loss.kwargs.get("input")
+        if not isinstance(logits, fx.Node) or sole_user(logits) is not loss:
+            continue
+        linear = through_reshape(logits, merged=1)
+        if linear.op != "call_function" or linear.target is not F.linear:
+            continue
+        given = arguments(linear, LINEAR)
+        if loss.target is F.cross_entropy:
+            options = torch_loss_options(loss, backend)
+        else:
+            options = fastlm_loss_options(loss, given["input"], given["weight"])
+        if options is None:
+            continue
+        replace(graph, loss, fused_loss, (given["input"], given["weight"], given["bias"]), options, (logits, linear))
+        fused += 1
+    return fused
+
+
+def fuse_graph(graph_module: fx.GraphModule, backend: str | None = None) -> Counter:
+    """Rewrite ``graph_module`` in place (see the module docstring); returns how many of each fusion it made.
+    ``backend`` is the fastlm backend of the fused ops built from torch functions (None: chosen by device)."""
+    graph = graph_module.graph
+    fused = Counter({"embedding_linear": fuse_embedding_linear(graph, backend),
+                     "batch_norm_activation": fuse_batch_norm_activation(graph),
+                     "linear_cross_entropy": fuse_linear_cross_entropy(graph, backend)})
+    if fused.total():
+        graph.lint()
+        graph_module.recompile()
+    return fused
+
+
+class FuseGraph:
+    """A torch.compile backend: ``torch.compile(model, backend=FuseGraph())`` runs each captured graph eagerly
+    after ``fuse_graph``. ``fused`` counts the fusions made so far, over every graph."""
+
+    def __init__(self, backend: str | None = None):
+        self.backend = backend
+        self.fused = Counter()
+
+    def __call__(self, graph_module: fx.GraphModule, example_inputs) -> object:
+        self.fused += fuse_graph(graph_module, self.backend)
+        return graph_module.forward

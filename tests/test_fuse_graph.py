@@ -1,0 +1,228 @@
+"""``fastlm.convert(model, fuse_forward_code=True)``: layers that meet only in the forward's code, found in the
+graphs torch.compile captures, become fastlm's fused ops where the intermediate result feeds nothing else:
+Embedding -> view(B, -1) -> Linear, BatchNorm1d -> tanh/relu, the final Linear -> cross-entropy. The converted
+model gives the torch model's losses, outputs, gradients and running stats, over training steps, branches and
+batch sizes; what cannot be fused runs as written. Fused or not is read off the autograd graph: fastlm's nodes in
+place of torch's."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastlm
+from conftest import skip_unless_runs
+from fastlm.fuse_graph import FuseGraph
+
+VOCAB, EMBED, CONTEXT, HIDDEN = 29, 6, 4, 24
+
+
+@pytest.fixture(autouse=True)
+def fresh_captures():
+    """Each test starts without captures: torch.compile keeps a bounded number per forward function (its recompile
+    limit), after which the forward runs eagerly, unfused; the tests here between them would pass it."""
+    torch._dynamo.reset()
+
+
+def autograd_nodes(output: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes ``output`` was computed through."""
+    names, stack, seen = set(), [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name().split("::")[-1].rstrip(">"))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+class MakemoreMLP(nn.Module):
+    """The makemore MLP with BatchNorm, written with torch layers joined in the forward (not an nn.Sequential)."""
+
+    def __init__(self, activation: str):
+        super().__init__()
+        self.C = nn.Embedding(VOCAB, EMBED)
+        self.l1 = nn.Linear(CONTEXT * EMBED, HIDDEN, bias=False)
+        self.bn = nn.BatchNorm1d(HIDDEN)
+        self.l2 = nn.Linear(HIDDEN, VOCAB)
+        self.activation = activation
+
+    def forward(self, idx, targets=None):
+        h = self.bn(self.l1(self.C(idx).view(idx.shape[0], -1)))
+        h = {"tanh": torch.tanh, "relu": F.relu, "relu-method": torch.Tensor.relu}[self.activation](h)
+        logits = self.l2(h)
+        return logits if targets is None else F.cross_entropy(logits, targets)
+
+
+class LanguageModel(nn.Module):
+    """A next-token model as such models are written: (B, T) ids -> (B, T, V) logits, and the loss when given
+    targets; ``loss`` picks how the loss is taken."""
+
+    def __init__(self, loss: str):
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, HIDDEN)
+        self.head = nn.Linear(HIDDEN, VOCAB)
+        self.criterion = nn.CrossEntropyLoss(ignore_index=3, label_smoothing=0.1)
+        self.class_weight = nn.Parameter(torch.rand(VOCAB) + 0.5, requires_grad=False)
+        self.loss = loss
+
+    def forward(self, idx, targets=None):
+        hidden = torch.tanh(self.embedding(idx))
+        if self.loss == "per-row":  # the last position's (B, H) hidden: logits go to the loss as they are
+            return F.cross_entropy(self.head(hidden[:, -1]), targets[:, -1], reduction="none")
+        logits = self.head(hidden)
+        if targets is None:
+            return logits
+        if self.loss == "module":  # nn.CrossEntropyLoss, which convert swaps for fastlm's
+            return self.criterion(logits.view(-1, logits.size(-1)), targets.view(-1))
+        if self.loss == "functional":
+            return F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), self.class_weight, reduction="sum")
+        if self.loss == "returns-logits":
+            return logits, F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
+        if self.loss == "probabilities":
+            return F.cross_entropy(logits.view(-1, VOCAB), F.one_hot(targets.view(-1), VOCAB).float())
+        if self.loss == "class-dim-1":  # (B, V, T) logits
+            return F.cross_entropy(logits.transpose(1, 2), targets)
+        raise ValueError(self.loss)
+
+
+def converted_pair(model: nn.Module, backend: str | None = None):
+    return model, fastlm.convert(copy.deepcopy(model), backend=backend, fuse_forward_code=True)
+
+
+def batch(rows: int, per_position: bool = False):
+    return (torch.randint(0, VOCAB, (rows, CONTEXT)),
+            torch.randint(0, VOCAB, (rows, CONTEXT) if per_position else (rows,)))
+
+
+def assert_same_step(model, converted, idx, targets, upstream=None, lr=0.0):
+    """The two models' outputs on one batch, their gradients after a backward from ``upstream``, and their
+    parameters and buffers after an SGD step of ``lr``; returns the converted model's output."""
+    expected, got = model(idx, targets), converted(idx, targets)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    upstream = torch.rand_like(expected) + 0.5 if upstream is None else upstream
+    expected.backward(upstream)
+    got.backward(upstream)
+    with torch.no_grad():
+        for (name, p), q in zip(model.named_parameters(), converted.parameters()):
+            if p.requires_grad:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+                p -= lr * p.grad
+                q -= lr * q.grad
+                p.grad = q.grad = None
+    for (name, b), c in zip(model.named_buffers(), converted.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
+    return got
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "relu-method"])
+def test_makemore_mlp_written_out_is_fused(activation, backend):
+    skip_unless_runs(backend)
+    torch.manual_seed(0)
+    model, converted = converted_pair(MakemoreMLP(activation), backend)
+    for rows in (32, 17, 32, 9):  # training steps; new batch sizes are captured again
+        loss = assert_same_step(model, converted, *batch(rows), lr=0.1)
+    nodes = autograd_nodes(loss)
+    if backend != "torch":  # the torch backend is autograd over torch's own ops
+        assert {"EmbeddingLinear", "BatchNorm", "LinearCrossEntropy"} <= nodes, nodes
+        assert not {"EmbeddingBackward0", "TanhBackward0", "ReluBackward0", "NllLossBackward0"} & nodes, nodes
+    model.eval(), converted.eval()
+    idx, _ = batch(5)
+    torch.testing.assert_close(converted(idx), model(idx), rtol=1e-5, atol=1e-6)  # the branch without targets
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+@pytest.mark.parametrize("loss", ["module", "functional", "per-row"])
+def test_final_linear_and_loss_are_fused(loss, backend):
+    skip_unless_runs(backend)
+    torch.manual_seed(0)
+    model, converted = converted_pair(LanguageModel(loss), backend)
+    for rows in (4, 7, 1, 10):  # new batch sizes: captured again, then with dynamic shapes
+        got = assert_same_step(model, converted, *batch(rows, per_position=True))
+        fused = "LinearCrossEntropy" in autograd_nodes(got)
+        assert fused == (backend != "torch"), got.grad_fn  # the torch backend forms the logits itself
+
+
+def test_a_branch_not_taken_at_capture_still_runs():
+    model, converted = converted_pair(LanguageModel("module"))
+    idx, targets = batch(6, per_position=True)
+    assert "LinearCrossEntropy" in autograd_nodes(assert_same_step(model, converted, idx, targets))
+    torch.testing.assert_close(converted(idx), model(idx))  # targets=None: the logits, as written
+
+
+@pytest.mark.parametrize("loss", ["returns-logits", "probabilities", "class-dim-1"])
+def test_a_loss_that_cannot_be_fused_runs_as_written(loss):
+    model, converted = converted_pair(LanguageModel(loss))
+    idx, targets = batch(6, per_position=True)
+    if loss == "returns-logits":
+        (logits, got), (expected_logits, expected) = converted(idx, targets), model(idx, targets)
+        torch.testing.assert_close(logits, expected_logits)
+        torch.testing.assert_close(got, expected)
+    else:
+        got = assert_same_step(model, converted, idx, targets)
+    assert "LinearCrossEntropy" not in autograd_nodes(got)
+
+
+class FirstLayer(nn.Module):
+    """An embedding and a linear layer joined in the forward in ways the fused op does not compute."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.embedding = nn.Embedding(VOCAB, EMBED, max_norm=1.0 if how == "max_norm" else None)
+        self.linear = nn.Linear(EMBED if how == "per-token" else CONTEXT * EMBED, HIDDEN)
+
+    def forward(self, idx):
+        emb = self.embedding(idx)
+        if self.how == "per-token":  # (B*T, D) rows, each through the linear
+            return self.linear(emb.view(-1, EMBED))
+        if self.how == "emb-also-returned":
+            return self.linear(emb.view(idx.shape[0], -1)), emb
+        return self.linear(emb.view(idx.shape[0], -1))
+
+
+@pytest.mark.parametrize("how", ["per-token", "emb-also-returned", "max_norm"])
+def test_an_embedding_that_cannot_be_fused_runs_as_written(how):
+    torch.manual_seed(0)
+    model, converted = converted_pair(FirstLayer(how))
+    idx = batch(8)[0]
+    expected, got = model(idx), converted(idx)
+    torch.testing.assert_close(got, expected)
+    output = got[0] if how == "emb-also-returned" else got
+    assert "EmbeddingBackward0" in autograd_nodes(output)
+
+
+def test_state_dict_is_the_torch_models():
+    model, converted = converted_pair(MakemoreMLP("tanh"))
+    assert list(converted.state_dict()) == list(model.state_dict())
+    fresh = MakemoreMLP("tanh")
+    fresh.load_state_dict(converted.state_dict())
+    idx, targets = batch(5)
+    torch.testing.assert_close(fresh(idx, targets), converted(idx, targets))
+
+
+@pytest.mark.parametrize("loss", ["functional", "module"])
+def test_autocast_keeps_the_torch_loss_dtype_and_value(loss):
+    """F.cross_entropy's form is fused with autocast's semantics; fastlm's op, which runs with autocast off on the
+    logits autocast made, is left as it is."""
+    model, converted = converted_pair(LanguageModel(loss))
+    idx, targets = batch(8, per_position=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = model(idx, targets), converted(idx, targets)
+    assert ("LinearCrossEntropy" in autograd_nodes(got)) == (loss == "functional")
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=0)
+
+
+def test_backend_counts_the_fusions_of_each_capture():
+    model = fastlm.convert(MakemoreMLP("tanh"))
+    backend = FuseGraph()
+    compiled = torch.compile(model, backend=backend)
+    idx, targets = batch(4)
+    compiled(idx, targets)
+    compiled(idx)  # the logits branch: a second graph, with no loss in it
+    assert backend.fused == {"embedding_linear": 2, "batch_norm_activation": 2, "linear_cross_entropy": 1}
