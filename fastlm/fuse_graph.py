@@ -133,7 +133,8 @@ def fuse_batch_norm_activation(graph: fx.Graph) -> int:
                 or sole_user(norm) is not node or len(norm.args) != BATCH_NORM_ACTIVATION + 2
                 or norm.args[BATCH_NORM_ACTIVATION] != ACTIVATIONS[None]):
             continue
-        norm.args = (*norm.args[:BATCH_NORM_ACTIVATION], ACTIVATIONS[activation], *norm.args[BATCH_NORM_ACTIVATION + 1:])
+        code = BATCH_NORM_ACTIVATION
+        norm.args = (*norm.args[:code], ACTIVATIONS[activation], *norm.args[code + 1:])
         node.replace_all_uses_with(norm)
         graph.erase_node(node)
         fused += 1
