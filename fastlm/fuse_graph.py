@@ -20,9 +20,10 @@ indices (F.cross_entropy refuses int32 ones), (N, C, d1, ...) logits and the dep
 arguments; fastlm's cross-entropy op where autocast changed the linear's dtype (the op runs with autocast off;
 the F.cross_entropy form keeps autocast's semantics, which ``linear_cross_entropy`` follows).
 
-``FuseGraph(backend)`` is the torch.compile backend that applies the rewrites and runs the graphs as they are
-(no Inductor: the results are the eager model's); ``fastlm.convert(model, fuse_forward_code=True)`` installs it
-with ``model.compile``, which keeps the module and its state_dict keys.
+``FuseGraph(backend)`` is the torch.compile backend that applies the rewrites and runs the graphs as they are, or
+hands them on to another compiler (``FuseGraph(compiler="inductor")``). ``fastlm.convert(model,
+fuse_forward_code=True)`` installs it with ``model.compile``, running the graphs eagerly (the results are the eager
+model's); ``model.compile`` keeps the module and its state_dict keys.
 """
 
 from __future__ import annotations
@@ -203,13 +204,15 @@ def fuse_graph(graph_module: fx.GraphModule, backend: str | None = None) -> Coun
 
 
 class FuseGraph:
-    """A torch.compile backend: ``torch.compile(model, backend=FuseGraph())`` runs each captured graph eagerly
-    after ``fuse_graph``. ``fused`` counts the fusions made so far, over every graph."""
+    """A torch.compile backend: ``torch.compile(model, backend=FuseGraph())`` runs each captured graph after
+    ``fuse_graph``, eagerly, or compiled by ``compiler`` (a torch.compile backend or its name, e.g. "inductor").
+    ``fused`` counts the fusions made so far, over every graph."""
 
-    def __init__(self, backend: str | None = None):
+    def __init__(self, backend: str | None = None, compiler=None):
         self.backend = backend
+        self.compiler = torch._dynamo.lookup_backend(compiler) if isinstance(compiler, str) else compiler
         self.fused = Counter()
 
     def __call__(self, graph_module: fx.GraphModule, example_inputs) -> object:
         self.fused += fuse_graph(graph_module, self.backend)
-        return graph_module.forward
+        return graph_module.forward if self.compiler is None else self.compiler(graph_module, example_inputs)

@@ -226,3 +226,18 @@ def test_backend_counts_the_fusions_of_each_capture():
     compiled(idx, targets)
     compiled(idx)  # the logits branch: a second graph, with no loss in it
     assert backend.fused == {"embedding_linear": 2, "batch_norm_activation": 2, "linear_cross_entropy": 1}
+
+
+def test_graphs_can_go_on_to_inductor():
+    torch.manual_seed(0)
+    model = MakemoreMLP("tanh")
+    backend = FuseGraph(compiler="inductor")
+    compiled = torch.compile(fastlm.convert(copy.deepcopy(model)), backend=backend)
+    idx, targets = batch(16)
+    expected, got = model(idx, targets), compiled(idx, targets)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert backend.fused == {"embedding_linear": 1, "batch_norm_activation": 1, "linear_cross_entropy": 1}
+    assert autograd_nodes(got) == {"CompiledFunctionBackward", "AccumulateGrad"}  # Inductor's graph
+    expected.backward(), got.backward()
+    for (name, p), q in zip(model.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
