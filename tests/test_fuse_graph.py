@@ -6,14 +6,17 @@ batch sizes; what cannot be fused runs as written. Fused or not is read off the 
 place of torch's."""
 
 import copy
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import fastlm
-from conftest import skip_unless_runs
+from conftest import free_port, skip_unless_runs
 from fastlm.fuse_graph import FuseGraph
 
 VOCAB, EMBED, CONTEXT, HIDDEN = 29, 6, 4, 24
@@ -260,3 +263,36 @@ def test_a_converted_sequential_runs_through_its_fused_layers():
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
             p.grad = q.grad = None
     assert {"EmbeddingLinear", "BatchNorm"} <= autograd_nodes(got)
+
+
+def ddp_rank(rank: int, port: int, out_dir: str) -> None:
+    """Two backward passes (their gradients accumulating) of the torch model and its converted twin, each inside
+    DistributedDataParallel, on this rank's own batches; saves both models' all-reduced gradients and the
+    converted model's autograd nodes."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model, converted = converted_pair(MakemoreMLP("tanh"))
+        parallel = [nn.parallel.DistributedDataParallel(m) for m in (model, converted)]
+        torch.manual_seed(1 + rank)
+        for rows in (16, 11):
+            idx, targets = batch(rows)
+            losses = [m(idx, targets) for m in parallel]
+            for loss in losses:
+                loss.backward()
+        torch.save({"torch": [p.grad for p in model.parameters()], "fused": [p.grad for p in converted.parameters()],
+                    "nodes": autograd_nodes(losses[1])}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_converted_model_trains_under_ddp(tmp_path):
+    mp.spawn(ddp_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for saved in ranks:
+        assert {"EmbeddingLinear", "BatchNorm", "LinearCrossEntropy"} <= saved["nodes"]
+        for fused, expected in zip(saved["fused"], saved["torch"]):
+            torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-6)
+    for fused, other_rank in zip(ranks[0]["fused"], ranks[1]["fused"]):  # all-reduced: one gradient on every rank
+        torch.testing.assert_close(fused, other_rank, rtol=0, atol=0)
