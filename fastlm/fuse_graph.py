@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
+from fastlm.nn.embedding_linear import EmbeddingLinear
 from fastlm.ops.batch_norm import ACTIVATIONS
 from fastlm.ops.embedding_linear import embedding_linear
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
@@ -115,8 +117,7 @@ def fuse_embedding_linear(graph: fx.Graph, backend: str | None) -> int:
             continue
         options = arguments(embedding, EMBEDDING)
         idx = example(options["input"])
-        if (idx is None or idx.dim() != 2 or options["max_norm"] is not None or options["scale_grad_by_freq"]
-                or options["sparse"]):
+        if idx is None or idx.dim() != 2 or EmbeddingLinear.unsupported_options(SimpleNamespace(**options)):
             continue
         replace(graph, linear, embedding_linear, (options["input"], options["weight"], given["weight"], given["bias"]),
                 {"padding_idx": options["padding_idx"], "backend": backend}, (flat, embedding))
@@ -134,8 +135,8 @@ def fuse_batch_norm_activation(graph: fx.Graph) -> int:
                 or sole_user(norm) is not node or len(norm.args) != BATCH_NORM_ACTIVATION + 2
                 or norm.args[BATCH_NORM_ACTIVATION] != ACTIVATIONS[None]):
             continue
-        code = BATCH_NORM_ACTIVATION
-        norm.args = (*norm.args[:code], ACTIVATIONS[activation], *norm.args[code + 1:])
+        norm.args = (*norm.args[:BATCH_NORM_ACTIVATION], ACTIVATIONS[activation],
+                     *norm.args[BATCH_NORM_ACTIVATION + 1:])
         node.replace_all_uses_with(norm)
         graph.erase_node(node)
         fused += 1

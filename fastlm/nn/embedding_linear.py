@@ -32,8 +32,9 @@ class EmbeddingLinear(nn.Module):
         self.backend = backend
 
     @staticmethod
-    def unsupported_options(embedding: nn.Embedding) -> list[str]:
-        """The options of ``embedding`` that the fused layer does not reproduce (none for a plain lookup)."""
+    def unsupported_options(embedding) -> list[str]:
+        """The options of ``embedding`` that the fused layer does not reproduce (none for a plain lookup):
+        ``embedding`` is an nn.Embedding, or anything holding F.embedding's arguments of those names."""
         return [name for name, value in (("max_norm", embedding.max_norm is not None),
                                          ("scale_grad_by_freq", embedding.scale_grad_by_freq),
                                          ("sparse", embedding.sparse)) if value]
