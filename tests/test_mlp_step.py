@@ -20,12 +20,14 @@ from fastlm.ops import mlp_loss_and_grads, mlp_sgd_step
 from test_models import make_twins, make_windows, make_words
 
 # (batch, context, embedding, hidden, classes, vocab): odd and prime sizes, sizes that are not a multiple of
-# the vector width or of the kernels' 4-row tiles, and the lecture's. (Batch 2 is left out: there BatchNorm's
-# output is +-1 whatever its input, so every gradient below it is zero in exact arithmetic, rounding alone.)
-# The first four run the gather kernel (two threads); the rest, 256 rows or more and at least 8 per token of the
-# vocabulary, the product-table kernel, with one part (300 rows) or several, the last not a whole number of
-# blocks of rows.
+# the vector width or of the matrix products' 6-row tiles, and the lecture's. (Batch 2 is left out: there
+# BatchNorm's output is +-1 whatever its input, so every gradient below it is zero in exact arithmetic, rounding
+# alone.) The first five run the gather kernel (two threads), the fifth with more than the 256 rows its matrix
+# products copy at a time from a strip narrower than two vectors (dW1's, dW2's); the rest, 256 rows or more and
+# at least 8 per token of the vocabulary, the product-table kernel, with one part (300 rows) or several, the
+# last not a whole number of blocks of rows.
 SIZES = [(7, 2, 5, 13, 11, 9), (3, 1, 3, 37, 5, 4), (33, 3, 7, 41, 29, 31), (32, 3, 10, 200, 27, 27),
+         (300, 3, 5, 37, 29, 61),
          (300, 1, 5, 13, 11, 9), (600, 3, 7, 41, 29, 31), (1031, 2, 10, 200, 27, 27)]
 
 

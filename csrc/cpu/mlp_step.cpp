@@ -239,7 +239,7 @@ void gather_step(const StepData<T>& d) {
   T* const share[2] = {take(V * B), take(V * B)};
   T* const lT[2] = {take(V * B), take(V * B)};
   T* const dxT[2] = {take(K * B), take(K * B)};
-  const int64_t mid = std::min(H, (H / 2 + kLine / 2) / kLine * kLine);  // also whole 4-row matmul tiles
+  const int64_t mid = std::min(H, (H / 2 + kLine / 2) / kLine * kLine);
   const int64_t j0[2] = {0, mid}, j1[2] = {mid, H};
 
   for (int64_t r = 0; r < B * s.T; ++r) std::memcpy(x + r * D, d.table + d.idx[r] * D, D * sizeof(T));

@@ -38,9 +38,9 @@ int64_t parts_of(int64_t B, int64_t table_size) {
   return std::clamp<int64_t>(std::min(B / 256, (int64_t(8) << 20) / (2 * table_size)), 1, 8);
 }
 
-// Rows per block: about 128 KiB of one (rows, H) fp32 buffer, a multiple of the matmul's 4-row tiles, so a
+// Rows per block: about 128 KiB of one (rows, H) fp32 buffer, a multiple of the matmul's 6-row tiles, so a
 // block's three buffers stay in L2 beside a part's dW2 and token tables.
-int64_t rows_per_block(int64_t H) { return std::clamp<int64_t>(32768 / std::max<int64_t>(1, H) / 4 * 4, 4, 256); }
+int64_t rows_per_block(int64_t H) { return std::clamp<int64_t>(32768 / std::max<int64_t>(1, H) / 6 * 6, 6, 252); }
 
 // Every row of m (rows x n) set to v (or zero without v).
 template <typename T>
