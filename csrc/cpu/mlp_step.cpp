@@ -2,7 +2,7 @@
 // (mlp_loss_and_grads), or the whole plain-SGD step, update included (mlp_sgd_step).
 //
 // At the lecture's size (batch 32, context 3, embedding 10, hidden 200, vocabulary 27) one step is about a
-// million multiply-adds, some 30 us on one core at this 2-core machine's measured FMA peak (37 GFLOP-FMA/s),
+// million multiply-adds, some 25 us on one core at this 2-core machine's measured FMA peak (37-47 G FMA/s),
 // while calling the layers one by one through autograd costs some 20 us per layer in Python, dispatch and
 // small-GEMM overhead (measured: 0.39 ms per fused step, 0.44 ms eager). This op does what llm.c does for
 // GPT-2: the forward and backward of the whole network written out in one place, with every intermediate in
@@ -207,7 +207,10 @@ void run_two_parts(const std::array<Phase, N>& phases) {
 // columns and rows, and its share of dx; after the second, each part scatters both shares of dx as
 // rows into d(table), for the tokens of its half of the vocabulary (split by token, not by embedding column:
 // columns put both threads' writes on the same cache lines, which cost 20 us a step). Measured per batch-32
-// step in a C++ loop: 42 us on one thread, 24 on two; through model.sgd_step 49 and 37.
+// step in a C++ loop: 42 us on one thread, 24 on two; through model.sgd_step 49 and 37 (before small_matmul.h's
+// 6-row tiles, which then took the op's own time, called in a Python loop on one thread, from 104 to 56 us in
+// a slow hour). At batch 32 the two threads' hand-offs now cost about what they save (one or two threads each
+// won by up to 15% from one minute to the next); from batch 64 two threads win (73 against 100-124 us).
 template <typename T>
 void gather_step(const StepData<T>& d) {
   using Vec = Vectorized<T>;

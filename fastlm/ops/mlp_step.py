@@ -2,7 +2,7 @@
 the gradient of every parameter of embedding -> linear -> [BatchNorm] -> tanh -> linear -> cross-entropy;
 ``fastlm.ops.mlp_sgd_step`` goes on to the plain-SGD update, in place, and returns the loss alone.
 
-At the lecture's batch of 32 a step is about a million multiply-adds, some 30 us here, and calling the layers
+At the lecture's batch of 32 a step is about a million multiply-adds, some 25 us here, and calling the layers
 one by one through autograd costs more than the arithmetic (fastlm's fused layers included). The ``cpp`` kernel
 (csrc/cpu/mlp_step.cpp) runs the whole forward and backward in one C++ call instead, as llm.c does: on two
 threads (split by hidden channel) for small batches, and for batches of 256 rows and more (8 per token of the
