@@ -18,8 +18,8 @@ namespace fastlm {
 // that issues two vector loads and two FMAs a cycle that keeps the FMA units busy, where 4 rows (8 FMAs
 // against 6 loads, 12 once the compiler folds B's loads into each FMA) ran at 40-60% of the FMA peak
 // (measured on the makemore shapes: 2.2x faster over the step's six products).
-// The strip's full vectors are read from B directly; B is read only whole vectors at a time, so a strip
-// narrower than two vectors (at the right edge) is first copied into zero-padded rows (add_matmul).
+// B is read in whole vectors only (no masked loads in the k loop): a strip narrower than two vectors, at the
+// right edge, is first copied into zero-padded rows (add_matmul).
 template <typename T, int R>
 void add_matmul_tile(int64_t K, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, T* c,
                      int64_t ldc, int64_t n) {
