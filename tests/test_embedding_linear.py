@@ -52,9 +52,11 @@ def assert_matches(got, want, dtype):
         assert_close_to_reference(g, w, dtype)
 
 
-GRID = [  # (B, T, D, out, V): the ranges, crossed sparsely
+GRID = [  # (B, T, D, out, V): the ranges, crossed sparsely; on the CPU the gather strategy's products run
+    # on fastlm's small-matrix kernel up to 512k multiply-adds and, from 64 rows, up to 2M (257 x 30 x 200), and
+    # on the BLAS above (257 x 512 x 27)
     (1, 1, 2, 1, 1), (32, 3, 10, 200, 27), (257, 8, 64, 27, 1000), (32, 8, 2, 1, 27), (257, 1, 10, 200, 1),
-    (1, 3, 64, 27, 1000), (257, 3, 2, 200, 27),
+    (1, 3, 64, 27, 1000), (257, 3, 2, 200, 27), (257, 3, 10, 200, 27),
 ]
 
 
