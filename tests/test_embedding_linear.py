@@ -336,11 +336,11 @@ def test_cpp_kernel_op_called_directly_on_tensors_that_require_grad():
     large path too, when a user calls it directly on parameters."""
     skip_unless_runs("cpp")
     idx, table, weight, bias, _ = (t.float() if t.is_floating_point() else t
-                                   for t in make_case(300, 3, 10, 200, 27, "cpu"))  # past the small-product path
+                                   for t in make_case(700, 3, 10, 200, 27, "cpu"))  # past the small-product path
     weight, bias = weight.requires_grad_(), bias.requires_grad_()
     for strategy in (0, 1):
         y = torch.ops.fastlm.embedding_linear_forward(idx, table, weight, bias, strategy)
-        torch.testing.assert_close(y, F.linear(table[idx].view(300, -1), weight, bias).detach())
+        torch.testing.assert_close(y, F.linear(table[idx].view(700, -1), weight, bias).detach())
 
 
 def test_bad_inputs_are_refused_clearly():
@@ -365,3 +365,21 @@ def test_shapes_cover_the_issue_ranges():
     """The grid above crosses every value the issue names at least once."""
     for position, values in enumerate([(1, 32, 257), (1, 3, 8), (2, 10, 64), (1, 27, 200), (1, 27, 1000)]):
         assert set(values) <= {shape[position] for shape in GRID}
+
+
+# --- property test -------------------------------------------------------------------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 130), T=st.integers(1, 4), D=st.integers(1, 20), out=st.integers(1, 70),
+       V=st.integers(1, 40), dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31 - 1))
+def test_cpp_small_products_match_the_reference_on_random_shapes(B, T, D, out, V, dtype, seed):
+    """The gather strategy on the CPU at these sizes runs fastlm's register-tiled products (small_matmul.h):
+    random shapes cross its 6-row tiles, its two-vector strips and their zero-padded right edges."""
+    skip_unless_runs("cpp")
+    case = make_case(B, T, D, out, V, "cpu", seed=seed)
+    assert_matches(run_fastlm(*case, dtype, strategy="gather", backend="cpp"), reference(*case), dtype)
