@@ -26,16 +26,13 @@ void add_matmul_tile(int64_t K, const T* a, int64_t a_row, int64_t a_col, const 
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const int64_t n0 = std::min(n, W), n1 = n - n0;  // lanes of c in the strip's first and second vector
-  auto load_c = [](const T* p, int64_t lanes) {
-    return lanes == W ? Vec::loadu(p) : lanes > 0 ? Vec::loadu(p, lanes) : Vec(T(0));
-  };
   // Unrolled before GCC decides where the accumulators live: as rolled loops over arrays, it kept them in
   // registers but stored every one of them to the stack on every k (twice the stores the tile's FMAs allow).
   Vec acc0[R], acc1[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    acc0[r] = load_c(c + r * ldc, n0);
-    acc1[r] = load_c(c + r * ldc + W, n1);
+    acc0[r] = load(c + r * ldc, n0);  // vec_config.h's: a masked load of no lanes reads nothing, gives zeros
+    acc1[r] = load(c + r * ldc + W, n1);
   }
   for (int64_t k = 0; k < K; ++k) {
     const Vec b0 = Vec::loadu(b + k * ldb), b1 = Vec::loadu(b + k * ldb + W);
