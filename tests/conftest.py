@@ -6,9 +6,11 @@ any kernel module is imported), so every backend's code is exercised on CPU.
 
 import os
 import socket
+from contextlib import contextmanager
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
@@ -83,3 +85,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def gloo_process_group(rank: int, world_size: int, port: int):
+    """This process as ``rank`` of a gloo process group on this machine (rendezvous at ``port``) for the block,
+    the group destroyed after it whatever happens."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -10,13 +10,12 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import fastlm
-from conftest import free_port, skip_unless_runs
+from conftest import free_port, gloo_process_group, skip_unless_runs
 from fastlm.fuse_graph import FuseGraph
 
 VOCAB, EMBED, CONTEXT, HIDDEN = 29, 6, 4, 24
@@ -269,9 +268,7 @@ def ddp_rank(rank: int, port: int, out_dir: str) -> None:
     """Two backward passes (their gradients accumulating) of the torch model and its converted twin, each inside
     DistributedDataParallel, on this rank's own batches; saves both models' all-reduced gradients and the
     converted model's autograd nodes."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with gloo_process_group(rank, 2, port):
         torch.manual_seed(0)
         model, converted = converted_pair(MakemoreMLP("tanh"))
         parallel = [nn.parallel.DistributedDataParallel(m) for m in (model, converted)]
@@ -283,8 +280,6 @@ def ddp_rank(rank: int, port: int, out_dir: str) -> None:
                 loss.backward()
         torch.save({"torch": [p.grad for p in model.parameters()], "fused": [p.grad for p in converted.parameters()],
                     "nodes": autograd_nodes(losses[1])}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_converted_model_trains_under_ddp(tmp_path):

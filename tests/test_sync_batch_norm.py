@@ -5,12 +5,11 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 import fastlm
-from conftest import free_port
+from conftest import free_port, gloo_process_group
 
 WORLD = 2
 ROWS = (5, 9)  # per-rank batch sizes differ on purpose
@@ -24,9 +23,7 @@ def make_data(shape_tail, seed):
 
 
 def run_rank(rank, port, out_dir, shape_tail, options):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_process_group(rank, WORLD, port):
         torch.manual_seed(0)
         module = fastlm.nn.SyncBatchNorm(shape_tail[0], **options)
         x, g = make_data(shape_tail, 1)
@@ -43,8 +40,6 @@ def run_rank(rank, port, out_dir, shape_tail, options):
                     "weight_grad": module.weight.grad if module.affine else None,
                     "bias_grad": module.bias.grad if module.affine else None, "running_mean": module.running_mean,
                     "running_var": module.running_var}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(
