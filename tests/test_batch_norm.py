@@ -111,6 +111,27 @@ def test_fused_activation_matches_torch(backend, device, training, activation):
     assert_same_modules(ours, reference, run_steps(ours, inputs, grads), expected, torch.float32)
 
 
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_activation_passes_nan_and_infinity_like_torch(backend, device, activation):
+    """NaN stays NaN through the fused activation and +-inf saturates tanh to +-1, in a whole vector of lanes
+    and in the tail (eval mode, so that a NaN stays in its element instead of spreading through the stats)."""
+    skip_unless_runs(backend, device)
+    reference, _ = make_pair(13, device)
+    ours = fastlm.nn.BatchNorm1d(13, device=device, activation=activation, backend=backend)
+    ours.load_state_dict(reference.state_dict())
+    reference.eval()
+    ours.eval()
+    torch.manual_seed(4)
+    x = torch.randn(4, 13, device=device) * 40  # also tanh's saturated range
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf")], device=device)
+    x[0, :3] = specials
+    x[1, 9:12] = specials
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ACTIVATIONS[activation](reference(x)), equal_nan=True)
+
+
 def unbiased_reference(x, weight, bias, eps, activation):
     """The makemore lecture's BatchNorm in float64 autograd: normalised with the Bessel-corrected variance."""
     dims = [0, 2] if x.dim() == 3 else [0]

@@ -2,24 +2,26 @@
 // value instead of Sleef's tanh.
 #pragma once
 
-#include "vec_config.h"
+#include "fast_exp.h"
 
 namespace fastlm {
 
-// tanh from one exp, 1 - 2 / (exp(2z) + 1), and below |z| = 0.3, where that form loses relative precision,
-// its Taylor series to z^9 (relative error under 1e-7 there). ATen's polynomial exp_u20 makes this several
-// times cheaper than Sleef's tanh (measured: the fused BN + tanh forward was 7x slower than BN alone).
+// tanh from one exp of a non-positive value, sign(z) (1 - 2e / (1 + e)) with e = exp(-2|z|) (fast_exp.h's
+// exp_nonpositive: no clamp needed, large |z| gives e = 0 and exactly +-1, NaN stays NaN), and below |z| = 0.3,
+// where that form loses relative precision, its Taylor series to z^9 (relative error under 1e-7 there). Several
+// times cheaper than Sleef's tanh (measured: the fused BN + tanh forward was 7x slower than BN alone with it).
 template <typename T>
 at::vec::Vectorized<T> fast_tanh(at::vec::Vectorized<T> z) {
   using Vec = at::vec::Vectorized<T>;
-  const Vec clamped = at::vec::clamp(z, Vec(T(-20)), Vec(T(20)));  // tanh(20) is 1 in double too
-  const Vec large = Vec(T(1)) - Vec(T(2)) / ((clamped + clamped).exp_u20() + Vec(T(1)));
+  const Vec magnitude = z.abs();
+  const Vec e = exp_nonpositive(Vec(T(-2)) * magnitude);
+  const Vec large = at::vec::fnmadd(Vec(T(2)), e / (Vec(T(1)) + e), Vec(T(1))) | (z & Vec(T(-0.0)));
   const Vec z2 = z * z;
   Vec series = at::vec::fmadd(z2, Vec(T(62.0 / 2835)), Vec(T(-17.0 / 315)));
   series = at::vec::fmadd(z2, series, Vec(T(2.0 / 15)));
   series = at::vec::fmadd(z2, series, Vec(T(-1.0 / 3)));
   series = at::vec::fmadd(z2, series, Vec(T(1)));
-  return Vec::blendv(large, z * series, z.abs() < Vec(T(0.3)));
+  return Vec::blendv(large, z * series, magnitude < Vec(T(0.3)));
 }
 
 }  // namespace fastlm

@@ -149,7 +149,7 @@ T cross_entropy_columns(int64_t B, int64_t V, T* lT, const int64_t* targets) {
     for (int64_t v = 1; v < V; ++v) max = at::vec::maximum(max, load(lT + v * B + k, n));
     Vec sum(T(0));
     for (int64_t v = 0; v < V; ++v) {
-      const Vec e = (load(lT + v * B + k, n) - max).exp();
+      const Vec e = exp_nonpositive(load(lT + v * B + k, n) - max);
       e.store(lT + v * B + k, n);
       sum += e;
     }

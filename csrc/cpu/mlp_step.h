@@ -4,6 +4,7 @@
 // thread).
 #pragma once
 
+#include "fast_exp.h"
 #include "fast_tanh.h"
 #include "small_matmul.h"
 #include "vec_config.h"

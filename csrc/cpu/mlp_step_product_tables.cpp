@@ -61,16 +61,21 @@ void add_column_sums(int64_t rows, int64_t n, const T* m, T* sums) {
 // the gradient of the mean loss over a batch of `batch` rows.
 template <typename T>
 T cross_entropy_rows(int64_t rows, int64_t V, int64_t batch, T* logits, const int64_t* targets) {
+  using Vec = at::vec::Vectorized<T>;
   T total = 0;
   for (int64_t r = 0; r < rows; ++r) {
     T* l = logits + r * V;
-    const T max = *std::max_element(l, l + V);
+    const T max = at::vec::reduce_all<T>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, l, V);
     const T target_logit = l[targets[r]] - max;
-    T sum = 0;
-    for (int64_t j = 0; j < V; ++j) sum += (l[j] = std::exp(l[j] - max));
+    Vec sums(T(0));
+    for_each_vector<T>(V, [&](int64_t k, int64_t n) {
+      const Vec e = exp_nonpositive(load(l + k, n) - Vec(max));
+      e.store(l + k, n);
+      sums += Vec::set(Vec(T(0)), e, n);  // a short tail's other lanes are exp(0 - max), not part of the row
+    });
+    const T sum = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, sums);
     total += std::log(sum) - target_logit;  // -log softmax[target]
-    const T scale = T(1) / (sum * T(batch));
-    for (int64_t j = 0; j < V; ++j) l[j] *= scale;
+    at::vec::map([scale = Vec(T(1) / (sum * T(batch)))](Vec v) { return v * scale; }, l, l, V);
     l[targets[r]] -= T(1) / T(batch);
   }
   return total;
