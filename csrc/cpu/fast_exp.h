@@ -18,43 +18,40 @@
 
 namespace fastlm {
 
+// e^r for |r| <= ln(2) / 2, by exp_u20's degree-5 polynomial.
+inline at::vec::Vectorized<float> exp_of_reduced(at::vec::Vectorized<float> r) {
+  using Vec = at::vec::Vectorized<float>;
+  Vec p = at::vec::fmadd(r, Vec(0.00828929059f), Vec(0.0418978221f));
+  for (const float c : {0.166676521f, 0.499991506f, 0.999999701f, 1.f}) p = at::vec::fmadd(r, p, Vec(c));
+  return p;
+}
+
 template <typename T>
 at::vec::Vectorized<T> exp_nonpositive(at::vec::Vectorized<T> x) {
+  // exp(x) = 2^n e^r, n = round(x / ln 2), r = x - n ln 2.
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
-    // exp(x) = 2^n e^r, n = round(x / ln 2), |r| <= ln(2) / 2; e^r by exp_u20's degree-5 polynomial.
-    const __m512 log2e = _mm512_set1_ps(1.44269504f), ln2 = _mm512_set1_ps(0.693147182f);
     // Clamped so that x * log2e and r stay finite (exp(-128) is 0 in fp32); NaN passes through, as max_ps
     // returns its second operand when either is NaN.
     const __m512 v = _mm512_max_ps(_mm512_set1_ps(-128.f), x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_fnmadd_ps(n, ln2, v);
-    __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182f), v);
+    return _mm512_scalef_ps(exp_of_reduced(r), n);
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
-    // The same polynomial; n rounded by adding 1.5 * 2^23 + 127, which leaves the float's low mantissa bits
-    // holding n + 127, the exponent field of 2^n: shifted into place, it is 2^n with no conversion. That
-    // needs n >= -126, so results below 2^-126 (x < -87.33) are flushed to 0 by the final mask, which also
-    // covers -inf; NaN passes (the mask's unordered compare keeps it). 12 vector operations instead of 20.
-    const __m256 shifter = _mm256_set1_ps(12583039.f), log2e = _mm256_set1_ps(1.44269504f),
-                 ln2 = _mm256_set1_ps(0.693147182f);
-    const __m256 t = _mm256_fmadd_ps(x, log2e, shifter);
+    // n rounded by adding 1.5 * 2^23 + 127, which leaves the float's low mantissa bits holding n + 127, the
+    // exponent field of 2^n: shifted into place, it is 2^n with no conversion. That needs n >= -126, so results
+    // below 2^-126 (x < -87.33) are flushed to 0 by the final mask, which also covers -inf; NaN passes (the
+    // mask's unordered compare keeps it).
+    const __m256 shifter = _mm256_set1_ps(12583039.f);
+    const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), shifter);
     const __m256 n = _mm256_sub_ps(t, shifter);
-    const __m256 r = _mm256_fnmadd_ps(n, ln2, x);
-    __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(0.00828929059f), _mm256_set1_ps(0.0418978221f));
-    p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.166676521f));
-    p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.499991506f));
-    p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.999999701f));
-    p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.f));
+    const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147182f), x);
     const __m256 two_to_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
     const __m256 normal_or_nan = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33f), _CMP_NLT_UQ);
-    return _mm256_and_ps(normal_or_nan, _mm256_mul_ps(p, two_to_n));
+    return _mm256_and_ps(normal_or_nan, _mm256_mul_ps(exp_of_reduced(r), two_to_n));
   }
 #endif
   return at::vec::Vectorized<T>::blendv(x.exp_u20(), x, x.isnan());
