@@ -132,6 +132,20 @@ def test_fused_activation_passes_nan_and_infinity_like_torch(backend, device, ac
         torch.testing.assert_close(ours(x), ACTIVATIONS[activation](reference(x)), equal_nan=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_tanh_is_accurate_over_its_whole_range(backend, device):
+    """The fused tanh against float64 tanh on a dense sweep of [-20, 20] (the kernels' own approximations: the
+    series near 0 and its switch-over at |z| = 0.3, the exp-based form, saturation): in eval mode with mean 0,
+    variance 1, eps 0 and the identity affine, the kernel's z is the input itself, so y = tanh(x)."""
+    skip_unless_runs(backend, device)
+    bn = fastlm.nn.BatchNorm1d(8, eps=0.0, device=device, activation="tanh", backend=backend).eval()
+    x = torch.linspace(-20, 20, 8 * 50_001, device=device, dtype=torch.float64).float().view(-1, 8)
+    with torch.no_grad():
+        y = bn(x)
+    torch.testing.assert_close(y.double(), torch.tanh(x.double()), rtol=1e-6, atol=2e-7)
+
+
 def unbiased_reference(x, weight, bias, eps, activation):
     """The makemore lecture's BatchNorm in float64 autograd: normalised with the Bessel-corrected variance."""
     dims = [0, 2] if x.dim() == 3 else [0]
