@@ -42,15 +42,15 @@ at::vec::Vectorized<T> exp_nonpositive(at::vec::Vectorized<T> x) {
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
     // n rounded by adding 1.5 * 2^23 + 127, which leaves the float's low mantissa bits holding n + 127, the
-    // exponent field of 2^n: shifted into place, it is 2^n with no conversion. That needs n >= -126, so results
-    // below 2^-126 (x < -87.33) are flushed to 0 by the final mask, which also covers -inf; NaN passes (the
-    // mask's unordered compare keeps it).
+    // exponent field of 2^n: shifted into place, it is 2^n with no conversion. That needs n >= -126: below
+    // x = -126.5 ln 2 = -87.68 (results under 2^-126.5, subnormal) the final mask gives 0, which also covers -inf;
+    // NaN passes (the mask's unordered compare keeps it).
     const __m256 shifter = _mm256_set1_ps(12583039.f);
     const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), shifter);
     const __m256 n = _mm256_sub_ps(t, shifter);
     const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147182f), x);
     const __m256 two_to_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
-    const __m256 normal_or_nan = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33f), _CMP_NLT_UQ);
+    const __m256 normal_or_nan = _mm256_cmp_ps(x, _mm256_set1_ps(-87.68f), _CMP_NLT_UQ);
     return _mm256_and_ps(normal_or_nan, _mm256_mul_ps(exp_of_reduced(r), two_to_n));
   }
 #endif
