@@ -1,15 +1,15 @@
-// exp of values that are never positive, as softmax and cross-entropy need it (logits minus their row maximum,
-// or minus their log-sum-exp), with NaN in giving NaN out. In fp32: ATen's exp_u20 polynomial (about 20 ULP
-// promised; measured here within 4e-7 relative over [-86, 0]) with a cheaper range reduction and scaling. With
-// no positive input there is no overflow to guard: on AVX-512, scalef multiplies by 2^n in one instruction,
+// exp of values that are never positive, as softmax and cross-entropy need it (logits minus their row maximum, or
+// minus their log-sum-exp), with NaN in giving NaN out. In fp32: ATen's exp_u20 polynomial (about 20 ULP promised;
+// measured here within 4e-7 relative wherever exp is a normal float) with a cheaper range reduction and scaling.
+// With no positive input there is no overflow to guard: on AVX-512, scalef multiplies by 2^n in one instruction,
 // going smoothly to 0 below the smallest float without exp_u20's underflow mask (10 vector operations instead of
-// 18); on AVX2, 2^n is built in the exponent bits (12 operations instead of exp_u20's 18 plus the NaN fix-up:
-// 1.77 against 2.97 ns per vector, one core, 4 independent chains). Elsewhere (and for double) ATen's exp_u20,
-// whose fp32 clamps turn NaN into a finite value, with NaN put back.
-// The NaN contract lets the cross-entropy kernels take a row's maximum with plain max instructions (a NaN
-// logit may be skipped there, then makes the row's sum of exps NaN). Measured on one thread at N=8192, C=128
-// (AVX-512): forward 510 us, 403 us with plain maxima, 324 us with this exp too; forward + backward 645, 560,
-// 450 us. On AVX2 (this VM, two threads): the fused forward + backward kernel 400 -> 302 us.
+// 18); on AVX2, 2^n is built in the exponent bits (12 operations instead of exp_u20's 18 plus the NaN fix-up: 1.77
+// against 2.97 ns per vector, one core, 4 independent chains). Elsewhere (and for double) ATen's exp_u20, whose fp32
+// clamps turn NaN into a finite value, with NaN put back.
+// The NaN contract lets the cross-entropy kernels take a row's maximum with plain max instructions (a NaN logit may
+// be skipped there, then makes the row's sum of exps NaN). Measured on one thread at N=8192, C=128 (AVX-512):
+// forward 510 us, 403 us with plain maxima, 324 us with this exp too; forward + backward 645, 560, 450 us. On AVX2
+// (this VM, two threads): the fused forward + backward kernel 400 -> 302 us.
 #pragma once
 
 #include "vec_config.h"
