@@ -37,7 +37,10 @@ def fastlm_command(*args, **env):
                           env={**os.environ, **env})
 
 
-def test_interrupted_and_resumed_run_ends_bit_identical(words_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("draw_rows", [Trainer.DRAW_ROWS, 24], ids=["default", "3-steps-per-draw"])
+def test_interrupted_and_resumed_run_ends_bit_identical(words_file, tmp_path, monkeypatch, draw_rows):
+    """Also with batches drawn 3 steps at a time, so that the interruption falls inside a draw after several."""
+    monkeypatch.setattr(Trainer, "DRAW_ROWS", draw_rows)
     whole = Trainer(small_config(words_file, tmp_path / "whole"), log=lambda *_: None)
     whole.fit()
 
@@ -62,6 +65,18 @@ def test_interrupted_and_resumed_run_ends_bit_identical(words_file, tmp_path, mo
     for (name, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
     assert resumed.history["step_loss"] == whole.history["step_loss"]
+
+
+def test_batches_are_those_of_per_step_draws(words_file, tmp_path, monkeypatch):
+    """Batches drawn several steps at a time are the rows that drawing each step's indices in turn would give."""
+    monkeypatch.setattr(Trainer, "DRAW_ROWS", 24)  # 3 steps of 8 rows per draw
+    trainer = Trainer(small_config(words_file, tmp_path), log=lambda *_: None)
+    X, Y = trainer.dataset.splits["train"]
+    generator = torch.Generator().manual_seed(trainer.config.seed)
+    for _ in range(10):
+        ix = torch.randint(0, len(X), (8,), generator=generator)
+        xb, yb = trainer._batch()
+        assert torch.equal(xb, X[ix]) and torch.equal(yb, Y[ix])
 
 
 def test_resume_takes_the_checkpoint_configuration(words_file, tmp_path):
