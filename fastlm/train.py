@@ -301,7 +301,7 @@ class Trainer:
         self.reference_optimizer = make_optimizer(config, self.reference) if self.reference is not None else None
         self.reference_loss_of = LossOf(self.reference) if self.reference is not None else None
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.draw_start, self.drawn, self.drawn_steps, self.drawn_used = None, None, 0, 0  # see _batch
+        self.draw_start, self.drawn, self.drawn_used = None, None, 0  # see _batch
         self.step = 0
         self.history = {"step_loss": [], "val": [], "reference_step_loss": []}
         if checkpoint is not None:
@@ -336,10 +336,10 @@ class Trainer:
         B = self.config.batch_size
         if B == 0:  # the whole split, each rank its own share
             return X[self.rank::self.world], Y[self.rank::self.world]
-        if self.drawn_used == self.drawn_steps:
+        if self.drawn is None or self.drawn_used * B == len(self.drawn[1]):
             self.draw_start = self.generator.get_state()
-            self.drawn_steps = max(1, self.DRAW_ROWS // (self.world * B))
-            ix = torch.randint(0, len(X), (self.drawn_steps, self.world * B), generator=self.generator)
+            steps = max(1, self.DRAW_ROWS // (self.world * B))
+            ix = torch.randint(0, len(X), (steps, self.world * B), generator=self.generator)
             ix = ix[:, self.rank * B:(self.rank + 1) * B].reshape(-1).to(X.device)
             self.drawn = X.index_select(0, ix), Y.index_select(0, ix)
             self.drawn_used = 0
