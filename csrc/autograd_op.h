@@ -13,7 +13,6 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -52,15 +51,16 @@ class KernelOp {
   mutable std::optional<c10::TypedOperatorHandle<Signature>> handle_[2];
 };
 
-// The gradients `backward()` computes, as torch.autograd.function.once_differentiable returns them: computed
-// without recording, then, where the graph of this backward is being built (create_graph), behind a node that
-// raises if anything differentiates through them. The kernel ops have no autograd of their own, so a second
-// derivative through them would otherwise come out as zeros, with a mere warning.
+// The gradients `backward()` computes: without recording, then, where the graph of this backward is being built
+// (create_graph, the only time grad mode is on in a backward), behind a node that raises if anything
+// differentiates through them. The kernel ops have no autograd of their own, so a second derivative through them
+// would otherwise come out as zeros, with a mere warning. Unlike torch.autograd.function.once_differentiable,
+// this does not wait for an upstream gradient that requires grad: the gradients also depend on the saved inputs
+// (the logits of a loss whose upstream gradient is a plain 1), and a gradient penalty through them must not
+// silently lose its second-order term.
 template <typename Backward>
-variable_list once_differentiable(const char* op, const variable_list& grad_outputs, const Backward& backward) {
-  const bool record = at::GradMode::is_enabled() &&
-                      std::any_of(grad_outputs.begin(), grad_outputs.end(),
-                                  [](const Tensor& g) { return g.defined() && g.requires_grad(); });
+variable_list once_differentiable(const char* op, const Backward& backward) {
+  const bool record = at::GradMode::is_enabled();
   variable_list grads;
   {
     at::NoGradGuard no_grad;

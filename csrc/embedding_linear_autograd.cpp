@@ -36,7 +36,7 @@ struct EmbeddingLinear : torch::autograd::Function<EmbeddingLinear> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const KernelOp<BackwardOp> backward_op("embedding_linear_backward");
-    return once_differentiable("fastlm::embedding_linear", grads, [&]() -> variable_list {
+    return once_differentiable("fastlm::embedding_linear", [&]() -> variable_list {
       const variable_list saved = ctx->get_saved_variables();
       const bool has_bias = ctx->saved_data["has_bias"].toBool();
       auto [grad_table, grad_weight, grad_bias] = backward_op.kernels(ctx->saved_data["triton"].toBool())

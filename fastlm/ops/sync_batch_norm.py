@@ -66,9 +66,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        input, output, mean, invstd, weight = ctx.saved_tensors
+        # The saved tensors go in as arguments so that once_differentiable's guard sees the input that requires
+        # grad, not only the upstream gradient (a plain 1 under a loss): differentiating these gradients raises.
+        return SyncBatchNormFunction._backward(ctx, grad_output, *ctx.saved_tensors)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def _backward(ctx, grad_output, input, output, mean, invstd, weight):
         total, unbiased, activation, process_group, backend = ctx.config
         ops = kernel_ops(backend)
         grad_output = grad_output.contiguous()
