@@ -92,7 +92,7 @@ class FusedSequential(nn.Sequential):
 def fused_batch_norm(module: nn.BatchNorm1d, activation: str | None, backend: str | None) -> BatchNorm1d:
     """A fastlm BatchNorm1d holding ``module``'s parameter and buffer tensors themselves."""
     fused = BatchNorm1d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                        activation=activation, backend=backend)
+                        bias=module.bias is not None, activation=activation, backend=backend)
     for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
         setattr(fused, name, tensor)
     return fused.train(module.training)

@@ -25,7 +25,8 @@ def make_pair(C, device, dtype=torch.float32, backend=None, **options):
     if reference.affine:
         with torch.no_grad():
             reference.weight.uniform_(0.5, 1.5)
-            reference.bias.uniform_(-0.5, 0.5)
+            if reference.bias is not None:
+                reference.bias.uniform_(-0.5, 0.5)
     if reference.track_running_stats:
         reference.running_mean.uniform_(-0.5, 0.5)
         reference.running_var.uniform_(0.5, 1.5)
@@ -303,15 +304,38 @@ def test_state_dict_moves_between_torch_and_fastlm():
     assert isinstance(ours, nn.BatchNorm1d)
 
 
-def test_empty_batch_behaves_like_torch():
-    reference, ours = make_pair(3, "cpu")
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_empty_batch_behaves_like_torch(backend, unbiased):
+    """An empty batch gives empty outputs and gradients and leaves the running stats as they were."""
+    skip_unless_runs(backend)
+    reference, ours = make_pair(3, "cpu", backend=backend)
+    ours.unbiased = unbiased
+    before = [ours.running_mean.clone(), ours.running_var.clone()]
     for module in (reference, ours):
         x = torch.randn(0, 3, requires_grad=True)
         y = module(x)
         y.sum().backward()
         assert y.shape == (0, 3) and x.grad.shape == (0, 3)
+    assert torch.equal(ours.running_mean, before[0]) and torch.equal(ours.running_var, before[1])
     assert torch.equal(ours.running_mean, reference.running_mean)
     assert torch.equal(ours.running_var, reference.running_var)
+
+
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_without_bias_matches_torch(backend):
+    """torch's ``bias=False`` keyword: a weight and no bias, the same state_dict keys, outputs and gradients."""
+    skip_unless_runs(backend)
+    reference, ours = make_pair(5, "cpu", backend=backend, bias=False)
+    assert ours.bias is None and list(ours.state_dict()) == list(reference.state_dict())
+    assert repr(ours) == repr(reference)
+    x = torch.randn(7, 5, requires_grad=True)
+    grad = torch.randn(7, 5)
+    outputs = [module(x) for module in (reference, ours)]
+    grads = [torch.autograd.grad(y, (x, module.weight), grad) for y, module in zip(outputs, (reference, ours))]
+    assert_close_to_reference(outputs[1], outputs[0], torch.float32, magnitude=1.0)
+    for got, expected in zip(grads[1], grads[0]):
+        assert_close_to_reference(got, expected, torch.float32, magnitude=1.0)
 
 
 @pytest.mark.parametrize("module_class", [nn.BatchNorm1d, fastlm.nn.BatchNorm1d])
@@ -420,8 +444,9 @@ def test_double_backward_raises(backend):
     """The backward is not differentiable: a second derivative through it raises instead of coming out zero."""
     skip_unless_runs(backend)
     x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
-    y = fastlm.nn.BatchNorm1d(3, dtype=torch.float64, backend=backend)(x)
-    assert_second_derivative_raises((y ** 3).sum(), x)
+    bn = fastlm.nn.BatchNorm1d(3, dtype=torch.float64, backend=backend)
+    assert_second_derivative_raises((bn(x) ** 3).sum(), x)
+    assert_second_derivative_raises(bn(x)[:, 0].sum(), x)  # an upstream gradient that needs none
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

@@ -50,6 +50,15 @@ def test_convert_swaps_the_layers_and_keeps_the_state_dict():
     assert isinstance(converted.criterion, fastlm.nn.CrossEntropyLoss)
 
 
+def test_batch_norm_without_bias_keeps_its_parameters():
+    """A BatchNorm1d built with torch's bias=False stays without a bias: no new parameter to train."""
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5, bias=False), nn.Tanh())
+    names = [name for name, _ in model.named_parameters()]
+    converted = fastlm.convert(model)
+    assert isinstance(converted[1], fastlm.nn.BatchNorm1d) and converted[1].bias is None
+    assert [name for name, _ in converted.named_parameters()] == names
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_converted_model_trains_like_the_torch_model(backend):
     skip_unless_runs(backend)

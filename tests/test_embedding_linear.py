@@ -5,6 +5,8 @@ interpreter on CPU; its kernel-level tests are in test_embedding_linear_kernels.
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import fastlm
@@ -237,6 +239,7 @@ def test_double_backward_raises(backend):
     table, weight = table.requires_grad_(), weight.requires_grad_()
     y = embedding_linear(idx, table, weight, bias, backend=backend)
     assert_second_derivative_raises((y ** 2).sum(), weight)
+    assert_second_derivative_raises(embedding_linear(idx, table, weight, bias, backend=backend).sum(), weight)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -369,9 +372,6 @@ def test_shapes_cover_the_issue_ranges():
 
 # --- property test -------------------------------------------------------------------------------------
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=40, deadline=None)

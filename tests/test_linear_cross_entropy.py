@@ -160,6 +160,14 @@ def test_second_derivative_raises():
     weight.requires_grad_()
     loss = linear_cross_entropy(x, weight, target, bias, backend="cpp")
     assert_second_derivative_raises(loss * weight.sum(), weight)
+    assert_second_derivative_raises(linear_cross_entropy(x, weight, target, bias, backend="cpp"), weight)
+
+
+def test_uint8_target_is_taken_like_int64():
+    """F.cross_entropy takes uint8 class indices; so does the fused head."""
+    x, weight, bias, target = problem(7, 3, 5)
+    expected = linear_cross_entropy(x, weight, target, bias, backend="cpp")
+    assert torch.equal(linear_cross_entropy(x, weight, target.to(torch.uint8), bias, backend="cpp"), expected)
 
 
 def test_bad_input_is_refused():
@@ -168,6 +176,8 @@ def test_bad_input_is_refused():
         linear_cross_entropy(x, weight.t(), target)
     with pytest.raises(ValueError, match="bias must be"):
         linear_cross_entropy(x, weight, target, bias[:2])
+    with pytest.raises(ValueError, match="bias must be"):
+        linear_cross_entropy(x, weight, target, [0.0] * 5)
     with pytest.raises(TypeError, match="weight/bias"):
         linear_cross_entropy(x, weight.double(), target)
     with pytest.raises(ValueError, match="expected target of shape"):

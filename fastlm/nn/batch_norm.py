@@ -19,9 +19,9 @@ class BatchNorm1d(nn.BatchNorm1d):
     """``nn.BatchNorm1d`` on fastlm's fused kernels, for (N, C) and (N, C, L) input."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, unbiased: bool = False,
-                 activation: str | None = None, backend: str | None = None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 unbiased: bool = False, activation: str | None = None, backend: str | None = None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
         self.unbiased = unbiased
@@ -79,10 +79,10 @@ class SyncBatchNorm(BatchNorm1d):
     because DistributedDataParallel refuses nn.SyncBatchNorm layers on CPU, and this one runs on gloo too."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *, bias: bool = True,
                  unbiased: bool = False, activation: str | None = None, backend: str | None = None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, unbiased=unbiased,
-                         activation=activation, backend=backend)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+                         unbiased=unbiased, activation=activation, backend=backend)
         self.process_group = process_group
 
     def forward(self, input: Tensor) -> Tensor:
@@ -107,7 +107,8 @@ class SyncBatchNorm(BatchNorm1d):
                 module, process_group)
         if isinstance(module, nn.BatchNorm1d) and not isinstance(module, SyncBatchNorm):
             converted = cls(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group, unbiased=getattr(module, "unbiased", False),
+                            module.track_running_stats, process_group, bias=module.bias is not None,
+                            unbiased=getattr(module, "unbiased", False),
                             activation=getattr(module, "activation", None), backend=getattr(module, "backend", None))
             if module.affine:
                 with torch.no_grad():

@@ -139,8 +139,9 @@ ACTIVATION_FUNCTIONS = {None: lambda x: x, "relu": torch.relu, "tanh": torch.tan
 def reference_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased,
                          activation):
     """The ``torch`` backend and the oracle: F.batch_norm, or for ``unbiased`` training the lecture's
-    formula with the Bessel-corrected variance, then the activation."""
-    if not (training and unbiased):
+    formula with the Bessel-corrected variance, then the activation. An empty batch takes F.batch_norm's path
+    whatever ``unbiased`` says: it leaves the running stats as they are, as in torch."""
+    if not (training and unbiased) or input.numel() == 0:
         out = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return ACTIVATION_FUNCTIONS[activation](out)
     dims = [0, 2] if input.dim() == 3 else [0]
@@ -215,7 +216,7 @@ def batch_norm(
         raise ValueError("fastlm.batch_norm: running_mean and running_var are needed when not training")
     check_per_channel(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     name = backends.resolve(input.device, backend)
-    if name == "torch" or input.numel() == 0:  # an empty batch leaves the running stats as they are, as in torch
+    if name == "torch" or input.numel() == 0:
         return reference_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased,
                                     activation)
     return torch.ops.fastlm.batch_norm.default(input, weight, bias, running_mean, running_var, training, momentum,

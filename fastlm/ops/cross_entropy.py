@@ -156,8 +156,8 @@ def check_target(target: Tensor, num_rows: int, num_classes: int, device: torch.
     checked by the kernels, which raise IndexError before touching memory)."""
     if num_classes == 0:
         raise ValueError(f"fastlm.{name}: the input has no classes")
-    if not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"fastlm.{name}: target must hold class indices as int64 or int32, got "
+    if not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.int32, torch.uint8):
+        raise TypeError(f"fastlm.{name}: target must hold class indices as int64, int32 or uint8, got "
                         f"{getattr(target, 'dtype', type(target).__name__)}")
     if target.dim() != 1 or target.shape[0] != num_rows:
         raise ValueError(f"fastlm.{name}: expected target of shape ({num_rows},), got {tuple(target.shape)}")
@@ -178,6 +178,11 @@ def check_target(target: Tensor, num_rows: int, num_classes: int, device: torch.
         raise ValueError(f"fastlm.{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"fastlm.{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def class_indices(target: Tensor) -> Tensor:
+    """Targets as the kernels read them: int64 or int32, with uint8 (which F.cross_entropy takes too) as int64."""
+    return target.long() if target.dtype == torch.uint8 else target
 
 
 def cross_entropy(
@@ -205,6 +210,7 @@ def cross_entropy(
     check_logits(input, "cross_entropy")
     check_target(target, input.shape[0], input.shape[1], input.device, weight, reduction, label_smoothing,
                  "cross_entropy")
+    target = class_indices(target)
     name = backends.resolve(input.device, backend)
     args = (input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale)
     amp = autocast_dtype(input.device)

@@ -22,6 +22,7 @@ from fastlm.ops.autocast import autocast_dtype, autocast_off, cast_to
 from fastlm.ops.cross_entropy import (
     check_logits,
     check_target,
+    class_indices,
     fake_cross_entropy,
     loss_dtype,
     reference_cross_entropy,
@@ -57,19 +58,21 @@ def linear_cross_entropy(
     the linear runs in the autocast dtype and the loss comes out in fp32, as with F.linear and F.cross_entropy.
     """
     check_logits(input, "linear_cross_entropy")
-    amp = autocast_dtype(input.device)
-    input, weight, bias = cast_to(amp, input, weight, bias)
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != input.shape[1]:
         raise ValueError(f"fastlm.linear_cross_entropy: weight must be (V, {input.shape[1]}), got "
                          f"{tuple(getattr(weight, 'shape', ()))}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"fastlm.linear_cross_entropy: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias is not None and (not isinstance(bias, Tensor) or bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"fastlm.linear_cross_entropy: bias must be a ({weight.shape[0]},) tensor, got "
+                         f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
+    amp = autocast_dtype(input.device)
+    input, weight, bias = cast_to(amp, input, weight, bias)
     if weight.device != input.device or (bias is not None and bias.device != input.device):
         raise ValueError("fastlm.linear_cross_entropy: input, weight and bias must be on one device")
     if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
         raise TypeError(f"fastlm.linear_cross_entropy: input is {input.dtype} but weight/bias are {weight.dtype}")
     check_target(target, input.shape[0], weight.shape[0], input.device, ce_weight, reduction, label_smoothing,
                  "linear_cross_entropy")
+    target = class_indices(target)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"fastlm.linear_cross_entropy: chunk_size must be a positive number of rows, got "
                          f"{chunk_size!r}")
