@@ -81,10 +81,16 @@ class ConfigError(ValueError):
 def check_options(config: TrainConfig) -> None:
     """ConfigError for option values no run can use (before any data is read or model built)."""
     for name, least in (("steps", 0), ("batch_size", 0), ("eval_every", 1), ("checkpoint_every", 1),
-                        ("context", 1), ("embedding", 1), ("hidden", 1), ("samples", 0)):
+                        ("context", 1), ("embedding", 1), ("hidden", 1), ("samples", 0), ("lr", 0.0),
+                        ("lr_after", 0.0), ("decay_at", 0.0)):
         value = getattr(config, name)
-        if value is not None and value < least:
+        if value is not None and not value >= least:  # NaN fails too
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    for name in ("lr", "lr_after"):
+        if getattr(config, name) is not None and not math.isfinite(getattr(config, name)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(config, name)}")
+    if config.decay_at is not None and config.decay_at > 1:
+        raise ConfigError(f"--decay-at is a fraction of the steps, at most 1, got {config.decay_at}")
     try:
         device = torch.device(config.device)
     except RuntimeError as error:
@@ -209,11 +215,17 @@ def save_atomically(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def checkpoint_state(config, vocab, model, optimizer, step, generator_state, history) -> dict:
+def checkpoint_state(config, vocab, model, optimizer, step, generator_state, history, reference=None,
+                     reference_optimizer=None) -> dict:
+    """Everything a run resumes from; with ``reference``, also the plain-PyTorch twin of a --compare run."""
     unwrapped = model.module if hasattr(model, "module") else model
-    return {"config": dataclasses.asdict(config), "vocab": vocab.chars, "model": unwrapped.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer else None, "step": step,
-            "generator": generator_state, "torch_rng": torch.get_rng_state(), "history": history}
+    state = {"config": dataclasses.asdict(config), "vocab": vocab.chars, "model": unwrapped.state_dict(),
+             "optimizer": optimizer.state_dict() if optimizer else None, "step": step,
+             "generator": generator_state, "torch_rng": torch.get_rng_state(), "history": history}
+    if reference is not None:
+        state["reference"] = reference.state_dict()
+        state["reference_optimizer"] = reference_optimizer.state_dict() if reference_optimizer else None
+    return state
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -266,24 +278,30 @@ class Trainer:
         self.log = log
         # A resumed run is built from its checkpoint's configuration (only steps and out come from the caller), so
         # that the model, device and the checks on them are those of the run it continues.
-        requested, checkpoint = config, None
+        checkpoint = None
         if resume:
             checkpoint = load_checkpoint(config.out)
             saved = TrainConfig(**checkpoint["config"])
+            self._note_ignored_options(config, saved)
             config = dataclasses.replace(saved, steps=saved.steps if config.steps is None else config.steps,
                                          out=config.out)
-            if requested.compare or config.compare:
-                raise ConfigError("--resume does not continue a --compare run (the reference twin is not checkpointed)")
+            if config.compare and "reference" not in checkpoint:
+                raise ConfigError("this --compare run's checkpoint has no reference twin to continue")
         check_options(config)
+        if config.compare and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("--compare trains the plain-PyTorch twin in one process: it does not combine with "
+                              "torchrun (compare one process at the global batch size instead)")
         self.config = config
         self.rank, self.world = distributed_rank()
+        self.out = Path(config.out)
         self.device = torch.device(config.device if self.world == 1 or config.device == "cpu"
                                    else f"cuda:{self.rank % torch.cuda.device_count()}")
-        self.out = Path(config.out)
         self.dataset = load_dataset(config, self.device)
         vocab_size = self.dataset.vocab.size
         self.model = build_model(config, vocab_size, fused=True, device=self.device)
         self.config = config = config.with_recipe(self.model.recipe)
+        if hasattr(self.model, "fit") and config.optimizer is not None:
+            raise ConfigError(f"the {config.model} model is fit by counting: it takes no --optimizer")
         if config.batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
             raise ConfigError(f"--batch-size 1: the {config.model} model's BatchNorm needs more than one row per batch "
                               "in training")
@@ -304,18 +322,37 @@ class Trainer:
         self.draw_start, self.drawn, self.drawn_used = None, None, 0  # see _batch
         self.step = 0
         self.history = {"step_loss": [], "val": [], "reference_step_loss": []}
+        self.saved_step = None  # the step of the last checkpoint written
         if checkpoint is not None:
-            if dataclasses.replace(requested, steps=config.steps).with_recipe(self.model.recipe) != config:
-                self.log("note: resuming with the checkpoint's configuration (other options ignored)")
             self._restore(checkpoint)
         self.loss_of = LossOf(self.model)
         if self.world > 1 and self.optimizer is not None:
             self.loss_of = nn.parallel.DistributedDataParallel(self.loss_of)
+        if self.rank == 0:  # a bad --out is found now, not after training
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ConfigError(f"--out {config.out}: cannot create the output directory ({error})") from None
+
+    def _note_ignored_options(self, requested: TrainConfig, saved: TrainConfig) -> None:
+        """A resumed run keeps its checkpoint's configuration: says which options given now (those set away from
+        their defaults, besides --steps and --out) it ignores."""
+        defaults = TrainConfig()
+        ignored = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("steps", "out") and
+                   getattr(requested, f.name) != getattr(defaults, f.name) and
+                   getattr(requested, f.name) != getattr(saved, f.name)]
+        if ignored:
+            self.log("note: resuming with the checkpoint's configuration; ignored: " +
+                     ", ".join(f"--{name.replace('_', '-')}" for name in ignored))
 
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         if self.optimizer and state["optimizer"]:
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.reference is not None:
+            self.reference.load_state_dict(state["reference"])
+            if self.reference_optimizer and state["reference_optimizer"]:
+                self.reference_optimizer.load_state_dict(state["reference_optimizer"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.history = state["step"], state["history"]
@@ -324,7 +361,9 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             save_atomically(checkpoint_state(self.config, self.dataset.vocab, self.model, self.optimizer, self.step,
-                                             self._generator_state(), self.history), self.out / "checkpoint.pt")
+                                             self._generator_state(), self.history, self.reference,
+                                             self.reference_optimizer), self.out / "checkpoint.pt")
+        self.saved_step = self.step
 
     # Rows of batch indices drawn and gathered at once: one randint and one index_select per array for many steps
     # instead of per step. The draws come out of the generator in the same order either way, so the batches (and
@@ -380,14 +419,17 @@ class Trainer:
 
     def fit(self) -> dict:
         """Runs the remaining steps and returns the summary. Ctrl-C (SIGINT) is honoured between steps: the
-        step under way completes, a checkpoint is written, then KeyboardInterrupt is raised."""
+        step under way completes, a checkpoint is written, then KeyboardInterrupt is raised. After the last step
+        a checkpoint is written before the final calibration, losses and samples, so that a Ctrl-C during those
+        leaves a run that --resume finishes."""
         from tqdm.auto import tqdm
 
         config = self.config
         if hasattr(self.model, "fit"):  # the counting bigram: no gradient steps
-            self.model.fit(*self.dataset.splits["train"])
+            for model in filter(None, (self.model, self.reference)):
+                model.fit(*self.dataset.splits["train"])
             self.step = config.steps
-        timing = {"fastlm": 0.0, "reference": 0.0}
+        timing = {"fastlm": 0.0, "reference": 0.0, "steps": 0}  # this process's steps and their time
         bar = tqdm(total=config.steps, initial=self.step, disable=self.rank != 0, unit="step", dynamic_ncols=True)
         with interrupts_between_steps() as interrupted:
             while self.step < config.steps:
@@ -410,7 +452,15 @@ class Trainer:
                                  f"{self.out / 'checkpoint.pt'}; continue with --resume")
                     raise KeyboardInterrupt
         bar.close()
-        return self._finish(timing)
+        if self.saved_step != self.step:
+            self.save()
+        try:
+            return self._finish(timing)
+        except KeyboardInterrupt:
+            if self.rank == 0:
+                self.log(f"interrupted after the last step: the checkpoint of step {self.step} is in "
+                         f"{self.out / 'checkpoint.pt'}; --resume finishes the run (calibration, losses, samples)")
+            raise
 
     STOP_AGREEMENT_STEPS = 10
 
@@ -438,18 +488,19 @@ class Trainer:
                 self._train_step(self.reference, self.reference_loss_of, self.reference_optimizer, xb, yb, lr))
             timing["reference"] += time.perf_counter() - start
         self.step += 1
+        timing["steps"] += 1
 
     def _finish(self, timing: dict) -> dict:
         config, splits = self.config, self.dataset.splits
         for model in filter(None, (self.model, self.reference)):
             models.calibrate_batchnorm(model, splits["train"][0])
         summary = {"steps": self.step, **{f"{name}_loss": split_loss(self.model, *splits[name]) for name in splits}}
-        steps_timed = max(1, len(self.history["reference_step_loss"]) or self.step)
-        if timing["fastlm"]:
-            summary["fastlm_ms_per_step"] = 1e3 * timing["fastlm"] / max(1, self.step)
+        if timing["steps"]:
+            summary["fastlm_ms_per_step"] = 1e3 * timing["fastlm"] / timing["steps"]
         if self.reference is not None:
             summary.update({f"reference_{name}_loss": split_loss(self.reference, *splits[name]) for name in splits})
-            summary["reference_ms_per_step"] = 1e3 * timing["reference"] / steps_timed
+            if timing["steps"]:
+                summary["reference_ms_per_step"] = 1e3 * timing["reference"] / timing["steps"]
         summary["samples"] = sample_words(self.model, self.dataset.vocab, context_of(config), config.samples,
                                           config.seed)
         self.save()

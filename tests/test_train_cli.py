@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import fastlm.models
 from conftest import free_port
 from fastlm.train import ConfigError, Trainer, TrainConfig
 
@@ -84,9 +85,11 @@ def test_resume_takes_the_checkpoint_configuration(words_file, tmp_path):
     that belong to it (a CUDA-graph run's checkpoint still needs a GPU)."""
     Trainer(small_config(words_file, tmp_path, model="mlp", hidden=12, steps=10), log=lambda *_: None).fit()
     notes = []
+    plain = Trainer(TrainConfig(out=str(tmp_path), steps=20), resume=True, log=notes.append)
+    assert plain.config.batch_size == 8 and notes == []  # the run's own options, and nothing to say about them
     resumed = Trainer(small_config(words_file, tmp_path, steps=20), resume=True, log=notes.append)
     assert (resumed.config.model, resumed.config.hidden, resumed.step) == ("mlp", 12, 10)
-    assert any("checkpoint's configuration" in note for note in notes)
+    assert notes == ["note: resuming with the checkpoint's configuration; ignored: --hidden"]
     resumed.fit()
     assert resumed.step == 20
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
@@ -105,6 +108,57 @@ def test_compare_trains_the_reference_twin_on_the_same_batches(words_file, tmp_p
         assert a == pytest.approx(b, rel=1e-4)
     assert summary["val_loss"] == pytest.approx(summary["reference_val_loss"], rel=1e-4)
     assert summary["fastlm_ms_per_step"] > 0 and summary["reference_ms_per_step"] > 0
+
+
+def test_compare_fits_the_counting_twin_too(words_file, tmp_path):
+    summary = Trainer(small_config(words_file, tmp_path, model="bigram-counts", compare=True, steps=None,
+                                   batch_size=None, hidden=None), log=lambda *_: None).fit()
+    for split in ("train", "val", "test"):
+        assert summary[f"reference_{split}_loss"] == pytest.approx(summary[f"{split}_loss"], rel=1e-6)
+
+
+def test_compare_run_resumes_with_its_twin(words_file, tmp_path, monkeypatch):
+    """A --compare run interrupted and resumed continues both models: the same losses, side by side, and the same
+    reference parameters as a run never interrupted; ms per step counts this process's steps only."""
+    whole = Trainer(small_config(words_file, tmp_path / "whole", compare=True), log=lambda *_: None)
+    whole.fit()
+    train_step, interrupts = Trainer._train_step, []
+
+    def slow_step_and_one_ctrl_c_at_17(self, *args):
+        if self.step == 16 and not interrupts:
+            interrupts.append(self.step)
+            os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.002)
+        return train_step(self, *args)
+
+    monkeypatch.setattr(Trainer, "_train_step", slow_step_and_one_ctrl_c_at_17)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(small_config(words_file, tmp_path / "cut", compare=True), log=lambda *_: None).fit()
+    resumed = Trainer(TrainConfig(out=str(tmp_path / "cut")), resume=True, log=lambda *_: None)
+    summary = resumed.fit()
+    assert resumed.history["reference_step_loss"] == whole.history["reference_step_loss"]
+    for (name, a), (_, b) in zip(whole.reference.state_dict().items(), resumed.reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert summary["fastlm_ms_per_step"] >= 2.0 and summary["reference_ms_per_step"] >= 2.0  # 23 steps, not 40
+
+
+def test_ctrl_c_after_the_last_step_leaves_a_run_resume_finishes(words_file, tmp_path, monkeypatch):
+    """Ctrl-C during the final calibration, losses or samples: the last step's checkpoint is there, and --resume
+    ends the run as if nothing had happened."""
+    whole = Trainer(small_config(words_file, tmp_path / "whole"), log=lambda *_: None)
+    expected = whole.fit()
+    calibrate = fastlm.models.calibrate_batchnorm
+    monkeypatch.setattr(fastlm.models, "calibrate_batchnorm", lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    notes = []
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(small_config(words_file, tmp_path / "cut"), log=notes.append).fit()
+    assert "interrupted after the last step" in notes[-1]
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 40
+    monkeypatch.setattr(fastlm.models, "calibrate_batchnorm", calibrate)
+    resumed = Trainer(TrainConfig(out=str(tmp_path / "cut")), resume=True, log=lambda *_: None)
+    summary = resumed.fit()
+    assert {k: summary[k] for k in ("train_loss", "val_loss", "samples")} == {
+        k: expected[k] for k in ("train_loss", "val_loss", "samples")}
 
 
 def test_cli_train_then_sample(words_file, tmp_path):
@@ -148,13 +202,28 @@ def test_sample_without_a_checkpoint_is_a_clear_error(tmp_path):
     (dict(eval_every=0), "--eval-every must be at least 1"), (dict(checkpoint_every=0), "--checkpoint-every"),
     (dict(context=0), "--context must be at least 1"), (dict(steps=-5), "--steps must be at least 0"),
     (dict(batch_size=1), "BatchNorm needs more than one row"),
+    (dict(lr=-1.0), "--lr must be at least 0"), (dict(lr=float("nan")), "--lr must be at least 0"),
+    (dict(lr_after=float("inf")), "--lr-after must be a finite number"), (dict(decay_at=2.0), "at most 1"),
+    (dict(model="bigram-counts", optimizer="adam", hidden=None), "fit by counting"),
+    (dict(out="a_file"), "cannot create the output directory"),
+    (dict(out="a_file/run"), "cannot create the output directory"),
 ])
 def test_bad_options_are_config_errors(words_file, tmp_path, changes, message):
-    """Each gives the CLI's one-line error (ConfigError), before any data is read or model built."""
+    """Each gives the CLI's one-line error (ConfigError), before training starts."""
     if "device" in changes and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    (tmp_path / "a_file").write_text("not a directory")
+    if "out" in changes:
+        changes["out"] = str(tmp_path / changes["out"])
+    options = {"model": "mlp-bn", "out": str(tmp_path / "run"), **changes}
     with pytest.raises(ConfigError, match=message):
-        Trainer(small_config(words_file, tmp_path, model="mlp-bn", **changes), log=lambda *_: None)
+        Trainer(small_config(words_file, **options), log=lambda *_: None)
+
+
+def test_compare_under_torchrun_is_a_config_error(words_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="does not combine with torchrun"):
+        Trainer(small_config(words_file, tmp_path, compare=True), log=lambda *_: None)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
