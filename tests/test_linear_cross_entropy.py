@@ -15,6 +15,7 @@ from conftest import (
 import fastlm
 from fastlm import backends
 from fastlm.ops import linear_cross_entropy
+from fastlm.ops.cross_entropy import reference_cross_entropy
 
 ALL_BACKENDS = list(backends.BACKENDS)
 
@@ -62,6 +63,62 @@ def test_options(backend):
     skip_unless_runs(backend)
     x, weight, _, target = problem(19, 8, 29, bias=False, seed=3)
     check(x, weight, None, target, backend, chunk_size=5, ce_weight=torch.rand(29) + 0.2, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("n, v", [(1, 2), (7, 1), (7, 2), (13, 27)])
+def test_small_and_single_class_shapes(backend, n, v):
+    skip_unless_runs(backend)
+    x, weight, bias, _ = problem(n, 5, v, seed=n + v)
+    check(x, weight, bias, torch.randint(0, v, (n,)), backend, chunk_size=3)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_targets_ignored_matches_torch(backend, reduction):
+    """The mean over no targets is NaN, as torch's; every gradient is zero."""
+    skip_unless_runs(backend)
+    x, weight, bias, target = problem(6, 4, 9)
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+    target = torch.full_like(target, -100)
+    loss = linear_cross_entropy(*leaves[:2], target, leaves[2], reduction=reduction, chunk_size=4, backend=backend)
+    expected = F.cross_entropy(F.linear(*leaves), target, reduction=reduction)
+    torch.testing.assert_close(loss, expected, equal_nan=True)
+    expected_grads = torch.autograd.grad(expected.sum(), leaves)
+    for grad, expected_grad in zip(torch.autograd.grad(loss.sum(), leaves), expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_non_contiguous_input_and_weight(backend):
+    """A column-strided input and a transposed weight (nn.Linear weights tied to an embedding's transpose)."""
+    skip_unless_runs(backend)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(12, 23, generator=generator)[:, ::2]
+    weight = torch.randn(12, 31, generator=generator).t() / 12**0.5
+    assert not x.is_contiguous() and not weight.is_contiguous()
+    check(x, weight, torch.randn(31, generator=generator), torch.randint(0, 31, (12,), generator=generator),
+          backend, chunk_size=5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_z_loss_and_lse_match_cross_entropy_of_the_logits(backend, reduction):
+    """lse_square_scale and return_lse: the loss, lse and gradients of cross-entropy over the full logits,
+    in float64 (fastlm's oracle, itself checked against F.cross_entropy in test_cross_entropy.py)."""
+    skip_unless_runs(backend)
+    x, weight, bias, target = problem(17, 6, 23)
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+    loss, lse = linear_cross_entropy(*leaves[:2], target, leaves[2], reduction=reduction, label_smoothing=0.1,
+                                     lse_square_scale=0.01, return_lse=True, chunk_size=4, backend=backend)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_loss, ref_lse = reference_cross_entropy(F.linear(*ref_leaves), target, None, -100, reduction, 0.1, 0.01)
+    assert_close_to_reference(loss, ref_loss, torch.float32)
+    assert_close_to_reference(lse, ref_lse, torch.float32)
+    upstream = torch.rand_like(ref_loss) + 0.5
+    for grad, ref_grad in zip(torch.autograd.grad(loss, leaves, upstream.float()),
+                              torch.autograd.grad(ref_loss, ref_leaves, upstream)):
+        assert_close_to_reference(grad, ref_grad, torch.float32)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
