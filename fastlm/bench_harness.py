@@ -484,6 +484,9 @@ def markdown_table(paths: list[str]) -> str:
     for path in paths:
         with open(path) as source:
             result = json.load(source)
+        missing = {"op", "mode", "environment", "rows"} - set(result if isinstance(result, dict) else ())
+        if missing:
+            raise ValueError(f"{path} is not a fastlm bench result (it lacks {', '.join(sorted(missing))})")
         env = result["environment"]
         copy = f"; copy bandwidth {result['copy_bandwidth_gbs']:.1f} GB/s" if result.get("copy_bandwidth_gbs") else ""
         parts.append(f"**{result['op']}** ({result['mode']}) on {env['device_name']} ({env['device']}, "

@@ -281,7 +281,7 @@ def default_out() -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fastlm bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fastlm bench", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--op", choices=[*OPS, "all"], default="all")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: each case's own (float32 mostly)")
@@ -332,11 +332,20 @@ def case_label(op: str, size: Size, dtype: torch.dtype) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.table:
-        print(harness.markdown_table(args.table))
+        try:
+            print(harness.markdown_table(args.table))
+        except (OSError, ValueError) as error:  # a missing file, not JSON, not a result
+            print(f"fastlm bench: error: {error}", file=sys.stderr)
+            return 2
         return 0
     ops = list(OPS) if args.op == "all" else [args.op]
     plan = {op: cases(OPS[op], args) for op in ops}
     out = args.out or default_out()
+    try:  # before any timing, so that an unusable --out does not lose a run's results at the end
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        print(f"fastlm bench: error: --out {out}: cannot create the directory ({error})", file=sys.stderr)
+        return 2
     copy_gbs = harness.copy_bandwidth_gbs(args.device, 2**26 if args.quick else 2**30)
     print(f"copy bandwidth (read + write) measured in this run: {copy_gbs:.1f} GB/s")
 

@@ -47,6 +47,8 @@ OPS = ("cross_entropy", "linear_cross_entropy", "batch_norm", "embedding_linear"
        "mlp_sgd_step")
 # Ops that only some backends have (the others raise): those backends.
 ONLY_ON = {"mlp_loss_and_grads": ("cpp", "torch"), "mlp_sgd_step": ("cpp", "torch")}
+# Ops whose kernels take only some dtypes (the fused models run their layers for the others): those dtypes.
+KERNEL_DTYPES = {op: (torch.float32, torch.float64) for op in ("mlp_loss_and_grads", "mlp_sgd_step")}
 
 
 @dataclass
@@ -461,7 +463,7 @@ def print_result(r: Result) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fastlm check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fastlm check", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", nargs="+", help="default: every one available here that runs on the device")
     parser.add_argument("--dtype", nargs="+", choices=[dtype_name(d) for d in TOLERANCE],
@@ -492,8 +494,13 @@ def main(argv: list[str] | None = None) -> int:
         lacking = [name for name in names if op not in BACKENDS[name].ops]
         if lacking:
             print(f"  not checked: {op} on {', '.join(lacking)}: no such op there")
+        taken = KERNEL_DTYPES.get(op, dtypes)
+        untaken = [str(dtype).removeprefix("torch.") for dtype in dtypes if dtype not in taken]
+        if untaken and any(name != "torch" for name in names):
+            print(f"  not checked: {op} in {', '.join(untaken)} on the kernel backends: its kernels take "
+                  f"{' and '.join(str(dtype).removeprefix('torch.') for dtype in taken)}")
         checks += [partial(check_op, op, CASES[op](args.quick), name, dtype, args.device)
-                   for name in names if name not in lacking for dtype in dtypes]
+                   for name in names if name not in lacking for dtype in dtypes if name == "torch" or dtype in taken]
     # The determinism and refusal promises are the kernels'; the torch backend is plain PyTorch.
     kernels = [name for name in names if name != "torch"]
     checks += [partial(check_determinism, name, args.device) for name in kernels]

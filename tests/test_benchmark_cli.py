@@ -99,6 +99,19 @@ def test_bad_sizes_are_refused():
         benchmark.main(["--sizes", "4x4"])  # --sizes needs one --op
 
 
+def test_unusable_files_are_one_line_errors(tmp_path, capsys):
+    """A --table file that is missing, not JSON or not a result, and an --out that cannot be a directory
+    (found before any timing): exit status 2 and the reason, no traceback."""
+    (tmp_path / "not_json.json").write_text("{")
+    (tmp_path / "empty.json").write_text("{}")
+    for path, reason in (("missing.json", "No such file"), ("not_json.json", "Expecting"),
+                         ("empty.json", "not a fastlm bench result")):
+        assert benchmark.main(["--table", str(tmp_path / path)]) == 2
+        assert reason in capsys.readouterr().err
+    assert benchmark.main(["--op", "batch_norm", "--quick", "--out", str(tmp_path / "empty.json" / "run")]) == 2
+    assert "cannot create the directory" in capsys.readouterr().err
+
+
 def test_markdown_table_of_the_committed_results():
     paths = sorted(glob.glob(os.path.join(REPO, "bench", "results", "*.json")))
     table = benchmark.harness.markdown_table(paths)

@@ -127,6 +127,16 @@ def test_an_op_a_backend_lacks_is_not_checked_there(monkeypatch, capsys, cpp):
     assert re.search(r"^refuses bad input\s+partial\s+-\s+6 .* PASS", out, re.MULTILINE)
 
 
+def test_a_dtype_the_step_kernel_does_not_take_is_not_checked_there(capsys, cpp):
+    """The one-call MLP kernels take float32 and float64 (half-precision models run their layers): float16 is
+    checked on the torch backend and reported as not checked on cpp, not failed."""
+    assert check.main(["--quick", "--backend", "cpp", "torch", "--op", "mlp_sgd_step", "--dtype", "float16"]) == 0
+    out = capsys.readouterr().out
+    assert "  not checked: mlp_sgd_step in float16 on the kernel backends" in out
+    assert re.search(r"^mlp_sgd_step\s+torch\s+float16 .* PASS", out, re.MULTILINE)
+    assert not re.search(r"^mlp_sgd_step\s+cpp", out, re.MULTILINE)
+
+
 def test_unknown_backend_is_refused():
     with pytest.raises(SystemExit):
         check.main(["--backend", "nope"])

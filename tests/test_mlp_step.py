@@ -118,8 +118,10 @@ def test_non_contiguous_and_int32_inputs():
     assert not (idx_strided.is_contiguous() or w1_t.is_contiguous() or w2_wide.is_contiguous())
     want, _ = run("torch", idx, targets, params, bn, torch.float64)
     got, _ = run("cpp", idx_strided, targets.int(), [table, w1_t, b1, w2_wide, b2], bn, torch.float64)
+    reference_int32, _ = run("torch", idx.int(), targets.int(), params, bn, torch.float64)
     for name in ("loss", "table", "w1", "w2", "bn_weight"):
         assert_close_to_reference(getattr(got, name), getattr(want, name), torch.float64)
+        assert torch.equal(getattr(reference_int32, name), getattr(want, name))
 
 
 @pytest.mark.parametrize("batch", [32, 1031], ids=["gather", "product-tables"])
@@ -306,6 +308,37 @@ def test_a_batchnorm_in_eval_mode_runs_the_layers():
     for g, w in zip(grads, want):
         torch.testing.assert_close(g, w)
     assert int(fused.bn.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp-bn"])
+def test_sgd_step_with_transposed_weights_updates_them_as_the_reference(name):
+    """Weights loaded in the lecture's (in, out) layout, transposed views: the step takes the layers (the op
+    updates contiguous tensors in place) and ends where the reference's does."""
+    skip_unless_runs("cpp")
+    reference, fused = (model.double() for model in make_twins(name, backend="cpp"))
+    with torch.no_grad():
+        fused.output.weight = torch.nn.Parameter(fused.output.weight.t().contiguous().t())
+    assert not fused.output.weight.is_contiguous()
+    X, Y = make_windows(make_words(50), reference.context)
+    for start in range(0, 5 * 32, 32):
+        xb, yb = X[start:start + 32], Y[start:start + 32]
+        want = reference.sgd_step(xb, yb, 0.1)
+        assert fused.sgd_step(xb, yb, 0.1).item() == pytest.approx(want.item(), rel=1e-10)
+    for (key, a), (_, b) in zip(fused.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=key)
+
+
+@pytest.mark.parametrize("step", ["loss_and_grads", "sgd_step"])
+def test_a_frozen_parameter_is_refused_as_by_the_reference(step):
+    skip_unless_runs("cpp")
+    reference, fused = make_twins("mlp-bn", backend="cpp")
+    X, Y = make_windows(make_words(20), reference.context)
+    for model in (reference, fused):
+        model.first.embedding.weight.requires_grad_(False)
+        before = model.first.embedding.weight.clone()
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            getattr(model, step)(X[:32], Y[:32], *([0.1] if step == "sgd_step" else []))
+        assert torch.equal(model.first.embedding.weight, before)
 
 
 def test_loss_and_grads_runs_the_layers_where_the_kernel_does_not_apply():

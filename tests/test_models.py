@@ -15,6 +15,7 @@ import torch
 import fastlm
 from conftest import skip_unless_runs
 from fastlm.models import MODELS, build, calibrate_batchnorm
+from fastlm.models.layers import ReferenceBatchNorm1d
 
 CHARS = ".abcdefghijklmnopqrstuvwxyz"
 TRAINABLE = ["bigram", "mlp", "mlp-bn", "resmlp", "resblock"]
@@ -220,6 +221,31 @@ def test_calibrate_batchnorm_sets_the_training_set_statistics(fused):
         full_batch = model.loss(X, Y)
         model.eval()
         torch.testing.assert_close(model.loss(X, Y), full_batch, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("rows", [0, 1])
+def test_calibrate_batchnorm_refuses_too_few_rows(rows):
+    """Fewer than two values per channel have no variance: a clear error, the statistics left as they were."""
+    model = build("mlp-bn", fused=True)
+    X, _ = make_windows(make_words(20), 3)
+    before = {k: v.clone() for k, v in model.bn.state_dict().items()}
+    with pytest.raises(ValueError, match="calibrate_batchnorm"):
+        calibrate_batchnorm(model, X[:rows])
+    for key, value in model.bn.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_reference_batchnorm_without_tracking_leaves_its_buffers():
+    """The reference twin's Bessel-corrected BatchNorm follows torch's track_running_stats=False as the fused one
+    does: batch statistics, buffers untouched."""
+    layers = [ReferenceBatchNorm1d(4, unbiased=True), fastlm.nn.BatchNorm1d(4, unbiased=True)]
+    x = torch.randn(8, 4)
+    for layer in layers:
+        layer.track_running_stats = False
+        layer(x)
+    for key, value in layers[1].state_dict().items():
+        assert torch.equal(layers[0].state_dict()[key], value), key
+    torch.testing.assert_close(layers[0](x), layers[1](x))
 
 
 class BackToFront(torch.nn.Module):

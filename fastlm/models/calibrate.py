@@ -56,8 +56,11 @@ def _call_order(model: nn.Module, layers: list[_BatchNorm], sample: Tensor) -> l
 def calibrate_batchnorm(model: nn.Module, X: Tensor, batch_size: int = 65536) -> nn.Module:
     """Sets ``running_mean``/``running_var`` of every BatchNorm layer of ``model`` that tracks them to the
     mean and Bessel-corrected variance of its input over all of ``X`` (model inputs, run ``batch_size``
-    rows at a time). ``num_batches_tracked`` and the train/eval mode are left as they were."""
+    rows at a time). ``num_batches_tracked`` and the train/eval mode are left as they were. ValueError where a
+    layer would see fewer than two values per channel (no variance to set)."""
     layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if layers and len(X) == 0:
+        raise ValueError("calibrate_batchnorm: X is empty, so there are no statistics to set")
     was_training = model.training
     model.eval()
     try:
@@ -69,6 +72,9 @@ def calibrate_batchnorm(model: nn.Module, X: Tensor, batch_size: int = 65536) ->
                     model(chunk)
             finally:
                 handle.remove()
+            if moments.count < 2:
+                raise ValueError(f"calibrate_batchnorm: {moments.count} value per channel reaches a BatchNorm layer; "
+                                 "its variance needs at least 2 (pass more rows)")
             layer.running_mean.copy_(moments.mean)
             layer.running_var.copy_(moments.variance())
     finally:

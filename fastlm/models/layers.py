@@ -54,6 +54,8 @@ class ReferenceBatchNorm1d(nn.BatchNorm1d):
         diff = x - mean
         var = (diff ** 2).sum(dims, keepdim=True) / (n - 1)
         out = self.weight.view(shape) * diff * (var + self.eps) ** -0.5 + self.bias.view(shape)
+        if not self.track_running_stats:  # as torch's: batch statistics, buffers left alone
+            return out
         with torch.no_grad():
             self.num_batches_tracked += 1
             momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)

@@ -265,14 +265,18 @@ class MLP(MakemoreModel):
         embedding, linear = first["embedding"]._parameters, first["linear"]._parameters
         output = modules["output"]._parameters
         params = [embedding["weight"], linear["weight"], linear["bias"], output["weight"], output["bias"]]
-        if params[0].dtype not in (torch.float32, torch.float64):  # the kernel's dtypes; fp16/bf16 take the layers
+        if self.batchnorm:
+            bn = modules["bn"]  # the op counts the batch in num_batches_tracked itself
+            if not bn.training:  # a BatchNorm put in eval mode on its own normalises with its running stats
+                return None
+            params += [bn._parameters["weight"], bn._parameters["bias"]]
+        # The kernel's dtypes (fp16/bf16 take the layers), and every parameter trained (with a frozen one the
+        # layers' autograd refuses the step, as the reference's does).
+        if params[0].dtype not in (torch.float32, torch.float64) or not all(p.requires_grad for p in params):
             return None
         if not self.batchnorm:
             return params, dict(backend="cpp")
-        bn = modules["bn"]  # the op counts the batch in num_batches_tracked itself
-        if not bn.training:  # a BatchNorm put in eval mode on its own normalises with its running stats
-            return None
-        params += [bn._parameters["weight"], bn._parameters["bias"], *bn._running_stats(), bn._batch_counter()]
+        params += [*bn._running_stats(), bn._batch_counter()]
         return params, dict(momentum=bn._momentum(counts_batch=False), eps=bn.eps, unbiased=bn.unbiased,
                             backend="cpp")
 
@@ -292,7 +296,8 @@ class MLP(MakemoreModel):
         """As ``MakemoreModel.sgd_step``; where ``loss_and_grads`` is one kernel call, so is the whole step,
         update included (``fastlm.ops.mlp_sgd_step``)."""
         one_call = self._one_call_args(idx)
-        if one_call is None:
+        # The op updates in place, so contiguous tensors only ((in, out) weights loaded transposed are not).
+        if one_call is None or not all(t is None or t.is_contiguous() for t in one_call[0]):
             return super().sgd_step(idx, targets, lr)
         return mlp_sgd_step(idx, targets, *one_call[0], lr=lr, **one_call[1])
 

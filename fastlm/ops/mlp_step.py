@@ -60,7 +60,7 @@ def reference_mlp_loss_and_grads(idx, targets, table, w1, b1, w2, b2, bn_weight,
                                      unbiased, "tanh")
         else:
             a = torch.tanh(h)
-        loss = F.cross_entropy(F.linear(a, params[3], params[4]), targets)
+        loss = F.cross_entropy(F.linear(a, params[3], params[4]), targets.long())
         grads = torch.autograd.grad(loss, params)
     if bn_weight is not None and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
