@@ -36,7 +36,16 @@ def run_rank(rank, port, out_dir, shape_tail, options):
             out.backward(g[start:start + ROWS[rank]])
         module.eval()  # eval synchronises nothing: each rank's rows by themselves
         eval_out = module(local.detach())
+        # Differentiating its gradient raises, even under a loss whose upstream gradient needs none.
+        fresh = fastlm.nn.SyncBatchNorm(shape_tail[0], **options)
+        (grad,) = torch.autograd.grad(fresh(local)[:, 0].sum(), local, create_graph=True)
+        try:
+            grad.sum().backward()
+            second_derivative_raises = False
+        except RuntimeError as error:
+            second_derivative_raises = "differentiate" in str(error)
         torch.save({"out": out.detach(), "grad": local.grad, "eval_out": eval_out,
+                    "second_derivative_raises": second_derivative_raises,
                     "weight_grad": module.weight.grad if module.affine else None,
                     "bias_grad": module.bias.grad if module.affine else None, "running_mean": module.running_mean,
                     "running_var": module.running_var}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -68,6 +77,7 @@ def test_sync_matches_single_process_on_the_whole_batch(tmp_path, shape_tail, op
     if single.affine:
         torch.testing.assert_close(sum(r["weight_grad"] for r in ranks), single.weight.grad, **tol)
         torch.testing.assert_close(sum(r["bias_grad"] for r in ranks), single.bias.grad, **tol)
+    assert all(r["second_derivative_raises"] for r in ranks)
     for r in ranks:
         for name in ("running_mean", "running_var"):
             torch.testing.assert_close(r[name], getattr(single, name), **tol)
