@@ -263,11 +263,12 @@ def interrupts_between_steps():
             signal.signal(sig, handler)
 
 
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size), initialising the process group when launched by torchrun."""
+def distributed_rank(device: torch.device) -> tuple[int, int]:
+    """(rank, world size), initialising the process group when launched by torchrun: NCCL for a run on GPUs,
+    gloo for one on the CPU (on a machine with GPUs too)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -292,7 +293,7 @@ class Trainer:
             raise ConfigError("--compare trains the plain-PyTorch twin in one process: it does not combine with "
                               "torchrun (compare one process at the global batch size instead)")
         self.config = config
-        self.rank, self.world = distributed_rank()
+        self.rank, self.world = distributed_rank(torch.device(config.device))
         self.out = Path(config.out)
         self.device = torch.device(config.device if self.world == 1 or config.device == "cpu"
                                    else f"cuda:{self.rank % torch.cuda.device_count()}")
