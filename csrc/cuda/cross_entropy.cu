@@ -121,7 +121,7 @@ __device__ RowNorm<acc_t> row_forward(const scalar_t* x, const CrossEntropyArgs<
                                       acc_t* loss, acc_t* lse_out) {
   const int64_t C = a.num_classes;
   const bool smoothed = t >= 0 && a.smoothing != acc_t(0);
-  const acc_t first = to_acc(x[0]);
+  const acc_t first = smoothed ? to_acc(x[0]) : acc_t(0);  // smoothed: a valid target, so C >= 1
   const acc_t anchor = smoothed && fabs(first) < pos_inf(first) ? first : acc_t(0);
   acc_t m = -pos_inf(acc_t(0)), s = 0, weighted_sum = 0;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
