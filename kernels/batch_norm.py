@@ -86,7 +86,12 @@ def _act(z, ACT: tl.constexpr):
     elif ACT == 2:  # tanh from one exp, odd-symmetric so it saturates to +-1 without overflow
         e = tl.exp(-2.0 * tl.abs(z))
         r = (1.0 - e) / (1.0 + e)
-        z = tl.where(z < 0, -r, r)
+        r = tl.where(z < 0, -r, r)
+        if z.dtype == tl.float32:  # 1 - e cancels near 0 (19% off at 1e-7): the Taylor series to z^9 below 0.3
+            z2 = z * z
+            series = z * (1.0 + z2 * (-1.0 / 3 + z2 * (2.0 / 15 + z2 * (-17.0 / 315 + z2 * (62.0 / 2835)))))
+            r = tl.where(tl.abs(z) < 0.3, series, r)
+        z = r
     return z
 
 
