@@ -6,6 +6,8 @@
 
 #include "autograd_op.h"
 
+#include <ATen/Context.h>
+
 namespace fastlm {
 namespace {
 
@@ -39,9 +41,12 @@ struct EmbeddingLinear : torch::autograd::Function<EmbeddingLinear> {
     return once_differentiable("fastlm::embedding_linear", [&]() -> variable_list {
       const variable_list saved = ctx->get_saved_variables();
       const bool has_bias = ctx->saved_data["has_bias"].toBool();
+      // Deterministic mode is read when the backward runs, as torch's own scatter backwards read it.
+      const bool deterministic =
+          ctx->saved_data["deterministic"].toBool() || at::globalContext().deterministicAlgorithms();
       auto [grad_table, grad_weight, grad_bias] = backward_op.kernels(ctx->saved_data["triton"].toBool())
           .call(grads[0], saved[0], saved[1], saved[2], has_bias, ctx->saved_data["strategy"].toInt(),
-                ctx->saved_data["padding_idx"].toInt(), ctx->saved_data["deterministic"].toBool());
+                ctx->saved_data["padding_idx"].toInt(), deterministic);
       return {Tensor(), grad_table, grad_weight, has_bias ? grad_bias : Tensor(), Tensor(), Tensor(), Tensor(),
               Tensor()};
     });

@@ -112,6 +112,17 @@ def test_empty_batch(backend, device, strategy):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_context_positions(backend, device, strategy):
+    """T = 0: the output is the bias, its gradient the sum of dY's rows, the table's and weight's zero."""
+    skip_unless_runs(backend, device)
+    idx, table, weight, bias, grad = make_case(7, 0, 4, 5, 27, device)
+    got = run_fastlm(idx, table, weight, bias, grad, torch.float32, strategy=strategy, backend=backend)
+    assert_matches(got, reference(idx, table, weight, bias, grad), torch.float32)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend, strategy):
     """Transposed weight and table, every other column of idx."""
     skip_unless_runs(backend)
@@ -157,6 +168,13 @@ def test_atomic_scatter_is_opt_in_and_off_under_deterministic_algorithms(monkeyp
                              backend="triton")
             assert asked and set(asked) == {expected}
             assert_matches(got, want, torch.float64)
+        # Deterministic mode switched on between the forward and the backward: the backward obeys it.
+        torch.use_deterministic_algorithms(False)
+        y = embedding_linear(idx, table.clone().requires_grad_(), weight, bias, atomic_scatter=True, backend="triton")
+        torch.use_deterministic_algorithms(True)
+        asked.clear()
+        y.backward(grad)
+        assert asked and set(asked) == {True}
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
 

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fastlm
-from conftest import free_port, gloo_process_group
+from conftest import free_port, gloo_process_group, skip_unless_runs
 
 WORLD = 2
 ROWS = (5, 9)  # per-rank batch sizes differ on purpose
@@ -118,3 +118,17 @@ def test_without_a_process_group_it_is_batch_norm():
     x = torch.randn(7, 5)
     torch.testing.assert_close(sync(x), plain(x))
     torch.testing.assert_close(sync.running_var, plain.running_var)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_a_bias_without_a_weight_gets_its_gradient(backend):
+    """F.batch_norm takes a bias with no weight; so does the synchronised functional (one gloo process)."""
+    skip_unless_runs(backend)
+    x, bias = torch.randn(6, 3, requires_grad=True), torch.randn(3, requires_grad=True)
+    with gloo_process_group(0, 1, free_port()):
+        synced = fastlm.ops.sync_batch_norm(x, None, None, None, bias, backend=backend)
+        grads = torch.autograd.grad(synced.square().sum(), (x, bias))
+    plain = fastlm.ops.batch_norm(x, None, None, None, bias, training=True, backend=backend)
+    torch.testing.assert_close(synced, plain)
+    for got, expected in zip(grads, torch.autograd.grad(plain.square().sum(), (x, bias))):
+        torch.testing.assert_close(got, expected)

@@ -271,7 +271,9 @@ Grads product_table_backward(const Prepared& p, const at::Tensor& dy, bool has_b
   const at::Tensor grad_table = at::mm(G, position_major_weight(p));
   const at::Tensor grad_weight =
       at::mm(G.t(), p.table).view({p.T, p.out, p.D}).transpose(0, 1).reshape({p.out, p.T * p.D});
-  const at::Tensor grad_bias = has_bias ? at::sum(tables.select(1, 0), {0}) : at::empty({0}, dy.options());
+  const at::Tensor grad_bias = !has_bias ? at::empty({0}, dy.options())
+                               : p.T > 0  ? at::sum(tables.select(1, 0), {0})
+                                          : at::sum(dy, {0});  // no context position: dY's rows themselves
   return {grad_table, grad_weight, grad_bias};
 }
 

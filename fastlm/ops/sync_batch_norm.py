@@ -63,6 +63,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         output = ops.forward(input, mean, invstd, weight, bias, activation)
         ctx.save_for_backward(input, output if activation else None, mean, invstd, weight)
         ctx.config = (total, unbiased, activation, process_group, backend)
+        ctx.bias_dtype = None if bias is None else bias.dtype  # a bias without a weight is allowed
         return output
 
     @staticmethod
@@ -85,7 +86,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         grad_input = ops.backward_input(grad_output, input, output, mean, invstd, weight, global_dz, global_dz_xhat,
                                         1.0 / n, 1.0 / (n - 1 if unbiased else n), activation)
         grad_weight = sum_dz_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = sum_dz.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        grad_bias = sum_dz.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
