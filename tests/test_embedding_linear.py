@@ -101,23 +101,14 @@ def test_half_precision_on_gpu(backend, strategy, dtype):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_empty_batch(backend, device, strategy):
-    """B = 0: a (0, out) output and zero gradients, as F.linear(F.embedding(...)) gives."""
+@pytest.mark.parametrize("B, T", [(0, 3), (7, 0)], ids=["empty-batch", "no-context"])
+def test_empty_dimensions(B, T, backend, device, strategy):
+    """What F.linear(F.embedding(...)) gives: B = 0, a (0, out) output and zero gradients; T = 0, the bias as
+    output, its gradient the sum of dY's rows, the table's and weight's zero."""
     skip_unless_runs(backend, device)
-    idx, table, weight, bias, grad = make_case(0, 3, 4, 5, 27, device)
+    idx, table, weight, bias, grad = make_case(B, T, 4, 5, 27, device)
     got = run_fastlm(idx, table, weight, bias, grad, torch.float32, strategy=strategy, backend=backend)
-    assert got[0].shape == (0, 5)
-    assert_matches(got, reference(idx, table, weight, bias, grad), torch.float32)
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("device", DEVICES)
-def test_no_context_positions(backend, device, strategy):
-    """T = 0: the output is the bias, its gradient the sum of dY's rows, the table's and weight's zero."""
-    skip_unless_runs(backend, device)
-    idx, table, weight, bias, grad = make_case(7, 0, 4, 5, 27, device)
-    got = run_fastlm(idx, table, weight, bias, grad, torch.float32, strategy=strategy, backend=backend)
+    assert got[0].shape == (B, 5)
     assert_matches(got, reference(idx, table, weight, bias, grad), torch.float32)
 
 
