@@ -495,10 +495,10 @@ def main(argv: list[str] | None = None) -> int:
         if lacking:
             print(f"  not checked: {op} on {', '.join(lacking)}: no such op there")
         taken = KERNEL_DTYPES.get(op, dtypes)
-        untaken = [str(dtype).removeprefix("torch.") for dtype in dtypes if dtype not in taken]
+        untaken = [dtype_name(dtype) for dtype in dtypes if dtype not in taken]
         if untaken and any(name != "torch" for name in names):
             print(f"  not checked: {op} in {', '.join(untaken)} on the kernel backends: its kernels take "
-                  f"{' and '.join(str(dtype).removeprefix('torch.') for dtype in taken)}")
+                  f"{' and '.join(map(dtype_name, taken))}")
         checks += [partial(check_op, op, CASES[op](args.quick), name, dtype, args.device)
                    for name in names if name not in lacking for dtype in dtypes if name == "torch" or dtype in taken]
     # The determinism and refusal promises are the kernels'; the torch backend is plain PyTorch.
