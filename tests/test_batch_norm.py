@@ -373,6 +373,36 @@ def test_bad_input_is_refused():
         fastlm.ops.batch_norm(torch.randn(3, 4), None, None, training=False)
 
 
+@pytest.mark.parametrize("input_dtype, param_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64),
+                                                      (torch.float32, torch.bfloat16),
+                                                      (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize("which", ["module", "weight", "running_mean"])
+def test_mixed_dtypes_are_refused_as_torch_refuses_them(input_dtype, param_dtype, which):
+    """Only float16/bfloat16 input may go with float32 parameters and statistics; torch raises otherwise."""
+    x = torch.randn(5, 3, dtype=input_dtype)
+    if which == "module":
+        module, reference = fastlm.nn.BatchNorm1d(3, dtype=param_dtype), nn.BatchNorm1d(3, dtype=param_dtype)
+        run, run_reference = (lambda: module(x)), (lambda: reference(x))
+    else:
+        tensors = {"weight": torch.ones(3, dtype=input_dtype), "running_mean": torch.zeros(3, dtype=input_dtype)}
+        tensors[which] = tensors[which].to(param_dtype)
+        args = (tensors["running_mean"], torch.ones(3, dtype=tensors["running_mean"].dtype), tensors["weight"])
+        run, run_reference = (lambda: fastlm.ops.batch_norm(x, *args, training=True)), (
+            lambda: F.batch_norm(x, *args, training=True))
+    with pytest.raises(RuntimeError):
+        run_reference()
+    with pytest.raises(RuntimeError, match=f"fastlm.batch_norm: {which if which != 'module' else 'running_mean'} is "):
+        run()
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float16, torch.bfloat16])
+def test_half_input_with_float32_parameters_is_accepted(input_dtype):
+    x = torch.randn(6, 3, dtype=input_dtype)
+    module, reference = fastlm.nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    assert module(x).dtype == reference(x).dtype == input_dtype
+    assert_close_to_reference(module.running_var, reference.running_var, input_dtype)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_torch_compile_has_no_graph_break(backend):
     skip_unless_runs(backend)
@@ -470,19 +500,17 @@ def test_inference_mode_matches_torch(backend):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_running_stats_of_another_dtype_are_updated(backend):
-    """Running statistics the kernels cannot update in place (float64 beside float32 input, or strided) are
-    updated through a copy."""
+def test_strided_running_stats_are_updated(backend):
+    """Running statistics the kernels cannot update in place (strided) are updated through a copy."""
     skip_unless_runs(backend)
     torch.manual_seed(13)
     x = torch.randn(9, 4)
-    for running_mean, running_var in [(torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)),
-                                      (torch.zeros(8)[::2], torch.ones(8)[::2])]:
-        want_mean, want_var = running_mean.clone(), running_var.clone()
-        torch.nn.functional.batch_norm(x.to(running_mean.dtype), want_mean, want_var, training=True)
-        fastlm.ops.batch_norm(x, running_mean, running_var, training=True, backend=backend)
-        torch.testing.assert_close(running_mean, want_mean)
-        torch.testing.assert_close(running_var, want_var)
+    running_mean, running_var = torch.zeros(8)[::2], torch.ones(8)[::2]
+    want_mean, want_var = running_mean.clone(), running_var.clone()
+    torch.nn.functional.batch_norm(x, want_mean, want_var, training=True)
+    fastlm.ops.batch_norm(x, running_mean, running_var, training=True, backend=backend)
+    torch.testing.assert_close(running_mean, want_mean)
+    torch.testing.assert_close(running_var, want_var)
 
 
 def test_functional_matches_f_batch_norm():

@@ -178,6 +178,8 @@ def check_input(input: Tensor, training: bool) -> None:
 
 def check_per_channel(input: Tensor, **tensors: Tensor | None) -> None:
     channels, device = input.shape[1], input.device
+    # torch's rule: the input's dtype, or float32 beside float16/bfloat16 input.
+    dtypes = {input.dtype, torch.float32} if input.dtype in (torch.float16, torch.bfloat16) else {input.dtype}
     for name, t in tensors.items():
         if t is None:
             continue
@@ -187,6 +189,9 @@ def check_per_channel(input: Tensor, **tensors: Tensor | None) -> None:
             raise ValueError(f"fastlm.batch_norm: {name} must be 1D, got shape {tuple(t.shape)}")
         if t.device != device:
             raise ValueError(f"fastlm.batch_norm: input is on {device} but {name} is on {t.device}")
+        if t.dtype not in dtypes:
+            raise RuntimeError(f"fastlm.batch_norm: {name} is {t.dtype} but input is {input.dtype}; they must match "
+                               "(float32 statistics and parameters may go with float16/bfloat16 input)")
 
 
 def batch_norm(
