@@ -5,14 +5,17 @@ the pairs are found where that code runs: TorchDynamo captures the forward as FX
 not taken when captured, e.g. ``targets=None``, gets a graph of its own when taken), and ``fuse_graph`` rewrites,
 in such a graph, each of these whose intermediate result feeds nothing else:
 
-  embedding linear     F.embedding(idx, table) -> view/reshape/flatten to (B, T*D) -> F.linear(., W, b)
+  embedding linear     F.embedding(idx, table) or table[idx] -> view/reshape/flatten to (B, T*D) -> a linear
                        (the makemore first layer)                   => fastlm.ops.embedding_linear(idx, table, W, b)
   batch norm + act     fastlm's BatchNorm op (nn.BatchNorm1d, converted) -> torch.tanh / torch.relu / F.relu
                                                                     => the op with the activation fused
-  linear cross-entropy F.linear(hidden, W, b) -> [view/reshape/flatten to (rows, V)] -> F.cross_entropy, or
+  linear cross-entropy a linear -> [view/reshape/flatten to (rows, V)] -> F.cross_entropy, or
                        fastlm's op (nn.CrossEntropyLoss, converted) => fastlm.ops.linear_cross_entropy, which never
                                                                        holds the (rows, V) logits
 
+A linear is ``F.linear(x, W, b)`` (nn.Linear) or, as the makemore lectures write it, ``x @ W + b`` with W of shape
+(in, out) and b of (out,) (or ``x @ W``), where the product feeds only the sum and no dtype changes on the way
+(under autocast, ``x @ W`` is low precision and ``+ b`` promotes it back: left as written).
 A reshape is accepted only to 2D with the last size kept or the last two merged: the producer's output is a
 fresh contiguous tensor, so the rows are its leading positions in order. Left as written: results the forward
 also returns or reads; embeddings with max_norm, scale_grad_by_freq or sparse; targets other than int64 class
@@ -29,8 +32,10 @@ model's); ``model.compile`` keeps the module and its state_dict keys.
 from __future__ import annotations
 
 import inspect
+import operator
 from collections import Counter
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +48,10 @@ from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 
 RESHAPES = {("call_method", "view"), ("call_method", "reshape"), ("call_method", "flatten"),
             ("call_function", torch.reshape), ("call_function", torch.flatten)}
+MATMULS = {("call_function", operator.matmul), ("call_function", torch.matmul), ("call_function", torch.mm),
+           ("call_method", "matmul"), ("call_method", "mm"), ("call_method", "__matmul__")}
+ADDS = {("call_function", operator.add), ("call_function", torch.add), ("call_method", "add"),
+        ("call_method", "__add__")}
 ACTIVATION_CALLS = {("call_function", torch.tanh): "tanh", ("call_method", "tanh"): "tanh",
                     ("call_function", torch.relu): "relu", ("call_function", F.relu): "relu",
                     ("call_method", "relu"): "relu"}
@@ -91,6 +100,77 @@ def through_reshape(node: fx.Node, merged: int) -> fx.Node:
     return source if isinstance(value.shape[-1], int) and isinstance(last, int) and value.shape[-1] == last else node
 
 
+class Linear(NamedTuple):
+    """A linear layer found in a graph: ``input @ weight.T + bias`` (``transposed``: ``input @ weight + bias``),
+    computed by the nodes ``parts`` (the last one gives the result)."""
+
+    input: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    transposed: bool
+    parts: tuple[fx.Node, ...]
+
+
+def matmul_operands(node) -> tuple[Tensor, Tensor] | None:
+    """The example values of ``x @ W`` for a matmul node with a 2D W and x of 2 or more dims, else None."""
+    if not isinstance(node, fx.Node) or (node.op, node.target) not in MATMULS or len(node.args) != 2 or node.kwargs:
+        return None
+    x, w = (example(arg) for arg in node.args)
+    return (x, w) if x is not None and w is not None and x.dim() >= 2 and w.dim() == 2 else None
+
+
+def as_linear(node: fx.Node) -> Linear | None:
+    """``node`` as the result of a linear layer (see the module docstring), or None."""
+    if node.op == "call_function" and node.target is F.linear:
+        given = arguments(node, LINEAR)
+        return Linear(given["input"], given["weight"], given["bias"], False, (node,))
+    result = example(node)
+    if result is None:
+        return None
+    if (node.op, node.target) in ADDS and len(node.args) == 2 and not node.kwargs:
+        product, bias = node.args if matmul_operands(node.args[0]) else reversed(node.args)
+        operands, bias_value = matmul_operands(product), example(bias)
+        if (operands is None or bias_value is None or sole_user(product) is not node
+                or tuple(bias_value.shape) != (operands[1].shape[1],)
+                or len({*(t.dtype for t in operands), example(product).dtype, bias_value.dtype, result.dtype}) != 1):
+            return None
+        return Linear(*product.args, bias, True, (product, node))
+    operands = matmul_operands(node)
+    if operands is None or len({operands[0].dtype, operands[1].dtype, result.dtype}) != 1:
+        return None
+    user = sole_user(node)
+    if user is not None and (user.op, user.target) in ADDS and as_linear(user) is not None:
+        return None  # node is the product of a linear with a bias
+    return Linear(*node.args, None, True, (node,))
+
+
+def linear_weight(graph: fx.Graph, linear: Linear) -> fx.Node:
+    """The linear's weight in nn.Linear's (out, in) layout, as the fused ops take it."""
+    if not linear.transposed:
+        return linear.weight
+    with graph.inserting_before(linear.parts[-1]):
+        return graph.call_function(torch.t, (linear.weight,))
+
+
+def embedding_lookup(node: fx.Node) -> tuple[fx.Node, fx.Node, int | None] | None:
+    """(idx, table, padding_idx) of a lookup of (B, T) indices that embedding_linear computes, else None:
+    ``F.embedding(idx, table, ...)`` or ``table[idx]`` with a 2D table and int32/int64 indices."""
+    if node.op != "call_function":
+        return None
+    if node.target is F.embedding:
+        options = arguments(node, EMBEDDING)
+        idx = example(options["input"])
+        if idx is None or idx.dim() != 2 or EmbeddingLinear.unsupported_options(SimpleNamespace(**options)):
+            return None
+        return options["input"], options["weight"], options["padding_idx"]
+    if node.target is operator.getitem and len(node.args) == 2:
+        table, idx = (example(arg) for arg in node.args)
+        if (table is not None and idx is not None and table.dim() == 2 and table.is_floating_point()
+                and idx.dim() == 2 and idx.dtype in (torch.int32, torch.int64)):
+            return node.args[1], node.args[0], None
+    return None
+
+
 def replace(graph: fx.Graph, node: fx.Node, target, args: tuple, kwargs: dict, dead: tuple[fx.Node, ...]) -> None:
     """Put a call of ``target`` in ``node``'s place and erase ``dead`` (the fused producers, last first)."""
     with graph.inserting_before(node):
@@ -105,22 +185,18 @@ def replace(graph: fx.Graph, node: fx.Node, target, args: tuple, kwargs: dict, d
 
 def fuse_embedding_linear(graph: fx.Graph, backend: str | None) -> int:
     fused = 0
-    for linear in list(graph.nodes):
-        if linear.op != "call_function" or linear.target is not F.linear:
-            continue
-        given = arguments(linear, LINEAR)
-        flat = given["input"]
-        if not isinstance(flat, fx.Node) or sole_user(flat) is not linear:
+    for node in list(graph.nodes):
+        linear = as_linear(node)
+        flat = linear.input if linear else None
+        if not isinstance(flat, fx.Node) or sole_user(flat) is not linear.parts[0]:
             continue
         embedding = through_reshape(flat, merged=2)
-        if embedding is flat or embedding.op != "call_function" or embedding.target is not F.embedding:
+        lookup = embedding_lookup(embedding) if embedding is not flat else None
+        if lookup is None:
             continue
-        options = arguments(embedding, EMBEDDING)
-        idx = example(options["input"])
-        if idx is None or idx.dim() != 2 or EmbeddingLinear.unsupported_options(SimpleNamespace(**options)):
-            continue
-        replace(graph, linear, embedding_linear, (options["input"], options["weight"], given["weight"], given["bias"]),
-                {"padding_idx": options["padding_idx"], "backend": backend}, (flat, embedding))
+        idx, table, padding_idx = lookup
+        replace(graph, node, embedding_linear, (idx, table, linear_weight(graph, linear), linear.bias),
+                {"padding_idx": padding_idx, "backend": backend}, (*reversed(linear.parts[:-1]), flat, embedding))
         fused += 1
     return fused
 
@@ -176,17 +252,17 @@ def fuse_linear_cross_entropy(graph: fx.Graph, backend: str | None) -> int:
         logits = loss.args[0] if loss.args else loss.kwargs.get("input")
         if not isinstance(logits, fx.Node) or sole_user(logits) is not loss:
             continue
-        linear = through_reshape(logits, merged=1)
-        if linear.op != "call_function" or linear.target is not F.linear:
+        linear = as_linear(through_reshape(logits, merged=1))
+        if linear is None:
             continue
-        given = arguments(linear, LINEAR)
         if loss.target is F.cross_entropy:
             options = torch_loss_options(loss, backend)
         else:
-            options = fastlm_loss_options(loss, given["input"], given["weight"])
+            options = fastlm_loss_options(loss, linear.input, linear.weight)
         if options is None:
             continue
-        replace(graph, loss, fused_loss, (given["input"], given["weight"], given["bias"]), options, (logits, linear))
+        replace(graph, loss, fused_loss, (linear.input, linear_weight(graph, linear), linear.bias), options,
+                (logits, *reversed(linear.parts)))
         fused += 1
     return fused
 

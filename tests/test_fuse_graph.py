@@ -91,6 +91,37 @@ class LanguageModel(nn.Module):
         raise ValueError(self.loss)
 
 
+class LectureMLP(nn.Module):
+    """The makemore MLP as the lectures write it: parameter tensors, ``C[X]`` and ``x @ W + b``; ``form`` picks how
+    the products and sums are spelled."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.C = nn.Parameter(torch.randn(VOCAB, EMBED))
+        self.W1 = nn.Parameter(torch.randn(CONTEXT * EMBED, HIDDEN) * 0.2)
+        self.W2 = nn.Parameter(torch.randn(HIDDEN, VOCAB) * 0.1)
+        with_bias = form != "x @ W"
+        self.b1 = nn.Parameter(torch.randn(HIDDEN) * 0.1) if with_bias else None
+        self.b2 = nn.Parameter(torch.randn(VOCAB) * 0.1) if with_bias else None
+
+    def linear(self, x, W, b):
+        if self.form == "x @ W + b":
+            return x @ W + b
+        if self.form == "b + x.matmul(W)":
+            return b + x.matmul(W)
+        if self.form == "torch.add(torch.mm(x, W), b)":
+            return torch.add(torch.mm(x, W), b)
+        if self.form == "x @ W":
+            return x @ W
+        raise ValueError(self.form)
+
+    def forward(self, idx, targets):
+        emb = self.C[idx]
+        h = torch.tanh(self.linear(emb.view(emb.shape[0], -1), self.W1, self.b1))
+        return F.cross_entropy(self.linear(h, self.W2, self.b2), targets)
+
+
 def converted_pair(model: nn.Module, backend: str | None = None):
     return model, fastlm.convert(copy.deepcopy(model), backend=backend, fuse_forward_code=True)
 
@@ -147,6 +178,27 @@ def test_final_linear_and_loss_are_fused(loss, backend):
         got = assert_same_step(model, converted, *batch(rows, per_position=True))
         fused = "LinearCrossEntropy" in autograd_nodes(got)
         assert fused == (backend != "torch"), got.grad_fn  # the torch backend forms the logits itself
+
+
+@pytest.mark.parametrize("form", ["x @ W + b", "b + x.matmul(W)", "torch.add(torch.mm(x, W), b)", "x @ W"])
+def test_the_lectures_tensor_code_is_fused(form):
+    torch.manual_seed(0)
+    model, converted = converted_pair(LectureMLP(form))
+    for rows in (32, 17, 32):
+        loss = assert_same_step(model, converted, *batch(rows), lr=0.1)
+    nodes = autograd_nodes(loss)
+    assert {"EmbeddingLinear", "LinearCrossEntropy"} <= nodes, nodes
+    assert not {"IndexBackward0", "MmBackward0", "NllLossBackward0"} & nodes, nodes
+
+
+def test_the_lectures_code_under_autocast_runs_as_written():
+    """Under autocast ``x @ W`` is bfloat16 and ``+ b`` promotes it back to float32: no fused op gives that."""
+    model, converted = converted_pair(LectureMLP("x @ W + b"))
+    idx, targets = batch(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = model(idx, targets), converted(idx, targets)
+    torch.testing.assert_close(got, expected)
+    assert not {"EmbeddingLinear", "LinearCrossEntropy"} & autograd_nodes(got)
 
 
 def test_a_branch_not_taken_at_capture_still_runs():
