@@ -44,7 +44,7 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
     Tensor rows, lse;
     if (grad_wanted && !inplace) {
       const Tensor unit = at::ones({}, logits.options().dtype(dtype));
-      const Tensor grad_rows = grad_per_row(unit, o.reduction, denominator, logits.size(0), dtype);
+      const Tensor grad_rows = grad_per_row(unit, o.reduction, denominator, logits.sym_size(0), dtype);
       Tensor grad;
       std::tie(rows, lse, grad) = forward_backward.kernels(o.triton).call(
           logits, target, weight, grad_rows, o.ignore_index, o.label_smoothing, o.lse_square_scale);
@@ -78,7 +78,7 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
       Tensor logits = saved[0];
       const Tensor &target = saved[1], &lse = saved[3];
       const OptionalTensor weight = saved[2].defined() ? OptionalTensor(saved[2]) : std::nullopt;
-      const Tensor grad_rows = grad_per_row(grads[0], o.reduction, saved[4], logits.size(0), lse.scalar_type());
+      const Tensor grad_rows = grad_per_row(grads[0], o.reduction, saved[4], logits.sym_size(0), lse.scalar_type());
       if (ctx->saved_data["inplace"].toBool()) {
         backward_in_place.kernels(o.triton).call(logits, target, weight, lse, grad_rows, o.ignore_index,
                                                  o.label_smoothing, o.lse_square_scale);

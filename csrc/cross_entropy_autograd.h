@@ -11,8 +11,10 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/where.h>
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -94,16 +96,19 @@ inline Tensor mean_denominator(const Tensor& target, const OptionalTensor& weigh
 inline Tensor reduce_rows(const Tensor& rows, Reduction reduction, const Tensor& denominator) {
   if (reduction == Reduction::none) return rows;
   if (reduction == Reduction::sum) return rows.sum();
-  return rows.sum().div(denominator);
+  // No weight left (every target ignored or weighted 0): torch's mean is 0 / 0 = NaN, also where the smoothing
+  // or z-loss terms make the sum non-zero (which would divide to inf).
+  return at::where(denominator.eq(0), std::numeric_limits<double>::quiet_NaN(), rows.sum().div(denominator));
 }
 
-// dloss/d(row loss) for every row, as the contiguous vector the backward kernels read.
+// dloss/d(row loss) for every row, as the contiguous vector the backward kernels read. num_rows is symbolic so
+// that torch.compile(dynamic=True) and torch.export trace one graph for every batch size.
 inline Tensor grad_per_row(const Tensor& grad_loss, Reduction reduction, const Tensor& denominator,
-                           int64_t num_rows, at::ScalarType dtype) {
+                           const c10::SymInt& num_rows, at::ScalarType dtype) {
   Tensor grad = grad_loss.to(dtype);
   if (reduction == Reduction::mean) grad = grad.div(denominator);
-  if (grad.dim() == 0) return at::empty({num_rows}, grad.options()).fill_(grad);
-  return grad.expand({num_rows}).contiguous();
+  if (grad.dim() == 0) return at::empty_symint({num_rows}, grad.options()).fill_(grad);
+  return grad.expand_symint({num_rows}).contiguous();
 }
 
 // Whether a scalar upstream gradient is exactly 1, as after loss.backward(), so that scaling a gradient made for

@@ -112,7 +112,7 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
     const bool grads_now = o.reduction != Reduction::none && (wanted[0] || wanted[1] || wanted[2]);
     const Tensor grad_rows =
         grads_now ? grad_per_row(at::ones({}, input.options().dtype(dtype)), o.reduction, denominator,
-                                 input.size(0), dtype)
+                                 input.sym_size(0), dtype)
                   : Tensor();
     Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, chunk_size, grad_rows, wanted);
     // Not saved variables: handed out once, so no version check is needed.
@@ -158,7 +158,7 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
       const Tensor &input = saved[0], &weight = saved[1], &target = saved[3];
       const OptionalTensor bias = saved[2].defined() ? OptionalTensor(saved[2]) : std::nullopt;
       const OptionalTensor ce_weight = saved[4].defined() ? OptionalTensor(saved[4]) : std::nullopt;
-      const Tensor grad_rows = grad_per_row(grads[0], o.reduction, saved[5], input.size(0), math_dtype(input));
+      const Tensor grad_rows = grad_per_row(grads[0], o.reduction, saved[5], input.sym_size(0), math_dtype(input));
       const int64_t chunk_size = ctx->saved_data["chunk_size"].toInt();
       Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, chunk_size, grad_rows,
                                    {flags.get(0), flags.get(1), flags.get(2)});

@@ -1,7 +1,10 @@
 """fastlm.ops.cross_entropy against F.cross_entropy in float64, on every backend present."""
 
+import copy
+
 import pytest
 import torch
+import torch._dynamo.testing
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -136,6 +139,16 @@ def test_all_targets_ignored_matches_torch(backend, reduction):
     (dx,) = torch.autograd.grad(loss.sum(), x)
     (expected_dx,) = torch.autograd.grad(expected.sum(), x)
     torch.testing.assert_close(dx, expected_dx, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("extra", [dict(label_smoothing=0.1), dict(lse_square_scale=0.01)])
+def test_mean_with_no_target_weight_left_is_nan(backend, extra):
+    """Every target weighted 0: torch's mean is 0 / 0 = NaN, though the smoothing or z-loss terms are not 0."""
+    skip_unless_runs(backend)
+    x, target, weight = torch.randn(4, 5), torch.tensor([0, 1, 1, 0]), torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
+    assert cross_entropy(x, target, weight=weight, backend=backend, **extra).isnan()
+    assert F.cross_entropy(x, target, weight=weight, label_smoothing=extra.get("label_smoothing", 0.0)).isnan()
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -387,8 +400,10 @@ def test_out_of_range_target_raises_index_error(backend, bad):
 @pytest.mark.parametrize(
     "make_args, error, message",
     [
-        (lambda: (torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long)), ValueError, "expected input of shape"),
-        (lambda: (torch.randn(5), torch.tensor(1)), ValueError, "expected input of shape"),
+        (lambda: (torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long)), ValueError,
+         r"expected target of shape \(2, 4\) for input of shape \(2, 3, 4\)"),
+        (lambda: (torch.randn(5), torch.tensor([1])), ValueError, r"expected target of shape \(\)"),
+        (lambda: (torch.tensor(1.0), torch.tensor(1)), ValueError, "expected input of shape"),
         (lambda: (torch.randn(4, 5), torch.zeros(4)), TypeError, "int64, int32 or uint8"),
         (lambda: (torch.randn(4, 5), torch.zeros(4, dtype=torch.int8)), TypeError, "int64, int32 or uint8"),
         (lambda: (torch.randn(4, 5), torch.zeros(3, dtype=torch.long)), ValueError, "expected target of shape"),
@@ -540,6 +555,47 @@ def test_compiles_without_graph_breaks(backend):
     torch.testing.assert_close(model[0].weight.grad, expected_grad)
 
 
+class LossOfHead(torch.nn.Module):
+    """A linear head and fastlm's loss module, to export."""
+
+    def __init__(self, head, backend):
+        super().__init__()
+        self.head, self.loss = head, fastlm.nn.CrossEntropyLoss(backend=backend)
+
+    def forward(self, x, target):
+        return self.loss(self.head(x), target)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_one_graph_for_every_batch_size(backend, reduction):
+    """With dynamic shapes, torch.compile traces the loss once for all batch sizes, backward included, and
+    torch.export keeps the batch dimension symbolic."""
+    skip_unless_runs(backend)
+    torch._dynamo.reset()
+    head = torch.nn.Linear(8, 11)
+
+    def forward(x, target):
+        return cross_entropy(head(x), target, reduction=reduction, backend=backend).sum()
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")  # AOT traces the backward too
+    compiled = torch.compile(forward, dynamic=True, fullgraph=True, backend=counter)
+    for rows in (3, 4, 7, 10):
+        x, target = torch.randn(rows, 8), torch.randint(0, 11, (rows,))
+        compiled(x, target).backward()
+        expected_grad = head.weight.grad.clone()
+        head.weight.grad = None
+        forward(x, target).backward()
+        torch.testing.assert_close(expected_grad, head.weight.grad)
+        head.weight.grad = None
+    assert len([graph for graph in counter.graphs if "cross_entropy" in graph.code]) == 1
+    rows = torch.export.Dim("rows", min=2, max=1024)
+    program = torch.export.export(LossOfHead(head, backend), (torch.randn(6, 8), torch.randint(0, 11, (6,))),
+                                  dynamic_shapes=({0: rows}, {0: rows}))
+    x, target = torch.randn(9, 8), torch.randint(0, 11, (9,))
+    torch.testing.assert_close(program.module()(x, target), LossOfHead(head, backend)(x, target))
+
+
 def test_module_is_a_drop_in_for_torch():
     weight = torch.rand(27) + 0.5
     ours = fastlm.nn.CrossEntropyLoss(weight=weight, ignore_index=2, label_smoothing=0.1)
@@ -549,6 +605,62 @@ def test_module_is_a_drop_in_for_torch():
     x, target = random_problem(12, 27, ignored=0.0)
     target[0] = 2
     torch.testing.assert_close(ours(x, target), theirs(x, target))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(7,), (4, 7, 3), (2, 7, 3, 2)])
+def test_unbatched_and_per_position_logits_match_torch(backend, shape, reduction):
+    """(C,) logits and (N, C, d1, ...) ones (here a transposed view, as from logits.transpose(1, 2)), as
+    F.cross_entropy takes them: the loss, its shape, lse per position and the input's gradient."""
+    skip_unless_runs(backend)
+    torch.manual_seed(3)
+    x = torch.randn(7) if len(shape) == 1 else torch.randn(shape[0], *shape[2:], 7).movedim(-1, 1)
+    target = torch.randint(0, 7, () if len(shape) == 1 else shape[:1] + shape[2:])
+    x.requires_grad_()
+    options = dict(weight=torch.rand(7) + 0.5, ignore_index=2, label_smoothing=0.1, reduction=reduction)
+    loss, lse = cross_entropy(x, target, return_lse=True, backend=backend, **options)
+    xd = x.detach().double().requires_grad_()
+    expected = F.cross_entropy(xd, target, **{**options, "weight": options["weight"].double()})
+    assert loss.shape == expected.shape and lse.shape == target.shape
+    assert_close_to_reference(loss, expected, torch.float32, magnitude=10.0)
+    assert_close_to_reference(lse, torch.logsumexp(xd, dim=0 if len(shape) == 1 else 1), torch.float32)
+    grad = upstream_gradient(expected)
+    (dx,) = torch.autograd.grad(loss, x, grad.float())
+    (expected_dx,) = torch.autograd.grad(expected, xd, grad)
+    assert_close_to_reference(dx, expected_dx, torch.float32, magnitude=grad.abs().max().item())
+
+
+def test_class_probabilities_go_to_torch():
+    x, probabilities = torch.randn(6, 5, requires_grad=True), torch.softmax(torch.randn(6, 5), dim=1)
+    for loss in (cross_entropy(x, probabilities, label_smoothing=0.1),
+                 fastlm.nn.CrossEntropyLoss(label_smoothing=0.1)(x, probabilities)):
+        torch.testing.assert_close(loss, F.cross_entropy(x, probabilities, label_smoothing=0.1))
+    with pytest.raises(ValueError, match="class-probability targets are computed by F.cross_entropy"):
+        cross_entropy(x, probabilities, return_lse=True)
+
+
+def test_converted_sequence_model_takes_its_loss_as_written():
+    """A model that hands nn.CrossEntropyLoss (B, V, T) logits keeps working after fastlm.convert."""
+
+    class SequenceModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding, self.head = torch.nn.Embedding(11, 8), torch.nn.Linear(8, 11)
+            self.criterion = torch.nn.CrossEntropyLoss()
+
+        def forward(self, idx, targets):
+            return self.criterion(self.head(self.embedding(idx)).transpose(1, 2), targets)
+
+    torch.manual_seed(0)
+    model = SequenceModel()
+    converted = fastlm.convert(copy.deepcopy(model))
+    assert isinstance(converted.criterion, fastlm.nn.CrossEntropyLoss)
+    idx, targets = torch.randint(0, 11, (4, 6)), torch.randint(0, 11, (4, 6))
+    expected, got = model(idx, targets), converted(idx, targets)
+    torch.testing.assert_close(got, expected)
+    expected.backward(), got.backward()
+    torch.testing.assert_close(converted.head.weight.grad, model.head.weight.grad)
 
 
 def test_return_lse_module():

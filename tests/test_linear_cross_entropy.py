@@ -90,6 +90,17 @@ def test_all_targets_ignored_matches_torch(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_mean_with_no_target_weight_left_is_nan(backend):
+    """Every target weighted 0: NaN as torch's 0 / 0, though the smoothing terms are not 0 (inf before)."""
+    skip_unless_runs(backend)
+    x, weight, bias, target = problem(6, 4, 9)
+    ce_weight = (torch.arange(9) >= 5).float()
+    target = target.clamp(0, 4)
+    loss = linear_cross_entropy(x, weight, target, bias, ce_weight, label_smoothing=0.1, backend=backend)
+    assert loss.isnan() and F.cross_entropy(F.linear(x, weight, bias), target, ce_weight, label_smoothing=0.1).isnan()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_non_contiguous_input_and_weight(backend):
     """A column-strided input and a transposed weight (nn.Linear weights tied to an embedding's transpose)."""
     skip_unless_runs(backend)

@@ -180,6 +180,16 @@ def check_target(target: Tensor, num_rows: int, num_classes: int, device: torch.
         raise ValueError(f"fastlm.{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
 
 
+def class_rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """(C,) or (N, C, d1, ...) logits as the (M, C) rows the kernels take, and their class indices as (M,)."""
+    classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    expected = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"fastlm.cross_entropy: expected target of shape {expected} for input of shape "
+                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    return input.movedim(0 if input.dim() == 1 else 1, -1).reshape(-1, classes), target.reshape(-1)
+
+
 def class_indices(target: Tensor) -> Tensor:
     """Targets as the kernels read them: int64 or int32, with uint8 (which F.cross_entropy takes too) as int64."""
     return target.long() if target.dtype == torch.uint8 else target
@@ -198,7 +208,9 @@ def cross_entropy(
     inplace_backward: bool = False,
     backend: str | None = None,
 ):
-    """``F.cross_entropy`` for (N, C) logits and (N,) class indices, fused.
+    """``F.cross_entropy`` for (N, C) logits and (N,) class indices, fused. Unbatched (C,) logits and
+    (N, C, d1, ...) ones go through the same kernels as rows of C classes; class probabilities (floating-point
+    targets of the input's shape) go to ``F.cross_entropy`` itself, unfused.
 
     Extra options: ``lse_square_scale`` adds the z-loss ``scale * lse**2`` of each non-ignored row;
     ``return_lse=True`` returns ``(loss, lse)`` with the fp32 per-row log-sum-exp; ``inplace_backward=True``
@@ -207,6 +219,21 @@ def cross_entropy(
     The loss has the logits' dtype, or fp32 for fp16/bf16 logits under torch.autocast, as F.cross_entropy's
     (see fastlm/ops/autocast.py).
     """
+    if isinstance(input, Tensor) and isinstance(target, Tensor) and input.is_floating_point():
+        if target.is_floating_point() and target.shape == input.shape:
+            if lse_square_scale or return_lse or inplace_backward:
+                raise ValueError("fastlm.cross_entropy: class-probability targets are computed by F.cross_entropy, "
+                                 "which has no lse_square_scale, return_lse or inplace_backward")
+            return F.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                                   label_smoothing=label_smoothing)
+        if input.dim() != 2 and input.dim() > 0:
+            rows, target_rows = class_rows(input, target)
+            result = cross_entropy(rows, target_rows, weight, ignore_index, reduction, label_smoothing,
+                                   lse_square_scale=lse_square_scale, return_lse=return_lse,
+                                   inplace_backward=inplace_backward, backend=backend)
+            loss, lse = result if return_lse else (result, None)
+            loss = loss.reshape(target.shape) if reduction == "none" else loss
+            return (loss, lse.reshape(target.shape)) if return_lse else loss
     check_logits(input, "cross_entropy")
     check_target(target, input.shape[0], input.shape[1], input.device, weight, reduction, label_smoothing,
                  "cross_entropy")
