@@ -130,8 +130,8 @@ inline bool can_overwrite(const Tensor& logits, bool triton) {
   const auto dtype = logits.scalar_type();
   const bool writable_dtype = dtype == at::kFloat || dtype == at::kDouble ||
                               ((triton || !logits.is_cpu()) && (dtype == at::kHalf || dtype == at::kBFloat16));
-  const bool rows_apart = logits.size(0) <= 1 || logits.stride(0) >= logits.size(1);
-  return writable_dtype && logits.stride(1) == 1 && rows_apart;
+  const bool rows_apart = logits.sym_size(0) <= 1 || logits.sym_stride(0) >= logits.sym_size(1);
+  return writable_dtype && logits.sym_stride(1) == 1 && rows_apart;
 }
 
 }  // namespace fastlm::cross_entropy_shared

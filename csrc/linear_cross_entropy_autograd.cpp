@@ -7,6 +7,8 @@
 // finished during the forward, for an upstream gradient of 1, and the first backward hands them out, scaled only
 // when the upstream gradient is not exactly 1. For 'none', and for a second backward through a retained graph,
 // the backward runs the chunks again. Device-generic (or the Triton kernels'), as csrc/cross_entropy_autograd.cpp.
+// The chunk loop is an op of its own, fastlm::linear_cross_entropy_chunks, with a fake implementation: tracing
+// (torch.compile, torch.export) sees one call whose sizes may stay symbolic, not a loop over a fixed row count.
 
 #include "autograd_op.h"
 #include "cross_entropy_autograd.h"
@@ -48,21 +50,25 @@ void accumulate_weight_grad(Tensor& d_weight, const Tensor& d_logits, const Tens
   }
 }
 
-// Per-row losses and lse of every chunk; with grad_rows (dloss/drow, one per row), also the wanted gradients.
-Chunked run_chunks(const Tensor& input, const Tensor& weight, const OptionalTensor& bias, const Tensor& target,
-                   const OptionalTensor& ce_weight, const Options& o, int64_t chunk_size, const Tensor& grad_rows,
-                   Wanted wanted) {
+// The op fastlm::linear_cross_entropy_chunks: per-row losses and lse of every chunk; with grad_rows (dloss/drow,
+// one per row), also d_input, d_weight and d_bias where wanted (empty tensors where not).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_chunks(
+    const Tensor& input, const Tensor& weight, const OptionalTensor& bias, const Tensor& target,
+    const OptionalTensor& ce_weight, int64_t ignore_index, double label_smoothing, double lse_square_scale,
+    bool triton, int64_t chunk_size, const OptionalTensor& grad_rows_given, std::array<bool, 3> wanted) {
   static const KernelOp<ForwardOp> forward("cross_entropy_forward");
   static const KernelOp<BackwardOp> backward("cross_entropy_backward");
   static const KernelOp<BackwardInPlaceOp> backward_in_place("cross_entropy_backward_");
+  const Options o{Reduction::none, ignore_index, label_smoothing, lse_square_scale, triton};
+  const Tensor grad_rows = grad_rows_given.value_or(Tensor());
   const int64_t num_rows = input.size(0);
   const auto acc = input.options().dtype(math_dtype(input));
   Chunked out{at::empty({num_rows}, acc), at::empty({num_rows}, acc), variable_list(3)};
   if (!grad_rows.defined()) wanted = {false, false, false};
   Tensor &d_input = out.grads[0], &d_weight = out.grads[1], &d_bias = out.grads[2];
-  if (wanted[0]) d_input = at::empty_like(input, at::MemoryFormat::Contiguous);
-  if (wanted[1]) d_weight = at::zeros(weight.sizes(), acc);
-  if (wanted[2]) d_bias = at::zeros({weight.size(0)}, acc);
+  d_input = wanted[0] ? at::empty_like(input, at::MemoryFormat::Contiguous) : at::empty({0}, input.options());
+  d_weight = wanted[1] ? at::zeros(weight.sizes(), acc) : at::empty({0}, acc);
+  d_bias = wanted[2] ? at::zeros({weight.size(0)}, acc) : at::empty({0}, acc);
   for (int64_t start = 0; start < num_rows; start += chunk_size) {
     const int64_t rows = std::min(chunk_size, num_rows - start);
     const Tensor x = input.narrow(0, start, rows), t = target.narrow(0, start, rows);
@@ -89,7 +95,25 @@ Chunked run_chunks(const Tensor& input, const Tensor& weight, const OptionalTens
     if (wanted[1]) accumulate_weight_grad(d_weight, d_logits, x);
     if (wanted[2]) d_bias.add_(d_logits.sum(0, false, d_bias.scalar_type()));
   }
-  return out;
+  return {out.rows, out.lse, d_input, d_weight, d_bias};
+}
+
+// The chunks through the op (so that tracing records the op, see the top), with the gradients not wanted
+// undefined.
+Chunked run_chunks(const Tensor& input, const Tensor& weight, const OptionalTensor& bias, const Tensor& target,
+                   const OptionalTensor& ce_weight, const Options& o, int64_t chunk_size, const Tensor& grad_rows,
+                   Wanted wanted) {
+  using Signature = decltype(linear_cross_entropy_chunks);
+  static const auto op = find_op<Signature>("fastlm::linear_cross_entropy_chunks");
+  if (!grad_rows.defined()) wanted = {false, false, false};
+  auto [rows, lse, d_input, d_weight, d_bias] =
+      op.call(input, weight, bias, target, ce_weight, o.ignore_index, o.label_smoothing, o.lse_square_scale,
+              o.triton, chunk_size, grad_rows.defined() ? OptionalTensor(grad_rows) : std::nullopt, wanted);
+  variable_list grads{d_input, d_weight, d_bias};
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (!wanted[i]) grads[i] = Tensor();
+  }
+  return {rows, lse, grads};
 }
 
 std::string held_key(size_t i) { return "grad" + std::to_string(i); }
@@ -176,11 +200,13 @@ Options options_of(const Tensor& input, const Tensor& weight, const Tensor& targ
                    int64_t ignore_index, double label_smoothing, double lse_square_scale, int64_t chunk_size,
                    bool triton) {
   TORCH_CHECK(chunk_size > 0, "fastlm.linear_cross_entropy: chunk_size must be positive, got ", chunk_size);
-  TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
-              "fastlm.linear_cross_entropy: expected input (N, H) and weight (V, H), got ", input.sizes(), " and ",
-              weight.sizes());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == input.size(0),
-              "fastlm.linear_cross_entropy: expected target of shape (", input.size(0), ",), got ", target.sizes());
+  TORCH_CHECK(target.dim() == 1, "fastlm.linear_cross_entropy: expected a 1D target, got ", target.dim(), "D");
+  TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.sym_size(1) == weight.sym_size(1),
+              "fastlm.linear_cross_entropy: expected input (N, H) and weight (V, H), got ", input.sym_sizes(), " and ",
+              weight.sym_sizes());
+  TORCH_SYM_CHECK(target.sym_size(0).sym_eq(input.sym_size(0)),
+                  "fastlm.linear_cross_entropy: expected target of shape (", input.sym_size(0), ",), got ",
+                  target.sym_sizes());
   return {parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, triton};
 }
 
@@ -221,12 +247,18 @@ TORCH_LIBRARY_FRAGMENT(fastlm, m) {
       "linear_cross_entropy(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? ce_weight, "
       "int ignore_index, str reduction, float label_smoothing, float lse_square_scale, int chunk_size, "
       "bool triton=False) -> (Tensor loss, Tensor lse)");
+  m.def(
+      "linear_cross_entropy_chunks(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? ce_weight, "
+      "int ignore_index, float label_smoothing, float lse_square_scale, bool triton, int chunk_size, "
+      "Tensor? grad_rows, bool[3] wanted) -> (Tensor rows, Tensor lse, Tensor d_input, Tensor d_weight, "
+      "Tensor d_bias)");
 }
 
 TORCH_LIBRARY_IMPL(fastlm, Autograd, m) { m.impl("linear_cross_entropy", &linear_cross_entropy_autograd); }
 
 TORCH_LIBRARY_IMPL(fastlm, CompositeExplicitAutograd, m) {
   m.impl("linear_cross_entropy", &linear_cross_entropy_inference);
+  m.impl("linear_cross_entropy_chunks", &linear_cross_entropy_chunks);
 }
 
 }  // namespace fastlm

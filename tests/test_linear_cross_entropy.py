@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch._dynamo.testing
 import torch.nn.functional as F
 from conftest import (
     KERNEL_BACKENDS,
@@ -220,6 +221,60 @@ def test_autograd_op_opcheck(backend, reduction, bias):
     args = (x.requires_grad_(), weight.requires_grad_(), None if b is None else b.requires_grad_(), target,
             torch.rand(13, device=device) + 0.5, -100, reduction, 0.1, 1e-3, 4, backend == "triton")
     torch.library.opcheck(torch.ops.fastlm.linear_cross_entropy.default, args)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("wanted", [(True, True, True), (False, True, False), (True, False, True)])
+def test_chunk_op_opcheck(backend, wanted):
+    """fastlm::linear_cross_entropy_chunks, the chunk loop as one op (so tracing does not unroll it)."""
+    device = device_of(backend)
+    skip_unless_runs(backend, device)
+    x, weight, b, target = (t.to(device) for t in problem(11, 6, 13))
+    for grad_rows in (None, torch.rand(11, device=device)):
+        args = (x, weight, b, target, torch.rand(13, device=device) + 0.5, -100, 0.1, 1e-3, backend == "triton", 4,
+                grad_rows, list(wanted))
+        torch.library.opcheck(torch.ops.fastlm.linear_cross_entropy_chunks.default, args)
+
+
+class HeadLoss(torch.nn.Module):
+    """A linear head and fastlm's fused loss module, to export."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.head = torch.nn.Linear(8, 11)
+        self.loss = fastlm.nn.LinearCrossEntropyLoss(chunk_size=3, backend=backend)
+
+    def forward(self, x, target):
+        return self.loss(x, self.head.weight, target, self.head.bias)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_one_graph_for_every_batch_size(backend, reduction):
+    """With dynamic shapes, torch.compile traces the chunked loss once for all batch sizes, backward included,
+    and torch.export keeps the batch dimension symbolic, also past the chunk size it was exported at."""
+    skip_unless_runs(backend)
+    torch._dynamo.reset()
+    model = HeadLoss(backend)
+    model.loss.reduction = reduction
+
+    def forward(x, target):
+        return model(x, target).sum()
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")  # AOT traces the backward too
+    compiled = torch.compile(forward, dynamic=True, fullgraph=True, backend=counter)
+    for rows in (3, 4, 7, 10):
+        x, target = torch.randn(rows, 8, requires_grad=True), torch.randint(0, 11, (rows,))
+        compiled(x, target).backward()
+        got, x.grad = x.grad, None
+        F.cross_entropy(model.head(x), target, reduction=reduction).sum().backward()
+        torch.testing.assert_close(got, x.grad)
+    assert len([graph for graph in counter.graphs if "linear_cross_entropy" in graph.code]) == 1
+    rows = torch.export.Dim("rows", min=2, max=1024)
+    program = torch.export.export(model, (torch.randn(4, 8), torch.randint(0, 11, (4,))),
+                                  dynamic_shapes=({0: rows}, {0: rows}))
+    x, target = torch.randn(9, 8), torch.randint(0, 11, (9,))
+    torch.testing.assert_close(program.module()(x, target), model(x, target))
 
 
 def test_second_derivative_raises():

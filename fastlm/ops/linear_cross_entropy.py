@@ -29,11 +29,12 @@ from fastlm.ops.cross_entropy import (
 )
 
 
-def default_chunk_size(num_rows: int, hidden: int, vocab: int) -> int:
+def default_chunk_size(hidden: int, vocab: int) -> int:
     """Rows per chunk: a chunk of logits the size of d_weight (hidden rows), at least 64k logits. Measured at
     N=4096, H=1024, V=32000 (fwd + bwd, best of 3): 5.7 s with hidden / 4 rows, 5.0 s with hidden / 2, 4.6 s with
-    hidden (d_weight is read and written once per chunk); peak extra memory 172, 204 and 266 MB (eager 1500)."""
-    return max(1, min(num_rows, max(hidden, math.ceil(65536 / vocab))))
+    hidden (d_weight is read and written once per chunk); peak extra memory 172, 204 and 266 MB (eager 1500).
+    The last chunk takes the rows that remain, so the batch size does not enter (and stays symbolic in tracing)."""
+    return max(1, hidden, math.ceil(65536 / max(1, vocab)))
 
 
 def linear_cross_entropy(
@@ -82,7 +83,7 @@ def linear_cross_entropy(
             loss, lse = reference_cross_entropy(F.linear(input, weight, bias), target, ce_weight, ignore_index,
                                                 reduction, label_smoothing, lse_square_scale)
         else:
-            size = chunk_size or default_chunk_size(input.shape[0], input.shape[1], weight.shape[0])
+            size = chunk_size or default_chunk_size(input.shape[1], weight.shape[0])
             loss, lse = torch.ops.fastlm.linear_cross_entropy.default(
                 input, weight, bias, target, ce_weight, ignore_index, reduction, label_smoothing, lse_square_scale,
                 size, name == "triton")
@@ -97,4 +98,18 @@ def _fake_linear_cross_entropy(input, weight, bias, target, ce_weight, ignore_in
                               False)
 
 
+def _fake_chunks(input, weight, bias, target, ce_weight, ignore_index, label_smoothing, lse_square_scale, triton,
+                 chunk_size, grad_rows, wanted):
+    """Per-row losses and lse in the math dtype; d_input (input's dtype), d_weight and d_bias (math dtype) where
+    wanted and grad_rows is given, else empty."""
+    math_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    wanted = [w and grad_rows is not None for w in wanted]
+    rows, lse = (input.new_empty(input.shape[0], dtype=math_dtype) for _ in range(2))
+    d_input = input.new_empty(input.shape if wanted[0] else (0,))
+    d_weight = input.new_empty(weight.shape if wanted[1] else (0,), dtype=math_dtype)
+    d_bias = input.new_empty(weight.shape[0] if wanted[2] else 0, dtype=math_dtype)
+    return rows, lse, d_input, d_weight, d_bias
+
+
 backends.register_cpp_fake("linear_cross_entropy", _fake_linear_cross_entropy)
+backends.register_cpp_fake("linear_cross_entropy_chunks", _fake_chunks)
