@@ -77,15 +77,16 @@ def run_train(args: argparse.Namespace) -> int:
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from fastlm.train import TrainConfig, build_model, check_options, context_of, load_checkpoint, sample_words
+    from fastlm.train import (build_model, check_options, context_of, load_checkpoint, load_model_state,
+                              sample_words, saved_config)
 
     state = load_checkpoint(args.checkpoint)
     # On --device (the CPU by default), whatever device and backend the run trained on.
-    config = dataclasses.replace(TrainConfig(**state["config"]), device=args.device, backend=None)
+    config = dataclasses.replace(saved_config(state), device=args.device, backend=None)
     check_options(config)
     vocab = data.Vocabulary(state["vocab"])
     model = build_model(config, vocab.size, fused=True, device=torch.device(config.device))
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"])
     for word in sample_words(model, vocab, context_of(config), args.count, args.seed):
         print(word)
     return 0

@@ -244,6 +244,23 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def saved_config(state: dict) -> TrainConfig:
+    """The configuration a checkpoint was trained with."""
+    try:
+        return TrainConfig(**state["config"])
+    except TypeError as error:  # options this fastlm does not have: another version's checkpoint
+        raise ConfigError(f"the checkpoint's configuration is not this fastlm version's: {error}") from None
+
+
+def load_model_state(model: nn.Module, state_dict: dict) -> None:
+    """``model.load_state_dict(state_dict)``, refusing a checkpoint of another model or size in one line."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        first_lines = " ".join(str(error).splitlines()[:2])
+        raise ConfigError(f"the checkpoint's weights do not fit its model: {first_lines}") from None
+
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; torchrun's agent passing a Ctrl-C on, or a scheduler
 
 
@@ -282,7 +299,7 @@ class Trainer:
         checkpoint = None
         if resume:
             checkpoint = load_checkpoint(config.out)
-            saved = TrainConfig(**checkpoint["config"])
+            saved = saved_config(checkpoint)
             self._note_ignored_options(config, saved)
             config = dataclasses.replace(saved, steps=saved.steps if config.steps is None else config.steps,
                                          out=config.out)
@@ -298,6 +315,10 @@ class Trainer:
         self.device = torch.device(config.device if self.world == 1 or config.device == "cpu"
                                    else f"cuda:{self.rank % torch.cuda.device_count()}")
         self.dataset = load_dataset(config, self.device)
+        if checkpoint is not None and self.dataset.vocab.chars != checkpoint["vocab"]:
+            raise ConfigError(f"the word list's characters ({self.dataset.vocab.chars[1:]!r}) are not those the "
+                              f"checkpoint was trained on ({checkpoint['vocab'][1:]!r}): resume with that run's word "
+                              "list")
         vocab_size = self.dataset.vocab.size
         self.model = build_model(config, vocab_size, fused=True, device=self.device)
         self.config = config = config.with_recipe(self.model.recipe)
@@ -347,7 +368,7 @@ class Trainer:
                      ", ".join(f"--{name.replace('_', '-')}" for name in ignored))
 
     def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        load_model_state(self.model, state["model"])
         if self.optimizer and state["optimizer"]:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.reference is not None:
@@ -511,7 +532,7 @@ class Trainer:
         return summary
 
     def _plot(self) -> bool:
-        """loss.png: the training loss averaged over windows of 1% of the run, and the val loss, in log10.
+        """loss.png: the training loss averaged over windows of 1% of the run, and the val loss, on a log axis.
         Whether it was drawn (not without matplotlib, nor for a model fit by counting)."""
         try:
             import matplotlib
@@ -527,12 +548,13 @@ class Trainer:
         window = max(1, len(losses) // 100)
         steps = range(0, len(losses) - window + 1, window)
         figure, axes = plt.subplots(figsize=(7, 4))
-        axes.plot([s + window for s in steps], [math.log10(sum(losses[s:s + window]) / window) for s in steps],
+        axes.plot([s + window for s in steps], [sum(losses[s:s + window]) / window for s in steps],
                   label="train (batch, windowed)")
         if self.history["val"]:
-            axes.plot(*zip(*[(s, math.log10(v)) for s, v in self.history["val"]]), "o-", label="val")
+            axes.plot(*zip(*self.history["val"]), "o-", label="val")
+        axes.set_yscale("log")  # a loss of 0 (a word list learnt by heart) is left out, not an error
         axes.set_xlabel("step")
-        axes.set_ylabel("log10 loss")
+        axes.set_ylabel("loss")
         axes.legend()
         figure.tight_layout()
         figure.savefig(self.out / "loss.png", dpi=100)

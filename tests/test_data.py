@@ -31,11 +31,20 @@ def test_own_word_list_and_vocabulary_extension(tmp_path):
     path = tmp_path / "words.txt"
     path.write_text("anna\n\nbob\n")
     assert data.load_words(path)[0] == ["anna", "bob"]
-    path.write_text("zoé\nbob\n")
-    with pytest.raises(data.DataError, match=r"word 1 \('zoé'\) has characters outside the vocabulary: 'é'"):
+    path.write_text("bob\n\nzoé\n")
+    with pytest.raises(data.DataError, match=r"line 3 \('zoé'\) has characters outside the vocabulary: 'é'"):
         data.load_words(path)
     words, vocab = data.load_words(path, vocab=None)
     assert vocab.chars.endswith("é") and vocab.decode(vocab.encode("zoé")) == "zoé"
+
+
+def test_windows_text_reads_as_plain_text(tmp_path):
+    """A byte-order mark and CRLF line ends, as Windows editors write them, are not part of any word."""
+    path = tmp_path / "words.txt"
+    path.write_bytes("anna\r\nbob\r\n".encode("utf-8-sig"))
+    words, vocab = data.load_words(path)
+    assert words == ["anna", "bob"] and vocab == data.Vocabulary()
+    assert data.load_words(path, vocab=None)[1] == data.Vocabulary()  # no BOM or CR character added
 
 
 @pytest.mark.parametrize("content,message", [(None, "does not exist"), ("", "has no words"), ("\n \n", "has no words")])

@@ -98,6 +98,19 @@ def test_empty_layers(batch, context, hidden):
         assert_close_to_reference(getattr(got, name), getattr(want, name), torch.float64)
 
 
+@pytest.mark.parametrize("batch", [32, 256], ids=["gather", "product-tables"])
+def test_a_loss_learnt_by_heart_is_not_negative(batch):
+    """Confident logits: each row's loss is ~1e-7, the mean loss as close to the float64 one as its size allows
+    (the gather kernel summed every lse and every -logit[target] apart, and the sums cancelled to -4e-6)."""
+    skip_unless_runs("cpp")
+    idx, targets, params, bn = make_case(batch, 3, 4, 13, 5, 6, False, seed=3)
+    params[4] = params[4] + 16.0 * torch.nn.functional.one_hot(targets[0], 5).double()  # b2: every row's target
+    targets.fill_(int(targets[0]))
+    want, _ = run("torch", idx, targets, params, bn, torch.float64)
+    got, _ = run("cpp", idx, targets, params, bn, torch.float32)
+    assert got.loss >= 0 and abs(got.loss.item() - want.loss.item()) <= 1e-6 * 16
+
+
 def assert_stats_close(got_stats, want_stats, dtype):
     """The running mean and variance as moved by the kernel, against the reference's, and the batch counted
     by both (None without BatchNorm)."""

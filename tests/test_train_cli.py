@@ -197,6 +197,44 @@ def test_sample_without_a_checkpoint_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "not a readable checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("change,message,resume_message", [
+    (lambda state: state["config"].update(option_of_another_version=1), "not this fastlm version's", None),
+    (lambda state: state["config"].update(hidden=12), "weights do not fit its model", None),
+    (lambda state: state.update(vocab=state["vocab"] + "é"), "weights do not fit its model", "are not those the"),
+])
+def test_a_checkpoint_that_does_not_fit_is_a_clear_error(words_file, tmp_path, change, message, resume_message):
+    """A checkpoint from another fastlm version or edited by hand: one line, both to sample and to resume."""
+    Trainer(small_config(words_file, tmp_path, model="mlp", steps=2), log=lambda *_: None).fit()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    change(state)
+    torch.save(state, tmp_path / "checkpoint.pt")
+    result = fastlm_command("sample", "--checkpoint", str(tmp_path))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(ConfigError, match=resume_message or message):
+        Trainer(small_config(words_file, tmp_path, steps=4), resume=True, log=lambda *_: None).fit()
+
+
+def test_resume_with_another_word_list_is_a_clear_error(words_file, tmp_path):
+    """The same characters must map to the same ids: a word list with other characters cannot continue a run."""
+    Trainer(small_config(words_file, tmp_path, steps=2, extend_vocab=True), log=lambda *_: None).fit()
+    with open(words_file, "a") as f:
+        f.write("zoë\n")
+    with pytest.raises(ConfigError, match="are not those the checkpoint was trained on"):
+        Trainer(small_config(words_file, tmp_path, steps=4), resume=True, log=lambda *_: None)
+
+
+def test_a_word_list_learnt_by_heart_finishes_with_its_plot(tmp_path):
+    """Losses of 0 (one word, repeated): the run ends with its summary and loss plot (log10 of 0 raised)."""
+    path = tmp_path / "words.txt"
+    path.write_text("ab\n" * 20)
+    result = fastlm_command("train", "--model", "mlp", "--lr", "5", "--steps", "300", "--data", str(path),
+                            "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    history = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["history"]["step_loss"]
+    assert min(history) >= 0 and history[-1] < 1e-3
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("changes,message", [
     (dict(backend="bogus"), "unknown fastlm backend"), (dict(device="cuda:0"), "no CUDA GPU"),
     (dict(eval_every=0), "--eval-every must be at least 1"), (dict(checkpoint_every=0), "--checkpoint-every"),

@@ -28,6 +28,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -138,12 +139,15 @@ void batch_norm_backward(const StepData<T>& d, int64_t j0, int64_t j1, T* dzT, c
 }
 
 // Mean cross-entropy over the columns of lT (V x B, a row per class); lT is overwritten by the gradient.
-// Columns are rows of the batch, so each step runs on a vector of batch rows at once.
+// Columns are rows of the batch, so each step runs on a vector of batch rows at once. Each row's loss is
+// (max - logit[target]) + log(sum of exps), two terms that are never negative, so neither is the loss (summing
+// every lse and every -logit[target] apart cancelled to small negative losses on data learnt by heart).
 template <typename T>
 T cross_entropy_columns(int64_t B, int64_t V, T* lT, const int64_t* targets) {
   using Vec = Vectorized<T>;
+  c10::SmallVector<T, 256> target_logits(B);  // read before the columns are overwritten
+  for (int64_t r = 0; r < B; ++r) target_logits[r] = lT[targets[r] * B + r];
   T total = 0;
-  for (int64_t r = 0; r < B; ++r) total -= lT[targets[r] * B + r];  // -logit[target], before it is overwritten
   for_each_vector<T>(B, [&](int64_t k, int64_t n) {
     Vec max = load(lT + k, n);
     for (int64_t v = 1; v < V; ++v) max = at::vec::maximum(max, load(lT + v * B + k, n));
@@ -153,8 +157,7 @@ T cross_entropy_columns(int64_t B, int64_t V, T* lT, const int64_t* targets) {
       e.store(lT + v * B + k, n);
       sum += e;
     }
-    const Vec lse = Vec::set(Vec(T(0)), max + sum.log(), n);
-    total += sum_lanes(lse);
+    total += sum_lanes(Vec::set(Vec(T(0)), (max - load(target_logits.data() + k, n)) + sum.log(), n));
     const Vec scale = Vec(T(1)) / (sum * Vec(T(B)));
     for (int64_t v = 0; v < V; ++v) (load(lT + v * B + k, n) * scale).store(lT + v * B + k, n);
   });

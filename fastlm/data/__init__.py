@@ -58,24 +58,25 @@ def load_words(path: str | Path | None = None, vocab: Vocabulary | None = Vocabu
     path = Path(path) if path is not None else bundled_names_path()
     if not path.is_file():
         raise DataError(f"word list {str(path)!r} does not exist or is not a file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+    try:  # utf-8-sig: a byte-order mark (as some Windows editors write) is not part of the first word
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as error:
         raise DataError(f"word list {str(path)!r} is not UTF-8 text: {error}") from None
-    words = [line.strip() for line in lines if line.strip()]
-    if not words:
+    numbered = [(number, line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
+    if not numbered:
         raise DataError(f"word list {str(path)!r} has no words")
-    for number, word in enumerate(words, 1):
+    for number, word in numbered:
         if END in word:
-            raise DataError(f"{path}: word {number} ({word!r}) contains {END!r}, the end-of-word token, which no "
+            raise DataError(f"{path}: line {number} ({word!r}) contains {END!r}, the end-of-word token, which no "
                             "vocabulary can hold as a character")
+    words = [word for _, word in numbered]
     if vocab is None:
         return words, Vocabulary.from_words(words)
     allowed = set(vocab.chars) - {END}
-    for number, word in enumerate(words, 1):
+    for number, word in numbered:
         bad = sorted(set(word) - allowed)
         if bad:
-            raise DataError(f"{path}: word {number} ({word!r}) has characters outside the vocabulary: "
+            raise DataError(f"{path}: line {number} ({word!r}) has characters outside the vocabulary: "
                             f"{''.join(bad)!r}; use --extend-vocab to add them")
     return words, vocab
 
