@@ -513,6 +513,28 @@ def test_strided_running_stats_are_updated(backend):
     torch.testing.assert_close(running_var, want_var)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", [(4097, 3), (1500, 3, 2)])
+def test_statistics_far_from_zero(backend, shape):
+    """A channel of one value far from 0 normalises to exactly its bias (its variance is 0, not the rounding of an
+    fp32 mean: 0.3 off at 10000.1 before), one of tiny spread about 1e4 to its float64 statistics."""
+    device = device_of(backend)
+    skip_unless_runs(backend, device)
+    torch.manual_seed(5)
+    x = torch.full(shape, 10000.1)
+    x[:, 1] += torch.randn(x[:, 1].shape) * 0.5
+    x[:, 2] = torch.randn(x[:, 2].shape)
+    bias = torch.tensor([0.25, 0.0, 0.0])
+    running_mean, running_var = torch.zeros(3, device=device), torch.ones(3, device=device)
+    y = fastlm.ops.batch_norm(x.to(device), running_mean, running_var, None, bias.to(device), training=True,
+                              momentum=1.0, backend=backend).cpu()
+    assert (y[:, 0] - 0.25).abs().max() < 1e-3
+    xd = x.double()
+    dims = [0, 2] if x.dim() == 3 else [0]
+    torch.testing.assert_close(running_mean.cpu().double(), xd.mean(dims), rtol=2e-7, atol=1e-6)
+    torch.testing.assert_close(running_var.cpu().double(), xd.var(dims), rtol=1e-4, atol=1e-7)
+
+
 def test_functional_matches_f_batch_norm():
     torch.manual_seed(11)
     x = torch.randn(10, 6, 3)

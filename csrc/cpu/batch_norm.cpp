@@ -161,7 +161,9 @@ void lanes_to_channels(const Layout& s, const T* lanes, T* channels) {
 }
 
 // Per-channel mean and M2 = sum (x - mean)^2. Each block of rows is reduced in two passes (its sum, then
-// the squares about its own mean, from cache) and the blocks are merged in order with Chan's formula.
+// the deviations from that first mean and their squares, from cache: the corrected two-pass algorithm, whose
+// sum of deviations takes out the rounding of the first mean, which far from 0 is most of a small variance)
+// and the blocks are merged in order with Chan's formula.
 template <typename T>
 void channel_moments(const T* x, const Layout& s, T* mean, T* m2) {
   using Vec = Vectorized<T>;
@@ -170,6 +172,7 @@ void channel_moments(const T* x, const Layout& s, T* mean, T* m2) {
   std::vector<T> block_mean(num_blocks * s.C), block_m2(num_blocks * s.C);
   at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> lane_buffer(s.L > 1 ? s.M : 0), lane_mean_buffer(s.L > 1 ? s.M : 0);
+    std::vector<T> deviation_lanes(s.M), deviations(s.L > 1 ? s.C : 0);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block_rows, rows = std::min(block_rows, s.N - r0);
       T* bmean = block_mean.data() + b * s.C;
@@ -184,11 +187,18 @@ void channel_moments(const T* x, const Layout& s, T* mean, T* m2) {
       const T* lane_mean = s.L > 1 ? lane_mean_buffer.data() : bmean;
       for (int64_t c = 0; s.L > 1 && c < s.C; ++c) std::fill_n(lane_mean_buffer.data() + c * s.L, s.L, bmean[c]);
       lanes = s.L > 1 ? lane_buffer.data() : bm2;
-      column_sums<T, 1>(r0, rows, s.M, [&](int64_t i, int64_t k, int64_t n) {
+      column_sums<T, 2>(r0, rows, s.M, [&](int64_t i, int64_t k, int64_t n) {
         const Vec d = load(x + i * s.M + k, n) - load(lane_mean + k, n);
-        return std::array<Vec, 1>{d * d};
-      }, {lanes});
+        return std::array<Vec, 2>{d * d, d};
+      }, {lanes, deviation_lanes.data()});
       lanes_to_channels(s, lanes, bm2);
+      T* deviation = s.L > 1 ? deviations.data() : deviation_lanes.data();
+      lanes_to_channels(s, deviation_lanes.data(), deviation);
+      for (int64_t c = 0; c < s.C; ++c) {
+        const T correction = deviation[c] * inv_count;
+        bmean[c] += correction;
+        bm2[c] = std::max(bm2[c] - deviation[c] * correction, T(0));
+      }
     }
   });
   // Merge block b into blocks [0, b) for all channels at once (the weights depend on b alone).
