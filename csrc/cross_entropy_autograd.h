@@ -97,7 +97,8 @@ inline Tensor reduce_rows(const Tensor& rows, Reduction reduction, const Tensor&
   if (reduction == Reduction::none) return rows;
   if (reduction == Reduction::sum) return rows.sum();
   // No weight left (every target ignored or weighted 0): torch's mean is 0 / 0 = NaN, also where the smoothing
-  // or z-loss terms make the sum non-zero (which would divide to inf).
+  // or z-loss terms make the sum non-zero (which would divide to inf). (Negative class weights that cancel to 0
+  // get NaN here where torch may give +-inf.)
   return at::where(denominator.eq(0), std::numeric_limits<double>::quiet_NaN(), rows.sum().div(denominator));
 }
 

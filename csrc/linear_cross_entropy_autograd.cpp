@@ -63,20 +63,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_chunks(
   const Tensor grad_rows = grad_rows_given.value_or(Tensor());
   const int64_t num_rows = input.size(0);
   const auto acc = input.options().dtype(math_dtype(input));
-  Chunked out{at::empty({num_rows}, acc), at::empty({num_rows}, acc), variable_list(3)};
+  const Tensor all_rows = at::empty({num_rows}, acc), all_lse = at::empty({num_rows}, acc);
   if (!grad_rows.defined()) wanted = {false, false, false};
-  Tensor &d_input = out.grads[0], &d_weight = out.grads[1], &d_bias = out.grads[2];
-  d_input = wanted[0] ? at::empty_like(input, at::MemoryFormat::Contiguous) : at::empty({0}, input.options());
-  d_weight = wanted[1] ? at::zeros(weight.sizes(), acc) : at::empty({0}, acc);
-  d_bias = wanted[2] ? at::zeros({weight.size(0)}, acc) : at::empty({0}, acc);
+  Tensor d_input = wanted[0] ? at::empty_like(input, at::MemoryFormat::Contiguous) : at::empty({0}, input.options());
+  Tensor d_weight = wanted[1] ? at::zeros(weight.sizes(), acc) : at::empty({0}, acc);
+  Tensor d_bias = wanted[2] ? at::zeros({weight.size(0)}, acc) : at::empty({0}, acc);
   for (int64_t start = 0; start < num_rows; start += chunk_size) {
     const int64_t rows = std::min(chunk_size, num_rows - start);
     const Tensor x = input.narrow(0, start, rows), t = target.narrow(0, start, rows);
     Tensor logits = at::linear(x, weight, bias);
     auto [loss_rows, lse] = forward.kernels(o.triton).call(logits, t, ce_weight, o.ignore_index, o.label_smoothing,
                                                            o.lse_square_scale);
-    out.rows.narrow(0, start, rows).copy_(loss_rows);
-    out.lse.narrow(0, start, rows).copy_(lse);
+    all_rows.narrow(0, start, rows).copy_(loss_rows);
+    all_lse.narrow(0, start, rows).copy_(lse);
     if (!grad_rows.defined()) continue;
     const Tensor g = grad_rows.narrow(0, start, rows);
     Tensor d_logits;
@@ -95,7 +94,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_chunks(
     if (wanted[1]) accumulate_weight_grad(d_weight, d_logits, x);
     if (wanted[2]) d_bias.add_(d_logits.sum(0, false, d_bias.scalar_type()));
   }
-  return {out.rows, out.lse, d_input, d_weight, d_bias};
+  return {all_rows, all_lse, d_input, d_weight, d_bias};
 }
 
 // The chunks through the op (so that tracing records the op, see the top), with the gradients not wanted
@@ -105,13 +104,12 @@ Chunked run_chunks(const Tensor& input, const Tensor& weight, const OptionalTens
                    Wanted wanted) {
   using Signature = decltype(linear_cross_entropy_chunks);
   static const auto op = find_op<Signature>("fastlm::linear_cross_entropy_chunks");
-  if (!grad_rows.defined()) wanted = {false, false, false};
   auto [rows, lse, d_input, d_weight, d_bias] =
       op.call(input, weight, bias, target, ce_weight, o.ignore_index, o.label_smoothing, o.lse_square_scale,
               o.triton, chunk_size, grad_rows.defined() ? OptionalTensor(grad_rows) : std::nullopt, wanted);
   variable_list grads{d_input, d_weight, d_bias};
   for (size_t i = 0; i < grads.size(); ++i) {
-    if (!wanted[i]) grads[i] = Tensor();
+    if (!wanted[i] || !grad_rows.defined()) grads[i] = Tensor();  // the op's empty stand-ins
   }
   return {rows, lse, grads};
 }

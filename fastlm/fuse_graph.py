@@ -152,9 +152,15 @@ def linear_weight(graph: fx.Graph, linear: Linear) -> fx.Node:
         return graph.call_function(torch.t, (linear.weight,))
 
 
-def embedding_lookup(node: fx.Node) -> tuple[fx.Node, fx.Node, int | None] | None:
+def wrapped_indices(idx: Tensor, rows: int) -> Tensor:
+    """Indices as ``table[idx]`` reads them: -1 is the last row (embedding_linear, as F.embedding, refuses it)."""
+    return torch.where(idx < 0, idx + rows, idx)
+
+
+def embedding_lookup(graph: fx.Graph, node: fx.Node) -> tuple[fx.Node, fx.Node, int | None] | None:
     """(idx, table, padding_idx) of a lookup of (B, T) indices that embedding_linear computes, else None:
-    ``F.embedding(idx, table, ...)`` or ``table[idx]`` with a 2D table and int32/int64 indices."""
+    ``F.embedding(idx, table, ...)``, or ``table[idx]`` with a 2D table and int32/int64 indices (its negative
+    indices wrapped by a node put before it)."""
     if node.op != "call_function":
         return None
     if node.target is F.embedding:
@@ -166,8 +172,10 @@ def embedding_lookup(node: fx.Node) -> tuple[fx.Node, fx.Node, int | None] | Non
     if node.target is operator.getitem and len(node.args) == 2:
         table, idx = (example(arg) for arg in node.args)
         if (table is not None and idx is not None and table.dim() == 2 and table.is_floating_point()
-                and idx.dim() == 2 and idx.dtype in (torch.int32, torch.int64)):
-            return node.args[1], node.args[0], None
+                and isinstance(table.shape[0], int) and idx.dim() == 2 and idx.dtype in (torch.int32, torch.int64)):
+            with graph.inserting_before(node):
+                wrapped = graph.call_function(wrapped_indices, (node.args[1], table.shape[0]))
+            return wrapped, node.args[0], None
     return None
 
 
@@ -191,7 +199,7 @@ def fuse_embedding_linear(graph: fx.Graph, backend: str | None) -> int:
         if not isinstance(flat, fx.Node) or sole_user(flat) is not linear.parts[0]:
             continue
         embedding = through_reshape(flat, merged=2)
-        lookup = embedding_lookup(embedding) if embedding is not flat else None
+        lookup = embedding_lookup(graph, embedding) if embedding is not flat else None
         if lookup is None:
             continue
         idx, table, padding_idx = lookup

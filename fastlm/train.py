@@ -552,7 +552,7 @@ class Trainer:
                   label="train (batch, windowed)")
         if self.history["val"]:
             axes.plot(*zip(*self.history["val"]), "o-", label="val")
-        axes.set_yscale("log")  # a loss of 0 (a word list learnt by heart) is left out, not an error
+        axes.set_yscale("log", nonpositive="mask")  # a loss of 0 (a word list learnt by heart) is left out
         axes.set_xlabel("step")
         axes.set_ylabel("loss")
         axes.legend()

@@ -395,6 +395,19 @@ def test_mixed_dtypes_are_refused_as_torch_refuses_them(input_dtype, param_dtype
         run()
 
 
+@pytest.mark.parametrize("changed", ["weight", "running_mean"])
+def test_half_input_takes_parameters_and_stats_of_one_dtype(changed):
+    """Beside bfloat16 input, torch takes float32 or bfloat16 parameters and running stats, but not a mix."""
+    x = torch.randn(6, 3, dtype=torch.bfloat16)
+    module, reference = fastlm.nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    for m in (module, reference):
+        getattr(m, changed).data = getattr(m, changed).data.bfloat16()
+    with pytest.raises(RuntimeError):
+        reference(x)
+    with pytest.raises(RuntimeError, match="must have one dtype"):
+        module(x)
+
+
 @pytest.mark.parametrize("input_dtype", [torch.float16, torch.bfloat16])
 def test_half_input_with_float32_parameters_is_accepted(input_dtype):
     x = torch.randn(6, 3, dtype=input_dtype)

@@ -36,6 +36,9 @@ def test_own_word_list_and_vocabulary_extension(tmp_path):
         data.load_words(path)
     words, vocab = data.load_words(path, vocab=None)
     assert vocab.chars.endswith("é") and vocab.decode(vocab.encode("zoé")) == "zoé"
+    path.write_text("anna\nbo\u2028b\nzoé\n")  # lines as an editor counts them: a Unicode separator is no line end
+    with pytest.raises(data.DataError, match=r"line 2 \('bo\\u2028b'\)"):  # the word's repr
+        data.load_words(path)
 
 
 def test_windows_text_reads_as_plain_text(tmp_path):

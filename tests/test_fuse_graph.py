@@ -191,6 +191,16 @@ def test_the_lectures_tensor_code_is_fused(form):
     assert not {"IndexBackward0", "MmBackward0", "NllLossBackward0"} & nodes, nodes
 
 
+def test_negative_indices_read_the_table_as_indexing_does():
+    """table[-1] is the last row: the fused lookup wraps negative indices as eager indexing does."""
+    torch.manual_seed(0)
+    model, converted = converted_pair(LectureMLP("x @ W + b"))
+    idx, targets = batch(6)
+    idx[0, 0], idx[3, 2] = -1, -VOCAB
+    loss = assert_same_step(model, converted, idx, targets)
+    assert "EmbeddingLinear" in autograd_nodes(loss)
+
+
 def test_the_lectures_code_under_autocast_runs_as_written():
     """Under autocast ``x @ W`` is bfloat16 and ``+ b`` promotes it back to float32: no fused op gives that."""
     model, converted = converted_pair(LectureMLP("x @ W + b"))

@@ -59,7 +59,7 @@ def load_words(path: str | Path | None = None, vocab: Vocabulary | None = Vocabu
     if not path.is_file():
         raise DataError(f"word list {str(path)!r} does not exist or is not a file")
     try:  # utf-8-sig: a byte-order mark (as some Windows editors write) is not part of the first word
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # not splitlines: editors' lines, \r stripped
     except UnicodeDecodeError as error:
         raise DataError(f"word list {str(path)!r} is not UTF-8 text: {error}") from None
     numbered = [(number, line.strip()) for number, line in enumerate(lines, 1) if line.strip()]

@@ -10,7 +10,8 @@ from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
-    """``nn.CrossEntropyLoss`` for (N, C) logits and class indices, on fastlm's fused kernels.
+    """``nn.CrossEntropyLoss`` on fastlm's fused kernels, for class indices with (N, C), (C,) or (N, C, d1, ...)
+    logits (class probabilities go to torch's loss, as ``fastlm.ops.cross_entropy`` says).
 
     Keyword-only extras: ``lse_square_scale`` (z-loss), ``return_lse``, ``inplace_backward`` and
     ``backend``, as in ``fastlm.ops.cross_entropy``.

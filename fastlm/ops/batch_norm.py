@@ -178,7 +178,7 @@ def check_input(input: Tensor, training: bool) -> None:
 
 def check_per_channel(input: Tensor, **tensors: Tensor | None) -> None:
     channels, device = input.shape[1], input.device
-    # torch's rule: the input's dtype, or float32 beside float16/bfloat16 input.
+    # torch's rule: all of one dtype, the input's, or float32 beside float16/bfloat16 input.
     dtypes = {input.dtype, torch.float32} if input.dtype in (torch.float16, torch.bfloat16) else {input.dtype}
     for name, t in tensors.items():
         if t is None:
@@ -192,6 +192,10 @@ def check_per_channel(input: Tensor, **tensors: Tensor | None) -> None:
         if t.dtype not in dtypes:
             raise RuntimeError(f"fastlm.batch_norm: {name} is {t.dtype} but input is {input.dtype}; they must match "
                                "(float32 statistics and parameters may go with float16/bfloat16 input)")
+    given = {t.dtype for t in tensors.values() if t is not None}
+    if len(given) > 1:
+        raise RuntimeError(f"fastlm.batch_norm: the parameters and running stats must have one dtype, got "
+                           f"{', '.join(f'{name} {t.dtype}' for name, t in tensors.items() if t is not None)}")
 
 
 def batch_norm(

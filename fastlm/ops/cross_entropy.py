@@ -1,4 +1,5 @@
-"""Fused cross-entropy: ``fastlm.ops.cross_entropy``, a drop-in for ``F.cross_entropy`` on (N, C) logits.
+"""Fused cross-entropy: ``fastlm.ops.cross_entropy``, a drop-in for ``F.cross_entropy`` on (N, C) logits (and on
+(C,) and (N, C, d1, ...) ones, as rows of C) with class indices.
 
 Layers, as in Liger-Kernel: kernels (csrc/cpu, csrc/cuda, kernels/) -> torch.library ops (``fastlm::*``,
 with fake implementations so torch.compile traces them) -> autograd, itself a C++ op for every kernel backend,
@@ -31,12 +32,12 @@ REDUCTIONS = ("mean", "sum", "none")
 # registered here. Both share one set of fake implementations.
 
 
-def _math_dtype(logits: Tensor) -> torch.dtype:
+def math_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _fake_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale):
-    rows = logits.new_empty(logits.shape[0], dtype=_math_dtype(logits))
+    rows = logits.new_empty(logits.shape[0], dtype=math_dtype(logits))
     return rows, torch.empty_like(rows)
 
 
@@ -118,7 +119,7 @@ def kernel_ops(backend: str) -> KernelOps:
 def reference_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale):
     """The ``torch`` backend and the oracle: F.cross_entropy in fp32 (fp64 for double) plus the z-loss term;
     the loss stays in that dtype, as the kernels' does (``cross_entropy`` casts it)."""
-    x = logits.to(_math_dtype(logits))
+    x = logits.to(math_dtype(logits))
     w = None if weight is None else weight.to(x.dtype)
     loss = F.cross_entropy(x, target.long(), weight=w, ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
@@ -143,11 +144,11 @@ def check_logits(logits: Tensor, name: str) -> None:
     """Checks on the (N, C) input that need no look at the data, so they cost no GPU sync."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"fastlm.{name}: input must be a tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"fastlm.{name}: input must be a floating-point tensor, got {logits.dtype}")
     if logits.dim() != 2:
         raise ValueError(f"fastlm.{name}: expected input of shape (N, C), got {logits.dim()}D input of shape "
                          f"{tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        raise TypeError(f"fastlm.{name}: input must be a floating-point tensor, got {logits.dtype}")
 
 
 def check_target(target: Tensor, num_rows: int, num_classes: int, device: torch.device, weight: Tensor | None,
@@ -183,6 +184,8 @@ def check_target(target: Tensor, num_rows: int, num_classes: int, device: torch.
 def class_rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """(C,) or (N, C, d1, ...) logits as the (M, C) rows the kernels take, and their class indices as (M,)."""
     classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if classes == 0:
+        raise ValueError("fastlm.cross_entropy: the input has no classes")
     expected = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
     if tuple(target.shape) != expected:
         raise ValueError(f"fastlm.cross_entropy: expected target of shape {expected} for input of shape "
@@ -215,7 +218,8 @@ def cross_entropy(
     Extra options: ``lse_square_scale`` adds the z-loss ``scale * lse**2`` of each non-ignored row;
     ``return_lse=True`` returns ``(loss, lse)`` with the fp32 per-row log-sum-exp; ``inplace_backward=True``
     writes the gradient over ``input`` during backward (``input`` then holds the gradient, and autograd
-    refuses any other use of it that needed its values); ``backend`` forces a backend for this call.
+    refuses any other use of it that needed its values; (N, C, d1, ...) input whose rows are not contiguous is
+    copied into rows first, and the copy takes the gradient); ``backend`` forces a backend for this call.
     The loss has the logits' dtype, or fp32 for fp16/bf16 logits under torch.autocast, as F.cross_entropy's
     (see fastlm/ops/autocast.py).
     """

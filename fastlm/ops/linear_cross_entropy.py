@@ -25,6 +25,7 @@ from fastlm.ops.cross_entropy import (
     class_indices,
     fake_cross_entropy,
     loss_dtype,
+    math_dtype,
     reference_cross_entropy,
 )
 
@@ -102,12 +103,12 @@ def _fake_chunks(input, weight, bias, target, ce_weight, ignore_index, label_smo
                  chunk_size, grad_rows, wanted):
     """Per-row losses and lse in the math dtype; d_input (input's dtype), d_weight and d_bias (math dtype) where
     wanted and grad_rows is given, else empty."""
-    math_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = math_dtype(input)
     wanted = [w and grad_rows is not None for w in wanted]
-    rows, lse = (input.new_empty(input.shape[0], dtype=math_dtype) for _ in range(2))
+    rows, lse = (input.new_empty(input.shape[0], dtype=acc) for _ in range(2))
     d_input = input.new_empty(input.shape if wanted[0] else (0,))
-    d_weight = input.new_empty(weight.shape if wanted[1] else (0,), dtype=math_dtype)
-    d_bias = input.new_empty(weight.shape[0] if wanted[2] else 0, dtype=math_dtype)
+    d_weight = input.new_empty(weight.shape if wanted[1] else (0,), dtype=acc)
+    d_bias = input.new_empty(weight.shape[0] if wanted[2] else 0, dtype=acc)
     return rows, lse, d_input, d_weight, d_bias
 
 
