@@ -11,10 +11,12 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import torch._dynamo.testing  # noqa: E402  (it imports triton, which reads TRITON_INTERPRET once)
 from fastlm import backends  # noqa: E402
 from fastlm.check import TOLERANCE  # noqa: E402  (the tolerances fastlm check holds every backend to)
 
@@ -54,6 +56,31 @@ def fastlm_ops_called(fn) -> list[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         fn()
     return [event.name for event in profile.events() if event.name.startswith("fastlm::")]
+
+
+def assert_one_graph_for_every_batch_size(model: torch.nn.Module, reduction: str, op: str) -> None:
+    """``model(x, target)``: a loss over the logits of its linear ``model.head`` (8 -> 11 classes) through the fastlm
+    op ``op``. With dynamic shapes, torch.compile traces it once for batches of 3 to 10 rows, backward included,
+    the input's and the head's gradients those of F.cross_entropy; torch.export keeps the rows dynamic."""
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")  # AOT traces the backward too
+    compiled = torch.compile(lambda x, target: model(x, target).sum(), dynamic=True, fullgraph=True, backend=counter)
+    for rows in (3, 4, 7, 10):
+        x, target = torch.randn(rows, 8, requires_grad=True), torch.randint(0, 11, (rows,))
+        compiled(x, target).backward()
+        got = [t.grad for t in (x, *model.head.parameters())]
+        x.grad = None
+        model.head.zero_grad(set_to_none=True)
+        F.cross_entropy(model.head(x), target, reduction=reduction).sum().backward()
+        for grad, expected in zip(got, (x.grad, *(p.grad for p in model.head.parameters()))):
+            torch.testing.assert_close(grad, expected)
+        model.head.zero_grad(set_to_none=True)
+    assert len([graph for graph in counter.graphs if f"fastlm.{op}.default" in graph.code]) == 1
+    rows = torch.export.Dim("rows", min=2, max=1024)
+    program = torch.export.export(model, (torch.randn(4, 8), torch.randint(0, 11, (4,))),
+                                  dynamic_shapes=({0: rows}, {0: rows}))
+    x, target = torch.randn(9, 8), torch.randint(0, 11, (9,))
+    torch.testing.assert_close(program.module()(x, target), model(x, target))
 
 
 def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,

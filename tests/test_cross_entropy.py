@@ -4,12 +4,11 @@ import copy
 
 import pytest
 import torch
-import torch._dynamo.testing
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import (DEVICES, KERNEL_BACKENDS, assert_close_to_reference, assert_second_derivative_raises,
-                      device_of, fastlm_ops_called, skip_unless_runs)
+from conftest import (DEVICES, KERNEL_BACKENDS, assert_close_to_reference, assert_one_graph_for_every_batch_size,
+                      assert_second_derivative_raises, device_of, fastlm_ops_called, skip_unless_runs)
 
 import fastlm
 from fastlm import backends
@@ -559,11 +558,12 @@ def test_compiles_without_graph_breaks(backend):
 
 
 class LossOfHead(torch.nn.Module):
-    """A linear head and fastlm's loss module, to export."""
+    """A linear head and fastlm's loss module."""
 
-    def __init__(self, head, backend):
+    def __init__(self, reduction, backend):
         super().__init__()
-        self.head, self.loss = head, fastlm.nn.CrossEntropyLoss(backend=backend)
+        self.head = torch.nn.Linear(8, 11)
+        self.loss = fastlm.nn.CrossEntropyLoss(reduction=reduction, backend=backend)
 
     def forward(self, x, target):
         return self.loss(self.head(x), target)
@@ -572,31 +572,8 @@ class LossOfHead(torch.nn.Module):
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_one_graph_for_every_batch_size(backend, reduction):
-    """With dynamic shapes, torch.compile traces the loss once for all batch sizes, backward included, and
-    torch.export keeps the batch dimension symbolic."""
     skip_unless_runs(backend)
-    torch._dynamo.reset()
-    head = torch.nn.Linear(8, 11)
-
-    def forward(x, target):
-        return cross_entropy(head(x), target, reduction=reduction, backend=backend).sum()
-
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")  # AOT traces the backward too
-    compiled = torch.compile(forward, dynamic=True, fullgraph=True, backend=counter)
-    for rows in (3, 4, 7, 10):
-        x, target = torch.randn(rows, 8), torch.randint(0, 11, (rows,))
-        compiled(x, target).backward()
-        expected_grad = head.weight.grad.clone()
-        head.weight.grad = None
-        forward(x, target).backward()
-        torch.testing.assert_close(expected_grad, head.weight.grad)
-        head.weight.grad = None
-    assert len([graph for graph in counter.graphs if "cross_entropy" in graph.code]) == 1
-    rows = torch.export.Dim("rows", min=2, max=1024)
-    program = torch.export.export(LossOfHead(head, backend), (torch.randn(6, 8), torch.randint(0, 11, (6,))),
-                                  dynamic_shapes=({0: rows}, {0: rows}))
-    x, target = torch.randn(9, 8), torch.randint(0, 11, (9,))
-    torch.testing.assert_close(program.module()(x, target), LossOfHead(head, backend)(x, target))
+    assert_one_graph_for_every_batch_size(LossOfHead(reduction, backend), reduction, "cross_entropy")
 
 
 def test_module_is_a_drop_in_for_torch():

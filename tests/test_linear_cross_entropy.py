@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-import torch._dynamo.testing
 import torch.nn.functional as F
 from conftest import (
     KERNEL_BACKENDS,
     assert_close_to_reference,
+    assert_one_graph_for_every_batch_size,
     assert_second_derivative_raises,
     device_of,
     fastlm_ops_called,
@@ -237,12 +237,12 @@ def test_chunk_op_opcheck(backend, wanted):
 
 
 class HeadLoss(torch.nn.Module):
-    """A linear head and fastlm's fused loss module, to export."""
+    """A linear head fused with its loss (chunks of 3 rows, so export is run past the chunk size)."""
 
-    def __init__(self, backend):
+    def __init__(self, reduction, backend):
         super().__init__()
         self.head = torch.nn.Linear(8, 11)
-        self.loss = fastlm.nn.LinearCrossEntropyLoss(chunk_size=3, backend=backend)
+        self.loss = fastlm.nn.LinearCrossEntropyLoss(reduction=reduction, chunk_size=3, backend=backend)
 
     def forward(self, x, target):
         return self.loss(x, self.head.weight, target, self.head.bias)
@@ -251,30 +251,8 @@ class HeadLoss(torch.nn.Module):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_one_graph_for_every_batch_size(backend, reduction):
-    """With dynamic shapes, torch.compile traces the chunked loss once for all batch sizes, backward included,
-    and torch.export keeps the batch dimension symbolic, also past the chunk size it was exported at."""
     skip_unless_runs(backend)
-    torch._dynamo.reset()
-    model = HeadLoss(backend)
-    model.loss.reduction = reduction
-
-    def forward(x, target):
-        return model(x, target).sum()
-
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")  # AOT traces the backward too
-    compiled = torch.compile(forward, dynamic=True, fullgraph=True, backend=counter)
-    for rows in (3, 4, 7, 10):
-        x, target = torch.randn(rows, 8, requires_grad=True), torch.randint(0, 11, (rows,))
-        compiled(x, target).backward()
-        got, x.grad = x.grad, None
-        F.cross_entropy(model.head(x), target, reduction=reduction).sum().backward()
-        torch.testing.assert_close(got, x.grad)
-    assert len([graph for graph in counter.graphs if "linear_cross_entropy" in graph.code]) == 1
-    rows = torch.export.Dim("rows", min=2, max=1024)
-    program = torch.export.export(model, (torch.randn(4, 8), torch.randint(0, 11, (4,))),
-                                  dynamic_shapes=({0: rows}, {0: rows}))
-    x, target = torch.randn(9, 8), torch.randint(0, 11, (9,))
-    torch.testing.assert_close(program.module()(x, target), model(x, target))
+    assert_one_graph_for_every_batch_size(HeadLoss(reduction, backend), reduction, "linear_cross_entropy")
 
 
 def test_second_derivative_raises():
