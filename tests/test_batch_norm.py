@@ -530,7 +530,7 @@ def test_strided_running_stats_are_updated(backend):
 @pytest.mark.parametrize("shape", [(4097, 3), (1500, 3, 2)])
 def test_statistics_far_from_zero(backend, shape):
     """A channel of one value far from 0 normalises to exactly its bias (its variance is 0, not the rounding of an
-    fp32 mean: 0.3 off at 10000.1 before), one of tiny spread about 1e4 to its float64 statistics."""
+    fp32 mean: 1.0 off at 10000.1 before), one of tiny spread about 1e4 to its float64 statistics."""
     device = device_of(backend)
     skip_unless_runs(backend, device)
     torch.manual_seed(5)
