@@ -52,28 +52,33 @@ class KernelOp {
 };
 
 // The gradients `backward()` computes: without recording, then, where the graph of this backward is being built
-// (create_graph, the only time grad mode is on in a backward), behind a node that raises if anything
+// (create_graph, the only time grad mode is on in a backward), as outputs of a node that raises if anything
 // differentiates through them. The kernel ops have no autograd of their own, so a second derivative through them
-// would otherwise come out as zeros, with a mere warning. Unlike torch.autograd.function.once_differentiable,
-// this does not wait for an upstream gradient that requires grad: the gradients also depend on the saved inputs
-// (the logits of a loss whose upstream gradient is a plain 1), and a gradient penalty through them must not
-// silently lose its second-order term.
+// would otherwise come out as zeros, with a mere warning. That node's edges lead to what the gradients depend on,
+// the saved tensors and the upstream gradients, so that torch.autograd.grad(penalty, inputs=x) reaches it and
+// raises too. (torch.autograd.function.once_differentiable hangs its node on detached copies: asked for x's
+// gradient alone, autograd never visits it, and a gradient penalty silently loses its second-order term.)
 template <typename Backward>
-variable_list once_differentiable(const char* op, const Backward& backward) {
-  const bool record = at::GradMode::is_enabled();
+variable_list once_differentiable(const char* op, AutogradContext* ctx, const variable_list& upstream,
+                                  const Backward& backward) {
+  if (!at::GradMode::is_enabled()) {
+    at::NoGradGuard no_grad;
+    return backward();
+  }
+  variable_list depends_on = ctx->get_saved_variables();  // unpacked before backward() may write over one
+  depends_on.insert(depends_on.end(), upstream.begin(), upstream.end());
   variable_list grads;
   {
     at::NoGradGuard no_grad;
     grads = backward();
   }
-  if (!record) return grads;
-  for (Tensor& grad : grads) {  // the node's output has a grad_fn only if an input of it requires grad
-    if (grad.defined()) grad = grad.detach().requires_grad_();
-  }
-  const auto size = int64_t(grads.size());
-  return torch::autograd::DelayedError(std::string(op) + ": its backward cannot be differentiated (double backward)",
-                                       size)
-      .apply(std::move(grads));
+  const auto size = grads.size();
+  grads.insert(grads.end(), depends_on.begin(), depends_on.end());
+  grads = torch::autograd::DelayedError(std::string(op) + ": its backward cannot be differentiated (double backward)",
+                                        int64_t(grads.size()))
+              .apply(std::move(grads));
+  grads.resize(size);
+  return grads;
 }
 
 }  // namespace fastlm::autograd_op

@@ -79,7 +79,7 @@ struct BatchNorm : torch::autograd::Function<BatchNorm> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const KernelOp<BackwardOp> backward_op("batch_norm_backward");
-    return once_differentiable("fastlm::batch_norm", [&]() -> variable_list {
+    return once_differentiable("fastlm::batch_norm", ctx, grads, [&]() -> variable_list {
       const variable_list saved = ctx->get_saved_variables();
       const OptionalTensor weight = present(saved[4]), bias = present(saved[5]);
       auto [grad_input, grad_weight, grad_bias] = backward_op.kernels(ctx->saved_data["triton"].toBool()).call(

@@ -64,7 +64,7 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
     static const KernelOp<BackwardOp> backward_op("cross_entropy_backward");
     static const KernelOp<BackwardInPlaceOp> backward_in_place("cross_entropy_backward_");
     if (!grads[0].defined()) return variable_list(6);  // no gradient reached the loss (gradcheck tries this)
-    return once_differentiable("fastlm::cross_entropy", [&]() -> variable_list {
+    return once_differentiable("fastlm::cross_entropy", ctx, grads, [&]() -> variable_list {
       const Options o = Options::saved(ctx);
       variable_list result(6);
       auto held = ctx->saved_data.find("grad");

@@ -38,7 +38,7 @@ struct EmbeddingLinear : torch::autograd::Function<EmbeddingLinear> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const KernelOp<BackwardOp> backward_op("embedding_linear_backward");
-    return once_differentiable("fastlm::embedding_linear", [&]() -> variable_list {
+    return once_differentiable("fastlm::embedding_linear", ctx, grads, [&]() -> variable_list {
       const variable_list saved = ctx->get_saved_variables();
       const bool has_bias = ctx->saved_data["has_bias"].toBool();
       // Deterministic mode is read when the backward runs, as torch's own scatter backwards read it.

@@ -154,7 +154,7 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return variable_list(8);  // no gradient reached the loss (gradcheck tries this)
-    return once_differentiable("fastlm::linear_cross_entropy", [&]() -> variable_list {
+    return once_differentiable("fastlm::linear_cross_entropy", ctx, grads, [&]() -> variable_list {
       const variable_list saved = ctx->get_saved_variables();
       const std::array<at::ScalarType, 3> dtypes{saved[0].scalar_type(), saved[1].scalar_type(),
                                                  saved[0].scalar_type()};

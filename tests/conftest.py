@@ -42,8 +42,11 @@ def assert_second_derivative_raises(loss: torch.Tensor, wrt: torch.Tensor) -> No
     coming out zero (or dropping the second-order term), whether or not the upstream gradient ``loss`` gives the
     op itself needs a gradient."""
     (grad,) = torch.autograd.grad(loss, wrt, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate"):
-        grad.sum().backward()
+    penalty = (grad * torch.rand_like(grad)).sum()
+    with pytest.raises(RuntimeError, match="cannot be differentiated"):  # asked for wrt's gradient alone
+        torch.autograd.grad(penalty + wrt.sum(), wrt, retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot be differentiated"):
+        penalty.backward()
 
 
 def device_of(backend: str) -> str:

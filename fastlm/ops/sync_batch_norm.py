@@ -68,13 +68,23 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        # The saved tensors go in as arguments so that once_differentiable's guard sees the input that requires
-        # grad, not only the upstream gradient (a plain 1 under a loss): differentiating these gradients raises.
-        return SyncBatchNormFunction._backward(ctx, grad_output, *ctx.saved_tensors)
+        saved = ctx.saved_tensors
+        with torch.no_grad():
+            grads = SyncBatchNormFunction._gradients(ctx, grad_output, *saved)
+        if not torch.is_grad_enabled():
+            return grads
+        # Building the graph of this backward (create_graph): the gradients come out of a node that raises if
+        # anything differentiates through them, with edges to what they depend on, so that asking for the input's
+        # gradient alone reaches it too (torch's once_differentiable hangs its node on detached copies, which
+        # autograd.grad(penalty, inputs=x) never visits: the second-order term would silently be lost).
+        depends_on = (grad_output, *saved)
+        error = torch._C._functions.DelayedError(
+            b"fastlm.sync_batch_norm: its backward cannot be differentiated (double backward)",
+            len(grads) + len(depends_on))
+        return error(*grads, *depends_on)[:len(grads)]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def _backward(ctx, grad_output, input, output, mean, invstd, weight):
+    def _gradients(ctx, grad_output, input, output, mean, invstd, weight):
         total, unbiased, activation, process_group, backend = ctx.config
         ops = kernel_ops(backend)
         grad_output = grad_output.contiguous()
