@@ -277,6 +277,35 @@ def test_torch_compile_has_no_graph_break(backend):
     torch.testing.assert_close(fused.embedding.weight.grad, embedding.weight.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_dynamic_batch_traces_without_pinning_its_size():
+    """With a symbolic batch, the strategy is chosen without a branch on its size: torch.compile(dynamic=True)
+    traces one graph for every batch size and torch.export takes an unbounded batch dimension (each failed on a
+    guard on the batch size); the product table where it wins over the whole range the trace allows."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    fused = fastlm.nn.EmbeddingLinear(27, 10, 3, 200)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fused, dynamic=True, fullgraph=True, backend=counter)
+    for batch in (5, 32, 4096):
+        idx = torch.randint(0, 27, (batch, 3))
+        torch.testing.assert_close(compiled(idx), fused(idx))
+    assert counter.frame_count == 1
+
+    def strategies(program):
+        return [node.args[4] for node in program.graph.nodes if node.target == torch.ops.fastlm.embedding_linear.default]
+
+    unbounded = torch.export.export(fused, (torch.randint(0, 27, (4096, 3)),),
+                                    dynamic_shapes={"idx": {0: torch.export.Dim("batch")}})
+    assert strategies(unbounded) == [0]  # the gather-GEMM: a small batch is possible
+    large = torch.export.export(fused, (torch.randint(0, 27, (4096, 3)),),
+                                dynamic_shapes={"idx": {0: torch.export.Dim("batch", min=4000)}})
+    assert strategies(large) == [1]
+    for program, batches in ((unbounded, (5, 4096)), (large, (4000, 5000))):
+        for batch in batches:
+            idx = torch.randint(0, 27, (batch, 3))
+            torch.testing.assert_close(program.module()(idx), fused(idx))
+
+
 def test_module_round_trips_torch_modules_exactly():
     embedding = nn.Embedding(27, 10, padding_idx=0)
     linear = nn.Linear(30, 200)
