@@ -51,6 +51,17 @@ class KernelOp {
   mutable std::optional<c10::TypedOperatorHandle<Signature>> handle_[2];
 };
 
+// Whether a tensor is batched by vmap (torch.func's, or the one behind is_grads_batched and
+// jacobian(vectorize=True)): it has no one value to read, and cannot be written into a plain tensor in place.
+inline bool is_batched(const Tensor& t) {
+  constexpr auto batched = c10::DispatchKeySet({c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched});
+  return t.defined() && t.key_set().has_any(batched);
+}
+
+// A gradient this backward owns (nothing else holds it), scaled by the upstream gradient: in place, unless that
+// is batched.
+inline Tensor scale_owned(Tensor grad, const Tensor& by) { return is_batched(by) ? grad.mul(by) : grad.mul_(by); }
+
 // The gradients `backward()` computes: without recording, then, where the graph of this backward is being built
 // (create_graph, the only time grad mode is on in a backward), as outputs of a node that raises if anything
 // differentiates through them. The kernel ops have no autograd of their own, so a second derivative through them
@@ -64,6 +75,12 @@ variable_list once_differentiable(const char* op, AutogradContext* ctx, const va
   if (!at::GradMode::is_enabled()) {
     at::NoGradGuard no_grad;
     return backward();
+  }
+  for (const Tensor& grad : upstream) {
+    // Batched gradients cannot hang on the node below (its outputs would lose their batch dimension), and a graph
+    // asked of a batched backward (jacobian(vectorize=True, create_graph=True)) is there to be differentiated.
+    TORCH_CHECK(!is_batched(grad), op, ": its backward cannot be differentiated (double backward), and "
+                "create_graph=True with batched gradients (is_grads_batched, jacobian(vectorize=True)) asks for that");
   }
   variable_list depends_on = ctx->get_saved_variables();  // unpacked before backward() may write over one
   depends_on.insert(depends_on.end(), upstream.begin(), upstream.end());

@@ -4,7 +4,7 @@
 // What it does: when the logits need a gradient, the forward runs cross_entropy_forward_backward, which computes
 // the gradient for an upstream gradient of 1 at once (one exponential per logit), and the backward hands that
 // buffer out once, scaled in place only when the upstream gradient is not exactly 1. A second backward through a
-// retained graph recomputes it from the saved logits and log-sum-exp. With inplace_backward the forward computes
+// retained graph runs that kernel again. With inplace_backward the forward computes
 // the loss alone and the backward writes the gradient over the logits, bumping their version so that any other
 // saved use of them fails autograd's check instead of reading gradients.
 // Device-generic (or the Triton kernels'), inference mode and torch.compile as csrc/batch_norm_autograd.cpp.
@@ -25,11 +25,12 @@ std::tuple<Tensor, Tensor> forward_only(const Tensor& logits, const Tensor& targ
                                         o.lse_square_scale);
 }
 
+const KernelOp<ForwardBackwardOp> forward_backward("cross_entropy_forward_backward");
+
 struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& target,
                                const OptionalTensor& weight, const Options& o, bool inplace_backward,
                                bool grad_wanted) {
-    static const KernelOp<ForwardBackwardOp> forward_backward("cross_entropy_forward_backward");
     const auto dtype = math_dtype(logits);
     const Tensor denominator =
         o.reduction == Reduction::mean ? mean_denominator(target, weight, o.ignore_index, dtype) : Tensor();
@@ -61,7 +62,6 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const KernelOp<BackwardOp> backward_op("cross_entropy_backward");
     static const KernelOp<BackwardInPlaceOp> backward_in_place("cross_entropy_backward_");
     if (!grads[0].defined()) return variable_list(6);  // no gradient reached the loss (gradcheck tries this)
     return once_differentiable("fastlm::cross_entropy", ctx, grads, [&]() -> variable_list {
@@ -71,7 +71,7 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
       if (held != ctx->saved_data.end()) {
         Tensor grad = held->second.toTensor();
         ctx->saved_data.erase(held);  // handed out once: nothing else holds it, so it is scaled in place
-        result[0] = scale_in_place(std::move(grad), grads[0], o.reduction);
+        result[0] = scale_owned_grad(std::move(grad), grads[0], o.reduction);
         return result;
       }
       const variable_list saved = ctx->get_saved_variables();
@@ -85,8 +85,10 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
         torch::autograd::impl::bump_version(logits);
         result[0] = logits;
       } else {
-        result[0] = backward_op.kernels(o.triton).call(logits, target, weight, lse, grad_rows, o.ignore_index,
-                                                       o.label_smoothing, o.lse_square_scale);
+        // The forward's kernel again, rather than exp(x - lse): a gradient bitwise equal to the first backward's
+        // for the same upstream gradient (gradcheck's reentrancy check), and as exact far from 0.
+        result[0] = std::get<2>(forward_backward.kernels(o.triton).call(
+            logits, target, weight, grad_rows, o.ignore_index, o.label_smoothing, o.lse_square_scale));
       }
       return result;
     });

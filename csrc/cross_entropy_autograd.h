@@ -20,6 +20,9 @@
 
 namespace fastlm::cross_entropy_shared {
 
+using autograd_op::is_batched;
+using autograd_op::scale_owned;
+
 using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
 
@@ -66,10 +69,11 @@ struct Options {
 };
 
 // Whether a tensor holds values this code may read: not a fake or functional tensor of torch.compile's tracing,
-// and not on a stream being captured into a CUDA graph (reading a GPU value syncs, which capture forbids).
+// not batched by vmap, and not on a stream being captured into a CUDA graph (reading a GPU value syncs, which
+// capture forbids).
 inline bool values_readable(const Tensor& t) {
   constexpr auto traced = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
-  if (t.key_set().has_any(traced) || t.is_meta()) return false;
+  if (t.key_set().has_any(traced) || is_batched(t) || t.is_meta()) return false;
   if (t.is_cpu()) return true;
   const c10::impl::VirtualGuardImpl guard(t.device().type());
   return !guard.isStreamCapturing(guard.getStream(t.device()));
@@ -108,7 +112,7 @@ inline Tensor grad_per_row(const Tensor& grad_loss, Reduction reduction, const T
                            const c10::SymInt& num_rows, at::ScalarType dtype) {
   Tensor grad = grad_loss.to(dtype);
   if (reduction == Reduction::mean) grad = grad.div(denominator);
-  if (grad.dim() == 0) return at::empty_symint({num_rows}, grad.options()).fill_(grad);
+  if (grad.dim() == 0 && !is_batched(grad)) return at::empty_symint({num_rows}, grad.options()).fill_(grad);
   return grad.expand_symint({num_rows}).contiguous();
 }
 
@@ -118,10 +122,11 @@ inline bool is_exactly_one(const Tensor& grad_loss) {
   return values_readable(grad_loss) && grad_loss.item<double>() == 1.0;
 }
 
-// Multiplies a gradient made for an upstream gradient of 1 by the real one (per row for reduction 'none').
-inline Tensor scale_in_place(Tensor grad, const Tensor& grad_loss, Reduction reduction) {
-  if (reduction == Reduction::none) return grad.mul_(grad_loss.unsqueeze(1));
-  return is_exactly_one(grad_loss) ? grad : grad.mul_(grad_loss);
+// Multiplies a gradient made for an upstream gradient of 1, which nothing else holds, by the real one (per row
+// for reduction 'none').
+inline Tensor scale_owned_grad(Tensor grad, const Tensor& grad_loss, Reduction reduction) {
+  if (reduction == Reduction::none) return scale_owned(std::move(grad), grad_loss.unsqueeze(1));
+  return is_exactly_one(grad_loss) ? grad : scale_owned(std::move(grad), grad_loss);
 }
 
 // Whether the in-place backward can write the gradient straight over these logits: a dtype the kernel writes

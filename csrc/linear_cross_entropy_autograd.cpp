@@ -169,7 +169,7 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
           if (held == ctx->saved_data.end()) continue;
           made[i] = held->second.toTensor();
           ctx->saved_data.erase(held);
-          if (!unit) made[i].mul_(grads[0]);
+          if (!unit) made[i] = scale_owned(std::move(made[i]), grads[0]);
         }
         made = in_dtypes(std::move(made), dtypes);
         std::copy(made.begin(), made.end(), result.begin());

@@ -216,7 +216,8 @@ def cross_entropy(
     targets of the input's shape) go to ``F.cross_entropy`` itself, unfused.
 
     Extra options: ``lse_square_scale`` adds the z-loss ``scale * lse**2`` of each non-ignored row;
-    ``return_lse=True`` returns ``(loss, lse)`` with the fp32 per-row log-sum-exp; ``inplace_backward=True``
+    ``return_lse=True`` returns ``(loss, lse)`` with the fp32 per-row log-sum-exp, without a gradient (a z-loss
+    goes through ``lse_square_scale``); ``inplace_backward=True``
     writes the gradient over ``input`` during backward (``input`` then holds the gradient, and autograd
     refuses any other use of it that needed its values; (N, C, d1, ...) input whose rows are not contiguous is
     copied into rows first, and the copy takes the gradient); ``backend`` forces a backend for this call.
