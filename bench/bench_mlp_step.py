@@ -2,7 +2,7 @@
 against its plain-PyTorch twin eager and under torch.compile: `fastlm bench --op mlp_step`, kept as a script for
 checkouts. The cases live in fastlm/benchmark.py.
 
-    python bench/bench_mlp_step.py [--device cpu|cuda] [--mode fwd|bwd|full] [--quick] [--sizes ...] [--out DIR]
+    python bench/bench_mlp_step.py [--device cpu|cuda] [--quick] [--sizes ...] [--out DIR]
 """
 
 import sys

@@ -251,14 +251,12 @@ def failure(error: Exception, device: str) -> str:
     return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
-def run_problem(op: str, problem: Problem, device: str, mode: str, copy_gbs: float | None,
-                on_provider: Callable[[str], None] = lambda name: None) -> list[Row]:
+def run_problem(op: str, problem: Problem, device: str, mode: str, copy_gbs: float | None) -> list[Row]:
     """Times every provider of the problem side by side, in turns; ratios are over the 'eager' provider. A
     provider that raises, warming up or timed, leaves the turns and is reported by its error."""
     torch.compiler.reset()  # each case compiles afresh, for its own shapes, inside its own warm-up
     steps, compile_s, errors = {}, {}, {}
     for provider in problem.forwards:
-        on_provider(provider)
         try:
             setup, run = step(problem, provider, mode)
             compile_s[provider] = warm_up(run, device, setup)

@@ -35,7 +35,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 class TrainConfig:
     # None: the model's lecture recipe (fastlm.models: mlp-bn is 200k steps of batch 32, SGD, lr 0.1 then 0.01
     # after half; the neural bigram 100 full-batch steps at lr 50). batch_size 0: the whole training split.
-    model: str = "mlp-bn"
+    model: str = models.DEFAULT_MODEL
     steps: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -125,9 +125,7 @@ def load_dataset(config: TrainConfig, device: torch.device) -> Dataset:
 
 
 def context_of(config: TrainConfig) -> int:
-    if config.context is not None:
-        return config.context
-    return 1 if config.model.startswith("bigram") else 3
+    return models.default_context(config.model) if config.context is None else config.context
 
 
 def build_model(config: TrainConfig, vocab_size: int, fused: bool, device: torch.device) -> nn.Module:

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.kernels import launch
+
 # --- shared helpers ------------------------------------------------------------------------------------
 
 
@@ -76,7 +78,7 @@ def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b, ACC: tl.constexpr):
 
 @triton.jit
 def _scalar(hi, lo, ACC: tl.constexpr):
-    return tl.zeros([], ACC) + hi + lo  # fp32 hi + lo pairs (see _split), exact enough for fp64
+    return tl.zeros([], ACC) + hi + lo  # fp32 hi + lo pairs (see launch.split_double), exact enough for fp64
 
 
 @triton.jit
@@ -272,8 +274,6 @@ def _backward_input_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, mean_ptr, invstd_ptr, w
 
 # --- launchers -----------------------------------------------------------------------------------------
 
-_MATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
-         torch.float64: torch.float64}
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 # Tile and grid sizes. On a GPU a tile is 4096 elements (16 fp32 per thread at 8 warps, loaded as 16-byte
@@ -288,16 +288,6 @@ _INTERPRETER = dict(tile=16384, max_c=256, programs=6, combine_k=4)
 _COMBINE_C = 64
 
 
-def _np2(v):
-    return triton.next_power_of_2(max(v, 1))
-
-
-def _split(v):
-    # v as fp32 hi + fp32 lo: Triton passes Python floats as fp32, and fp64 math wants v to ~48 bits.
-    hi = float(torch.tensor(v, dtype=torch.float32))
-    return hi, (v - hi if math.isfinite(hi) else 0.0)
-
-
 class _Plan:
     """The (N, C, L) view of a contiguous input and how its kernels cut it up."""
 
@@ -307,9 +297,9 @@ class _Plan:
         self.C, self.n = C, N * L
         if C == 1:  # one channel: (N, 1, L) is (1, 1, N*L), which the kernels read along the contiguous L
             N, L = 1, N * L
-        self.acc = _MATH[x.dtype]
-        sizes = _INTERPRETER if x.device.type == "cpu" else _GPU
-        tile, np2 = sizes["tile"], _np2
+        self.acc = launch.MATH_DTYPE[x.dtype]
+        sizes = _INTERPRETER if launch.interpreted(x.device) else _GPU
+        tile, np2 = sizes["tile"], launch.next_power_of_2
         block_l = min(np2(L), tile)
         block_c = min(np2(C), sizes["max_c"], tile // block_l)
         block_n = min(np2(N), tile // (block_c * block_l))
@@ -339,7 +329,7 @@ class _Plan:
 def _input(op, input):
     if input.dim() not in (2, 3):
         raise ValueError(f"fastlm batch_norm {op}: input must be 2D (N, C) or 3D (N, C, L), got {input.dim()}D")
-    if input.dtype not in _MATH:
+    if input.dtype not in launch.MATH_DTYPE:
         raise ValueError(f"fastlm batch_norm {op}: input must be float16/bfloat16/float32/float64, got {input.dtype}")
     x = input.contiguous()
     return x, _Plan(x)
@@ -381,8 +371,9 @@ def _stats(x, plan, out, train=False, running_mean=None, running_var=None, momen
     _stats_partial_kernel[plan.grid](x, part_mean, part_m2, part_count, *plan.shape_args, **plan.meta)
     _stats_combine_kernel[plan.combine_grid](
         part_mean, part_m2, part_count, plan.chunks, plan.C, mean, out, mean if running_mean is None else running_mean,
-        mean if running_var is None else running_var, *_split(float(momentum)), *_split(float(eps)), TRAIN=train,
-        UNBIASED=unbiased, HAS_RM=running_mean is not None, HAS_RV=running_var is not None, **plan.combine)
+        mean if running_var is None else running_var, *launch.split_double(float(momentum)),
+        *launch.split_double(float(eps)), TRAIN=train, UNBIASED=unbiased, HAS_RM=running_mean is not None,
+        HAS_RV=running_var is not None, **plan.combine)
     return mean
 
 
@@ -464,8 +455,9 @@ def _backward_input(x, plan, dy, y, mean, invstd, weight, sum_dz, sum_dzx, mean_
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if not plan.empty:
         _backward_input_kernel[plan.grid](dy, x, y, dx, mean, invstd, x if weight is None else weight, sum_dz,
-                                          sum_dzx, *_split(float(mean_scale)), *_split(float(xhat_scale)),
-                                          *plan.shape_args, HAS_W=weight is not None, ACT=activation, **plan.meta)
+                                          sum_dzx, *launch.split_double(float(mean_scale)),
+                                          *launch.split_double(float(xhat_scale)), *plan.shape_args,
+                                          HAS_W=weight is not None, ACT=activation, **plan.meta)
     return dx
 
 

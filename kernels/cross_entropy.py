@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from fastlm import backends
+from fastlm.kernels import launch
 
 
 @triton.jit
@@ -29,7 +30,7 @@ def _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C, igno
     # (the launchers reject such targets before getting here).
     t = tl.load(target_ptr + row).to(tl.int64)
     valid = (t != ignore_index) & (t >= 0) & (t < C)
-    # e and s arrive as fp32 hi/lo pairs (see _split); summed in ACC they are exact enough for fp64.
+    # e and s arrive as fp32 hi/lo pairs (see launch.split_double); summed in ACC they are exact enough for fp64.
     e = tl.zeros([], ACC) + e_hi + e_lo
     s = tl.zeros([], ACC) + s_hi + s_lo
     if HAS_WEIGHT:
@@ -149,22 +150,12 @@ def _forward_backward_kernel(logits_ptr, stride_row, target_ptr, weight_ptr, wsu
               HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
 
 
-_MATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
-         torch.float64: torch.float64}
-
-
-def _split(v):
-    # v as fp32 hi + fp32 lo: Triton passes Python floats as fp32, and fp64 math wants v to ~48 bits.
-    hi = float(torch.tensor(v, dtype=torch.float32))
-    return hi, v - hi
-
-
-def _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale, block_c):
+def _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale):
     """Validates the inputs like the C++ ops. Returns (logits with unit column stride, the leading kernel
     arguments shared by all three kernels, the math dtype, the kernels' constexprs and launch options)."""
     if logits.dim() != 2:
         raise ValueError(f"fastlm cross_entropy: logits must be 2D (N, C), got {logits.dim()}D")
-    if logits.dtype not in _MATH:
+    if logits.dtype not in launch.MATH_DTYPE:
         raise ValueError(f"fastlm cross_entropy: logits must be float16/bfloat16/float32/float64, got {logits.dtype}")
     N, C = logits.shape
     if target.dim() != 1 or target.shape[0] != N:
@@ -187,18 +178,17 @@ def _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_s
                              f"[0, {C}) or ignore_index ({ignore_index})")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    acc = _MATH[logits.dtype]
+    acc = launch.MATH_DTYPE[logits.dtype]
     has_weight = weight is not None
     if has_weight:
         weight = weight.contiguous()
         wsum = weight.sum(dtype=acc)
     else:  # never read (HAS_WEIGHT is False): any tensor will do as the pointer
         weight = wsum = logits
-    if block_c is None:  # the interpreter runs numpy per block, so big blocks are cheap there too
-        block_c = 4096 if logits.is_cuda else 1024
-    block_c = min(triton.next_power_of_2(max(C, 1)), block_c)
+    # the interpreter runs numpy per block, so big blocks are cheap there too
+    block_c = min(triton.next_power_of_2(max(C, 1)), 1024 if launch.interpreted(logits.device) else 4096)
     args = (logits, logits.stride(0), target.contiguous(), weight, wsum, C, ignore_index,
-            *_split(float(label_smoothing)), *_split(float(lse_square_scale)))
+            *launch.split_double(float(label_smoothing)), *launch.split_double(float(lse_square_scale)))
     # Rows are independent and memory-bound: a block of 4096 is 16 fp32 loads per thread at 8 warps.
     meta = dict(HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing != 0,
                 ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_C=block_c,
@@ -222,10 +212,9 @@ def _new_rows(logits, acc):
     return torch.empty(N, dtype=acc, device=logits.device), torch.empty(N, dtype=acc, device=logits.device)
 
 
-def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale, block_c=None):
+def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale):
     """Per-row loss and log-sum-exp of logits (N, C); both (N,), float32 (float64 for float64 logits)."""
-    logits, args, acc, meta = _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale,
-                                       block_c)
+    logits, args, acc, meta = _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
     loss, lse = _new_rows(logits, acc)
     if logits.shape[0] > 0:
         _forward_kernel[(logits.shape[0],)](*args, loss, lse, **meta)
@@ -233,10 +222,9 @@ def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing,
 
 
 def cross_entropy_backward_into(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing,
-                                lse_square_scale, grad, block_c=None):
+                                lse_square_scale, grad):
     """Writes grad_loss[i] * dloss_i/dlogits into grad (N, C), which may be logits itself."""
-    logits, args, acc, meta = _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale,
-                                       block_c)
+    logits, args, acc, meta = _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
     if grad.shape != logits.shape or grad.dtype != logits.dtype or grad.device != logits.device:
         raise ValueError(f"fastlm cross_entropy backward: grad must be {tuple(logits.shape)} {logits.dtype} on "
                          f"{logits.device}, got {tuple(grad.shape)} {grad.dtype} on {grad.device}")
@@ -252,11 +240,10 @@ def cross_entropy_backward_into(logits, target, weight, lse, grad_loss, ignore_i
 
 
 def cross_entropy_forward_backward(logits, target, weight, grad_loss, ignore_index, label_smoothing,
-                                   lse_square_scale, block_c=None):
+                                   lse_square_scale):
     """cross_entropy_forward's (loss, lse) plus the gradient cross_entropy_backward_into would write for
     grad_loss (N,), as a new contiguous tensor in logits' dtype: one launch, one program per row."""
-    logits, args, acc, meta = _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale,
-                                       block_c)
+    logits, args, acc, meta = _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
     _check_rows("forward_backward", logits, grad_loss=grad_loss)
     loss, lse = _new_rows(logits, acc)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)

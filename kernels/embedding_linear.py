@@ -22,11 +22,12 @@
 # (tl.dot has no fp64 on most GPUs). y and d(table) come back in the table's dtype, dW and db in the
 # weight's. Offsets into idx, table and every buffer are int64.
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fastlm.kernels import launch
 
 # --- kernels -------------------------------------------------------------------------------------------
 
@@ -135,17 +136,9 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def _interpreted(device):
-    return device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _np2(v, lo=1):
-    return max(triton.next_power_of_2(max(v, 1)), lo)
-
-
 def _use_atomics(deterministic, device):
     """Atomic scatters only where asked for and on a real GPU (the interpreter gains nothing from them)."""
-    return not deterministic and device.type == "cuda" and not _interpreted(device)
+    return not deterministic and device.type == "cuda" and not launch.interpreted(device)
 
 
 class _Math:
@@ -158,7 +151,7 @@ class _Math:
         # The interpreter's tl.dot misreads bf16 operands (their raw bits), so it gets them upcast to fp32,
         # which is exact: the products and the fp32 sums are the same math.
         same_half = (table.dtype == weight.dtype and table.dtype in (torch.float16, torch.bfloat16)
-                     and not _interpreted(table.device))
+                     and not launch.interpreted(table.device))
         self.operand = _TL[table.dtype] if same_half else tl.float32
         # fp32 operands: exact fp32 products unless torch itself allows TF32 for matmuls (as F.linear does).
         tf32 = not same_half and table.is_cuda and cuda_matmul_allows_tf32()
@@ -207,8 +200,9 @@ def _gemm(a, a_strides, b, b_strides, c, M, N, K, math, idx=None, T=1, D=1, gath
             c += bias
         return c
     dev = c.device
-    if _interpreted(dev):  # the interpreter pays per program and per step, not per element: big tiles
-        bm, bn, bk = min(_np2(M, 16), 64), min(_np2(N, 16), 256), min(_np2(K, 16), 64)
+    if launch.interpreted(dev):  # the interpreter pays per program and per step, not per element: big tiles
+        np2 = launch.next_power_of_2
+        bm, bn, bk = min(np2(M, 16), 64), min(np2(N, 16), 256), min(np2(K, 16), 64)
         warps = 4
     elif math.dot:
         bm, bn, bk = 64, (128 if N >= 128 else 64), 32
@@ -236,7 +230,7 @@ def _scatter_rows(src, keys, n_keys, div, out, math, deterministic, pad_key=-1):
     if R == 0:
         return out.zero_()
     if _use_atomics(deterministic, dev):
-        bo, bc = 32, min(_np2(C), 128)
+        bo, bc = 32, min(launch.next_power_of_2(C), 128)
         buf = out if out.dtype == math.acc and out.is_contiguous() else torch.empty(out.shape, dtype=math.acc,
                                                                                     device=dev)
         buf.zero_()
@@ -250,10 +244,10 @@ def _scatter_rows(src, keys, n_keys, div, out, math, deterministic, pad_key=-1):
         return out
     sorted_keys, perm = torch.sort(keys, stable=True)
     offsets = torch.searchsorted(sorted_keys, torch.arange(n_keys + 1, dtype=torch.int64, device=dev))
-    if _interpreted(dev):
-        bo, bc, piece = 16, min(_np2(C), 1024), 512
+    if launch.interpreted(dev):
+        bo, bc, piece = 16, min(launch.next_power_of_2(C), 1024), 512
     else:
-        bo, bc, piece = 16, min(_np2(C), 128), 128
+        bo, bc, piece = 16, min(launch.next_power_of_2(C), 128), 128
 
     def segment_sum(source, starts, ends, dst, permuted, pad):
         grid = (starts.numel(), triton.cdiv(C, bc))
@@ -320,10 +314,10 @@ def embedding_linear_forward(idx, table, weight, bias, strategy):
             y += bias
         return y
     P = _product_tables(table, weight, T, math)
-    if _interpreted(table.device):
-        bb, bn = min(_np2(B), 256), min(_np2(out), 256)
+    if launch.interpreted(table.device):
+        bb, bn = min(launch.next_power_of_2(B), 256), min(launch.next_power_of_2(out), 256)
     else:
-        bb, bn = 16, min(_np2(out), 128)
+        bb, bn = 16, min(launch.next_power_of_2(out), 128)
     grid = (triton.cdiv(B, bb), triton.cdiv(out, bn))
     _gather_sum_kernel[grid](idx, P, bias if bias is not None else P, y, B, T, V, out, HAS_BIAS=bias is not None,
                              ACC=math.tl_acc, BLOCK_B=bb, BLOCK_N=bn, num_warps=4)

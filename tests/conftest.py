@@ -1,4 +1,5 @@
-"""Shared test helpers: which backends can run here, and float64 references.
+"""Shared test helpers: which backends can run here, comparisons with float64 references, and checks several
+op families share (double backward, one graph for every batch size, which fastlm ops ran).
 
 Without a GPU the Triton kernels run through Triton's interpreter (TRITON_INTERPRET=1, set here before
 any kernel module is imported), so every backend's code is exercised on CPU.

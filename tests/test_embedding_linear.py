@@ -292,7 +292,8 @@ def test_dynamic_batch_traces_without_pinning_its_size():
     assert counter.frame_count == 1
 
     def strategies(program):
-        return [node.args[4] for node in program.graph.nodes if node.target == torch.ops.fastlm.embedding_linear.default]
+        op = torch.ops.fastlm.embedding_linear.default
+        return [node.args[4] for node in program.graph.nodes if node.target == op]
 
     unbounded = torch.export.export(fused, (torch.randint(0, 27, (4096, 3)),),
                                     dynamic_shapes={"idx": {0: torch.export.Dim("batch")}})

@@ -129,14 +129,13 @@ class _Pointer:
 @contextlib.contextmanager
 def _recorded_launches():
     """Within, a kernel launch appends (kernel, args, kwargs) to the yielded list instead of running, and the
-    launchers see CPU tensors as on a GPU: Tensor.is_cuda says yes (cross_entropy's block size, TF32 in
-    embedding_linear), batch_norm's interpreter sizes are its GPU sizes, and embedding_linear's _interpreted and
-    _use_atomics answer as on a GPU."""
+    launchers see CPU tensors as on a GPU: launch.interpreted says no (the GPU's block sizes), Tensor.is_cuda says
+    yes (TF32 in embedding_linear), and embedding_linear's _use_atomics answers as on a GPU."""
     from unittest import mock
 
     from triton.runtime.jit import JITFunction
 
-    from fastlm.kernels import batch_norm, embedding_linear
+    from fastlm.kernels import embedding_linear, launch
 
     launches = []
 
@@ -145,8 +144,7 @@ def _recorded_launches():
 
     with mock.patch.object(JITFunction, "run", record), \
             mock.patch.object(torch.Tensor, "is_cuda", property(lambda self: True)), \
-            mock.patch.object(batch_norm, "_INTERPRETER", batch_norm._GPU), \
-            mock.patch.object(embedding_linear, "_interpreted", lambda device: False), \
+            mock.patch.object(launch, "interpreted", lambda device: False), \
             mock.patch.object(embedding_linear, "_use_atomics", lambda deterministic, device: not deterministic):
         yield launches
 

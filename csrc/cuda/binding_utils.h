@@ -1,4 +1,4 @@
-// Torch-side helpers shared by the CUDA bindings (*_binding.cpp), which each had their own copy: the dispatch
+// Torch-side helpers shared by the CUDA bindings (*_binding.cpp): the dispatch
 // from a tensor dtype to the type the kernels read, the dtypes they read, the check of a launcher's cudaError_t,
 // the current stream and typed data pointers. The op family's name is a parameter, so messages stay per op.
 // Built by the host compiler only; the .cu/.cuh files stay torch-free and never include this header.

@@ -1,5 +1,5 @@
 // Device and launch helpers shared by the CUDA kernel files (batch_norm.cu, embedding_linear.cu,
-// cross_entropy.cu), which each had their own copy: dtype conversions to and from the math type, 16-byte
+// cross_entropy.cu): dtype conversions to and from the math type, 16-byte
 // vector loads, the choice of vector width, the resident-blocks launch of grid-stride kernels, and the list of
 // dtypes the launchers are instantiated for. Torch-free like the kernels: nvcc never parses torch headers.
 #pragma once

@@ -28,6 +28,11 @@ MODELS = {
 DEFAULT_MODEL = "mlp-bn"
 
 
+def default_context(name: str) -> int:
+    """The context (tokens per example) model ``name`` of ``MODELS`` takes when none is given."""
+    return inspect.signature(MODELS[name]).parameters["context"].default
+
+
 def build(name: str, *, fused: bool, context: int | None = None, vocab_size: int = 27, embedding: int | None = None,
           hidden: int | None = None, backend: str | None = None, **kw) -> nn.Module:
     """Model ``name`` of ``MODELS``: the fused twin if ``fused``, else the plain-PyTorch reference.
@@ -51,4 +56,4 @@ def build(name: str, *, fused: bool, context: int | None = None, vocab_size: int
 
 __all__ = ["DEFAULT_MODEL", "MLP", "MODELS", "Bigram", "BigramCounts", "MakemoreModel", "Recipe",
            "ReferenceBatchNorm1d", "ReferenceEmbeddingLinear", "ResidualBlock", "ResidualMLP", "build",
-           "calibrate_batchnorm"]
+           "calibrate_batchnorm", "default_context"]

@@ -233,16 +233,16 @@ class MLP(MakemoreModel):
         h = self.first(idx)
         return self.bn(h) if self.batchnorm else torch.tanh(h)  # the BatchNorm layer applies the tanh
 
-    # The op has two CPU kernels (csrc/cpu/mlp_step.cpp). Its two-thread kernel with its own small matrix
-    # products pays up to ONE_CALL_MAX_WORK multiply-adds per forward, batch * hidden * (context * embedding +
-    # vocab); above, the layers (BLAS on every core, the product-table first layer) catch up. Measured per SGD
-    # step on 2 cores, one call against the layers, in one slow hour (median of 200, three rounds): B=128
-    # embedding 64 hidden 512 (14.4M) 1.2-1.3 ms against 1.9-2.5; embedding 64, B=128 hidden 1024 (28.7M) 2.8
+    # The op has two CPU kernels (csrc/cpu/mlp_step.cpp, csrc/cpu/mlp_step_product_tables.cpp). Its two-thread kernel
+    # with its own small matrix products pays up to ONE_CALL_MAX_WORK multiply-adds per forward, batch * hidden *
+    # (context * embedding + vocab); above, the layers (BLAS on every core, the product-table first layer) catch up.
+    # Measured per SGD step on 2 cores, one call against the layers, in one slow hour (median of 200, three rounds):
+    # B=128 embedding 64 hidden 512 (14.4M) 1.2-1.3 ms against 1.9-2.5; embedding 64, B=128 hidden 1024 (28.7M) 2.8
     # against 3.5-4.2, B=64 hidden 2048 (28.7M) 2.7-3.4 against 4.8-6.1, B=224 hidden 1024 (50M) 4.7-5.5 against
     # 3.8-5.7; B=224 embedding 32 hidden 2048 (56M) 6.8-6.9 against 6.7-7.1. Its product-table kernel, which the op
-    # runs from PRODUCT_TABLE_MIN_BATCH rows and 8 rows per token of the vocabulary (the same rule as in the
-    # C++), runs on every core and beats the layers at any width (measured per SGD step: B=256 hidden 200
-    # 0.33 ms against 0.70, B=256 embedding 64 hidden 1024 1.7 against 2.1, B=4096 15.8 against 23.2).
+    # runs from PRODUCT_TABLE_MIN_BATCH rows and 8 rows per token of the vocabulary (the same rule as in the C++),
+    # runs on every core and beats the layers at any width (measured per SGD step: B=256 hidden 200 0.33 ms against
+    # 0.70, B=256 embedding 64 hidden 1024 1.7 against 2.1, B=4096 15.8 against 23.2).
     ONE_CALL_MAX_WORK = 32_000_000
     PRODUCT_TABLE_MIN_BATCH = 256
 

@@ -176,9 +176,9 @@ def embedding_linear(
     with autocast_off(idx.device, amp):
         if name == "torch":  # the kernel backends' ops check the ids themselves
             return reference_embedding_linear(_checked_ids(idx, table.shape[0]), table, weight, bias, padding)
-        deterministic = not atomic_scatter or torch.are_deterministic_algorithms_enabled()
+        # torch.use_deterministic_algorithms is read by the backward, when it runs (as torch's scatters read it).
         return torch.ops.fastlm.embedding_linear.default(idx, table, weight, bias, STRATEGIES[strategy], padding,
-                                                         deterministic, name == "triton")
+                                                         not atomic_scatter, name == "triton")
 
 
 backends.register_fakes(KernelOps, "embedding_linear", KernelOps(_fake_forward, _fake_backward))

@@ -1,0 +1,26 @@
+# Host-side helpers the Triton launchers (kernels/*.py) share: the dtype a kernel computes in, block sizes as
+# powers of two, fp64 scalars passed as two fp32 halves, and whether the kernels run in Triton's interpreter
+# (which pays per program and per block, not per element, so the launchers pick bigger blocks there).
+
+import math
+import os
+
+import torch
+import triton
+
+MATH_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
+              torch.float64: torch.float64}
+
+
+def next_power_of_2(v: int, lo: int = 1) -> int:
+    return max(triton.next_power_of_2(max(v, 1)), lo)
+
+
+def split_double(v: float) -> tuple[float, float]:
+    """v as fp32 hi + fp32 lo: Triton passes Python floats as fp32, and fp64 math wants v to ~48 bits."""
+    hi = float(torch.tensor(v, dtype=torch.float32))
+    return hi, (v - hi if math.isfinite(hi) else 0.0)
+
+
+def interpreted(device: torch.device) -> bool:
+    return device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
