@@ -167,9 +167,15 @@ T cross_entropy_columns(int64_t B, int64_t V, T* lT, const int64_t* targets) {
 
 }  // namespace
 
+// Two threads from this batch size on: below, their hand-offs cost what they save (batch 32, fastlm bench, two
+// alternating runs: 0.078/0.077 ms a step on one thread, 0.107/0.112 on two), and on a machine whose other core
+// is busy each barrier waits for the scheduler (fastlm train at batch 32 beside one busy process: 0.10 ms a step
+// on one thread, 0.27-0.46 on two; beside a build, up to 12).
+constexpr int64_t kTwoThreadsMinBatch = 64;
+
 // Runs phases[0](part) for both parts, then phases[1], and so on: on two threads (a part each, a barrier
-// between phases) where torch allows two and OpenMP grants them, else one part after the other. Either way
-// the same arithmetic in the same order, so results do not depend on the thread count.
+// between phases) where the batch is large enough, torch allows two and OpenMP grants them, else one part after
+// the other. Either way the same arithmetic in the same order, so results do not depend on the thread count.
 template <size_t N, typename Phase>
 void run_parts_in_order(const std::array<Phase, N>& phases) {
   for (const auto& phase : phases)
@@ -177,9 +183,9 @@ void run_parts_in_order(const std::array<Phase, N>& phases) {
 }
 
 template <size_t N, typename Phase>
-void run_two_parts(const std::array<Phase, N>& phases) {
+void run_two_parts(const std::array<Phase, N>& phases, int64_t batch) {
 #ifdef _OPENMP
-  if (at::get_num_threads() >= 2 && !at::in_parallel_region()) {
+  if (batch >= kTwoThreadsMinBatch && at::get_num_threads() >= 2 && !at::in_parallel_region()) {
 #pragma omp parallel num_threads(2)
     {
       // The team can be smaller than asked (OMP_THREAD_LIMIT, dynamic threads): then its one thread runs both
@@ -212,8 +218,8 @@ void run_two_parts(const std::array<Phase, N>& phases) {
 // columns put both threads' writes on the same cache lines, which cost 20 us a step). Measured per batch-32
 // step in a C++ loop: 42 us on one thread, 24 on two; through model.sgd_step 49 and 37 (before small_matmul.h's
 // 6-row tiles, which then took the op's own time, called in a Python loop on one thread, from 104 to 56 us in
-// a slow hour). At batch 32 the two threads' hand-offs now cost about what they save (one or two threads each
-// won by up to 15% from one minute to the next); from batch 64 two threads win (73 against 100-124 us).
+// a slow hour). At batch 32 the two threads' hand-offs now cost what they save; from batch 64 two threads win
+// (73 against 100-124 us): see kTwoThreadsMinBatch.
 template <typename T>
 void gather_step(const StepData<T>& d) {
   using Vec = Vectorized<T>;
@@ -300,7 +306,7 @@ void gather_step(const StepData<T>& d) {
       }
   };
   using Phase = std::function<void(int)>;
-  run_two_parts(std::array<Phase, 3>{forward, backward, scatter});
+  run_two_parts(std::array<Phase, 3>{forward, backward, scatter}, B);
 }
 
 template void gather_step<float>(const StepData<float>&);
