@@ -14,6 +14,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 import torch.utils._pytree as pytree
@@ -34,16 +35,23 @@ def capturing() -> bool:
 
 
 _extension_loaded = False
+_extension_failure: str | None = None
 
 
 def _extension_error() -> str | None:
-    global _extension_loaded
-    if _extension_loaded:  # resolve() asks on every op call: once loaded, the answer cannot change
-        return None
+    """None once fastlm._C is loaded, else why it is not. Tried once: the first failure warns, because without it
+    every op quietly runs its plain-PyTorch reference (the default for CPU tensors falls back to ``torch``)."""
+    global _extension_loaded, _extension_failure
+    if _extension_loaded or _extension_failure:  # resolve() asks on every op call: the answer cannot change
+        return _extension_failure
     try:
         import fastlm._C  # noqa: F401  (loading it registers torch.ops.fastlm.*)
     except ImportError as error:
-        return f"fastlm._C failed to load ({error}); build it with `pip install --no-build-isolation -e .`"
+        _extension_failure = (f"fastlm._C failed to load ({error}); rebuild it against the torch installed now "
+                              "(`pip install --no-build-isolation -e .` in a checkout)")
+        warnings.warn(f"{_extension_failure}. Until then fastlm's ops run their plain-PyTorch reference.",
+                      RuntimeWarning, stacklevel=2)
+        return _extension_failure
     _extension_loaded = True
     return None
 

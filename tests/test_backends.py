@@ -1,5 +1,8 @@
 """Backend choice: defaults per device, the FASTLM_BACKEND variable, the use() context, clear refusals."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import skip_unless_runs
@@ -62,3 +65,26 @@ def test_fake_kernels_refuse_tensors_on_different_devices():
     with pytest.raises(RuntimeError, match="one device"):
         torch.ops.fastlm.cross_entropy_forward(torch.randn(5, 7), torch.zeros(5, dtype=torch.long),
                                                torch.ones(7, device="meta"), -100, 0.0, 0.0)
+
+
+def test_an_extension_that_fails_to_load_is_said_aloud():
+    """Without fastlm._C (a wheel built for another torch, a failed build) the ops run their plain-PyTorch
+    reference: a RuntimeWarning says so once, and `fastlm check`, which would then check the reference alone,
+    fails."""
+    script = (
+        "import sys, warnings; sys.modules['fastlm._C'] = None  # its import now fails, as a broken build's does\n"
+        "import torch, torch.nn.functional as F\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fastlm\n"
+        "    x, target = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])\n"
+        "    loss = fastlm.ops.cross_entropy(x, target)\n"
+        "    fastlm.ops.cross_entropy(x, target)\n"
+        "assert torch.equal(loss, F.cross_entropy(x, target))\n"
+        "assert [str(w.message).split(' (')[0] for w in caught] == ['fastlm._C failed to load'], caught\n"
+        "assert fastlm.backends.available() == ['torch']\n"
+        "import fastlm.check\n"
+        "sys.exit(fastlm.check.main(['--device', 'cpu', '--quick', '--op', 'cross_entropy']))\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "FAILED: no fastlm kernel backend runs on cpu here" in run.stdout
