@@ -51,6 +51,17 @@ class KernelOp {
   mutable std::optional<c10::TypedOperatorHandle<Signature>> handle_[2];
 };
 
+// Forward-mode AD (torch.autograd.forward_ad's dual tensors) has no rule in these ops: refused by name before the
+// forward runs, where a dual input would otherwise fail in whatever op it reached first, with that op's message.
+inline bool is_dual(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+inline bool is_dual(const OptionalTensor& t) { return t && is_dual(*t); }
+
+template <typename... Tensors>
+void refuse_forward_ad(const char* op, const Tensors&... tensors) {
+  TORCH_CHECK(!(is_dual(tensors) || ...), op, " has no forward-mode derivative (torch.autograd.forward_ad): "
+              "differentiate it in reverse mode");
+}
+
 // Whether a tensor is batched by vmap (torch.func's, or the one behind is_grads_batched and
 // jacobian(vectorize=True)): it has no one value to read, and cannot be written into a plain tensor in place.
 inline bool is_batched(const Tensor& t) {

@@ -94,6 +94,7 @@ struct BatchNorm : torch::autograd::Function<BatchNorm> {
 Tensor batch_norm_autograd(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                            const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
                            double momentum, double eps, bool unbiased, int64_t activation, bool triton) {
+  refuse_forward_ad("fastlm::batch_norm", input, weight, bias);
   return BatchNorm::apply(input, weight, bias, running_mean, running_var, training, momentum, eps, unbiased,
                           activation, triton);
 }

@@ -102,6 +102,7 @@ std::tuple<Tensor, Tensor> cross_entropy_autograd(const Tensor& logits, const Te
   // Under no_grad autograd still marks a leaf that requires grad as needing one: ask grad mode too.
   const bool grad_wanted = at::GradMode::is_enabled() && logits.requires_grad();
   const Options options{parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, triton};
+  refuse_forward_ad("fastlm::cross_entropy", logits, weight);
   variable_list out = CrossEntropy::apply(logits, target, weight, options, inplace_backward, grad_wanted);
   return {out[0], out[1]};
 }

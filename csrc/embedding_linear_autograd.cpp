@@ -56,6 +56,7 @@ struct EmbeddingLinear : torch::autograd::Function<EmbeddingLinear> {
 Tensor embedding_linear_autograd(const Tensor& idx, const Tensor& table, const Tensor& weight,
                                  const OptionalTensor& bias, int64_t strategy, int64_t padding_idx,
                                  bool deterministic, bool triton) {
+  refuse_forward_ad("fastlm::embedding_linear", table, weight, bias);
   return EmbeddingLinear::apply(idx, table, weight, bias, strategy, padding_idx, deterministic, triton);
 }
 

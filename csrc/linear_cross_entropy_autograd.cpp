@@ -219,6 +219,7 @@ std::tuple<Tensor, Tensor> linear_cross_entropy_autograd(const Tensor& input, co
                       grad_mode && bias.has_value() && bias->requires_grad()};
   const Options o =
       options_of(input, weight, target, reduction, ignore_index, label_smoothing, lse_square_scale, chunk_size, triton);
+  refuse_forward_ad("fastlm::linear_cross_entropy", input, weight, bias, ce_weight);
   variable_list out = LinearCrossEntropy::apply(input, weight, bias, target, ce_weight, o, chunk_size, wanted);
   return {out[0], out[1]};
 }

@@ -1,10 +1,11 @@
-"""fastlm's ops under autograd's batched backward (``is_grads_batched``, which
-``torch.autograd.functional.jacobian(vectorize=True)`` runs) against the torch ops they replace, in float64 on the
-C++ and Triton backends: the same Jacobians, a clear error where a graph of that backward is asked for (the ops'
-backwards are once-differentiable), and gradcheck's reentrancy check (two backwards, one result)."""
+"""fastlm's ops under autograd's other modes, in float64 on the C++ and Triton backends: the batched backward
+(``is_grads_batched``, which ``torch.autograd.functional.jacobian(vectorize=True)`` runs) gives torch's Jacobians,
+a graph of it (the ops' backwards are once-differentiable) and forward mode are refused by name, and a second
+backward gives the first one's gradient (gradcheck's reentrancy check)."""
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from conftest import skip_unless_runs
 from torch.autograd.functional import jacobian
@@ -75,6 +76,19 @@ def test_graph_of_a_batched_backward_raises(backend, name):
     with pytest.raises(RuntimeError, match="cannot be differentiated"):
         torch.autograd.grad(out, x, torch.ones(3, *out.shape, dtype=out.dtype), is_grads_batched=True,
                             create_graph=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_forward_mode_is_refused_by_name(backend, name):
+    """A dual input (forward-mode AD) raises naming the fastlm op, whether or not it requires grad (linear +
+    cross-entropy raised from inside its chunks: "forward AD with mm_out ... is an out= function")."""
+    skip_unless_runs(backend)
+    ours, _ = pairs(backend)[name]
+    for requires_grad in (False, True):
+        x = input_of(name).requires_grad_(requires_grad)
+        with forward_ad.dual_level(), pytest.raises(RuntimeError, match="fastlm::.* has no forward-mode derivative"):
+            ours(forward_ad.make_dual(x, torch.randn_like(x)))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
