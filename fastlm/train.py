@@ -28,6 +28,7 @@ from torch import nn
 from fastlm import backends, data, models
 from fastlm.cuda_graph import CapturedStep
 
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -142,7 +143,7 @@ def build_model(config: TrainConfig, vocab_size: int, fused: bool, device: torch
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer | None:
     if config.optimizer is None:  # a model fit by counting
         return None
-    return models.makemore.OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr)
+    return OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr)
 
 
 def is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
@@ -337,7 +338,6 @@ class Trainer:
             check_cuda_graph(config, self.device, self.world, self.optimizer)
         self.captured_step = None  # the CUDA graph of the step, captured at the first step
         self.reference_optimizer = make_optimizer(config, self.reference) if self.reference is not None else None
-        self.reference_loss_of = LossOf(self.reference) if self.reference is not None else None
         self.generator = torch.Generator().manual_seed(config.seed)
         self.draw_start, self.drawn, self.drawn_used = None, None, 0  # see _batch
         self.step = 0
@@ -345,9 +345,9 @@ class Trainer:
         self.saved_step = None  # the step of the last checkpoint written
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.loss_of = LossOf(self.model)
-        if self.world > 1 and self.optimizer is not None:
-            self.loss_of = nn.parallel.DistributedDataParallel(self.loss_of)
+        # Under torchrun (where --compare is refused) the model's loss runs through DDP, which hooks a forward.
+        self.ddp_loss = (nn.parallel.DistributedDataParallel(LossOf(self.model))
+                         if self.world > 1 and self.optimizer is not None else None)
         if self.rank == 0:  # a bad --out is found now, not after training
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -416,16 +416,16 @@ class Trainer:
                       generator=replay)
         return replay.get_state()
 
-    def _train_step(self, model, loss_of, optimizer, xb, yb, lr) -> float:
+    def _train_step(self, model, optimizer, xb, yb, lr) -> float:
         if model is self.model and self.config.cuda_graph:
             if self.captured_step is None:
                 self.captured_step = CapturedStep(model, xb, yb)
             return self.captured_step(xb, yb, lr).item()
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if self.world > 1:  # DDP all-reduces the gradients from hooks in autograd's backward
+        if self.ddp_loss is not None:  # DDP all-reduces the gradients from hooks in autograd's backward
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_of(xb, yb)
+            loss = self.ddp_loss(xb, yb)
             loss.backward()
             optimizer.step()
             return loss.item()
@@ -500,12 +500,12 @@ class Trainer:
         xb, yb = self._batch()
         lr = self.config.learning_rate(self.step)
         start = time.perf_counter()
-        self.history["step_loss"].append(self._train_step(self.model, self.loss_of, self.optimizer, xb, yb, lr))
+        self.history["step_loss"].append(self._train_step(self.model, self.optimizer, xb, yb, lr))
         timing["fastlm"] += time.perf_counter() - start
         if self.reference is not None:
             start = time.perf_counter()
             self.history["reference_step_loss"].append(
-                self._train_step(self.reference, self.reference_loss_of, self.reference_optimizer, xb, yb, lr))
+                self._train_step(self.reference, self.reference_optimizer, xb, yb, lr))
             timing["reference"] += time.perf_counter() - start
         self.step += 1
         timing["steps"] += 1

@@ -273,6 +273,8 @@ def test_uint8_target_is_taken_like_int64():
 
 def test_bad_input_is_refused():
     x, weight, bias, target = problem(4, 3, 5)
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, H\), got 3D"):  # hidden states, not logits
+        linear_cross_entropy(x[None], weight, target)
     with pytest.raises(ValueError, match=r"weight must be \(V, 3\)"):
         linear_cross_entropy(x, weight.t(), target)
     with pytest.raises(ValueError, match="bias must be"):

@@ -16,6 +16,7 @@ import fastlm
 from conftest import skip_unless_runs
 from fastlm.models import MODELS, build, calibrate_batchnorm
 from fastlm.models.layers import ReferenceBatchNorm1d
+from fastlm.train import TrainConfig, make_optimizer
 
 CHARS = ".abcdefghijklmnopqrstuvwxyz"
 TRAINABLE = ["bigram", "mlp", "mlp-bn", "resmlp", "resblock"]
@@ -58,10 +59,9 @@ def make_twins(name: str, seed: int = 1, backend: str | None = None, **options):
 
 
 def train(model, X, Y, steps: int, batch_size: int, lr: float | None = None) -> torch.Tensor:
-    """The losses of ``steps`` steps of the model's own optimizer on batches drawn from a fixed seed."""
-    optimizer = model.default_optimizer(model.parameters())
-    if lr is not None:
-        optimizer.param_groups[0]["lr"] = lr
+    """The losses of ``steps`` steps of the optimizer `fastlm train` gives the model (its recipe's, at ``lr``
+    if given, else at the recipe's first learning rate) on batches drawn from a fixed seed."""
+    optimizer = make_optimizer(TrainConfig(lr=lr).with_recipe(model.recipe), model)
     generator = torch.Generator().manual_seed(2)
     losses = []
     for _ in range(steps):
@@ -169,8 +169,8 @@ def test_interface(name):
     X = torch.randint(0, 27, (5, model.context))
     assert model(X).shape == (5, 27)
     assert model.loss(X, torch.randint(0, 27, (5,))).shape == ()
-    recipe = model.recipe
-    assert (model.default_optimizer(model.parameters()) is None) == (recipe.optimizer is None)
+    optimizer = make_optimizer(TrainConfig().with_recipe(model.recipe), model)
+    assert (optimizer is None) == (model.recipe.optimizer is None)
 
 
 def test_build_rejects_what_a_model_does_not_have():
@@ -183,9 +183,9 @@ def test_build_rejects_what_a_model_does_not_have():
 
 
 def test_lecture_schedule():
-    recipe = build("mlp-bn", fused=True).recipe
-    assert (recipe.optimizer, recipe.steps, recipe.batch_size) == ("sgd", 200_000, 32)
-    assert recipe.lr_at(99_999) == 0.1 and recipe.lr_at(100_000) == pytest.approx(0.01)
+    config = TrainConfig().with_recipe(build("mlp-bn", fused=True).recipe)
+    assert (config.optimizer, config.steps, config.batch_size) == ("sgd", 200_000, 32)
+    assert config.learning_rate(99_999) == 0.1 and config.learning_rate(100_000) == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("fused", [False, True])

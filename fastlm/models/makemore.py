@@ -40,9 +40,6 @@ from fastlm.nn import BatchNorm1d, EmbeddingLinear
 from fastlm import backends
 from fastlm.ops import cross_entropy, mlp_loss_and_grads, mlp_sgd_step
 
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
-
-
 @dataclass(frozen=True)
 class Recipe:
     """How the lecture trains a model: ``optimizer`` ("sgd" is the lectures' ``p.data += -lr * p.grad``,
@@ -55,9 +52,6 @@ class Recipe:
     batch_size: int | None = 32
     decay_at: int | None = None
     decay: float = 1.0
-
-    def lr_at(self, step: int) -> float:
-        return self.lr * self.decay if self.decay_at is not None and step >= self.decay_at else self.lr
 
 
 def layers_rng():
@@ -79,13 +73,6 @@ class MakemoreModel(nn.Module):
         self.backend = backend
         self.vocab_size = vocab_size
         self.context = context
-
-    def default_optimizer(self, params) -> torch.optim.Optimizer | None:
-        """The lecture's optimizer at its first learning rate (``recipe.lr_at(step)`` gives the schedule);
-        None for a model fit by counting."""
-        if self.recipe.optimizer is None:
-            return None
-        return OPTIMIZERS[self.recipe.optimizer](params, lr=self.recipe.lr)
 
     def embedding_linear(self, vocab: int, dim: int, context: int, out: int, bias: bool = True) -> nn.Module:
         if self.fused:
@@ -277,7 +264,7 @@ class MLP(MakemoreModel):
         if not self.batchnorm:
             return params, dict(backend="cpp")
         params += [*bn._running_stats(), bn._batch_counter()]
-        return params, dict(momentum=bn._momentum(counts_batch=False), eps=bn.eps, unbiased=bn.unbiased,
+        return params, dict(momentum=bn._momentum(), eps=bn.eps, unbiased=bn.unbiased,
                             backend="cpp")
 
     def loss_and_grads(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, list[Tensor]]:

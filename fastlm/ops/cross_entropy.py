@@ -140,15 +140,16 @@ def reference_cross_entropy(logits, target, weight, ignore_index, reduction, lab
 # --- functional --------------------------------------------------------------------------------------
 
 
-def check_logits(logits: Tensor, name: str) -> None:
-    """Checks on the (N, C) input that need no look at the data, so they cost no GPU sync."""
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"fastlm.{name}: input must be a tensor, got {type(logits).__name__}")
-    if not logits.is_floating_point():
-        raise TypeError(f"fastlm.{name}: input must be a floating-point tensor, got {logits.dtype}")
-    if logits.dim() != 2:
-        raise ValueError(f"fastlm.{name}: expected input of shape (N, C), got {logits.dim()}D input of shape "
-                         f"{tuple(logits.shape)}")
+def check_rows(input: Tensor, name: str, shape: str = "(N, C)") -> None:
+    """Checks on a 2D floating-point input of ``shape`` (the logits, or linear + cross-entropy's hidden states)
+    that need no look at the data, so they cost no GPU sync."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"fastlm.{name}: input must be a tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"fastlm.{name}: input must be a floating-point tensor, got {input.dtype}")
+    if input.dim() != 2:
+        raise ValueError(f"fastlm.{name}: expected input of shape {shape}, got {input.dim()}D input of shape "
+                         f"{tuple(input.shape)}")
 
 
 def check_target(target: Tensor, num_rows: int, num_classes: int, device: torch.device, weight: Tensor | None,
@@ -239,7 +240,7 @@ def cross_entropy(
             loss, lse = result if return_lse else (result, None)
             loss = loss.reshape(target.shape) if reduction == "none" else loss
             return (loss, lse.reshape(target.shape)) if return_lse else loss
-    check_logits(input, "cross_entropy")
+    check_rows(input, "cross_entropy")
     check_target(target, input.shape[0], input.shape[1], input.device, weight, reduction, label_smoothing,
                  "cross_entropy")
     target = class_indices(target)

@@ -20,7 +20,7 @@ from torch import Tensor
 from fastlm import backends
 from fastlm.ops.autocast import autocast_dtype, autocast_off, cast_to
 from fastlm.ops.cross_entropy import (
-    check_logits,
+    check_rows,
     check_target,
     class_indices,
     fake_cross_entropy,
@@ -59,7 +59,7 @@ def linear_cross_entropy(
     the per-class weights of the loss. Other options as in ``fastlm.ops.cross_entropy``. Under torch.autocast
     the linear runs in the autocast dtype and the loss comes out in fp32, as with F.linear and F.cross_entropy.
     """
-    check_logits(input, "linear_cross_entropy")
+    check_rows(input, "linear_cross_entropy", "(N, H)")
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != input.shape[1]:
         raise ValueError(f"fastlm.linear_cross_entropy: weight must be (V, {input.shape[1]}), got "
                          f"{tuple(getattr(weight, 'shape', ()))}")
