@@ -95,8 +95,7 @@ def build_windows(words: list[str], context: int, vocab: Vocabulary) -> tuple[to
     xs, ys = [], []
     for word in words:
         window = [0] * context
-        for ch in word + END:
-            i = vocab.chars.index(ch)
+        for i in vocab.encode(word + END):
             xs.append(window)
             ys.append(i)
             window = window[1:] + [i]
