@@ -13,6 +13,7 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -76,36 +77,39 @@ inline Tensor scale_owned(Tensor grad, const Tensor& by) { return is_batched(by)
 // The gradients `backward()` computes: without recording, then, where the graph of this backward is being built
 // (create_graph, the only time grad mode is on in a backward), as outputs of a node that raises if anything
 // differentiates through them. The kernel ops have no autograd of their own, so a second derivative through them
-// would otherwise come out as zeros, with a mere warning. That node's edges lead to what the gradients depend on,
-// the saved tensors and the upstream gradients, so that torch.autograd.grad(penalty, inputs=x) reaches it and
+// would otherwise come out as zeros, with a mere warning. That node's edges are this backward node's own (to the
+// forward's inputs) and the upstream gradients', so that torch.autograd.grad(penalty, inputs=x) reaches it and
 // raises too. (torch.autograd.function.once_differentiable hangs its node on detached copies: asked for x's
 // gradient alone, autograd never visits it, and a gradient penalty silently loses its second-order term.)
 template <typename Backward>
 variable_list once_differentiable(const char* op, AutogradContext* ctx, const variable_list& upstream,
                                   const Backward& backward) {
-  if (!at::GradMode::is_enabled()) {
-    at::NoGradGuard no_grad;
-    return backward();
-  }
+  const bool record = at::GradMode::is_enabled();
   for (const Tensor& grad : upstream) {
-    // Batched gradients cannot hang on the node below (its outputs would lose their batch dimension), and a graph
-    // asked of a batched backward (jacobian(vectorize=True, create_graph=True)) is there to be differentiated.
-    TORCH_CHECK(!is_batched(grad), op, ": its backward cannot be differentiated (double backward), and "
-                "create_graph=True with batched gradients (is_grads_batched, jacobian(vectorize=True)) asks for that");
+    // A graph asked of a batched backward (jacobian(vectorize=True, create_graph=True)) is there to be
+    // differentiated.
+    TORCH_CHECK(!(record && is_batched(grad)), op, ": its backward cannot be differentiated (double backward), "
+                "and create_graph=True with batched gradients (is_grads_batched, jacobian(vectorize=True)) asks for "
+                "that");
   }
-  variable_list depends_on = ctx->get_saved_variables();  // unpacked before backward() may write over one
-  depends_on.insert(depends_on.end(), upstream.begin(), upstream.end());
   variable_list grads;
   {
     at::NoGradGuard no_grad;
     grads = backward();
   }
-  const auto size = grads.size();
-  grads.insert(grads.end(), depends_on.begin(), depends_on.end());
-  grads = torch::autograd::DelayedError(std::string(op) + ": its backward cannot be differentiated (double backward)",
-                                        int64_t(grads.size()))
-              .apply(std::move(grads));
-  grads.resize(size);
+  if (!record) return grads;
+  const auto node = torch::autograd::get_current_node();  // the engine's: this backward's node
+  torch::autograd::edge_list edges =
+      node ? node->next_edges() : torch::autograd::collect_next_edges(ctx->get_saved_variables());
+  for (auto& edge : torch::autograd::collect_next_edges(upstream)) edges.push_back(std::move(edge));
+  if (std::none_of(edges.begin(), edges.end(), [](const auto& edge) { return edge.is_valid(); })) return grads;
+  auto error = c10::make_intrusive<torch::autograd::Error>(
+      std::string(op) + ": its backward cannot be differentiated (double backward)", std::move(edges));
+  for (Tensor& grad : grads) {
+    if (!grad.defined()) continue;
+    grad = grad.tensor_data();  // the same storage, without the history of what backward() returned
+    torch::autograd::create_gradient_edge(grad, error);
+  }
   return grads;
 }
 

@@ -85,8 +85,8 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
         torch::autograd::impl::bump_version(logits);
         result[0] = logits;
       } else {
-        // The forward's kernel again, rather than exp(x - lse): a gradient bitwise equal to the first backward's
-        // for the same upstream gradient (gradcheck's reentrancy check), and as exact far from 0.
+        // The forward's kernel again, rather than exp(x - lse): as exact far from 0, and for upstream gradients of
+        // 0 and 1 bitwise the first backward's (gradcheck's reentrancy check).
         result[0] = std::get<2>(forward_backward.kernels(o.triton).call(
             logits, target, weight, grad_rows, o.ignore_index, o.label_smoothing, o.lse_square_scale));
       }

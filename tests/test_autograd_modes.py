@@ -80,6 +80,31 @@ def test_graph_of_a_batched_backward_raises(backend, name):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_graph_of_the_backward_asks_nothing_more_of_the_saved_tensors(backend, name):
+    """create_graph=True that never differentiates further gives torch's gradient, also where saved tensors may
+    be unpacked once only (non-reentrant checkpointing) and after the input changed in place (cross-entropy's
+    gradient was made in the forward: it needs no saved logits). Building the refusing node from the saved
+    tensors unpacked them a second time (CheckpointError) or checked their versions."""
+    skip_unless_runs(backend)
+    ours, theirs = pairs(backend)[name]
+    x = input_of(name).requires_grad_()
+    (expected,) = torch.autograd.grad(theirs(x).sum(), x)
+    out = torch.utils.checkpoint.checkpoint(ours, x, use_reentrant=False)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x, create_graph=True)[0], expected)
+    if name.startswith("cross_entropy"):
+        logits = (input_of(name) @ problem()[1].T).requires_grad_()
+        _, _, target, _, _ = problem()
+        reduction = name.removeprefix("cross_entropy_")
+        expected = torch.autograd.grad(F.cross_entropy(logits, target, reduction=reduction).sum(), logits)[0]
+        changed = logits.clone()
+        loss = ops.cross_entropy(changed, target, reduction=reduction, backend=backend).sum()
+        with torch.no_grad():
+            changed.mul_(2)
+        torch.testing.assert_close(torch.autograd.grad(loss, logits, create_graph=True)[0], expected)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_forward_mode_is_refused_by_name(backend, name):
     """A dual input (forward-mode AD) raises naming the fastlm op, whether or not it requires grad (linear +
     cross-entropy raised from inside its chunks: "forward AD with mm_out ... is an out= function")."""
@@ -94,8 +119,10 @@ def test_forward_mode_is_refused_by_name(backend, name):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_cross_entropy_backward_is_reentrant(backend, reduction):
-    """A second backward through a retained graph gives the first one's gradient bitwise, so gradcheck passes
-    without nondet_tol (the first hands out the gradient the forward made, the second recomputed it another way)."""
+    """For gradcheck's upstream gradients (0 and 1) a second backward through a retained graph gives the first
+    one's gradient bitwise, so gradcheck passes without nondet_tol: the first hands out the gradient the forward
+    made, the second reruns that kernel. (For other upstream gradients the two round differently: the first
+    scales the gradient made for 1, the second runs the kernel with the upstream gradient in it.)"""
     skip_unless_runs(backend)
     x, head, target, _, _ = problem()
     x = (x @ head.T).requires_grad_()

@@ -1,7 +1,7 @@
 // What the two CPU kernels of the makemore MLP's training step share: the step's data as raw pointers, and
 // the tanh (the matrix products and transposes are small_matmul.h's). The kernels themselves: mlp_step.cpp
-// (small batches, two threads) and mlp_step_product_tables.cpp (large batches over a small vocabulary, every
-// thread).
+// (small batches, two threads from 64 rows) and mlp_step_product_tables.cpp (large batches over a small
+// vocabulary, every thread).
 #pragma once
 
 #include "fast_exp.h"
@@ -58,7 +58,7 @@ class LineCarver {
   T* next_;
 };
 
-// The step on up to two threads, the first layer as a gathered matrix product (mlp_step.cpp).
+// The step on up to two threads (from 64 rows), the first layer as a gathered matrix product (mlp_step.cpp).
 template <typename T>
 void gather_step(const StepData<T>& d);
 

@@ -18,12 +18,12 @@ shape (in, out); here ``linear.weight`` is (out, in), i.e. W.T. For the MLPs:
 The neural bigram's W (vocab, vocab) multiplies a one-hot row, which picks row x of W: it is the weight of
 an nn.Embedding as it stands (``embedding.weight`` = W, no transpose).
 
-Every model: ``model(idx)`` -> (B, vocab) logits for idx (B, model.context) of int64 ids,
-``model.loss(idx, targets)`` -> the mean loss, ``model.loss_and_grads(idx, targets)`` -> the mean loss and
-the gradient of each of ``model.parameters()`` (a training step's forward and backward),
-``model.sgd_step(idx, targets, lr)`` -> the loss of a plain-SGD step taken in place, ``model.recipe`` (how the
-lecture trains it) and ``model.default_optimizer(params)``. The fused MLPs' ``loss_and_grads`` and ``sgd_step``
-on the CPU are one kernel call for the whole network (``fastlm.ops.mlp_loss_and_grads``, ``mlp_sgd_step``).
+Every model: ``model(idx)`` -> (B, vocab) logits for idx (B, model.context) of int64 ids, ``model.loss(idx,
+targets)`` -> the mean loss, ``model.loss_and_grads(idx, targets)`` -> the mean loss and the gradient of each of
+``model.parameters()`` (a training step's forward and backward), ``model.sgd_step(idx, targets, lr)`` -> the
+loss of a plain-SGD step taken in place, and ``model.recipe`` (how the lecture trains it; fastlm.train turns it
+into a schedule and an optimizer). The fused MLPs' ``loss_and_grads`` and ``sgd_step`` on the CPU are one kernel
+call for the whole network (``fastlm.ops.mlp_loss_and_grads``, ``mlp_sgd_step``).
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ class MLP(MakemoreModel):
         h = self.first(idx)
         return self.bn(h) if self.batchnorm else torch.tanh(h)  # the BatchNorm layer applies the tanh
 
-    # The op has two CPU kernels (csrc/cpu/mlp_step.cpp, csrc/cpu/mlp_step_product_tables.cpp). Its two-thread kernel
+    # The op has two CPU kernels (csrc/cpu/mlp_step.cpp, csrc/cpu/mlp_step_product_tables.cpp). Its gather kernel
     # with its own small matrix products pays up to ONE_CALL_MAX_WORK multiply-adds per forward, batch * hidden *
     # (context * embedding + vocab); above, the layers (BLAS on every core, the product-table first layer) catch up.
     # Measured per SGD step on 2 cores, one call against the layers, in one slow hour (median of 200, three rounds):
