@@ -56,8 +56,7 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
     ctx->save_for_backward({logits, target, weight.value_or(Tensor()), lse, denominator});
     o.save(ctx);
     ctx->saved_data["inplace"] = inplace;
-    ctx->set_materialize_grads(false);  // lse has no gradient: no zeros made for it
-    ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);  // lse has no gradient (see cross_entropy_autograd): no zeros made for it
     return {reduce_rows(rows, o.reduction, denominator), lse};
   }
 
@@ -104,7 +103,9 @@ std::tuple<Tensor, Tensor> cross_entropy_autograd(const Tensor& logits, const Te
   const Options options{parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, triton};
   refuse_forward_ad("fastlm::cross_entropy", logits, weight);
   variable_list out = CrossEntropy::apply(logits, target, weight, options, inplace_backward, grad_wanted);
-  return {out[0], out[1]};
+  // lse comes out without a gradient: detached here rather than marked non-differentiable in the forward, which
+  // compiled autograd (torch._dynamo's) refuses in a C++ autograd function.
+  return {out[0], out[1].detach()};
 }
 
 std::tuple<Tensor, Tensor> cross_entropy_inference(const Tensor& logits, const Tensor& target,

@@ -147,8 +147,7 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
     o.save(ctx);
     ctx->saved_data["chunk_size"] = chunk_size;
     ctx->saved_data["wanted"] = c10::List<bool>({wanted[0], wanted[1], wanted[2]});
-    ctx->set_materialize_grads(false);  // lse has no gradient: no zeros made for it
-    ctx->mark_non_differentiable({chunked.lse});
+    ctx->set_materialize_grads(false);  // lse has no gradient (see cross_entropy_autograd.cpp): no zeros made
     return {reduce_rows(chunked.rows, o.reduction, denominator), chunked.lse};
   }
 
@@ -221,7 +220,7 @@ std::tuple<Tensor, Tensor> linear_cross_entropy_autograd(const Tensor& input, co
       options_of(input, weight, target, reduction, ignore_index, label_smoothing, lse_square_scale, chunk_size, triton);
   refuse_forward_ad("fastlm::linear_cross_entropy", input, weight, bias, ce_weight);
   variable_list out = LinearCrossEntropy::apply(input, weight, bias, target, ce_weight, o, chunk_size, wanted);
-  return {out[0], out[1]};
+  return {out[0], out[1].detach()};  // as cross_entropy_autograd's lse
 }
 
 std::tuple<Tensor, Tensor> linear_cross_entropy_inference(const Tensor& input, const Tensor& weight,

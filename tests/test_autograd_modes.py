@@ -1,7 +1,8 @@
 """fastlm's ops under autograd's other modes, in float64 on the C++ and Triton backends: the batched backward
 (``is_grads_batched``, which ``torch.autograd.functional.jacobian(vectorize=True)`` runs) gives torch's Jacobians,
-a graph of it (the ops' backwards are once-differentiable) and forward mode are refused by name, and a second
-backward gives the first one's gradient (gradcheck's reentrancy check)."""
+a graph of it (the ops' backwards are once-differentiable) and forward mode are refused by name, a graph of the
+backward that is never differentiated works under checkpointing, compiled autograd gives torch's gradients, and a
+second backward gives the first one's gradient (gradcheck's reentrancy check)."""
 
 import pytest
 import torch
@@ -101,6 +102,24 @@ def test_graph_of_the_backward_asks_nothing_more_of_the_saved_tensors(backend, n
         with torch.no_grad():
             changed.mul_(2)
         torch.testing.assert_close(torch.autograd.grad(loss, logits, create_graph=True)[0], expected)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_autograd_gives_torchs_gradient(name):
+    """torch.compile with compiled autograd traces the backward too: the C++ autograd functions must not mark
+    outputs non-differentiable, which compiled autograd asserts against (the losses' lse is detached instead)."""
+    skip_unless_runs("cpp")
+    ours, theirs = pairs("cpp")[name]
+    x = input_of(name).requires_grad_()
+    (expected,) = torch.autograd.grad(theirs(x).sum(), x)
+
+    def step(x):
+        ours(x).sum().backward()
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        torch.compile(step, backend="aot_eager")(x)
+    torch.testing.assert_close(x.grad, expected)
 
 
 @pytest.mark.parametrize("name", NAMES)
