@@ -186,7 +186,7 @@ def _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_s
     else:  # never read (HAS_WEIGHT is False): any tensor will do as the pointer
         weight = wsum = logits
     # the interpreter runs numpy per block, so big blocks are cheap there too
-    block_c = min(triton.next_power_of_2(max(C, 1)), 1024 if launch.interpreted(logits.device) else 4096)
+    block_c = min(launch.next_power_of_2(C), 1024 if launch.interpreted(logits.device) else 4096)
     args = (logits, logits.stride(0), target.contiguous(), weight, wsum, C, ignore_index,
             *launch.split_double(float(label_smoothing)), *launch.split_double(float(lse_square_scale)))
     # Rows are independent and memory-bound: a block of 4096 is 16 fp32 loads per thread at 8 warps.

@@ -22,7 +22,6 @@
 # (tl.dot has no fp64 on most GPUs). y and d(table) come back in the table's dtype, dW and db in the
 # weight's. Offsets into idx, table and every buffer are int64.
 
-
 import torch
 import triton
 import triton.language as tl

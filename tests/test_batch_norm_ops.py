@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import DEVICES, assert_close_to_reference, skip_unless_runs
 
-from fastlm.ops.batch_norm import kernel_ops, math_dtype
+from fastlm.ops.batch_norm import kernel_ops
+from fastlm.ops.math_dtype import math_dtype
 
 KERNEL_BACKENDS = ["cpp", "triton", "cuda"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fastlm import backends
+from fastlm.ops.math_dtype import math_dtype
 
 ACTIVATIONS = {None: 0, "relu": 1, "tanh": 2}
 
@@ -22,10 +23,6 @@ ACTIVATIONS = {None: 0, "relu": 1, "tanh": 2}
 # --- torch.library ops -------------------------------------------------------------------------------
 # The cpp and cuda kernels are C++ ops registered by fastlm._C; the Triton kernels are Python custom ops
 # registered here. Both share one set of fake implementations.
-
-
-def math_dtype(input: Tensor) -> torch.dtype:
-    return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
 def _per_channel(input: Tensor) -> Tensor:

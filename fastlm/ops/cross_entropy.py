@@ -23,6 +23,7 @@ from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops.autocast import autocast_dtype, autocast_off
+from fastlm.ops.math_dtype import math_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -30,10 +31,6 @@ REDUCTIONS = ("mean", "sum", "none")
 # --- torch.library ops -------------------------------------------------------------------------------
 # The cpp and cuda kernels are C++ ops registered by fastlm._C; the Triton kernels are Python custom ops
 # registered here. Both share one set of fake implementations.
-
-
-def math_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _fake_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale):

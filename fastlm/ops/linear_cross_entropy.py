@@ -25,9 +25,9 @@ from fastlm.ops.cross_entropy import (
     class_indices,
     fake_cross_entropy,
     loss_dtype,
-    math_dtype,
     reference_cross_entropy,
 )
+from fastlm.ops.math_dtype import math_dtype
 
 
 def default_chunk_size(hidden: int, vocab: int) -> int:

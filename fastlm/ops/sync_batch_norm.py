@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastlm import backends
-from fastlm.ops.batch_norm import ACTIVATIONS, check_per_channel, kernel_ops, math_dtype
+from fastlm.ops.batch_norm import ACTIVATIONS, check_per_channel, kernel_ops
+from fastlm.ops.math_dtype import math_dtype
 
 
 def merge_moments(counts: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor, Tensor]:
