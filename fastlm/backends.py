@@ -5,7 +5,8 @@ fastlm._C, in a CUDA build of torch), ``triton`` (Triton kernels; on CPU only un
 and ``torch`` (the plain-PyTorch reference). By default a CPU tensor runs on ``cpp`` and a CUDA tensor on
 ``triton`` (then ``cuda``). ``FASTLM_BACKEND=name`` or ``with fastlm.backends.use(name):`` forces one; a
 forced backend that this machine lacks, or that cannot run on the tensor's device, raises an error
-saying what is missing.
+saying what is missing. Inside torch.func transforms (grad, vmap, jacrev, ...) an op left to the default
+runs on ``torch``: the kernel backends' autograd is a C++ torch::autograd::Function, which torch.func refuses.
 """
 
 from __future__ import annotations
@@ -123,9 +124,18 @@ def use(name: str):
         _forced.pop()
 
 
+def in_torch_func_transform() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, functionalize, ...) is active. Not asked while
+    torch.compile traces, where the answer would be baked into the graph."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def resolve(device: torch.device, requested: str | None = None) -> str:
-    """The backend an op on ``device`` runs on: ``requested``, else ``use()``, else FASTLM_BACKEND, else the default."""
+    """The backend an op on ``device`` runs on: ``requested``, else ``use()``, else FASTLM_BACKEND, else the default
+    (``torch`` inside a torch.func transform)."""
     name = requested or (_forced[-1] if _forced else None) or os.environ.get("FASTLM_BACKEND") or None
+    if name is None and in_torch_func_transform():
+        return "torch"
     if name is None:
         for candidate in DEFAULT_ORDER.get(device.type, ("torch",)):
             if why_unavailable(candidate) is None:

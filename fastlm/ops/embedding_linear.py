@@ -82,6 +82,12 @@ def _(idx, vocab):
     return torch.empty_like(idx)
 
 
+@_checked_ids.register_vmap
+def _(info, in_dims, idx, vocab):
+    """Under vmap (torch.func) one check covers every sample's ids."""
+    return _checked_ids(idx, vocab), in_dims[0]
+
+
 # --- reference ---------------------------------------------------------------------------------------
 
 

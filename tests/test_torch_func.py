@@ -1,0 +1,159 @@
+"""fastlm under torch.func transforms (grad, vmap, jacrev, jacfwd, hessian): the kernel backends' autograd is a
+C++ torch::autograd::Function, which torch.func refuses, so an op left to the default backend runs its
+plain-PyTorch reference inside a transform. Each case runs the same transform over fastlm and over torch's own
+functions or modules and asserts the same outcome: equal results, or, where torch's raises (running stats
+updated in place inside a transform), an error from both."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import skip_unless_runs
+from torch import nn
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vmap
+
+import fastlm
+import fastlm.models
+from fastlm import backends
+
+SAMPLES, ROWS, FEATURES, CLASSES, VOCAB, CONTEXT = 4, 5, 6, 7, 9, 3
+
+
+def data():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(SAMPLES, ROWS, FEATURES, generator=generator, dtype=torch.float64)
+    logits = torch.randn(SAMPLES, ROWS, 2 * CLASSES, generator=generator, dtype=torch.float64)[..., ::2]
+    head = torch.randn(CLASSES, FEATURES, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, CLASSES, (SAMPLES, ROWS), generator=generator)
+    idx = torch.randint(0, VOCAB, (SAMPLES, ROWS, CONTEXT), generator=generator)
+    return x, logits, head, target, idx
+
+
+def assert_like_torch(fastlm_run, torch_run, torch_raises=False):
+    """Runs both: equal results (tensors or dicts of them), or, where torch is expected to raise, an error from
+    both."""
+    if torch_raises:
+        for run in (torch_run, fastlm_run):
+            with pytest.raises(RuntimeError):
+                run()
+        return
+    actual, expected = fastlm_run(), torch_run()
+    if isinstance(expected, dict):
+        assert actual.keys() == expected.keys()
+        actual, expected = list(actual.values()), list(expected.values())
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_default_backend_inside_a_transform_is_torch():
+    seen = []
+    vmap(lambda x: seen.append(backends.resolve(x.device)) or x)(torch.ones(2, 3))
+    grad(lambda x: seen.append(backends.resolve(x.device)) or x.sum())(torch.ones(3))
+    assert seen == ["torch", "torch"]
+    assert backends.resolve(torch.device("cpu")) == backends.available()[0]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_per_sample_gradients(reduction, smoothing):
+    _, logits, _, target, _ = data()
+    weight = torch.rand(CLASSES, dtype=torch.float64) + 0.5
+
+    def per_sample(loss):
+        return vmap(grad(lambda z, t: loss(z, t, weight, reduction=reduction, label_smoothing=smoothing)))(
+            logits, target)
+
+    assert_like_torch(lambda: per_sample(fastlm.ops.cross_entropy), lambda: per_sample(F.cross_entropy))
+
+
+@pytest.mark.parametrize("transform", [jacrev, jacfwd, hessian])
+def test_cross_entropy_jacobians_and_hessian(transform):
+    """Forward mode and second derivatives too, which the fused kernels' autograd refuses."""
+    _, logits, _, target, _ = data()
+
+    def run(loss):
+        return transform(lambda z: loss(z, target[0], reduction="none").sum() ** 2)(logits[0])
+
+    assert_like_torch(lambda: run(fastlm.ops.cross_entropy), lambda: run(F.cross_entropy))
+
+
+def test_linear_cross_entropy_per_sample_head_gradients():
+    x, _, head, target, _ = data()
+
+    def per_sample(loss):
+        return vmap(grad(loss, argnums=1), in_dims=(0, None, 0))(x, head, target)
+
+    assert_like_torch(lambda: per_sample(fastlm.ops.linear_cross_entropy),
+                      lambda: per_sample(lambda h, w, t: F.cross_entropy(h @ w.T, t)))
+
+
+def test_embedding_linear_per_sample_gradients():
+    *_, idx = data()
+    fused = fastlm.nn.EmbeddingLinear(VOCAB, 2, CONTEXT, CLASSES).double()
+    params = {name: p.detach() for name, p in fused.named_parameters()}
+
+    def reference(p, i):
+        return F.linear(p["embedding.weight"][i].view(i.shape[0], -1), p["linear.weight"], p["linear.bias"])
+
+    def per_sample(forward):
+        return vmap(grad(lambda p, i: forward(p, i).tanh().sum()), in_dims=(None, 0))(params, idx)
+
+    assert_like_torch(lambda: per_sample(lambda p, i: functional_call(fused, p, (i,))),
+                      lambda: per_sample(reference))
+
+
+def test_embedding_linear_out_of_range_id_under_vmap():
+    *_, idx = data()
+    fused = fastlm.nn.EmbeddingLinear(VOCAB, 2, CONTEXT, CLASSES)
+    with pytest.raises(IndexError, match="out of range"):
+        vmap(fused)(idx.masked_fill(idx == idx[2, 1, 0], VOCAB))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("track_running_stats", [True, False])
+@pytest.mark.parametrize("with_buffers", [True, False])
+def test_batch_norm_module_like_torch(training, track_running_stats, with_buffers):
+    """BatchNorm1d through functional_call under vmap(grad): where torch's module works (eval, or no running
+    stats) fastlm's gives its gradients; where torch's raises (running stats updated in place under a
+    transform), fastlm's raises too."""
+    x, *_ = data()
+    modules = [cls(FEATURES, track_running_stats=track_running_stats).double().train(training)
+               for cls in (fastlm.nn.BatchNorm1d, nn.BatchNorm1d)]
+    for module in modules:
+        with torch.no_grad():
+            module.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+
+    def per_sample(module):
+        params = {name: p.detach() for name, p in module.named_parameters()}
+        buffers = dict(module.named_buffers()) if with_buffers else {}
+        return vmap(grad(lambda p, rows: functional_call(module, (p, buffers), (rows,)).tanh().sum()),
+                    in_dims=(None, 0))(params, x)
+
+    assert_like_torch(lambda: per_sample(modules[0]), lambda: per_sample(modules[1]),
+                      torch_raises=training and track_running_stats)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_model_gradient_like_its_reference_twin(training):
+    """A whole fused makemore model (embedding + linear, BatchNorm + tanh) under torch.func.grad, as its
+    plain-PyTorch twin with the same state: in training both raise (the running stats are updated in place)."""
+    fused = fastlm.models.build("mlp-bn", fused=True, context=CONTEXT, vocab_size=VOCAB, hidden=8).double()
+    reference = fastlm.models.build("mlp-bn", fused=False, context=CONTEXT, vocab_size=VOCAB, hidden=8).double()
+    reference.load_state_dict(fused.state_dict())
+    *_, target, idx = data()
+
+    def gradients(model):
+        model.train(training)
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        return grad(lambda p: F.cross_entropy(functional_call(model, (p, buffers), (idx[0],)), target[0]))(params)
+
+    assert_like_torch(lambda: gradients(fused), lambda: gradients(reference), torch_raises=training)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_a_forced_kernel_backend_is_still_refused(backend):
+    """Only the default moves to the reference: a backend asked for by name runs as asked, and torch.func refuses
+    its C++ autograd with torch's message."""
+    skip_unless_runs(backend)
+    _, logits, _, target, _ = data()
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        grad(lambda z: fastlm.ops.cross_entropy(z, target[0], backend=backend))(logits[0])
