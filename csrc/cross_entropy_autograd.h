@@ -90,7 +90,8 @@ inline Tensor mean_denominator(const Tensor& target, const OptionalTensor& weigh
     const int64_t count = std::count_if(t, t + target.numel(), [&](int64_t v) { return v != ignore_index; });
     return at::scalar_tensor(double(count), target.options().dtype(dtype));
   }
-  const Tensor valid = target.ne(ignore_index);
+  // In int64, as the kernels compare: an int32 tensor would compare with ignore_index wrapped to 32 bits.
+  const Tensor valid = target.to(at::kLong).ne(ignore_index);
   if (!weight) return valid.sum().to(dtype);
   // Clamped so that an out-of-range target reaches the kernels, which refuse it with a clear IndexError.
   const Tensor safe_target = target.masked_fill(valid.logical_not(), 0).clamp(0, weight->size(0) - 1);

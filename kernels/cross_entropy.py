@@ -172,9 +172,10 @@ def _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_s
     # bad.any() waits for the device: the price of a clear error instead of a silently ignored row, paid
     # everywhere but in CUDA graph capture, which forbids the wait (the kernels then ignore such a row).
     if not backends.capturing():
-        bad = (target != ignore_index) & ((target < 0) | (target >= C))
+        wide = target.long()  # int32 targets would compare with ignore_index wrapped to 32 bits
+        bad = (wide != ignore_index) & ((wide < 0) | (wide >= C))
         if bad.any():
-            raise IndexError(f"Target {target[bad][0].item()} is out of bounds: expected a class index in "
+            raise IndexError(f"Target {wide[bad][0].item()} is out of bounds: expected a class index in "
                              f"[0, {C}) or ignore_index ({ignore_index})")
     if logits.stride(1) != 1:
         logits = logits.contiguous()

@@ -85,7 +85,9 @@ def _gather_sum_kernel(idx_ptr, p_ptr, bias_ptr, y_ptr, B, T, V, N, HAS_BIAS: tl
     for t in range(0, T):
         tok = tl.load(idx_ptr + b * T + t, mask=b_mask, other=0).to(tl.int64)
         tok_ok = (tok >= 0) & (tok < V)  # as in _tile
-        acc += tl.load(p_ptr + (t * V + tok)[:, None] * N + n[None, :], mask=mask & tok_ok[:, None],
+        # t * V in int64: T and V are int32 arguments, and (T - 1) * V may pass 2^31.
+        acc += tl.load(p_ptr + (tl.cast(t, tl.int64) * V + tok)[:, None] * N + n[None, :],
+                       mask=mask & tok_ok[:, None],
                        other=0.0).to(ACC)
     tl.store(y_ptr + b[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -209,7 +211,7 @@ def _gemm(a, a_strides, b, b_strides, c, M, N, K, math, idx=None, T=1, D=1, gath
     else:  # fp64 by hand: the (BM, BK, BN) product lives in registers
         bm, bn, bk = 32, 32, 8
         warps = 4
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    grid = launch.grid_2d(M, bm, N, bn, "a product")
     idx_arg = idx if idx is not None else c
     V = (a if gather_a else b).shape[0] if idx is not None else 1  # the table's rows, where one is gathered
     _gemm_kernel[grid](a, a_strides[0], a_strides[1], b, b_strides[0], b_strides[1], c, c.stride(0), c.stride(1),
@@ -233,7 +235,7 @@ def _scatter_rows(src, keys, n_keys, div, out, math, deterministic, pad_key=-1):
         buf = out if out.dtype == math.acc and out.is_contiguous() else torch.empty(out.shape, dtype=math.acc,
                                                                                     device=dev)
         buf.zero_()
-        grid = (triton.cdiv(R, bo), triton.cdiv(C, bc))
+        grid = launch.grid_2d(R, bo, C, bc, "a scatter")
         _scatter_add_kernel[grid](src, src.stride(0), src.stride(1), keys, buf, R, C, div, n_keys, ACC=math.tl_acc,
                                   BLOCK_O=bo, BLOCK_C=bc, num_warps=4)
         if pad_key >= 0:
@@ -249,7 +251,7 @@ def _scatter_rows(src, keys, n_keys, div, out, math, deterministic, pad_key=-1):
         bo, bc, piece = 16, min(launch.next_power_of_2(C), 128), 128
 
     def segment_sum(source, starts, ends, dst, permuted, pad):
-        grid = (starts.numel(), triton.cdiv(C, bc))
+        grid = launch.grid_2d(starts.numel(), 1, C, bc, "a scatter")
         _segment_sum_kernel[grid](source, source.stride(0), source.stride(1), perm, starts, ends, dst, C, div, pad,
                                   PERMUTED=permuted, ACC=math.tl_acc, BLOCK_O=bo, BLOCK_C=bc, num_warps=4)
 
@@ -317,7 +319,7 @@ def embedding_linear_forward(idx, table, weight, bias, strategy):
         bb, bn = min(launch.next_power_of_2(B), 256), min(launch.next_power_of_2(out), 256)
     else:
         bb, bn = 16, min(launch.next_power_of_2(out), 128)
-    grid = (triton.cdiv(B, bb), triton.cdiv(out, bn))
+    grid = launch.grid_2d(B, bb, out, bn, "the output")
     _gather_sum_kernel[grid](idx, P, bias if bias is not None else P, y, B, T, V, out, HAS_BIAS=bias is not None,
                              ACC=math.tl_acc, BLOCK_B=bb, BLOCK_N=bn, num_warps=4)
     return y

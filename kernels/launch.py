@@ -1,6 +1,7 @@
 # Host-side helpers the Triton launchers (kernels/*.py) share: the dtype a kernel computes in, block sizes as
 # powers of two, fp64 scalars passed as two fp32 halves, and whether the kernels run in Triton's interpreter
-# (which pays per program and per block, not per element, so the launchers pick bigger blocks there).
+# (which pays per program and per block, not per element, so the launchers pick bigger blocks there), and a
+# 2D grid that refuses more column blocks than CUDA launches.
 
 import math
 import os
@@ -24,3 +25,16 @@ def split_double(v: float) -> tuple[float, float]:
 
 def interpreted(device: torch.device) -> bool:
     return device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+MAX_GRID_AXIS_1 = 65535  # CUDA's limit on a grid's second axis (the first takes 2^31 - 1)
+
+
+def grid_2d(rows: int, block_rows: int, cols: int, block_cols: int, what: str) -> tuple[int, int]:
+    """(row blocks, column blocks); a ValueError naming ``what`` where the column blocks pass CUDA's limit on
+    axis 1, which would otherwise fail the launch with an opaque driver error."""
+    col_blocks = triton.cdiv(cols, block_cols)
+    if col_blocks > MAX_GRID_AXIS_1:
+        raise ValueError(f"fastlm triton: {what} has {cols} columns, more than one launch covers "
+                         f"({MAX_GRID_AXIS_1} blocks of {block_cols})")
+    return triton.cdiv(rows, block_rows), col_blocks

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrizations, parametrize, prune
 
 import fastlm
 from conftest import (DEVICES, KERNEL_BACKENDS, assert_close_to_reference, assert_second_derivative_raises,
@@ -560,3 +561,64 @@ def test_functional_matches_f_batch_norm():
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
         for a, b in zip(ours_stats, torch_stats):
             torch.testing.assert_close(a, b)
+
+
+def test_statistics_of_a_long_channel_count_its_values_exactly():
+    """3e8 values in one channel, the last tenth 1.0: mean 0.1 and variance 0.09 to fp32 rounding. The CPU
+    kernel merged its blocks' moments with a float count of the values so far, which past 2^24 could not add a
+    block exactly, and the merge weights drifted (mean 6e-5 off here, 2e-4 at 2e9 values)."""
+    skip_unless_runs("cpp")
+    x = torch.zeros(300_000, 1, 1000)
+    x[-30_000:] = 1.0
+    mean, var = torch.ops.fastlm.batch_norm_stats(x)
+    del x
+    torch.testing.assert_close(mean, torch.tensor([0.1]), rtol=5e-6, atol=0)
+    torch.testing.assert_close(var, torch.tensor([0.09]), rtol=5e-6, atol=0)
+
+
+PARAMETRIZATIONS = {
+    "parametrize": lambda m: parametrize.register_parametrization(m, "weight", Doubled()),
+    "prune": lambda m: prune.l1_unstructured(m, "weight", amount=0.25),
+    "weight_norm": lambda m: parametrizations.weight_norm(m, "weight", dim=0),
+}
+
+
+class Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+@pytest.mark.parametrize("how", list(PARAMETRIZATIONS))
+def test_parametrized_or_pruned_weight_like_torch(how):
+    """A parametrization or pruning replaces the module's weight parameter by a computed attribute; the module
+    reads that, as torch's does (it raised KeyError: 'weight')."""
+    torch.manual_seed(12)
+    ours, theirs = fastlm.nn.BatchNorm1d(6), nn.BatchNorm1d(6)
+    for module in (ours, theirs):
+        with torch.no_grad():
+            module.weight.copy_(torch.linspace(-1, 1, 6))
+        PARAMETRIZATIONS[how](module)
+    x = torch.randn(9, 6)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    ours(x).square().sum().backward()
+    theirs(x).square().sum().backward()
+    for (name, ours_p), (_, theirs_p) in zip(ours.named_parameters(), theirs.named_parameters()):
+        torch.testing.assert_close(ours_p.grad, theirs_p.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_cumulative_momentum_under_compile_breaks_the_graph_once():
+    """momentum=None's factor 1 / (batches + 1) changes every batch: traced, each value compiled a graph until
+    dynamo's recompile limit. The forward is left out of the graph, as torch's module's is; the running stats
+    follow torch's."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ours, theirs = fastlm.nn.BatchNorm1d(4, momentum=None), nn.BatchNorm1d(4, momentum=None)
+    compiled = torch.compile(ours, backend="eager")
+    torch.manual_seed(13)
+    for step in range(6):
+        x = torch.randn(8, 4) * (step + 1)
+        compiled(x)
+        theirs(x)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-5)
+    assert ours.num_batches_tracked == theirs.num_batches_tracked == 6

@@ -141,6 +141,33 @@ def test_all_targets_ignored_matches_torch(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_int32_targets_beside_an_ignore_index_beyond_int32(backend, op, weighted):
+    """ignore_index is compared with int32 targets in int64, as torch compares int64 ones: 2**32 + 5 ignores no
+    target 5 (an int32 comparison wrapped it to 5, and the mean then divided by the wrong count), and a target
+    of -3 beside ignore_index 2**32 - 3 is out of range, not ignored."""
+    skip_unless_runs(backend)
+    generator = torch.Generator().manual_seed(0)
+    h, head = torch.randn(6, 4, generator=generator, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
+    target = torch.tensor([5, 7, 5, 0, 8, 5], dtype=torch.int32)
+    weight = torch.rand(9, generator=generator, dtype=torch.float64) + 0.5 if weighted else None
+    options = dict(weight=weight, ignore_index=2**32 + 5, lse_square_scale=0.01)
+
+    def loss(t):
+        if op == "cross_entropy":
+            return cross_entropy(h @ head.T, t, backend=backend, **options)
+        linear_options = {("ce_weight" if key == "weight" else key): value for key, value in options.items()}
+        return fastlm.ops.linear_cross_entropy(h, head, t, backend=backend, **linear_options)
+
+    expected, _, _ = reference(h @ head.T, target.long(), **options)
+    torch.testing.assert_close(loss(target), expected.detach(), rtol=1e-12, atol=0)
+    with pytest.raises(IndexError):
+        options["ignore_index"] = 2**32 - 3
+        loss(torch.tensor([-3, 1], dtype=torch.int32).repeat(3))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("extra", [dict(label_smoothing=0.1), dict(lse_square_scale=0.01)])
 def test_mean_with_no_target_weight_left_is_nan(backend, extra):
     """Every target weighted 0: torch's mean is 0 / 0 = NaN, though the smoothing or z-loss terms are not 0."""

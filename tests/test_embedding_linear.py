@@ -307,6 +307,20 @@ def test_dynamic_batch_traces_without_pinning_its_size():
             torch.testing.assert_close(program.module()(idx), fused(idx))
 
 
+def test_reset_parameters_after_to_empty():
+    """Built on the meta device, moved with to_empty and reset: initialised as a new module is, with the same
+    draws as an nn.Embedding then an nn.Linear."""
+    with torch.device("meta"):
+        layer = fastlm.nn.EmbeddingLinear(11, 4, 3, 7)
+    layer.to_empty(device="cpu")
+    torch.manual_seed(14)
+    layer.reset_parameters()
+    torch.manual_seed(14)
+    embedding, linear = nn.Embedding(11, 4), nn.Linear(12, 7)
+    assert torch.equal(layer.embedding.weight, embedding.weight)
+    assert torch.equal(layer.linear.weight, linear.weight) and torch.equal(layer.linear.bias, linear.bias)
+
+
 def test_module_round_trips_torch_modules_exactly():
     embedding = nn.Embedding(27, 10, padding_idx=0)
     linear = nn.Linear(30, 200)

@@ -221,3 +221,15 @@ print(seen)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split("\n")[-2] == str([False, True, False, True, False, True, False, True, False])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_more_output_columns_than_one_launch_covers_is_a_clear_error(strategy):
+    """CUDA takes at most 65535 blocks on a grid's second axis, where the launchers put the output's columns:
+    past that a ValueError says so, where the launch would fail with the driver's 'invalid argument'. (On the
+    CPU the interpreter's blocks are 256 columns wide, on a GPU 128.)"""
+    out = 65535 * (256 if DEVICE == "cpu" else 128) + 1
+    idx = torch.zeros(1, 1, dtype=torch.int64, device=DEVICE)
+    table, weight = torch.ones(1, 1, device=DEVICE), torch.empty(out, 1, device=DEVICE)
+    with pytest.raises(ValueError, match="more than one launch covers"):
+        K.embedding_linear_forward(idx, table, weight, None, strategy)

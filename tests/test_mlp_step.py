@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from torch.nn.utils import parametrizations, prune
 
 from conftest import assert_close_to_reference, skip_unless_runs
 from fastlm.models import build
@@ -321,6 +322,40 @@ def test_a_batchnorm_in_eval_mode_runs_the_layers():
     for g, w in zip(grads, want):
         torch.testing.assert_close(g, w)
     assert int(fused.bn.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("layer", ["output", "bn"])
+@pytest.mark.parametrize("how", ["weight_norm", "prune"])
+def test_a_parametrized_or_pruned_layer_runs_the_layers(how, layer):
+    """A weight computed by a parametrization or pruning is not a tensor the one-call kernel can take (and
+    update in place): the step runs the layers (it raised KeyError: 'weight'), with the reference's gradients."""
+    skip_unless_runs("cpp")
+    reference, fused = (model.double() for model in make_twins("mlp-bn", backend="cpp"))
+    for model in (reference, fused):
+        module = getattr(model, layer)
+        if how == "prune":
+            prune.l1_unstructured(module, "weight", amount=0.3)
+        else:
+            parametrizations.weight_norm(module, "weight", dim=0)
+    X, Y = make_windows(make_words(20), reference.context)
+    loss, grads = fused.loss_and_grads(X[:32], Y[:32])
+    want = reference.loss(X[:32], Y[:32])
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-12, atol=0)
+    for g, w in zip(grads, torch.autograd.grad(want, list(reference.parameters())), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_autocast_runs_the_layers():
+    """Under torch.autocast the step follows autocast's policy through the layers, as the fused twin's loss()
+    and the reference do; the one-call kernel computed in fp32 regardless."""
+    skip_unless_runs("cpp")
+    _, fused = make_twins("mlp-bn", backend="cpp")
+    X, Y = make_windows(make_words(20), fused.context)
+    without = fused.loss(X[:32], Y[:32])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layers = fused.loss(X[:32], Y[:32])
+        loss, _ = fused.loss_and_grads(X[:32], Y[:32])
+    assert loss.item() == layers.item() != without.item()
 
 
 @pytest.mark.parametrize("name", ["mlp", "mlp-bn"])

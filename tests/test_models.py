@@ -248,6 +248,20 @@ def test_reference_batchnorm_without_tracking_leaves_its_buffers():
     torch.testing.assert_close(layers[0](x), layers[1](x))
 
 
+@pytest.mark.parametrize("name", ["mlp-bn", "resmlp"])
+def test_reference_twin_under_autocast(name):
+    """The reference twin's Bessel-corrected BatchNorm under CPU autocast: its bf16 batch statistics go into the
+    fp32 running stats (lerp_ refused the mixed dtypes), as the fused twin's do."""
+    reference, fused = make_twins(name)
+    X, Y = make_windows(make_words(20), reference.context)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = [model.loss(X[:32], Y[:32]).item() for model in (reference, fused)]
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)
+    for (key, a), (_, b) in zip(reference.state_dict().items(), fused.state_dict().items()):
+        assert a.dtype == b.dtype, key
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=key)
+
+
 class BackToFront(torch.nn.Module):
     """Two BatchNorm layers registered in the opposite order to the one the forward calls them in."""
 

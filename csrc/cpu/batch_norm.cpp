@@ -204,10 +204,10 @@ void channel_moments(const T* x, const Layout& s, T* mean, T* m2) {
   // Merge block b into blocks [0, b) for all channels at once (the weights depend on b alone).
   std::fill_n(mean, s.C, T(0));
   std::fill_n(m2, s.C, T(0));
-  T n_a = 0;
+  int64_t n_a = 0;  // counted exactly (a float count drifts past 2^24 values, and with it the weights)
   for (int64_t b = 0; b < num_blocks; ++b) {
-    const T n_b = T(std::min(block_rows, s.N - b * block_rows) * s.L), n = n_a + n_b;
-    const T mean_weight = n_b / n, m2_weight = n_a * n_b / n;
+    const int64_t n_b = std::min(block_rows, s.N - b * block_rows) * s.L, n = n_a + n_b;
+    const T mean_weight = T(n_b) / T(n), m2_weight = T(n_a) * (T(n_b) / T(n));
     const T* bmean = block_mean.data() + b * s.C;
     const T* bm2 = block_m2.data() + b * s.C;
     for (int64_t c = 0; c < s.C; ++c) {

@@ -59,8 +59,8 @@ class ReferenceBatchNorm1d(nn.BatchNorm1d):
         with torch.no_grad():
             self.num_batches_tracked += 1
             momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            self.running_mean.lerp_(mean.flatten(), momentum)
-            self.running_var.lerp_(var.flatten(), momentum)
+            self.running_mean.lerp_(mean.flatten().to(self.running_mean.dtype), momentum)  # bf16 under autocast
+            self.running_var.lerp_(var.flatten().to(self.running_var.dtype), momentum)
         return out
 
     def extra_repr(self) -> str:

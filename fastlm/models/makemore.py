@@ -242,7 +242,8 @@ class MLP(MakemoreModel):
         num_batches_tracked]) and BatchNorm arguments, where it pays: the fused twin training on the cpp backend
         (see above), its BatchNorm training too. The op counts the batch in the BatchNorm, as bn(h) would."""
         if not (self.fused and self.training and self._one_call_pays(idx.shape[0])
-                and backends.resolve(idx.device, self.backend) == "cpp"):
+                and backends.resolve(idx.device, self.backend) == "cpp"
+                and not torch.is_autocast_enabled(idx.device.type)):  # the layers follow autocast's policy
             return None
         # Read through the module dicts: nn.Module's attribute lookup costs about 0.5 us per submodule or
         # parameter reached (measured: 18 us per call through attributes and detach(), 6 us so), and this runs
@@ -251,12 +252,15 @@ class MLP(MakemoreModel):
         first = modules["first"]._modules
         embedding, linear = first["embedding"]._parameters, first["linear"]._parameters
         output = modules["output"]._parameters
-        params = [embedding["weight"], linear["weight"], linear["bias"], output["weight"], output["bias"]]
+        layers = [(embedding, "weight"), (linear, "weight"), (linear, "bias"), (output, "weight"), (output, "bias")]
         if self.batchnorm:
             bn = modules["bn"]  # the op counts the batch in num_batches_tracked itself
             if not bn.training:  # a BatchNorm put in eval mode on its own normalises with its running stats
                 return None
-            params += [bn._parameters["weight"], bn._parameters["bias"]]
+            layers += [(bn._parameters, "weight"), (bn._parameters, "bias")]
+        if not all(name in parameters for parameters, name in layers):
+            return None  # a parametrized or pruned weight is computed by its layer: the layers run
+        params = [parameters[name] for parameters, name in layers]
         # The kernel's dtypes (fp16/bf16 take the layers), and every parameter trained (with a frozen one the
         # layers' autograd refuses the step, as the reference's does).
         if params[0].dtype not in (torch.float32, torch.float64) or not all(p.requires_grad for p in params):

@@ -62,6 +62,11 @@ class EmbeddingLinear(nn.Module):
         fused._set_options(strategy, atomic_scatter, backend)
         return fused
 
+    def reset_parameters(self) -> None:
+        """Each submodule's own initialisation (as after construction), e.g. after ``to_empty``."""
+        self.embedding.reset_parameters()
+        self.linear.reset_parameters()
+
     def to_modules(self) -> tuple[nn.Embedding, nn.Linear]:
         """Independent copies of the embedding and linear layers."""
         return copy.deepcopy(self.embedding), copy.deepcopy(self.linear)

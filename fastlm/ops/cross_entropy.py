@@ -122,7 +122,7 @@ def reference_cross_entropy(logits, target, weight, ignore_index, reduction, lab
                            label_smoothing=label_smoothing)
     lse = torch.logsumexp(x, dim=1)
     if lse_square_scale:
-        valid = target != ignore_index
+        valid = target.long() != ignore_index  # an int32 target would compare with ignore_index wrapped
         z_rows = torch.where(valid, lse_square_scale * lse.square(), 0)
         if reduction == "none":
             loss = loss + z_rows

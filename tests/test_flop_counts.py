@@ -1,0 +1,64 @@
+"""FlopCounterMode over fastlm's fused ops counts what it counts over the torch code they replace (it counted
+nothing for them: the mode sees the kernel ops, not the products inside)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import skip_unless_runs
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import fastlm
+from test_models import make_twins
+
+VOCAB, DIM, CONTEXT, HIDDEN, ROWS = 27, 10, 3, 200, 32
+
+
+def flops(step) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def idx_and_targets():
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randint(0, VOCAB, (ROWS, CONTEXT), generator=generator),
+            torch.randint(0, VOCAB, (ROWS,), generator=generator))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_converted_model_counts_as_torch(backend):
+    skip_unless_runs(backend)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(VOCAB, DIM), nn.Flatten(), nn.Linear(CONTEXT * DIM, HIDDEN),
+                          nn.BatchNorm1d(HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, VOCAB))
+    fused = fastlm.convert(model, backend=backend)
+    idx, targets = idx_and_targets()
+    expected = flops(lambda: F.cross_entropy(model(idx), targets).backward())
+    assert expected > 0
+    assert flops(lambda: F.cross_entropy(fused(idx), targets).backward()) == expected
+
+
+@pytest.mark.parametrize("needs", ["both", "input", "weight"])
+def test_linear_cross_entropy_counts_as_torch(needs):
+    skip_unless_runs("cpp")
+    h = torch.randn(ROWS, HIDDEN, requires_grad=needs != "weight")
+    head = torch.randn(VOCAB, HIDDEN, requires_grad=needs != "input")
+    _, targets = idx_and_targets()
+    expected = flops(lambda: F.cross_entropy(h @ head.T, targets).backward())
+    assert flops(lambda: fastlm.ops.linear_cross_entropy(h, head, targets).backward()) == expected
+    forward_only = 2 * ROWS * HIDDEN * VOCAB
+    assert flops(lambda: fastlm.ops.linear_cross_entropy(h.detach(), head.detach(), targets)) == forward_only
+
+
+@pytest.mark.parametrize("batch", [32, 256], ids=["gather", "product-tables"])
+@pytest.mark.parametrize("name", ["mlp", "mlp-bn"])
+def test_one_call_training_step_counts_as_the_reference(name, batch):
+    skip_unless_runs("cpp")
+    reference, fused = make_twins(name, backend="cpp")
+    generator = torch.Generator().manual_seed(1)
+    idx, targets = torch.randint(0, VOCAB, (batch, 3), generator=generator), torch.randint(0, VOCAB, (batch,))
+    expected = flops(lambda: reference.loss_and_grads(idx, targets))
+    assert expected > 0
+    assert flops(lambda: fused.loss_and_grads(idx, targets)) == expected
+    assert flops(lambda: fused.sgd_step(idx, targets, 0.0)) == expected
