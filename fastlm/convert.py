@@ -27,6 +27,7 @@ names from the module: ``from fastlm.convert import FusedSequential``.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 from torch import Tensor, nn
@@ -130,8 +131,16 @@ def convert(model: nn.Module, backend: str | None = None, *, fuse_forward_code: 
     code, compiling the returned module's forward (its first call, and each new branch or shape, takes a capture)."""
     converted = swap_layers(model, backend)
     if fuse_forward_code:
-        converted.compile(backend=FuseGraph(backend))
+        converted.compile(backend=_fuse_graph(backend))
     return converted
+
+
+@functools.cache
+def _fuse_graph(backend: str | None) -> FuseGraph:
+    """One compile backend per fastlm backend: dynamo keeps a model's graphs on its class's forward code, where
+    a new backend object for each converted model would leave every earlier model's graphs, dead or alive,
+    counting toward the recompile limit of that code."""
+    return FuseGraph(backend)
 
 
 def swap_layers(model: nn.Module, backend: str | None) -> nn.Module:

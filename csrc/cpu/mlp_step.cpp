@@ -237,6 +237,7 @@ void gather_step(const StepData<T>& d) {
   const auto lines = Carver::whole_lines;
   const int64_t lda = lines(H);
   thread_local std::vector<T> scratch;
+  const ScratchCap<T> cap(scratch);
   Carver carver(scratch, lines(B * K) * 2 + lines(H * B) * 3 + B * lda + lines(H) * 2 +
                              2 * (lines(V * B) * 2 + lines(K * B)));
   const auto take = [&](int64_t n) { return carver.take(n); };
@@ -481,6 +482,7 @@ at::Tensor mlp_sgd_step(const at::Tensor& idx, const at::Tensor& targets, const 
     // The gradients, one after another, each from a cache line (as fresh tensors would be: the kernel's two
     // threads write the two sides of a line-aligned border of each).
     thread_local std::vector<S> scratch;
+    const ScratchCap<S> cap(scratch);
     int64_t values = 0;
     for (const auto& p : params) values += LineCarver<S>::whole_lines(p.numel());
     LineCarver<S> carver(scratch, values);

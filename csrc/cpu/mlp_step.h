@@ -58,6 +58,24 @@ class LineCarver {
   T* next_;
 };
 
+// Ends the life of a thread's kept scratch (a thread_local buffer a kernel reuses from call to call: a fresh
+// buffer of its size is a fresh mmap, page faults included) with the call that grew it past kMaxBytes: at most
+// that much per buffer stays allocated between calls, as for ReusedBuffer (reused_buffer.h).
+template <typename T>
+class ScratchCap {
+ public:
+  explicit ScratchCap(std::vector<T>& scratch) : scratch_(scratch) {}
+  ScratchCap(const ScratchCap&) = delete;
+  ScratchCap& operator=(const ScratchCap&) = delete;
+  ~ScratchCap() {
+    if (int64_t(scratch_.capacity() * sizeof(T)) > kMaxBytes) std::vector<T>().swap(scratch_);
+  }
+
+ private:
+  static constexpr int64_t kMaxBytes = int64_t(64) << 20;
+  std::vector<T>& scratch_;
+};
+
 // The step on up to two threads (from 64 rows), the first layer as a gathered matrix product (mlp_step.cpp).
 template <typename T>
 void gather_step(const StepData<T>& d);

@@ -97,7 +97,8 @@ class ProductTableStep {
         s_(d.s),
         table_size_(d.s.vocab * d.s.T * d.s.H),
         parts_(parts_of(d.s.B, table_size_)),
-        block_(rows_per_block(d.s.H)) {}
+        block_(rows_per_block(d.s.H)),
+        cap_(scratch()) {}
 
   void run() {
     allocate();
@@ -117,6 +118,12 @@ class ProductTableStep {
   const int64_t table_size_, parts_, block_;
   T *w1t_, *w2t_, *P_, *logits_, *mean_, *invstd_;
   std::vector<Part<T>> part_;
+  const ScratchCap<T> cap_;  // hands a large scratch back when this step ends
+
+  static std::vector<T>& scratch() {
+    thread_local std::vector<T> kept;
+    return kept;
+  }
 
   // Scratch, kept between calls (a fresh buffer of this size is a fresh mmap, page faults included).
   void allocate() {
@@ -125,8 +132,7 @@ class ProductTableStep {
     const int64_t shared = padded(s_.K * H) + padded(H * V) + padded(table_size_) + padded(B * V) + 2 * padded(H);
     const int64_t per_part =
         padded(V * H) + padded(V) + 2 * padded(table_size_) + 6 * padded(H) + 3 * padded(block_ * H);
-    thread_local std::vector<T> scratch;
-    LineCarver<T> carver(scratch, shared + parts_ * per_part);
+    LineCarver<T> carver(scratch(), shared + parts_ * per_part);
     auto take = [&](int64_t n) { return carver.take(n); };
     w1t_ = take(s_.K * H);
     w2t_ = take(H * V);
