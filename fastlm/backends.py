@@ -5,8 +5,9 @@ fastlm._C, in a CUDA build of torch), ``triton`` (Triton kernels; on CPU only un
 and ``torch`` (the plain-PyTorch reference). By default a CPU tensor runs on ``cpp`` and a CUDA tensor on
 ``triton`` (then ``cuda``). ``FASTLM_BACKEND=name`` or ``with fastlm.backends.use(name):`` forces one; a
 forced backend that this machine lacks, or that cannot run on the tensor's device, raises an error
-saying what is missing. Inside torch.func transforms (grad, vmap, jacrev, ...) an op left to the default
-runs on ``torch``: the kernel backends' autograd is a C++ torch::autograd::Function, which torch.func refuses.
+saying what is missing. Inside torch.func transforms (grad, vmap, jacrev, ...; not functionalize) an op left
+to the default runs on ``torch``: the kernel backends' autograd is a C++ torch::autograd::Function, which
+torch.func refuses.
 """
 
 from __future__ import annotations
@@ -125,9 +126,15 @@ def use(name: str):
 
 
 def in_torch_func_transform() -> bool:
-    """Whether a torch.func transform (grad, vmap, jacrev, functionalize, ...) is active. Not asked while
-    torch.compile traces, where the answer would be baked into the graph."""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    """Whether a torch.func transform other than functionalize (grad, vmap, jacrev, ...) is active; functionalize
+    runs the kernel ops as they are. Not asked while torch.compile traces, where the answer would be baked into
+    the graph."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    functionalize = torch._C._functorch.TransformType.Functionalize
+    return any(interpreter.key() != functionalize for interpreter in retrieve_all_functorch_interpreters())
 
 
 def resolve(device: torch.device, requested: str | None = None) -> str:

@@ -606,7 +606,7 @@ def test_parametrized_or_pruned_weight_like_torch(how):
         torch.testing.assert_close(ours_p.grad, theirs_p.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_cumulative_momentum_under_compile_breaks_the_graph_once():
+def test_cumulative_momentum_under_compile_stays_out_of_the_graphs():
     """momentum=None's factor 1 / (batches + 1) changes every batch: traced, each value compiled a graph until
     dynamo's recompile limit. The forward is left out of the graph, as torch's module's is; the running stats
     follow torch's."""

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils import parametrizations, prune
 
 import fastlm
 from conftest import (DEVICES, KERNEL_BACKENDS, assert_close_to_reference, assert_second_derivative_raises,
@@ -307,18 +308,34 @@ def test_dynamic_batch_traces_without_pinning_its_size():
             torch.testing.assert_close(program.module()(idx), fused(idx))
 
 
-def test_reset_parameters_after_to_empty():
-    """Built on the meta device, moved with to_empty and reset: initialised as a new module is, with the same
-    draws as an nn.Embedding then an nn.Linear."""
-    with torch.device("meta"):
-        layer = fastlm.nn.EmbeddingLinear(11, 4, 3, 7)
-    layer.to_empty(device="cpu")
-    torch.manual_seed(14)
-    layer.reset_parameters()
-    torch.manual_seed(14)
-    embedding, linear = nn.Embedding(11, 4), nn.Linear(12, 7)
-    assert torch.equal(layer.embedding.weight, embedding.weight)
-    assert torch.equal(layer.linear.weight, linear.weight) and torch.equal(layer.linear.bias, linear.bias)
+@pytest.mark.parametrize("how", ["prune", "weight_norm", "forward_hook"])
+def test_pruned_or_hooked_submodules_like_torch(how):
+    """Pruning computes a submodule's weight in a forward pre-hook, which the fused op never ran: the weight stayed
+    the one pruning first made (after an SGD step the loss was 500 against torch's 4583, and the next backward
+    failed). With hooks on a submodule the layer calls its submodules, unfused; a parametrization (weight_norm)
+    needs no hook and stays fused."""
+    torch.manual_seed(15)
+    fused = fastlm.nn.EmbeddingLinear(11, 4, 3, 7)
+    embedding, linear = fused.to_modules()
+    calls = []
+    for module in (fused.linear, linear):
+        if how == "prune":
+            prune.l1_unstructured(module, "weight", amount=0.4)
+        elif how == "weight_norm":
+            parametrizations.weight_norm(module, "weight")
+        else:
+            module.register_forward_hook(lambda module, args, out: calls.append(out.shape) or out * 2)
+    idx = torch.randint(0, 11, (5, 3))
+    for _ in range(3):  # SGD steps: each forward must read the weight as updated
+        losses = [fused(idx).square().sum(), linear(embedding(idx).flatten(1)).square().sum()]
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+        for loss, model in zip(losses, (fused, nn.ModuleList([embedding, linear]))):
+            loss.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad = None
+    assert len(calls) == (6 if how == "forward_hook" else 0)
 
 
 def test_module_round_trips_torch_modules_exactly():

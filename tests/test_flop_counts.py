@@ -62,3 +62,26 @@ def test_one_call_training_step_counts_as_the_reference(name, batch):
     assert expected > 0
     assert flops(lambda: fused.loss_and_grads(idx, targets)) == expected
     assert flops(lambda: fused.sgd_step(idx, targets, 0.0)) == expected
+
+
+def test_linear_cross_entropy_per_row_forward_counts_its_one_product():
+    """reduction="none" defers the gradients to the backward (its rows' upstream gradient is not known yet): the
+    forward runs the logits' product alone, 2 * N * H * V, where the count took the gradients' products too."""
+    skip_unless_runs("cpp")
+    h, head = torch.randn(ROWS, HIDDEN, requires_grad=True), torch.randn(VOCAB, HIDDEN, requires_grad=True)
+    _, targets = idx_and_targets()
+    assert flops(lambda: fastlm.ops.linear_cross_entropy(h, head, targets, reduction="none")) == (
+        2 * ROWS * HIDDEN * VOCAB)
+
+
+def test_inference_mode_counts_as_torch():
+    """Under inference mode the mode sees the ops themselves (no autograd kernel in between), which counted 0."""
+    skip_unless_runs("cpp")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(VOCAB, DIM), nn.Flatten(), nn.Linear(CONTEXT * DIM, HIDDEN))
+    fused = fastlm.convert(model)
+    idx, targets = idx_and_targets()
+    head = torch.randn(VOCAB, HIDDEN)
+    with torch.inference_mode():
+        expected = flops(lambda: F.cross_entropy(model(idx) @ head.T, targets))
+        assert flops(lambda: fastlm.ops.linear_cross_entropy(fused(idx), head, targets)) == expected > 0

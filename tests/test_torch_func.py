@@ -33,7 +33,7 @@ def assert_like_torch(fastlm_run, torch_run, torch_raises=False):
     both."""
     if torch_raises:
         for run in (torch_run, fastlm_run):
-            with pytest.raises(RuntimeError):
+            with pytest.raises(RuntimeError, match="in-?place"):
                 run()
         return
     actual, expected = fastlm_run(), torch_run()
@@ -98,6 +98,33 @@ def test_embedding_linear_per_sample_gradients():
 
     assert_like_torch(lambda: per_sample(lambda p, i: functional_call(fused, p, (i,))),
                       lambda: per_sample(reference))
+
+
+def test_an_ensemble_of_embedding_linear_layers():
+    """Model ensembling: vmap over stacked parameters of several layers, the ids shared (the reference's view of
+    the gathered rows failed under vmap)."""
+    *_, idx = data()
+    layers = [fastlm.nn.EmbeddingLinear(VOCAB, 2, CONTEXT, CLASSES).double() for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(layers)
+    twins = [nn.Sequential(layer.embedding, nn.Flatten(), layer.linear) for layer in layers]
+    twin_params, twin_buffers = torch.func.stack_module_state(twins)
+
+    def ensemble(module, params, buffers):
+        return vmap(lambda p, b, i: functional_call(module, (p, b), (i,)), in_dims=(0, 0, None))(params, buffers,
+                                                                                                idx[0])
+
+    assert_like_torch(lambda: ensemble(layers[0], params, buffers), lambda: ensemble(twins[0], twin_params,
+                                                                                     twin_buffers))
+
+
+def test_functionalize_keeps_the_kernel_ops():
+    """functionalize runs the kernel ops as they are (a traced graph keeps fastlm's op), unlike the transforms
+    that differentiate or batch."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    _, logits, _, target, _ = data()
+    graph = make_fx(torch.func.functionalize(lambda z, t: fastlm.ops.cross_entropy(z, t)))(logits[0], target[0])
+    assert any(str(node.target).startswith("fastlm.") for node in graph.graph.nodes), graph.code
 
 
 def test_embedding_linear_out_of_range_id_under_vmap():

@@ -65,8 +65,8 @@ class BatchNorm1d(nn.BatchNorm1d):
                      for name in ("running_mean", "running_var"))
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.momentum is None and self._batch_counter() is not None:
-            return self._forward_cumulative(input)
+        if self.momentum is None and self._batch_counter() is not None and torch.compiler.is_compiling():
+            return _forward_outside_graphs()(self, input)
         return self._forward(input)
 
     def _forward(self, input: Tensor) -> Tensor:
@@ -76,16 +76,22 @@ class BatchNorm1d(nn.BatchNorm1d):
         return batch_norm(input, *self._running_stats(), *self._affine(), self._uses_batch_stats(), momentum,
                           self.eps, self.unbiased, self.activation, backend=self.backend)
 
-    @torch.compiler.disable
-    def _forward_cumulative(self, input: Tensor) -> Tensor:
-        """The forward whose momentum is the cumulative average's, 1 / (batches + 1), a new number every batch:
-        left out of torch.compile's graphs (as torch's module's is), where each value would compile a graph."""
-        return self._forward(input)
-
     def extra_repr(self) -> str:
         extra = "".join(f", {name}={value!r}" for name, value in
                         (("unbiased", self.unbiased), ("activation", self.activation)) if value)
         return super().extra_repr() + extra
+
+
+_disabled_forward: list = []
+
+
+def _forward_outside_graphs():
+    """BatchNorm1d's forward left out of torch.compile's graphs, for momentum None in training: the cumulative
+    average's factor 1 / (batches + 1) is a new number every batch, each of which would compile a graph (torch's
+    module breaks the graph there too). Made on first use: torch.compiler.disable imports torch._dynamo (~1 s)."""
+    if not _disabled_forward:
+        _disabled_forward.append(torch.compiler.disable(BatchNorm1d._forward))
+    return _disabled_forward[0]
 
 
 class SyncBatchNorm(BatchNorm1d):

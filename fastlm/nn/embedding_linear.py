@@ -62,19 +62,24 @@ class EmbeddingLinear(nn.Module):
         fused._set_options(strategy, atomic_scatter, backend)
         return fused
 
-    def reset_parameters(self) -> None:
-        """Each submodule's own initialisation (as after construction), e.g. after ``to_empty``."""
-        self.embedding.reset_parameters()
-        self.linear.reset_parameters()
-
     def to_modules(self) -> tuple[nn.Embedding, nn.Linear]:
         """Independent copies of the embedding and linear layers."""
         return copy.deepcopy(self.embedding), copy.deepcopy(self.linear)
 
     def forward(self, idx: Tensor) -> Tensor:
-        return embedding_linear(idx, self.embedding.weight, self.linear.weight, self.linear.bias,
-                                padding_idx=self.embedding.padding_idx, strategy=self.strategy,
+        embedding, linear = self._modules["embedding"], self._modules["linear"]
+        if _has_hooks(embedding) or _has_hooks(linear):
+            # Hooks on the submodules (pruning's, which computes the weight before each call, or a user's) expect
+            # the submodules to be called: they are, unfused.
+            return linear(embedding(idx).flatten(1))
+        return embedding_linear(idx, embedding.weight, linear.weight, linear.bias,
+                                padding_idx=embedding.padding_idx, strategy=self.strategy,
                                 atomic_scatter=self.atomic_scatter, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"context={self.context}" + (f", strategy={self.strategy!r}" if self.strategy else "")
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks)

@@ -94,7 +94,7 @@ def _(info, in_dims, idx, vocab):
 def reference_embedding_linear(idx, table, weight, bias, padding_idx):
     """The ``torch`` backend and the oracle: embedding, view, linear."""
     embedded = F.embedding(idx, table, padding_idx=None if padding_idx < 0 else padding_idx)
-    return F.linear(embedded.view(idx.shape[0], idx.shape[1] * table.shape[1]), weight, bias)
+    return F.linear(embedded.reshape(idx.shape[0], idx.shape[1] * table.shape[1]), weight, bias)  # vmap: reshape
 
 
 # --- functional --------------------------------------------------------------------------------------

@@ -1,16 +1,21 @@
 """FLOP formulas of the fused ops for ``torch.utils.flop_counter.FlopCounterMode`` (what MFU estimates read).
 
 The mode sees the kernel ops, not the products inside them, and counted nothing for them. Each formula counts
-the matrix products of the torch code the op replaces, 2 FLOPs per multiply-add, as the mode counts torch's
-(its other ops, softmax and normalisation included, count 0): the embedding's linear, the head of linear +
-cross-entropy, and the makemore MLP's two linears. The product-table strategy computes the same output with
-fewer multiplies; its count is the linear's all the same, as MFU wants.
+the matrix products the op runs, 2 FLOPs per multiply-add, as the mode counts torch's (its other ops, softmax
+and normalisation included, count 0): the embedding's linear, the head of linear + cross-entropy, and the
+makemore MLP's two linears. That is torch's count for the code the op replaces, except where the op computes
+more: linear + cross-entropy with reduction "none" (or a second backward through a retained graph) recomputes
+the logits in its backward, and embedding + linear computes the table's and the weight's gradients even where
+one is frozen. The product-table strategy gets the linear's count, though it needs fewer multiplies.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import sys
+
 import torch
-from torch.utils.flop_counter import register_flop_formula
 
 
 def _embedding_linear_forward(idx_shape, table_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
@@ -24,11 +29,17 @@ def _embedding_linear_backward(grad_shape, idx_shape, table_shape, weight_shape,
     return 2 * _embedding_linear_forward(idx_shape, table_shape, weight_shape)
 
 
+def _linear_cross_entropy(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """The logits' product (the op itself is seen only under inference mode, where it computes no gradient)."""
+    return 2 * input_shape[0] * input_shape[1] * weight_shape[0]
+
+
 def _linear_cross_entropy_chunks(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
-    """The logits' product, and one product per gradient asked for (``wanted``: input, weight, bias)."""
-    wanted = args[-1]
-    rows, hidden, vocab = input_shape[0], input_shape[1], weight_shape[0]
-    return 2 * rows * hidden * vocab * (1 + int(wanted[0]) + int(wanted[1]))
+    """The logits' product, and where the rows' upstream gradient is given (``grad_rows``; without it the op
+    computes no gradient), one product per gradient asked for (``wanted``: input, weight, bias)."""
+    grad_rows, wanted = args[-2], args[-1]
+    gradients = 0 if grad_rows is None else int(wanted[0]) + int(wanted[1])
+    return _linear_cross_entropy(input_shape, weight_shape) * (1 + gradients)
 
 
 def _mlp_step(idx_shape, targets_shape, table_shape, w1_shape, b1_shape, w2_shape, *args, out_shape=None,
@@ -38,15 +49,48 @@ def _mlp_step(idx_shape, targets_shape, table_shape, w1_shape, b1_shape, w2_shap
     return 6 * rows * (in_features * hidden + hidden * vocab)
 
 
-FORMULAS = {"embedding_linear_forward": _embedding_linear_forward,
+FORMULAS = {"embedding_linear": _embedding_linear_forward,  # these two are seen only under inference mode
+            "linear_cross_entropy": _linear_cross_entropy,
+            "embedding_linear_forward": _embedding_linear_forward,
             "embedding_linear_backward": _embedding_linear_backward,
             "linear_cross_entropy_chunks": _linear_cross_entropy_chunks,
             "mlp_loss_and_grads": _mlp_step,
             "mlp_sgd_step": _mlp_step}
 
-# The C++ ops (where fastlm._C loaded: the modules of fastlm.ops imported before this one load it) and the
-# Triton ones (which those modules register).
-for _name, _formula in FORMULAS.items():
-    for _op in (_name, f"triton_{_name}"):
-        if hasattr(torch.ops.fastlm, _op):
-            register_flop_formula(getattr(torch.ops.fastlm, _op))(_formula)
+FLOP_COUNTER = "torch.utils.flop_counter"
+
+
+def register_formulas() -> None:
+    """Registers FORMULAS for the C++ ops (where fastlm._C loaded: the modules of fastlm.ops imported before this
+    one load it) and the Triton ones (which those modules register)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    for name, formula in FORMULAS.items():
+        for op in (name, f"triton_{name}"):
+            if hasattr(torch.ops.fastlm, op):
+                register_flop_formula(getattr(torch.ops.fastlm, op))(formula)
+
+
+class _RegisterWhenImported(importlib.abc.MetaPathFinder):
+    """Registers the formulas right after torch.utils.flop_counter is first imported, rather than importing it
+    with fastlm: it imports triton, ~0.25 s that `import fastlm` need not pay."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != FLOP_COUNTER:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            register_formulas()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if FLOP_COUNTER in sys.modules:
+    register_formulas()
+else:
+    sys.meta_path.insert(0, _RegisterWhenImported())

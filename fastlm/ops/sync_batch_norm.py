@@ -113,7 +113,9 @@ def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Ten
     check_per_channel(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     name = backends.resolve(input.device, backend)
     if name == "torch":
-        raise RuntimeError("fastlm.sync_batch_norm runs on a kernel backend (cpp, cuda or triton), not 'torch'; "
-                           "use torch.nn.SyncBatchNorm for the plain-PyTorch version")
+        where = ("inside a torch.func transform" if backend is None and backends.in_torch_func_transform()
+                 else "on the 'torch' backend")
+        raise RuntimeError(f"fastlm.sync_batch_norm cannot run {where}: it runs on a kernel backend (cpp, cuda or "
+                           "triton); use torch.nn.SyncBatchNorm for the plain-PyTorch version")
     return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps, unbiased,
                                        ACTIVATIONS[activation], process_group, name)
