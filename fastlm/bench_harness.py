@@ -334,10 +334,11 @@ def environment(device: str) -> dict:
     dirty = None  # whether tracked files other than bench/results differ from the commit (unknown without .git)
     if not commit and os.path.exists(os.path.join(CHECKOUT, ".git")):
         try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    cwd=CHECKOUT).stdout.strip()
-            status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"]
-            dirty = bool(subprocess.run(status, capture_output=True, text=True, cwd=CHECKOUT).stdout.strip())
+            head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=CHECKOUT)
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                     ":!bench/results"], capture_output=True, text=True, cwd=CHECKOUT)
+            if head.returncode == 0 and status.returncode == 0:  # git may refuse (another user's checkout)
+                commit, dirty = head.stdout.strip(), bool(status.stdout.strip())
         except OSError:  # no git program
             pass
     try:
@@ -477,29 +478,44 @@ def plot(rows: list[Row], path: str) -> bool:
 
 def markdown_table(paths: list[str]) -> str:
     """The README's benchmark table from saved JSON results: per file, a line saying the op, mode, device,
-    versions, how it was measured and the commit, then one table row per provider and case."""
+    versions, how it was measured and the commit (and whether the run was quick, cut short or made from a tree
+    with uncommitted changes), then one table row per provider and case."""
     parts = []
     for path in paths:
         with open(path) as source:
-            result = json.load(source)
+            try:
+                result = json.load(source)
+            except ValueError as error:
+                raise ValueError(f"{path} is not JSON ({error})") from error
         missing = {"op", "mode", "environment", "rows"} - set(result if isinstance(result, dict) else ())
         if missing:
             raise ValueError(f"{path} is not a fastlm bench result (it lacks {', '.join(sorted(missing))})")
-        env = result["environment"]
-        copy = f"; copy bandwidth {result['copy_bandwidth_gbs']:.1f} GB/s" if result.get("copy_bandwidth_gbs") else ""
-        parts.append(f"**{result['op']}** ({result['mode']}) on {env['device_name']} ({env['device']}, "
-                     f"{env['threads']} threads), torch {env['torch']}, triton {env['triton']}; {env['timing']}; "
-                     f"commit {env['git_commit'][:10]}, {env['date'][:10]}{copy}.\n")
-        parts.append("| case | provider | median ms (IQR) | vs eager | GB/s | peak +MB |")
-        parts.append("|---|---|---|---|---|---|")
-        previous = None
-        for row in result["rows"]:
-            spread = row["spread_ms"]
-            median = (f"failed: {row['error']}" if row.get("error") else
-                      f"{_ms(row['median_ms'])} ({_ms(spread[0])}-{_ms(spread[1])})")
-            parts.append(f"| {row['case'] if row['case'] != previous else ''} | {row['provider']} | {median} | "
-                         f"{_fmt(row['speedup_vs_eager'], '.2f', 'x')} | {_fmt(row['gbs'], '.1f')} | "
-                         f"{_fmt(row['peak_extra_mb'], '.0f')} |")
-            previous = row["case"]
-        parts.append("")
+        try:
+            parts += _result_table(result)
+        except (KeyError, TypeError, AttributeError, IndexError) as error:
+            raise ValueError(f"{path} is not a fastlm bench result ({type(error).__name__}: {error})") from error
     return "\n".join(parts)
+
+
+def _result_table(result: dict) -> list[str]:
+    env = result["environment"]
+    copy = f"; copy bandwidth {result['copy_bandwidth_gbs']:.1f} GB/s" if result.get("copy_bandwidth_gbs") else ""
+    commit = (env["git_commit"][:10] or "unknown") + (" with uncommitted changes" if env.get("git_dirty") else "")
+    caveats = "".join(caveat for caveat, applies in (
+        ("; quick sizes and repetitions", result.get("quick")),
+        ("; INCOMPLETE: the run was cut short", result.get("complete") is False)) if applies)
+    lines = [f"**{result['op']}** ({result['mode']}) on {env['device_name']} ({env['device']}, "
+             f"{env['threads']} threads), torch {env['torch']}, triton {env['triton']}; {env['timing']}; "
+             f"commit {commit}, {env['date'][:10]}{copy}{caveats}.\n",
+             "| case | provider | median ms (IQR) | vs eager | GB/s | peak +MB |",
+             "|---|---|---|---|---|---|"]
+    previous = None
+    for row in result["rows"]:
+        spread = row["spread_ms"]
+        median = (f"failed: {row['error']}".replace("|", "/") if row.get("error") else
+                  f"{_ms(row['median_ms'])} ({_ms(spread[0])}-{_ms(spread[1])})")
+        lines.append(f"| {row['case'] if row['case'] != previous else ''} | {row['provider']} | {median} | "
+                     f"{_fmt(row['speedup_vs_eager'], '.2f', 'x')} | {_fmt(row['gbs'], '.1f')} | "
+                     f"{_fmt(row['peak_extra_mb'], '.0f')} |")
+        previous = row["case"]
+    return lines + [""]

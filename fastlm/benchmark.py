@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator
@@ -296,6 +297,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.sizes and args.op == "all":
         parser.error("--sizes needs one --op (each op's sizes have their own numbers)")
+    for text in args.sizes or []:
+        try:
+            parse_size(text, OPS[args.op].dims)
+        except ValueError as error:
+            parser.error(f"--sizes: {error}")
+    if args.out == "":
+        parser.error("--out: an empty directory name")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU here")
     return args
@@ -307,7 +315,7 @@ def parse_size(text: str, dims: tuple[str, ...]) -> Size:
     except ValueError:
         size = ()
     if len(size) != len(dims) or min(size) < 1:
-        raise SystemExit(f"fastlm bench: size {text!r} must be {'x'.join(dims)}, positive integers")
+        raise ValueError(f"size {text!r} must be {'x'.join(dims)}, positive integers")
     return size
 
 
@@ -338,13 +346,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastlm bench: error: {error}", file=sys.stderr)
             return 2
         return 0
+    if not fastlm_backends(args.device):  # fastlm._C failed to load (import warned): nothing of fastlm's to time
+        print(f"fastlm bench: error: no fastlm kernel backend runs on {args.device} here (fastlm check says why)",
+              file=sys.stderr)
+        return 1
     ops = list(OPS) if args.op == "all" else [args.op]
     plan = {op: cases(OPS[op], args) for op in ops}
-    out = args.out or default_out()
+    out = default_out() if args.out is None else args.out
     try:  # before any timing, so that an unusable --out does not lose a run's results at the end
         os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
     except OSError as error:
-        print(f"fastlm bench: error: --out {out}: cannot create the directory ({error})", file=sys.stderr)
+        print(f"fastlm bench: error: --out {out}: cannot write there ({error})", file=sys.stderr)
         return 2
     copy_gbs = harness.copy_bandwidth_gbs(args.device, 2**26 if args.quick else 2**30)
     print(f"copy bandwidth (read + write) measured in this run: {copy_gbs:.1f} GB/s")

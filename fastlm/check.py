@@ -354,6 +354,7 @@ class Result:
         return not self.failures
 
     def record(self, label: str, error: float) -> None:
+        error = math.inf if math.isnan(error) else error  # a NaN compares as nothing: shown and failed as inf
         self.cases += 1
         if error > self.error or self.cases == 1:
             self.error, self.worst = error, label
@@ -374,10 +375,23 @@ def check_op(op: str, cases: list[Case], backend: str, dtype: torch.dtype, devic
         except Exception as error:  # a crash is a failure of this case, reported with the others
             result.record(f"{case.label}: {type(error).__name__}: {error}", math.inf)
             continue
+        wrong = [name for name, value in got.items() if value is not None and value.is_floating_point()
+                 and value.dtype != result_dtype(case, name, dtype)]
+        if wrong:
+            result.record(f"{case.label}: {wrong[0]} is {dtype_name(got[wrong[0]].dtype)}, not "
+                          f"{dtype_name(result_dtype(case, wrong[0], dtype))}", math.inf)
+            continue
         errors = {name: relative_error(got[name], want, case.magnitude) for name, want in expected.items()}
         worst = max(errors, key=errors.get)
         result.record(f"{case.label}: {worst}", errors[worst])
     return result
+
+
+def result_dtype(case: Case, name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a floating-point result of ``run`` in ``dtype``, as torch's op gives it: the output in the
+    input's dtype; a gradient or state in its tensor's (fp32 for the ``keep_fp32`` ones at half precision)."""
+    tensor = name.removeprefix("grad ")
+    return torch.float32 if tensor in case.keep_fp32 and dtype in HALF else dtype
 
 
 def check_determinism(backend: str, device: str) -> Result:
@@ -513,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     for check in checks:
         results.append(check())
         print_result(results[-1])
+    if not results:  # e.g. --backend cuda --device cpu: nothing ran, which proves nothing
+        print(f"FAILED: nothing to check: none of the backends asked for runs on {args.device}")
+        return 1
     failed = [r for r in results if not r.passed]
     print(f"{len(results) - len(failed)} of {len(results)} checks passed" + (
         "" if not failed else f"; FAILED: {', '.join(f'{r.check} on {r.backend} {r.dtype}' for r in failed)}"))

@@ -88,3 +88,11 @@ def test_an_extension_that_fails_to_load_is_said_aloud():
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stderr[-3000:]
     assert "FAILED: no fastlm kernel backend runs on cpu here" in run.stdout
+
+
+def test_import_stays_light():
+    """`import fastlm` leaves out torch._dynamo (~1 s) and triton (~0.25 s): the modules that need them import
+    them when used (torch.compiler.disable under compile, the FLOP formulas with torch.utils.flop_counter)."""
+    code = ("import sys, fastlm; "
+            "print(sorted({'torch._dynamo', 'triton', 'torch.utils.flop_counter'} & set(sys.modules)))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

@@ -622,3 +622,18 @@ def test_cumulative_momentum_under_compile_stays_out_of_the_graphs():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
     torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-5)
     assert ours.num_batches_tracked == theirs.num_batches_tracked == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_unbiased_half_input_keeps_its_dtype(dtype):
+    """The torch backend's Bessel-corrected training, fp16/bf16 input beside fp32 parameters: the output in the
+    input's dtype, as F.batch_norm and the kernels give it (the fp32 weight promoted it to fp32), statistics in
+    fp32."""
+    torch.manual_seed(16)
+    x = (torch.randn(64, 6) * 3 + 100).to(dtype)
+    weight, bias = torch.rand(6) + 0.5, torch.randn(6)
+    got = fastlm.ops.batch_norm(x, None, None, weight, bias, training=True, unbiased=True, backend="torch")
+    xd = x.double()
+    want = (xd - xd.mean(0)) / (xd.var(0) + 1e-5).sqrt() * weight.double() + bias.double()
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)

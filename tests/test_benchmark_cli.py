@@ -92,11 +92,16 @@ def test_cpu_peak_memory_counts_memory_taken_back_from_the_heap():
     assert benchmark.harness.peak_extra_mb(step, "cpu") >= 15
 
 
-def test_bad_sizes_are_refused():
-    with pytest.raises(SystemExit):
-        benchmark.main(["--op", "batch_norm", "--sizes", "12x", "--out", "unused"])
-    with pytest.raises(SystemExit):
-        benchmark.main(["--sizes", "4x4"])  # --sizes needs one --op
+def test_bad_arguments_are_usage_errors(tmp_path):
+    """Exit status 2, as argparse gives every usage error (1 means a provider failed), before anything runs;
+    an empty --out is refused (it read as no --out, and the results went into the checkout)."""
+    for argv in (["--op", "batch_norm", "--sizes", "12x", "--out", str(tmp_path)],
+                 ["--sizes", "4x4"],  # --sizes needs one --op
+                 ["--op", "batch_norm", "--quick", "--out", ""]):
+        with pytest.raises(SystemExit) as exit:
+            benchmark.main(argv)
+        assert exit.value.code == 2, argv
+    assert not os.listdir(tmp_path)
 
 
 def test_unusable_files_are_one_line_errors(tmp_path, capsys):
@@ -104,12 +109,65 @@ def test_unusable_files_are_one_line_errors(tmp_path, capsys):
     (found before any timing): exit status 2 and the reason, no traceback."""
     (tmp_path / "not_json.json").write_text("{")
     (tmp_path / "empty.json").write_text("{}")
-    for path, reason in (("missing.json", "No such file"), ("not_json.json", "Expecting"),
-                         ("empty.json", "not a fastlm bench result")):
+    with open(os.path.join(REPO, "bench", "results", "batch_norm-cpu.json")) as source:
+        committed = json.load(source)
+    for name, broken in (("no_device.json", {**committed, "environment": {}}), ("bad_rows.json", {**committed,
+                                                                                                  "rows": [{}]})):
+        (tmp_path / name).write_text(json.dumps(broken))
+    for path, reason in (("missing.json", "No such file"), ("not_json.json", "not_json.json is not JSON"),
+                         ("empty.json", "not a fastlm bench result"),
+                         ("no_device.json", "no_device.json is not a fastlm bench result (KeyError"),
+                         ("bad_rows.json", "bad_rows.json is not a fastlm bench result (KeyError")):
         assert benchmark.main(["--table", str(tmp_path / path)]) == 2
         assert reason in capsys.readouterr().err
     assert benchmark.main(["--op", "batch_norm", "--quick", "--out", str(tmp_path / "empty.json" / "run")]) == 2
-    assert "cannot create the directory" in capsys.readouterr().err
+    assert "cannot write there" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_is_refused_before_timing(tmp_path, monkeypatch, capsys):
+    """A directory that exists but takes no files (read-only, another user's): refused before any timing (the
+    first save after a case failed, and the last one ended in a traceback)."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(benchmark.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(benchmark.harness, "run_problem", lambda *args: pytest.fail("timed"))
+    assert benchmark.main(["--op", "batch_norm", "--quick", "--out", str(tmp_path)]) == 2
+    assert "cannot write there" in capsys.readouterr().err
+
+
+def test_without_a_kernel_backend_nothing_is_timed(monkeypatch, capsys, tmp_path):
+    """fastlm._C failed to load: the run would time eager and torch.compile alone and pass; it fails instead."""
+    monkeypatch.setattr(benchmark, "fastlm_backends", lambda device: [])
+    monkeypatch.setattr(benchmark.harness, "run_problem", lambda *args: pytest.fail("timed"))
+    assert benchmark.main(["--op", "batch_norm", "--quick", "--out", str(tmp_path)]) == 1
+    assert "no fastlm kernel backend runs on cpu" in capsys.readouterr().err
+
+
+def test_table_heading_says_what_limits_a_result(tmp_path):
+    """A quick run, one cut short, one from a tree with uncommitted changes or of unknown commit: the heading
+    says so (it read as the full, clean run of the committed tables)."""
+    with open(os.path.join(REPO, "bench", "results", "batch_norm-cpu.json")) as source:
+        committed = json.load(source)
+    limited = {**committed, "quick": True, "complete": False,
+               "environment": {**committed["environment"], "git_dirty": True, "git_commit": ""}}
+    (tmp_path / "limited.json").write_text(json.dumps(limited))
+    heading = benchmark.harness.markdown_table([str(tmp_path / "limited.json")]).splitlines()[0]
+    for words in ("commit unknown with uncommitted changes", "quick sizes", "INCOMPLETE"):
+        assert words in heading, heading
+    clean = benchmark.harness.markdown_table([os.path.join(REPO, "bench", "results", "batch_norm-cpu.json")])
+    assert not any(words in clean for words in ("uncommitted", "quick sizes", "INCOMPLETE", "unknown"))
+
+
+def test_a_checkout_git_refuses_records_no_commit(monkeypatch):
+    """git refusing the checkout (another user's: "dubious ownership") left the commit blank and the tree
+    recorded as clean; both are unknown."""
+    import subprocess
+
+    monkeypatch.delenv("FASTLM_GIT_COMMIT", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: subprocess.CompletedProcess(args, 128, "", "no"))
+    env = benchmark.harness.environment("cpu")
+    assert env["git_commit"] == "" and env["git_dirty"] is None
 
 
 def test_markdown_table_of_the_committed_results():

@@ -37,6 +37,39 @@ def test_a_backend_off_by_1e_2_fails(monkeypatch, capsys, cpp):
     assert re.search(r"^determinism\s+broken .* PASS", out, re.MULTILINE)
 
 
+def test_an_output_in_the_wrong_dtype_fails(monkeypatch, capsys, cpp):
+    """A loss returned in float64 for float32 logits, its values right: a dtype regression the value comparison
+    alone let through."""
+    def widened(*args, **kwargs):
+        return cpp.ops["cross_entropy"](*args, **kwargs).double()
+
+    monkeypatch.setitem(check.BACKENDS, "wide", check.Backend({**cpp.ops, "cross_entropy": widened}, cpp.runs_on))
+    assert check.main(["--quick", "--backend", "wide", "--op", "cross_entropy", "--dtype", "float32"]) == 1
+    assert re.search(r"^cross_entropy\s+wide\s+float32 .* FAIL  first failure: .*: output is float64, not float32",
+                     capsys.readouterr().out, re.MULTILINE)
+
+
+def test_a_nan_in_the_determinism_check_shows_and_fails(monkeypatch, capsys, cpp):
+    calls = []
+
+    def nan_once(*args, **kwargs):
+        out = cpp.ops["batch_norm"](*args, **kwargs)
+        calls.append(1)
+        return out * float("nan") if len(calls) == 1 else out
+
+    monkeypatch.setitem(check.BACKENDS, "nan", check.Backend({**cpp.ops, "batch_norm": nan_once}, cpp.runs_on))
+    result = check.check_determinism("nan", "cpu")
+    assert not result.passed and result.error == float("inf")  # it showed 0.00e+00 next to FAIL
+
+
+def test_nothing_to_check_fails(monkeypatch, capsys, cpp):
+    """A backend asked for that does not run on the device (--backend cuda --device cpu on a GPU machine): no
+    check ran, which printed "0 of 0 checks passed" and passed."""
+    monkeypatch.setitem(check.BACKENDS, "elsewhere", check.Backend(cpp.ops, lambda device: False))
+    assert check.main(["--quick", "--backend", "elsewhere"]) == 1
+    assert "FAILED: nothing to check" in capsys.readouterr().out
+
+
 def test_a_backend_accepting_bad_ids_fails(monkeypatch, capsys, cpp):
     def lenient(idx, table, *args, **kwargs):
         return cpp.ops["embedding_linear"](idx.clamp(0, table.shape[0] - 1), table, *args, **kwargs)

@@ -136,16 +136,18 @@ ACTIVATION_FUNCTIONS = {None: lambda x: x, "relu": torch.relu, "tanh": torch.tan
 def reference_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased,
                          activation):
     """The ``torch`` backend and the oracle: F.batch_norm, or for ``unbiased`` training the lecture's
-    formula with the Bessel-corrected variance, then the activation. An empty batch takes F.batch_norm's path
+    formula with the Bessel-corrected variance (in fp32 for fp16/bf16 input, whose dtype the output keeps, as
+    F.batch_norm computes and returns), then the activation. An empty batch takes F.batch_norm's path
     whatever ``unbiased`` says: it leaves the running stats as they are, as in torch."""
     if not (training and unbiased) or input.numel() == 0:
         out = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return ACTIVATION_FUNCTIONS[activation](out)
     dims = [0, 2] if input.dim() == 3 else [0]
     shape = [1, -1] + [1] * (input.dim() - 2)
-    mean = input.mean(dims, keepdim=True)
-    var = input.var(dims, unbiased=True, keepdim=True)
-    out = (input - mean) * torch.rsqrt(var + eps)
+    x = input.to(math_dtype(input))
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=True, keepdim=True)
+    out = (x - mean) * torch.rsqrt(var + eps)
     if weight is not None:
         out = out * weight.view(shape)
     if bias is not None:
@@ -155,7 +157,7 @@ def reference_batch_norm(input, running_mean, running_var, weight, bias, trainin
             running_mean.lerp_(mean.flatten().to(running_mean.dtype), momentum)
         if running_var is not None:
             running_var.lerp_(var.flatten().to(running_var.dtype), momentum)
-    return ACTIVATION_FUNCTIONS[activation](out)
+    return ACTIVATION_FUNCTIONS[activation](out.to(input.dtype))
 
 
 # --- functional --------------------------------------------------------------------------------------
