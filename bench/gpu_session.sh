@@ -12,12 +12,21 @@
 #                                -> gpu.csv, bench.log, results.tgz (made on exit, so a cut-short run still
 #                                returns what finished)
 # Each step's timeout is what is left of a 570 s budget, so the call ends before the device tool's 600 s limit;
-# a step with under 20 s left is skipped (timeout 0 would mean no limit at all).
+# a step with under 20 s left is skipped (timeout 0 would mean no limit at all). The exit status is 0 only when
+# every step ran and passed.
 # Set FASTLM_GIT_COMMIT to the commit being measured: the device machine's copy of the tree has no .git.
 set -uo pipefail
+case "${1:-}" in
+  test | bench) ;;
+  *)
+    echo "usage: bench/gpu_session.sh test|bench" >&2
+    exit 2
+    ;;
+esac
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+status=0  # set to 1 by any step that fails or is skipped
 
 has_cuda_kernels() {
   python -c "import fastlm._C, torch, sys; sys.exit(not torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -32,7 +41,7 @@ within() {
   shift
   if ((seconds < 20)); then
     echo "skipped (${seconds} s left): $*" | tee -a "$out/skipped.log" >&2
-    return 0
+    return 1
   fi
   timeout "$seconds" "$@"
 }
@@ -50,10 +59,11 @@ build() {
 case "${1:-}" in
   test)
     build
-    within "$(( $(left) / 3 ))" fastlm check --device cuda --quick 2>&1 | tee "$out/check.log" | tail -30
+    within "$(( $(left) / 3 ))" fastlm check --device cuda --quick 2>&1 | tee "$out/check.log" | tail -30 ||
+      status=1
     within "$(left)" python -m pytest -q -p no:cacheprovider --durations=15 -k "cuda or gpu or triton or kernels" \
       --ignore=tests/test_cuda_emulated.py --ignore=tests/test_cuda_compile.py --ignore=tests/test_triton_compile.py \
-      tests 2>&1 | tee "$out/tests.log" | tail -45
+      tests 2>&1 | tee "$out/tests.log" | tail -45 || status=1
     ;;
   bench)
     build
@@ -65,11 +75,9 @@ case "${1:-}" in
                 "--op mlp_step --sizes 32x10x200" \
                 "--op linear_cross_entropy --sizes 16384x4096x128256 --dtype bfloat16"; do
       # shellcheck disable=SC2086  # the arguments split on purpose
-      within "$(left)" fastlm bench $args --device cuda --out "$results" 2>&1 | tee -a "$out/bench.log" | tail -30
+      within "$(left)" fastlm bench $args --device cuda --out "$results" 2>&1 | tee -a "$out/bench.log" | tail -30 ||
+        status=1
     done
     ;;
-  *)
-    echo "usage: bench/gpu_session.sh test|bench" >&2
-    exit 2
-    ;;
 esac
+exit "$status"

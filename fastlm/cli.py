@@ -94,14 +94,16 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        from fastlm import benchmark
-
-        return benchmark.main(argv[1:])
-    if argv[:1] == ["check"]:
-        from fastlm import check
-
-        return check.main(argv[1:])
+    if argv[:1] in (["bench"], ["check"]):
+        try:
+            if argv[0] == "bench":
+                from fastlm import benchmark as command
+            else:
+                from fastlm import check as command
+            return command.main(argv[1:])
+        except KeyboardInterrupt:  # bench keeps the cases it measured (its files are rewritten after each)
+            print(f"fastlm {argv[0]}: interrupted", file=sys.stderr)
+            return 130
     parser = argparse.ArgumentParser(prog="fastlm", description="fused kernels for makemore-style language models")
     commands = parser.add_subparsers(dest="command", required=True)
     add_train_arguments(commands.add_parser("train", help="train a model on the bundled names or a word list"))

@@ -193,3 +193,17 @@ def test_a_crashing_backend_fails_each_check_and_rows_print_as_they_finish(monke
     assert re.search(r"^determinism\s+crashing .* FAIL  first failure: batch_norm \S+ train tanh: RuntimeError",
                      out, re.MULTILINE)
     assert re.search(r"^refuses bad input\s+crashing .* FAIL", out, re.MULTILINE)  # the crash is not a refusal
+
+
+@pytest.mark.parametrize("command", ["bench", "check"])
+def test_ctrl_c_is_a_message_and_status_130(monkeypatch, capsys, command):
+    """Ctrl-C ends `fastlm bench` and `fastlm check` as it ends `fastlm train`: exit status 130 and one line, no
+    traceback."""
+    from fastlm import benchmark, cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmark if command == "bench" else check, "main", interrupted)
+    assert cli.main([command, "--quick"]) == 130
+    assert capsys.readouterr().err == f"fastlm {command}: interrupted\n"
