@@ -504,18 +504,22 @@ def _result_table(result: dict) -> list[str]:
     caveats = "".join(caveat for caveat, applies in (
         ("; quick sizes and repetitions", result.get("quick")),
         ("; INCOMPLETE: the run was cut short", result.get("complete") is False)) if applies)
-    lines = [f"**{result['op']}** ({result['mode']}) on {env['device_name']} ({env['device']}, "
-             f"{env['threads']} threads), torch {env['torch']}, triton {env['triton']}; {env['timing']}; "
-             f"commit {commit}, {env['date'][:10]}{copy}{caveats}.\n",
-             "| case | provider | median ms (IQR) | vs eager | GB/s | peak +MB |",
+    gpu = env["device"] == "cuda"  # the CPU's thread count says nothing there; the bandwidth's fraction does
+    where = f"({env['device']})" if gpu else f"({env['device']}, {env['threads']} threads)"
+    lines = [f"**{result['op']}** ({result['mode']}) on {env['device_name']} {where}, torch {env['torch']}, "
+             f"triton {env['triton']}; {env['timing']}; commit {commit}, {env['date'][:10]}{copy}{caveats}.\n",
+             "| case | provider | median ms (IQR) | vs eager | GB/s" + (" (of copy, of rated)" if gpu else "") +
+             " | peak +MB |",
              "|---|---|---|---|---|---|"]
     previous = None
     for row in result["rows"]:
         spread = row["spread_ms"]
         median = (f"failed: {row['error']}".replace("|", "/") if row.get("error") else
                   f"{_ms(row['median_ms'])} ({_ms(spread[0])}-{_ms(spread[1])})")
+        gbs = _fmt(row["gbs"], ".1f")
+        if gpu and row["gbs"] is not None:
+            gbs += f" ({_fmt(row.get('of_copy_bw'), '.0%')}, {_fmt(row.get('extra', {}).get('of_rated_bw'), '.0%')})"
         lines.append(f"| {row['case'] if row['case'] != previous else ''} | {row['provider']} | {median} | "
-                     f"{_fmt(row['speedup_vs_eager'], '.2f', 'x')} | {_fmt(row['gbs'], '.1f')} | "
-                     f"{_fmt(row['peak_extra_mb'], '.0f')} |")
+                     f"{_fmt(row['speedup_vs_eager'], '.2f', 'x')} | {gbs} | {_fmt(row['peak_extra_mb'], '.0f')} |")
         previous = row["case"]
     return lines + [""]

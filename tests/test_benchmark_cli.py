@@ -159,6 +159,19 @@ def test_table_heading_says_what_limits_a_result(tmp_path):
     assert not any(words in clean for words in ("uncommitted", "quick sizes", "INCOMPLETE", "unknown"))
 
 
+def test_gpu_table_gives_the_bandwidth_fractions():
+    """A GPU result's table shows GB/s with its fractions of the copy and rated bandwidth (the issues' measure;
+    the JSON had them, the table did not) and no CPU thread count in its heading."""
+    with open(os.path.join(REPO, "bench", "results", "batch_norm-cpu.json")) as source:
+        result = json.load(source)
+    result["environment"] = {**result["environment"], "device": "cuda", "device_name": "NVIDIA H100"}
+    row = next(row for row in result["rows"] if row["gbs"])
+    row.update(gbs=2000.0, of_copy_bw=0.8, extra={"of_rated_bw": 0.6})
+    table = benchmark.harness._result_table(result)
+    assert "(cuda)," in table[0] and "threads" not in table[0]
+    assert any("| 2000.0 (80%, 60%) |" in line for line in table), table
+
+
 def test_a_checkout_git_refuses_records_no_commit(monkeypatch):
     """git refusing the checkout (another user's: "dubious ownership") left the commit blank and the tree
     recorded as clean; both are unknown."""
