@@ -68,7 +68,7 @@ case "${1:-}" in
   bench)
     build
     results=$(mktemp -d)
-    trap 'tar czf "$out/results.tgz" -C "$results" .' EXIT
+    trap 'tar czf "$out/results.tgz" -C "$results" . || exit 1' EXIT  # the results are the stage's point
     for args in "--op cross_entropy --sizes 16384x128256 --dtype bfloat16" \
                 "--op batch_norm --sizes 65536x1024 --dtype float32 bfloat16" \
                 "--op embedding_linear" \

@@ -5,9 +5,9 @@ fastlm._C, in a CUDA build of torch), ``triton`` (Triton kernels; on CPU only un
 and ``torch`` (the plain-PyTorch reference). By default a CPU tensor runs on ``cpp`` and a CUDA tensor on
 ``triton`` (then ``cuda``). ``FASTLM_BACKEND=name`` or ``with fastlm.backends.use(name):`` forces one; a
 forced backend that this machine lacks, or that cannot run on the tensor's device, raises an error
-saying what is missing. Inside torch.func transforms (grad, vmap, jacrev, ...; not functionalize) an op left
-to the default runs on ``torch``: the kernel backends' autograd is a C++ torch::autograd::Function, which
-torch.func refuses.
+saying what is missing. Inside torch.func transforms (grad, vmap, jacrev, ...; functionalize only for the ops
+that update tensors in place, which it refuses) an op left to the default runs on ``torch``: the kernel
+backends' autograd is a C++ torch::autograd::Function, which torch.func refuses.
 """
 
 from __future__ import annotations
@@ -125,23 +125,26 @@ def use(name: str):
         _forced.pop()
 
 
-def in_torch_func_transform() -> bool:
-    """Whether a torch.func transform other than functionalize (grad, vmap, jacrev, ...) is active; functionalize
-    runs the kernel ops as they are. Not asked while torch.compile traces, where the answer would be baked into
-    the graph."""
+def in_torch_func_transform(functionalize_too: bool = False) -> bool:
+    """Whether a torch.func transform other than functionalize (grad, vmap, jacrev, ...) is active, or with
+    ``functionalize_too`` any one: functionalize runs the kernel ops as they are, except those that update
+    tensors in place (BatchNorm's running stats), which it refuses. Not asked while torch.compile traces, where
+    the answer would be baked into the graph."""
     if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
         return False
+    if functionalize_too:
+        return True
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     functionalize = torch._C._functorch.TransformType.Functionalize
     return any(interpreter.key() != functionalize for interpreter in retrieve_all_functorch_interpreters())
 
 
-def resolve(device: torch.device, requested: str | None = None) -> str:
+def resolve(device: torch.device, requested: str | None = None, *, mutates: bool = False) -> str:
     """The backend an op on ``device`` runs on: ``requested``, else ``use()``, else FASTLM_BACKEND, else the default
-    (``torch`` inside a torch.func transform)."""
+    (``torch`` inside a torch.func transform; for an op that ``mutates`` a tensor, inside functionalize too)."""
     name = requested or (_forced[-1] if _forced else None) or os.environ.get("FASTLM_BACKEND") or None
-    if name is None and in_torch_func_transform():
+    if name is None and in_torch_func_transform(functionalize_too=mutates):
         return "torch"
     if name is None:
         for candidate in DEFAULT_ORDER.get(device.type, ("torch",)):

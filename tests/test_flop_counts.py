@@ -1,6 +1,9 @@
 """FlopCounterMode over fastlm's fused ops counts what it counts over the torch code they replace (it counted
 nothing for them: the mode sees the kernel ops, not the products inside)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,3 +88,19 @@ def test_inference_mode_counts_as_torch():
     with torch.inference_mode():
         expected = flops(lambda: F.cross_entropy(model(idx) @ head.T, targets))
         assert flops(lambda: fastlm.ops.linear_cross_entropy(fused(idx), head, targets)) == expected > 0
+
+
+@pytest.mark.parametrize("before", ["", "importlib.util.find_spec('torch.utils.flop_counter'); ",
+                                    "import torch.utils.flop_counter as f; importlib.reload(f); "])
+def test_formulas_registered_however_flop_counter_is_imported(before):
+    """In a fresh process: the formulas are registered when torch.utils.flop_counter is first imported, also
+    after a lookup of its spec (which removed the hook before the real import, leaving the count at 0) and
+    across a reload."""
+    skip_unless_runs("cpp")
+    code = ("import importlib, importlib.util, torch, fastlm; " + before +
+            "from torch.utils.flop_counter import FlopCounterMode; "
+            "h = torch.randn(8, 16); w = torch.randn(11, 16); t = torch.randint(0, 11, (8,))\n"
+            "with FlopCounterMode(display=False) as counter: fastlm.ops.linear_cross_entropy(h, w, t)\n"
+            "print(counter.get_total_flops())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == f"{2 * 8 * 16 * 11}\n"

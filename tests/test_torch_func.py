@@ -117,6 +117,17 @@ def test_an_ensemble_of_embedding_linear_layers():
                                                                                      twin_buffers))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_functionalize_runs_batch_norm_like_torch(training):
+    """functionalize refuses an op that updates tensors in place (the kernel op's running stats, even in eval):
+    BatchNorm runs its reference there, F.batch_norm, as torch's module does: same output and running stats."""
+    x, *_ = data()
+    ours, theirs = (cls(FEATURES).double().train(training) for cls in (fastlm.nn.BatchNorm1d, nn.BatchNorm1d))
+    torch.testing.assert_close(torch.func.functionalize(ours)(x[0]), torch.func.functionalize(theirs)(x[0]))
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
 def test_functionalize_keeps_the_kernel_ops():
     """functionalize runs the kernel ops as they are (a traced graph keeps fastlm's op), unlike the transforms
     that differentiate or batch."""

@@ -225,7 +225,8 @@ void gather_step(const StepData<T>& d) {
   using Vec = Vectorized<T>;
   const Sizes& s = d.s;
   const int64_t B = s.B, K = s.K, H = s.H, V = s.V, D = s.D;
-  // Scratch, kept between calls (a fresh buffer of this size is a fresh mmap, page faults included):
+  // Scratch, kept between calls up to 64 MB (ScratchCap; a fresh buffer is a fresh mmap, page faults
+  // included):
   // x (B,K) and its transpose, hT (H,B; xhat with BatchNorm), aT (H,B) and a (B,H), daT (H,B), mean and
   // invstd (H), and per part its share of the logits (V,B), all of them and then their gradient (V,B), and
   // its share of dxT (K,B).

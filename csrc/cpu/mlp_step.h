@@ -60,7 +60,8 @@ class LineCarver {
 
 // Ends the life of a thread's kept scratch (a thread_local buffer a kernel reuses from call to call: a fresh
 // buffer of its size is a fresh mmap, page faults included) with the call that grew it past kMaxBytes: at most
-// that much per buffer stays allocated between calls, as for ReusedBuffer (reused_buffer.h).
+// that much per buffer, thread and dtype stays allocated between calls (the cap ReusedBuffer has; unlike its
+// buffers, these stay through fastlm::release_reused_buffers, which cannot reach other threads' memory).
 template <typename T>
 class ScratchCap {
  public:

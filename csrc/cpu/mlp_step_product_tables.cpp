@@ -125,7 +125,8 @@ class ProductTableStep {
     return kept;
   }
 
-  // Scratch, kept between calls (a fresh buffer of this size is a fresh mmap, page faults included).
+  // Scratch, kept between calls up to 64 MB (ScratchCap; a fresh buffer is a fresh mmap, page faults
+  // included).
   void allocate() {
     const int64_t B = s_.B, H = s_.H, V = s_.V;
     const auto padded = LineCarver<T>::whole_lines;  // each piece on its own cache lines

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from fastlm.models.layers import ReferenceBatchNorm1d, ReferenceEmbeddingLinear
 from fastlm.nn import BatchNorm1d, EmbeddingLinear
+from fastlm.nn.embedding_linear import has_hooks
 from fastlm import backends
 from fastlm.ops import cross_entropy, mlp_loss_and_grads, mlp_sgd_step
 
@@ -242,7 +243,7 @@ class MLP(MakemoreModel):
         num_batches_tracked]) and BatchNorm arguments, where it pays: the fused twin training on the cpp backend
         (see above), its BatchNorm training too. The op counts the batch in the BatchNorm, as bn(h) would."""
         if not (self.fused and self.training and self._one_call_pays(idx.shape[0])
-                and backends.resolve(idx.device, self.backend) == "cpp"
+                and backends.resolve(idx.device, self.backend, mutates=True) == "cpp"
                 and not torch.is_autocast_enabled(idx.device.type)):  # the layers follow autocast's policy
             return None
         # Read through the module dicts: nn.Module's attribute lookup costs about 0.5 us per submodule or
@@ -250,6 +251,8 @@ class MLP(MakemoreModel):
         # once per training step of about 0.04 ms.
         modules = self._modules
         first = modules["first"]._modules
+        if any(map(has_hooks, (self, *first.values(), *modules.values()))):
+            return None  # hooks expect their layers to be called: the layers run
         embedding, linear = first["embedding"]._parameters, first["linear"]._parameters
         output = modules["output"]._parameters
         layers = [(embedding, "weight"), (linear, "weight"), (linear, "bias"), (output, "weight"), (output, "bias")]

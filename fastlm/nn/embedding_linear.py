@@ -68,7 +68,7 @@ class EmbeddingLinear(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         embedding, linear = self._modules["embedding"], self._modules["linear"]
-        if _has_hooks(embedding) or _has_hooks(linear):
+        if has_hooks(embedding) or has_hooks(linear):
             # Hooks on the submodules (pruning's, which computes the weight before each call, or a user's) expect
             # the submodules to be called: they are, unfused.
             return linear(embedding(idx).flatten(1))
@@ -80,6 +80,7 @@ class EmbeddingLinear(nn.Module):
         return f"context={self.context}" + (f", strategy={self.strategy!r}" if self.strategy else "")
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
+    """Whether forward or backward hooks are registered on ``module`` itself (pruning registers one)."""
     return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
                 or module._backward_hooks)

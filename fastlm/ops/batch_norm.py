@@ -223,7 +223,7 @@ def batch_norm(
     if not training and (running_mean is None or running_var is None):
         raise ValueError("fastlm.batch_norm: running_mean and running_var are needed when not training")
     check_per_channel(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    name = backends.resolve(input.device, backend)
+    name = backends.resolve(input.device, backend, mutates=True)
     if name == "torch" or input.numel() == 0:
         return reference_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased,
                                     activation)

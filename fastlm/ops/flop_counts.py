@@ -12,8 +12,8 @@ one is frozen. The product-table strategy gets the linear's count, though it nee
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
 import sys
+import warnings
 
 import torch
 
@@ -62,35 +62,44 @@ FLOP_COUNTER = "torch.utils.flop_counter"
 
 def register_formulas() -> None:
     """Registers FORMULAS for the C++ ops (where fastlm._C loaded: the modules of fastlm.ops imported before this
-    one load it) and the Triton ones (which those modules register)."""
-    from torch.utils.flop_counter import register_flop_formula
+    one load it) and the Triton ones (which those modules register); those registered already are left as they
+    are (torch refuses a second registration)."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
 
     for name, formula in FORMULAS.items():
         for op in (name, f"triton_{name}"):
-            if hasattr(torch.ops.fastlm, op):
+            if hasattr(torch.ops.fastlm, op) and getattr(torch.ops.fastlm, op) not in flop_registry:
                 register_flop_formula(getattr(torch.ops.fastlm, op))(formula)
 
 
 class _RegisterWhenImported(importlib.abc.MetaPathFinder):
-    """Registers the formulas right after torch.utils.flop_counter is first imported, rather than importing it
-    with fastlm: it imports triton, ~0.25 s that `import fastlm` need not pay."""
+    """Registers the formulas each time torch.utils.flop_counter is executed (its first import, a reload),
+    rather than importing it with fastlm: it imports triton, ~0.25 s that `import fastlm` need not pay. It
+    stays on sys.meta_path, and finds the module through the finders after it."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != FLOP_COUNTER:
+        if fullname != FLOP_COUNTER or self not in sys.meta_path:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        for finder in sys.meta_path[sys.meta_path.index(self) + 1:]:
+            spec = getattr(finder, "find_spec", lambda *args: None)(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                break
+        else:
+            return None
         load = spec.loader.exec_module
 
         def exec_module(module):
             load(module)
-            register_formulas()
+            try:
+                register_formulas()
+            except Exception as error:  # never fail torch's import for fastlm's sake
+                warnings.warn(f"fastlm: FLOP formulas not registered ({error})", RuntimeWarning, stacklevel=2)
 
         spec.loader.exec_module = exec_module
         return spec
 
 
+if not any(isinstance(finder, _RegisterWhenImported) for finder in sys.meta_path):  # once, even on a reload
+    sys.meta_path.insert(0, _RegisterWhenImported())
 if FLOP_COUNTER in sys.modules:
     register_formulas()
-else:
-    sys.meta_path.insert(0, _RegisterWhenImported())

@@ -93,7 +93,7 @@ def _backend_for(idx, bn_weight, bn_bias, backend, name):
     40 us; checking in Python too would add 2."""
     if (bn_weight is not None) != (bn_bias is not None):
         raise ValueError(f"fastlm.{name}: give both bn_weight and bn_bias, or neither")
-    resolved = backends.resolve(idx.device, backend)
+    resolved = backends.resolve(idx.device, backend, mutates=True)  # running stats, and the sgd step's update
     if resolved not in ("cpp", "torch"):
         raise RuntimeError(f"fastlm.{name} has a cpp kernel only (the {resolved} backend runs the layers: "
                            f"model.loss); use backend='torch' for the reference")
