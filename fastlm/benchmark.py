@@ -297,11 +297,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.sizes and args.op == "all":
         parser.error("--sizes needs one --op (each op's sizes have their own numbers)")
-    for text in args.sizes or []:
-        try:
-            parse_size(text, OPS[args.op].dims)
-        except ValueError as error:
-            parser.error(f"--sizes: {error}")
+    try:  # parsed here, once, so that a bad size is a usage error before anything runs
+        args.sizes = [parse_size(text, OPS[args.op].dims) for text in args.sizes or []]
+    except ValueError as error:
+        parser.error(f"--sizes: {error}")
     if args.out == "":
         parser.error("--out: an empty directory name")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -322,7 +321,7 @@ def parse_size(text: str, dims: tuple[str, ...]) -> Size:
 def cases(bench: OpBench, args: argparse.Namespace) -> list[tuple[Size, torch.dtype]]:
     """The (size, dtype) pairs to run: --sizes or the quick or default sizes, crossed with --dtype if given."""
     if args.sizes:
-        sized = [(parse_size(text, bench.dims), FP32) for text in args.sizes]
+        sized = [(size, FP32) for size in args.sizes]
     elif args.quick:
         sized = [(size, FP32) for size in bench.quick]
     else:
