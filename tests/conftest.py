@@ -5,17 +5,25 @@ Without a GPU the Triton kernels run through Triton's interpreter (TRITON_INTERP
 any kernel module is imported), so every backend's code is exercised on CPU.
 """
 
+import faulthandler
 import os
 import socket
+import time
 from contextlib import contextmanager
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Every gloo rank the tests start (spawned, or under torchrun) talks over this machine's loopback: by default
+# gloo takes the address the host name resolves to, which a sandboxed machine may not let a process reach
+# itself on (a connection that waits out gloo's timeout instead of failing).
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 import torch._dynamo.testing  # noqa: E402  (it imports triton, which reads TRITON_INTERPRET once)
 from fastlm import backends  # noqa: E402
@@ -108,13 +116,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Multi-process tests (gloo ranks, torchrun) get deadlines: a rank that hangs fails its test in minutes
+# instead of stalling the whole run on gloo's 30-minute default.
+GLOO_TIMEOUT = timedelta(seconds=120)
+RANKS_TIMEOUT_S = 300
+
+
 @contextmanager
 def gloo_process_group(rank: int, world_size: int, port: int):
-    """This process as ``rank`` of a gloo process group on this machine (rendezvous at ``port``) for the block,
-    the group destroyed after it whatever happens."""
+    """This process as ``rank`` of a gloo process group on this machine's loopback (rendezvous at ``port``) for
+    the block, the group destroyed after it whatever happens."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=GLOO_TIMEOUT)
     try:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def spawn_ranks(rank_function, args: tuple, nprocs: int) -> None:
+    """``torch.multiprocessing.spawn`` with a deadline: runs ``rank_function(rank, *args)`` in ``nprocs``
+    processes, raises a rank's exception, and fails the test (the ranks killed) if they are not done in
+    ``RANKS_TIMEOUT_S``; a rank still running near the deadline prints its stack first."""
+    ranks = mp.start_processes(_rank_that_dumps_its_stack_if_late, args=(rank_function, *args), nprocs=nprocs,
+                               join=False, start_method="spawn")
+    deadline = time.monotonic() + RANKS_TIMEOUT_S
+    while not ranks.join(timeout=max(deadline - time.monotonic(), 0.0)):
+        if time.monotonic() >= deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the {nprocs} ranks did not finish in {RANKS_TIMEOUT_S} s (their stacks are in the "
+                        "captured stderr)")
+
+
+def _rank_that_dumps_its_stack_if_late(rank: int, rank_function, *args) -> None:
+    faulthandler.dump_traceback_later(RANKS_TIMEOUT_S - 20)
+    rank_function(rank, *args)

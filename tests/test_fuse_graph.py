@@ -10,12 +10,11 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import fastlm
-from conftest import free_port, gloo_process_group, skip_unless_runs
+from conftest import free_port, gloo_process_group, spawn_ranks, skip_unless_runs
 from fastlm.fuse_graph import FuseGraph
 
 VOCAB, EMBED, CONTEXT, HIDDEN = 29, 6, 4, 24
@@ -345,7 +344,7 @@ def ddp_rank(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_converted_model_trains_under_ddp(tmp_path):
-    mp.spawn(ddp_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(ddp_rank, (free_port(), str(tmp_path)), 2)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for saved in ranks:
         assert {"EmbeddingLinear", "BatchNorm", "LinearCrossEntropy"} <= saved["nodes"]

@@ -5,11 +5,10 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import fastlm
-from conftest import free_port, gloo_process_group, skip_unless_runs
+from conftest import free_port, gloo_process_group, spawn_ranks, skip_unless_runs
 
 WORLD = 2
 ROWS = (5, 9)  # per-rank batch sizes differ on purpose
@@ -61,7 +60,7 @@ def run_rank(rank, port, out_dir, shape_tail, options):
     ids=["2d", "3d", "unbiased_tanh", "momentum_none", "no_affine_no_running_stats"],
 )
 def test_sync_matches_single_process_on_the_whole_batch(tmp_path, shape_tail, options):
-    mp.spawn(run_rank, args=(free_port(), str(tmp_path), shape_tail, options), nprocs=WORLD, join=True)
+    spawn_ranks(run_rank, (free_port(), str(tmp_path), shape_tail, options), WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     torch.manual_seed(0)
