@@ -156,8 +156,20 @@ def test_an_op_a_backend_lacks_is_not_checked_there(monkeypatch, capsys, cpp):
     assert "  not checked: mlp_loss_and_grads on partial: no such op there" in out
     assert re.search(r"^mlp_loss_and_grads\s+cpp\s+float64 .* PASS", out, re.MULTILINE)
     assert not re.search(r"^mlp_loss_and_grads\s+partial", out, re.MULTILINE)
-    assert re.search(r"^determinism\s+partial\s+float32\s+3 .* PASS", out, re.MULTILINE)
-    assert re.search(r"^refuses bad input\s+partial\s+-\s+6 .* PASS", out, re.MULTILINE)
+    # The determinism and refusal checks of the op asked for alone, where the backend has it.
+    assert re.search(r"^determinism\s+cpp\s+float32\s+1 .* PASS$", out, re.MULTILINE)
+    assert re.search(r"^refuses bad input\s+cpp\s+-\s+4 .* PASS$", out, re.MULTILINE)
+    assert not re.search(r"^(determinism|refuses bad input)\s+partial", out, re.MULTILINE)
+
+
+def test_op_limits_every_check_and_exact_rows_name_no_worst_case(capsys, cpp):
+    """--op cross_entropy: its accuracy rows and its two refusals; no determinism row (its backward reduces
+    nothing over the batch). A row whose every case is exact names no "worst" case."""
+    assert check.main(["--quick", "--backend", "cpp", "--op", "cross_entropy", "--dtype", "float64"]) == 0
+    rows = capsys.readouterr().out.split("-\n")[-1].splitlines()[:-1]  # the table, between header and summary
+    assert [row.split()[0] for row in rows] == ["cross_entropy", "refuses"], rows
+    assert re.fullmatch(r"refuses bad input\s+cpp\s+-\s+2\s+0\.00e\+00\s+0e\+00\s+PASS", rows[1]), rows[1]
+    assert re.search(r"PASS  worst: \S", rows[0]), rows[0]  # float64 rounding: a nonzero worst case, named
 
 
 def test_a_dtype_the_step_kernel_does_not_take_is_not_checked_there(capsys, cpp):
