@@ -3,8 +3,8 @@
 Every kernel family has four backends: ``cpp`` (C++ CPU kernels in fastlm._C), ``cuda`` (CUDA kernels in
 fastlm._C, in a CUDA build of torch), ``triton`` (Triton kernels; on CPU only under ``TRITON_INTERPRET=1``)
 and ``torch`` (the plain-PyTorch reference). By default a CPU tensor runs on ``cpp`` and a CUDA tensor on
-``triton`` (then ``cuda``). ``FASTLM_BACKEND=name`` or ``with fastlm.backends.use(name):`` forces one; a
-forced backend that this machine lacks, or that cannot run on the tensor's device, raises an error
+``triton`` (then ``cuda``). ``FASTLM_BACKEND=name`` or ``with fastlm.backends.use(name):`` (in its own thread) forces
+one; a forced backend that this machine lacks, or that cannot run on the tensor's device, raises an error
 saying what is missing. Inside torch.func transforms (grad, vmap, jacrev, ...; functionalize only for the ops
 that update tensors in place, which it refuses) an op left to the default runs on ``torch``: the kernel
 backends' autograd is a C++ torch::autograd::Function, which torch.func refuses.
@@ -16,6 +16,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import threading
 import warnings
 
 import torch
@@ -26,7 +27,19 @@ BACKENDS = ("cpp", "cuda", "triton", "torch")
 # side-by-side GPU benchmark (bench/) shows the CUDA kernels faster.
 DEFAULT_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
 
-_forced: list[str] = []
+
+
+class _Forced(threading.local):
+    """The backends ``use()`` blocks force, innermost last: per thread, as torch's modes (no_grad, autocast) are,
+    so a block in one thread changes nothing in another. Set in ``__init__`` (run once in each thread), not as a
+    class attribute: torch.compile guards on an instance attribute and recompiles when a block changes it, but
+    not on a class attribute's default, so a graph would keep the backend it was traced with."""
+
+    def __init__(self):
+        self.names: tuple[str, ...] = ()
+
+
+_forced = _Forced()
 
 
 def capturing() -> bool:
@@ -118,11 +131,12 @@ def use(name: str):
     reason = why_unavailable(name)
     if reason:
         raise RuntimeError(reason)
-    _forced.append(name)
+    outer = _forced.names
+    _forced.names = (*outer, name)
     try:
         yield
     finally:
-        _forced.pop()
+        _forced.names = outer
 
 
 def in_torch_func_transform(functionalize_too: bool = False) -> bool:
@@ -143,7 +157,7 @@ def in_torch_func_transform(functionalize_too: bool = False) -> bool:
 def resolve(device: torch.device, requested: str | None = None, *, mutates: bool = False) -> str:
     """The backend an op on ``device`` runs on: ``requested``, else ``use()``, else FASTLM_BACKEND, else the default
     (``torch`` inside a torch.func transform; for an op that ``mutates`` a tensor, inside functionalize too)."""
-    name = requested or (_forced[-1] if _forced else None) or os.environ.get("FASTLM_BACKEND") or None
+    name = requested or (_forced.names[-1] if _forced.names else None) or os.environ.get("FASTLM_BACKEND") or None
     if name is None and in_torch_func_transform(functionalize_too=mutates):
         return "torch"
     if name is None:

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -30,6 +31,55 @@ def test_use_and_environment_variable_force_a_backend(monkeypatch):
     with fastlm.backends.use("cpp"):  # the context wins over the variable
         assert backends.resolve(CPU) == "cpp"
     assert backends.resolve(CPU, "cpp") == "cpp"  # and an explicit backend= wins over both
+
+
+def test_use_is_per_thread():
+    """A use() block forces the backend of its own thread, as torch's modes are per thread: another thread
+    inside or outside a block of its own is untouched, and blocks in two threads ending out of order leave
+    each thread its own choice."""
+    skip_unless_runs("cpp")
+    steps = [threading.Event() for _ in range(3)]
+    seen = {}
+
+    def first():  # enters use("torch") first, leaves it while the other thread is still in its block
+        with backends.use("torch"):
+            steps[0].set()
+            steps[1].wait(30)
+            seen["first, in its block"] = backends.resolve(CPU)
+        steps[2].set()
+
+    def second():
+        steps[0].wait(30)
+        seen["second, outside any block"] = backends.resolve(CPU)
+        with backends.use("cpp"):
+            steps[1].set()
+            steps[2].wait(30)
+            seen["second, in its block after the first left"] = backends.resolve(CPU)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert seen == {"second, outside any block": "cpp", "first, in its block": "torch",
+                    "second, in its block after the first left": "cpp"}
+    assert backends.resolve(CPU) == "cpp"
+
+
+def test_use_under_torch_compile_recompiles_for_the_forced_backend():
+    """The forced backend is read while dynamo traces: a graph per choice, no graph break."""
+    skip_unless_runs("cpp")
+    x, target = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    recorder = torch._dynamo.testing.EagerAndRecordGraphs()
+    loss = torch.compile(lambda x, target: fastlm.ops.cross_entropy(x, target), backend=recorder, fullgraph=True)
+    torch._dynamo.reset()
+    expected = torch.nn.functional.cross_entropy(x, target)
+    torch.testing.assert_close(loss(x, target), expected)
+    with backends.use("torch"):
+        torch.testing.assert_close(loss(x, target), expected)
+    cpp, torch_reference = ([str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+                            for graph in recorder.graphs)
+    assert any("fastlm." in op for op in cpp) and not any("fastlm." in op for op in torch_reference), recorder.graphs
 
 
 def test_unknown_or_missing_backends_are_refused_with_the_reason(monkeypatch):
