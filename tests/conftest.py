@@ -138,17 +138,20 @@ def gloo_process_group(rank: int, world_size: int, port: int):
 
 def spawn_ranks(rank_function, args: tuple, nprocs: int) -> None:
     """``torch.multiprocessing.spawn`` with a deadline: runs ``rank_function(rank, *args)`` in ``nprocs``
-    processes, raises a rank's exception, and fails the test (the ranks killed) if they are not done in
-    ``RANKS_TIMEOUT_S``; a rank still running near the deadline prints its stack first."""
+    processes, raises a rank's exception, and fails the test if they are not done in ``RANKS_TIMEOUT_S`` (a rank
+    still running near the deadline prints its stack first). Ranks still running when it returns are killed."""
     ranks = mp.start_processes(_rank_that_dumps_its_stack_if_late, args=(rank_function, *args), nprocs=nprocs,
                                join=False, start_method="spawn")
     deadline = time.monotonic() + RANKS_TIMEOUT_S
-    while not ranks.join(timeout=max(deadline - time.monotonic(), 0.0)):
-        if time.monotonic() >= deadline:
-            for process in ranks.processes:
+    try:
+        while not ranks.join(timeout=max(deadline - time.monotonic(), 0.0)):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"the {nprocs} ranks did not finish in {RANKS_TIMEOUT_S} s (their stacks are in the "
+                            "captured stderr)")
+    finally:  # also when the wait is cut short (a failure, pytest-timeout, Ctrl-C): no rank outlives its test
+        for process in ranks.processes:
+            if process.is_alive():
                 process.kill()
-            pytest.fail(f"the {nprocs} ranks did not finish in {RANKS_TIMEOUT_S} s (their stacks are in the "
-                        "captured stderr)")
 
 
 def _rank_that_dumps_its_stack_if_late(rank: int, rank_function, *args) -> None:

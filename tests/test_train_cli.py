@@ -1,6 +1,7 @@
 """``fastlm train`` / ``fastlm sample`` end to end on short runs: files written, interrupt and resume
 bit-identical, the plain-PyTorch twin side by side, data parallel with torchrun, bad word lists refused."""
 
+import contextlib
 import json
 import os
 import signal
@@ -142,13 +143,19 @@ def test_compare_run_resumes_with_its_twin(words_file, tmp_path, monkeypatch):
     assert summary["fastlm_ms_per_step"] >= 2.0 and summary["reference_ms_per_step"] >= 2.0  # 23 steps, not 40
 
 
+def ctrl_c_as_python_handles_it(*_):
+    """What Python's default SIGINT handler does. Sending the signal instead would rely on that handler being
+    installed, and a process a shell starts in the background ignores SIGINT."""
+    raise KeyboardInterrupt
+
+
 def test_ctrl_c_after_the_last_step_leaves_a_run_resume_finishes(words_file, tmp_path, monkeypatch):
     """Ctrl-C during the final calibration, losses or samples: the last step's checkpoint is there, and --resume
     ends the run as if nothing had happened."""
     whole = Trainer(small_config(words_file, tmp_path / "whole"), log=lambda *_: None)
     expected = whole.fit()
     calibrate = fastlm.models.calibrate_batchnorm
-    monkeypatch.setattr(fastlm.models, "calibrate_batchnorm", lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    monkeypatch.setattr(fastlm.models, "calibrate_batchnorm", ctrl_c_as_python_handles_it)
     notes = []
     with pytest.raises(KeyboardInterrupt):
         Trainer(small_config(words_file, tmp_path / "cut"), log=notes.append).fit()
@@ -301,15 +308,36 @@ def test_data_parallel_with_torchrun_equals_one_process_on_the_whole_batch(words
     common = ["--steps", "12", "--eval-every", "12", "--hidden", "16", "--samples", "1", "--data", words_file]
     single = fastlm_command("train", *common, "--batch-size", "16", "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
-    parallel = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    parallel = run_as_a_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                "--master_port", str(free_port()), "-m", "fastlm", "train", *common, "--batch-size", "8",
-                               "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+                               "--out", str(tmp_path / "two")], timeout=300)
     assert parallel.returncode == 0, parallel.stderr
     one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
     two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+
+
+def kill_group(run: subprocess.Popen) -> None:
+    """Ends what is left of ``run`` and its process group. SIGTERM first: torchrun then stops its worker ranks,
+    which run in sessions of their own and would outlive a killed torchrun."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(run.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            run.wait(timeout=30)
+        os.killpg(run.pid, signal.SIGKILL)
+
+
+def run_as_a_group(command, timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True, timeout=timeout)`` in a process group of its own,
+    killed whole if the time runs out."""
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = run.communicate(timeout=timeout)
+    finally:
+        kill_group(run)
+    return subprocess.CompletedProcess(command, run.returncode, stdout, stderr)
 
 
 def interrupt_once_checkpointed(command, out):
@@ -325,8 +353,7 @@ def interrupt_once_checkpointed(command, out):
         os.killpg(run.pid, signal.SIGINT)
         return run.communicate(timeout=120)[0]
     finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
+        kill_group(run)
 
 
 def test_cli_ctrl_c_resume_and_sample(words_file, tmp_path):
