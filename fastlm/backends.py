@@ -3,9 +3,9 @@
 Every kernel family has four backends: ``cpp`` (C++ CPU kernels in fastlm._C), ``cuda`` (CUDA kernels in
 fastlm._C, in a CUDA build of torch), ``triton`` (Triton kernels; on CPU only under ``TRITON_INTERPRET=1``)
 and ``torch`` (the plain-PyTorch reference). By default a CPU tensor runs on ``cpp`` and a CUDA tensor on
-``triton`` (then ``cuda``). ``FASTLM_BACKEND=name`` or ``with fastlm.backends.use(name):`` (in its own thread) forces
-one; a forced backend that this machine lacks, or that cannot run on the tensor's device, raises an error
-saying what is missing. Inside torch.func transforms (grad, vmap, jacrev, ...; functionalize only for the ops
+``triton`` (then ``cuda``). ``FASTLM_BACKEND=name`` or ``with fastlm.backends.use(name):`` (in its own
+thread) forces one; a forced backend that this machine lacks, or that cannot run on the tensor's device, raises
+an error saying what is missing. Inside torch.func transforms (grad, vmap, jacrev, ...; functionalize only for the ops
 that update tensors in place, which it refuses) an op left to the default runs on ``torch``: the kernel
 backends' autograd is a C++ torch::autograd::Function, which torch.func refuses.
 """
@@ -26,7 +26,6 @@ BACKENDS = ("cpp", "cuda", "triton", "torch")
 # Preference for each device type when nothing is forced. On CUDA, triton comes first until the
 # side-by-side GPU benchmark (bench/) shows the CUDA kernels faster.
 DEFAULT_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
-
 
 
 class _Forced(threading.local):
