@@ -29,13 +29,14 @@ DEFAULT_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
 
 
 class _Forced(threading.local):
-    """The backends ``use()`` blocks force, innermost last: per thread, as torch's modes (no_grad, autocast) are,
-    so a block in one thread changes nothing in another. Set in ``__init__`` (run once in each thread), not as a
-    class attribute: torch.compile guards on an instance attribute and recompiles when a block changes it, but
-    not on a class attribute's default, so a graph would keep the backend it was traced with."""
+    """The backend the innermost ``use()`` block forces, or None: per thread, as torch's modes (no_grad, autocast)
+    are, so a block in one thread changes nothing in another. Set in ``__init__`` (run once in each thread), not as
+    a class attribute: torch.compile guards on an instance attribute and recompiles when a block changes it, but
+    not on a class attribute's default, so a graph would keep the backend it was traced with. The innermost name
+    alone, so that the depth of nested blocks is no reason to recompile."""
 
     def __init__(self):
-        self.names: tuple[str, ...] = ()
+        self.name: str | None = None
 
 
 _forced = _Forced()
@@ -126,16 +127,18 @@ def runs_on(name: str, device: torch.device) -> bool:
 
 @contextlib.contextmanager
 def use(name: str):
-    """Run fastlm ops inside the block on backend ``name`` (checked against this machine first)."""
+    """Run fastlm ops inside the block on backend ``name`` (checked against this machine first), in this thread.
+    Like torch's modes, a block held open across a generator's ``yield`` or a coroutine's ``await`` also applies
+    to what the thread runs meanwhile."""
     reason = why_unavailable(name)
     if reason:
         raise RuntimeError(reason)
-    outer = _forced.names
-    _forced.names = (*outer, name)
+    outer = _forced.name
+    _forced.name = name
     try:
         yield
     finally:
-        _forced.names = outer
+        _forced.name = outer
 
 
 def in_torch_func_transform(functionalize_too: bool = False) -> bool:
@@ -156,7 +159,7 @@ def in_torch_func_transform(functionalize_too: bool = False) -> bool:
 def resolve(device: torch.device, requested: str | None = None, *, mutates: bool = False) -> str:
     """The backend an op on ``device`` runs on: ``requested``, else ``use()``, else FASTLM_BACKEND, else the default
     (``torch`` inside a torch.func transform; for an op that ``mutates`` a tensor, inside functionalize too)."""
-    name = requested or (_forced.names[-1] if _forced.names else None) or os.environ.get("FASTLM_BACKEND") or None
+    name = requested or _forced.name or os.environ.get("FASTLM_BACKEND") or None
     if name is None and in_torch_func_transform(functionalize_too=mutates):
         return "torch"
     if name is None:

@@ -531,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             print_result(result)
     if not results:  # e.g. --backend cuda --device cpu: nothing ran, which proves nothing
-        print(f"FAILED: nothing to check: none of the backends asked for runs on {args.device}")
+        print("FAILED: nothing to check: " + (f"none of the backends asked for runs on {args.device}" if not names
+                                              else "the backends asked for have none of the ops asked for"))
         return 1
     failed = [r for r in results if not r.passed]
     print(f"{len(results) - len(failed)} of {len(results)} checks passed" + (

@@ -24,8 +24,11 @@ if not torch.cuda.is_available():
 # gloo takes the address the host name resolves to, which a sandboxed machine may not let a process reach
 # itself on (a connection that waits out gloo's timeout instead of failing). A machine without "lo" is left
 # to gloo's own choice.
-if "lo" in {name for _, name in socket.if_nameindex()}:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+try:
+    if "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+except OSError:  # a sandbox that lists no interfaces
+    pass
 
 import torch._dynamo.testing  # noqa: E402  (it imports triton, which reads TRITON_INTERPRET once)
 from fastlm import backends  # noqa: E402

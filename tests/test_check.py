@@ -67,7 +67,16 @@ def test_nothing_to_check_fails(monkeypatch, capsys, cpp):
     check ran, which printed "0 of 0 checks passed" and passed."""
     monkeypatch.setitem(check.BACKENDS, "elsewhere", check.Backend(cpp.ops, lambda device: False))
     assert check.main(["--quick", "--backend", "elsewhere"]) == 1
-    assert "FAILED: nothing to check" in capsys.readouterr().out
+    assert "FAILED: nothing to check: none of the backends asked for runs on cpu" in capsys.readouterr().out
+
+
+def test_a_backend_without_the_op_asked_for_is_nothing_to_check(monkeypatch, capsys, cpp):
+    """--op of an op the backend lacks: no row, a failure that says why (not that the backend cannot run here)."""
+    ops = {op: fn for op, fn in cpp.ops.items() if op != "mlp_sgd_step"}
+    monkeypatch.setitem(check.BACKENDS, "partial", check.Backend(ops, cpp.runs_on))
+    assert check.main(["--quick", "--backend", "partial", "--op", "mlp_sgd_step"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: nothing to check: the backends asked for have none of the ops asked for" in out, out
 
 
 def test_a_backend_accepting_bad_ids_fails(monkeypatch, capsys, cpp):

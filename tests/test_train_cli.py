@@ -143,19 +143,23 @@ def test_compare_run_resumes_with_its_twin(words_file, tmp_path, monkeypatch):
     assert summary["fastlm_ms_per_step"] >= 2.0 and summary["reference_ms_per_step"] >= 2.0  # 23 steps, not 40
 
 
-def ctrl_c_as_python_handles_it(*_):
-    """What Python's default SIGINT handler does. Sending the signal instead would rely on that handler being
-    installed, and a process a shell starts in the background ignores SIGINT."""
-    raise KeyboardInterrupt
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test: a process a shell starts in the background
+    inherits SIGINT ignored, and Python then leaves it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
+@pytest.mark.usefixtures("python_sigint_handler")
 def test_ctrl_c_after_the_last_step_leaves_a_run_resume_finishes(words_file, tmp_path, monkeypatch):
     """Ctrl-C during the final calibration, losses or samples: the last step's checkpoint is there, and --resume
     ends the run as if nothing had happened."""
     whole = Trainer(small_config(words_file, tmp_path / "whole"), log=lambda *_: None)
     expected = whole.fit()
     calibrate = fastlm.models.calibrate_batchnorm
-    monkeypatch.setattr(fastlm.models, "calibrate_batchnorm", ctrl_c_as_python_handles_it)
+    monkeypatch.setattr(fastlm.models, "calibrate_batchnorm", lambda *_: os.kill(os.getpid(), signal.SIGINT))
     notes = []
     with pytest.raises(KeyboardInterrupt):
         Trainer(small_config(words_file, tmp_path / "cut"), log=notes.append).fit()
@@ -319,24 +323,27 @@ def test_data_parallel_with_torchrun_equals_one_process_on_the_whole_batch(words
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
 
 
-def kill_group(run: subprocess.Popen) -> None:
-    """Ends what is left of ``run`` and its process group. SIGTERM first: torchrun then stops its worker ranks,
-    which run in sessions of their own and would outlive a killed torchrun."""
+def end_group(run: subprocess.Popen) -> None:
+    """Ends ``run`` (still running) and its process group. SIGTERM first: torchrun then stops its worker ranks,
+    which run in sessions of their own and would outlive a killed torchrun, SIGKILLing them after its shutdown
+    timeout (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s); the group gets SIGKILL after 60."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(run.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            run.wait(timeout=30)
+            run.wait(timeout=60)
         os.killpg(run.pid, signal.SIGKILL)
 
 
 def run_as_a_group(command, timeout: float) -> subprocess.CompletedProcess:
-    """``subprocess.run(command, capture_output=True, text=True, timeout=timeout)`` in a process group of its own,
-    killed whole if the time runs out."""
+    """``subprocess.run(command, capture_output=True, text=True)`` in a process group of its own, ended whole after
+    ``timeout`` seconds (what it printed is kept, and the run's stderr says it was ended)."""
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = run.communicate(timeout=timeout)
-    finally:
-        kill_group(run)
+    except subprocess.TimeoutExpired:
+        end_group(run)
+        stdout, stderr = run.communicate()
+        stderr += f"\n(ended by the test after {timeout} s)"
     return subprocess.CompletedProcess(command, run.returncode, stdout, stderr)
 
 
@@ -353,7 +360,8 @@ def interrupt_once_checkpointed(command, out):
         os.killpg(run.pid, signal.SIGINT)
         return run.communicate(timeout=120)[0]
     finally:
-        kill_group(run)
+        if run.poll() is None:
+            end_group(run)
 
 
 def test_cli_ctrl_c_resume_and_sample(words_file, tmp_path):
