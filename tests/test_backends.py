@@ -67,7 +67,8 @@ def test_use_is_per_thread():
 
 
 def test_use_under_torch_compile_recompiles_for_the_forced_backend():
-    """The forced backend is read while dynamo traces: a graph per choice, no graph break."""
+    """The forced backend is read while dynamo traces: a graph per choice (not per depth of nested blocks), no
+    graph break."""
     skip_unless_runs("cpp")
     x, target = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
     recorder = torch._dynamo.testing.EagerAndRecordGraphs()
@@ -76,6 +77,8 @@ def test_use_under_torch_compile_recompiles_for_the_forced_backend():
     expected = torch.nn.functional.cross_entropy(x, target)
     torch.testing.assert_close(loss(x, target), expected)
     with backends.use("torch"):
+        torch.testing.assert_close(loss(x, target), expected)
+    with backends.use("torch"), backends.use("torch"):  # the depth of nested blocks is no reason to recompile
         torch.testing.assert_close(loss(x, target), expected)
     cpp, torch_reference = ([str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
                             for graph in recorder.graphs)
