@@ -342,7 +342,7 @@ def run_as_a_group(command, timeout: float) -> subprocess.CompletedProcess:
         stdout, stderr = run.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         end_group(run)
-        stdout, stderr = run.communicate()
+        stdout, stderr = run.communicate(timeout=30)  # a rank still holding the pipes fails the test, not the run
         stderr += f"\n(ended by the test after {timeout} s)"
     return subprocess.CompletedProcess(command, run.returncode, stdout, stderr)
 
