@@ -2,10 +2,10 @@
 // fastlm.ops.linear_cross_entropy calls on every kernel backend, computing
 // cross_entropy(input @ weight^T + bias, target) without ever holding the full (N, V) logits.
 // Rows go in chunks: each chunk's logits come from one matrix product, go through the cross-entropy kernels and,
-// when gradients are needed, are overwritten in place by their gradient, which is at once folded into d_input,
-// d_weight and d_bias (those two summed in fp32, fp64 for fp64 input). For 'mean' and 'sum' the gradients are
-// finished during the forward, for an upstream gradient of 1, and the first backward hands them out, scaled only
-// when the upstream gradient is not exactly 1. For 'none', and for a second backward through a retained graph,
+// when gradients are needed, are overwritten in place by their gradient (where the kernels can; a new buffer
+// otherwise), which is at once folded into d_input, d_weight and d_bias (those two summed in fp32, fp64 for fp64
+// input). For 'mean' and 'sum' the gradients are finished during the forward, for an upstream gradient of 1, and
+// the first backward hands them out, scaled only when the upstream gradient is not exactly 1. For 'none', and for a second backward through a retained graph,
 // the backward runs the chunks again. Device-generic (or the Triton kernels'), as csrc/cross_entropy_autograd.cpp.
 // The chunk loop is an op of its own, fastlm::linear_cross_entropy_chunks, with a fake implementation: tracing
 // (torch.compile, torch.export) sees one call whose sizes may stay symbolic, not a loop over a fixed row count.

@@ -11,7 +11,8 @@ the timing, output files and plots are in fastlm/bench_harness.py. ``python benc
 same with --op set. Modes: ``fwd`` times the training forward (autograd on: fastlm's fused cross-entropy
 computes its gradient there), ``bwd`` the backward alone (its forward runs untimed before each call),
 ``full`` both. GB/s counts the fewest bytes a mode must move (none for the matmul-bound ops):
-cross-entropy reads the logits (fwd), reads them and writes their gradient (bwd, and full when fused);
+cross-entropy reads the logits (fwd), reads them and writes their gradient (full; no GB/s for bwd: the fused
+providers make the gradient in the forward);
 BatchNorm reads x and writes y (fwd), reads dy and x and writes dx (bwd), five tensors of N*C in all.
 A provider or case that fails (torch.compile erring on a shape, out of memory) is named on stderr and the
 run goes on; the command then exits 1. Each op's files are rewritten after each case, so a run cut short
@@ -34,13 +35,9 @@ from torch import nn
 
 from fastlm import bench_harness as harness
 from fastlm.bench_harness import Problem, backward_for, fastlm_backends
+from fastlm.dtype_names import DTYPES, dtype_name
 
 Size = tuple[int, ...]
-DTYPES = {name: getattr(torch, name) for name in ("float32", "float64", "bfloat16", "float16")}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _liger(name: str, device: str) -> Callable | None:

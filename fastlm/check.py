@@ -35,6 +35,7 @@ from torch import Tensor
 
 import fastlm
 from fastlm import backends
+from fastlm.dtype_names import dtype_name
 from fastlm.ops.batch_norm import reference_batch_norm
 from fastlm.ops.mlp_step import reference_mlp_loss_and_grads
 
@@ -360,10 +361,6 @@ class Result:
             self.error, self.worst = error, label
         if not error <= self.tolerance:
             self.failures.append(label)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def check_op(op: str, cases: list[Case], backend: str, dtype: torch.dtype, device: str) -> Result:

@@ -22,7 +22,8 @@ from fastlm import data
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from fastlm.models import MODELS
-    from fastlm.train import DTYPES, TrainConfig
+    from fastlm.dtype_names import DTYPES
+    from fastlm.train import TrainConfig
 
     d = TrainConfig()
     parser.add_argument("--model", default=d.model, choices=sorted(MODELS), help="which makemore model")

@@ -27,9 +27,9 @@ from torch import nn
 
 from fastlm import backends, data, models
 from fastlm.cuda_graph import CapturedStep
+from fastlm.dtype_names import DTYPES
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass

@@ -7,7 +7,7 @@
 # again, on the kernel's B side) and for dX = dY W, which it writes in the math dtype; dX viewed (B*T, D)
 # is then scattered into d(table) by _segment_sum_kernel: the flat token ids are stable-sorted on the host,
 # and one program per vocabulary row adds the rows of its segment (zeros for a row no token uses and for
-# padding_idx); past a few hundred rows the segments are first cut into fixed pieces summed in parallel, so
+# padding_idx); past 128 rows (512 under the interpreter) segments are first cut into pieces summed in parallel, so
 # a frequent token does not leave one program doing most of the work. Strategy 1 (product table, for small
 # V) builds P_t = table W_t^T with torch (a plain GEMM) and gathers y[b] = b + sum_t P[t, idx[b, t]] in
 # _gather_sum_kernel; its backward makes G[t, v] = sum of the rows of dY whose idx[b, t] == v with the same
@@ -134,7 +134,6 @@ def _scatter_add_kernel(src_ptr, s_r, s_c, keys_ptr, dst_ptr, R, C, DIV, KEYS, A
 # --- launchers -----------------------------------------------------------------------------------------
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def _use_atomics(deterministic, device):
@@ -153,11 +152,11 @@ class _Math:
         # which is exact: the products and the fp32 sums are the same math.
         same_half = (table.dtype == weight.dtype and table.dtype in (torch.float16, torch.bfloat16)
                      and not launch.interpreted(table.device))
-        self.operand = _TL[table.dtype] if same_half else tl.float32
+        self.operand = launch.TL_DTYPE[table.dtype] if same_half else tl.float32
         # fp32 operands: exact fp32 products unless torch itself allows TF32 for matmuls (as F.linear does).
         tf32 = not same_half and table.is_cuda and cuda_matmul_allows_tf32()
         self.precision = "tf32" if tf32 else "ieee"
-        self.tl_acc = _TL[self.acc]
+        self.tl_acc = launch.TL_DTYPE[self.acc]
 
 
 def cuda_matmul_allows_tf32():

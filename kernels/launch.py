@@ -1,16 +1,19 @@
-# Host-side helpers the Triton launchers (kernels/*.py) share: the dtype a kernel computes in, block sizes as
-# powers of two, fp64 scalars passed as two fp32 halves, and whether the kernels run in Triton's interpreter
-# (which pays per program and per block, not per element, so the launchers pick bigger blocks there), and a
-# 2D grid that refuses more column blocks than CUDA launches.
+# Host-side helpers the Triton launchers (kernels/*.py) share: the dtype a kernel computes in (and Triton's name
+# for a torch dtype), block sizes as powers of two, fp64 scalars passed as two fp32 halves, whether the kernels
+# run in Triton's interpreter (which pays per program and per block, not per element, so the launchers pick
+# bigger blocks there), and a 2D grid that refuses more column blocks than CUDA launches.
 
 import math
 import os
 
 import torch
 import triton
+import triton.language as tl
 
 MATH_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
               torch.float64: torch.float64}
+TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+            torch.float64: tl.float64}
 
 
 def next_power_of_2(v: int, lo: int = 1) -> int:

@@ -1,6 +1,10 @@
 """fastlm.ops.cross_entropy against F.cross_entropy in float64, on every backend present."""
 
 import copy
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -241,6 +245,33 @@ def test_large_index_offsets_on_gpu():
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_masked_classes_as_torch(backend, weighted):
+    """-inf logits (masked classes): the first 1024 of every row, a whole first block of the Triton kernels'
+    loop over columns (1024 wide under the interpreter), and every 7th from 1500 on. Loss, lse and gradient as
+    torch's in float64; a masked class gets a gradient of exactly 0."""
+    skip_unless_runs(backend)
+    x, target = random_problem(6, 2000, ignored=0.0)
+    masked = torch.zeros(2000, dtype=torch.bool)
+    masked[:1024] = masked[1500::7] = True
+    x[:, masked] = float("-inf")
+    target = 1024 + target % 400  # classes that are not masked
+    target[2] = -100
+    weight = torch.rand(2000) + 0.5 if weighted else None
+    for reduction in ("none", "mean"):
+        leaf = x.clone().requires_grad_()
+        loss, lse = cross_entropy(leaf, target, weight=weight, reduction=reduction, return_lse=True, backend=backend)
+        ref_loss, ref_lse, ref_leaf = reference(x, target, weight=weight, reduction=reduction)
+        assert_close_to_reference(loss, ref_loss, torch.float32)
+        assert_close_to_reference(lse, ref_lse, torch.float32)
+        grad = upstream_gradient(ref_loss)
+        (got,) = torch.autograd.grad(loss, leaf, grad.to(loss.dtype))
+        (want,) = torch.autograd.grad(ref_loss, ref_leaf, grad)
+        assert_close_to_reference(got, want, torch.float32)
+        assert torch.all(got[:, masked] == 0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("c", [10, 100, 20000])  # tail only; whole vectors and a tail; rows one at a time (cpp)
 def test_nan_and_inf_logits_give_nan_loss(backend, c):
     """A NaN or inf anywhere in a row (first column, inside a whole vector, in the tail) makes that row's loss
@@ -393,6 +424,43 @@ def test_cpp_gradient_buffer_is_reused_only_once_dropped():
     assert torch._C._storage_Use_Count(storage._cdata) == uses - 1
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")
+def test_fork_while_another_thread_takes_new_gradient_buffers():
+    """A process forked while another thread is inside the cpp kernels' buffer cache gets a usable cache: each
+    child computes a loss and its gradient, and ends."""
+    skip_unless_runs("cpp")
+    x, target = random_problem(2048, 1000)  # an 8 MB gradient, new at each call while the last one is held
+    stop = threading.Event()
+
+    def take_buffers():
+        held = None
+        while not stop.is_set():
+            leaf = x.clone().requires_grad_()
+            cross_entropy(leaf, target, backend="cpp").backward()
+            held = leaf.grad  # noqa: F841 (keeps the gradient, so that the next call needs a new one)
+
+    worker = threading.Thread(target=take_buffers)
+    worker.start()
+    try:
+        for _ in range(20):
+            pid = os.fork()
+            if pid == 0:  # the child: one loss and gradient, then out without running pytest's exit
+                leaf = x[:8].clone().requires_grad_()
+                cross_entropy(leaf, target[:8], backend="cpp").backward()
+                os._exit(0 if torch.isfinite(leaf.grad).all() else 1)
+            deadline = time.monotonic() + 60
+            while (ended := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if ended == (0, 0):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            assert ended[0] == pid and os.waitstatus_to_exitcode(ended[1]) == 0, "the forked child hung or failed"
+    finally:
+        stop.set()
+        worker.join()
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_deterministic(backend):
     skip_unless_runs(backend)
@@ -496,6 +564,30 @@ def kernel_op_cases():
             x, target, torch.rand(27), lse, grad_rows, -100, 0.1, 1e-3)
         yield backend, getattr(ops, f"{prefix}cross_entropy_backward_").default, (
             x.clone(), target, None, lse, grad_rows, -100, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_ops_take_logits_whose_rows_are_apart(backend):
+    """Logits that are the first 27 columns of 40-wide rows give, from every kernel op, what their contiguous
+    copy gives; the in-place backward writes those columns alone."""
+    device = device_of(backend)
+    skip_unless_runs(backend, device)
+    x, target = random_problem(7, 27, device=device)
+    wide = torch.randn(7, 40, device=device)
+    wide[:, :27] = x
+    strided = wide[:, :27]
+    ops, weight, grad_rows = kernel_ops(backend), torch.rand(27, device=device), torch.rand(7, device=device)
+    options = (-100, 0.1, 1e-3)
+    for got, want in zip(ops.forward_backward(strided, target, weight, grad_rows, *options),
+                         ops.forward_backward(x, target, weight, grad_rows, *options)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    rows, lse = ops.forward(strided, target, weight, *options)
+    torch.testing.assert_close((rows, lse), ops.forward(x, target, weight, *options), rtol=0, atol=0)
+    want = ops.backward(x, target, weight, lse, grad_rows, *options)
+    torch.testing.assert_close(ops.backward(strided, target, weight, lse, grad_rows, *options), want, rtol=0, atol=0)
+    overwritten = wide.clone()
+    ops.backward_(overwritten[:, :27], target, weight, lse, grad_rows, *options)
+    torch.testing.assert_close(overwritten, torch.cat([want, wide[:, 27:]], 1), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", range(8))

@@ -74,6 +74,18 @@ def test_matches_reference(backend, device, strategy, shape):
     assert_matches(got, reference(*case), torch.float32)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cpp_over_several_blocks_of_rows(strategy, bias):
+    """The CPU gather-GEMM packs 2^20 / (T*D) rows at a time: 600 rows of T*D = 4096 make two blocks of 256 and a
+    last one of 88, each multiplied with its own rows of dY in the backward; D = 512 also splits the scatter into
+    the table's gradient between the threads."""
+    skip_unless_runs("cpp")
+    case = make_case(600, 8, 512, 8, 50, "cpu", bias=bias)
+    got = run_fastlm(*case, torch.float32, strategy=strategy, backend="cpp")
+    assert_matches(got, reference(*case), torch.float32)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)

@@ -114,6 +114,21 @@ def test_a_loss_learnt_by_heart_is_not_negative(batch):
     assert got.loss >= 0 and abs(got.loss.item() - want.loss.item()) <= 1e-6 * 16
 
 
+@pytest.mark.parametrize("class_", [0, 4])  # the first and the last class
+@pytest.mark.parametrize("batch", [32, 256], ids=["gather", "product-tables"])
+def test_a_logit_far_above_the_others_is_the_row_maximum(batch, class_):
+    """One class's logits 150 above the others': exp overflows fp32 from 88 on, so the softmax must shift by
+    every row's true maximum, whichever class holds it. Loss and gradients finite and as autograd's."""
+    skip_unless_runs("cpp")
+    idx, targets, params, bn = make_case(batch, 3, 4, 13, 5, 6, False, seed=5)
+    params[4] = params[4] + 150.0 * torch.nn.functional.one_hot(torch.tensor(class_), 5).double()  # b2
+    want, _ = run("torch", idx, targets, params, bn, torch.float64)
+    got, _ = run("cpp", idx, targets, params, bn, torch.float32)
+    assert_close_to_reference(got.loss, want.loss, torch.float32)
+    for name in ("table", "w1", "b1", "w2", "b2"):
+        assert_close_to_reference(getattr(got, name), getattr(want, name), torch.float32)
+
+
 def assert_stats_close(got_stats, want_stats, dtype):
     """The running mean and variance as moved by the kernel, against the reference's, and the batch counted
     by both (None without BatchNorm)."""

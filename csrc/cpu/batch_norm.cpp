@@ -17,9 +17,11 @@
 // The schemas are defined here because this file is built on every machine; CUDA adds its kernels to the
 // same ops in csrc/cuda/batch_norm_binding.cpp.
 
+#include "../batch_norm_checks.h"
 #include "../math_dtype.h"
 #include "contiguous_as.h"
 #include "fast_tanh.h"
+#include "moments_merge.h"
 #include "reused_buffer.h"
 #include "vec_config.h"
 
@@ -108,14 +110,9 @@ Vectorized<T> activation_grad(Vectorized<T> dy, Vectorized<T> y) {
   return dy;
 }
 
-void check_activation(int64_t activation) {
-  TORCH_CHECK(activation == kIdentity || activation == kRelu || activation == kTanh,
-              "fastlm batch_norm: activation must be 0 (none), 1 (relu) or 2 (tanh), got ", activation);
-}
-
 template <typename F>
 void dispatch_activation(int64_t activation, const F& f) {
-  check_activation(activation);
+  check_batch_norm_activation(activation);
   switch (activation) {
     case kRelu: return f(std::integral_constant<int64_t, kRelu>{});
     case kTanh: return f(std::integral_constant<int64_t, kTanh>{});
@@ -206,16 +203,9 @@ void channel_moments(const T* x, const Layout& s, T* mean, T* m2) {
   std::fill_n(m2, s.C, T(0));
   int64_t n_a = 0;  // counted exactly (a float count drifts past 2^24 values, and with it the weights)
   for (int64_t b = 0; b < num_blocks; ++b) {
-    const int64_t n_b = std::min(block_rows, s.N - b * block_rows) * s.L, n = n_a + n_b;
-    const T mean_weight = T(n_b) / T(n), m2_weight = T(n_a) * (T(n_b) / T(n));
-    const T* bmean = block_mean.data() + b * s.C;
-    const T* bm2 = block_m2.data() + b * s.C;
-    for (int64_t c = 0; c < s.C; ++c) {
-      const T delta = bmean[c] - mean[c];
-      mean[c] += delta * mean_weight;
-      m2[c] += bm2[c] + delta * delta * m2_weight;
-    }
-    n_a = n;
+    const int64_t n_b = std::min(block_rows, s.N - b * block_rows) * s.L;
+    chan_merge(n_a, mean, m2, n_b, block_mean.data() + b * s.C, block_m2.data() + b * s.C, s.C);
+    n_a += n_b;
   }
   if (s.N == 0) {
     std::fill_n(mean, s.C, std::numeric_limits<T>::quiet_NaN());
@@ -294,10 +284,7 @@ void input_grad(const T* dy, const T* x, const T* y, const Layout& s, const T* m
 // --- op wrappers: checks, layout, dtypes ---------------------------------------------------------------
 
 Layout layout_of(const at::Tensor& input) {
-  TORCH_CHECK(input.dim() == 2 || input.dim() == 3, "fastlm batch_norm: expected 2D or 3D input (got ", input.dim(),
-              "D input)");
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "fastlm batch_norm: input must be floating point, got ",
-              input.scalar_type());
+  check_batch_norm_input(input);
   const int64_t N = input.size(0), C = input.size(1), L = input.dim() == 3 ? input.size(2) : 1;
   return {N, C, L, C * L};
 }
@@ -395,27 +382,19 @@ at::Tensor batch_norm_forward(const at::Tensor& input, const at::Tensor& mean, c
   return y;
 }
 
-void check_running_stat(const std::optional<at::Tensor>& t, int64_t C, at::ScalarType dtype, const char* name) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == C && t->scalar_type() == dtype && t->is_contiguous(),
-              "fastlm batch_norm: ", name, " must be a contiguous ", dtype, " tensor of C = ", C, " entries, got ",
-              t->scalar_type(), " of shape ", t->sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_train(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double momentum,
     double eps, bool unbiased, int64_t activation) {
   const Layout s = layout_of(input);
-  TORCH_CHECK(s.count() > 1, "fastlm batch_norm: expected more than 1 value per channel when training, got input size ",
-              input.sizes());
+  check_batch_norm_training_count(input);
   const auto dtype = math_dtype(input);
   // Everything checked before the running stats change: a call that raises leaves them as they were.
   check_running_stat(running_mean, s.C, dtype, "running_mean");
   check_running_stat(running_var, s.C, dtype, "running_var");
   if (weight) check_per_channel(*weight, s.C, "weight");
   if (bias) check_per_channel(*bias, s.C, "bias");
-  check_activation(activation);
+  check_batch_norm_activation(activation);
   const at::Tensor x = contiguous_as(input, dtype);
   at::Tensor mean = at::empty({s.C}, x.options()), invstd = at::empty({s.C}, x.options()), y;
   AT_DISPATCH_FLOATING_TYPES(dtype, "fastlm_batch_norm_forward_train", [&] {
@@ -527,10 +506,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     bool unbiased, int64_t activation) {
   const GradInputs g = grad_inputs(grad_output, input, output, mean, invstd, activation);
   auto [sum_dz, sum_dz_xhat] = reduce_grads(g, activation);
-  const double n = double(g.s.count());
-  const double mean_scale = batch_stats ? 1.0 / n : 0.0;
-  const double xhat_scale = batch_stats ? 1.0 / (unbiased ? n - 1 : n) : 0.0;
-  at::Tensor dx = input_grad_from_sums(g, input, weight, sum_dz, sum_dz_xhat, mean_scale, xhat_scale, activation);
+  const InputGradScales scale = input_grad_scales(g.s.count(), batch_stats, unbiased);
+  at::Tensor dx = input_grad_from_sums(g, input, weight, sum_dz, sum_dz_xhat, scale.mean, scale.xhat, activation);
   return {dx, sum_dz_xhat, sum_dz};
 }
 

@@ -11,8 +11,8 @@
 //     d(table) = sum_t G_t W_t, db = sum_v G_0[v] (every row of dY is in exactly one G_0[v]: no second pass
 //     over dY). P and G are stored (V, T, out), so each of these is one GEMM over the concatenated (t, out)
 //     axis.
-// Every scatter is deterministic: each output row is owned by one thread, which adds its contributions in
-// batch order (no float atomics). Indices are checked before any kernel reads or writes through them.
+// Every scatter is deterministic: each output element is owned by one thread (threads split the columns),
+// which adds its contributions in batch order (no float atomics). Indices are checked before any kernel reads or writes through them.
 // Math is in fp32 (fp64 for double); outputs come back in the table's dtype.
 // The schemas are defined here because this file is built on every machine; CUDA adds its kernels to the
 // same ops in csrc/cuda/embedding_linear_binding.cpp.
@@ -43,8 +43,6 @@ namespace fastlm {
 namespace {
 
 using at::vec::Vectorized;
-
-enum Strategy : int64_t { kGatherGemm = 0, kProductTable = 1 };
 
 // Rows of X packed per BLAS call in the gather-GEMM strategy: about 4 MiB of fp32, large enough that the
 // BLAS runs at full speed (measured: 1 MiB blocks cost 5% at B=4096, T*D=512), small beside X itself.
@@ -174,14 +172,10 @@ at::Tensor embedding_linear_forward(const at::Tensor& idx, const at::Tensor& tab
   // grad (its autograd is fastlm::embedding_linear's).
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Prepared p = prepare(idx, table, weight);
+  check_embedding_linear_bias(bias, p.out);
+  check_strategy(strategy);
   std::optional<at::Tensor> b;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.out, "fastlm embedding_linear: bias must have out = ", p.out,
-                " entries, got ", bias->sizes());
-    b = contiguous_as(*bias, p.table.scalar_type());
-  }
-  TORCH_CHECK(strategy == kGatherGemm || strategy == kProductTable,
-              "fastlm embedding_linear: strategy must be 0 (gather-GEMM) or 1 (product table), got ", strategy);
+  if (bias.has_value()) b = contiguous_as(*bias, p.table.scalar_type());
   at::Tensor y = strategy == kGatherGemm ? gather_gemm_forward(p, b) : product_table_forward(p, b);
   return contiguous_as(y, table.scalar_type());
 }
@@ -283,13 +277,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_linear_backward(
   (void)deterministic;  // the CPU kernels are always deterministic
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in the forward
   const Prepared p = prepare(idx, table, weight);
-  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == p.B && grad_output.size(1) == p.out,
-              "fastlm embedding_linear: grad_output must be (B, out) = (", p.B, ", ", p.out, "), got ",
-              grad_output.sizes());
-  TORCH_CHECK(strategy == kGatherGemm || strategy == kProductTable,
-              "fastlm embedding_linear: strategy must be 0 (gather-GEMM) or 1 (product table), got ", strategy);
-  TORCH_CHECK(padding_idx >= -1 && padding_idx < p.V, "fastlm embedding_linear: padding_idx must be -1 or in [0, ",
-              p.V, "), got ", padding_idx);
+  check_embedding_linear_backward(grad_output, p.B, p.out, p.V, padding_idx);
+  check_strategy(strategy);
   const at::Tensor dy = contiguous_as(grad_output, p.table.scalar_type());
   auto [grad_table, grad_weight, grad_bias] =
       strategy == kGatherGemm ? gather_gemm_backward(p, dy, has_bias) : product_table_backward(p, dy, has_bias);

@@ -23,6 +23,7 @@
 //      BatchNorm also xhat into Gx, and the sums of dz and dz xhat.
 
 #include "mlp_step.h"
+#include "moments_merge.h"
 
 #include <ATen/Parallel.h>
 
@@ -214,18 +215,8 @@ class ProductTableStep {
           const T dev = p.h[r * H + j] - p.block_mean[j];
           p.block_m2[j] += dev * dev;
         }
-      merge(p.count, p.mean, p.m2, n, p.block_mean, p.block_m2);
+      chan_merge(p.count, p.mean, p.m2, n, p.block_mean, p.block_m2, H);
       p.count += n;
-    }
-  }
-
-  // (count, mean, m2) += (n, mean_b, m2_b) by Chan's formula; the caller adds n to the count.
-  void merge(int64_t count, T* mean, T* m2, int64_t n, const T* mean_b, const T* m2_b) const {
-    const T total = T(count + n), weight = T(n) / total, cross = T(count) * T(n) / total;
-    for (int64_t j = 0; j < s_.H; ++j) {
-      const T delta = mean_b[j] - mean[j];
-      mean[j] += delta * weight;
-      m2[j] += m2_b[j] + delta * delta * cross;
     }
   }
 
@@ -237,7 +228,7 @@ class ProductTableStep {
     std::fill_n(m2, H, T(0));
     int64_t count = 0;
     for (auto& p : part_) {
-      merge(count, mean_, m2, p.count, p.mean, p.m2);
+      chan_merge(count, mean_, m2, p.count, p.mean, p.m2, H);
       count += p.count;
     }
     for (int64_t j = 0; j < H; ++j) {

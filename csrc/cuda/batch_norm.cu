@@ -19,7 +19,6 @@
 #include "batch_norm.cuh"
 #include "launch_utils.cuh"
 
-#include <math_constants.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -36,8 +35,6 @@ constexpr int64_t kMinChunk3d = 4096;       // 3D: values per (chunk, channel) a
 
 __device__ __forceinline__ float sqrt_(float v) { return sqrtf(v); }
 __device__ __forceinline__ double sqrt_(double v) { return sqrt(v); }
-__device__ __forceinline__ float quiet_nan(float) { return CUDART_NAN_F; }
-__device__ __forceinline__ double quiet_nan(double) { return CUDART_NAN; }
 
 // The extension builds with --use_fast_math, which turns tanhf into tanh.approx (relative error ~2^-11).
 // 1 - 2 / (e^2|z| + 1) keeps the absolute error near fp32 rounding (a NaN stays NaN, large |z| gives +-1) but

@@ -4,6 +4,7 @@
 // caching allocator, the device guard and the current stream. The kernels in batch_norm.cu stay torch-free, so
 // nvcc never parses torch headers. Data in float, double, half and bfloat16 is read in its own dtype; any other
 // floating dtype goes through fp32 and comes back in its own.
+#include "../batch_norm_checks.h"
 #include "../math_dtype.h"
 #include "batch_norm.cuh"
 #include "binding_utils.h"
@@ -19,11 +20,6 @@
 
 namespace fastlm {
 namespace {
-
-void check_activation(int64_t activation) {
-  TORCH_CHECK(activation >= kActNone && activation <= kActTanh,
-              "fastlm batch_norm: activation must be 0 (none), 1 (relu) or 2 (tanh), got ", activation);
-}
 
 // nullptr for an absent (undefined) tensor, which the kernels read as the default.
 template <typename T> const T* data_or_null(const at::Tensor& t) { return t.defined() ? data<T>(t) : nullptr; }
@@ -76,20 +72,17 @@ struct Input {
   at::Tensor to_caller(const at::Tensor& t) const { return t.to(original.scalar_type()); }
 };
 
-// The checks and messages of the CPU ops (csrc/cpu/batch_norm.cpp), plus the device.
+// The checks and messages of the CPU ops (csrc/batch_norm_checks.h), plus the device.
 Input prepare(const at::Tensor& input) {
   TORCH_CHECK(input.is_cuda(), "fastlm batch_norm: input must be a CUDA tensor, got ", input.device());
-  TORCH_CHECK(input.dim() == 2 || input.dim() == 3, "fastlm batch_norm: expected 2D or 3D input (got ", input.dim(),
-              "D input)");
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "fastlm batch_norm: input must be floating point, got ",
-              input.scalar_type());
+  check_batch_norm_input(input);
   const at::Tensor x = kernel_dtype(input.scalar_type()) ? input : input.to(at::kFloat);
   return {input, x.contiguous(), {input.size(0), input.size(1), input.dim() == 3 ? input.size(2) : 1}};
 }
 
 // The saved output y, needed by the backward only to differentiate an activation.
 at::Tensor saved_output(const Input& in, const std::optional<at::Tensor>& output, int64_t activation) {
-  check_activation(activation);
+  check_batch_norm_activation(activation);
   if (activation == kActNone) return at::Tensor();
   TORCH_CHECK(output.has_value(), "fastlm batch_norm: the backward of an activation needs the forward's output");
   return in.like_input(*output, "output");
@@ -99,9 +92,7 @@ at::Tensor saved_output(const Input& in, const std::optional<at::Tensor>& output
 at::Tensor running_stat(const Input& in, const std::optional<at::Tensor>& t, const char* name) {
   if (!t.has_value()) return at::Tensor();
   in.check_device(*t, name);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == in.shape.C && t->scalar_type() == in.math_dtype() && t->is_contiguous(),
-              "fastlm batch_norm: ", name, " must be a contiguous ", in.math_dtype(), " tensor of C = ", in.shape.C,
-              " entries, got ", t->scalar_type(), " of shape ", t->sizes());
+  check_running_stat(t, in.shape.C, in.math_dtype(), name);
   return *t;
 }
 
@@ -124,7 +115,7 @@ at::Tensor batch_norm_forward(const at::Tensor& input, const at::Tensor& mean, c
                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                               int64_t activation) {
   const Input in = prepare(input);
-  check_activation(activation);
+  check_batch_norm_activation(activation);
   const at::Tensor m = in.per_channel(mean, "mean"), is = in.per_channel(invstd, "invstd");
   const at::Tensor w = in.per_channel(weight, "weight"), b = in.per_channel(bias, "bias");
   const c10::cuda::CUDAGuard guard(in.x.device());
@@ -145,9 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_train(
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double momentum,
     double eps, bool unbiased, int64_t activation) {
   const Input in = prepare(input);
-  TORCH_CHECK(in.shape.N * in.shape.L > 1, "fastlm batch_norm: expected more than 1 value per channel when training, "
-              "got input size ", input.sizes());
-  check_activation(activation);
+  check_batch_norm_training_count(input);
+  check_batch_norm_activation(activation);
   const at::Tensor w = in.per_channel(weight, "weight"), b = in.per_channel(bias, "bias");
   const at::Tensor rm = running_stat(in, running_mean, "running_mean");
   const at::Tensor rv = running_stat(in, running_var, "running_var");
@@ -244,11 +234,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   const c10::cuda::CUDAGuard guard(in.x.device());
   at::Tensor grad_bias = in.new_per_channel(), grad_weight = in.new_per_channel();
   backward_reduce_into(in, dy, y, m, is, activation, grad_bias, grad_weight);
-  const double n = double(in.shape.N * in.shape.L);
-  const double mean_scale = batch_stats ? 1.0 / n : 0.0;
-  const double xhat_scale = batch_stats ? 1.0 / (unbiased ? n - 1.0 : n) : 0.0;
+  const InputGradScales scale = input_grad_scales(in.shape.N * in.shape.L, batch_stats, unbiased);
   at::Tensor grad_input =
-      backward_input(in, dy, y, m, is, w, grad_bias, grad_weight, mean_scale, xhat_scale, activation);
+      backward_input(in, dy, y, m, is, w, grad_bias, grad_weight, scale.mean, scale.xhat, activation);
   return {grad_input, grad_weight, grad_bias};
 }
 

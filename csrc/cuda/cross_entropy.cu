@@ -22,18 +22,12 @@ namespace {
 
 constexpr int kMaxThreads = 1024;
 
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ float exp_(float v) { return expf(v); }
 __device__ __forceinline__ double exp_(double v) { return exp(v); }
 __device__ __forceinline__ float log_(float v) { return logf(v); }
 __device__ __forceinline__ double log_(double v) { return log(v); }
 __device__ __forceinline__ float pos_inf(float) { return CUDART_INF_F; }
 __device__ __forceinline__ double pos_inf(double) { return CUDART_INF; }
-__device__ __forceinline__ float quiet_nan(float) { return CUDART_NAN_F; }
-__device__ __forceinline__ double quiet_nan(double) { return CUDART_NAN; }
 
 // The row's target, or -1 when the row is ignored. A target outside [0, C) is ignored too, so no kernel
 // indexes out of bounds (the binding has already raised for those).
@@ -167,7 +161,7 @@ __device__ void row_grad(const scalar_t* x, scalar_t* dx, const CrossEntropyArgs
                          const RowNorm<acc_t>& n) {
   const int64_t C = a.num_classes;
   if (t < 0) {
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) store(dx + c, acc_t(0));
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) assign(dx[c], acc_t(0));
     return;
   }
   const acc_t w_t = weight_of(a, t), smooth = a.smoothing / acc_t(C);
@@ -178,7 +172,7 @@ __device__ void row_grad(const scalar_t* x, scalar_t* dx, const CrossEntropyArgs
     acc_t d = p_scale * exp_((to_acc(x[c]) - n.shift) - n.log_norm);
     if (a.smoothing != acc_t(0)) d -= smooth_grad * weight_of(a, c);
     if (c == t) d -= target_grad;
-    store(dx + c, d);
+    assign(dx[c], d);
   }
 }
 

@@ -64,8 +64,8 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::
 template <typename acc_t>
 CrossEntropyArgs<acc_t> kernel_args(const Prepared& p, int64_t ignore_index, double smoothing, double z_scale) {
   const bool w = p.weight.defined();
-  return {p.target.data_ptr<int64_t>(), w ? p.weight.data_ptr<acc_t>() : nullptr,
-          w ? p.weight_sum.data_ptr<acc_t>() : nullptr, p.logits.size(0), p.logits.size(1), ignore_index,
+  return {data<int64_t>(p.target), w ? data<acc_t>(p.weight) : nullptr,
+          w ? data<acc_t>(p.weight_sum) : nullptr, p.logits.size(0), p.logits.size(1), ignore_index,
           acc_t(smoothing), acc_t(z_scale)};
 }
 
@@ -80,9 +80,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
   dispatch(p.logits.scalar_type(), "cross_entropy", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
-    check_cuda(cross_entropy_forward_cuda<T>(static_cast<const T*>(p.logits.data_ptr()), p.logits.stride(0),
+    check_cuda(cross_entropy_forward_cuda<T>(data<T>(p.logits), p.logits.stride(0),
                                              kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale),
-                                             loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), stream()),
+                                             mutable_data<acc_t>(loss), mutable_data<acc_t>(lse), stream()),
                "cross_entropy_forward");
   });
   return {loss, lse};
@@ -106,10 +106,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
     check_cuda(cross_entropy_forward_backward_cuda<T>(
-                   static_cast<const T*>(p.logits.data_ptr()), p.logits.stride(0),
+                   data<T>(p.logits), p.logits.stride(0),
                    kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale),
-                   grad_loss_c.data_ptr<acc_t>(), loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
-                   static_cast<T*>(grad.data_ptr()), grad.stride(0), stream()),
+                   data<acc_t>(grad_loss_c), mutable_data<acc_t>(loss), mutable_data<acc_t>(lse),
+                   mutable_data<T>(grad), grad.stride(0), stream()),
                "cross_entropy_forward_backward");
   });
   return {loss, lse, grad.to(logits.scalar_type())};
@@ -129,10 +129,10 @@ void backward_into(const Prepared& p, const at::Tensor& lse, const at::Tensor& g
   dispatch(p.logits.scalar_type(), "cross_entropy", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
-    check_cuda(cross_entropy_backward_cuda<T>(static_cast<const T*>(p.logits.data_ptr()), p.logits.stride(0),
+    check_cuda(cross_entropy_backward_cuda<T>(data<T>(p.logits), p.logits.stride(0),
                                               kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale),
-                                              lse_c.data_ptr<acc_t>(), grad_loss_c.data_ptr<acc_t>(),
-                                              static_cast<T*>(grad.data_ptr()), grad.stride(0), stream()),
+                                              data<acc_t>(lse_c), data<acc_t>(grad_loss_c),
+                                              mutable_data<T>(grad), grad.stride(0), stream()),
                "cross_entropy_backward");
   });
 }

@@ -41,13 +41,6 @@
 namespace fastlm {
 namespace {
 
-enum Strategy : int64_t { kGatherGemm = 0, kProductTable = 1 };
-
-void check_strategy(int64_t strategy) {
-  TORCH_CHECK(strategy == kGatherGemm || strategy == kProductTable,
-              "fastlm embedding_linear: strategy must be 0 (gather-GEMM) or 1 (product table), got ", strategy);
-}
-
 // One device-side test and one sync; the offending value is fetched only to raise. Skipped while a CUDA
 // graph is captured, which forbids the sync: the kernels then read an out-of-range id as a zero row and
 // scatter nothing for it.
@@ -190,8 +183,7 @@ at::Tensor embedding_linear_forward(const at::Tensor& idx, const at::Tensor& tab
   at::Tensor b;
   if (bias.has_value()) {
     in.check_device(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == in.out, "fastlm embedding_linear: bias must have out = ", in.out,
-                " entries, got ", bias->sizes());
+    check_embedding_linear_bias(bias, in.out);
     b = bias->to(in.dtype()).contiguous();
   }
   const c10::cuda::CUDAGuard guard(in.table.device());
@@ -216,12 +208,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_linear_backward(
     bool has_bias, int64_t strategy, int64_t padding_idx, bool deterministic) {
   check_strategy(strategy);
   const Inputs in = prepare(idx, table, weight);
-  TORCH_CHECK(padding_idx >= -1 && padding_idx < in.V, "fastlm embedding_linear: padding_idx must be -1 or in [0, ",
-              in.V, "), got ", padding_idx);
   in.check_device(grad_output, "grad_output");
-  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == in.B && grad_output.size(1) == in.out,
-              "fastlm embedding_linear: grad_output must be (B, out) = (", in.B, ", ", in.out, "), got ",
-              grad_output.sizes());
+  check_embedding_linear_backward(grad_output, in.B, in.out, in.V, padding_idx);
   const at::Tensor dy = grad_output.to(in.dtype()).contiguous();
   const c10::cuda::CUDAGuard guard(in.table.device());
 

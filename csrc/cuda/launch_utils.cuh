@@ -1,5 +1,5 @@
 // Device and launch helpers shared by the CUDA kernel files (batch_norm.cu, embedding_linear.cu,
-// cross_entropy.cu): dtype conversions to and from the math type, 16-byte
+// cross_entropy.cu): dtype conversions to and from the math type, a quiet NaN of it, 16-byte
 // vector loads, the choice of vector width, the resident-blocks launch of grid-stride kernels, and the list of
 // dtypes the launchers are instantiated for. Torch-free like the kernels: nvcc never parses torch headers.
 #pragma once
@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
+#include <math_constants.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -38,6 +39,8 @@ __device__ __forceinline__ void assign(float& d, float v) { d = v; }
 __device__ __forceinline__ void assign(double& d, double v) { d = v; }
 __device__ __forceinline__ void assign(__half& d, float v) { d = __float2half_rn(v); }
 __device__ __forceinline__ void assign(__nv_bfloat16& d, float v) { d = __float2bfloat16_rn(v); }
+__device__ __forceinline__ float quiet_nan(float) { return CUDART_NAN_F; }
+__device__ __forceinline__ double quiet_nan(double) { return CUDART_NAN; }
 
 // Up to 16 bytes of consecutive values, loaded and stored as one vector.
 template <typename T, int VEC>

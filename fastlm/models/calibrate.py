@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fastlm.ops.sync_batch_norm import merge_pair
+
 
 class Moments:
     """Per-channel count, mean and sum of squared deviations of (N, C) or (N, C, L) chunks, merged in
@@ -30,12 +32,8 @@ class Moments:
         m2 = ((x - mean.view(shape)) ** 2).sum(dims)
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2
-            return
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta ** 2 * (self.count * n / total)
-        self.count = total
+        else:
+            self.count, self.mean, self.m2 = merge_pair(self.count, self.mean, self.m2, n, mean, m2)
 
     def variance(self) -> Tensor:
         return self.m2 / (self.count - 1)

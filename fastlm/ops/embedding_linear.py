@@ -1,10 +1,11 @@
 """Fused embedding + linear: ``fastlm.ops.embedding_linear(idx, table, weight, bias)`` computes
-``F.linear(table[idx].view(B, T*D), weight, bias)``, the first layer of the makemore models, without
-materialising the gathered (B, T*D) input.
+``F.linear(table[idx].view(B, T*D), weight, bias)``, the first layer of the makemore models, as one op
+whose backward scatters straight into the table's gradient.
 
 Two strategies (math in csrc/cpu/embedding_linear.cpp), both exact up to rounding:
-  "gather"  gather-GEMM: the gather fused into the matrix product's loads (blocked packing + BLAS on CPU, or
-            for small products fastlm's own register-tiled kernel);
+  "gather"  gather-GEMM: the gathered input X feeds the matrix product (Triton gathers in the product's loads,
+            so X never exists; the CPU packs it block by block for the BLAS, or whole for small products and
+            fastlm's own register-tiled kernel; CUDA gathers it, then calls cuBLAS);
   "table"   product tables P_t = table @ W_t^T, then y = b + sum_t P_t[idx[:, t]]: for a vocabulary small
             against the batch it replaces the B*T*D*out multiply-adds by V*T*D*out plus B*T*out additions.
 By default the table is chosen when that count, plus a fixed cost for its extra GEMM, makes it at least twice
@@ -102,7 +103,7 @@ def reference_embedding_linear(idx, table, weight, bias, padding_idx):
 
 # The product table's fixed cost over the gather-GEMM's, in multiply-adds: it runs one more GEMM and zero-fills
 # G, each a few tensor ops. Measured on the CPU (fwd + bwd, T=3, D=10, out=200, V=27) the table took ~120 us
-# more than the gather at B=32 and B=64 and met it near B=256; 1.8M multiply-adds puts the switch there.
+# more than the gather at B=32 and B=64 and met it near B=256; 1.8M multiply-adds puts the switch near B=300.
 TABLE_FIXED_MACS = 1_800_000
 
 

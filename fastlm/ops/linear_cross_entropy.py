@@ -3,10 +3,11 @@
 Rows are processed in chunks by the C++ autograd op ``fastlm::linear_cross_entropy``
 (csrc/linear_cross_entropy_autograd.cpp), on every kernel backend: each chunk's logits are made by one matrix
 product, fed to the cross-entropy kernels, and (when gradients are needed) overwritten in place by their
-gradient, which is at once folded into d_input, d_weight and d_bias. Only one chunk of logits exists at a time;
-the default chunk holds as many logits as d_weight has entries, so the extra memory stays a small multiple of
-the weight's own gradient while each chunk's products stay large enough for the BLAS. d_weight and
-d_bias accumulate in fp32 across chunks.
+gradient where the kernels can (a new buffer otherwise, e.g. for fp16/bf16 logits on the CPU), which is at once
+folded into d_input, d_weight and d_bias. Only one chunk of logits exists at a time; the default chunk holds as
+many logits as d_weight has entries, so the extra memory stays a small multiple of the weight's own gradient
+while each chunk's products stay large enough for the BLAS. d_weight and d_bias accumulate in fp32 (fp64 for
+fp64 input) across chunks.
 """
 
 from __future__ import annotations

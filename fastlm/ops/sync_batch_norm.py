@@ -19,19 +19,22 @@ from fastlm.ops.batch_norm import ACTIVATIONS, check_per_channel, kernel_ops
 from fastlm.ops.math_dtype import math_dtype
 
 
+def merge_pair(count_a, mean_a: Tensor, m2_a: Tensor, count_b, mean_b: Tensor, m2_b: Tensor):
+    """(count, mean, M2) of the union of two groups (Chan et al.'s pairwise update); counts are numbers or
+    0-dim tensors, and count_b is not 0."""
+    total = count_a + count_b
+    delta = mean_b - mean_a
+    return total, mean_a + delta * (count_b / total), m2_a + m2_b + delta * delta * (count_a * count_b / total)
+
+
 def merge_moments(counts: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(count, mean, M2) of the union of groups given by rows of (count, mean, biased var), merged in order."""
     total = torch.zeros((), dtype=means.dtype, device=means.device)
     mean = torch.zeros_like(means[0])
     m2 = torch.zeros_like(means[0])
     for count, group_mean, group_var in zip(counts, means, variances):
-        if count == 0:
-            continue
-        merged = total + count
-        delta = group_mean - mean
-        mean = mean + delta * (count / merged)
-        m2 = m2 + group_var * count + delta * delta * (total * count / merged)
-        total = merged
+        if count != 0:
+            total, mean, m2 = merge_pair(total, mean, m2, count, group_mean, group_var * count)
     return total, mean, m2
 
 
