@@ -41,7 +41,8 @@ inline void check_embedding_linear_backward(const at::Tensor& grad_output, int64
   TORCH_CHECK(padding_idx >= -1 && padding_idx < V, "fastlm embedding_linear: padding_idx must be -1 or in [0, ", V,
               "), got ", padding_idx);
   TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == B && grad_output.size(1) == out,
-              "fastlm embedding_linear: grad_output must be (B, out) = (", B, ", ", out, "), got ", grad_output.sizes());
+              "fastlm embedding_linear: grad_output must be (B, out) = (", B, ", ", out, "), got ",
+              grad_output.sizes());
 }
 
 }  // namespace fastlm

@@ -12,7 +12,8 @@
 //     over dY). P and G are stored (V, T, out), so each of these is one GEMM over the concatenated (t, out)
 //     axis.
 // Every scatter is deterministic: each output element is owned by one thread (threads split the columns),
-// which adds its contributions in batch order (no float atomics). Indices are checked before any kernel reads or writes through them.
+// which adds its contributions in batch order (no float atomics). Indices are checked before any kernel reads
+// or writes through them.
 // Math is in fp32 (fp64 for double); outputs come back in the table's dtype.
 // The schemas are defined here because this file is built on every machine; CUDA adds its kernels to the
 // same ops in csrc/cuda/embedding_linear_binding.cpp.

@@ -8,8 +8,8 @@
 // (reused_buffer.cpp) drops every kept buffer, for a caller that wants the memory back or a benchmark that
 // measures what a call allocates.
 // One mutex guards every slot. It is held only to look at or swap a kept storage, never while a buffer is
-// allocated or freed, and fork() takes it too (pthread_atfork): a child process never starts with it held by a thread
-// the child does not have, which would leave the child's first call waiting forever.
+// allocated or freed, and fork() takes it too (pthread_atfork): a child process never starts with it held by a
+// thread the child does not have, which would leave the child's first call waiting forever.
 #pragma once
 
 #include "huge_pages.h"
