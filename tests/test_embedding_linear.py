@@ -99,6 +99,11 @@ def test_padding_idx_no_bias_int32(backend, device, strategy):
     want = reference(idx, table, weight, None, grad, padding_idx=5)
     assert_matches(got, want, torch.float32)
     assert torch.all(got[1][0][5] == 0)
+    # a negative padding_idx counts from the end, as in F.embedding: -1 is the last row
+    idx[::3, 1] = 26
+    got = run_fastlm(idx, table, weight, None, grad, torch.float32, strategy=strategy, backend=backend, padding_idx=-1)
+    assert_matches(got, reference(idx, table, weight, None, grad, padding_idx=-1), torch.float32)
+    assert torch.all(got[1][0][26] == 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -268,6 +268,14 @@ def test_cpp_kernel_checks_shapes_and_dtypes():
         mlp_loss_and_grads(idx, targets, table, w1, b1, w2.float(), b2)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         mlp_loss_and_grads(idx, targets, table.half(), w1.half(), b1.half(), w2.half(), b2.half())
+    _, _, _, bn = make_case(6, 3, 4, 8, 5, 7, True)
+    for strided in (2, 3):  # running_mean, running_var: every other entry of a longer tensor
+        stats = [t.clone() for t in bn]
+        stats[strided] = torch.repeat_interleave(stats[strided], 2)[::2]
+        before = [t.clone() for t in stats]
+        with pytest.raises(RuntimeError, match="running statistics must be contiguous"):
+            mlp_loss_and_grads(idx, targets, *params, *stats)
+        assert all(torch.equal(t, b) for t, b in zip(stats, before))
 
 
 def step_through_loss_and_grads(model, X, Y, lr):
