@@ -96,6 +96,31 @@ def test_root_sequential_is_converted():
     torch.testing.assert_close(converted(idx), reference(idx), rtol=1e-5, atol=1e-6)
 
 
+def test_converted_layers_keep_their_options_and_mode():
+    """A model converted in eval mode stays in eval mode, every layer of it; BatchNorm's eps and momentum carry
+    over."""
+    model = nn.Sequential(nn.Embedding(27, 4), nn.Flatten(), nn.Linear(12, 8),
+                          nn.BatchNorm1d(8, eps=1e-3, momentum=0.3), nn.Tanh()).eval()
+    converted = fastlm.convert(model)
+    assert isinstance(converted, FusedSequential) and isinstance(converted[3], fastlm.nn.BatchNorm1d)
+    assert not any(module.training for module in converted.modules())
+    assert (converted[3].eps, converted[3].momentum) == (1e-3, 0.3)
+    converted = fastlm.convert(Net().eval())  # layers outside any Sequential too
+    assert not any(module.training for module in converted.modules())
+
+
+def test_a_linear_per_token_is_not_an_embedding_linear_run():
+    """Embedding -> Flatten(start_dim=2) -> Linear applies the linear to each token's embedding: not fused, and it
+    computes what it computed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(27, 4), nn.Flatten(start_dim=2), nn.Linear(4, 8))
+    reference = copy.deepcopy(model)
+    converted = fastlm.convert(model)
+    assert type(converted) is nn.Sequential
+    idx = torch.randint(0, 27, (5, 3))
+    torch.testing.assert_close(converted(idx), reference(idx))
+
+
 def test_what_cannot_be_fused_is_left_alone():
     model = nn.Sequential(nn.Embedding(27, 4, max_norm=1.0), nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8),
                           nn.Sigmoid(), nn.LazyBatchNorm1d())

@@ -182,6 +182,13 @@ def test_build_rejects_what_a_model_does_not_have():
         build("bigram", fused=True, context=3)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_mlp_bn_running_stats_move_by_its_momentum(fused):
+    """The notes' running statistics move by 0.001 a step (the model's default), or by the momentum asked for."""
+    assert build("mlp-bn", fused=fused).bn.momentum == 0.001
+    assert build("mlp-bn", fused=fused, momentum=0.25).bn.momentum == 0.25
+
+
 def test_lecture_schedule():
     config = TrainConfig().with_recipe(build("mlp-bn", fused=True).recipe)
     assert (config.optimizer, config.steps, config.batch_size) == ("sgd", 200_000, 32)
@@ -190,14 +197,15 @@ def test_lecture_schedule():
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_bigram_counts_nll_is_the_hand_count(fused):
-    words = ["ab", "b", "ba"]
+    words = ["ab", "b", "bb"]
     model = build("bigram-counts", fused=fused)
     X, Y = make_windows(words, 1)
     model.fit(X, Y)
-    # The pairs: ab -> (.a)(ab)(b.), b -> (.b)(b.), ba -> (.b)(ba)(a.), counted in rows by previous character.
+    # The pairs: ab -> (.a)(ab)(b.), b -> (.b)(b.), bb -> (.b)(bb)(b.), counted in rows by previous character (a
+    # table that is not symmetric, so that counting by next character would give another loss).
     # With add-one smoothing over 27 characters, P(next | prev) = (count + 1) / (row total + 27).
-    rows = {".": {"a": 1, "b": 2}, "a": {"b": 1, ".": 1}, "b": {".": 2, "a": 1}}
-    pairs = [(".", "a"), ("a", "b"), ("b", "."), (".", "b"), ("b", "."), (".", "b"), ("b", "a"), ("a", ".")]
+    rows = {".": {"a": 1, "b": 2}, "a": {"b": 1}, "b": {".": 3, "b": 1}}
+    pairs = [(".", "a"), ("a", "b"), ("b", "."), (".", "b"), ("b", "."), (".", "b"), ("b", "b"), ("b", ".")]
     nll = -sum(math.log((rows[p][n] + 1) / (sum(rows[p].values()) + 27)) for p, n in pairs) / len(pairs)
     assert model.loss(X, Y).item() == pytest.approx(nll, rel=1e-6)
 
