@@ -39,6 +39,9 @@ def test_quick_batch_norm_writes_csv_json_and_a_table(tmp_path, capsys):
         assert positive(row["median_ms"]) and low <= row["median_ms"] <= high
         assert positive(row["speedup_vs_eager"]) and positive(row["gbs"]) and positive(row["of_copy_bw"])
         assert row["compile_s"] >= 0 and row["peak_extra_mb"] >= 0
+    eager_ms = {row["case"]: row["median_ms"] for row in rows if row["provider"] == "eager"}
+    for row in rows:  # how many times faster than eager: eager's time over the row's
+        assert row["speedup_vs_eager"] == pytest.approx(eager_ms[row["case"]] / row["median_ms"], rel=1e-3)
     with open(stem.with_suffix(".csv"), newline="") as source:
         lines = list(csv.DictReader(source))
     assert [line["provider"] for line in lines] == [row["provider"] for row in rows]

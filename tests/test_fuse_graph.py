@@ -80,7 +80,8 @@ class LanguageModel(nn.Module):
         if self.loss == "module":  # nn.CrossEntropyLoss, which convert swaps for fastlm's
             return self.criterion(logits.view(-1, logits.size(-1)), targets.view(-1))
         if self.loss == "functional":
-            return F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), self.class_weight, reduction="sum")
+            return F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), self.class_weight, ignore_index=5,
+                                   reduction="sum", label_smoothing=0.05)
         if self.loss == "returns-logits":
             return logits, F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
         if self.loss == "probabilities":
