@@ -14,7 +14,8 @@ import torch
 
 import fastlm.models
 from conftest import free_port
-from fastlm.train import ConfigError, Trainer, TrainConfig
+from fastlm.data import Vocabulary
+from fastlm.train import ConfigError, Trainer, TrainConfig, sample_words, split_loss
 
 WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia", "harper", "evelyn", "abigail", "emily",
          "ella", "elizabeth", "camila", "luna", "sofia", "avery", "mila", "aria", "scarlett"] * 5
@@ -39,14 +40,16 @@ def fastlm_command(*args, **env):
                           env={**os.environ, **env})
 
 
-@pytest.mark.parametrize("draw_rows", [Trainer.DRAW_ROWS, 24], ids=["default", "3-steps-per-draw"])
-def test_interrupted_and_resumed_run_ends_bit_identical(words_file, tmp_path, monkeypatch, draw_rows):
-    """Also with batches drawn 3 steps at a time, so that the interruption falls inside a draw after several."""
+@pytest.mark.parametrize("draw_rows, optimizer", [(Trainer.DRAW_ROWS, "sgd"), (24, "sgd"), (Trainer.DRAW_ROWS, "adam")],
+                         ids=["default", "3-steps-per-draw", "adam"])
+def test_interrupted_and_resumed_run_ends_bit_identical(words_file, tmp_path, monkeypatch, draw_rows, optimizer):
+    """Also with batches drawn 3 steps at a time, so that the interruption falls inside a draw after several, and
+    with an optimizer that keeps state of its own."""
     monkeypatch.setattr(Trainer, "DRAW_ROWS", draw_rows)
-    whole = Trainer(small_config(words_file, tmp_path / "whole"), log=lambda *_: None)
+    whole = Trainer(small_config(words_file, tmp_path / "whole", optimizer=optimizer), log=lambda *_: None)
     whole.fit()
 
-    interrupted = Trainer(small_config(words_file, tmp_path / "cut"), log=lambda *_: None)
+    interrupted = Trainer(small_config(words_file, tmp_path / "cut", optimizer=optimizer), log=lambda *_: None)
     train_step = Trainer._train_step
 
     def ctrl_c_during_step_17(self, *args):
@@ -67,6 +70,33 @@ def test_interrupted_and_resumed_run_ends_bit_identical(words_file, tmp_path, mo
     for (name, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
     assert resumed.history["step_loss"] == whole.history["step_loss"]
+
+
+def test_the_seed_picks_the_initialisation(words_file, tmp_path):
+    def first_layer(seed):
+        trainer = Trainer(small_config(words_file, tmp_path / str(seed), seed=seed), log=lambda *_: None)
+        return next(iter(trainer.model.parameters()))
+
+    assert torch.equal(first_layer(1), first_layer(1)) and not torch.equal(first_layer(1), first_layer(2))
+
+
+def test_split_loss_is_the_mean_over_every_row():
+    """The loss of a split taken in batches (the last one short) is the mean loss of all its rows."""
+    torch.manual_seed(0)
+    model = fastlm.models.build("mlp", fused=True, hidden=16)
+    X, Y = torch.randint(0, 27, (30, 3)), torch.randint(0, 27, (30,))
+    assert split_loss(model, X, Y, batch=8) == pytest.approx(model.loss(X, Y).item(), rel=1e-6)
+
+
+def test_samples_follow_the_model():
+    """A counting bigram fit on one word, 10000 times over, samples that word (each of its steps has
+    probability 0.997; the sampler's seed is fixed)."""
+    model = fastlm.models.build("bigram-counts", fused=False)
+    vocab = Vocabulary()
+    ids = [0, *vocab.encode("abc"), 0]
+    X, Y = torch.tensor([ids[:-1]]).T.repeat(10000, 1), torch.tensor(ids[1:]).repeat(10000)
+    model.fit(X, Y)
+    assert sample_words(model, vocab, 1, 20, seed=0).count("abc") >= 18
 
 
 def test_batches_are_those_of_per_step_draws(words_file, tmp_path, monkeypatch):
