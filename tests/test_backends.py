@@ -31,6 +31,12 @@ def test_use_and_environment_variable_force_a_backend(monkeypatch):
     with fastlm.backends.use("cpp"):  # the context wins over the variable
         assert backends.resolve(CPU) == "cpp"
     assert backends.resolve(CPU, "cpp") == "cpp"  # and an explicit backend= wins over both
+    monkeypatch.delenv("FASTLM_BACKEND")
+    with fastlm.backends.use("torch"):
+        with fastlm.backends.use("cpp"):
+            assert backends.resolve(CPU) == "cpp"
+        assert backends.resolve(CPU) == "torch"  # the outer block's choice again
+    assert backends.resolve(CPU) == "cpp"
 
 
 def test_use_is_per_thread():

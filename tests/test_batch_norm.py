@@ -330,6 +330,12 @@ def test_empty_batch_behaves_like_torch(backend, unbiased):
     assert torch.equal(ours.running_var, reference.running_var)
 
 
+def test_repr_names_the_options_beyond_torch():
+    assert repr(fastlm.nn.BatchNorm1d(4)) == repr(torch.nn.BatchNorm1d(4))
+    text = repr(fastlm.nn.BatchNorm1d(4, unbiased=True, activation="tanh"))
+    assert "unbiased=True" in text and "activation='tanh'" in text
+
+
 @pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
 def test_without_bias_matches_torch(backend):
     """torch's ``bias=False`` keyword: a weight and no bias, the same state_dict keys, outputs and gradients."""

@@ -3,10 +3,12 @@ wrong (off by 1e-2, or accepting out-of-range ids) registered in fastlm.check.BA
 op a backend lacks is reported as not checked there; a kernel that raises fails its rows, printed as each
 check ends."""
 
+import math
 import re
 from functools import partial
 
 import pytest
+import torch
 
 from conftest import skip_unless_runs
 from fastlm import check
@@ -24,6 +26,12 @@ def test_quick_check_passes_on_every_backend_here(capsys):
 def cpp():
     skip_unless_runs("cpp")
     return check.fastlm_backend("cpp")
+
+
+def test_relative_error_counts_a_nan_where_one_is_expected_as_exact():
+    nan, one = torch.tensor([float("nan")]), torch.tensor([1.0])
+    assert check.relative_error(nan, nan, 1.0) == 0
+    assert check.relative_error(nan, one, 1.0) == math.inf and check.relative_error(one, nan, 1.0) == math.inf
 
 
 def test_a_backend_off_by_1e_2_fails(monkeypatch, capsys, cpp):

@@ -367,7 +367,10 @@ def test_module_round_trips_torch_modules_exactly():
     assert torch.equal(back_embedding.weight, embedding.weight) and torch.equal(back_linear.weight, linear.weight)
     assert torch.equal(back_linear.bias, linear.bias) and back_embedding.padding_idx == 0
     idx = torch.randint(0, 27, (5, 3))
+    idx[1, 2] = 0
     torch.testing.assert_close(fresh(idx), linear(embedding(idx).view(5, -1)))
+    fused(idx).sum().backward()  # the padding row gets no gradient, as through nn.Embedding
+    assert torch.all(embedding.weight.grad[0] == 0) and embedding.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("option", [dict(max_norm=1.0), dict(scale_grad_by_freq=True), dict(sparse=True)])

@@ -193,6 +193,20 @@ def test_gradcheck_float64(reduction):
     )
 
 
+def test_module_passes_its_options_and_keeps_its_class_weight_as_a_buffer():
+    skip_unless_runs("cpp")
+    x, weight, bias, target = problem(20, 12, 31)
+    target = target.clamp(min=0)
+    target[3] = 7
+    ce_weight = torch.rand(31) + 0.5
+    loss_fn = fastlm.nn.LinearCrossEntropyLoss(ce_weight, ignore_index=7, reduction="sum", label_smoothing=0.1)
+    expected = F.cross_entropy(F.linear(x, weight, bias), target, ce_weight, ignore_index=7, reduction="sum",
+                               label_smoothing=0.1)
+    torch.testing.assert_close(loss_fn(x, weight, target, bias), expected)
+    assert torch.equal(loss_fn.state_dict()["ce_weight"], ce_weight)
+    assert loss_fn.double().ce_weight.dtype == torch.float64
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
 def test_compiles_without_graph_breaks(backend):
     """Forward and backward through torch.compile(fullgraph=True), the lse too, against eager."""

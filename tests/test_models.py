@@ -229,6 +229,8 @@ def test_calibrate_batchnorm_sets_the_training_set_statistics(fused):
         full_batch = model.loss(X, Y)
         model.eval()
         torch.testing.assert_close(model.loss(X, Y), full_batch, rtol=1e-5, atol=0)
+    calibrate_batchnorm(model, X, batch_size=100)  # a model in eval mode stays in it
+    assert not model.training
 
 
 @pytest.mark.parametrize("rows", [0, 1])

@@ -102,6 +102,7 @@ def test_convert_sync_batchnorm_keeps_parameters_and_options():
     assert isinstance(inner, fastlm.nn.SyncBatchNorm) and inner.unbiased and inner.activation == "tanh"
     for key, value in converted.state_dict().items():
         assert torch.equal(value, before[key])
+    assert not fastlm.nn.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(4).eval()).training
 
 
 def test_convert_sync_batchnorm_leaves_other_batch_norms_to_torch():
