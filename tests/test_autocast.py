@@ -86,6 +86,18 @@ def test_embedding_linear_in_the_autocast_dtype(backend, device, dtype, strategy
     assert_same(ours, theirs, 2e-2)
 
 
+def test_float64_is_left_as_it_is():
+    """Autocast casts float32 alone: a float64 embedding + linear stays float64, as F.linear does."""
+    skip_unless_runs("cpp")
+    idx, table, weight = torch.randint(0, 27, (5, 3)), torch.randn(27, 4, dtype=torch.float64), torch.randn(
+        8, 12, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = fastlm.ops.embedding_linear(idx, table, weight, backend="cpp")
+        theirs = F.linear(F.embedding(idx, table).view(5, -1), weight)
+    assert ours.dtype == theirs.dtype == torch.float64
+    torch.testing.assert_close(ours, theirs)
+
+
 @pytest.mark.parametrize("backend, device, dtype", CASES)
 def test_batch_norm_takes_the_autocast_dtype_with_fp32_parameters(backend, device, dtype):
     skip_unless_runs(backend, device)

@@ -182,6 +182,26 @@ def test_build_rejects_what_a_model_does_not_have():
         build("bigram", fused=True, context=3)
 
 
+@pytest.mark.parametrize("name", ["bigram", "mlp", "mlp-bn", "resmlp"])
+def test_a_generator_alone_draws_the_parameters(name):
+    """Given a generator, a model draws every parameter from it: the global RNG neither matters nor moves."""
+    models = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        models.append(build(name, fused=True, generator=torch.Generator().manual_seed(5)))
+        assert torch.equal(torch.get_rng_state(), torch.manual_seed(global_seed).get_state())
+    for a, b in zip(*(model.parameters() for model in models)):
+        assert torch.equal(a, b)
+
+
+def test_bigram_loss_adds_the_mean_square_of_its_weights():
+    model = build("bigram", fused=False)
+    idx, targets = torch.randint(0, 27, (9, 1)), torch.randint(0, 27, (9,))
+    weights = model.embedding.weight
+    expected = torch.nn.functional.cross_entropy(weights[idx[:, 0]], targets) + 0.01 * (weights ** 2).mean()
+    torch.testing.assert_close(model.loss(idx, targets), expected)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_mlp_bn_running_stats_move_by_its_momentum(fused):
     """The notes' running statistics move by 0.001 a step (the model's default), or by the momentum asked for."""
