@@ -194,6 +194,15 @@ def test_a_generator_alone_draws_the_parameters(name):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_resblock_output_bias_starts_as_nn_linear_draws_it(fused):
+    """Uniform in +-1/sqrt(in_features) = +-1/sqrt(10): 27 such draws reach past 1/sqrt(27) (here they do; with
+    out_features in the bound none could)."""
+    output = build("resblock", fused=fused, generator=torch.Generator().manual_seed(0)).output
+    largest = output.bias.abs().max().item()
+    assert 1 / math.sqrt(output.out_features) < largest <= 1 / math.sqrt(output.in_features)
+
+
 def test_bigram_loss_adds_the_mean_square_of_its_weights():
     model = build("bigram", fused=False)
     idx, targets = torch.randint(0, 27, (9, 1)), torch.randint(0, 27, (9,))
