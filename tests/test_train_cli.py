@@ -14,7 +14,7 @@ import torch
 
 import fastlm.models
 from conftest import free_port
-from fastlm.data import Vocabulary
+from fastlm.data import Vocabulary, build_windows
 from fastlm.train import ConfigError, Trainer, TrainConfig, sample_words, split_loss
 
 WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia", "harper", "evelyn", "abigail", "emily",
@@ -93,9 +93,7 @@ def test_samples_follow_the_model():
     probability 0.997; the sampler's seed is fixed)."""
     model = fastlm.models.build("bigram-counts", fused=False)
     vocab = Vocabulary()
-    ids = [0, *vocab.encode("abc"), 0]
-    X, Y = torch.tensor([ids[:-1]]).T.repeat(10000, 1), torch.tensor(ids[1:]).repeat(10000)
-    model.fit(X, Y)
+    model.fit(*build_windows(["abc"] * 10000, 1, vocab))
     assert sample_words(model, vocab, 1, 20, seed=0).count("abc") >= 18
 
 
