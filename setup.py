@@ -39,6 +39,7 @@ def extension():
     if build_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        kwargs["define_macros"] = [("FASTLM_WITH_CUDA", None)]  # for what the device-generic sources ask of CUDA
         return cpp_extension.CUDAExtension("fastlm._C", sources, **kwargs)
     return cpp_extension.CppExtension("fastlm._C", sources, **kwargs)
 

@@ -14,10 +14,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 namespace fastlm::autograd_op {
 
@@ -74,6 +77,19 @@ inline bool is_batched(const Tensor& t) {
 // is batched.
 inline Tensor scale_owned(Tensor grad, const Tensor& by) { return is_batched(by) ? grad.mul(by) : grad.mul_(by); }
 
+// A new autograd node, held as the torch built against holds nodes: by c10::intrusive_ptr in recent releases
+// (2.13), by std::shared_ptr in older ones (2.11, the GPU machines' image). Read off Edge, so both compile.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <typename T, typename... Args>
+NodePtr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  }
+}
+
 // The gradients `backward()` computes: without recording, then, where the graph of this backward is being built
 // (create_graph, the only time grad mode is on in a backward), as outputs of a node that raises if anything
 // differentiates through them. The kernel ops have no autograd of their own, so a second derivative through them
@@ -103,7 +119,7 @@ variable_list once_differentiable(const char* op, AutogradContext* ctx, const va
       node ? node->next_edges() : torch::autograd::collect_next_edges(ctx->get_saved_variables());
   for (auto& edge : torch::autograd::collect_next_edges(upstream)) edges.push_back(std::move(edge));
   if (std::none_of(edges.begin(), edges.end(), [](const auto& edge) { return edge.is_valid(); })) return grads;
-  auto error = c10::make_intrusive<torch::autograd::Error>(
+  auto error = make_node<torch::autograd::Error>(
       std::string(op) + ": its backward cannot be differentiated (double backward)", std::move(edges));
   for (Tensor& grad : grads) {
     if (!grad.defined()) continue;

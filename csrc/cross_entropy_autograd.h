@@ -7,7 +7,10 @@
 #include "autograd_op.h"
 
 #include <ATen/core/Tensor.h>
-#include <c10/core/impl/VirtualGuardImpl.h>
+#ifdef FASTLM_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#endif
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -68,15 +71,26 @@ struct Options {
   }
 };
 
+// Whether a GPU tensor's current stream is not being captured into a CUDA graph (reading a GPU value syncs, which
+// capture forbids). Asked of CUDA itself: torch's device-generic query (VirtualGuardImpl::isStreamCapturing) is
+// recent, in 2.13 but not in 2.11, the GPU machines' torch. A device this build has no CUDA for: not known, so no.
+inline bool outside_stream_capture(const Tensor& t) {
+#ifdef FASTLM_WITH_CUDA
+  if (t.is_cuda()) {
+    cudaStreamCaptureStatus status;
+    return cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(t.device().index()).stream(), &status) ==
+               cudaSuccess && status == cudaStreamCaptureStatusNone;
+  }
+#endif
+  return false;
+}
+
 // Whether a tensor holds values this code may read: not a fake or functional tensor of torch.compile's tracing,
-// not batched by vmap, and not on a stream being captured into a CUDA graph (reading a GPU value syncs, which
-// capture forbids).
+// not batched by vmap, and on the CPU or on a GPU stream outside capture.
 inline bool values_readable(const Tensor& t) {
   constexpr auto traced = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
   if (t.key_set().has_any(traced) || is_batched(t) || t.is_meta()) return false;
-  if (t.is_cpu()) return true;
-  const c10::impl::VirtualGuardImpl guard(t.device().type());
-  return !guard.isStreamCapturing(guard.getStream(t.device()));
+  return t.is_cpu() || outside_stream_capture(t);
 }
 
 // What F.cross_entropy's mean divides by: the summed weight of the non-ignored targets (their count without

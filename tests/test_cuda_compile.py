@@ -4,7 +4,8 @@ No GPU is needed: every csrc/cuda/*.cu file is really compiled (not --dryrun) to
 sm_90, so type errors, template instantiation and ptxas problems show up before a GPU machine does. The
 .cu/.cuh files must not include torch, ATen or c10 headers: keeping them torch-free is what lets nvcc
 build them without parsing torch, and the *_binding.cpp files are the only place torch meets CUDA. Those
-are type-checked too, against this torch's headers and the CUDA toolkit's.
+are type-checked too, against this torch's headers and the CUDA toolkit's, as are the CUDA branches of the
+device-generic sources (the autograd ops), which only a CUDA build compiles.
 """
 
 import re
@@ -14,9 +15,23 @@ from pathlib import Path
 
 import pytest
 
-CUDA_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
+CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
+CUDA_DIR = CSRC_DIR / "cuda"
 CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
 BINDING_FILES = sorted(CUDA_DIR.glob("*_binding.cpp"))
+LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
+
+def text_with_local_headers(path: Path, seen: frozenset = frozenset()) -> str:
+    """A source's text and that of the headers it includes with quotes, recursively."""
+    text = path.read_text()
+    headers = [path.parent / name for name in LOCAL_INCLUDE.findall(text)]
+    return text + "".join(text_with_local_headers(h, seen | {path}) for h in headers if h.exists() and h not in seen)
+
+
+# Device-generic sources with a branch for CUDA builds (#ifdef FASTLM_WITH_CUDA, defined by setup.py there only),
+# which no CPU build compiles.
+CUDA_BRANCH_FILES = sorted(p for p in CSRC_DIR.glob("*.cpp") if "FASTLM_WITH_CUDA" in text_with_local_headers(p))
 KERNEL_FILES = sorted(CU_FILES + list(CUDA_DIR.glob("*.cuh")))
 TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10)/', re.MULTILINE)
 
@@ -47,18 +62,23 @@ def test_nvcc_compiles(path, arch, tmp_path):
     assert (tmp_path / f"{path.stem}.o").stat().st_size > 0
 
 
-@pytest.mark.parametrize("path", BINDING_FILES, ids=lambda p: p.name)
+def test_some_device_generic_source_has_a_cuda_branch():
+    assert CUDA_BRANCH_FILES, "no csrc/*.cpp mentions FASTLM_WITH_CUDA: is the check below still needed?"
+
+
+@pytest.mark.parametrize("path", BINDING_FILES + CUDA_BRANCH_FILES, ids=lambda p: p.name)
 def test_bindings_type_check(path, tmp_path):
-    """nvcc drives the host compiler over the binding with -fsyntax-only. A CPU build of torch ships the
-    c10/cuda headers but not c10/cuda/impl/cuda_cmake_macros.h, which CMake generates for CUDA builds; an
-    empty one stands in for it, searched last so that a CUDA build's own header wins."""
+    """nvcc drives the host compiler over the binding, or over a device-generic source's CUDA branch, with
+    -fsyntax-only and the macro setup.py defines for CUDA builds. A CPU build of torch ships the c10/cuda headers
+    but not c10/cuda/impl/cuda_cmake_macros.h, which CMake generates for CUDA builds; an empty one stands in for
+    it, searched last so that a CUDA build's own header wins."""
     from torch.utils.cpp_extension import include_paths
 
     stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
     stub.parent.mkdir(parents=True)
     stub.write_text("#pragma once\n")
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{tmp_path}"]
-    cmd = [nvcc_or_skip(), "-std=c++17", "-c", *includes, "-w", "-Xcompiler", "-fsyntax-only", str(path),
-           "-o", str(tmp_path / f"{path.stem}.o")]
+    cmd = [nvcc_or_skip(), "-std=c++17", "-c", *includes, "-DFASTLM_WITH_CUDA", "-w", "-Xcompiler", "-fsyntax-only",
+           str(path), "-o", str(tmp_path / f"{path.stem}.o")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-4000:]}"
