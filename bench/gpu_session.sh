@@ -49,6 +49,11 @@ within() {
 build() {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.memory,clocks.max.sm --format=csv >"$out/gpu.csv"
   has_cuda_kernels && return 0
+  # torch's extension builder takes CUDA's home from nvcc's folder; an nvcc that is a wrapper elsewhere (as on
+  # the CPU machines: /usr/local/bin/nvcc) leaves it without CUDA's headers, so name the usual home if none is.
+  if [[ -z "${CUDA_HOME:-}" && -f /usr/local/cuda/include/cuda_runtime_api.h ]]; then
+    export CUDA_HOME=/usr/local/cuda
+  fi
   if ! within "$(left)" pip install --no-build-isolation -e . >"$out/build.log" 2>&1 || ! has_cuda_kernels; then
     tail -40 "$out/build.log"
     echo "build failed or fastlm._C has no CUDA kernels; see build.log" >&2

@@ -6,6 +6,7 @@ any kernel module is imported), so every backend's code is exercised on CPU.
 """
 
 import faulthandler
+import inspect
 import os
 import socket
 import time
@@ -49,6 +50,11 @@ def skip_unless_runs(backend: str, device: str = "cpu") -> None:
 
 
 KERNEL_BACKENDS = ["cpp", "cuda", "triton"]
+
+# For the tests of BatchNorm's bias=False, a keyword torch's BatchNorm gained after 2.11 (the GPU machines' torch).
+needs_batch_norm_bias_keyword = pytest.mark.skipif(
+    "bias" not in inspect.signature(torch.nn.BatchNorm1d).parameters,
+    reason="this torch's BatchNorm has no bias keyword (torch 2.11 has none)")
 
 
 def assert_second_derivative_raises(loss: torch.Tensor, wrt: torch.Tensor) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastlm
-from conftest import skip_unless_runs
+from conftest import needs_batch_norm_bias_keyword, skip_unless_runs
 from fastlm.convert import FusedSequential
 
 
@@ -50,6 +50,7 @@ def test_convert_swaps_the_layers_and_keeps_the_state_dict():
     assert isinstance(converted.criterion, fastlm.nn.CrossEntropyLoss)
 
 
+@needs_batch_norm_bias_keyword
 def test_batch_norm_without_bias_keeps_its_parameters():
     """A BatchNorm1d built with torch's bias=False stays without a bias: no new parameter to train."""
     model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5, bias=False), nn.Tanh())

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fastlm
-from conftest import free_port, gloo_process_group, spawn_ranks, skip_unless_runs
+from conftest import free_port, gloo_process_group, needs_batch_norm_bias_keyword, spawn_ranks, skip_unless_runs
 
 WORLD = 2
 ROWS = (5, 9)  # per-rank batch sizes differ on purpose
@@ -90,6 +90,7 @@ def test_sync_matches_single_process_on_the_whole_batch(tmp_path, shape_tail, op
         torch.testing.assert_close(r["eval_out"], single(x.detach()[start:start + ROWS[rank]]), **tol)
 
 
+@needs_batch_norm_bias_keyword
 def test_convert_sync_batchnorm_keeps_parameters_and_options():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None, bias=False),
                           nn.Sequential(fastlm.nn.BatchNorm1d(4, unbiased=True, activation="tanh")))

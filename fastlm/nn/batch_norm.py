@@ -21,7 +21,10 @@ class BatchNorm1d(nn.BatchNorm1d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
                  unbiased: bool = False, activation: str | None = None, backend: str | None = None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        # torch's BatchNorm takes `bias` since after 2.11 (the GPU machines' torch, whose BatchNorm always has one):
+        # passed on only to leave the bias out, so that such a torch builds every other layer.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **({} if bias else {"bias": False}))
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
         self.unbiased = unbiased
