@@ -7,6 +7,7 @@
 #include "autograd_op.h"
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #ifdef FASTLM_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -20,6 +21,8 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 namespace fastlm::cross_entropy_shared {
 
@@ -71,17 +74,31 @@ struct Options {
   }
 };
 
+// Whether this torch's device guard answers isStreamCapturing (2.13's does; 2.11's, the GPU machines' torch, not).
+template <typename Guard, typename = void>
+struct answers_capture_query : std::false_type {};
+template <typename Guard>
+struct answers_capture_query<Guard, std::void_t<decltype(std::declval<const Guard&>().isStreamCapturing(
+                                        std::declval<c10::Stream>()))>> : std::true_type {};
+
 // Whether a GPU tensor's current stream is not being captured into a CUDA graph (reading a GPU value syncs, which
-// capture forbids). Asked of CUDA itself: torch's device-generic query (VirtualGuardImpl::isStreamCapturing) is
-// recent, in 2.13 but not in 2.11, the GPU machines' torch. A device this build has no CUDA for: not known, so no.
-inline bool outside_stream_capture(const Tensor& t) {
+// capture forbids). A CUDA build asks CUDA itself, whatever the torch release; a build without CUDA kernels (the
+// Triton backend's tensors) asks torch's device guard where it can answer. Where nothing can tell: no.
+template <typename Guard = c10::impl::VirtualGuardImpl>
+bool outside_stream_capture(const Tensor& t) {
 #ifdef FASTLM_WITH_CUDA
   if (t.is_cuda()) {
     cudaStreamCaptureStatus status;
-    return cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(t.device().index()).stream(), &status) ==
-               cudaSuccess && status == cudaStreamCaptureStatusNone;
+    const cudaError_t err = cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(t.device().index()).stream(),
+                                                  &status);
+    if (err != cudaSuccess) (void)cudaGetLastError();  // not left for a later launch check to report
+    return err == cudaSuccess && status == cudaStreamCaptureStatusNone;
   }
 #endif
+  if constexpr (answers_capture_query<Guard>::value) {
+    const Guard guard(t.device().type());
+    return !guard.isStreamCapturing(guard.getStream(t.device()));
+  }
   return false;
 }
 
