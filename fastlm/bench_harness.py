@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import ctypes
 import datetime
+import importlib.metadata
 import json
 import math
 import os
@@ -357,6 +358,7 @@ def environment(device: str) -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "triton": triton_version,
+        "liger_kernel": installed_version("liger-kernel"),  # the baseline's release, where it was measured
         "python": platform.python_version(),
         "git_commit": commit,
         "git_dirty": dirty,
@@ -364,6 +366,13 @@ def environment(device: str) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "timing": timing_method(device),
     }
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def progress(items: Iterable[T], total: int, label: Callable[[T], str]) -> Iterator[T]:
@@ -506,8 +515,9 @@ def _result_table(result: dict) -> list[str]:
         ("; INCOMPLETE: the run was cut short", result.get("complete") is False)) if applies)
     gpu = env["device"] == "cuda"  # the CPU's thread count says nothing there; the bandwidth's fraction does
     where = f"({env['device']})" if gpu else f"({env['device']}, {env['threads']} threads)"
+    liger = f", Liger-Kernel {env['liger_kernel']}" if env.get("liger_kernel") else ""  # older results lack it
     lines = [f"**{result['op']}** ({result['mode']}) on {env['device_name']} {where}, torch {env['torch']}, "
-             f"triton {env['triton']}; {env['timing']}; commit {commit}, {env['date'][:10]}{copy}{caveats}.\n",
+             f"triton {env['triton']}{liger}; {env['timing']}; commit {commit}, {env['date'][:10]}{copy}{caveats}.\n",
              "| case | provider | median ms (IQR) | vs eager | GB/s" + (" (of copy, of rated)" if gpu else "") +
              " | peak +MB |",
              "|---|---|---|---|---|---|"]

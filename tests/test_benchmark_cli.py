@@ -29,7 +29,8 @@ def test_quick_batch_norm_writes_csv_json_and_a_table(tmp_path, capsys):
     assert benchmark.main(["--quick", "--op", "batch_norm", "--device", "cpu", "--out", str(tmp_path)]) == 0
     stem = tmp_path / "batch_norm-cpu-quick"
     result = json.loads(stem.with_suffix(".json").read_text())
-    assert {"device_name", "torch", "triton", "git_commit", "date", "timing"} <= result["environment"].keys()
+    expected_keys = {"device_name", "torch", "triton", "liger_kernel", "git_commit", "date", "timing"}
+    assert expected_keys <= result["environment"].keys()
     assert result["op"] == "batch_norm" and result["mode"] == "full" and positive(result["copy_bandwidth_gbs"])
     rows = result["rows"]
     assert {"eager", "fastlm-cpp", "torch.compile"} <= {row["provider"] for row in rows}
@@ -173,6 +174,14 @@ def test_gpu_table_gives_the_bandwidth_fractions():
     table = benchmark.harness._result_table(result)
     assert "(cuda)," in table[0] and "threads" not in table[0]
     assert any("| 2000.0 (80%, 60%) |" in line for line in table), table
+
+
+def test_table_heading_names_the_liger_kernel_release_it_was_measured_against():
+    with open(os.path.join(REPO, "bench", "results", "cross_entropy-cpu.json")) as source:
+        result = json.load(source)
+    assert "Liger" not in benchmark.harness._result_table(result)[0]  # none measured, none named
+    result["environment"] = {**result["environment"], "liger_kernel": "0.8.5"}
+    assert ", Liger-Kernel 0.8.5;" in benchmark.harness._result_table(result)[0]
 
 
 def test_a_checkout_git_refuses_records_no_commit(monkeypatch):
