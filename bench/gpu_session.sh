@@ -15,6 +15,8 @@
 # a step with under 20 s left is skipped (timeout 0 would mean no limit at all). The exit status is 0 only when
 # every step ran and passed.
 # Set FASTLM_GIT_COMMIT to the commit being measured: the device machine's copy of the tree has no .git.
+# Everything runs through python3, the interpreter that holds the image's torch (its `python`, `pip` and script
+# folder may be others, or missing).
 # Liger-Kernel, the cross-entropy baseline issue 2 names, is not in the machines' image, which reaches no registry:
 # fetch its wheel here first and have the call carry .whl (installed apart from the image's packages, for this run):
 #   echo /.whl/ >> .git/info/exclude
@@ -38,7 +40,7 @@ fi
 status=0  # set to 1 by any step that fails or is skipped
 
 has_cuda_kernels() {
-  python -c "import fastlm._C, torch, sys; sys.exit(not torch._C._dispatch_has_kernel_for_dispatch_key(
+  python3 -c "import fastlm._C, torch, sys; sys.exit(not torch._C._dispatch_has_kernel_for_dispatch_key(
       'fastlm::cross_entropy_forward', 'CUDA'))" 2>/dev/null
 }
 
@@ -63,7 +65,7 @@ build() {
   if [[ -z "${CUDA_HOME:-}" && -f /usr/local/cuda/include/cuda_runtime_api.h ]]; then
     export CUDA_HOME=/usr/local/cuda
   fi
-  if ! within "$(left)" pip install --no-build-isolation -e . >"$out/build.log" 2>&1 || ! has_cuda_kernels; then
+  if ! within "$(left)" python3 -m pip install --no-build-isolation -e . >"$out/build.log" 2>&1 || ! has_cuda_kernels; then
     tail -40 "$out/build.log"
     echo "build failed or fastlm._C has no CUDA kernels; see build.log" >&2
     exit 1
@@ -73,9 +75,9 @@ build() {
 case "${1:-}" in
   test)
     build
-    within "$(( $(left) / 3 ))" fastlm check --device cuda --quick 2>&1 | tee "$out/check.log" | tail -30 ||
+    within "$(( $(left) / 3 ))" python3 -m fastlm check --device cuda --quick 2>&1 | tee "$out/check.log" | tail -30 ||
       status=1
-    within "$(left)" python -m pytest -q -p no:cacheprovider --durations=15 -k "cuda or gpu or triton or kernels" \
+    within "$(left)" python3 -m pytest -q -p no:cacheprovider --durations=15 -k "cuda or gpu or triton or kernels" \
       --ignore=tests/test_cuda_emulated.py --ignore=tests/test_cuda_compile.py --ignore=tests/test_triton_compile.py \
       tests 2>&1 | tee "$out/tests.log" | tail -45 || status=1
     ;;
@@ -89,7 +91,7 @@ case "${1:-}" in
                 "--op mlp_step --sizes 32x10x200" \
                 "--op linear_cross_entropy --sizes 16384x4096x128256 --dtype bfloat16"; do
       # shellcheck disable=SC2086  # the arguments split on purpose
-      within "$(left)" fastlm bench $args --device cuda --out "$results" 2>&1 | tee -a "$out/bench.log" | tail -30 ||
+      within "$(left)" python3 -m fastlm bench $args --device cuda --out "$results" 2>&1 | tee -a "$out/bench.log" | tail -30 ||
         status=1
     done
     ;;
