@@ -30,10 +30,11 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from fastlm.fuse_graph import FuseGraph
 from fastlm.nn import BatchNorm1d, CrossEntropyLoss, EmbeddingLinear
+from fastlm.nn.fx_leaf import traced_as_leaf
 
 FUSABLE_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
 
@@ -55,7 +56,8 @@ class FusedSequential(nn.Sequential):
     The children are those of the nn.Sequential (same modules, same state_dict keys). The fused layers
     share their parameters and are found again whenever the children change (append, slicing, ...; a
     slice runs on the default backend). Input other than (B, T) ids, which the fused op does not take,
-    runs through the children as they are.
+    runs through the children as they are. Within a model that ``torch.fx.symbolic_trace`` traces, it is one
+    node, as fastlm's layers are (``fastlm.nn.fx_leaf``); traced itself, its graph calls the children one by one.
     """
 
     def __init__(self, *args, backend: str | None = None):
@@ -73,7 +75,10 @@ class FusedSequential(nn.Sequential):
             self._fused_for = tuple(children)
         return self._fused
 
+    @traced_as_leaf
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):  # symbolic_trace of this module itself: its children, unfused
+            return super().forward(input)
         fused = self.fused_layers() if input.dim() == 2 else {}
         children = list(self._modules.values())
         i = 0

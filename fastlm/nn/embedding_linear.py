@@ -11,6 +11,7 @@ import copy
 
 from torch import Tensor, nn
 
+from fastlm.nn.fx_leaf import traced_as_leaf
 from fastlm.ops.embedding_linear import STRATEGIES, embedding_linear
 
 
@@ -66,6 +67,7 @@ class EmbeddingLinear(nn.Module):
         """Independent copies of the embedding and linear layers."""
         return copy.deepcopy(self.embedding), copy.deepcopy(self.linear)
 
+    @traced_as_leaf
     def forward(self, idx: Tensor) -> Tensor:
         embedding, linear = self._modules["embedding"], self._modules["linear"]
         if has_hooks(embedding) or has_hooks(linear):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from fastlm.nn.fx_leaf import traced_as_leaf
 from fastlm.ops.cross_entropy import cross_entropy
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 
@@ -26,6 +27,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         self.inplace_backward = inplace_backward
         self.backend = backend
 
+    @traced_as_leaf
     def forward(self, input: Tensor, target: Tensor):
         return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
                              lse_square_scale=self.lse_square_scale, return_lse=self.return_lse,
@@ -50,6 +52,7 @@ class LinearCrossEntropyLoss(nn.Module):
         self.chunk_size = chunk_size
         self.backend = backend
 
+    @traced_as_leaf
     def forward(self, input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None):
         return linear_cross_entropy(input, weight, target, bias, self.ce_weight, self.ignore_index, self.reduction,
                                     self.label_smoothing, lse_square_scale=self.lse_square_scale,

@@ -1,0 +1,121 @@
+"""torch.fx.symbolic_trace of models holding fastlm's layers: each layer is one call_module node, as torch's
+layers are, so a converted model traces to the graph its torch original traces to, and the traced module
+computes what the model computes (outputs, gradients, running stats)."""
+
+import copy
+
+import pytest
+import torch
+from torch import fx, nn
+
+import fastlm
+from fastlm.convert import FusedSequential
+
+
+class Net(nn.Module):
+    """A makemore MLP written the torch way, with its loss, and a BatchNorm outside the Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Embedding(27, 10), nn.Flatten(), nn.Linear(30, 64), nn.BatchNorm1d(64),
+                                  nn.Tanh(), nn.Linear(64, 27))
+        self.norm = nn.BatchNorm1d(27, momentum=None)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def forward(self, idx, targets):
+        return self.criterion(self.norm(self.body(idx)), targets)
+
+
+class Holder(nn.Module):
+    """Calls one layer on its inputs, so that the layer is a submodule of the traced model."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, first, second=None, third=None):
+        if third is not None:
+            return self.layer(first, second, third)
+        return self.layer(first) if second is None else self.layer(first, second)
+
+
+def node_ops(graph_module: fx.GraphModule) -> list[tuple[str, str]]:
+    return [(node.op, str(node.target)) for node in graph_module.graph.nodes]
+
+
+def layer_cases():
+    x, idx, target = torch.randn(9, 7), torch.randint(0, 5, (9, 3)), torch.randint(0, 7, (9,))
+    yield "BatchNorm1d", fastlm.nn.BatchNorm1d(7, activation="tanh"), (x,)
+    yield "SyncBatchNorm", fastlm.nn.SyncBatchNorm(7, momentum=None), (x,)
+    yield "CrossEntropyLoss", fastlm.nn.CrossEntropyLoss(label_smoothing=0.2), (x, target)
+    yield "LinearCrossEntropyLoss", fastlm.nn.LinearCrossEntropyLoss(), (x, torch.randn(11, 7), target)
+    yield "EmbeddingLinear", fastlm.nn.EmbeddingLinear(5, 4, 3, 7), (idx,)
+
+
+@pytest.mark.parametrize("layer, inputs", [pytest.param(layer, inputs, id=name)
+                                           for name, layer, inputs in layer_cases()])
+def test_each_layer_traces_to_one_call_module_node(layer, inputs):
+    torch.manual_seed(0)
+    model = Holder(layer)
+    traced = fx.symbolic_trace(model, concrete_args={key: None for key in ("second", "third")[len(inputs) - 1:]})
+    assert [op for op, _ in node_ops(traced)].count("call_module") == 1
+    assert ("call_module", "layer") in node_ops(traced)
+    twin = copy.deepcopy(model)  # the untraced model, from the same state, for two training-mode calls
+    for _ in range(2):
+        leaves = [value.clone().requires_grad_(value.is_floating_point()) for value in inputs]
+        twin_leaves = [value.detach().clone().requires_grad_(value.requires_grad) for value in leaves]
+        out, expected = traced(*leaves), twin(*twin_leaves)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        out.sum().backward()
+        expected.sum().backward()
+        for value, twin_value in zip(leaves, twin_leaves):
+            torch.testing.assert_close(value.grad, twin_value.grad, rtol=0, atol=0)
+    for key, value in model.state_dict().items():  # running stats and batch counts moved through the graph
+        torch.testing.assert_close(value, twin.state_dict()[key], rtol=0, atol=0)
+    if isinstance(layer, nn.BatchNorm1d):
+        assert int(traced.layer.num_batches_tracked) == 2
+
+
+def test_converted_model_traces_to_its_torch_original_graph():
+    torch.manual_seed(0)
+    model = Net()
+    converted = fastlm.convert(copy.deepcopy(model))
+    assert isinstance(converted.body, FusedSequential)
+    traced_model, traced_converted = fx.symbolic_trace(model), fx.symbolic_trace(converted)
+    # The torch original's Sequential is traced through, its children the nodes; the converted model's
+    # FusedSequential (embedding + linear fused inside) is one node in their place.
+    children = [("call_module", f"body.{i}") for i in range(len(model.body))]
+    expected, after_body = node_ops(traced_model), 2 + len(children)
+    assert expected[2:after_body] == children
+    assert node_ops(traced_converted) == expected[:2] + [("call_module", "body")] + expected[after_body:]
+    idx, targets = torch.randint(0, 27, (32, 3)), torch.randint(0, 27, (32,))
+    for _ in range(2):
+        loss, expected = traced_converted(idx, targets), model(idx, targets)
+        torch.testing.assert_close(loss, expected)
+        loss.backward()
+        expected.backward()
+    for (name, parameter), expected in zip(converted.named_parameters(), model.parameters()):
+        torch.testing.assert_close(parameter.grad, expected.grad, msg=name)
+    assert int(converted.norm.num_batches_tracked) == 2
+
+
+def test_fused_sequential_traced_itself_calls_its_children():
+    torch.manual_seed(0)
+    sequential = nn.Sequential(nn.Embedding(27, 10), nn.Flatten(), nn.Linear(30, 64), nn.BatchNorm1d(64),
+                               nn.Tanh(), nn.Linear(64, 27)).eval()
+    converted = fastlm.convert(copy.deepcopy(sequential))
+    traced = fx.symbolic_trace(converted)
+    assert [target for op, target in node_ops(traced) if op == "call_module"] == [str(i) for i in
+                                                                                  range(len(converted))]
+    idx = torch.randint(0, 27, (32, 3))
+    torch.testing.assert_close(traced(idx), sequential(idx))
+
+
+def test_sync_batch_norm_traces_to_one_node_in_distributed_training(monkeypatch):
+    """Under torch.distributed with several processes, SyncBatchNorm's own forward (the synchronised one) is
+    the one a proxy meets first: it too records the layer as one node. Tracing runs no collective, so a
+    process group that claims two ranks is enough."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    traced = fx.symbolic_trace(Holder(fastlm.nn.SyncBatchNorm(7)), concrete_args={"second": None, "third": None})
+    assert [node for node in node_ops(traced) if node[0] == "call_module"] == [("call_module", "layer")]
