@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -75,10 +76,25 @@ def write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def build_extension(include: Path):
-    from torch.utils.cpp_extension import get_default_build_root, load
+def build_root() -> Path:
+    """torch's extension cache, or a folder in the temporary directory where that cache cannot be written (a
+    read-only HOME)."""
+    from torch.utils.cpp_extension import get_default_build_root
 
-    directory = Path(get_default_build_root()) / EXTENSION
+    root = Path(get_default_build_root())
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"fastlm-torch-extensions-{os.getuid()}"
+
+
+def build_extension(include: Path):
+    from torch.utils.cpp_extension import load
+
+    directory = build_root() / EXTENSION
     copies = directory / "sources"
     copies.mkdir(parents=True, exist_ok=True)
     sources = [str(EMULATION / "launchers.cpp")]
