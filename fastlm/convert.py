@@ -33,8 +33,8 @@ from collections import OrderedDict
 from torch import Tensor, fx, nn
 
 from fastlm.fuse_graph import FuseGraph
+from fastlm.fx_trace import traced_as_leaf
 from fastlm.nn import BatchNorm1d, CrossEntropyLoss, EmbeddingLinear
-from fastlm.nn.fx_leaf import traced_as_leaf
 
 FUSABLE_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
 
@@ -57,7 +57,7 @@ class FusedSequential(nn.Sequential):
     share their parameters and are found again whenever the children change (append, slicing, ...; a
     slice runs on the default backend). Input other than (B, T) ids, which the fused op does not take,
     runs through the children as they are. Within a model that ``torch.fx.symbolic_trace`` traces, it is one
-    node, as fastlm's layers are (``fastlm.nn.fx_leaf``); traced itself, its graph calls the children one by one.
+    node, as fastlm's layers are (``fastlm.fx_trace``); traced itself, its graph calls the children one by one.
     """
 
     def __init__(self, *args, backend: str | None = None):

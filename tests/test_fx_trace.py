@@ -1,6 +1,7 @@
-"""torch.fx.symbolic_trace of models holding fastlm's layers: each layer is one call_module node, as torch's
-layers are, so a converted model traces to the graph its torch original traces to, and the traced module
-computes what the model computes (outputs, gradients, running stats)."""
+"""torch.fx.symbolic_trace of models using fastlm's layers and functional ops: each layer is one call_module node
+and each functional one call_function node, as torch's are, so a converted model traces to the graph its torch
+original traces to, and the traced module computes what the model computes (outputs, gradients, running
+stats)."""
 
 import copy
 
@@ -119,3 +120,65 @@ def test_sync_batch_norm_traces_to_one_node_in_distributed_training(monkeypatch)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     traced = fx.symbolic_trace(Holder(fastlm.nn.SyncBatchNorm(7)), concrete_args={"second": None, "third": None})
     assert [node for node in node_ops(traced) if node[0] == "call_module"] == [("call_module", "layer")]
+
+
+class Functionals(nn.Module):
+    """A forward that calls fastlm's functional ops (an lse unpacked from cross_entropy's pair); sync_batch_norm,
+    which needs a process group to run, is traced alone below."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(27, 4))
+        self.hidden = nn.Linear(12, 9)
+        self.register_buffer("running_mean", torch.zeros(9))
+        self.register_buffer("running_var", torch.ones(9))
+        self.out = nn.Linear(9, 27)
+
+    def forward(self, idx, targets):
+        h = fastlm.ops.embedding_linear(idx, self.table, self.hidden.weight, self.hidden.bias)
+        h = fastlm.ops.batch_norm(h, self.running_mean, self.running_var, training=self.training, activation="tanh")
+        loss, lse = fastlm.ops.cross_entropy(self.out(h), targets, label_smoothing=0.1, return_lse=True)
+        fused = fastlm.ops.linear_cross_entropy(h, self.out.weight, targets, self.out.bias)
+        return loss + fused + 1e-3 * lse.mean()
+
+
+def test_functional_ops_trace_to_one_call_function_node_each():
+    torch.manual_seed(0)
+    model = Functionals()
+    traced = fx.symbolic_trace(model)
+    called = [node.target for node in traced.graph.nodes if node.op == "call_function"]
+    for op in (fastlm.ops.embedding_linear, fastlm.ops.batch_norm, fastlm.ops.cross_entropy,
+               fastlm.ops.linear_cross_entropy):
+        assert called.count(op) == 1, op.__name__
+    twin = copy.deepcopy(model)
+    idx, targets = torch.randint(0, 27, (16, 3)), torch.randint(0, 27, (16,))
+    for _ in range(2):
+        loss, expected = traced(idx, targets), twin(idx, targets)
+        torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+        loss.backward()
+        expected.backward()
+    for (name, parameter), expected in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(parameter.grad, expected.grad, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(model.running_var, twin.running_var, rtol=0, atol=0)
+    assert not torch.equal(model.running_var, torch.ones(9))  # the traced graph moved the running stats
+
+
+def test_cross_entropy_loss_traced_itself_calls_the_functional():
+    """As torch's nn.CrossEntropyLoss traced itself gives a graph calling F.cross_entropy."""
+    loss = fastlm.nn.CrossEntropyLoss(label_smoothing=0.1)
+    traced = fx.symbolic_trace(loss)
+    assert [node.target for node in traced.graph.nodes if node.op == "call_function"] == [fastlm.ops.cross_entropy]
+    logits, target = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    torch.testing.assert_close(traced(logits, target), loss(logits, target), rtol=0, atol=0)
+
+
+def test_sync_batch_norm_traces_to_one_call_function_node():
+    """Tracing runs no collective: the graph is made without a process group."""
+
+    class Synchronised(nn.Module):
+        def forward(self, x):
+            return fastlm.ops.sync_batch_norm(x, None, None, activation="relu")
+
+    traced = fx.symbolic_trace(Synchronised())
+    assert [node.target for node in traced.graph.nodes if node.op == "call_function"] == [
+        fastlm.ops.sync_batch_norm]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastlm.nn.fx_leaf import traced_as_leaf
+from fastlm.fx_trace import traced_as_leaf
 from fastlm.ops.batch_norm import ACTIVATIONS, batch_norm
 from fastlm.ops.sync_batch_norm import sync_batch_norm
 

@@ -11,7 +11,7 @@ import copy
 
 from torch import Tensor, nn
 
-from fastlm.nn.fx_leaf import traced_as_leaf
+from fastlm.fx_trace import traced_as_leaf
 from fastlm.ops.embedding_linear import STRATEGIES, embedding_linear
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastlm.nn.fx_leaf import traced_as_leaf
+from fastlm.fx_trace import traced_as_leaf
 from fastlm.ops.cross_entropy import cross_entropy
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 

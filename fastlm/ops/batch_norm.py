@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fastlm import backends
+from fastlm.fx_trace import traced_as_call
 from fastlm.ops.math_dtype import math_dtype
 
 ACTIVATIONS = {None: 0, "relu": 1, "tanh": 2}
@@ -197,6 +198,7 @@ def check_per_channel(input: Tensor, **tensors: Tensor | None) -> None:
                            f"{', '.join(f'{name} {t.dtype}' for name, t in tensors.items() if t is not None)}")
 
 
+@traced_as_call
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,

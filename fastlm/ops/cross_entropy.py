@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backends
+from fastlm.fx_trace import traced_as_call
 from fastlm.ops.autocast import autocast_dtype, autocast_off
 from fastlm.ops.math_dtype import math_dtype
 
@@ -196,6 +197,7 @@ def class_indices(target: Tensor) -> Tensor:
     return target.long() if target.dtype == torch.uint8 else target
 
 
+@traced_as_call
 def cross_entropy(
     input: Tensor,
     target: Tensor,

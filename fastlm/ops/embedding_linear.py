@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fastlm import backends
+from fastlm.fx_trace import traced_as_call
 from fastlm.ops.autocast import autocast_dtype, autocast_off, cast_to
 
 STRATEGIES = {"gather": 0, "table": 1}
@@ -156,6 +157,7 @@ def check_ids(idx: Tensor, vocab: int) -> None:
         raise IndexError(f"fastlm embedding_linear: index {value} is out of range for a table of {vocab} rows")
 
 
+@traced_as_call
 def embedding_linear(
     idx: Tensor,
     table: Tensor,

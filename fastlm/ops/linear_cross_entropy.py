@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backends
+from fastlm.fx_trace import traced_as_call
 from fastlm.ops.autocast import autocast_dtype, autocast_off, cast_to
 from fastlm.ops.cross_entropy import (
     check_rows,
@@ -39,6 +40,7 @@ def default_chunk_size(hidden: int, vocab: int) -> int:
     return max(1, hidden, math.ceil(65536 / max(1, vocab)))
 
 
+@traced_as_call
 def linear_cross_entropy(
     input: Tensor,
     weight: Tensor,

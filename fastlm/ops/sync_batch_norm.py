@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastlm import backends
+from fastlm.fx_trace import traced_as_call
 from fastlm.ops.batch_norm import ACTIVATIONS, check_per_channel, kernel_ops
 from fastlm.ops.math_dtype import math_dtype
 
@@ -104,6 +105,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
+@traced_as_call
 def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                     weight: Tensor | None = None, bias: Tensor | None = None, momentum: float = 0.1,
                     eps: float = 1e-5, unbiased: bool = False, activation: str | None = None, process_group=None,
