@@ -33,7 +33,7 @@ from collections import OrderedDict
 from torch import Tensor, fx, nn
 
 from fastlm.fuse_graph import FuseGraph
-from fastlm.fx_trace import traced_as_leaf
+from fastlm.fx_trace import TracedAsLeaf
 from fastlm.nn import BatchNorm1d, CrossEntropyLoss, EmbeddingLinear
 
 FUSABLE_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
@@ -50,7 +50,7 @@ def fusable_run(modules: list[nn.Module], i: int) -> bool:
             and linear.in_features % embedding.embedding_dim == 0)
 
 
-class FusedSequential(nn.Sequential):
+class FusedSequential(TracedAsLeaf, nn.Sequential):
     """An nn.Sequential whose Embedding, Flatten, Linear runs go through one fused ``EmbeddingLinear``.
 
     The children are those of the nn.Sequential (same modules, same state_dict keys). The fused layers
@@ -65,6 +65,7 @@ class FusedSequential(nn.Sequential):
         self.backend = backend
         self._fused_for: tuple[nn.Module, ...] = ()
         self._fused: dict[int, EmbeddingLinear] = {}
+        self.fused_layers()  # now rather than at the first forward, which torch.compile traces without building modules
 
     def fused_layers(self) -> dict[int, EmbeddingLinear]:
         """The fused layer for each position where a run starts, for the current children."""
@@ -75,7 +76,6 @@ class FusedSequential(nn.Sequential):
             self._fused_for = tuple(children)
         return self._fused
 
-    @traced_as_leaf
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):  # symbolic_trace of this module itself: its children, unfused
             return super().forward(input)

@@ -150,3 +150,20 @@ def test_fused_sequential_follows_its_children():
     assert isinstance(converted[0:3], FusedSequential) and list(converted[0:3].fused_layers()) == [0]
     flat = idx.view(-1)  # (B,) ids: nn.Embedding takes them, the fused op does not, so the children run
     torch.testing.assert_close(converted(flat), torch.tanh(unfused(converted, flat)))
+
+
+def test_converted_sequential_compiles_in_one_graph_from_its_first_call():
+    """torch.compile cannot build modules inside a graph: the fused layers exist from the conversion on, so the
+    first call compiles with fullgraph=True, fused embedding + linear and BatchNorm + tanh in its graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(27, 10), nn.Flatten(), nn.Linear(30, 64), nn.BatchNorm1d(64), nn.Tanh(),
+                          nn.Linear(64, 27))
+    converted = fastlm.convert(copy.deepcopy(model))
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    compiled = torch.compile(converted, fullgraph=True, backend=counter)
+    idx = torch.randint(0, 27, (32, 3))
+    torch.testing.assert_close(compiled(idx), model(idx), rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
+    code = counter.graphs[0].code
+    assert "fastlm.embedding_linear" in code and "fastlm.batch_norm" in code

@@ -182,3 +182,17 @@ def test_sync_batch_norm_traces_to_one_call_function_node():
     traced = fx.symbolic_trace(Synchronised())
     assert [node.target for node in traced.graph.nodes if node.op == "call_function"] == [
         fastlm.ops.sync_batch_norm]
+
+
+def test_hooks_run_once_in_the_traced_graph():
+    """A layer's hooks run when the traced graph calls it, not also at tracing (which would add their work to the
+    graph around the node, so that it ran twice): as for torch's layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), fastlm.nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    model[1].register_forward_pre_hook(lambda module, args: (args[0] + 1,))
+    model[1].register_forward_hook(lambda module, args, output: output * 2)
+    traced = fx.symbolic_trace(model)
+    assert node_ops(traced) == [("placeholder", "input"), ("call_module", "0"), ("call_module", "1"),
+                                ("call_module", "2"), ("output", "output")]
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)

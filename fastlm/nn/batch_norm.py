@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastlm.fx_trace import traced_as_leaf
+from fastlm.fx_trace import TracedAsLeaf
 from fastlm.ops.batch_norm import ACTIVATIONS, batch_norm
 from fastlm.ops.sync_batch_norm import sync_batch_norm
 
 
-class BatchNorm1d(nn.BatchNorm1d):
+class BatchNorm1d(TracedAsLeaf, nn.BatchNorm1d):
     """``nn.BatchNorm1d`` on fastlm's fused kernels, for (N, C) and (N, C, L) input."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
@@ -68,7 +68,6 @@ class BatchNorm1d(nn.BatchNorm1d):
         return tuple(buffers[name] if name in buffers else getattr(self, name)
                      for name in ("running_mean", "running_var"))
 
-    @traced_as_leaf
     def forward(self, input: Tensor) -> Tensor:
         if self.momentum is None and self._batch_counter() is not None and torch.compiler.is_compiling():
             return _forward_outside_graphs()(self, input)
@@ -112,7 +111,6 @@ class SyncBatchNorm(BatchNorm1d):
                          unbiased=unbiased, activation=activation, backend=backend)
         self.process_group = process_group
 
-    @traced_as_leaf
     def forward(self, input: Tensor) -> Tensor:
         # Synchronised in training only, as nn.SyncBatchNorm does (eval without running stats normalises each
         # rank's batch by its own statistics).

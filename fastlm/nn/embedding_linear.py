@@ -11,11 +11,11 @@ import copy
 
 from torch import Tensor, nn
 
-from fastlm.fx_trace import traced_as_leaf
+from fastlm.fx_trace import TracedAsLeaf
 from fastlm.ops.embedding_linear import STRATEGIES, embedding_linear
 
 
-class EmbeddingLinear(nn.Module):
+class EmbeddingLinear(TracedAsLeaf, nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, context: int, out_features: int, bias: bool = True,
                  padding_idx: int | None = None, device=None, dtype=None, *, strategy: str | None = None,
                  atomic_scatter: bool = False, backend: str | None = None):
@@ -67,7 +67,6 @@ class EmbeddingLinear(nn.Module):
         """Independent copies of the embedding and linear layers."""
         return copy.deepcopy(self.embedding), copy.deepcopy(self.linear)
 
-    @traced_as_leaf
     def forward(self, idx: Tensor) -> Tensor:
         embedding, linear = self._modules["embedding"], self._modules["linear"]
         if has_hooks(embedding) or has_hooks(linear):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastlm.fx_trace import traced_as_leaf
+from fastlm.fx_trace import TracedAsLeaf
 from fastlm.ops.cross_entropy import cross_entropy
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 
 
-class CrossEntropyLoss(nn.CrossEntropyLoss):
+class CrossEntropyLoss(TracedAsLeaf, nn.CrossEntropyLoss):
     """``nn.CrossEntropyLoss`` on fastlm's fused kernels, for class indices with (N, C), (C,) or (N, C, d1, ...)
     logits (class probabilities go to torch's loss, as ``fastlm.ops.cross_entropy`` says).
 
@@ -27,14 +27,13 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         self.inplace_backward = inplace_backward
         self.backend = backend
 
-    @traced_as_leaf
     def forward(self, input: Tensor, target: Tensor):
         return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
                              lse_square_scale=self.lse_square_scale, return_lse=self.return_lse,
                              inplace_backward=self.inplace_backward, backend=self.backend)
 
 
-class LinearCrossEntropyLoss(nn.Module):
+class LinearCrossEntropyLoss(TracedAsLeaf, nn.Module):
     """``loss(input, weight, target, bias=None)`` = ``CrossEntropyLoss()(F.linear(input, weight, bias), target)``,
     computed without ever holding the full (N, V) logits. ``weight`` is the (V, H) weight of the model's
     output ``nn.Linear``; ``ce_weight`` is the per-class weight of the loss."""
@@ -52,7 +51,6 @@ class LinearCrossEntropyLoss(nn.Module):
         self.chunk_size = chunk_size
         self.backend = backend
 
-    @traced_as_leaf
     def forward(self, input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None):
         return linear_cross_entropy(input, weight, target, bias, self.ce_weight, self.ignore_index, self.reduction,
                                     self.label_smoothing, lse_square_scale=self.lse_square_scale,
