@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 
 import fastlm
+from fastlm import models
 from fastlm.convert import FusedSequential
 
 
@@ -196,3 +197,19 @@ def test_hooks_run_once_in_the_traced_graph():
                                 ("call_module", "2"), ("output", "output")]
     x = torch.randn(5, 3)
     torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_every_makemore_model_and_its_reference_trace(name):
+    """Both twins trace, each BatchNorm a node in both graphs, and the traced twins compute alike."""
+    torch.manual_seed(0)
+    reference, fused = models.build(name, fused=False), models.build(name, fused=True)
+    fused.load_state_dict(reference.state_dict())
+    traced = {"reference": fx.symbolic_trace(reference), "fused": fx.symbolic_trace(fused)}
+    norms = [path for path, module in reference.named_modules() if isinstance(module, nn.BatchNorm1d)]
+    for graph_module in traced.values():
+        assert all(("call_module", path) in node_ops(graph_module) for path in norms)
+    idx = torch.randint(0, 27, (16, models.default_context(name)))
+    outputs = {twin: graph_module.eval()(idx) for twin, graph_module in traced.items()}
+    outputs = {twin: out[0] if isinstance(out, tuple) else out for twin, out in outputs.items()}
+    torch.testing.assert_close(outputs["fused"], outputs["reference"], rtol=1e-5, atol=1e-5)

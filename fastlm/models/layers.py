@@ -3,13 +3,16 @@
 They take the fastlm layer's constructor arguments and register the same parameters and buffers under the
 same names, so a state_dict moves between a reference model and its fused twin unchanged. They are written
 in torch.nn layers and tensor arithmetic, not through fastlm, so that the tests compare fastlm's kernels
-with an independent computation.
+with an independent computation. Under torch.fx.symbolic_trace the BatchNorm twin is one node, as its fused
+twin and torch's BatchNorm are (``fastlm.fx_trace``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from fastlm.fx_trace import TracedAsLeaf
 
 ACTIVATIONS = {None: lambda x: x, "tanh": torch.tanh, "relu": torch.relu}
 
@@ -28,7 +31,7 @@ class ReferenceEmbeddingLinear(nn.Module):
         return self.linear(self.embedding(idx).view(idx.shape[0], -1))
 
 
-class ReferenceBatchNorm1d(nn.BatchNorm1d):
+class ReferenceBatchNorm1d(TracedAsLeaf, nn.BatchNorm1d):
     """The twin of ``fastlm.nn.BatchNorm1d`` for the models' configurations (affine, running stats tracked).
 
     ``unbiased=True`` normalises a training batch with the Bessel-corrected variance, written out as in the
