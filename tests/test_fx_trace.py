@@ -87,17 +87,17 @@ def test_converted_model_traces_to_its_torch_original_graph():
     # The torch original's Sequential is traced through, its children the nodes; the converted model's
     # FusedSequential (embedding + linear fused inside) is one node in their place.
     children = [("call_module", f"body.{i}") for i in range(len(model.body))]
-    expected, after_body = node_ops(traced_model), 2 + len(children)
-    assert expected[2:after_body] == children
-    assert node_ops(traced_converted) == expected[:2] + [("call_module", "body")] + expected[after_body:]
+    nodes, after_body = node_ops(traced_model), 2 + len(children)
+    assert nodes[2:after_body] == children
+    assert node_ops(traced_converted) == nodes[:2] + [("call_module", "body")] + nodes[after_body:]
     idx, targets = torch.randint(0, 27, (32, 3)), torch.randint(0, 27, (32,))
     for _ in range(2):
         loss, expected = traced_converted(idx, targets), model(idx, targets)
         torch.testing.assert_close(loss, expected)
         loss.backward()
         expected.backward()
-    for (name, parameter), expected in zip(converted.named_parameters(), model.parameters()):
-        torch.testing.assert_close(parameter.grad, expected.grad, msg=name)
+    for (name, parameter), torch_parameter in zip(converted.named_parameters(), model.parameters()):
+        torch.testing.assert_close(parameter.grad, torch_parameter.grad, msg=name)
     assert int(converted.norm.num_batches_tracked) == 2
 
 
@@ -114,9 +114,9 @@ def test_fused_sequential_traced_itself_calls_its_children():
 
 
 def test_sync_batch_norm_traces_to_one_node_in_distributed_training(monkeypatch):
-    """Under torch.distributed with several processes, SyncBatchNorm's own forward (the synchronised one) is
-    the one a proxy meets first: it too records the layer as one node. Tracing runs no collective, so a
-    process group that claims two ranks is enough."""
+    """Under torch.distributed with several processes, where SyncBatchNorm's forward synchronises, tracing
+    records the layer as one node without running that forward: no collective runs, so a process group that
+    only claims two ranks is enough."""
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     traced = fx.symbolic_trace(Holder(fastlm.nn.SyncBatchNorm(7)), concrete_args={"second": None, "third": None})
@@ -158,8 +158,8 @@ def test_functional_ops_trace_to_one_call_function_node_each():
         torch.testing.assert_close(loss, expected, rtol=0, atol=0)
         loss.backward()
         expected.backward()
-    for (name, parameter), expected in zip(model.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(parameter.grad, expected.grad, rtol=0, atol=0, msg=name)
+    for (name, parameter), twin_parameter in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(parameter.grad, twin_parameter.grad, rtol=0, atol=0, msg=name)
     torch.testing.assert_close(model.running_var, twin.running_var, rtol=0, atol=0)
     assert not torch.equal(model.running_var, torch.ones(9))  # the traced graph moved the running stats
 
