@@ -9,12 +9,14 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 
 import fastlm
-from conftest import (DEVICES, KERNEL_BACKENDS, assert_close_to_reference, assert_second_derivative_raises,
-                      device_of, needs_batch_norm_bias_keyword, skip_unless_runs)
+from conftest import (DEVICES, KERNEL_BACKENDS, TOLERANCE, assert_close_to_reference,
+                      assert_second_derivative_raises, device_of, needs_batch_norm_bias_keyword, skip_unless_runs)
 
 BACKENDS = ["cpp", "triton", "cuda", "torch"]
 ACTIVATIONS = {None: lambda x: x, "relu": torch.relu, "tanh": torch.tanh}
@@ -191,6 +193,89 @@ def test_unbiased_matches_lecture_formula(backend, device, activation, shape):
         assert_close_to_reference(got, want, torch.float32, magnitude=1.0)
     assert_close_to_reference(ours.running_var, 0.9 + 0.1 * x.transpose(0, 1).reshape(shape[1], -1).var(1),
                               torch.float32)
+
+
+def reference_step(module, x, g, unbiased, activation):
+    """One training or eval step of a torch BatchNorm1d (in its dtype) with fastlm's options: ``activation`` (a
+    function) after it, and where ``unbiased`` normalises with batch statistics, the lecture's formula instead (the
+    running stats updated by the module, as fastlm updates them). The output, the input's and parameters'
+    gradients, and the buffers."""
+    x = x.clone().requires_grad_()
+    if unbiased and (module.training or not module.track_running_stats):
+        c = x.shape[1]
+        weight = module.weight if module.affine else torch.ones(c, dtype=x.dtype)
+        bias = module.bias if module.affine else torch.zeros(c, dtype=x.dtype)
+        out = activation(unbiased_reference(x, weight, bias, module.eps, None))
+        with torch.no_grad():
+            module(x)  # the running stats' update
+    else:
+        out = activation(module(x))
+    out.backward(g)
+    return [out, x.grad, *(p.grad for p in module.parameters())], list(module.buffers())
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 40), c=st.integers(1, 70), length=st.sampled_from([None, 1, 2, 5]),
+       momentum=st.sampled_from([None, 0.1, 0.5]), affine=st.booleans(), track=st.booleans(),
+       training=st.booleans(), unbiased=st.booleans(), activation=st.sampled_from([None, "tanh", "relu"]),
+       dtype=st.sampled_from([torch.float32, torch.float64]), offset=st.floats(-10, 10),
+       spread=st.floats(1e-3, 10), seed=st.integers(0, 2**31 - 1))
+def test_cpp_is_as_accurate_as_torch_on_random_configurations(n, c, length, momentum, affine, track, training,
+                                                              unbiased, activation, dtype, offset, spread, seed):
+    """Any mix of the module's options, shapes and data: the output, input and parameter gradients and the
+    buffers after one step are as close to float64 as torch's BatchNorm1d in the same dtype is (a channel of a
+    small spread far from 0 is ill-conditioned in float32 whatever computes it), and within the tolerance of
+    ``fastlm check`` where torch is exact. A relu's kink: the references take fastlm's choice of side for a value
+    that rounding puts on either side of 0 (its gradient would differ by the whole upstream gradient)."""
+    skip_unless_runs("cpp")
+    shape = (n, c) if length is None else (n, c, length)
+    generator = torch.Generator().manual_seed(seed)
+    reference = nn.BatchNorm1d(c, momentum=momentum, affine=affine, track_running_stats=track, dtype=torch.float64)
+    with torch.no_grad():
+        for tensor, low, high in [(reference.weight, 0.5, 1.5), (reference.bias, -0.5, 0.5),
+                                  (reference.running_mean, -0.5, 0.5), (reference.running_var, 0.5, 1.5)]:
+            if tensor is not None:
+                tensor.copy_(torch.rand(c, generator=generator, dtype=torch.float64) * (high - low) + low)
+    reference.train(training)
+    torch_same_dtype = copy.deepcopy(reference).to(dtype)
+    ours = fastlm.nn.BatchNorm1d(c, momentum=momentum, affine=affine, track_running_stats=track, unbiased=unbiased,
+                                 activation=activation, dtype=dtype, backend="cpp").train(training)
+    ours.load_state_dict(reference.state_dict())
+    # the data in ``dtype``, so that every module sees the same numbers
+    x = (torch.randn(shape, generator=generator, dtype=torch.float64) * spread + offset).to(dtype)
+    g = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+
+    x_ours = x.clone().requires_grad_()
+    out = ours(x_ours)
+    out.backward(g)
+    got = [out, x_ours.grad, *(p.grad for p in ours.parameters())], list(ours.buffers())
+    positive = out.detach() > 0
+    function = (lambda z: z * positive) if activation == "relu" else ACTIVATIONS[activation]
+    # How far the mean is from 0 in standard deviations (the largest over channels): a mean held in ``dtype`` is
+    # off by up to half its last place, which is that many standard deviations times the dtype's epsilon.
+    if training or not track:
+        dims = [0, 2] if x.dim() == 3 else [0]
+        mean, var = x.double().mean(dims), x.double().var(dims, correction=int(unbiased))
+    else:
+        mean, var = reference.running_mean, reference.running_var
+    invstd = 1 / torch.sqrt(var + reference.eps)
+    mean_in_stds = (mean.abs() * invstd).max().item()
+    relative_floor = max(TOLERANCE[dtype], 4 * mean_in_stds * torch.finfo(dtype).eps)
+    # The input gradient is a difference of terms up to |w| invstd |dy| (which cancel almost exactly where a
+    # channel's few values lie close together); the other results are compared relative to themselves or 1.
+    weight = reference.weight.abs() if affine else 1.0
+    input_grad_terms = (weight * invstd).max().item() * g.abs().max().item()
+    magnitudes = [[1.0, input_grad_terms] + [1.0] * (len(got[0]) - 2), [1.0] * len(got[1])]
+
+    expected = reference_step(reference, x.double(), g.double(), unbiased, function)
+    baseline = reference_step(torch_same_dtype, x, g, unbiased, function)
+    for ours_list, torch_list, want_list, magnitude_list in zip(got, baseline, expected, magnitudes):
+        for ours_t, torch_t, want, magnitude in zip(ours_list, torch_list, want_list, magnitude_list):
+            assert ours_t.dtype == torch_t.dtype
+            error = (ours_t.double() - want).abs().max().item()
+            torch_error = (torch_t.double() - want).abs().max().item()
+            floor = relative_floor * max(want.abs().max().item(), magnitude)
+            assert error <= 4 * torch_error + floor, (error, torch_error, floor)
 
 
 def test_unbiased_backward_is_the_lecture_closed_form():
