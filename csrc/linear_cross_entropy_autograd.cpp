@@ -50,6 +50,21 @@ void accumulate_weight_grad(Tensor& d_weight, const Tensor& d_logits, const Tens
   }
 }
 
+// What the chunk loop relies on, checked by each op that runs it (fastlm::linear_cross_entropy_chunks is an op
+// of its own, which torch.compile's graphs call directly): a positive chunk size, (N, H) input, (V, H) weight,
+// one target per row (the kernels check each chunk; a longer target would add its extra entries to the mean's
+// denominator).
+void check_chunk_arguments(const Tensor& input, const Tensor& weight, const Tensor& target, int64_t chunk_size) {
+  TORCH_CHECK(chunk_size > 0, "fastlm.linear_cross_entropy: chunk_size must be positive, got ", chunk_size);
+  TORCH_CHECK(target.dim() == 1, "fastlm.linear_cross_entropy: expected a 1D target, got ", target.dim(), "D");
+  TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.sym_size(1) == weight.sym_size(1),
+              "fastlm.linear_cross_entropy: expected input (N, H) and weight (V, H), got ", input.sym_sizes(), " and ",
+              weight.sym_sizes());
+  TORCH_SYM_CHECK(target.sym_size(0).sym_eq(input.sym_size(0)),
+                  "fastlm.linear_cross_entropy: expected target of shape (", input.sym_size(0), ",), got ",
+                  target.sym_sizes());
+}
+
 // The op fastlm::linear_cross_entropy_chunks: per-row losses and lse of every chunk; with grad_rows (dloss/drow,
 // one per row), also d_input, d_weight and d_bias where wanted (empty tensors where not).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_chunks(
@@ -59,6 +74,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_chunks(
   static const KernelOp<ForwardOp> forward("cross_entropy_forward");
   static const KernelOp<BackwardOp> backward("cross_entropy_backward");
   static const KernelOp<BackwardInPlaceOp> backward_in_place("cross_entropy_backward_");
+  check_chunk_arguments(input, weight, target, chunk_size);
   const Options o{Reduction::none, ignore_index, label_smoothing, lse_square_scale, triton};
   const Tensor grad_rows = grad_rows_given.value_or(Tensor());
   const int64_t num_rows = input.size(0);
@@ -190,20 +206,11 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
   }
 };
 
-// The op's options, once its arguments are checked as far as the chunk loop relies on them: (N, H) input, (V, H)
-// weight, one target per row (the kernels check each chunk; a longer target would add its extra entries to
-// the mean's denominator).
+// The op's options, once its arguments are checked (check_chunk_arguments).
 Options options_of(const Tensor& input, const Tensor& weight, const Tensor& target, c10::string_view reduction,
                    int64_t ignore_index, double label_smoothing, double lse_square_scale, int64_t chunk_size,
                    bool triton) {
-  TORCH_CHECK(chunk_size > 0, "fastlm.linear_cross_entropy: chunk_size must be positive, got ", chunk_size);
-  TORCH_CHECK(target.dim() == 1, "fastlm.linear_cross_entropy: expected a 1D target, got ", target.dim(), "D");
-  TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.sym_size(1) == weight.sym_size(1),
-              "fastlm.linear_cross_entropy: expected input (N, H) and weight (V, H), got ", input.sym_sizes(), " and ",
-              weight.sym_sizes());
-  TORCH_SYM_CHECK(target.sym_size(0).sym_eq(input.sym_size(0)),
-                  "fastlm.linear_cross_entropy: expected target of shape (", input.sym_size(0), ",), got ",
-                  target.sym_sizes());
+  check_chunk_arguments(input, weight, target, chunk_size);
   return {parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, triton};
 }
 

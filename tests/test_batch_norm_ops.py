@@ -239,13 +239,16 @@ def test_deterministic(backend, device):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(0, 5), (0, 5, 3)], ids=str)
+@pytest.mark.parametrize("shape", [(0, 5), (0, 5, 3), (6, 5, 0)], ids=str)
 def test_empty_input(backend, device, shape):
-    """Empty input normalises to empty output and has zero parameter gradients; training on it is refused,
-    as on one value per channel (fastlm.ops.batch_norm never sends an empty batch to the kernels)."""
+    """Empty input (no rows, or rows of length 0) has NaN statistics, normalises to empty output and has zero
+    parameter gradients; training on it is refused, as on one value per channel (fastlm.ops.batch_norm never sends
+    an empty batch to the kernels)."""
     ops = ops_for(backend, device)
     x = torch.empty(shape, device=device)
     ones, zeros = torch.ones(5, device=device), torch.zeros(5, device=device)
+    for statistic in ops.stats(x):  # the CPU kernel read past its buffers for rows of length 0
+        assert statistic.shape == (5,) and statistic.isnan().all()
     y = ops.forward(x, zeros, ones, ones, zeros, 1)
     assert y.shape == x.shape and y.dtype == x.dtype
     dx, grad_weight, grad_bias = ops.backward(x, x, y, zeros, ones, ones, True, False, 1)

@@ -312,3 +312,10 @@ def test_bad_input_is_refused():
         for chunk_size in (0, -1, 2.5):
             with pytest.raises(ValueError, match="chunk_size must be a positive"):
                 linear_cross_entropy(x, weight, target, chunk_size=chunk_size, backend=backend)
+    for chunk_size in (0, -1):  # the chunk loop's own op, called directly: refused (it looped forever at 0)
+        with pytest.raises(RuntimeError, match="chunk_size must be positive"):
+            torch.ops.fastlm.linear_cross_entropy_chunks(x, weight, None, target, None, -100, 0.0, 0.0, False,
+                                                         chunk_size, None, [True, True, True])
+    with pytest.raises(RuntimeError, match="expected target of shape"):
+        torch.ops.fastlm.linear_cross_entropy_chunks(x, weight, None, target[:2], None, -100, 0.0, 0.0, False, 2,
+                                                     None, [False, False, False])

@@ -163,6 +163,11 @@ void lanes_to_channels(const Layout& s, const T* lanes, T* channels) {
 // and the blocks are merged in order with Chan's formula.
 template <typename T>
 void channel_moments(const T* x, const Layout& s, T* mean, T* m2) {
+  if (s.count() == 0) {  // no values per channel (N or L is 0): no statistics, and no lanes to sum
+    std::fill_n(mean, s.C, std::numeric_limits<T>::quiet_NaN());
+    std::fill_n(m2, s.C, std::numeric_limits<T>::quiet_NaN());
+    return;
+  }
   using Vec = Vectorized<T>;
   const int64_t block_rows = rows_per_block(s);
   const int64_t num_blocks = (s.N + block_rows - 1) / block_rows;
@@ -206,10 +211,6 @@ void channel_moments(const T* x, const Layout& s, T* mean, T* m2) {
     const int64_t n_b = std::min(block_rows, s.N - b * block_rows) * s.L;
     chan_merge(n_a, mean, m2, n_b, block_mean.data() + b * s.C, block_m2.data() + b * s.C, s.C);
     n_a += n_b;
-  }
-  if (s.N == 0) {
-    std::fill_n(mean, s.C, std::numeric_limits<T>::quiet_NaN());
-    std::fill_n(m2, s.C, std::numeric_limits<T>::quiet_NaN());
   }
 }
 
