@@ -293,7 +293,7 @@ def test_bad_input_is_refused():
         linear_cross_entropy(x, weight.t(), target)
     with pytest.raises(ValueError, match="bias must be"):
         linear_cross_entropy(x, weight, target, bias[:2])
-    with pytest.raises(ValueError, match="bias must be"):
+    with pytest.raises(TypeError, match="bias must be a tensor or None, got list"):
         linear_cross_entropy(x, weight, target, [0.0] * 5)
     with pytest.raises(TypeError, match="weight/bias"):
         linear_cross_entropy(x, weight.double(), target)

@@ -17,6 +17,7 @@ from torch import Tensor
 from fastlm import backends
 from fastlm.fx_trace import traced_as_call
 from fastlm.ops.math_dtype import math_dtype
+from fastlm.ops.tensor_arguments import check_tensors
 
 ACTIVATIONS = {None: 0, "relu": 1, "tanh": 2}
 
@@ -166,8 +167,6 @@ def reference_batch_norm(input, running_mean, running_var, weight, bias, trainin
 
 def check_input(input: Tensor, training: bool) -> None:
     """The checks nn.BatchNorm1d and F.batch_norm make, with their messages."""
-    if not isinstance(input, Tensor):
-        raise TypeError(f"fastlm.batch_norm: input must be a tensor, got {type(input).__name__}")
     if input.dim() not in (2, 3):
         raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
     if not input.is_floating_point():
@@ -219,6 +218,8 @@ def batch_norm(
     ``activation`` is ``None``, ``"relu"`` or ``"tanh"``, applied to the normalised output inside the kernel;
     ``backend`` forces a backend for this call.
     """
+    check_tensors("batch_norm", ("running_mean", "running_var", "weight", "bias"), input=input,
+                  running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     check_input(input, training)
     if activation not in ACTIVATIONS:
         raise ValueError(f"fastlm.batch_norm: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")

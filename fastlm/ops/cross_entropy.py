@@ -25,6 +25,7 @@ from fastlm import backends
 from fastlm.fx_trace import traced_as_call
 from fastlm.ops.autocast import autocast_dtype, autocast_off
 from fastlm.ops.math_dtype import math_dtype
+from fastlm.ops.tensor_arguments import check_tensors
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -141,8 +142,6 @@ def reference_cross_entropy(logits, target, weight, ignore_index, reduction, lab
 def check_rows(input: Tensor, name: str, shape: str = "(N, C)") -> None:
     """Checks on a 2D floating-point input of ``shape`` (the logits, or linear + cross-entropy's hidden states)
     that need no look at the data, so they cost no GPU sync."""
-    if not isinstance(input, Tensor):
-        raise TypeError(f"fastlm.{name}: input must be a tensor, got {type(input).__name__}")
     if not input.is_floating_point():
         raise TypeError(f"fastlm.{name}: input must be a floating-point tensor, got {input.dtype}")
     if input.dim() != 2:
@@ -156,9 +155,9 @@ def check_target(target: Tensor, num_rows: int, num_classes: int, device: torch.
     checked by the kernels, which raise IndexError before touching memory)."""
     if num_classes == 0:
         raise ValueError(f"fastlm.{name}: the input has no classes")
-    if not isinstance(target, Tensor) or target.dtype not in (torch.int64, torch.int32, torch.uint8):
+    if target.dtype not in (torch.int64, torch.int32, torch.uint8):
         raise TypeError(f"fastlm.{name}: target must hold class indices as int64, int32 or uint8, got "
-                        f"{getattr(target, 'dtype', type(target).__name__)}")
+                        f"{target.dtype}")
     if target.dim() != 1 or target.shape[0] != num_rows:
         raise ValueError(f"fastlm.{name}: expected target of shape ({num_rows},), got {tuple(target.shape)}")
     if target.device != device:
@@ -224,7 +223,8 @@ def cross_entropy(
     The loss has the logits' dtype, or fp32 for fp16/bf16 logits under torch.autocast, as F.cross_entropy's
     (see fastlm/ops/autocast.py).
     """
-    if isinstance(input, Tensor) and isinstance(target, Tensor) and input.is_floating_point():
+    check_tensors("cross_entropy", ("weight",), input=input, target=target, weight=weight)
+    if input.is_floating_point():
         if target.is_floating_point() and target.shape == input.shape:
             if lse_square_scale or return_lse or inplace_backward:
                 raise ValueError("fastlm.cross_entropy: class-probability targets are computed by F.cross_entropy, "

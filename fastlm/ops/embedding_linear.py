@@ -27,6 +27,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from fastlm import backends
 from fastlm.fx_trace import traced_as_call
 from fastlm.ops.autocast import autocast_dtype, autocast_off, cast_to
+from fastlm.ops.tensor_arguments import check_tensors
 
 STRATEGIES = {"gather": 0, "table": 1}
 
@@ -118,9 +119,8 @@ def choose_strategy(batch: int, vocab: int, dim: int, context: int, out: int) ->
 
 
 def check_inputs(idx: Tensor, table: Tensor, weight: Tensor, bias: Tensor | None, padding_idx: int | None) -> None:
-    if not isinstance(idx, Tensor) or idx.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"fastlm.embedding_linear: idx must hold token ids as int64 or int32, got "
-                        f"{getattr(idx, 'dtype', type(idx).__name__)}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"fastlm.embedding_linear: idx must hold token ids as int64 or int32, got {idx.dtype}")
     if idx.dim() != 2:
         raise ValueError(f"fastlm.embedding_linear: idx must be 2D (B, T), got shape {tuple(idx.shape)}")
     if table.dim() != 2 or not table.is_floating_point():
@@ -173,7 +173,8 @@ def embedding_linear(
     row of the table gets no gradient); ``strategy`` forces "gather" or "table"; ``atomic_scatter`` allows
     the GPU's atomic scatter-add (not deterministic); ``backend`` forces a backend for this call. Under
     torch.autocast it runs in the autocast dtype, as F.linear does (see fastlm/ops/autocast.py)."""
-    amp = autocast_dtype(idx.device) if isinstance(idx, Tensor) else None
+    check_tensors("embedding_linear", ("bias",), idx=idx, table=table, weight=weight, bias=bias)
+    amp = autocast_dtype(idx.device)
     table, weight, bias = cast_to(amp, table, weight, bias)
     check_inputs(idx, table, weight, bias, padding_idx)
     if strategy is None:

@@ -30,6 +30,7 @@ from fastlm.ops.cross_entropy import (
     reference_cross_entropy,
 )
 from fastlm.ops.math_dtype import math_dtype
+from fastlm.ops.tensor_arguments import check_tensors
 
 
 def default_chunk_size(hidden: int, vocab: int) -> int:
@@ -62,13 +63,15 @@ def linear_cross_entropy(
     the per-class weights of the loss. Other options as in ``fastlm.ops.cross_entropy``. Under torch.autocast
     the linear runs in the autocast dtype and the loss comes out in fp32, as with F.linear and F.cross_entropy.
     """
+    check_tensors("linear_cross_entropy", ("bias", "ce_weight"), input=input, weight=weight, target=target, bias=bias,
+                  ce_weight=ce_weight)
     check_rows(input, "linear_cross_entropy", "(N, H)")
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != input.shape[1]:
+    if weight.dim() != 2 or weight.shape[1] != input.shape[1]:
         raise ValueError(f"fastlm.linear_cross_entropy: weight must be (V, {input.shape[1]}), got "
-                         f"{tuple(getattr(weight, 'shape', ()))}")
-    if bias is not None and (not isinstance(bias, Tensor) or bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+                         f"{tuple(weight.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"fastlm.linear_cross_entropy: bias must be a ({weight.shape[0]},) tensor, got "
-                         f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
+                         f"{tuple(bias.shape)}")
     amp = autocast_dtype(input.device)
     input, weight, bias = cast_to(amp, input, weight, bias)
     if weight.device != input.device or (bias is not None and bias.device != input.device):

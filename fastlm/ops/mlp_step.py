@@ -23,6 +23,7 @@ from torch import Tensor
 from fastlm import backends
 from fastlm.ops.batch_norm import reference_batch_norm
 from fastlm.ops.embedding_linear import check_ids, reference_embedding_linear
+from fastlm.ops.tensor_arguments import check_tensors
 
 
 class MLPGrads(NamedTuple):
@@ -91,6 +92,7 @@ def _backend_for(idx, bn_weight, bn_bias, backend, name):
     """A step's backend, cpp or torch. The inputs are checked where they are used: by the cpp kernel before it
     reads through any id (raising the same errors), by the reference otherwise. A batch-32 step costs about
     40 us; checking in Python too would add 2."""
+    check_tensors(name, idx=idx)  # the others are checked by the op itself (by the dispatcher: tensors)
     if (bn_weight is not None) != (bn_bias is not None):
         raise ValueError(f"fastlm.{name}: give both bn_weight and bn_bias, or neither")
     resolved = backends.resolve(idx.device, backend, mutates=True)  # running stats, and the sgd step's update

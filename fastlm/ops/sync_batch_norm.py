@@ -18,6 +18,7 @@ from fastlm import backends
 from fastlm.fx_trace import traced_as_call
 from fastlm.ops.batch_norm import ACTIVATIONS, check_per_channel, kernel_ops
 from fastlm.ops.math_dtype import math_dtype
+from fastlm.ops.tensor_arguments import check_tensors
 
 
 def merge_pair(count_a, mean_a: Tensor, m2_a: Tensor, count_b, mean_b: Tensor, m2_b: Tensor):
@@ -111,6 +112,8 @@ def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Ten
                     eps: float = 1e-5, unbiased: bool = False, activation: str | None = None, process_group=None,
                     *, backend: str | None = None) -> Tensor:
     """Training-mode BatchNorm with the statistics of the batch of all ranks in ``process_group``."""
+    check_tensors("sync_batch_norm", ("running_mean", "running_var", "weight", "bias"), input=input,
+                  running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if input.dim() not in (2, 3):
         raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
     if activation not in ACTIVATIONS:
