@@ -16,8 +16,8 @@ CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-f
   python3 setup.py -q build_ext --inplace >build-sanitizers.log 2>&1 || { tail -50 build-sanitizers.log; exit 1; }
 # The sanitizers' runtimes first, and libstdc++ with them (else ASan's interceptor of C++ exceptions finds no
 # __cxa_throw).
-LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
-export LD_PRELOAD="$LD_PRELOAD $(gcc -print-file-name=libstdc++.so)"
+runtimes="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+export LD_PRELOAD="$runtimes $(gcc -print-file-name=libstdc++.so)"
 export UBSAN_OPTIONS=print_stacktrace=1
 export ASAN_OPTIONS=detect_leaks=0  # Python itself leaks by design at exit
 # Deselected: the Triton and CUDA backends (no C++ kernel of theirs runs on the CPU), and the test that measures
