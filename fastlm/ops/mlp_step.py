@@ -92,7 +92,7 @@ def _backend_for(idx, bn_weight, bn_bias, backend, name):
     """A step's backend, cpp or torch. The inputs are checked where they are used: by the cpp kernel before it
     reads through any id (raising the same errors), by the reference otherwise. A batch-32 step costs about
     40 us; checking in Python too would add 2."""
-    check_tensors(name, idx=idx)  # the others are checked by the op itself (by the dispatcher: tensors)
+    check_tensors(name, idx=idx)  # its device picks the backend; the op's dispatcher refuses other non-tensors
     if (bn_weight is not None) != (bn_bias is not None):
         raise ValueError(f"fastlm.{name}: give both bn_weight and bn_bias, or neither")
     resolved = backends.resolve(idx.device, backend, mutates=True)  # running stats, and the sgd step's update
