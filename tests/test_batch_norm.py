@@ -225,8 +225,9 @@ def test_cpp_is_as_accurate_as_torch_on_random_configurations(n, c, length, mome
     """Any mix of the module's options, shapes and data: the output, input and parameter gradients and the
     buffers after one step err from float64 by at most 4x what torch's BatchNorm1d in the same dtype does, plus a
     floor: ``fastlm check``'s tolerance, or the rounding of a float32 mean far from 0 (a channel of a small spread
-    far from 0 is ill-conditioned in float32 whatever computes it). A relu's kink: the references take fastlm's choice of side for a value
-    that rounding puts on either side of 0 (its gradient would differ by the whole upstream gradient)."""
+    far from 0 is ill-conditioned in float32 whatever computes it). A relu's kink: the references take fastlm's
+    choice of side for a value that rounding puts on either side of 0 (its gradient would differ by the whole
+    upstream gradient)."""
     skip_unless_runs("cpp")
     shape = (n, c) if length is None else (n, c, length)
     generator = torch.Generator().manual_seed(seed)
