@@ -24,8 +24,9 @@ def tensor(*shape, dtype=torch.float32):
     return torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.randint(0, 3, shape, dtype=dtype)
 
 
-def valid_call(name: str, rng: random.Random) -> list:
-    """Arguments of a valid call of fastlm::{name} (2D or 3D BatchNorm input, any activation)."""
+def valid_calls(rng: random.Random) -> dict:
+    """For each op, by name, a function giving the arguments of a valid call of fastlm::{name} (2D or 3D BatchNorm
+    input, any activation)."""
     x = tensor(N, C, L) if rng.random() < 0.3 else tensor(N, C)
     per_channel = [tensor(C), tensor(C).abs() + 0.1]
     target, idx = torch.randint(0, C, (N,)), torch.randint(0, V, (B, T))
@@ -57,7 +58,7 @@ def valid_call(name: str, rng: random.Random) -> list:
         "mlp_loss_and_grads": lambda: mlp_call(idx, rng, sgd=False),
         "mlp_sgd_step": lambda: mlp_call(idx, rng, sgd=True),
     }
-    return calls[name]()
+    return calls
 
 
 def mlp_call(idx, rng, sgd):
@@ -65,14 +66,6 @@ def mlp_call(idx, rng, sgd):
     args = [idx, torch.randint(0, V, (B,)), tensor(V, D), tensor(H, T * D), tensor(H), tensor(V, H), tensor(V)]
     args += batch_norm if rng.random() < 0.5 else [None] * 5
     return args + [0.1, 1e-5, False] + ([0.1] if sgd else [])
-
-
-OPS = ["cross_entropy_forward", "cross_entropy_backward", "cross_entropy_backward_",
-       "cross_entropy_forward_backward", "cross_entropy", "batch_norm_stats", "batch_norm_forward",
-       "batch_norm_forward_train", "batch_norm_backward_reduce", "batch_norm_backward_input", "batch_norm_backward",
-       "batch_norm", "embedding_linear_forward", "embedding_linear_backward", "embedding_linear",
-       "linear_cross_entropy", "linear_cross_entropy_chunks", "checked_token_ids", "mlp_loss_and_grads",
-       "mlp_sgd_step"]
 
 
 def mutated_tensor(t: torch.Tensor, rng: random.Random) -> torch.Tensor:
@@ -138,8 +131,9 @@ def test_malformed_calls_raise_and_never_crash(seed):
     torch.manual_seed(seed)
     outcomes = {"returned": 0, "raised": 0}
     for _ in range(CALLS_PER_SEED):
-        name = rng.choice(OPS)
-        args = mutated(valid_call(name, rng), rng)
+        calls = valid_calls(rng)
+        name = rng.choice(list(calls))
+        args = mutated(calls[name](), rng)
         try:
             getattr(torch.ops.fastlm, name)(*args)
             outcomes["returned"] += 1
