@@ -22,7 +22,7 @@ std::tuple<Tensor, Tensor> forward_only(const Tensor& logits, const Tensor& targ
                                         const Options& o) {
   static const KernelOp<ForwardOp> forward("cross_entropy_forward");
   return forward.kernels(o.triton).call(logits, target, weight, o.ignore_index, o.label_smoothing,
-                                        o.lse_square_scale);
+                                        o.lse_square_scale, o.softcap);
 }
 
 const KernelOp<ForwardBackwardOp> forward_backward("cross_entropy_forward_backward");
@@ -48,7 +48,7 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
       const Tensor grad_rows = grad_per_row(unit, o.reduction, denominator, logits.sym_size(0), dtype);
       Tensor grad;
       std::tie(rows, lse, grad) = forward_backward.kernels(o.triton).call(
-          logits, target, weight, grad_rows, o.ignore_index, o.label_smoothing, o.lse_square_scale);
+          logits, target, weight, grad_rows, o.ignore_index, o.label_smoothing, o.lse_square_scale, o.softcap);
       ctx->saved_data["grad"] = grad;  // not a saved variable: handed out once, so no version check is needed
     } else {
       std::tie(rows, lse) = forward_only(logits, target, weight, o);
@@ -80,14 +80,14 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
       const Tensor grad_rows = grad_per_row(grads[0], o.reduction, saved[4], logits.sym_size(0), lse.scalar_type());
       if (ctx->saved_data["inplace"].toBool()) {
         backward_in_place.kernels(o.triton).call(logits, target, weight, lse, grad_rows, o.ignore_index,
-                                                 o.label_smoothing, o.lse_square_scale);
+                                                 o.label_smoothing, o.lse_square_scale, o.softcap);
         torch::autograd::impl::bump_version(logits);
         result[0] = logits;
       } else {
         // The forward's kernel again, rather than exp(x - lse): as exact far from 0, and for upstream gradients of
         // 0 and 1 bitwise the first backward's (gradcheck's reentrancy check).
         result[0] = std::get<2>(forward_backward.kernels(o.triton).call(
-            logits, target, weight, grad_rows, o.ignore_index, o.label_smoothing, o.lse_square_scale));
+            logits, target, weight, grad_rows, o.ignore_index, o.label_smoothing, o.lse_square_scale, o.softcap));
       }
       return result;
     });
@@ -97,10 +97,11 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
 std::tuple<Tensor, Tensor> cross_entropy_autograd(const Tensor& logits, const Tensor& target,
                                                   const OptionalTensor& weight, int64_t ignore_index,
                                                   c10::string_view reduction, double label_smoothing,
-                                                  double lse_square_scale, bool inplace_backward, bool triton) {
+                                                  double lse_square_scale, double softcap, bool inplace_backward,
+                                                  bool triton) {
   // Under no_grad autograd still marks a leaf that requires grad as needing one: ask grad mode too.
   const bool grad_wanted = at::GradMode::is_enabled() && logits.requires_grad();
-  const Options options{parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, triton};
+  const Options options{parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, softcap, triton};
   refuse_forward_ad("fastlm::cross_entropy", logits, weight);
   variable_list out = CrossEntropy::apply(logits, target, weight, options, inplace_backward, grad_wanted);
   // lse comes out without a gradient: detached here rather than marked non-differentiable in the forward, which
@@ -111,8 +112,8 @@ std::tuple<Tensor, Tensor> cross_entropy_autograd(const Tensor& logits, const Te
 std::tuple<Tensor, Tensor> cross_entropy_inference(const Tensor& logits, const Tensor& target,
                                                    const OptionalTensor& weight, int64_t ignore_index,
                                                    c10::string_view reduction, double label_smoothing,
-                                                   double lse_square_scale, bool, bool triton) {
-  const Options o{parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, triton};
+                                                   double lse_square_scale, double softcap, bool, bool triton) {
+  const Options o{parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, softcap, triton};
   auto [rows, lse] = forward_only(logits, target, weight, o);
   const Tensor denominator = o.reduction == Reduction::mean
                                  ? mean_denominator(target, weight, ignore_index, math_dtype(logits))
@@ -125,7 +126,7 @@ std::tuple<Tensor, Tensor> cross_entropy_inference(const Tensor& logits, const T
 TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def(
       "cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index, str reduction, "
-      "float label_smoothing, float lse_square_scale, bool inplace_backward, bool triton=False) "
+      "float label_smoothing, float lse_square_scale, float softcap, bool inplace_backward, bool triton=False) "
       "-> (Tensor loss, Tensor lse)");
 }
 

@@ -33,14 +33,15 @@ using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
 
 // The signatures of the family's kernel ops (csrc/cpu/cross_entropy.cpp).
+// The trailing doubles: label_smoothing, lse_square_scale, softcap.
 using ForwardOp = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptionalTensor&, int64_t, double,
-                                             double);
+                                             double, double);
 using ForwardBackwardOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptionalTensor&,
-                                                             const Tensor&, int64_t, double, double);
+                                                             const Tensor&, int64_t, double, double, double);
 using BackwardOp = Tensor(const Tensor&, const Tensor&, const OptionalTensor&, const Tensor&, const Tensor&, int64_t,
-                          double, double);
+                          double, double, double);
 using BackwardInPlaceOp = void(Tensor&, const Tensor&, const OptionalTensor&, const Tensor&, const Tensor&,
-                               int64_t, double, double);
+                               int64_t, double, double, double);
 
 enum class Reduction { none, mean, sum };
 
@@ -56,7 +57,7 @@ inline Reduction parse_reduction(c10::string_view reduction) {
 struct Options {
   Reduction reduction;
   int64_t ignore_index;
-  double label_smoothing, lse_square_scale;
+  double label_smoothing, lse_square_scale, softcap;
   bool triton;
 
   void save(autograd_op::AutogradContext* ctx) const {
@@ -64,13 +65,14 @@ struct Options {
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["lse_square_scale"] = lse_square_scale;
+    ctx->saved_data["softcap"] = softcap;
     ctx->saved_data["triton"] = triton;
   }
 
   static Options saved(autograd_op::AutogradContext* ctx) {
     return {Reduction(ctx->saved_data["reduction"].toInt()), ctx->saved_data["ignore_index"].toInt(),
             ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["lse_square_scale"].toDouble(),
-            ctx->saved_data["triton"].toBool()};
+            ctx->saved_data["softcap"].toDouble(), ctx->saved_data["triton"].toBool()};
   }
 };
 

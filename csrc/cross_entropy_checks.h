@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
 #include <optional>
 
 namespace fastlm {
@@ -21,6 +22,12 @@ inline void check_cross_entropy_shapes(const at::Tensor& logits, const at::Tenso
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1), "fastlm cross_entropy: weight must have C = ",
                 logits.size(1), " entries, got shape ", weight->sizes());
   }
+}
+
+// The logits' soft cap: a positive finite number, or 0 for none.
+inline void check_softcap(double softcap) {
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap),
+              "fastlm cross_entropy: softcap must be a positive number (or 0 for none), got ", softcap);
 }
 
 // lse and grad_loss: one value per row of logits.

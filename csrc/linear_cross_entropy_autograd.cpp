@@ -70,12 +70,13 @@ void check_chunk_arguments(const Tensor& input, const Tensor& weight, const Tens
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_chunks(
     const Tensor& input, const Tensor& weight, const OptionalTensor& bias, const Tensor& target,
     const OptionalTensor& ce_weight, int64_t ignore_index, double label_smoothing, double lse_square_scale,
-    bool triton, int64_t chunk_size, const OptionalTensor& grad_rows_given, std::array<bool, 3> wanted) {
+    double softcap, bool triton, int64_t chunk_size, const OptionalTensor& grad_rows_given,
+    std::array<bool, 3> wanted) {
   static const KernelOp<ForwardOp> forward("cross_entropy_forward");
   static const KernelOp<BackwardOp> backward("cross_entropy_backward");
   static const KernelOp<BackwardInPlaceOp> backward_in_place("cross_entropy_backward_");
   check_chunk_arguments(input, weight, target, chunk_size);
-  const Options o{Reduction::none, ignore_index, label_smoothing, lse_square_scale, triton};
+  const Options o{Reduction::none, ignore_index, label_smoothing, lse_square_scale, softcap, triton};
   const Tensor grad_rows = grad_rows_given.value_or(Tensor());
   const int64_t num_rows = input.size(0);
   const auto acc = input.options().dtype(math_dtype(input));
@@ -89,7 +90,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_chunks(
     const Tensor x = input.narrow(0, start, rows), t = target.narrow(0, start, rows);
     Tensor logits = at::linear(x, weight, bias);
     auto [loss_rows, lse] = forward.kernels(o.triton).call(logits, t, ce_weight, o.ignore_index, o.label_smoothing,
-                                                           o.lse_square_scale);
+                                                           o.lse_square_scale, o.softcap);
     all_rows.narrow(0, start, rows).copy_(loss_rows);
     all_lse.narrow(0, start, rows).copy_(lse);
     if (!grad_rows.defined()) continue;
@@ -97,11 +98,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_chunks(
     Tensor d_logits;
     if (can_overwrite(logits, o.triton)) {
       backward_in_place.kernels(o.triton).call(logits, t, ce_weight, lse, g, o.ignore_index, o.label_smoothing,
-                                               o.lse_square_scale);
+                                               o.lse_square_scale, o.softcap);
       d_logits = logits;
     } else {
       d_logits = backward.kernels(o.triton).call(logits, t, ce_weight, lse, g, o.ignore_index, o.label_smoothing,
-                                                 o.lse_square_scale);
+                                                 o.lse_square_scale, o.softcap);
     }
     if (wanted[0]) {
       Tensor d_x = d_input.narrow(0, start, rows);
@@ -122,7 +123,7 @@ Chunked run_chunks(const Tensor& input, const Tensor& weight, const OptionalTens
   static const auto op = find_op<Signature>("fastlm::linear_cross_entropy_chunks");
   auto [rows, lse, d_input, d_weight, d_bias] =
       op.call(input, weight, bias, target, ce_weight, o.ignore_index, o.label_smoothing, o.lse_square_scale,
-              o.triton, chunk_size, grad_rows.defined() ? OptionalTensor(grad_rows) : std::nullopt, wanted);
+              o.softcap, o.triton, chunk_size, grad_rows.defined() ? OptionalTensor(grad_rows) : std::nullopt, wanted);
   variable_list grads{d_input, d_weight, d_bias};
   for (size_t i = 0; i < grads.size(); ++i) {
     if (!wanted[i] || !grad_rows.defined()) grads[i] = Tensor();  // the op's empty stand-ins
@@ -208,23 +209,25 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
 
 // The op's options, once its arguments are checked (check_chunk_arguments).
 Options options_of(const Tensor& input, const Tensor& weight, const Tensor& target, c10::string_view reduction,
-                   int64_t ignore_index, double label_smoothing, double lse_square_scale, int64_t chunk_size,
-                   bool triton) {
+                   int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap,
+                   int64_t chunk_size, bool triton) {
   check_chunk_arguments(input, weight, target, chunk_size);
-  return {parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, triton};
+  return {parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, softcap, triton};
 }
 
 std::tuple<Tensor, Tensor> linear_cross_entropy_autograd(const Tensor& input, const Tensor& weight,
                                                          const OptionalTensor& bias, const Tensor& target,
                                                          const OptionalTensor& ce_weight, int64_t ignore_index,
                                                          c10::string_view reduction, double label_smoothing,
-                                                         double lse_square_scale, int64_t chunk_size, bool triton) {
+                                                         double lse_square_scale, double softcap, int64_t chunk_size,
+                                                         bool triton) {
   // Under no_grad autograd still marks a leaf that requires grad as needing one: ask grad mode too.
   const bool grad_mode = at::GradMode::is_enabled();
   const Wanted wanted{grad_mode && input.requires_grad(), grad_mode && weight.requires_grad(),
                       grad_mode && bias.has_value() && bias->requires_grad()};
   const Options o =
-      options_of(input, weight, target, reduction, ignore_index, label_smoothing, lse_square_scale, chunk_size, triton);
+      options_of(input, weight, target, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
+                 chunk_size, triton);
   refuse_forward_ad("fastlm::linear_cross_entropy", input, weight, bias, ce_weight);
   variable_list out = LinearCrossEntropy::apply(input, weight, bias, target, ce_weight, o, chunk_size, wanted);
   return {out[0], out[1].detach()};  // as cross_entropy_autograd's lse
@@ -234,9 +237,11 @@ std::tuple<Tensor, Tensor> linear_cross_entropy_inference(const Tensor& input, c
                                                           const OptionalTensor& bias, const Tensor& target,
                                                           const OptionalTensor& ce_weight, int64_t ignore_index,
                                                           c10::string_view reduction, double label_smoothing,
-                                                          double lse_square_scale, int64_t chunk_size, bool triton) {
+                                                          double lse_square_scale, double softcap, int64_t chunk_size,
+                                                          bool triton) {
   const Options o =
-      options_of(input, weight, target, reduction, ignore_index, label_smoothing, lse_square_scale, chunk_size, triton);
+      options_of(input, weight, target, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
+                 chunk_size, triton);
   const Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, chunk_size, Tensor(),
                                      {false, false, false});
   const Tensor denominator = o.reduction == Reduction::mean
@@ -250,11 +255,11 @@ std::tuple<Tensor, Tensor> linear_cross_entropy_inference(const Tensor& input, c
 TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def(
       "linear_cross_entropy(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? ce_weight, "
-      "int ignore_index, str reduction, float label_smoothing, float lse_square_scale, int chunk_size, "
-      "bool triton=False) -> (Tensor loss, Tensor lse)");
+      "int ignore_index, str reduction, float label_smoothing, float lse_square_scale, float softcap, "
+      "int chunk_size, bool triton=False) -> (Tensor loss, Tensor lse)");
   m.def(
       "linear_cross_entropy_chunks(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? ce_weight, "
-      "int ignore_index, float label_smoothing, float lse_square_scale, bool triton, int chunk_size, "
+      "int ignore_index, float label_smoothing, float lse_square_scale, float softcap, bool triton, int chunk_size, "
       "Tensor? grad_rows, bool[3] wanted) -> (Tensor rows, Tensor lse, Tensor d_input, Tensor d_weight, "
       "Tensor d_bias)");
 }

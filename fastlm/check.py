@@ -72,9 +72,14 @@ BACKENDS: dict[str, Backend] = {name: fastlm_backend(name) for name in backends.
 # --- the float64 references ------------------------------------------------------------------------------
 
 
+def _reference_cross_entropy(input, target, softcap=None, **options):
+    """F.cross_entropy of the logits, soft-capped to ``softcap * tanh(input / softcap)`` where asked."""
+    return F.cross_entropy(softcap * torch.tanh(input / softcap) if softcap else input, target, **options)
+
+
 def _reference_linear_cross_entropy(input, weight, target, bias=None, chunk_size=None, **options):
     """``chunk_size`` only says how fastlm splits the rows: the math is one F.linear."""
-    return F.cross_entropy(F.linear(input, weight, bias), target, **options)
+    return _reference_cross_entropy(F.linear(input, weight, bias), target, **options)
 
 
 def _reference_batch_norm(input, running_mean, running_var, weight, bias, training, momentum=0.1, eps=1e-5,
@@ -112,7 +117,7 @@ def _reference_mlp_sgd_step(idx, targets, table, w1, b1, w2, b2, bn_weight=None,
     return loss
 
 
-REFERENCE = {"cross_entropy": F.cross_entropy, "linear_cross_entropy": _reference_linear_cross_entropy,
+REFERENCE = {"cross_entropy": _reference_cross_entropy, "linear_cross_entropy": _reference_linear_cross_entropy,
              "batch_norm": _reference_batch_norm, "embedding_linear": _reference_embedding_linear,
              "mlp_loss_and_grads": _reference_mlp_loss_and_grads, "mlp_sgd_step": _reference_mlp_sgd_step}
 
@@ -149,6 +154,7 @@ def cross_entropy_cases(quick: bool) -> list[Case]:
         ("sum ignore_index=1 label_smoothing=0.1", {"reduction": "sum", "ignore_index": 1, "label_smoothing": 0.1},
          0.3, False),
         ("none, strided", {"reduction": "none"}, 0.2, True),
+        ("softcap=5 label_smoothing=0.1", {"softcap": 5.0, "label_smoothing": 0.1}, 0.2, False),
     ]
     cases = []
     for n, c in shapes:
@@ -171,7 +177,8 @@ def linear_cross_entropy_cases(quick: bool) -> list[Case]:
     for n, h, v in shapes:
         for label, options, strided in [("mean, bias", {}, ()),
                                         ("sum ignore_index=-100 label_smoothing=0.1 chunk_size=16, strided",
-                                         {"reduction": "sum", "label_smoothing": 0.1, "chunk_size": 16}, ("input",))]:
+                                         {"reduction": "sum", "label_smoothing": 0.1, "chunk_size": 16}, ("input",)),
+                                        ("mean softcap=2, bias", {"softcap": 2.0}, ())]:
             generator = _generator(n, h, v, len(cases))
             tensors = {"input": torch.randn(n, h, generator=generator, dtype=torch.float64),
                        "weight": torch.randn(v, h, generator=generator, dtype=torch.float64) / h**0.5,

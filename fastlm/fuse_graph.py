@@ -58,17 +58,18 @@ ACTIVATION_CALLS = {("call_function", torch.tanh): "tanh", ("call_method", "tanh
 LINEAR = inspect.signature(lambda input, weight, bias=None: None)
 EMBEDDING = inspect.signature(F.embedding)
 CROSS_ENTROPY = inspect.signature(F.cross_entropy)
-FASTLM_CROSS_ENTROPY_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "lse_square_scale")
+FASTLM_CROSS_ENTROPY_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "lse_square_scale", "softcap")
 BATCH_NORM_ACTIVATION = 9  # the position of the activation code among fastlm::batch_norm's 11 arguments
 
 
 def fused_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ce_weight: Tensor | None,
                ignore_index: int, reduction: str, label_smoothing: float, lse_square_scale: float = 0.0,
-               return_lse: bool = False, backend: str | None = None):
-    """What a rewritten graph calls for a loss: that of ``linear(hidden, weight, bias)`` flattened to (rows, V)."""
+               softcap: float = 0.0, return_lse: bool = False, backend: str | None = None):
+    """What a rewritten graph calls for a loss: that of ``linear(hidden, weight, bias)`` flattened to (rows, V)
+    (``softcap`` as the ops take it: 0 for none)."""
     return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, target, bias, ce_weight, ignore_index,
-                                reduction, label_smoothing, lse_square_scale=lse_square_scale, return_lse=return_lse,
-                                backend=backend)
+                                reduction, label_smoothing, lse_square_scale=lse_square_scale,
+                                softcap=softcap or None, return_lse=return_lse, backend=backend)
 
 
 def example(node) -> Tensor | None:
@@ -241,7 +242,7 @@ def torch_loss_options(loss: fx.Node, backend: str | None) -> dict | None:
 def fastlm_loss_options(loss: fx.Node, hidden: fx.Node, weight: fx.Node) -> dict | None:
     """fused_loss's options for a ``fastlm::cross_entropy`` node it can replace (the backend the op was traced
     with, and its (loss, lse) pair), or None where autocast made the logits' dtype differ from the hidden's."""
-    if len(loss.args) != 9 or loss.kwargs:
+    if len(loss.args) != 10 or loss.kwargs:
         return None
     logits, target, ce_weight, *options, _inplace_backward, triton = loss.args
     dtypes = {getattr(example(node), "dtype", None) for node in (logits, hidden, weight)}

@@ -10,7 +10,11 @@
 # The fused forward-backward does both in one program per row: the forward loop, then the gradient loop
 # over the same row again (on a GPU the second read mostly comes from L2). All three kernels are built
 # from the same three row helpers.
+# With a soft cap k (SOFTCAP) every logit is read as k tanh(x / k) (_logit; columns past C stay -inf), and the
+# gradient for it is multiplied by its derivative 1 - (capped / k)^2.
 # Math is fp32 (fp64 for fp64 logits); loss and lse come back in that dtype.
+
+import math
 
 import torch
 import triton
@@ -18,11 +22,20 @@ import triton.language as tl
 
 from fastlm import backends
 from fastlm.kernels import launch
+from fastlm.kernels.tanh import tanh
+
+
+@triton.jit
+def _logit(x, k, SOFTCAP: tl.constexpr):
+    """A logit as the loss sees it: x, or k * tanh(x / k) with a soft cap k."""
+    if SOFTCAP:
+        x = k * tanh(x / k)
+    return x
 
 
 @triton.jit
 def _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C, ignore_index, e_hi, e_lo, s_hi, s_lo,
-               HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+               k_hi, k_lo, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
     """This program's row: its logits, target t, whether it counts, and the scalars of its loss."""
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride may pass 2^31
     x_row = logits_ptr + row * stride_row
@@ -30,32 +43,35 @@ def _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C, igno
     # (the launchers reject such targets before getting here).
     t = tl.load(target_ptr + row).to(tl.int64)
     valid = (t != ignore_index) & (t >= 0) & (t < C)
-    # e and s arrive as fp32 hi/lo pairs (see launch.split_double); summed in ACC they are exact enough for fp64.
+    # e, s and k arrive as fp32 hi/lo pairs (see launch.split_double); summed in ACC they are exact enough for fp64.
     e = tl.zeros([], ACC) + e_hi + e_lo
     s = tl.zeros([], ACC) + s_hi + s_lo
+    k = tl.zeros([], ACC) + k_hi + k_lo
     if HAS_WEIGHT:
         w_t = tl.load(weight_ptr + t, mask=valid, other=0.0).to(ACC)
         w_sum = tl.load(wsum_ptr).to(ACC)
     else:
         w_t = tl.full([], 1.0, ACC)
         w_sum = tl.zeros([], ACC) + C  # (C == 1 arrives as a constexpr, so no C.to())
-    return row, x_row, t, valid, e, s, w_t, w_sum
+    return row, x_row, t, valid, e, s, k, w_t, w_sum
 
 
 @triton.jit
-def _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, HAS_WEIGHT: tl.constexpr,
-                  HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+def _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, k, w_t, w_sum, HAS_WEIGHT: tl.constexpr,
+                  HAS_SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     """One pass over the row: its max m, log of sum exp(x - m), lse and loss (0 for an ignored row)."""
     cols = tl.arange(0, BLOCK_C)
     m = tl.full([], float("-inf"), ACC)  # running max
     total = tl.zeros([], ACC)  # sum of exp(x - m)
     wx = tl.zeros([], ACC)  # sum of w_c (x_c - anchor), for smoothing
     if HAS_SMOOTHING:
-        anchor = tl.load(x_row).to(ACC)  # the first logit (0 if not finite): a point near the others
+        anchor = _logit(tl.load(x_row).to(ACC), k, SOFTCAP)  # the first logit (0 if not finite): near the others
         anchor = tl.where(tl.abs(anchor) < float("inf"), anchor, 0.0)
     for start in range(0, C, BLOCK_C):
         mask = start + cols < C
         x = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(ACC)
+        if SOFTCAP:
+            x = tl.where(mask, _logit(x, k, SOFTCAP), float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 0))
         # While every logit so far is -inf (masked vocab), shift by 0 so exp gives 0, not exp(-inf + inf) = NaN.
         # A +inf logit still gives NaN, as it does in PyTorch.
@@ -70,7 +86,7 @@ def _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, HAS_WEIGHT: 
                 wx += tl.sum(tl.where(mask, x - anchor, 0.0), 0)
     log_sum = tl.log(total)
     lse = m + log_sum
-    x_t = tl.load(x_row + t, mask=valid, other=0.0).to(ACC)
+    x_t = _logit(tl.load(x_row + t, mask=valid, other=0.0).to(ACC), k, SOFTCAP)
     loss = (1.0 - e) * w_t * ((m - x_t) + log_sum) + s * lse * lse
     if HAS_SMOOTHING:
         loss += e / C * (w_sum * ((m - anchor) + log_sum) - wx)
@@ -78,8 +94,9 @@ def _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, HAS_WEIGHT: 
 
 
 @triton.jit
-def _row_grad(x_row, dx_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, lse, shift, log_norm, g,
-              HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+def _row_grad(x_row, dx_row, weight_ptr, C, t, valid, e, s, k, w_t, w_sum, lse, shift, log_norm, g,
+              HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr, ACC: tl.constexpr,
+              BLOCK_C: tl.constexpr):
     """One pass over the row: writes g * dloss/dx, recomputing p = exp((x - shift) - log_norm) (shift = lse and
     log_norm = 0 from a saved lse, or the row's max and log of its sum of exps)."""
     cols = tl.arange(0, BLOCK_C)
@@ -95,62 +112,67 @@ def _row_grad(x_row, dx_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, lse, shi
     for start in range(0, C, BLOCK_C):
         c = start + cols
         mask = c < C
-        x = tl.load(x_row + c, mask=c < n_read, other=0.0).to(ACC)
-        dx = p_scale * tl.exp((x - shift) - log_norm) - tl.where(c == t, on_target, 0.0)
+        z = _logit(tl.load(x_row + c, mask=c < n_read, other=0.0).to(ACC), k, SOFTCAP)
+        dx = p_scale * tl.exp((z - shift) - log_norm) - tl.where(c == t, on_target, 0.0)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 dx -= smooth * tl.load(weight_ptr + c, mask=mask, other=0.0).to(ACC)
             else:
                 dx -= smooth
+        if SOFTCAP:  # through the cap
+            dx *= 1.0 - (z / k) * (z / k)
         # Same program, same addresses, load before store: safe when grad is the logits (in-place).
         tl.store(dx_row + c, tl.where(valid, dx, 0.0).to(dx_row.dtype.element_ty), mask=mask)
 
 
-# The kernels all start with the arguments _prepare builds (logits_ptr ... s_lo), then their own.
+# The kernels all start with the arguments _prepare builds (logits_ptr ... k_lo), then their own.
 
 
 @triton.jit
 def _forward_kernel(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C, ignore_index, e_hi, e_lo, s_hi,
-                    s_lo, loss_ptr, lse_ptr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    row, x_row, t, valid, e, s, w_t, w_sum = _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C,
-                                                        ignore_index, e_hi, e_lo, s_hi, s_lo, HAS_WEIGHT, ACC)
-    _, _, lse, loss = _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, HAS_WEIGHT, HAS_SMOOTHING,
-                                    ACC, BLOCK_C)
+                    s_lo, k_hi, k_lo, loss_ptr, lse_ptr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                    SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    row, x_row, t, valid, e, s, k, w_t, w_sum = _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr,
+                                                           C, ignore_index, e_hi, e_lo, s_hi, s_lo, k_hi, k_lo,
+                                                           HAS_WEIGHT, ACC)
+    _, _, lse, loss = _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, k, w_t, w_sum, HAS_WEIGHT, HAS_SMOOTHING,
+                                    SOFTCAP, ACC, BLOCK_C)
     tl.store(lse_ptr + row, lse)
     tl.store(loss_ptr + row, loss)
 
 
 @triton.jit
 def _backward_kernel(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C, ignore_index, e_hi, e_lo, s_hi,
-                     s_lo, grad_ptr, stride_grad, lse_ptr, stride_lse, grad_loss_ptr, stride_grad_loss,
-                     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
-    row, x_row, t, valid, e, s, w_t, w_sum = _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C,
-                                                        ignore_index, e_hi, e_lo, s_hi, s_lo, HAS_WEIGHT, ACC)
+                     s_lo, k_hi, k_lo, grad_ptr, stride_grad, lse_ptr, stride_lse, grad_loss_ptr, stride_grad_loss,
+                     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    row, x_row, t, valid, e, s, k, w_t, w_sum = _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr,
+                                                           C, ignore_index, e_hi, e_lo, s_hi, s_lo, k_hi, k_lo,
+                                                           HAS_WEIGHT, ACC)
     lse = tl.load(lse_ptr + row * stride_lse).to(ACC)
     g = tl.load(grad_loss_ptr + row * stride_grad_loss).to(ACC)
-    _row_grad(x_row, grad_ptr + row * stride_grad, weight_ptr, C, t, valid, e, s, w_t, w_sum, lse, lse,
-              tl.zeros([], ACC), g, HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
+    _row_grad(x_row, grad_ptr + row * stride_grad, weight_ptr, C, t, valid, e, s, k, w_t, w_sum, lse, lse,
+              tl.zeros([], ACC), g, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, ACC, BLOCK_C)
 
 
 @triton.jit
 def _forward_backward_kernel(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C, ignore_index, e_hi, e_lo,
-                             s_hi, s_lo, loss_ptr, lse_ptr, grad_ptr, stride_grad, grad_loss_ptr, stride_grad_loss,
-                             HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr,
-                             BLOCK_C: tl.constexpr):
-    row, x_row, t, valid, e, s, w_t, w_sum = _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr, C,
-                                                        ignore_index, e_hi, e_lo, s_hi, s_lo, HAS_WEIGHT, ACC)
-    m, log_sum, lse, loss = _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, w_t, w_sum, HAS_WEIGHT,
-                                          HAS_SMOOTHING, ACC, BLOCK_C)
+                             s_hi, s_lo, k_hi, k_lo, loss_ptr, lse_ptr, grad_ptr, stride_grad, grad_loss_ptr,
+                             stride_grad_loss, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                             SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    row, x_row, t, valid, e, s, k, w_t, w_sum = _row_setup(logits_ptr, stride_row, target_ptr, weight_ptr, wsum_ptr,
+                                                           C, ignore_index, e_hi, e_lo, s_hi, s_lo, k_hi, k_lo,
+                                                           HAS_WEIGHT, ACC)
+    m, log_sum, lse, loss = _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, k, w_t, w_sum, HAS_WEIGHT,
+                                          HAS_SMOOTHING, SOFTCAP, ACC, BLOCK_C)
     tl.store(lse_ptr + row, lse)
     tl.store(loss_ptr + row, loss)
     g = tl.load(grad_loss_ptr + row * stride_grad_loss).to(ACC)
-    _row_grad(x_row, grad_ptr + row * stride_grad, weight_ptr, C, t, valid, e, s, w_t, w_sum, lse, m, log_sum, g,
-              HAS_WEIGHT, HAS_SMOOTHING, ACC, BLOCK_C)
+    _row_grad(x_row, grad_ptr + row * stride_grad, weight_ptr, C, t, valid, e, s, k, w_t, w_sum, lse, m, log_sum,
+              g, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, ACC, BLOCK_C)
 
 
-def _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale):
+def _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap):
     """Validates the inputs like the C++ ops. Returns (logits with unit column stride, the leading kernel
     arguments shared by all three kernels, the math dtype, the kernels' constexprs and launch options)."""
     if logits.dim() != 2:
@@ -165,6 +187,8 @@ def _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_s
         raise ValueError(f"fastlm cross_entropy: target must be int64 or int32, got {target.dtype}")
     if weight is not None and (weight.dim() != 1 or weight.shape[0] != C):
         raise ValueError(f"fastlm cross_entropy: weight must have C = {C} entries, got shape {tuple(weight.shape)}")
+    if not 0 <= softcap < math.inf:  # the C++ check's rule and message
+        raise RuntimeError(f"fastlm cross_entropy: softcap must be a positive number (or 0 for none), got {softcap}")
     for name, other in (("target", target), ("weight", weight)):
         if other is not None and other.device != logits.device:
             raise ValueError(f"fastlm cross_entropy: {name} is on {other.device} but logits are on {logits.device}")
@@ -190,9 +214,10 @@ def _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_s
     # the CPU tests with more classes (2000, 4099) run the loop over several column blocks
     block_c = min(launch.next_power_of_2(C), 1024 if launch.interpreted(logits.device) else 4096)
     args = (logits, logits.stride(0), target.contiguous(), weight, wsum, C, ignore_index,
-            *launch.split_double(float(label_smoothing)), *launch.split_double(float(lse_square_scale)))
+            *launch.split_double(float(label_smoothing)), *launch.split_double(float(lse_square_scale)),
+            *launch.split_double(float(softcap)))
     # Rows are independent and memory-bound: a block of 4096 is 16 fp32 loads per thread at 8 warps.
-    meta = dict(HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing != 0,
+    meta = dict(HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing != 0, SOFTCAP=softcap != 0,
                 ACC=launch.TL_DTYPE[acc], BLOCK_C=block_c,
                 num_warps=8 if block_c >= 2048 else 4)
     return logits, args, acc, meta
@@ -214,9 +239,10 @@ def _new_rows(logits, acc):
     return torch.empty(N, dtype=acc, device=logits.device), torch.empty(N, dtype=acc, device=logits.device)
 
 
-def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale):
+def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap):
     """Per-row loss and log-sum-exp of logits (N, C); both (N,), float32 (float64 for float64 logits)."""
-    logits, args, acc, meta = _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
+    logits, args, acc, meta = _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale,
+                                       softcap)
     loss, lse = _new_rows(logits, acc)
     if logits.shape[0] > 0:
         _forward_kernel[(logits.shape[0],)](*args, loss, lse, **meta)
@@ -224,9 +250,10 @@ def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing,
 
 
 def cross_entropy_backward_into(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing,
-                                lse_square_scale, grad):
+                                lse_square_scale, softcap, grad):
     """Writes grad_loss[i] * dloss_i/dlogits into grad (N, C), which may be logits itself."""
-    logits, args, acc, meta = _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
+    logits, args, acc, meta = _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale,
+                                       softcap)
     if grad.shape != logits.shape or grad.dtype != logits.dtype or grad.device != logits.device:
         raise ValueError(f"fastlm cross_entropy backward: grad must be {tuple(logits.shape)} {logits.dtype} on "
                          f"{logits.device}, got {tuple(grad.shape)} {grad.dtype} on {grad.device}")
@@ -242,10 +269,11 @@ def cross_entropy_backward_into(logits, target, weight, lse, grad_loss, ignore_i
 
 
 def cross_entropy_forward_backward(logits, target, weight, grad_loss, ignore_index, label_smoothing,
-                                   lse_square_scale):
+                                   lse_square_scale, softcap):
     """cross_entropy_forward's (loss, lse) plus the gradient cross_entropy_backward_into would write for
     grad_loss (N,), as a new contiguous tensor in logits' dtype: one launch, one program per row."""
-    logits, args, acc, meta = _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
+    logits, args, acc, meta = _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale,
+                                       softcap)
     _check_rows("forward_backward", logits, grad_loss=grad_loss)
     loss, lse = _new_rows(logits, acc)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)

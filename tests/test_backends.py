@@ -123,7 +123,7 @@ def test_fake_kernels_refuse_tensors_on_different_devices():
     skip_unless_runs("cpp")
     with pytest.raises(RuntimeError, match="one device"):
         torch.ops.fastlm.cross_entropy_forward(torch.randn(5, 7), torch.zeros(5, dtype=torch.long),
-                                               torch.ones(7, device="meta"), -100, 0.0, 0.0)
+                                               torch.ones(7, device="meta"), -100, 0.0, 0.0, 0.0)
 
 
 def test_an_extension_that_fails_to_load_is_said_aloud():

@@ -1,6 +1,7 @@
 """fastlm.ops.cross_entropy against F.cross_entropy in float64, on every backend present."""
 
 import copy
+import math
 import os
 import signal
 import threading
@@ -23,13 +24,15 @@ ALL_BACKENDS = list(backends.BACKENDS)
 
 
 def reference(x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-              lse_square_scale=0.0):
-    """F.cross_entropy in float64 plus the z-loss term written out; returns (loss, lse, leaf)."""
+              lse_square_scale=0.0, softcap=None):
+    """F.cross_entropy in float64 of the logits (soft-capped when asked) plus the z-loss term written out;
+    returns (loss, lse, leaf)."""
     xd = x.detach().double().requires_grad_()
     wd = None if weight is None else weight.double()
-    loss = F.cross_entropy(xd, target.long(), weight=wd, ignore_index=ignore_index, reduction=reduction,
+    logits = softcap * torch.tanh(xd / softcap) if softcap else xd
+    loss = F.cross_entropy(logits, target.long(), weight=wd, ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
-    lse = torch.logsumexp(xd, dim=1)
+    lse = torch.logsumexp(logits, dim=1)
     if lse_square_scale:
         valid = target != ignore_index
         z = torch.where(valid, lse_square_scale * lse**2, 0.0)
@@ -93,18 +96,21 @@ def test_shapes_and_reductions(backend, n, c, reduction):
     check_against_reference(x, target, backend, reduction=reduction)
 
 
+@pytest.mark.parametrize("softcap", [None, 4.0])
 @pytest.mark.parametrize("with_grad", [True, False])
 @pytest.mark.parametrize("c", [16384, 16411])
-def test_cpp_rows_in_groups_and_one_at_a_time(c, with_grad):
+def test_cpp_rows_in_groups_and_one_at_a_time(c, with_grad, softcap):
     """The CPU kernels reduce rows in groups of 8 up to 16384 classes and one at a time above; 19 rows make two
-    groups and three single rows, or 19 single rows. Without a gradient the forward-only kernel runs."""
+    groups and three single rows, or 19 single rows. Without a gradient the forward-only kernel runs. A soft cap
+    copies each group's rows into a scratch of that group's size."""
     skip_unless_runs("cpp")
     x, target = random_problem(19, c, seed=3)
+    options = dict(reduction="none", label_smoothing=0.1, softcap=softcap)
     if with_grad:
-        check_against_reference(x, target, "cpp", reduction="none", label_smoothing=0.1)
+        check_against_reference(x, target, "cpp", **options)
     else:
-        loss, lse = cross_entropy(x, target, reduction="none", label_smoothing=0.1, return_lse=True, backend="cpp")
-        ref_loss, ref_lse, _ = reference(x, target, reduction="none", label_smoothing=0.1)
+        loss, lse = cross_entropy(x, target, return_lse=True, backend="cpp", **options)
+        ref_loss, ref_lse, _ = reference(x, target, **options)
         assert_close_to_reference(loss, ref_loss.detach(), torch.float32, magnitude=ref_lse.abs().max().item())
         assert_close_to_reference(lse, ref_lse.detach(), torch.float32)
 
@@ -116,6 +122,9 @@ OPTIONS = {
     "z_loss": dict(lse_square_scale=1e-2),
     "everything": dict(weight=torch.rand(27) + 0.1, label_smoothing=0.05, lse_square_scale=1e-3),
     "ignore_index_is_a_class": dict(ignore_index=3),
+    "softcap": dict(softcap=4.0),
+    "softcap_and_everything": dict(weight=torch.rand(27) + 0.1, label_smoothing=0.05, lse_square_scale=1e-3,
+                                   softcap=2.5),
 }
 
 
@@ -203,7 +212,8 @@ def test_narrow_target_dtypes(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
-@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.2, lse_square_scale=0.1), dict(reduction="none")])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.2, lse_square_scale=0.1), dict(reduction="none"),
+                                     dict(label_smoothing=0.2, lse_square_scale=0.1, softcap=2.0)])
 def test_gradcheck_float64(backend, options):
     skip_unless_runs(backend)
     x, target = random_problem(6, 5, dtype=torch.float64)
@@ -216,12 +226,13 @@ def test_gradcheck_float64(backend, options):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_gpu_dtypes(backend, device, dtype):
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_gpu_dtypes(backend, device, dtype, softcap):
     if device == "cpu":
         pytest.skip("fp16/bf16 kernels are tested on GPU")
     skip_unless_runs(backend, device)
     x, target = random_problem(257, 4099, device=device, dtype=dtype)
-    check_against_reference(x, target, backend, dtype=dtype, label_smoothing=0.1)
+    check_against_reference(x, target, backend, dtype=dtype, label_smoothing=0.1, softcap=softcap)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -342,14 +353,16 @@ def test_empty_batch_matches_torch(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "cuda", "triton"])
-def test_inplace_backward_gives_the_same_gradient(backend):
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_inplace_backward_gives_the_same_gradient(backend, softcap):
     skip_unless_runs(backend)
     x, target = random_problem(16, 50)
     weight = torch.randn(50, 50, requires_grad=True)
     grads = []
     for inplace in (False, True):
         logits = x @ weight
-        loss = cross_entropy(logits, target, label_smoothing=0.1, inplace_backward=inplace, backend=backend)
+        loss = cross_entropy(logits, target, label_smoothing=0.1, softcap=softcap, inplace_backward=inplace,
+                             backend=backend)
         grads.append(torch.autograd.grad(loss, weight)[0])
     # The default computes p = e / sum in the forward, the in-place path p = exp(x - lse) in the backward.
     assert_close_to_reference(grads[1], grads[0], torch.float32)
@@ -368,7 +381,8 @@ def test_inplace_backward_with_overlapping_rows(backend):
     torch.testing.assert_close(grad, expected)
     lse = torch.logsumexp(row.detach(), 1).expand(4)
     with pytest.raises((RuntimeError, ValueError), match="rows of (logits|grad) overlap"):
-        kernel_ops(backend).backward_(row.detach().expand(4, 5), target, None, lse, torch.ones(4), -100, 0.0, 0.0)
+        kernel_ops(backend).backward_(row.detach().expand(4, 5), target, None, lse, torch.ones(4), -100, 0.0, 0.0,
+                                      0.0)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "cuda", "triton"])
@@ -528,6 +542,44 @@ def test_bad_weight_and_options_are_refused():
         cross_entropy(x, target, weight=torch.ones(5, requires_grad=True))
     with torch.no_grad():
         cross_entropy(x, target, weight=torch.ones(5, requires_grad=True))  # as torch, fine without a graph
+    for softcap in (0, 0.0, -1.0, math.nan, math.inf, True, "5", torch.tensor(5.0)):
+        with pytest.raises(ValueError, match="softcap must be None or a positive number"):
+            cross_entropy(x, target, softcap=softcap)
+    for op in (torch.ops.fastlm.cross_entropy_forward, torch.ops.fastlm.triton_cross_entropy_forward):
+        with pytest.raises(RuntimeError, match="softcap must be a positive number"):  # the kernel ops themselves
+            op(x, target, None, -100, 0.0, 0.0, -1.0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_softcap_bounds_infinite_logits(backend):
+    """Capped, +-inf logits become +-softcap: a finite loss and gradient, as torch gives for the capped logits
+    (without a cap a +inf logit makes its row's loss NaN)."""
+    skip_unless_runs(backend)
+    x, target = random_problem(6, 30, ignored=0.0)
+    x[0, 3], x[1, target[1]], x[2, :] = math.inf, -math.inf, -math.inf
+    check_against_reference(x, target, backend, reduction="none", softcap=3.0)
+    assert torch.isfinite(cross_entropy(x, target, softcap=3.0, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_softcap_on_other_input_shapes_and_the_module(backend):
+    """Unbatched (C,) and (N, C, d) logits, class-probability targets and fastlm.nn.CrossEntropyLoss take the
+    cap too."""
+    skip_unless_runs(backend)
+    x = torch.randn(4, 7, 3) * 4
+    target = torch.randint(0, 7, (4, 3))
+    capped = 2.0 * torch.tanh(x / 2.0)
+    expected = F.cross_entropy(capped, target, label_smoothing=0.1)
+    torch.testing.assert_close(cross_entropy(x, target, label_smoothing=0.1, softcap=2.0, backend=backend), expected)
+    torch.testing.assert_close(cross_entropy(x[:, :, 0], target[:, 0], softcap=2.0, backend=backend),
+                               F.cross_entropy(capped[:, :, 0], target[:, 0]))
+    torch.testing.assert_close(cross_entropy(x[0, :, 0], target[0, 0], softcap=2.0, backend=backend),
+                               F.cross_entropy(capped[0, :, 0], target[0, 0]))
+    probabilities = torch.softmax(torch.randn(4, 7, 3), 1)
+    torch.testing.assert_close(cross_entropy(x, probabilities, softcap=2.0, backend=backend),
+                               F.cross_entropy(capped, probabilities))
+    module = fastlm.nn.CrossEntropyLoss(label_smoothing=0.1, softcap=2.0, backend=backend)
+    torch.testing.assert_close(module(x, target), expected)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "cuda", "triton"])
@@ -541,7 +593,7 @@ def test_inplace_backward_refuses_a_leaf(backend):
         with pytest.raises(RuntimeError, match="overwrite a leaf"):
             cross_entropy(logits, target, inplace_backward=True, backend=backend)
     with pytest.raises(RuntimeError, match="overwrite a leaf"):  # the op itself, called directly
-        torch.ops.fastlm.cross_entropy(leaf.view(4, 5), target, None, -100, "mean", 0.0, 0.0, True,
+        torch.ops.fastlm.cross_entropy(leaf.view(4, 5), target, None, -100, "mean", 0.0, 0.0, 0.0, True,
                                        backend == "triton")
     assert torch.equal(leaf, x)
     cross_entropy(leaf * 1.0, target, inplace_backward=True, backend=backend).backward()
@@ -557,13 +609,14 @@ def kernel_op_cases():
     grad_rows = torch.rand(7)
     for prefix, backend in (("", "cpp"), ("triton_", "triton")):
         ops = torch.ops.fastlm
-        yield backend, getattr(ops, f"{prefix}cross_entropy_forward").default, (x, target, None, -100, 0.1, 1e-3)
+        yield backend, getattr(ops, f"{prefix}cross_entropy_forward").default, (x, target, None, -100, 0.1, 1e-3,
+                                                                                 0.0)
         yield backend, getattr(ops, f"{prefix}cross_entropy_forward_backward").default, (
-            x, target, torch.rand(27), grad_rows, -100, 0.1, 1e-3)
+            x, target, torch.rand(27), grad_rows, -100, 0.1, 1e-3, 5.0)
         yield backend, getattr(ops, f"{prefix}cross_entropy_backward").default, (
-            x, target, torch.rand(27), lse, grad_rows, -100, 0.1, 1e-3)
+            x, target, torch.rand(27), lse, grad_rows, -100, 0.1, 1e-3, 5.0)
         yield backend, getattr(ops, f"{prefix}cross_entropy_backward_").default, (
-            x.clone(), target, None, lse, grad_rows, -100, 0.0, 0.0)
+            x.clone(), target, None, lse, grad_rows, -100, 0.0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -577,7 +630,7 @@ def test_kernel_ops_take_logits_whose_rows_are_apart(backend):
     wide[:, :27] = x
     strided = wide[:, :27]
     ops, weight, grad_rows = kernel_ops(backend), torch.rand(27, device=device), torch.rand(7, device=device)
-    options = (-100, 0.1, 1e-3)
+    options = (-100, 0.1, 1e-3, 5.0)
     for got, want in zip(ops.forward_backward(strided, target, weight, grad_rows, *options),
                          ops.forward_backward(x, target, weight, grad_rows, *options)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -610,7 +663,7 @@ def test_autograd_op_opcheck(backend, reduction, weighted, inplace_backward):
     weight = torch.rand(27, device=device) + 0.5 if weighted else None
     logits = x.requires_grad_() * 1.0  # not a leaf: the in-place backward refuses to overwrite a leaf
     torch.library.opcheck(torch.ops.fastlm.cross_entropy.default, (logits, target, weight, -100, reduction, 0.1, 1e-3,
-                                                                   inplace_backward, backend == "triton"))
+                                                                   5.0, inplace_backward, backend == "triton"))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -772,9 +825,10 @@ def test_return_lse_module():
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 40), c=st.integers(1, 300), seed=st.integers(0, 2**31 - 1),
        smoothing=st.sampled_from([0.0, 0.25]), weighted=st.booleans(),
-       reduction=st.sampled_from(["mean", "sum", "none"]))
-def test_cpp_matches_reference_on_random_problems(n, c, seed, smoothing, weighted, reduction):
+       reduction=st.sampled_from(["mean", "sum", "none"]), softcap=st.sampled_from([None, 0.5, 3.0, 50.0]))
+def test_cpp_matches_reference_on_random_problems(n, c, seed, smoothing, weighted, reduction, softcap):
     skip_unless_runs("cpp")
     x, target = random_problem(n, c, seed=seed, ignored=0.3)
     weight = torch.rand(c, generator=torch.Generator().manual_seed(seed)) + 0.1 if weighted else None
-    check_against_reference(x, target, "cpp", weight=weight, label_smoothing=smoothing, reduction=reduction)
+    check_against_reference(x, target, "cpp", weight=weight, label_smoothing=smoothing, reduction=reduction,
+                            softcap=softcap)

@@ -336,20 +336,22 @@ def test_emulator_launch_configuration(emulator_probe):
 
 CROSS_ENTROPY_SHAPES = [(3, 1), (37, 33), (4, 200), (3, 1100)]  # 1100 classes: 1024 threads striding over a row
 CROSS_ENTROPY_OPTIONS = {
-    "plain": dict(weighted=False, smoothing=0.0, lse_square_scale=0.0, row_pad=0, ignored=False),
-    "all": dict(weighted=True, smoothing=0.1, lse_square_scale=0.01, row_pad=3, ignored=True),
+    "plain": dict(weighted=False, smoothing=0.0, lse_square_scale=0.0, softcap=0.0, row_pad=0, ignored=False),
+    "all": dict(weighted=True, smoothing=0.1, lse_square_scale=0.01, softcap=0.0, row_pad=3, ignored=True),
+    "softcap": dict(weighted=True, smoothing=0.1, lse_square_scale=0.01, softcap=5.0, row_pad=3, ignored=True),
 }
 IGNORE_INDEX = -100
 
 
-def cross_entropy_reference(logits, target, weight, smoothing, lse_square_scale, grad_loss):
+def cross_entropy_reference(logits, target, weight, smoothing, lse_square_scale, softcap, grad_loss):
     """Per-row loss, lse and grad_loss-weighted gradient in float64 through torch. A target outside [0, C) that is
     not ignore_index is ignored too, as the kernels do (the binding raises for it before any launch)."""
     x = logits.double().requires_grad_()
     classes = x.shape[1]
     valid = (target != IGNORE_INDEX) & (target >= 0) & (target < classes)
-    lse = torch.logsumexp(x, 1)
-    loss = F.cross_entropy(x, torch.where(valid, target, 0), weight=None if weight is None else weight.double(),
+    z = softcap * torch.tanh(x / softcap) if softcap else x
+    lse = torch.logsumexp(z, 1)
+    loss = F.cross_entropy(z, torch.where(valid, target, 0), weight=None if weight is None else weight.double(),
                            reduction="none", label_smoothing=smoothing)
     loss = torch.where(valid, loss + lse_square_scale * lse**2, 0.0)
     loss.backward(grad_loss.double())
@@ -372,9 +374,9 @@ def test_cross_entropy(ops, dtype, rows, classes, option):
     weight = (torch.rand(classes, generator=g, dtype=torch.float64) + 0.5).to(acc) if o["weighted"] else None
     weight_sum = weight.sum() if o["weighted"] else None  # the binding's p.weight.sum(), a device scalar
     grad_loss = (torch.rand(rows, generator=g, dtype=torch.float64) * 2 - 0.5).to(acc)
-    common = (target, weight, weight_sum, IGNORE_INDEX, o["smoothing"], o["lse_square_scale"])
+    common = (target, weight, weight_sum, IGNORE_INDEX, o["smoothing"], o["lse_square_scale"], o["softcap"])
     ref_loss, ref_lse, ref_grad = cross_entropy_reference(logits, target, weight, o["smoothing"],
-                                                          o["lse_square_scale"], grad_loss)
+                                                          o["lse_square_scale"], o["softcap"], grad_loss)
     lse_in = guarded_like(ref_lse, acc)
 
     loss, lse = Guarded((rows,), acc), Guarded((rows,), acc)
@@ -411,8 +413,8 @@ def test_cross_entropy_far_from_zero(ops, offset):
     target = torch.randint(0, classes, (rows,), generator=g)
     weight = (torch.rand(classes, generator=g, dtype=torch.float64) + 0.5).float()
     grad_loss = torch.rand(rows, generator=g)
-    common = (target, weight, weight.sum(), IGNORE_INDEX, 0.1, 0.0)
-    ref_loss, _, ref_grad = cross_entropy_reference(logits, target, weight, 0.1, 0.0, grad_loss)
+    common = (target, weight, weight.sum(), IGNORE_INDEX, 0.1, 0.0, 0.0)
+    ref_loss, _, ref_grad = cross_entropy_reference(logits, target, weight, 0.1, 0.0, 0.0, grad_loss)
     loss, lse, grad = Guarded((rows,), torch.float32), Guarded((rows,), torch.float32), Guarded((rows, classes),
                                                                                                 torch.float32)
     ops.cross_entropy_forward_backward(logits, *common, grad_loss, loss.tensor, lse.tensor, grad.tensor)
@@ -769,7 +771,7 @@ def test_cross_entropy_is_bitwise_deterministic(ops):
     for device in [DEFAULT_DEVICE, (1, 1, True)]:
         loss, lse, grad = torch.empty(5), torch.empty(5), torch.empty(5, 300, dtype=torch.float16)
         with emulated_device(ops, *device):
-            ops.cross_entropy_forward_backward(logits, target, None, None, IGNORE_INDEX, 0.1, 1e-3, grad_loss, loss,
-                                               lse, grad)
+            ops.cross_entropy_forward_backward(logits, target, None, None, IGNORE_INDEX, 0.1, 1e-3, 30.0, grad_loss,
+                                               loss, lse, grad)
         runs.append((loss, lse, grad))
     assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -115,16 +115,19 @@ def test_non_contiguous_input_and_weight(backend):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_z_loss_and_lse_match_cross_entropy_of_the_logits(backend, reduction):
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_z_loss_and_lse_match_cross_entropy_of_the_logits(backend, reduction, softcap):
     """lse_square_scale and return_lse: the loss, lse and gradients of cross-entropy over the full logits,
     in float64 (fastlm's oracle, itself checked against F.cross_entropy in test_cross_entropy.py)."""
     skip_unless_runs(backend)
     x, weight, bias, target = problem(17, 6, 23)
     leaves = [t.requires_grad_() for t in (x, weight, bias)]
     loss, lse = linear_cross_entropy(*leaves[:2], target, leaves[2], reduction=reduction, label_smoothing=0.1,
-                                     lse_square_scale=0.01, return_lse=True, chunk_size=4, backend=backend)
+                                     lse_square_scale=0.01, softcap=softcap, return_lse=True, chunk_size=4,
+                                     backend=backend)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref_loss, ref_lse = reference_cross_entropy(F.linear(*ref_leaves), target, None, -100, reduction, 0.1, 0.01)
+    ref_loss, ref_lse = reference_cross_entropy(F.linear(*ref_leaves), target, None, -100, reduction, 0.1, 0.01,
+                                                softcap or 0.0)
     assert_close_to_reference(loss, ref_loss, torch.float32)
     assert_close_to_reference(lse, ref_lse, torch.float32)
     upstream = torch.rand_like(ref_loss) + 0.5
@@ -233,7 +236,7 @@ def test_autograd_op_opcheck(backend, reduction, bias):
     skip_unless_runs(backend, device)
     x, weight, b, target = (None if t is None else t.to(device) for t in problem(11, 6, 13, bias=bias))
     args = (x.requires_grad_(), weight.requires_grad_(), None if b is None else b.requires_grad_(), target,
-            torch.rand(13, device=device) + 0.5, -100, reduction, 0.1, 1e-3, 4, backend == "triton")
+            torch.rand(13, device=device) + 0.5, -100, reduction, 0.1, 1e-3, 5.0, 4, backend == "triton")
     torch.library.opcheck(torch.ops.fastlm.linear_cross_entropy.default, args)
 
 
@@ -245,8 +248,8 @@ def test_chunk_op_opcheck(backend, wanted):
     skip_unless_runs(backend, device)
     x, weight, b, target = (t.to(device) for t in problem(11, 6, 13))
     for grad_rows in (None, torch.rand(11, device=device)):
-        args = (x, weight, b, target, torch.rand(13, device=device) + 0.5, -100, 0.1, 1e-3, backend == "triton", 4,
-                grad_rows, list(wanted))
+        args = (x, weight, b, target, torch.rand(13, device=device) + 0.5, -100, 0.1, 1e-3, 5.0, backend == "triton",
+                4, grad_rows, list(wanted))
         torch.library.opcheck(torch.ops.fastlm.linear_cross_entropy_chunks.default, args)
 
 
@@ -307,15 +310,15 @@ def test_bad_input_is_refused():
         linear_cross_entropy(x, weight, target, bias.to("meta"))
     with pytest.raises(RuntimeError, match="expected target of shape"):  # the op itself, called directly
         torch.ops.fastlm.linear_cross_entropy(x, weight, None, torch.cat([target, target]), None, -100, "mean", 0.0,
-                                              0.0, 4)
+                                              0.0, 0.0, 4)
     for backend in ("cpp", "torch"):
         for chunk_size in (0, -1, 2.5):
             with pytest.raises(ValueError, match="chunk_size must be a positive"):
                 linear_cross_entropy(x, weight, target, chunk_size=chunk_size, backend=backend)
     for chunk_size in (0, -1):  # the chunk loop's own op, called directly: refused (it looped forever at 0)
         with pytest.raises(RuntimeError, match="chunk_size must be positive"):
-            torch.ops.fastlm.linear_cross_entropy_chunks(x, weight, None, target, None, -100, 0.0, 0.0, False,
+            torch.ops.fastlm.linear_cross_entropy_chunks(x, weight, None, target, None, -100, 0.0, 0.0, 0.0, False,
                                                          chunk_size, None, [True, True, True])
     with pytest.raises(RuntimeError, match="expected target of shape"):
-        torch.ops.fastlm.linear_cross_entropy_chunks(x, weight, None, target[:2], None, -100, 0.0, 0.0, False, 2,
-                                                     None, [False, False, False])
+        torch.ops.fastlm.linear_cross_entropy_chunks(x, weight, None, target[:2], None, -100, 0.0, 0.0, 0.0, False,
+                                                     2, None, [False, False, False])

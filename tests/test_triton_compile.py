@@ -44,18 +44,18 @@ def _math(dtype):
 def _cross_entropy_calls():
     from fastlm.kernels import cross_entropy as k
 
-    # (dtypes, classes, weighted, label smoothing, z-loss scale, target dtype). 5000 classes are a full block of
-    # 4096 at 8 warps and a partial one, 1000 one partial block at 4 warps; C = 1 arrives as a constant.
-    cases = [(FLOATS, 5000, False, 0.0, 0.0, torch.int64),
-             (FLOATS, 5000, True, 0.1, 1e-4, torch.int64),
-             ((torch.bfloat16, torch.float32), 1000, True, 0.0, 0.0, torch.int32),
-             ((torch.bfloat16, torch.float32), 1, False, 0.1, 0.0, torch.int64)]
-    for dtypes, C, weighted, smoothing, z_loss, target_dtype in cases:
+    # (dtypes, classes, weighted, label smoothing, z-loss scale, soft cap, target dtype). 5000 classes are a full
+    # block of 4096 at 8 warps and a partial one, 1000 one partial block at 4 warps; C = 1 arrives as a constant.
+    cases = [(FLOATS, 5000, False, 0.0, 0.0, 0.0, torch.int64),
+             (FLOATS, 5000, True, 0.1, 1e-4, 30.0, torch.int64),
+             ((torch.bfloat16, torch.float32), 1000, True, 0.0, 0.0, 0.0, torch.int32),
+             ((torch.bfloat16, torch.float32), 1, False, 0.1, 0.0, 0.0, torch.int64)]
+    for dtypes, C, weighted, smoothing, z_loss, softcap, target_dtype in cases:
         for dtype in dtypes:
             logits = torch.randn(8, C, dtype=dtype)
             target = torch.zeros(8, dtype=target_dtype)
             weight = torch.rand(C, dtype=dtype) if weighted else None
-            options = (-100, smoothing, z_loss)
+            options = (-100, smoothing, z_loss, softcap)
             grad_loss = torch.ones(8, dtype=_math(dtype))
             _, lse = k.cross_entropy_forward(logits, target, weight, *options)
             k.cross_entropy_backward_into(logits, target, weight, lse, grad_loss, *options, torch.empty_like(logits))

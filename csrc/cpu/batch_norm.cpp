@@ -95,10 +95,7 @@ void column_sums(int64_t r0, int64_t rows, int64_t M, const F& f, const std::arr
 template <int64_t act, typename T>
 Vectorized<T> activate(Vectorized<T> z) {
   if constexpr (act == kRelu) return at::vec::clamp_min(z, Vectorized<T>(T(0)));
-  if constexpr (act == kTanh) {
-    if constexpr (std::is_same_v<T, float>) return fast_tanh(z);
-    return z.tanh();  // double input asks for double accuracy, beyond fast_tanh's series
-  }
+  if constexpr (act == kTanh) return tanh_of(z);
   return z;
 }
 

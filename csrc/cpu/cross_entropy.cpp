@@ -11,6 +11,9 @@
 // forward-backward, the default when logits need a gradient, has no such limit). Rows are spread over threads
 // with at::parallel_for and reduced in small groups (see group_lse), each row is vectorised with at::vec, and
 // all math is in fp32 (fp64 for double input); loss and lse come back in that math dtype.
+// Logit soft-capping (softcap = k > 0, as in Gemma 2): the loss is that of z = k tanh(x / k) in place of x. Each
+// group of rows is first capped into a scratch of the task's own, everything above runs on z, and the gradient
+// (for z) is multiplied by dz/dx = 1 - (z / k)^2 from that scratch. Without a cap the rows are read where they lie.
 // The schemas are defined here because this file is built on every machine; CUDA adds its kernels
 // to the same ops in csrc/cuda/cross_entropy_binding.cpp.
 
@@ -18,7 +21,9 @@
 #include "../math_dtype.h"
 #include "contiguous_as.h"
 #include "fast_exp.h"
+#include "fast_tanh.h"
 #include "reused_buffer.h"
+#include "thread_scratch.h"
 #include "vec_config.h"
 
 #include <ATen/Dispatch.h>
@@ -31,6 +36,7 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 namespace fastlm {
 namespace {
@@ -47,6 +53,7 @@ struct LossTerms {
   int64_t ignore_index;
   scalar_t smoothing;
   scalar_t lse_square_scale;
+  scalar_t softcap;  // 0 for none
 
   scalar_t weight_of(int64_t cls) const { return weight ? weight[cls] : scalar_t(1); }
 };
@@ -67,8 +74,9 @@ void check_targets(const at::Tensor& target, int64_t num_classes, int64_t ignore
 }
 
 Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                 int64_t ignore_index) {
+                 int64_t ignore_index, double softcap) {
   check_cross_entropy_shapes(logits, target, weight);
+  check_softcap(softcap);
   const auto dtype = math_dtype(logits);
   Prepared p;
   p.logits = logits.to(dtype);
@@ -80,10 +88,11 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::
 }
 
 template <typename scalar_t>
-LossTerms<scalar_t> loss_terms(const Prepared& p, int64_t ignore_index, double smoothing, double lse_square_scale) {
+LossTerms<scalar_t> loss_terms(const Prepared& p, int64_t ignore_index, double smoothing, double lse_square_scale,
+                               double softcap) {
   const int64_t C = p.logits.size(1);
   LossTerms<scalar_t> terms{p.target.data_ptr<int64_t>(), nullptr, scalar_t(C), C, ignore_index,
-                            scalar_t(smoothing), scalar_t(lse_square_scale)};
+                            scalar_t(smoothing), scalar_t(lse_square_scale), scalar_t(softcap)};
   if (p.weight.defined()) {
     terms.weight = p.weight.data_ptr<scalar_t>();
     terms.weight_sum = at::vec::reduce_all<scalar_t>([](auto a, auto b) { return a + b; }, terms.weight, C);
@@ -153,12 +162,63 @@ GroupLse<R, scalar_t> group_lse(const scalar_t* x, int64_t row_stride, int64_t C
   return g;
 }
 
+// The most rows a group of for_each_group holds for C classes.
+int64_t rows_per_group(int64_t num_classes) { return num_classes <= kGroupMaxClasses ? kGroupRows : 1; }
+
+// Soft-capping (see the top): rows capped into the thread's kept scratch, and the gradient's chain rule through
+// the cap.
+template <typename scalar_t>
+class CappedRows {
+ public:
+  // Room for `rows` rows of C when terms has a cap; nothing otherwise.
+  CappedRows(const LossTerms<scalar_t>& terms, int64_t rows)
+      : cap_(terms.softcap), C_(terms.num_classes), keep_(kept()) {
+    if (cap_ != 0) kept().resize(rows * C_);
+  }
+
+  // The R rows from x (row_stride apart) as the kernels read them: x itself without a cap, else their capped
+  // values (C apart). Returns the rows' start and stride.
+  template <int R>
+  std::pair<const scalar_t*, int64_t> rows(const scalar_t* x, int64_t row_stride) {
+    if (cap_ == 0) return {x, row_stride};
+    using Vec = Vectorized<scalar_t>;
+    // x * (1 / k): a multiply per vector where x / k would divide (the two within an ulp of each other).
+    const Vec cap(cap_), inv_cap(scalar_t(1) / cap_);
+    scalar_t* z = kept().data();
+    for (int k = 0; k < R; ++k)
+      at::vec::map([=](Vec v) { return cap * tanh_of(v * inv_cap); }, z + k * C_, x + k * row_stride, C_);
+    return {z, C_};
+  }
+
+  // dx[0:C] *= 1 - (z / cap)^2 for row k of the last rows(): the gradient for z turned into the one for x.
+  void chain(scalar_t* dx, int k) const {
+    if (cap_ == 0) return;
+    using Vec = Vectorized<scalar_t>;
+    const Vec inv_cap(scalar_t(1) / cap_), one(scalar_t(1));
+    const auto through_cap = [&](Vec d, Vec z) {
+      const Vec t = z * inv_cap;
+      return d * (one - t * t);
+    };
+    at::vec::map2(through_cap, dx, dx, kept().data() + k * C_, C_);
+  }
+
+ private:
+  static std::vector<scalar_t>& kept() {
+    thread_local std::vector<scalar_t> scratch;
+    return scratch;
+  }
+
+  scalar_t cap_;
+  int64_t C_;
+  const ScratchCap<scalar_t> keep_;
+};
+
 // Runs group(i, Rows) over [begin, end) in groups of kGroupRows rows where rows are short enough, then
 // one row at a time.
 template <typename Group>
 void for_each_group(int64_t begin, int64_t end, int64_t num_classes, const Group& group) {
   int64_t i = begin;
-  if (num_classes <= kGroupMaxClasses)
+  if (rows_per_group(num_classes) == kGroupRows)
     for (; i + kGroupRows <= end; i += kGroupRows) group(i, std::integral_constant<int, kGroupRows>{});
   for (; i < end; ++i) group(i, std::integral_constant<int, 1>{});
 }
@@ -216,13 +276,15 @@ void forward_rows(const scalar_t* logits, int64_t row_stride, int64_t num_rows, 
                   scalar_t* loss, scalar_t* lse_out) {
   const int64_t C = terms.num_classes;
   at::parallel_for(0, num_rows, rows_per_task(C), [&](int64_t begin, int64_t end) {
+    CappedRows<scalar_t> capped(terms, rows_per_group(C));
     for_each_group(begin, end, C, [&](int64_t i0, auto rows) {
       constexpr int R = decltype(rows)::value;
-      const auto g = group_lse<R, scalar_t>(logits + i0 * row_stride, row_stride, C, nullptr);
+      const auto [x, stride] = capped.template rows<R>(logits + i0 * row_stride, row_stride);
+      const auto g = group_lse<R, scalar_t>(x, stride, C, nullptr);
       for (int k = 0; k < R; ++k) {
         const int64_t i = i0 + k, t = terms.target[i];
         lse_out[i] = g.lse[k];
-        loss[i] = t == terms.ignore_index ? scalar_t(0) : row_loss(terms, logits + i * row_stride, t, g, k);
+        loss[i] = t == terms.ignore_index ? scalar_t(0) : row_loss(terms, x + k * stride, t, g, k);
       }
     });
   });
@@ -234,10 +296,15 @@ void backward_rows(const scalar_t* logits, int64_t row_stride, int64_t num_rows,
                    const scalar_t* lse, const scalar_t* grad_loss, scalar_t* grad, int64_t grad_row_stride) {
   using Vec = Vectorized<scalar_t>;
   at::parallel_for(0, num_rows, rows_per_task(terms.num_classes), [&](int64_t begin, int64_t end) {
+    CappedRows<scalar_t> capped(terms, 1);
     for (int64_t i = begin; i < end; ++i) {
       const Vec lse_v(lse[i]);
-      write_row_grad(terms, terms.target[i], grad_loss[i], lse[i], logits + i * row_stride, grad + i * grad_row_stride,
-                     [lse_v](Vec v) { return exp_nonpositive(v - lse_v); });
+      const int64_t t = terms.target[i];
+      scalar_t* dx = grad + i * grad_row_stride;
+      // (The capped row is read from the scratch before dx, which may be the logits, is written.)
+      const scalar_t* x = capped.template rows<1>(logits + i * row_stride, row_stride).first;
+      write_row_grad(terms, t, grad_loss[i], lse[i], x, dx, [lse_v](Vec v) { return exp_nonpositive(v - lse_v); });
+      if (t != terms.ignore_index) capped.chain(dx, 0);
     }
   });
 }
@@ -251,16 +318,19 @@ void forward_backward_rows(const scalar_t* logits, int64_t row_stride, int64_t n
   using Vec = Vectorized<scalar_t>;
   const int64_t C = terms.num_classes;
   at::parallel_for(0, num_rows, rows_per_task(C), [&](int64_t begin, int64_t end) {
+    CappedRows<scalar_t> capped(terms, rows_per_group(C));
     for_each_group(begin, end, C, [&](int64_t i0, auto rows) {
       constexpr int R = decltype(rows)::value;
-      const auto g = group_lse<R, scalar_t>(logits + i0 * row_stride, row_stride, C, grad + i0 * C);
+      const auto [x, stride] = capped.template rows<R>(logits + i0 * row_stride, row_stride);
+      const auto g = group_lse<R, scalar_t>(x, stride, C, grad + i0 * C);
       for (int k = 0; k < R; ++k) {
         const int64_t i = i0 + k, t = terms.target[i];
         lse_out[i] = g.lse[k];
-        loss[i] = t == terms.ignore_index ? scalar_t(0) : row_loss(terms, logits + i * row_stride, t, g, k);
+        loss[i] = t == terms.ignore_index ? scalar_t(0) : row_loss(terms, x + k * stride, t, g, k);
         const Vec inv_sum(scalar_t(1) / g.sum[k]);
         write_row_grad(terms, t, grad_loss[i], g.lse[k], grad + i * C, grad + i * C,
                        [inv_sum](Vec e) { return e * inv_sum; });
+        if (t != terms.ignore_index) capped.chain(grad + i * C, k);
       }
     });
   });
@@ -269,13 +339,13 @@ void forward_backward_rows(const scalar_t* logits, int64_t row_stride, int64_t n
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,
                                                          const std::optional<at::Tensor>& weight,
                                                          int64_t ignore_index, double label_smoothing,
-                                                         double lse_square_scale) {
-  const Prepared p = prepare(logits, target, weight, ignore_index);
+                                                         double lse_square_scale, double softcap) {
+  const Prepared p = prepare(logits, target, weight, ignore_index, softcap);
   const int64_t N = p.logits.size(0);
   at::Tensor loss = at::empty({N}, p.logits.options());
   at::Tensor lse = at::empty({N}, p.logits.options());
   AT_DISPATCH_FLOATING_TYPES(p.logits.scalar_type(), "fastlm_cross_entropy_forward", [&] {
-    const auto terms = loss_terms<scalar_t>(p, ignore_index, label_smoothing, lse_square_scale);
+    const auto terms = loss_terms<scalar_t>(p, ignore_index, label_smoothing, lse_square_scale, softcap);
     forward_rows<scalar_t>(p.logits.data_ptr<scalar_t>(), p.logits.stride(0), N, terms, loss.data_ptr<scalar_t>(),
                            lse.data_ptr<scalar_t>());
   });
@@ -287,15 +357,16 @@ ReusedBuffer gradient_buffer;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& grad_loss, int64_t ignore_index, double label_smoothing, double lse_square_scale) {
-  const Prepared p = prepare(logits, target, weight, ignore_index);
+    const at::Tensor& grad_loss, int64_t ignore_index, double label_smoothing, double lse_square_scale,
+    double softcap) {
+  const Prepared p = prepare(logits, target, weight, ignore_index, softcap);
   const int64_t N = p.logits.size(0);
   check_per_row(grad_loss, N, "grad_loss");
   at::Tensor loss = at::empty({N}, p.logits.options());
   at::Tensor lse = at::empty({N}, p.logits.options());
   at::Tensor grad = gradient_buffer.empty(p.logits.sizes(), p.logits.options());
   AT_DISPATCH_FLOATING_TYPES(p.logits.scalar_type(), "fastlm_cross_entropy_forward_backward", [&] {
-    const auto terms = loss_terms<scalar_t>(p, ignore_index, label_smoothing, lse_square_scale);
+    const auto terms = loss_terms<scalar_t>(p, ignore_index, label_smoothing, lse_square_scale, softcap);
     const at::Tensor grad_loss_c = contiguous_as(grad_loss, p.logits.scalar_type());
     forward_backward_rows<scalar_t>(p.logits.data_ptr<scalar_t>(), p.logits.stride(0), N, terms,
                                     grad_loss_c.data_ptr<scalar_t>(), loss.data_ptr<scalar_t>(),
@@ -305,12 +376,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
 }
 
 void backward_into(const Prepared& p, const at::Tensor& lse, const at::Tensor& grad_loss, at::Tensor& grad,
-                   int64_t ignore_index, double label_smoothing, double lse_square_scale) {
+                   int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap) {
   const int64_t N = p.logits.size(0);
   check_per_row(lse, N, "lse");
   check_per_row(grad_loss, N, "grad_loss");
   AT_DISPATCH_FLOATING_TYPES(p.logits.scalar_type(), "fastlm_cross_entropy_backward", [&] {
-    const auto terms = loss_terms<scalar_t>(p, ignore_index, label_smoothing, lse_square_scale);
+    const auto terms = loss_terms<scalar_t>(p, ignore_index, label_smoothing, lse_square_scale, softcap);
     const at::Tensor lse_c = contiguous_as(lse, p.logits.scalar_type());
     const at::Tensor grad_loss_c = contiguous_as(grad_loss, p.logits.scalar_type());
     backward_rows<scalar_t>(p.logits.data_ptr<scalar_t>(), p.logits.stride(0), N, terms, lse_c.data_ptr<scalar_t>(),
@@ -321,22 +392,22 @@ void backward_into(const Prepared& p, const at::Tensor& lse, const at::Tensor& g
 at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& target,
                                   const std::optional<at::Tensor>& weight, const at::Tensor& lse,
                                   const at::Tensor& grad_loss, int64_t ignore_index, double label_smoothing,
-                                  double lse_square_scale) {
-  const Prepared p = prepare(logits, target, weight, ignore_index);
+                                  double lse_square_scale, double softcap) {
+  const Prepared p = prepare(logits, target, weight, ignore_index, softcap);
   at::Tensor grad = gradient_buffer.empty(p.logits.sizes(), p.logits.options());
-  backward_into(p, lse, grad_loss, grad, ignore_index, label_smoothing, lse_square_scale);
+  backward_into(p, lse, grad_loss, grad, ignore_index, label_smoothing, lse_square_scale, softcap);
   return contiguous_as(grad, logits.scalar_type());
 }
 
 void cross_entropy_backward_(at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                              const at::Tensor& lse, const at::Tensor& grad_loss, int64_t ignore_index,
-                             double label_smoothing, double lse_square_scale) {
+                             double label_smoothing, double lse_square_scale, double softcap) {
   TORCH_CHECK((logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble) && logits.dim() == 2 &&
                   logits.stride(1) == 1,
               "fastlm cross_entropy_backward_: in-place needs float or double logits with unit column stride");
   check_rows_apart(logits);
-  Prepared p = prepare(logits, target, weight, ignore_index);
-  backward_into(p, lse, grad_loss, logits, ignore_index, label_smoothing, lse_square_scale);
+  Prepared p = prepare(logits, target, weight, ignore_index, softcap);
+  backward_into(p, lse, grad_loss, logits, ignore_index, label_smoothing, lse_square_scale, softcap);
 }
 
 }  // namespace
@@ -344,16 +415,17 @@ void cross_entropy_backward_(at::Tensor& logits, const at::Tensor& target, const
 TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def(
       "cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, float lse_square_scale) -> (Tensor loss, Tensor lse)");
+      "float label_smoothing, float lse_square_scale, float softcap) -> (Tensor loss, Tensor lse)");
   m.def(
       "cross_entropy_forward_backward(Tensor logits, Tensor target, Tensor? weight, Tensor grad_loss, "
-      "int ignore_index, float label_smoothing, float lse_square_scale) -> (Tensor loss, Tensor lse, Tensor grad)");
+      "int ignore_index, float label_smoothing, float lse_square_scale, float softcap) "
+      "-> (Tensor loss, Tensor lse, Tensor grad)");
   m.def(
       "cross_entropy_backward(Tensor logits, Tensor target, Tensor? weight, Tensor lse, Tensor grad_loss, "
-      "int ignore_index, float label_smoothing, float lse_square_scale) -> Tensor");
+      "int ignore_index, float label_smoothing, float lse_square_scale, float softcap) -> Tensor");
   m.def(
       "cross_entropy_backward_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse, Tensor grad_loss, "
-      "int ignore_index, float label_smoothing, float lse_square_scale) -> ()");
+      "int ignore_index, float label_smoothing, float lse_square_scale, float softcap) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {

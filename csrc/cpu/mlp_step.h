@@ -7,6 +7,7 @@
 #include "fast_exp.h"
 #include "fast_tanh.h"
 #include "small_matmul.h"
+#include "thread_scratch.h"
 #include "vec_config.h"
 
 #include <algorithm>
@@ -56,25 +57,6 @@ class LineCarver {
 
  private:
   T* next_;
-};
-
-// Ends the life of a thread's kept scratch (a thread_local buffer a kernel reuses from call to call: a fresh
-// buffer of its size is a fresh mmap, page faults included) with the call that grew it past kMaxBytes: at most
-// that much per buffer, thread and dtype stays allocated between calls (the cap ReusedBuffer has; unlike its
-// buffers, these stay through fastlm::release_reused_buffers, which cannot reach other threads' memory).
-template <typename T>
-class ScratchCap {
- public:
-  explicit ScratchCap(std::vector<T>& scratch) : scratch_(scratch) {}
-  ScratchCap(const ScratchCap&) = delete;
-  ScratchCap& operator=(const ScratchCap&) = delete;
-  ~ScratchCap() {
-    if (int64_t(scratch_.capacity() * sizeof(T)) > kMaxBytes) std::vector<T>().swap(scratch_);
-  }
-
- private:
-  static constexpr int64_t kMaxBytes = int64_t(64) << 20;
-  std::vector<T>& scratch_;
 };
 
 // The step on up to two threads (from 64 rows), the first layer as a gathered matrix product (mlp_step.cpp).

@@ -7,6 +7,8 @@
 // p = exp((x - max) - log sum exp(x - max)). As on the CPU, the loss takes lse - x as (max - x) + log-sum, and
 // the smoothing sum is of logits less the row's first one, so lse's fp32 rounding loses nothing of the loss
 // of logits far from 0. The per-row work lives in row_forward and row_grad, shared by the three kernels.
+// With a soft cap every logit x is read as softcap * tanh(x / softcap) (logit()), and the gradient for it is
+// multiplied by its derivative, 1 - (capped / softcap)^2.
 // Logits are read in their own type; math is in fp32 (fp64 for double). Torch-free: cross_entropy_binding.cpp
 // validates inputs and calls the launchers.
 #include "cross_entropy.cuh"
@@ -26,6 +28,8 @@ __device__ __forceinline__ float exp_(float v) { return expf(v); }
 __device__ __forceinline__ double exp_(double v) { return exp(v); }
 __device__ __forceinline__ float log_(float v) { return logf(v); }
 __device__ __forceinline__ double log_(double v) { return log(v); }
+__device__ __forceinline__ float tanh_(float v) { return tanhf(v); }
+__device__ __forceinline__ double tanh_(double v) { return tanh(v); }
 __device__ __forceinline__ float pos_inf(float) { return CUDART_INF_F; }
 __device__ __forceinline__ double pos_inf(double) { return CUDART_INF; }
 
@@ -41,6 +45,13 @@ __device__ acc_t weight_of(const CrossEntropyArgs<acc_t>& a, int64_t c) { return
 template <typename acc_t>
 __device__ acc_t weight_total(const CrossEntropyArgs<acc_t>& a) {
   return a.weight ? *a.weight_sum : acc_t(a.num_classes);
+}
+
+// A logit as the loss sees it: x, or softcap * tanh(x / softcap) with a soft cap.
+template <typename scalar_t, typename acc_t>
+__device__ acc_t logit(const CrossEntropyArgs<acc_t>& a, scalar_t x) {
+  const acc_t v = to_acc(x);
+  return a.softcap == acc_t(0) ? v : a.softcap * tanh_(v / a.softcap);
 }
 
 // s * exp(m - new_m), the rescale of a partial sum when the max grows. s == 0 (nothing finite seen, m == -inf)
@@ -115,11 +126,11 @@ __device__ RowNorm<acc_t> row_forward(const scalar_t* x, const CrossEntropyArgs<
                                       acc_t* loss, acc_t* lse_out) {
   const int64_t C = a.num_classes;
   const bool smoothed = t >= 0 && a.smoothing != acc_t(0);
-  const acc_t first = smoothed ? to_acc(x[0]) : acc_t(0);  // smoothed: a valid target, so C >= 1
+  const acc_t first = smoothed ? logit(a, x[0]) : acc_t(0);  // smoothed: a valid target, so C >= 1
   const acc_t anchor = smoothed && fabs(first) < pos_inf(first) ? first : acc_t(0);
   acc_t m = -pos_inf(acc_t(0)), s = 0, weighted_sum = 0;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    const acc_t v = to_acc(x[c]);
+    const acc_t v = logit(a, x[c]);
     online_add(m, s, v);
     if (smoothed) weighted_sum += weight_of(a, c) * (v - anchor);
   }
@@ -132,7 +143,7 @@ __device__ RowNorm<acc_t> row_forward(const scalar_t* x, const CrossEntropyArgs<
     lse_out[row] = norm.lse;
     acc_t row_loss = 0;
     if (t >= 0) {
-      row_loss = (acc_t(1) - a.smoothing) * weight_of(a, t) * ((m - to_acc(x[t])) + norm.log_norm);
+      row_loss = (acc_t(1) - a.smoothing) * weight_of(a, t) * ((m - logit(a, x[t])) + norm.log_norm);
       if (smoothed) {
         row_loss += a.smoothing / acc_t(C) * (weight_total(a) * ((m - anchor) + norm.log_norm) - weighted_sum);
       }
@@ -169,9 +180,11 @@ __device__ void row_grad(const scalar_t* x, scalar_t* dx, const CrossEntropyArgs
       g * ((acc_t(1) - a.smoothing) * w_t + smooth * weight_total(a) + 2 * a.lse_square_scale * n.lse);
   const acc_t target_grad = g * (acc_t(1) - a.smoothing) * w_t, smooth_grad = g * smooth;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    acc_t d = p_scale * exp_((to_acc(x[c]) - n.shift) - n.log_norm);
+    const acc_t z = logit(a, x[c]);
+    acc_t d = p_scale * exp_((z - n.shift) - n.log_norm);
     if (a.smoothing != acc_t(0)) d -= smooth_grad * weight_of(a, c);
     if (c == t) d -= target_grad;
+    if (a.softcap != acc_t(0)) d *= acc_t(1) - (z / a.softcap) * (z / a.softcap);  // through the cap
     assign(dx[c], d);
   }
 }

@@ -24,6 +24,7 @@ struct CrossEntropyArgs {
   const acc_t* weight_sum;   // one value, the sum of weight (read only when weight != nullptr)
   int64_t num_rows, num_classes, ignore_index;
   acc_t smoothing, lse_square_scale;
+  acc_t softcap;             // logits capped to softcap * tanh(x / softcap); 0 for none
 };
 
 // loss[i] and lse[i] for each row i of logits (row i starts at logits + i * row_stride, unit column stride).

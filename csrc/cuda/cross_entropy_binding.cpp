@@ -43,8 +43,9 @@ struct Prepared {
 };
 
 Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                 int64_t ignore_index) {
+                 int64_t ignore_index, double softcap) {
   check_cross_entropy_shapes(logits, target, weight);
+  check_softcap(softcap);
   TORCH_CHECK(logits.is_cuda(), "fastlm cross_entropy: logits must be a CUDA tensor, got ", logits.device());
   check_device(target, logits, "target");
   TORCH_CHECK(logits.size(0) <= INT_MAX, "fastlm cross_entropy (CUDA): at most 2^31-1 rows, got ", logits.size(0));
@@ -62,18 +63,19 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::
 }
 
 template <typename acc_t>
-CrossEntropyArgs<acc_t> kernel_args(const Prepared& p, int64_t ignore_index, double smoothing, double z_scale) {
+CrossEntropyArgs<acc_t> kernel_args(const Prepared& p, int64_t ignore_index, double smoothing, double z_scale,
+                                    double softcap) {
   const bool w = p.weight.defined();
   return {data<int64_t>(p.target), w ? data<acc_t>(p.weight) : nullptr,
           w ? data<acc_t>(p.weight_sum) : nullptr, p.logits.size(0), p.logits.size(1), ignore_index,
-          acc_t(smoothing), acc_t(z_scale)};
+          acc_t(smoothing), acc_t(z_scale), acc_t(softcap)};
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,
                                                          const std::optional<at::Tensor>& weight,
                                                          int64_t ignore_index, double label_smoothing,
-                                                         double lse_square_scale) {
-  const Prepared p = prepare(logits, target, weight, ignore_index);
+                                                         double lse_square_scale, double softcap) {
+  const Prepared p = prepare(logits, target, weight, ignore_index, softcap);
   const c10::cuda::CUDAGuard guard(p.logits.device());
   const auto options = p.logits.options().dtype(math_dtype(p.logits));
   at::Tensor loss = at::empty({p.logits.size(0)}, options), lse = at::empty({p.logits.size(0)}, options);
@@ -81,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
     check_cuda(cross_entropy_forward_cuda<T>(data<T>(p.logits), p.logits.stride(0),
-                                             kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale),
+                                             kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale, softcap),
                                              mutable_data<acc_t>(loss), mutable_data<acc_t>(lse), stream()),
                "cross_entropy_forward");
   });
@@ -92,8 +94,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
 // dtype and returned in that of logits, as cross_entropy_backward returns it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& grad_loss, int64_t ignore_index, double label_smoothing, double lse_square_scale) {
-  const Prepared p = prepare(logits, target, weight, ignore_index);
+    const at::Tensor& grad_loss, int64_t ignore_index, double label_smoothing, double lse_square_scale,
+    double softcap) {
+  const Prepared p = prepare(logits, target, weight, ignore_index, softcap);
   const int64_t N = p.logits.size(0);
   check_per_row(grad_loss, N, "grad_loss");
   check_device(grad_loss, p.logits, "grad_loss");
@@ -107,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
     using acc_t = acc_type<T>;
     check_cuda(cross_entropy_forward_backward_cuda<T>(
                    data<T>(p.logits), p.logits.stride(0),
-                   kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale),
+                   kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale, softcap),
                    data<acc_t>(grad_loss_c), mutable_data<acc_t>(loss), mutable_data<acc_t>(lse),
                    mutable_data<T>(grad), grad.stride(0), stream()),
                "cross_entropy_forward_backward");
@@ -117,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
 
 // grad: (N, C) in p.logits' dtype with unit column stride; may be p.logits itself.
 void backward_into(const Prepared& p, const at::Tensor& lse, const at::Tensor& grad_loss, at::Tensor& grad,
-                   int64_t ignore_index, double label_smoothing, double lse_square_scale) {
+                   int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap) {
   const int64_t N = p.logits.size(0);
   check_per_row(lse, N, "lse");
   check_per_row(grad_loss, N, "grad_loss");
@@ -130,7 +133,7 @@ void backward_into(const Prepared& p, const at::Tensor& lse, const at::Tensor& g
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
     check_cuda(cross_entropy_backward_cuda<T>(data<T>(p.logits), p.logits.stride(0),
-                                              kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale),
+                                              kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale, softcap),
                                               data<acc_t>(lse_c), data<acc_t>(grad_loss_c),
                                               mutable_data<T>(grad), grad.stride(0), stream()),
                "cross_entropy_backward");
@@ -140,22 +143,22 @@ void backward_into(const Prepared& p, const at::Tensor& lse, const at::Tensor& g
 at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& target,
                                   const std::optional<at::Tensor>& weight, const at::Tensor& lse,
                                   const at::Tensor& grad_loss, int64_t ignore_index, double label_smoothing,
-                                  double lse_square_scale) {
-  const Prepared p = prepare(logits, target, weight, ignore_index);
+                                  double lse_square_scale, double softcap) {
+  const Prepared p = prepare(logits, target, weight, ignore_index, softcap);
   at::Tensor grad = at::empty(p.logits.sizes(), p.logits.options());  // contiguous
-  backward_into(p, lse, grad_loss, grad, ignore_index, label_smoothing, lse_square_scale);
+  backward_into(p, lse, grad_loss, grad, ignore_index, label_smoothing, lse_square_scale, softcap);
   return grad.to(logits.scalar_type());
 }
 
 void cross_entropy_backward_(at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                              const at::Tensor& lse, const at::Tensor& grad_loss, int64_t ignore_index,
-                             double label_smoothing, double lse_square_scale) {
+                             double label_smoothing, double lse_square_scale, double softcap) {
   TORCH_CHECK(kernel_dtype(logits.scalar_type()) && logits.dim() == 2 && logits.stride(1) == 1,
               "fastlm cross_entropy_backward_: in-place needs float, double, half or bfloat16 logits with unit "
               "column stride");
   check_rows_apart(logits);
-  const Prepared p = prepare(logits, target, weight, ignore_index);  // p.logits is logits itself
-  backward_into(p, lse, grad_loss, logits, ignore_index, label_smoothing, lse_square_scale);
+  const Prepared p = prepare(logits, target, weight, ignore_index, softcap);  // p.logits is logits itself
+  backward_into(p, lse, grad_loss, logits, ignore_index, label_smoothing, lse_square_scale, softcap);
 }
 
 }  // namespace

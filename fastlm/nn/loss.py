@@ -14,23 +14,25 @@ class CrossEntropyLoss(TracedAsLeaf, nn.CrossEntropyLoss):
     """``nn.CrossEntropyLoss`` on fastlm's fused kernels, for class indices with (N, C), (C,) or (N, C, d1, ...)
     logits (class probabilities go to torch's loss, as ``fastlm.ops.cross_entropy`` says).
 
-    Keyword-only extras: ``lse_square_scale`` (z-loss), ``return_lse``, ``inplace_backward`` and
-    ``backend``, as in ``fastlm.ops.cross_entropy``.
+    Keyword-only extras: ``lse_square_scale`` (z-loss), ``softcap`` (logit soft-capping), ``return_lse``,
+    ``inplace_backward`` and ``backend``, as in ``fastlm.ops.cross_entropy``.
     """
 
     def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100, reduce=None,
                  reduction: str = "mean", label_smoothing: float = 0.0, *, lse_square_scale: float = 0.0,
-                 return_lse: bool = False, inplace_backward: bool = False, backend: str | None = None):
+                 softcap: float | None = None, return_lse: bool = False, inplace_backward: bool = False,
+                 backend: str | None = None):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.lse_square_scale = lse_square_scale
+        self.softcap = softcap
         self.return_lse = return_lse
         self.inplace_backward = inplace_backward
         self.backend = backend
 
     def forward(self, input: Tensor, target: Tensor):
         return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
-                             lse_square_scale=self.lse_square_scale, return_lse=self.return_lse,
-                             inplace_backward=self.inplace_backward, backend=self.backend)
+                             lse_square_scale=self.lse_square_scale, softcap=self.softcap,
+                             return_lse=self.return_lse, inplace_backward=self.inplace_backward, backend=self.backend)
 
 
 class LinearCrossEntropyLoss(TracedAsLeaf, nn.Module):
@@ -39,19 +41,20 @@ class LinearCrossEntropyLoss(TracedAsLeaf, nn.Module):
     output ``nn.Linear``; ``ce_weight`` is the per-class weight of the loss."""
 
     def __init__(self, ce_weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0, *, lse_square_scale: float = 0.0, return_lse: bool = False,
-                 chunk_size: int | None = None, backend: str | None = None):
+                 label_smoothing: float = 0.0, *, lse_square_scale: float = 0.0, softcap: float | None = None,
+                 return_lse: bool = False, chunk_size: int | None = None, backend: str | None = None):
         super().__init__()
         self.register_buffer("ce_weight", ce_weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.lse_square_scale = lse_square_scale
+        self.softcap = softcap
         self.return_lse = return_lse
         self.chunk_size = chunk_size
         self.backend = backend
 
     def forward(self, input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None):
         return linear_cross_entropy(input, weight, target, bias, self.ce_weight, self.ignore_index, self.reduction,
-                                    self.label_smoothing, lse_square_scale=self.lse_square_scale,
+                                    self.label_smoothing, lse_square_scale=self.lse_square_scale, softcap=self.softcap,
                                     return_lse=self.return_lse, chunk_size=self.chunk_size, backend=self.backend)

@@ -9,12 +9,13 @@ with fake implementations so torch.compile traces them) -> autograd, itself a C+
 In training the forward kernel returns per-row losses, the row log-sum-exp and the gradient at once (one
 exp per logit); the extra memory is that (N, C) gradient alone, and none with ``inplace_backward=True``,
 where the backward instead recomputes softmax from the saved lse and writes over the logits. Beyond torch:
-the per-row lse as an output (``return_lse``) and z-loss (``lse_square_scale * lse**2`` added to each
-non-ignored row's loss, reduced like the loss).
+the per-row lse as an output (``return_lse``), z-loss (``lse_square_scale * lse**2`` added to each
+non-ignored row's loss, reduced like the loss) and logit soft-capping (``softcap``), inside the kernels.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -35,55 +36,57 @@ REDUCTIONS = ("mean", "sum", "none")
 # registered here. Both share one set of fake implementations.
 
 
-def _fake_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale):
+def _fake_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap):
     rows = logits.new_empty(logits.shape[0], dtype=math_dtype(logits))
     return rows, torch.empty_like(rows)
 
 
-def _fake_forward_backward(logits, target, weight, grad_loss, ignore_index, label_smoothing, lse_square_scale):
-    rows, lse = _fake_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
+def _fake_forward_backward(logits, target, weight, grad_loss, ignore_index, label_smoothing, lse_square_scale,
+                           softcap):
+    rows, lse = _fake_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap)
     return rows, lse, torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _fake_backward(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, lse_square_scale):
+def _fake_backward(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, lse_square_scale, softcap):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _fake_backward_(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, lse_square_scale):
+def _fake_backward_(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, lse_square_scale, softcap):
     return None
 
 
 @torch.library.custom_op("fastlm::triton_cross_entropy_forward", mutates_args=())
 def _triton_forward(
     logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float,
-    lse_square_scale: float,
+    lse_square_scale: float, softcap: float,
 ) -> tuple[Tensor, Tensor]:
     from fastlm.kernels import cross_entropy as kernels
 
-    return kernels.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
+    return kernels.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale,
+                                         softcap)
 
 
 @torch.library.custom_op("fastlm::triton_cross_entropy_forward_backward", mutates_args=())
 def _triton_forward_backward(
     logits: Tensor, target: Tensor, weight: Tensor | None, grad_loss: Tensor, ignore_index: int,
-    label_smoothing: float, lse_square_scale: float,
+    label_smoothing: float, lse_square_scale: float, softcap: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from fastlm.kernels import cross_entropy as kernels
 
     return kernels.cross_entropy_forward_backward(logits, target, weight, grad_loss, ignore_index, label_smoothing,
-                                                  lse_square_scale)
+                                                  lse_square_scale, softcap)
 
 
 @torch.library.custom_op("fastlm::triton_cross_entropy_backward", mutates_args=())
 def _triton_backward(
     logits: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor, grad_loss: Tensor, ignore_index: int,
-    label_smoothing: float, lse_square_scale: float,
+    label_smoothing: float, lse_square_scale: float, softcap: float,
 ) -> Tensor:
     from fastlm.kernels import cross_entropy as kernels
 
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     kernels.cross_entropy_backward_into(
-        logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, lse_square_scale, grad
+        logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, lse_square_scale, softcap, grad
     )
     return grad
 
@@ -91,12 +94,12 @@ def _triton_backward(
 @torch.library.custom_op("fastlm::triton_cross_entropy_backward_", mutates_args=("logits",))
 def _triton_backward_(
     logits: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor, grad_loss: Tensor, ignore_index: int,
-    label_smoothing: float, lse_square_scale: float,
+    label_smoothing: float, lse_square_scale: float, softcap: float,
 ) -> None:
     from fastlm.kernels import cross_entropy as kernels
 
     kernels.cross_entropy_backward_into(
-        logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, lse_square_scale, logits
+        logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, lse_square_scale, softcap, logits
     )
 
 
@@ -115,10 +118,12 @@ def kernel_ops(backend: str) -> KernelOps:
 # --- reference ---------------------------------------------------------------------------------------
 
 
-def reference_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale):
-    """The ``torch`` backend and the oracle: F.cross_entropy in fp32 (fp64 for double) plus the z-loss term;
-    the loss stays in that dtype, as the kernels' does (``cross_entropy`` casts it)."""
-    x = logits.to(math_dtype(logits))
+def reference_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+                            softcap):
+    """The ``torch`` backend and the oracle: F.cross_entropy in fp32 (fp64 for double) of the logits, soft-capped
+    when ``softcap`` (0 for none), plus the z-loss term; the loss stays in that dtype, as the kernels' does
+    (``cross_entropy`` casts it)."""
+    x = soft_capped(logits.to(math_dtype(logits)), softcap)
     w = None if weight is None else weight.to(x.dtype)
     loss = F.cross_entropy(x, target.long(), weight=w, ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
@@ -134,6 +139,11 @@ def reference_cross_entropy(logits, target, weight, ignore_index, reduction, lab
             row_weights = valid.to(x.dtype) if w is None else torch.where(valid, w[target.clamp(0, len(w) - 1)], 0)
             loss = loss + z_rows.sum() / row_weights.sum()
     return loss, lse.detach()
+
+
+def soft_capped(logits: Tensor, softcap: float) -> Tensor:
+    """``softcap * tanh(logits / softcap)`` (Gemma 2's logit soft-capping), or the logits for softcap 0."""
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
 
 
 # --- functional --------------------------------------------------------------------------------------
@@ -179,6 +189,15 @@ def check_target(target: Tensor, num_rows: int, num_classes: int, device: torch.
         raise ValueError(f"fastlm.{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
 
 
+def softcap_value(softcap: float | None, name: str) -> float:
+    """The soft cap as the ops take it: a positive finite number, 0.0 for None."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
+        raise ValueError(f"fastlm.{name}: softcap must be None or a positive number, got {softcap!r}")
+    return float(softcap)
+
+
 def class_rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """(C,) or (N, C, d1, ...) logits as the (M, C) rows the kernels take, and their class indices as (M,)."""
     classes = input.shape[0] if input.dim() == 1 else input.shape[1]
@@ -206,6 +225,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     *,
     lse_square_scale: float = 0.0,
+    softcap: float | None = None,
     return_lse: bool = False,
     inplace_backward: bool = False,
     backend: str | None = None,
@@ -215,6 +235,8 @@ def cross_entropy(
     targets of the input's shape) go to ``F.cross_entropy`` itself, unfused.
 
     Extra options: ``lse_square_scale`` adds the z-loss ``scale * lse**2`` of each non-ignored row;
+    ``softcap`` computes the loss of ``softcap * tanh(input / softcap)`` (logit soft-capping, as Gemma 2), fused
+    (lse and z-loss are then those of the capped logits);
     ``return_lse=True`` returns ``(loss, lse)`` with the fp32 per-row log-sum-exp, without a gradient (a z-loss
     goes through ``lse_square_scale``); ``inplace_backward=True``
     writes the gradient over ``input`` during backward (``input`` then holds the gradient, and autograd
@@ -224,17 +246,18 @@ def cross_entropy(
     (see fastlm/ops/autocast.py).
     """
     check_tensors("cross_entropy", ("weight",), input=input, target=target, weight=weight)
+    cap = softcap_value(softcap, "cross_entropy")
     if input.is_floating_point():
         if target.is_floating_point() and target.shape == input.shape:
             if lse_square_scale or return_lse or inplace_backward:
                 raise ValueError("fastlm.cross_entropy: class-probability targets are computed by F.cross_entropy, "
                                  "which has no lse_square_scale, return_lse or inplace_backward")
-            return F.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
-                                   label_smoothing=label_smoothing)
+            return F.cross_entropy(soft_capped(input, cap), target, weight, ignore_index=ignore_index,
+                                   reduction=reduction, label_smoothing=label_smoothing)
         if input.dim() != 2 and input.dim() > 0:
             rows, target_rows = class_rows(input, target)
             result = cross_entropy(rows, target_rows, weight, ignore_index, reduction, label_smoothing,
-                                   lse_square_scale=lse_square_scale, return_lse=return_lse,
+                                   lse_square_scale=lse_square_scale, softcap=softcap, return_lse=return_lse,
                                    inplace_backward=inplace_backward, backend=backend)
             loss, lse = result if return_lse else (result, None)
             loss = loss.reshape(target.shape) if reduction == "none" else loss
@@ -244,7 +267,7 @@ def cross_entropy(
                  "cross_entropy")
     target = class_indices(target)
     name = backends.resolve(input.device, backend)
-    args = (input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale)
+    args = (input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, cap)
     amp = autocast_dtype(input.device)
     with autocast_off(input.device, amp):
         if name == "torch":
@@ -264,9 +287,9 @@ backends.register_fakes(KernelOps, "cross_entropy",
                         KernelOps(_fake_forward, _fake_forward_backward, _fake_backward, _fake_backward_))
 
 
-def fake_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+def fake_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
                        inplace_backward, triton=False):
-    rows, lse = _fake_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale)
+    rows, lse = _fake_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap)
     return (rows if reduction == "none" else rows.new_empty(())), lse
 
 

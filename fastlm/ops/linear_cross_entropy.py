@@ -28,6 +28,7 @@ from fastlm.ops.cross_entropy import (
     fake_cross_entropy,
     loss_dtype,
     reference_cross_entropy,
+    softcap_value,
 )
 from fastlm.ops.math_dtype import math_dtype
 from fastlm.ops.tensor_arguments import check_tensors
@@ -53,6 +54,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     *,
     lse_square_scale: float = 0.0,
+    softcap: float | None = None,
     return_lse: bool = False,
     chunk_size: int | None = None,
     backend: str | None = None,
@@ -81,6 +83,7 @@ def linear_cross_entropy(
     check_target(target, input.shape[0], weight.shape[0], input.device, ce_weight, reduction, label_smoothing,
                  "linear_cross_entropy")
     target = class_indices(target)
+    cap = softcap_value(softcap, "linear_cross_entropy")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"fastlm.linear_cross_entropy: chunk_size must be a positive number of rows, got "
                          f"{chunk_size!r}")
@@ -88,25 +91,25 @@ def linear_cross_entropy(
     with autocast_off(input.device, amp):
         if name == "torch":
             loss, lse = reference_cross_entropy(F.linear(input, weight, bias), target, ce_weight, ignore_index,
-                                                reduction, label_smoothing, lse_square_scale)
+                                                reduction, label_smoothing, lse_square_scale, cap)
         else:
             size = chunk_size or default_chunk_size(input.shape[1], weight.shape[0])
             loss, lse = torch.ops.fastlm.linear_cross_entropy.default(
                 input, weight, bias, target, ce_weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-                size, name == "triton")
+                cap, size, name == "triton")
     loss = loss.to(loss_dtype(input.dtype, amp))
     return (loss, lse) if return_lse else loss
 
 
 def _fake_linear_cross_entropy(input, weight, bias, target, ce_weight, ignore_index, reduction, label_smoothing,
-                               lse_square_scale, chunk_size, triton=False):
+                               lse_square_scale, softcap, chunk_size, triton=False):
     # The loss and lse of cross-entropy over (N, V) logits in input's dtype: only N and the dtype shape them.
     return fake_cross_entropy(input, target, ce_weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-                              False)
+                              softcap, False)
 
 
-def _fake_chunks(input, weight, bias, target, ce_weight, ignore_index, label_smoothing, lse_square_scale, triton,
-                 chunk_size, grad_rows, wanted):
+def _fake_chunks(input, weight, bias, target, ce_weight, ignore_index, label_smoothing, lse_square_scale, softcap,
+                 triton, chunk_size, grad_rows, wanted):
     """Per-row losses and lse in the math dtype; d_input (input's dtype), d_weight and d_bias (math dtype) where
     wanted and grad_rows is given, else empty."""
     acc = math_dtype(input)

@@ -77,7 +77,7 @@ template <typename acc_t>
 fastlm::CrossEntropyArgs<acc_t> cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
                                                    const std::optional<at::Tensor>& weight,
                                                    const std::optional<at::Tensor>& weight_sum, int64_t ignore_index,
-                                                   double smoothing, double lse_square_scale) {
+                                                   double smoothing, double lse_square_scale, double softcap) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits: (N, C) with unit column stride");
   return {contiguous<int64_t>(target, "target"),
           contiguous_or_null<acc_t>(weight, "weight"),
@@ -86,18 +86,20 @@ fastlm::CrossEntropyArgs<acc_t> cross_entropy_args(const at::Tensor& logits, con
           logits.size(1),
           ignore_index,
           acc_t(smoothing),
-          acc_t(lse_square_scale)};
+          acc_t(lse_square_scale),
+          acc_t(softcap)};
 }
 
 void cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& weight_sum, int64_t ignore_index, double smoothing,
-                           double lse_square_scale, const at::Tensor& loss, const at::Tensor& lse) {
+                           double lse_square_scale, double softcap, const at::Tensor& loss, const at::Tensor& lse) {
   dispatch(logits, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
     check(fastlm::cross_entropy_forward_cuda<T>(
               pointer<T>(logits, "logits"), logits.stride(0),
-              cross_entropy_args<acc_t>(logits, target, weight, weight_sum, ignore_index, smoothing, lse_square_scale),
+              cross_entropy_args<acc_t>(logits, target, weight, weight_sum, ignore_index, smoothing, lse_square_scale,
+                                        softcap),
               contiguous<acc_t>(loss, "loss"), contiguous<acc_t>(lse, "lse"), nullptr),
           "cross_entropy_forward_cuda");
   });
@@ -106,7 +108,8 @@ void cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target, c
 // grad: (N, C) with unit column stride; may be logits itself (the in-place backward).
 void cross_entropy_backward(const at::Tensor& logits, const at::Tensor& target,
                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& weight_sum,
-                            int64_t ignore_index, double smoothing, double lse_square_scale, const at::Tensor& lse,
+                            int64_t ignore_index, double smoothing, double lse_square_scale, double softcap,
+                            const at::Tensor& lse,
                             const at::Tensor& grad_loss, const at::Tensor& grad) {
   TORCH_CHECK(grad.dim() == 2 && grad.stride(1) == 1, "grad: (N, C) with unit column stride");
   dispatch(logits, [&](auto tag) {
@@ -114,7 +117,8 @@ void cross_entropy_backward(const at::Tensor& logits, const at::Tensor& target,
     using acc_t = acc_type<T>;
     check(fastlm::cross_entropy_backward_cuda<T>(
               pointer<T>(logits, "logits"), logits.stride(0),
-              cross_entropy_args<acc_t>(logits, target, weight, weight_sum, ignore_index, smoothing, lse_square_scale),
+              cross_entropy_args<acc_t>(logits, target, weight, weight_sum, ignore_index, smoothing, lse_square_scale,
+                                        softcap),
               contiguous<acc_t>(lse, "lse"), contiguous<acc_t>(grad_loss, "grad_loss"), pointer<T>(grad, "grad"),
               grad.stride(0), nullptr),
           "cross_entropy_backward_cuda");
@@ -124,7 +128,8 @@ void cross_entropy_backward(const at::Tensor& logits, const at::Tensor& target,
 void cross_entropy_forward_backward(const at::Tensor& logits, const at::Tensor& target,
                                     const std::optional<at::Tensor>& weight,
                                     const std::optional<at::Tensor>& weight_sum, int64_t ignore_index,
-                                    double smoothing, double lse_square_scale, const at::Tensor& grad_loss,
+                                    double smoothing, double lse_square_scale, double softcap,
+                                    const at::Tensor& grad_loss,
                                     const at::Tensor& loss, const at::Tensor& lse, const at::Tensor& grad) {
   TORCH_CHECK(grad.dim() == 2 && grad.stride(1) == 1, "grad: (N, C) with unit column stride");
   dispatch(logits, [&](auto tag) {
@@ -132,7 +137,8 @@ void cross_entropy_forward_backward(const at::Tensor& logits, const at::Tensor& 
     using acc_t = acc_type<T>;
     check(fastlm::cross_entropy_forward_backward_cuda<T>(
               pointer<T>(logits, "logits"), logits.stride(0),
-              cross_entropy_args<acc_t>(logits, target, weight, weight_sum, ignore_index, smoothing, lse_square_scale),
+              cross_entropy_args<acc_t>(logits, target, weight, weight_sum, ignore_index, smoothing, lse_square_scale,
+                                        softcap),
               contiguous<acc_t>(grad_loss, "grad_loss"), contiguous<acc_t>(loss, "loss"), contiguous<acc_t>(lse, "lse"),
               pointer<T>(grad, "grad"), grad.stride(0), nullptr),
           "cross_entropy_forward_backward_cuda");
