@@ -4,6 +4,7 @@ can measure itself against eager PyTorch, torch.compile and Liger-Kernel on the 
     fastlm bench [--op cross_entropy|linear_cross_entropy|batch_norm|embedding_linear|mlp_step|all]
                  [--device cpu|cuda]
                  [--dtype float32 ...] [--sizes 4096x1024 ...] [--mode fwd|bwd|full] [--quick] [--out DIR]
+                 [--softcap K]                    cross-entropy ops only: the loss of K * tanh(logits / K)
     fastlm bench --table bench/results/*.json        the README's markdown table from saved results
 
 The cases follow the issues that introduced each op (their default sizes per device, a small --quick set);
@@ -51,20 +52,36 @@ def _liger(name: str, device: str) -> Callable | None:
     return getattr(functional, name)
 
 
-def cross_entropy_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) -> Iterator[Problem]:
+def _soft_capped_cross_entropy(logits: torch.Tensor, target: torch.Tensor, softcap: float) -> torch.Tensor:
+    """The soft-capped loss as torch code writes it (Gemma 2's final logit soft-capping)."""
+    return F.cross_entropy(softcap * torch.tanh(logits / softcap), target)
+
+
+def _with_softcap(softcap: float | None) -> dict:
+    return {} if softcap is None else {"softcap": softcap}
+
+
+def _softcap_label(softcap: float | None) -> str:
+    return "" if softcap is None else f" softcap={softcap:g}"
+
+
+def cross_entropy_problems(size: Size, dtype: torch.dtype, device: str, quick: bool,
+                           softcap: float | None = None) -> Iterator[Problem]:
     from fastlm.ops import cross_entropy
 
     n, c = size
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(n, c, device=device, dtype=dtype, generator=generator).requires_grad_()
     target = torch.randint(0, c, (n,), device=device, generator=generator)
-    forwards = {f"fastlm-{name}": partial(cross_entropy, x, target, backend=name) for name in fastlm_backends(device)}
-    forwards["eager"] = partial(F.cross_entropy, x, target)
-    forwards["torch.compile"] = partial(torch.compile(F.cross_entropy), x, target)
+    forwards = {f"fastlm-{name}": partial(cross_entropy, x, target, backend=name, **_with_softcap(softcap))
+                for name in fastlm_backends(device)}
+    torch_loss = F.cross_entropy if softcap is None else partial(_soft_capped_cross_entropy, softcap=softcap)
+    forwards["eager"] = partial(torch_loss, x, target)
+    forwards["torch.compile"] = partial(torch.compile(torch_loss), x, target)
     liger = _liger("liger_cross_entropy", device)
     if liger:  # on its own copy of the logits: it writes its gradient over them
         liger_x = x.detach().clone().requires_grad_()
-        forwards["liger"] = partial(liger, liger_x, target)
+        forwards["liger"] = partial(liger, liger_x, target, **_with_softcap(softcap))
     logits_bytes = n * c * dtype.itemsize
 
     def annotate(row: harness.Row) -> None:
@@ -73,13 +90,15 @@ def cross_entropy_problems(size: Size, dtype: torch.dtype, device: str, quick: b
 
     # No byte count for --mode bwd: the fused providers make the gradient in the forward, so their backward
     # moves next to nothing, and a bandwidth over it would mean nothing.
-    yield Problem(f"N={n} C={c} {dtype_name(dtype)}", forwards, backward_for([x, *([liger_x] if liger else [])]),
+    yield Problem(f"N={n} C={c} {dtype_name(dtype)}{_softcap_label(softcap)}", forwards,
+                  backward_for([x, *([liger_x] if liger else [])]),
                   reps=3 if quick else max(10, int(2e8 // (n * c))),  # small cases are noisy: more repetitions
                   min_bytes={"fwd": logits_bytes, "full": 2 * logits_bytes}, annotate=annotate)
 
 
-def _linear_then_cross_entropy(x, weight, bias, target):
-    return F.cross_entropy(F.linear(x, weight, bias), target)
+def _linear_then_cross_entropy(x, weight, bias, target, softcap=None):
+    logits = F.linear(x, weight, bias)
+    return F.cross_entropy(logits, target) if softcap is None else _soft_capped_cross_entropy(logits, target, softcap)
 
 
 class _HeadAndLoss(nn.Module):
@@ -94,7 +113,8 @@ class _HeadAndLoss(nn.Module):
         return F.cross_entropy(self.head(x), target)
 
 
-def linear_cross_entropy_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) -> Iterator[Problem]:
+def linear_cross_entropy_problems(size: Size, dtype: torch.dtype, device: str, quick: bool,
+                                  softcap: float | None = None) -> Iterator[Problem]:
     from fastlm import convert
     from fastlm.ops import linear_cross_entropy
 
@@ -104,16 +124,19 @@ def linear_cross_entropy_problems(size: Size, dtype: torch.dtype, device: str, q
     weight = nn.Parameter(torch.randn(v, h, device=device, dtype=dtype, generator=generator) / h**0.5)
     bias = nn.Parameter(torch.zeros(v, device=device, dtype=dtype))
     target = torch.randint(0, v, (n,), device=device, generator=generator)
-    forwards = {f"fastlm-{name}": partial(linear_cross_entropy, x, weight, target, bias, backend=name)
+    forwards = {f"fastlm-{name}": partial(linear_cross_entropy, x, weight, target, bias, backend=name,
+                                          **_with_softcap(softcap))
                 for name in fastlm_backends(device)}
-    # The same loss written as torch code, fused by fastlm.convert in the graph torch.compile captures.
-    forwards["fastlm.convert"] = partial(convert(_HeadAndLoss(weight, bias), fuse_forward_code=True), x, target)
-    forwards["eager"] = partial(_linear_then_cross_entropy, x, weight, bias, target)
-    forwards["torch.compile"] = partial(torch.compile(_linear_then_cross_entropy), x, weight, bias, target)
+    if softcap is None:  # the same loss written as torch code, fused by fastlm.convert in the graph torch.compile
+        # captures (a tanh between the head and the loss is not a pattern it fuses)
+        forwards["fastlm.convert"] = partial(convert(_HeadAndLoss(weight, bias), fuse_forward_code=True), x, target)
+    forwards["eager"] = partial(_linear_then_cross_entropy, x, weight, bias, target, softcap)
+    forwards["torch.compile"] = partial(torch.compile(_linear_then_cross_entropy), x, weight, bias, target, softcap)
     liger = _liger("liger_fused_linear_cross_entropy", device)
     if liger:
-        forwards["liger"] = partial(liger, x, weight, target, bias)
-    yield Problem(f"N={n} H={h} V={v} {dtype_name(dtype)}", forwards, backward_for([x, weight, bias]),
+        forwards["liger"] = partial(liger, x, weight, target, bias, **_with_softcap(softcap))
+    yield Problem(f"N={n} H={h} V={v} {dtype_name(dtype)}{_softcap_label(softcap)}", forwards,
+                  backward_for([x, weight, bias]),
                   reps=3 if quick or device == "cpu" else 10)
 
 
@@ -272,6 +295,9 @@ OPS = {
 }
 
 
+SOFTCAP_OPS = ("cross_entropy", "linear_cross_entropy")  # the ops whose problems take a softcap
+
+
 def default_out() -> str:
     """bench/results of the checkout fastlm runs from, else ./fastlm-bench."""
     bench = os.path.join(harness.CHECKOUT, "bench")
@@ -289,6 +315,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--mode", choices=harness.MODES, default="full", help="forward, backward or both (default)")
     parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions (under a minute on CPU)")
     parser.add_argument("--out", default=None, help=f"results directory (default: {default_out()})")
+    parser.add_argument("--softcap", type=float, metavar="K",
+                        help=f"for --op {' or '.join(SOFTCAP_OPS)}: every provider computes the loss of "
+                             "K * tanh(logits / K)")
     parser.add_argument("--table", nargs="+", metavar="JSON",
                         help="print the markdown table of saved results instead of running anything")
     args = parser.parse_args(argv)
@@ -300,6 +329,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--sizes: {error}")
     if args.out == "":
         parser.error("--out: an empty directory name")
+    if args.softcap is not None and (args.op not in SOFTCAP_OPS or not 0 < args.softcap < float("inf")):
+        parser.error(f"--softcap: a positive number, for --op {' or '.join(SOFTCAP_OPS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU here")
     return args
@@ -363,9 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode not in OPS[op].modes:
             print(f"\n{op}: skipped, it times only --mode {' or '.join(OPS[op].modes)} (each call is a whole step)")
             continue
-        # Sizes or dtypes of one's own, written to the default directory, do not replace the default run's files.
+        # Sizes or dtypes of one's own, written to the default directory, do not replace the default run's files;
+        # a soft-capped run has files of its own anywhere.
         custom = bool(args.sizes or args.dtype) and not args.out
         stem = os.path.join(out, f"{op}-{args.device}" + ("" if args.mode == "full" else f"-{args.mode}")
+                            + ("" if args.softcap is None else f"-softcap{args.softcap:g}")
                             + ("-quick" if args.quick else "") + ("-custom" if custom else ""))
         header = {"op": op, "mode": args.mode, "quick": args.quick, "copy_bandwidth_gbs": copy_gbs,
                   "command": ["fastlm", "bench", *(sys.argv[1:] if argv is None else argv)],
@@ -376,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         # reported and skipped; a provider that fails is a row with its error (see harness.run_problem).
         for size, dtype in harness.progress(plan[op], len(plan[op]), lambda case: case_label(op, *case)):
             try:
-                for problem in OPS[op].problems(size, dtype, args.device, args.quick):
+                for problem in OPS[op].problems(size, dtype, args.device, args.quick, **_with_softcap(args.softcap)):
                     rows += harness.run_problem(op, problem, args.device, args.mode, copy_gbs)
                     harness.save(stem, args.device, rows, {**header, "complete": False}, with_plot=False)
             except Exception as error:

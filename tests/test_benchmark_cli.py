@@ -287,3 +287,24 @@ def test_gpu_blocks_time_back_to_back_calls():
     assert len(calls) == 1 + per_block * len(samples) and per_block <= 3
     few = benchmark.harness.gpu_blocks_ms(call, reps=10_000, block_ms=5.0, budget_ms=10.0, device="cpu")
     assert len(few) == 5  # a budget under five blocks still gets five
+
+
+def test_softcap_runs_every_provider_on_the_capped_loss(tmp_path):
+    """--softcap K: the cross-entropy ops' cases name it, every provider computes the loss of K * tanh(x / K), and
+    the files are the run's own (named for K, apart from the uncapped run's)."""
+    assert benchmark.main(["--quick", "--op", "linear_cross_entropy", "--softcap", "30", "--sizes", "64x16x100",
+                           "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "linear_cross_entropy-cpu-softcap30-quick.json").read_text())["rows"]
+    assert {row["case"] for row in rows} == {"N=64 H=16 V=100 float32 softcap=30"}
+    assert {"fastlm-cpp", "eager", "torch.compile"} <= {row["provider"] for row in rows}
+    x, target = torch.randn(8, 5) * 40, torch.randint(0, 5, (8,))
+    problem = next(benchmark.cross_entropy_problems((8, 5), torch.float32, "cpu", True, softcap=3.0))
+    expected = torch.nn.functional.cross_entropy(3.0 * torch.tanh(x / 3.0), target)
+    for name, forward in problem.forwards.items():
+        loss = forward.func(x, target, **forward.keywords)  # the provider on these logits
+        torch.testing.assert_close(loss, expected, msg=name)
+    for argv in (["--op", "batch_norm", "--softcap", "30"], ["--op", "cross_entropy", "--softcap", "0"],
+                 ["--op", "cross_entropy", "--softcap", "inf"]):
+        with pytest.raises(SystemExit) as exit:
+            benchmark.main(argv + ["--out", str(tmp_path / "refused")])
+        assert exit.value.code == 2, argv
