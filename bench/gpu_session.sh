@@ -8,7 +8,8 @@
 #                                devices, Triton and kernel tests; not the CPU-only emulation and compile tests,
 #                                which CI runs), slowest listed -> gpu.csv, build.log, check.log, tests.log
 #   bench/gpu_session.sh bench   build; the issues' GPU cases, one fastlm bench run per op so that each op's
-#                                files are written as it ends, then linear + cross-entropy at Liger's size
+#                                files are written as it ends, then linear + cross-entropy at Liger's size,
+#                                last the soft-capped cross-entropy (against Liger's softcap)
 #                                -> gpu.csv, bench.log, results.tgz (made on exit, so a cut-short run still
 #                                returns what finished)
 # Each step's timeout is what is left of a 570 s budget, so the call ends before the device tool's 600 s limit;
@@ -89,7 +90,8 @@ case "${1:-}" in
                 "--op batch_norm --sizes 65536x1024 --dtype float32 bfloat16" \
                 "--op embedding_linear" \
                 "--op mlp_step --sizes 32x10x200" \
-                "--op linear_cross_entropy --sizes 16384x4096x128256 --dtype bfloat16"; do
+                "--op linear_cross_entropy --sizes 16384x4096x128256 --dtype bfloat16" \
+                "--op cross_entropy --sizes 16384x128256 --dtype bfloat16 --softcap 30"; do
       # shellcheck disable=SC2086  # the arguments split on purpose
       within "$(left)" python3 -m fastlm bench $args --device cuda --out "$results" 2>&1 | tee -a "$out/bench.log" | tail -30 ||
         status=1
