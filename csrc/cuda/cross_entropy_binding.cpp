@@ -82,9 +82,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
   dispatch(p.logits.scalar_type(), "cross_entropy", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
-    check_cuda(cross_entropy_forward_cuda<T>(data<T>(p.logits), p.logits.stride(0),
-                                             kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale, softcap),
-                                             mutable_data<acc_t>(loss), mutable_data<acc_t>(lse), stream()),
+    const auto args = kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale, softcap);
+    check_cuda(cross_entropy_forward_cuda<T>(data<T>(p.logits), p.logits.stride(0), args, mutable_data<acc_t>(loss),
+                                             mutable_data<acc_t>(lse), stream()),
                "cross_entropy_forward");
   });
   return {loss, lse};
@@ -132,10 +132,10 @@ void backward_into(const Prepared& p, const at::Tensor& lse, const at::Tensor& g
   dispatch(p.logits.scalar_type(), "cross_entropy", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using acc_t = acc_type<T>;
-    check_cuda(cross_entropy_backward_cuda<T>(data<T>(p.logits), p.logits.stride(0),
-                                              kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale, softcap),
-                                              data<acc_t>(lse_c), data<acc_t>(grad_loss_c),
-                                              mutable_data<T>(grad), grad.stride(0), stream()),
+    const auto args = kernel_args<acc_t>(p, ignore_index, label_smoothing, lse_square_scale, softcap);
+    check_cuda(cross_entropy_backward_cuda<T>(data<T>(p.logits), p.logits.stride(0), args, data<acc_t>(lse_c),
+                                              data<acc_t>(grad_loss_c), mutable_data<T>(grad), grad.stride(0),
+                                              stream()),
                "cross_entropy_backward");
   });
 }
