@@ -12,6 +12,8 @@ in such a graph, each of these whose intermediate result feeds nothing else:
   linear cross-entropy a linear -> [view/reshape/flatten to (rows, V)] -> F.cross_entropy, or
                        fastlm's op (nn.CrossEntropyLoss, converted) => fastlm.ops.linear_cross_entropy, which never
                                                                        holds the (rows, V) logits
+                       with the logits soft-capped on the way, k * tanh(logits / k) (Gemma 2's final layer; before
+                       or after the reshape)                        => the same with softcap=k
 
 A linear is ``F.linear(x, W, b)`` (nn.Linear) or, as the makemore lectures write it, ``x @ W + b`` with W of shape
 (in, out) and b of (out,) (or ``x @ W``), where the product feeds only the sum and no dtype changes on the way
@@ -52,6 +54,11 @@ MATMULS = {("call_function", operator.matmul), ("call_function", torch.matmul), 
            ("call_method", "matmul"), ("call_method", "mm"), ("call_method", "__matmul__")}
 ADDS = {("call_function", operator.add), ("call_function", torch.add), ("call_method", "add"),
         ("call_method", "__add__")}
+MULS = {("call_function", operator.mul), ("call_function", torch.mul), ("call_method", "mul"),
+        ("call_method", "__mul__")}
+DIVS = {("call_function", operator.truediv), ("call_function", torch.div), ("call_method", "div"),
+        ("call_method", "__truediv__")}
+TANHS = {("call_function", torch.tanh), ("call_method", "tanh")}
 ACTIVATION_CALLS = {("call_function", torch.tanh): "tanh", ("call_method", "tanh"): "tanh",
                     ("call_function", torch.relu): "relu", ("call_function", F.relu): "relu",
                     ("call_method", "relu"): "relu"}
@@ -99,6 +106,51 @@ def through_reshape(node: fx.Node, merged: int) -> fx.Node:
     for size in before.shape[before.dim() - merged:]:
         last *= size
     return source if isinstance(value.shape[-1], int) and isinstance(last, int) and value.shape[-1] == last else node
+
+
+def number_and_node(node: fx.Node) -> tuple[float, fx.Node] | None:
+    """(k, x) for a two-argument node of a Python number k and a node x, in either order; else None."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if isinstance(a, (int, float)) and not isinstance(a, bool) and isinstance(b, fx.Node):
+        return float(a), b
+    if isinstance(b, (int, float)) and not isinstance(b, bool) and isinstance(a, fx.Node):
+        return float(b), a
+    return None
+
+
+def through_softcap(node: fx.Node) -> tuple[fx.Node, float, tuple[fx.Node, ...]] | None:
+    """For ``node`` = ``k * tanh(x / k)`` (or ``x * (1 / k)`` inside, the product in either order) with positive k and
+    each step feeding only the next: (x, k, the steps' nodes, last first); else None."""
+    outer = number_and_node(node) if (node.op, node.target) in MULS else None
+    if outer is None:
+        return None
+    k, tanh = outer
+    if (tanh.op, tanh.target) not in TANHS or len(tanh.args) != 1 or tanh.kwargs or sole_user(tanh) is not node:
+        return None
+    scaled = tanh.args[0]
+    inner = number_and_node(scaled) if isinstance(scaled, fx.Node) and sole_user(scaled) is tanh else None
+    if inner is None or not 0 < k < float("inf"):
+        return None
+    divided = (scaled.op, scaled.target) in DIVS and scaled.args[1] == inner[0] == k
+    multiplied = (scaled.op, scaled.target) in MULS and inner[0] == 1 / k
+    source = inner[1]
+    return (source, k, (node, tanh, scaled)) if (divided or multiplied) and sole_user(source) is scaled else None
+
+
+def logits_source(logits: fx.Node) -> tuple[fx.Node, float | None, list[fx.Node]]:
+    """Back from a loss's logits to what made them: through a reshape to (rows, V) and a soft cap before or after
+    it. Returns that node, the cap's k (None without one) and the nodes passed, last first."""
+    passed, softcap, node = [logits], None, logits
+    for step in ("cap", "reshape", "cap"):
+        if step == "reshape":
+            node = through_reshape(node, merged=1)
+        elif softcap is None and (capped := through_softcap(node)) is not None:
+            node, softcap, steps = capped
+            passed += steps
+        passed.append(node)
+    return node, softcap, passed
 
 
 class Linear(NamedTuple):
@@ -261,17 +313,20 @@ def fuse_linear_cross_entropy(graph: fx.Graph, backend: str | None) -> int:
         logits = loss.args[0] if loss.args else loss.kwargs.get("input")
         if not isinstance(logits, fx.Node) or sole_user(logits) is not loss:
             continue
-        linear = as_linear(through_reshape(logits, merged=1))
+        source, softcap, passed = logits_source(logits)
+        linear = as_linear(source)
         if linear is None:
             continue
         if loss.target is F.cross_entropy:
             options = torch_loss_options(loss, backend)
         else:
             options = fastlm_loss_options(loss, linear.input, linear.weight)
-        if options is None:
+        if options is None or (softcap is not None and options.get("softcap")):  # capped twice: left as written
             continue
+        if softcap is not None:
+            options["softcap"] = softcap
         replace(graph, loss, fused_loss, (linear.input, linear_weight(graph, linear), linear.bias), options,
-                (logits, *reversed(linear.parts)))
+                (*passed, *reversed(linear.parts)))
         fused += 1
     return fused
 

@@ -82,6 +82,15 @@ class LanguageModel(nn.Module):
         if self.loss == "functional":
             return F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), self.class_weight, ignore_index=5,
                                    reduction="sum", label_smoothing=0.05)
+        if self.loss == "softcapped":  # Gemma 2's final logit soft-capping, on the (B, T, V) logits
+            return F.cross_entropy((torch.tanh(logits / 2.0) * 2.0).view(-1, VOCAB), targets.view(-1))
+        if self.loss == "softcapped-rows":  # the same on the (rows, V) logits, x * (1 / k) inside
+            return F.cross_entropy(2.0 * (logits.view(-1, VOCAB) * 0.5).tanh(), targets.view(-1), reduction="sum")
+        if self.loss == "uneven-cap":  # 3 tanh(x / 2): not a soft cap
+            return F.cross_entropy((torch.tanh(logits / 2.0) * 3.0).view(-1, VOCAB), targets.view(-1))
+        if self.loss == "capped-twice":  # a soft cap in the code and fastlm's own
+            return fastlm.ops.cross_entropy((torch.tanh(logits / 2.0) * 2.0).view(-1, VOCAB), targets.view(-1),
+                                            softcap=1.5)
         if self.loss == "fastlm-softcap":  # fastlm's own loss with an option only it has
             return fastlm.ops.cross_entropy(logits.view(-1, VOCAB), targets.view(-1), label_smoothing=0.1, softcap=2.0)
         if self.loss == "returns-logits":
@@ -171,7 +180,7 @@ def test_makemore_mlp_written_out_is_fused(activation, backend):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
-@pytest.mark.parametrize("loss", ["module", "functional", "per-row", "fastlm-softcap"])
+@pytest.mark.parametrize("loss", ["module", "functional", "per-row", "fastlm-softcap", "softcapped", "softcapped-rows"])
 def test_final_linear_and_loss_are_fused(loss, backend):
     skip_unless_runs(backend)
     torch.manual_seed(0)
@@ -221,7 +230,7 @@ def test_a_branch_not_taken_at_capture_still_runs():
     torch.testing.assert_close(converted(idx), model(idx))  # targets=None: the logits, as written
 
 
-@pytest.mark.parametrize("loss", ["returns-logits", "probabilities", "class-dim-1"])
+@pytest.mark.parametrize("loss", ["returns-logits", "probabilities", "class-dim-1", "uneven-cap", "capped-twice"])
 def test_a_loss_that_cannot_be_fused_runs_as_written(loss):
     model, converted = converted_pair(LanguageModel(loss))
     idx, targets = batch(6, per_position=True)
