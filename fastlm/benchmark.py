@@ -52,9 +52,11 @@ def _liger(name: str, device: str) -> Callable | None:
     return getattr(functional, name)
 
 
-def _soft_capped_cross_entropy(logits: torch.Tensor, target: torch.Tensor, softcap: float) -> torch.Tensor:
-    """The soft-capped loss as torch code writes it (Gemma 2's final logit soft-capping)."""
-    return F.cross_entropy(softcap * torch.tanh(logits / softcap), target)
+def _soft_capped_cross_entropy(logits: torch.Tensor, target: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """The (soft-capped) loss as torch code writes it (Gemma 2's final logit soft-capping)."""
+    from fastlm.ops.cross_entropy import soft_capped
+
+    return F.cross_entropy(soft_capped(logits, softcap), target)
 
 
 def _with_softcap(softcap: float | None) -> dict:
@@ -97,8 +99,7 @@ def cross_entropy_problems(size: Size, dtype: torch.dtype, device: str, quick: b
 
 
 def _linear_then_cross_entropy(x, weight, bias, target, softcap=None):
-    logits = F.linear(x, weight, bias)
-    return F.cross_entropy(logits, target) if softcap is None else _soft_capped_cross_entropy(logits, target, softcap)
+    return _soft_capped_cross_entropy(F.linear(x, weight, bias), target, softcap)
 
 
 class _HeadAndLoss(nn.Module):

@@ -37,6 +37,7 @@ import fastlm
 from fastlm import backends
 from fastlm.dtype_names import dtype_name
 from fastlm.ops.batch_norm import reference_batch_norm
+from fastlm.ops.cross_entropy import soft_capped
 from fastlm.ops.mlp_step import reference_mlp_loss_and_grads
 
 # Relative to the largest reference magnitude (or to each element, whichever is larger); as in the tests.
@@ -74,7 +75,7 @@ BACKENDS: dict[str, Backend] = {name: fastlm_backend(name) for name in backends.
 
 def _reference_cross_entropy(input, target, softcap=None, **options):
     """F.cross_entropy of the logits, soft-capped to ``softcap * tanh(input / softcap)`` where asked."""
-    return F.cross_entropy(softcap * torch.tanh(input / softcap) if softcap else input, target, **options)
+    return F.cross_entropy(soft_capped(input, softcap), target, **options)
 
 
 def _reference_linear_cross_entropy(input, weight, target, bias=None, chunk_size=None, **options):

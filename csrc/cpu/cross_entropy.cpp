@@ -12,7 +12,7 @@
 // with at::parallel_for and reduced in small groups (see group_lse), each row is vectorised with at::vec, and
 // all math is in fp32 (fp64 for double input); loss and lse come back in that math dtype.
 // Logit soft-capping (softcap = k > 0, as in Gemma 2): the loss is that of z = k tanh(x / k) in place of x. Each
-// group of rows is first capped into a scratch of the task's own, everything above runs on z, and the gradient
+// group of rows is first capped into the thread's kept scratch, everything above runs on z, and the gradient
 // (for z) is multiplied by dz/dx = 1 - (z / k)^2 from that scratch. Without a cap the rows are read where they lie.
 // The schemas are defined here because this file is built on every machine; CUDA adds its kernels
 // to the same ops in csrc/cuda/cross_entropy_binding.cpp.

@@ -141,8 +141,8 @@ def reference_cross_entropy(logits, target, weight, ignore_index, reduction, lab
     return loss, lse.detach()
 
 
-def soft_capped(logits: Tensor, softcap: float) -> Tensor:
-    """``softcap * tanh(logits / softcap)`` (Gemma 2's logit soft-capping), or the logits for softcap 0."""
+def soft_capped(logits: Tensor, softcap: float | None) -> Tensor:
+    """``softcap * tanh(logits / softcap)`` (Gemma 2's logit soft-capping), or the logits for softcap 0 or None."""
     return softcap * torch.tanh(logits / softcap) if softcap else logits
 
 
