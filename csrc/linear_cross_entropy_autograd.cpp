@@ -7,6 +7,8 @@
 // input). For 'mean' and 'sum' the gradients are finished during the forward, for an upstream gradient of 1, and
 // the first backward hands them out, scaled only when the upstream gradient is not exactly 1. For 'none', and for a second backward through a retained graph,
 // the backward runs the chunks again. Device-generic (or the Triton kernels'), as csrc/cross_entropy_autograd.cpp.
+// With predict, the forward also gives each row's predicted class (the argmax of its logits, the first of equal
+// ones, as torch.argmax), read from each chunk's logits before the gradient overwrites them.
 // The chunk loop is an op of its own, fastlm::linear_cross_entropy_chunks, with a fake implementation: tracing
 // (torch.compile, torch.export) sees one call whose sizes may stay symbolic, not a loop over a fixed row count.
 
@@ -14,6 +16,7 @@
 #include "cross_entropy_autograd.h"
 
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/argmax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/linear.h>
@@ -34,7 +37,7 @@ using namespace cross_entropy_shared;
 using Wanted = std::array<bool, 3>;
 
 struct Chunked {
-  Tensor rows, lse;
+  Tensor rows, lse, predicted;
   variable_list grads;  // d_input, d_weight, d_bias where wanted (undefined elsewhere)
 };
 
@@ -65,13 +68,14 @@ void check_chunk_arguments(const Tensor& input, const Tensor& weight, const Tens
                   target.sym_sizes());
 }
 
-// The op fastlm::linear_cross_entropy_chunks: per-row losses and lse of every chunk; with grad_rows (dloss/drow,
-// one per row), also d_input, d_weight and d_bias where wanted (empty tensors where not).
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_chunks(
+// The op fastlm::linear_cross_entropy_chunks: per-row losses and lse of every chunk, with predict each row's
+// predicted class (int64; empty without); with grad_rows (dloss/drow, one per row), also d_input, d_weight and
+// d_bias where wanted (empty tensors where not).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_chunks(
     const Tensor& input, const Tensor& weight, const OptionalTensor& bias, const Tensor& target,
     const OptionalTensor& ce_weight, int64_t ignore_index, double label_smoothing, double lse_square_scale,
     double softcap, bool triton, int64_t chunk_size, const OptionalTensor& grad_rows_given,
-    std::array<bool, 3> wanted) {
+    std::array<bool, 3> wanted, bool predict) {
   static const KernelOp<ForwardOp> forward("cross_entropy_forward");
   static const KernelOp<BackwardOp> backward("cross_entropy_backward");
   static const KernelOp<BackwardInPlaceOp> backward_in_place("cross_entropy_backward_");
@@ -81,6 +85,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_chunks(
   const int64_t num_rows = input.size(0);
   const auto acc = input.options().dtype(math_dtype(input));
   const Tensor all_rows = at::empty({num_rows}, acc), all_lse = at::empty({num_rows}, acc);
+  const Tensor predicted = at::empty({predict ? num_rows : 0}, input.options().dtype(at::kLong));
   if (!grad_rows.defined()) wanted = {false, false, false};
   Tensor d_input = wanted[0] ? at::empty_like(input, at::MemoryFormat::Contiguous) : at::empty({0}, input.options());
   Tensor d_weight = wanted[1] ? at::zeros(weight.sizes(), acc) : at::empty({0}, acc);
@@ -89,6 +94,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_chunks(
     const int64_t rows = std::min(chunk_size, num_rows - start);
     const Tensor x = input.narrow(0, start, rows), t = target.narrow(0, start, rows);
     Tensor logits = at::linear(x, weight, bias);
+    if (predict) {
+      Tensor chunk_predicted = predicted.narrow(0, start, rows);
+      at::argmax_out(chunk_predicted, logits, 1);
+    }
     auto [loss_rows, lse] = forward.kernels(o.triton).call(logits, t, ce_weight, o.ignore_index, o.label_smoothing,
                                                            o.lse_square_scale, o.softcap);
     all_rows.narrow(0, start, rows).copy_(loss_rows);
@@ -111,24 +120,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_chunks(
     if (wanted[1]) accumulate_weight_grad(d_weight, d_logits, x);
     if (wanted[2]) d_bias.add_(d_logits.sum(0, false, d_bias.scalar_type()));
   }
-  return {all_rows, all_lse, d_input, d_weight, d_bias};
+  return {all_rows, all_lse, predicted, d_input, d_weight, d_bias};
 }
 
 // The chunks through the op (so that tracing records the op, see the top), with the gradients not wanted
 // undefined.
 Chunked run_chunks(const Tensor& input, const Tensor& weight, const OptionalTensor& bias, const Tensor& target,
                    const OptionalTensor& ce_weight, const Options& o, int64_t chunk_size, const Tensor& grad_rows,
-                   Wanted wanted) {
+                   Wanted wanted, bool predict) {
   using Signature = decltype(linear_cross_entropy_chunks);
   static const auto op = find_op<Signature>("fastlm::linear_cross_entropy_chunks");
-  auto [rows, lse, d_input, d_weight, d_bias] =
+  auto [rows, lse, predicted, d_input, d_weight, d_bias] =
       op.call(input, weight, bias, target, ce_weight, o.ignore_index, o.label_smoothing, o.lse_square_scale,
-              o.softcap, o.triton, chunk_size, grad_rows.defined() ? OptionalTensor(grad_rows) : std::nullopt, wanted);
+              o.softcap, o.triton, chunk_size, grad_rows.defined() ? OptionalTensor(grad_rows) : std::nullopt, wanted,
+              predict);
   variable_list grads{d_input, d_weight, d_bias};
   for (size_t i = 0; i < grads.size(); ++i) {
     if (!wanted[i] || !grad_rows.defined()) grads[i] = Tensor();  // the op's empty stand-ins
   }
-  return {rows, lse, grads};
+  return {rows, lse, predicted, grads};
 }
 
 std::string held_key(size_t i) { return "grad" + std::to_string(i); }
@@ -144,7 +154,7 @@ variable_list in_dtypes(variable_list grads, const std::array<at::ScalarType, 3>
 struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
                                const OptionalTensor& bias, const Tensor& target, const OptionalTensor& ce_weight,
-                               const Options& o, int64_t chunk_size, Wanted wanted) {
+                               const Options& o, int64_t chunk_size, Wanted wanted, bool predict) {
     const auto dtype = math_dtype(input);
     const Tensor denominator =
         o.reduction == Reduction::mean ? mean_denominator(target, ce_weight, o.ignore_index, dtype) : Tensor();
@@ -153,7 +163,7 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
         grads_now ? grad_per_row(at::ones({}, input.options().dtype(dtype)), o.reduction, denominator,
                                  input.sym_size(0), dtype)
                   : Tensor();
-    Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, chunk_size, grad_rows, wanted);
+    Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, chunk_size, grad_rows, wanted, predict);
     // Not saved variables: handed out once, so no version check is needed.
     for (size_t i = 0; grads_now && i < chunked.grads.size(); ++i) {
       if (chunked.grads[i].defined()) ctx->saved_data[held_key(i)] = chunked.grads[i];
@@ -165,16 +175,16 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
     ctx->saved_data["chunk_size"] = chunk_size;
     ctx->saved_data["wanted"] = c10::List<bool>({wanted[0], wanted[1], wanted[2]});
     ctx->set_materialize_grads(false);  // lse has no gradient (see cross_entropy_autograd.cpp): no zeros made
-    return {reduce_rows(chunked.rows, o.reduction, denominator), chunked.lse};
+    return {reduce_rows(chunked.rows, o.reduction, denominator), chunked.lse, chunked.predicted};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(8);  // no gradient reached the loss (gradcheck tries this)
+    if (!grads[0].defined()) return variable_list(9);  // no gradient reached the loss (gradcheck tries this)
     return once_differentiable("fastlm::linear_cross_entropy", ctx, grads, [&]() -> variable_list {
       const variable_list saved = ctx->get_saved_variables();
       const std::array<at::ScalarType, 3> dtypes{saved[0].scalar_type(), saved[1].scalar_type(),
                                                  saved[0].scalar_type()};
-      variable_list result(8);
+      variable_list result(9);
       if (ctx->saved_data["held"].toBool()) {
         // Handed out once: nothing else holds them, so they are scaled in place.
         ctx->saved_data["held"] = false;
@@ -199,7 +209,7 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
       const Tensor grad_rows = grad_per_row(grads[0], o.reduction, saved[5], input.sym_size(0), math_dtype(input));
       const int64_t chunk_size = ctx->saved_data["chunk_size"].toInt();
       Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, chunk_size, grad_rows,
-                                   {flags.get(0), flags.get(1), flags.get(2)});
+                                   {flags.get(0), flags.get(1), flags.get(2)}, false);
       const variable_list made = in_dtypes(std::move(chunked.grads), dtypes);
       std::copy(made.begin(), made.end(), result.begin());
       return result;
@@ -215,12 +225,12 @@ Options options_of(const Tensor& input, const Tensor& weight, const Tensor& targ
   return {parse_reduction(reduction), ignore_index, label_smoothing, lse_square_scale, softcap, triton};
 }
 
-std::tuple<Tensor, Tensor> linear_cross_entropy_autograd(const Tensor& input, const Tensor& weight,
+std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_autograd(const Tensor& input, const Tensor& weight,
                                                          const OptionalTensor& bias, const Tensor& target,
                                                          const OptionalTensor& ce_weight, int64_t ignore_index,
                                                          c10::string_view reduction, double label_smoothing,
                                                          double lse_square_scale, double softcap, int64_t chunk_size,
-                                                         bool triton) {
+                                                         bool triton, bool predict) {
   // Under no_grad autograd still marks a leaf that requires grad as needing one: ask grad mode too.
   const bool grad_mode = at::GradMode::is_enabled();
   const Wanted wanted{grad_mode && input.requires_grad(), grad_mode && weight.requires_grad(),
@@ -229,25 +239,26 @@ std::tuple<Tensor, Tensor> linear_cross_entropy_autograd(const Tensor& input, co
       options_of(input, weight, target, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
                  chunk_size, triton);
   refuse_forward_ad("fastlm::linear_cross_entropy", input, weight, bias, ce_weight);
-  variable_list out = LinearCrossEntropy::apply(input, weight, bias, target, ce_weight, o, chunk_size, wanted);
-  return {out[0], out[1].detach()};  // as cross_entropy_autograd's lse
+  variable_list out =
+      LinearCrossEntropy::apply(input, weight, bias, target, ce_weight, o, chunk_size, wanted, predict);
+  return {out[0], out[1].detach(), out[2]};  // lse as cross_entropy_autograd's
 }
 
-std::tuple<Tensor, Tensor> linear_cross_entropy_inference(const Tensor& input, const Tensor& weight,
+std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_inference(const Tensor& input, const Tensor& weight,
                                                           const OptionalTensor& bias, const Tensor& target,
                                                           const OptionalTensor& ce_weight, int64_t ignore_index,
                                                           c10::string_view reduction, double label_smoothing,
                                                           double lse_square_scale, double softcap, int64_t chunk_size,
-                                                          bool triton) {
+                                                          bool triton, bool predict) {
   const Options o =
       options_of(input, weight, target, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
                  chunk_size, triton);
   const Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, chunk_size, Tensor(),
-                                     {false, false, false});
+                                     {false, false, false}, predict);
   const Tensor denominator = o.reduction == Reduction::mean
                                  ? mean_denominator(target, ce_weight, ignore_index, math_dtype(input))
                                  : Tensor();
-  return {reduce_rows(chunked.rows, o.reduction, denominator), chunked.lse};
+  return {reduce_rows(chunked.rows, o.reduction, denominator), chunked.lse, chunked.predicted};
 }
 
 }  // namespace
@@ -256,12 +267,12 @@ TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def(
       "linear_cross_entropy(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? ce_weight, "
       "int ignore_index, str reduction, float label_smoothing, float lse_square_scale, float softcap, "
-      "int chunk_size, bool triton=False) -> (Tensor loss, Tensor lse)");
+      "int chunk_size, bool triton=False, bool predict=False) -> (Tensor loss, Tensor lse, Tensor predicted)");
   m.def(
       "linear_cross_entropy_chunks(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? ce_weight, "
       "int ignore_index, float label_smoothing, float lse_square_scale, float softcap, bool triton, int chunk_size, "
-      "Tensor? grad_rows, bool[3] wanted) -> (Tensor rows, Tensor lse, Tensor d_input, Tensor d_weight, "
-      "Tensor d_bias)");
+      "Tensor? grad_rows, bool[3] wanted, bool predict=False) -> (Tensor rows, Tensor lse, Tensor predicted, "
+      "Tensor d_input, Tensor d_weight, Tensor d_bias)");
 }
 
 TORCH_LIBRARY_IMPL(fastlm, Autograd, m) { m.impl("linear_cross_entropy", &linear_cross_entropy_autograd); }

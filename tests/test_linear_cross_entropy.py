@@ -228,28 +228,29 @@ def test_compiles_without_graph_breaks(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("bias", [False, True])
-def test_autograd_op_opcheck(backend, reduction, bias):
+@pytest.mark.parametrize("bias, predict", [(False, False), (True, False), (True, True)])
+def test_autograd_op_opcheck(backend, reduction, bias, predict):
     """fastlm::linear_cross_entropy, the C++ autograd op every kernel backend runs: schema, fake, autograd
-    registration and AOT tracing (what torch.compile needs)."""
+    registration and AOT tracing (what torch.compile needs), with and without the predicted classes."""
     device = device_of(backend)
     skip_unless_runs(backend, device)
     x, weight, b, target = (None if t is None else t.to(device) for t in problem(11, 6, 13, bias=bias))
     args = (x.requires_grad_(), weight.requires_grad_(), None if b is None else b.requires_grad_(), target,
-            torch.rand(13, device=device) + 0.5, -100, reduction, 0.1, 1e-3, 5.0, 4, backend == "triton")
+            torch.rand(13, device=device) + 0.5, -100, reduction, 0.1, 1e-3, 5.0, 4, backend == "triton", predict)
     torch.library.opcheck(torch.ops.fastlm.linear_cross_entropy.default, args)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("wanted", [(True, True, True), (False, True, False), (True, False, True)])
-def test_chunk_op_opcheck(backend, wanted):
+@pytest.mark.parametrize("wanted, predict", [((True, True, True), False), ((False, True, False), True),
+                                             ((True, False, True), False)])
+def test_chunk_op_opcheck(backend, wanted, predict):
     """fastlm::linear_cross_entropy_chunks, the chunk loop as one op (so tracing does not unroll it)."""
     device = device_of(backend)
     skip_unless_runs(backend, device)
     x, weight, b, target = (t.to(device) for t in problem(11, 6, 13))
     for grad_rows in (None, torch.rand(11, device=device)):
         args = (x, weight, b, target, torch.rand(13, device=device) + 0.5, -100, 0.1, 1e-3, 5.0, backend == "triton",
-                4, grad_rows, list(wanted))
+                4, grad_rows, list(wanted), predict)
         torch.library.opcheck(torch.ops.fastlm.linear_cross_entropy_chunks.default, args)
 
 

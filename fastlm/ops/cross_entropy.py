@@ -9,8 +9,9 @@ with fake implementations so torch.compile traces them) -> autograd, itself a C+
 In training the forward kernel returns per-row losses, the row log-sum-exp and the gradient at once (one
 exp per logit); the extra memory is that (N, C) gradient alone, and none with ``inplace_backward=True``,
 where the backward instead recomputes softmax from the saved lse and writes over the logits. Beyond torch:
-the per-row lse as an output (``return_lse``), z-loss (``lse_square_scale * lse**2`` added to each
-non-ignored row's loss, reduced like the loss) and logit soft-capping (``softcap``), inside the kernels.
+z-loss (``lse_square_scale * lse**2`` added to each non-ignored row's loss, reduced like the loss) and logit
+soft-capping (``softcap``), inside the kernels; the per-row lse, the z-loss part, the token accuracy and the
+predicted tokens as outputs (fastlm/ops/cross_entropy_outputs.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor
 from fastlm import backends
 from fastlm.fx_trace import traced_as_call
 from fastlm.ops.autocast import autocast_dtype, autocast_off
+from fastlm.ops.cross_entropy_outputs import ExtraOutputs, returned, z_loss
 from fastlm.ops.math_dtype import math_dtype
 from fastlm.ops.tensor_arguments import check_tensors
 
@@ -129,15 +131,7 @@ def reference_cross_entropy(logits, target, weight, ignore_index, reduction, lab
                            label_smoothing=label_smoothing)
     lse = torch.logsumexp(x, dim=1)
     if lse_square_scale:
-        valid = target.long() != ignore_index  # an int32 target would compare with ignore_index wrapped
-        z_rows = torch.where(valid, lse_square_scale * lse.square(), 0)
-        if reduction == "none":
-            loss = loss + z_rows
-        elif reduction == "sum":
-            loss = loss + z_rows.sum()
-        else:  # divided by what F.cross_entropy's mean divides by: the summed weight of the non-ignored targets
-            row_weights = valid.to(x.dtype) if w is None else torch.where(valid, w[target.clamp(0, len(w) - 1)], 0)
-            loss = loss + z_rows.sum() / row_weights.sum()
+        loss = loss + z_loss(lse, target, w, ignore_index, reduction, lse_square_scale)
     return loss, lse.detach()
 
 
@@ -227,6 +221,9 @@ def cross_entropy(
     lse_square_scale: float = 0.0,
     softcap: float | None = None,
     return_lse: bool = False,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
     inplace_backward: bool = False,
     backend: str | None = None,
 ):
@@ -237,8 +234,12 @@ def cross_entropy(
     Extra options: ``lse_square_scale`` adds the z-loss ``scale * lse**2`` of each non-ignored row;
     ``softcap`` computes the loss of ``softcap * tanh(input / softcap)`` (logit soft-capping, as Gemma 2), fused
     (lse and z-loss are then those of the capped logits);
-    ``return_lse=True`` returns ``(loss, lse)`` with the fp32 per-row log-sum-exp, without a gradient (a z-loss
-    goes through ``lse_square_scale``); ``inplace_backward=True``
+    ``return_lse``, ``return_z_loss``, ``return_token_accuracy`` and ``return_predicted_tokens`` make the result
+    the tuple of the loss and those asked for, in that order (as torch.unique's ``return_*``), none with a
+    gradient: the fp32 per-row log-sum-exp (a z-loss goes through ``lse_square_scale``), the z-loss part of the
+    loss (reduced as the loss), the fraction of non-ignored rows whose highest logit is the target's (fp32; NaN
+    if all are ignored) and each row's predicted class (torch.argmax of its logits; the soft cap, monotone,
+    does not change it); ``inplace_backward=True``
     writes the gradient over ``input`` during backward (``input`` then holds the gradient, and autograd
     refuses any other use of it that needed its values; (N, C, d1, ...) input whose rows are not contiguous is
     copied into rows first, and the copy takes the gradient); ``backend`` forces a backend for this call.
@@ -247,21 +248,18 @@ def cross_entropy(
     """
     check_tensors("cross_entropy", ("weight",), input=input, target=target, weight=weight)
     cap = softcap_value(softcap, "cross_entropy")
+    asked = ExtraOutputs(return_lse, return_z_loss, return_token_accuracy, return_predicted_tokens)
+    shape = None
     if input.is_floating_point():
         if target.is_floating_point() and target.shape == input.shape:
-            if lse_square_scale or return_lse or inplace_backward:
+            if lse_square_scale or any(asked) or inplace_backward:
                 raise ValueError("fastlm.cross_entropy: class-probability targets are computed by F.cross_entropy, "
-                                 "which has no lse_square_scale, return_lse or inplace_backward")
+                                 "which has no lse_square_scale, return_* outputs or inplace_backward")
             return F.cross_entropy(soft_capped(input, cap), target, weight, ignore_index=ignore_index,
                                    reduction=reduction, label_smoothing=label_smoothing)
         if input.dim() != 2 and input.dim() > 0:
-            rows, target_rows = class_rows(input, target)
-            result = cross_entropy(rows, target_rows, weight, ignore_index, reduction, label_smoothing,
-                                   lse_square_scale=lse_square_scale, softcap=softcap, return_lse=return_lse,
-                                   inplace_backward=inplace_backward, backend=backend)
-            loss, lse = result if return_lse else (result, None)
-            loss = loss.reshape(target.shape) if reduction == "none" else loss
-            return (loss, lse.reshape(target.shape)) if return_lse else loss
+            shape = target.shape
+            input, target = class_rows(input, target)
     check_rows(input, "cross_entropy")
     check_target(target, input.shape[0], input.shape[1], input.device, weight, reduction, label_smoothing,
                  "cross_entropy")
@@ -275,7 +273,8 @@ def cross_entropy(
         else:
             loss, lse = torch.ops.fastlm.cross_entropy.default(*args, inplace_backward, name == "triton")
     loss = loss.to(loss_dtype(input.dtype, amp))
-    return (loss, lse) if return_lse else loss
+    predicted = input.detach().argmax(1) if asked.needs_predictions else None
+    return returned(loss, lse, predicted, target, weight, ignore_index, reduction, lse_square_scale, asked, shape)
 
 
 def loss_dtype(input_dtype: torch.dtype, amp: torch.dtype | None) -> torch.dtype:
