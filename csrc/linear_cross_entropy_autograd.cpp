@@ -7,8 +7,8 @@
 // input). For 'mean' and 'sum' the gradients are finished during the forward, for an upstream gradient of 1, and
 // the first backward hands them out, scaled only when the upstream gradient is not exactly 1. For 'none', and for a second backward through a retained graph,
 // the backward runs the chunks again. Device-generic (or the Triton kernels'), as csrc/cross_entropy_autograd.cpp.
-// With predict, the forward also gives each row's predicted class (the argmax of its logits, the first of equal
-// ones, as torch.argmax), read from each chunk's logits before the gradient overwrites them.
+// With predict, the forward also gives each row's predicted class (fastlm::cross_entropy_predictions, the argmax
+// of its logits), taken from each chunk's logits before the gradient overwrites them.
 // The chunk loop is an op of its own, fastlm::linear_cross_entropy_chunks, with a fake implementation: tracing
 // (torch.compile, torch.export) sees one call whose sizes may stay symbolic, not a loop over a fixed row count.
 
@@ -16,7 +16,6 @@
 #include "cross_entropy_autograd.h"
 
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/argmax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/linear.h>
@@ -79,6 +78,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_
   static const KernelOp<ForwardOp> forward("cross_entropy_forward");
   static const KernelOp<BackwardOp> backward("cross_entropy_backward");
   static const KernelOp<BackwardInPlaceOp> backward_in_place("cross_entropy_backward_");
+  static const auto predictions = find_op<Tensor(const Tensor&)>("fastlm::cross_entropy_predictions");
   check_chunk_arguments(input, weight, target, chunk_size);
   const Options o{Reduction::none, ignore_index, label_smoothing, lse_square_scale, softcap, triton};
   const Tensor grad_rows = grad_rows_given.value_or(Tensor());
@@ -94,10 +94,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_
     const int64_t rows = std::min(chunk_size, num_rows - start);
     const Tensor x = input.narrow(0, start, rows), t = target.narrow(0, start, rows);
     Tensor logits = at::linear(x, weight, bias);
-    if (predict) {
-      Tensor chunk_predicted = predicted.narrow(0, start, rows);
-      at::argmax_out(chunk_predicted, logits, 1);
-    }
+    if (predict) predicted.narrow(0, start, rows).copy_(predictions.call(logits));
     auto [loss_rows, lse] = forward.kernels(o.triton).call(logits, t, ce_weight, o.ignore_index, o.label_smoothing,
                                                            o.lse_square_scale, o.softcap);
     all_rows.narrow(0, start, rows).copy_(loss_rows);

@@ -77,6 +77,33 @@ def test_outputs_match_their_definitions(op, backend, reduction, softcap):
     torch.testing.assert_close(accuracy, (logits.argmax(1) == target)[valid].float().mean())
 
 
+def logits_with_every_kind_of_row(dtype):
+    """Rows of random logits, of small integers (ties), with NaN, all -inf, with +inf, of +-0; C = 1 to 300."""
+    generator = torch.Generator().manual_seed(7)
+    for c in (1, 2, 7, 16, 17, 33, 300):
+        x = torch.randn(6, c, generator=generator, dtype=dtype)
+        yield x
+        yield torch.randint(-2, 3, (6, c), generator=generator).to(dtype)
+        yield x.masked_fill(torch.rand(6, c, generator=generator) < 0.1, float("nan"))
+        yield torch.full((6, c), -float("inf"), dtype=dtype)
+        yield x.masked_fill(torch.rand(6, c, generator=generator) < 0.3, float("inf"))
+        yield torch.zeros(6, c, dtype=dtype).masked_fill(torch.rand(6, c, generator=generator) < 0.5, -0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_predictions_op_is_torch_argmax(dtype):
+    """fastlm::cross_entropy_predictions (vectorised on the CPU for fp32/fp64, torch.argmax otherwise) on every
+    kind of row, contiguous, column-strided and with rows of stride 0, and no rows."""
+    skip_unless_runs("cpp")
+    op = torch.ops.fastlm.cross_entropy_predictions
+    for x in logits_with_every_kind_of_row(dtype):
+        for rows in (x, torch.cat([x, x], 1)[:, ::2], x[:1].expand_as(x), x[:0]):
+            assert torch.equal(op(rows), rows.argmax(1))
+    with pytest.raises(RuntimeError, match="expected \\(N, C\\) logits with C > 0"):
+        op(torch.randn(3, 0))
+    torch.library.opcheck(op.default, (torch.randn(5, 9),))
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_outputs_come_in_a_fixed_order_and_only_when_asked(op):
     skip_unless_runs("cpp")

@@ -273,7 +273,9 @@ def cross_entropy(
         else:
             loss, lse = torch.ops.fastlm.cross_entropy.default(*args, inplace_backward, name == "triton")
     loss = loss.to(loss_dtype(input.dtype, amp))
-    predicted = input.detach().argmax(1) if asked.needs_predictions else None
+    predicted = None
+    if asked.needs_predictions:
+        predicted = (input.argmax(1) if name == "torch" else torch.ops.fastlm.cross_entropy_predictions(input)).detach()
     return returned(loss, lse, predicted, target, weight, ignore_index, reduction, lse_square_scale, asked, shape)
 
 
@@ -293,3 +295,5 @@ def fake_cross_entropy(logits, target, weight, ignore_index, reduction, label_sm
 
 
 backends.register_cpp_fake("cross_entropy", fake_cross_entropy)
+backends.register_cpp_fake("cross_entropy_predictions", lambda logits: logits.new_empty(logits.shape[0],
+                                                                                        dtype=torch.int64))
