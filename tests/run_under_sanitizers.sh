@@ -24,6 +24,7 @@ export ASAN_OPTIONS=detect_leaks=0  # Python itself leaks by design at exit
 # resident memory, which ASan's quarantine of freed memory inflates.
 PYTHONPATH="$work" TRITON_INTERPRET=1 python3 -m pytest -q -p no:cacheprovider \
   -k "not triton and not cuda and not hands_its_scratch_back" "$@" \
-  tests/test_batch_norm.py tests/test_batch_norm_ops.py tests/test_cross_entropy.py tests/test_embedding_linear.py \
-  tests/test_linear_cross_entropy.py tests/test_mlp_step.py tests/test_models.py tests/test_check.py \
+  tests/test_batch_norm.py tests/test_batch_norm_ops.py tests/test_cross_entropy.py tests/test_cross_entropy_outputs.py \
+  tests/test_embedding_linear.py tests/test_linear_cross_entropy.py tests/test_mlp_step.py tests/test_models.py \
+  tests/test_check.py \
   tests/test_raw_ops.py tests/test_tensor_arguments.py tests/test_convert.py tests/test_autograd_modes.py
