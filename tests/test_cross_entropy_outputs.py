@@ -191,17 +191,18 @@ def test_class_probabilities_have_no_extra_outputs():
             cross_entropy(x, probabilities, **{flag: True})
 
 
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
-def test_compiles_without_graph_breaks(backend):
-    """Linear + cross-entropy with its accuracy and predictions through torch.compile(fullgraph=True)."""
+def test_compiles_without_graph_breaks(op, backend):
+    """The loss with its accuracy and predictions through torch.compile(fullgraph=True), against eager."""
     skip_unless_runs(backend)
     torch._dynamo.reset()
     x, weight, bias, target = problem()
     x.requires_grad_()
 
     def step(x):
-        return linear_cross_entropy(x, weight, target, bias, return_token_accuracy=True, return_predicted_tokens=True,
-                                    chunk_size=8, backend=backend)
+        return loss_of(op, x, weight, bias, target, backend, return_token_accuracy=True,
+                       return_predicted_tokens=True)
 
     results = []
     for function in (torch.compile(step, fullgraph=True), step):

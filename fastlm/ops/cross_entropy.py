@@ -238,8 +238,8 @@ def cross_entropy(
     the tuple of the loss and those asked for, in that order (as torch.unique's ``return_*``), none with a
     gradient: the fp32 per-row log-sum-exp (a z-loss goes through ``lse_square_scale``), the z-loss part of the
     loss (reduced as the loss), the fraction of non-ignored rows whose highest logit is the target's (fp32; NaN
-    if all are ignored) and each row's predicted class (torch.argmax of its logits; the soft cap, monotone,
-    does not change it); ``inplace_backward=True``
+    if all are ignored) and each row's predicted class (the argmax of its logits as torch.argmax gives it; the
+    soft cap, monotone, does not change it); ``inplace_backward=True``
     writes the gradient over ``input`` during backward (``input`` then holds the gradient, and autograd
     refuses any other use of it that needed its values; (N, C, d1, ...) input whose rows are not contiguous is
     copied into rows first, and the copy takes the gradient); ``backend`` forces a backend for this call.
