@@ -236,10 +236,49 @@ def test_gpu_dtypes(backend, device, dtype, softcap):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cpp_reduced_precision_input(dtype):
+@pytest.mark.parametrize("n, c", [(17, 100), (19, 16411), (3, 20001)])
+@pytest.mark.parametrize("options", [dict(), dict(softcap=3.0), dict(label_smoothing=0.1, lse_square_scale=0.01),
+                                     dict(reduction="none", softcap=5.0)])
+def test_cpp_reduced_precision_input(dtype, n, c, options):
+    """fp16/bf16 logits, widened a group of rows at a time (groups of 8, and rows one by one past 16384 classes),
+    the gradient narrowed into their dtype; against the float64 reference, in training (the fused forward and
+    backward) and with the logits not needing a gradient until backward reruns the kernels (a retained graph)."""
     skip_unless_runs("cpp")
-    x, target = random_problem(17, 100, dtype=dtype)
-    check_against_reference(x, target, "cpp", dtype=dtype)
+    x, target = random_problem(n, c, dtype=dtype)
+    weight = torch.rand(c, generator=torch.Generator().manual_seed(2)) + 0.5
+    check_against_reference(x, target, "cpp", dtype=dtype, weight=weight, **options)
+    leaf = x.clone().requires_grad_()
+    loss = cross_entropy(leaf, target, weight, backend="cpp", **options)
+    first = torch.autograd.grad(loss.sum(), leaf, retain_graph=True)[0]
+    second = torch.autograd.grad(loss.sum(), leaf)[0]  # the second backward reruns the kernel
+    assert torch.equal(first, second)
+    with torch.no_grad():  # the forward kernel alone
+        torch.testing.assert_close(cross_entropy(x, target, weight, backend="cpp", **options), loss.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("c", [100, 20001])
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_cpp_kernels_on_reduced_precision_are_the_fp32_kernels(dtype, c, softcap):
+    """Each CPU kernel op on fp16/bf16 logits gives what it gives on the same logits in fp32, its gradient rounded
+    to the logits' dtype: bitwise, since widening is exact and the math is the fp32 kernels'."""
+    skip_unless_runs("cpp")
+    x, target = random_problem(13, c, dtype=dtype)
+    wide = x.float()
+    ops = torch.ops.fastlm
+    options = (-100, 0.1, 0.01, softcap)
+    weight, grad_rows = torch.rand(c) + 0.5, torch.rand(13)
+    for got, expected in zip(ops.cross_entropy_forward(x, target, weight, *options),
+                             ops.cross_entropy_forward(wide, target, weight, *options)):
+        assert torch.equal(got, expected)
+    got = ops.cross_entropy_forward_backward(x, target, weight, grad_rows, *options)
+    expected = ops.cross_entropy_forward_backward(wide, target, weight, grad_rows, *options)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert got[2].dtype == dtype and torch.equal(got[2], expected[2].to(dtype))
+    lse = expected[1]
+    got = ops.cross_entropy_backward(x, target, weight, lse, grad_rows, *options)
+    assert got.dtype == dtype
+    assert torch.equal(got, ops.cross_entropy_backward(wide, target, weight, lse, grad_rows, *options).to(dtype))
 
 
 def test_large_index_offsets_on_gpu():

@@ -145,6 +145,15 @@ def test_half_on_gpu(backend, dtype):
     check(x.to(dtype), weight.to(dtype), bias.to(dtype), target, backend, chunk_size=37)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_on_cpu(dtype):
+    """fp16/bf16 on the CPU: each chunk's logits in that dtype go through the cross-entropy kernels as they are
+    (widened a group of rows at a time) and their gradient is a new buffer of that dtype."""
+    skip_unless_runs("cpp")
+    x, weight, bias, target = problem(23, 16, 37, dtype=dtype)
+    check(x, weight, bias, target, "cpp", chunk_size=7)
+
+
 def test_larger_shapes_cpp():
     skip_unless_runs("cpp")
     x, weight, bias, target = problem(513, 64, 4099, seed=1)

@@ -14,6 +14,9 @@
 // Logit soft-capping (softcap = k > 0, as in Gemma 2): the loss is that of z = k tanh(x / k) in place of x. Each
 // group of rows is first capped into the thread's kept scratch, everything above runs on z, and the gradient
 // (for z) is multiplied by dz/dx = 1 - (z / k)^2 from that scratch. Without a cap the rows are read where they lie.
+// fp16/bf16 logits are widened to fp32 a group of rows at a time into that scratch (and capped there), and their
+// gradient is computed into a second scratch and narrowed into the fp16/bf16 output: no fp32 copy of all the
+// logits or of their gradient is made (measured at 4096 x 32000 bf16: TODO).
 // The schemas are defined here because this file is built on every machine; CUDA adds its kernels
 // to the same ops in csrc/cuda/cross_entropy_binding.cpp.
 
@@ -27,6 +30,7 @@
 #include "vec_config.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -58,10 +62,11 @@ struct LossTerms {
   scalar_t weight_of(int64_t cls) const { return weight ? weight[cls] : scalar_t(1); }
 };
 
-// Inputs in the layout the kernels read: float or double logits with unit column stride, int64 targets,
-// class weights in the logits' dtype.
+// Inputs in the layout the kernels read: logits (fp16, bf16, fp32 or fp64) with unit column stride, int64
+// targets, class weights in the math dtype.
 struct Prepared {
   at::Tensor logits, target, weight;
+  at::ScalarType math;  // the dtype of the math, the loss and lse
 };
 
 void check_targets(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
@@ -78,8 +83,10 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::
   check_cross_entropy_shapes(logits, target, weight);
   check_softcap(softcap);
   const auto dtype = math_dtype(logits);
+  const auto given = logits.scalar_type();
   Prepared p;
-  p.logits = logits.to(dtype);
+  p.math = dtype;
+  p.logits = given == at::kHalf || given == at::kBFloat16 || given == dtype ? logits : logits.to(dtype);
   if (p.logits.stride(1) != 1) p.logits = p.logits.contiguous();
   p.target = contiguous_as(target, at::kLong);
   if (weight.has_value()) p.weight = contiguous_as(*weight, dtype);
@@ -165,28 +172,37 @@ GroupLse<R, scalar_t> group_lse(const scalar_t* x, int64_t row_stride, int64_t C
 // The most rows a group of for_each_group holds for C classes.
 int64_t rows_per_group(int64_t num_classes) { return num_classes <= kGroupMaxClasses ? kGroupRows : 1; }
 
-// Soft-capping (see the top): rows capped into the thread's kept scratch, and the gradient's chain rule through
-// the cap.
-template <typename scalar_t>
-class CappedRows {
+// The rows the kernels read, in the math dtype (see the top): the logits where they lie, or, for fp16/bf16
+// logits or with a soft cap, their widened and capped values in the thread's kept scratch; and the gradient's
+// chain rule through the cap.
+template <typename in_t, typename scalar_t>
+class RowsAsRead {
  public:
-  // Room for `rows` rows of C when terms has a cap; nothing otherwise.
-  CappedRows(const LossTerms<scalar_t>& terms, int64_t rows)
+  static constexpr bool kWidened = !std::is_same_v<in_t, scalar_t>;
+
+  // Room for `rows` rows of C where the rows are copied; nothing otherwise.
+  RowsAsRead(const LossTerms<scalar_t>& terms, int64_t rows)
       : cap_(terms.softcap), C_(terms.num_classes), keep_(kept()) {
-    if (cap_ != 0) kept().resize(rows * C_);
+    if (kWidened || cap_ != 0) kept().resize(rows * C_);
   }
 
-  // The R rows from x (row_stride apart) as the kernels read them: x itself without a cap, else their capped
-  // values (C apart). Returns the rows' start and stride.
+  // The R rows from x (row_stride apart) as the kernels read them. Returns the rows' start and stride.
   template <int R>
-  std::pair<const scalar_t*, int64_t> rows(const scalar_t* x, int64_t row_stride) {
-    if (cap_ == 0) return {x, row_stride};
+  std::pair<const scalar_t*, int64_t> rows(const in_t* x, int64_t row_stride) {
     using Vec = Vectorized<scalar_t>;
     // x * (1 / k): a multiply per vector where x / k would divide (the two within an ulp of each other).
     const Vec cap(cap_), inv_cap(scalar_t(1) / cap_);
+    const auto capped = [=](Vec v) { return cap * tanh_of(v * inv_cap); };
     scalar_t* z = kept().data();
-    for (int k = 0; k < R; ++k)
-      at::vec::map([=](Vec v) { return cap * tanh_of(v * inv_cap); }, z + k * C_, x + k * row_stride, C_);
+    if constexpr (kWidened) {
+      for (int k = 0; k < R; ++k) {
+        at::vec::convert(x + k * row_stride, z + k * C_, C_);
+        if (cap_ != 0) at::vec::map(capped, z + k * C_, z + k * C_, C_);
+      }
+    } else {
+      if (cap_ == 0) return {x, row_stride};
+      for (int k = 0; k < R; ++k) at::vec::map(capped, z + k * C_, x + k * row_stride, C_);
+    }
     return {z, C_};
   }
 
@@ -209,6 +225,44 @@ class CappedRows {
   }
 
   scalar_t cap_;
+  int64_t C_;
+  const ScratchCap<scalar_t> keep_;
+};
+
+// Where the kernels write a group's gradient in the math dtype: the output rows themselves, or, for an fp16/bf16
+// output, the thread's kept scratch, narrowed into the output rows by done().
+template <typename out_t, typename scalar_t>
+class GradRows {
+ public:
+  static constexpr bool kNarrowed = !std::is_same_v<out_t, scalar_t>;
+
+  GradRows(int64_t num_classes, int64_t rows) : C_(num_classes), keep_(kept()) {
+    if (kNarrowed) kept().resize(rows * C_);
+  }
+
+  // Row k of the group is written at rows(out) + k * stride(out_stride).
+  scalar_t* rows(out_t* out) {
+    if constexpr (kNarrowed) {
+      return kept().data();
+    } else {
+      return out;
+    }
+  }
+  int64_t stride(int64_t out_stride) const { return kNarrowed ? C_ : out_stride; }
+
+  // The R rows written, into out (out_stride apart).
+  void done(out_t* out, int64_t out_stride, int R) {
+    if constexpr (kNarrowed) {
+      for (int k = 0; k < R; ++k) at::vec::convert(kept().data() + k * C_, out + k * out_stride, C_);
+    }
+  }
+
+ private:
+  static std::vector<scalar_t>& kept() {
+    thread_local std::vector<scalar_t> scratch;
+    return scratch;
+  }
+
   int64_t C_;
   const ScratchCap<scalar_t> keep_;
 };
@@ -271,15 +325,15 @@ void write_row_grad(const LossTerms<scalar_t>& terms, int64_t t, scalar_t g, sca
   dx[t] -= g * (scalar_t(1) - terms.smoothing) * w_t;
 }
 
-template <typename scalar_t>
-void forward_rows(const scalar_t* logits, int64_t row_stride, int64_t num_rows, const LossTerms<scalar_t>& terms,
+template <typename in_t, typename scalar_t>
+void forward_rows(const in_t* logits, int64_t row_stride, int64_t num_rows, const LossTerms<scalar_t>& terms,
                   scalar_t* loss, scalar_t* lse_out) {
   const int64_t C = terms.num_classes;
   at::parallel_for(0, num_rows, rows_per_task(C), [&](int64_t begin, int64_t end) {
-    CappedRows<scalar_t> capped(terms, rows_per_group(C));
+    RowsAsRead<in_t, scalar_t> read(terms, rows_per_group(C));
     for_each_group(begin, end, C, [&](int64_t i0, auto rows) {
       constexpr int R = decltype(rows)::value;
-      const auto [x, stride] = capped.template rows<R>(logits + i0 * row_stride, row_stride);
+      const auto [x, stride] = read.template rows<R>(logits + i0 * row_stride, row_stride);
       const auto g = group_lse<R, scalar_t>(x, stride, C, nullptr);
       for (int k = 0; k < R; ++k) {
         const int64_t i = i0 + k, t = terms.target[i];
@@ -290,48 +344,55 @@ void forward_rows(const scalar_t* logits, int64_t row_stride, int64_t num_rows, 
   });
 }
 
-// Writes dloss/dlogits, scaled per row by grad_loss, into grad, recomputing softmax from lse.
-template <typename scalar_t>
-void backward_rows(const scalar_t* logits, int64_t row_stride, int64_t num_rows, const LossTerms<scalar_t>& terms,
-                   const scalar_t* lse, const scalar_t* grad_loss, scalar_t* grad, int64_t grad_row_stride) {
+// Writes dloss/dlogits, scaled per row by grad_loss, into grad (of the logits' dtype), recomputing softmax from
+// lse.
+template <typename in_t, typename scalar_t>
+void backward_rows(const in_t* logits, int64_t row_stride, int64_t num_rows, const LossTerms<scalar_t>& terms,
+                   const scalar_t* lse, const scalar_t* grad_loss, in_t* grad, int64_t grad_row_stride) {
   using Vec = Vectorized<scalar_t>;
   at::parallel_for(0, num_rows, rows_per_task(terms.num_classes), [&](int64_t begin, int64_t end) {
-    CappedRows<scalar_t> capped(terms, 1);
+    RowsAsRead<in_t, scalar_t> read(terms, 1);
+    GradRows<in_t, scalar_t> grads(terms.num_classes, 1);
     for (int64_t i = begin; i < end; ++i) {
       const Vec lse_v(lse[i]);
       const int64_t t = terms.target[i];
-      scalar_t* dx = grad + i * grad_row_stride;
-      // (The capped row is read from the scratch before dx, which may be the logits, is written.)
-      const scalar_t* x = capped.template rows<1>(logits + i * row_stride, row_stride).first;
+      in_t* out = grad + i * grad_row_stride;
+      scalar_t* dx = grads.rows(out);
+      // (A copied row is read from the scratch before dx, which may be the logits, is written.)
+      const scalar_t* x = read.template rows<1>(logits + i * row_stride, row_stride).first;
       write_row_grad(terms, t, grad_loss[i], lse[i], x, dx, [lse_v](Vec v) { return exp_nonpositive(v - lse_v); });
-      if (t != terms.ignore_index) capped.chain(dx, 0);
+      if (t != terms.ignore_index) read.chain(dx, 0);
+      grads.done(out, grad_row_stride, 1);
     }
   });
 }
 
 // Forward and gradient in one sweep of each group of rows: max, then exp stored into the gradient rows while
 // summing, then each row rescaled in place (from L1/L2). One exp per logit instead of two.
-template <typename scalar_t>
-void forward_backward_rows(const scalar_t* logits, int64_t row_stride, int64_t num_rows,
+template <typename in_t, typename scalar_t>
+void forward_backward_rows(const in_t* logits, int64_t row_stride, int64_t num_rows,
                            const LossTerms<scalar_t>& terms, const scalar_t* grad_loss, scalar_t* loss,
-                           scalar_t* lse_out, scalar_t* grad) {
+                           scalar_t* lse_out, in_t* grad) {
   using Vec = Vectorized<scalar_t>;
   const int64_t C = terms.num_classes;
   at::parallel_for(0, num_rows, rows_per_task(C), [&](int64_t begin, int64_t end) {
-    CappedRows<scalar_t> capped(terms, rows_per_group(C));
+    RowsAsRead<in_t, scalar_t> read(terms, rows_per_group(C));
+    GradRows<in_t, scalar_t> grads(C, rows_per_group(C));
     for_each_group(begin, end, C, [&](int64_t i0, auto rows) {
       constexpr int R = decltype(rows)::value;
-      const auto [x, stride] = capped.template rows<R>(logits + i0 * row_stride, row_stride);
-      const auto g = group_lse<R, scalar_t>(x, stride, C, grad + i0 * C);
+      const auto [x, stride] = read.template rows<R>(logits + i0 * row_stride, row_stride);
+      scalar_t* dx = grads.rows(grad + i0 * C);  // row k at dx + k * C
+      const auto g = group_lse<R, scalar_t>(x, stride, C, dx);
       for (int k = 0; k < R; ++k) {
         const int64_t i = i0 + k, t = terms.target[i];
         lse_out[i] = g.lse[k];
         loss[i] = t == terms.ignore_index ? scalar_t(0) : row_loss(terms, x + k * stride, t, g, k);
         const Vec inv_sum(scalar_t(1) / g.sum[k]);
-        write_row_grad(terms, t, grad_loss[i], g.lse[k], grad + i * C, grad + i * C,
+        write_row_grad(terms, t, grad_loss[i], g.lse[k], dx + k * C, dx + k * C,
                        [inv_sum](Vec e) { return e * inv_sum; });
-        if (t != terms.ignore_index) capped.chain(grad + i * C, k);
+        if (t != terms.ignore_index) read.chain(dx + k * C, k);
       }
+      grads.done(grad + i0 * C, C, R);
     });
   });
 }
@@ -342,12 +403,14 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
                                                          double lse_square_scale, double softcap) {
   const Prepared p = prepare(logits, target, weight, ignore_index, softcap);
   const int64_t N = p.logits.size(0);
-  at::Tensor loss = at::empty({N}, p.logits.options());
-  at::Tensor lse = at::empty({N}, p.logits.options());
-  AT_DISPATCH_FLOATING_TYPES(p.logits.scalar_type(), "fastlm_cross_entropy_forward", [&] {
-    const auto terms = loss_terms<scalar_t>(p, ignore_index, label_smoothing, lse_square_scale, softcap);
-    forward_rows<scalar_t>(p.logits.data_ptr<scalar_t>(), p.logits.stride(0), N, terms, loss.data_ptr<scalar_t>(),
-                           lse.data_ptr<scalar_t>());
+  at::Tensor loss = at::empty({N}, p.logits.options().dtype(p.math));
+  at::Tensor lse = at::empty({N}, p.logits.options().dtype(p.math));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(), "fastlm_cross_entropy_forward",
+                                  [&] {
+    using math_t = at::opmath_type<scalar_t>;
+    const auto terms = loss_terms<math_t>(p, ignore_index, label_smoothing, lse_square_scale, softcap);
+    forward_rows<scalar_t, math_t>(p.logits.const_data_ptr<scalar_t>(), p.logits.stride(0), N, terms,
+                                   loss.data_ptr<math_t>(), lse.data_ptr<math_t>());
   });
   return {loss, lse};
 }
@@ -362,15 +425,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_backward(
   const Prepared p = prepare(logits, target, weight, ignore_index, softcap);
   const int64_t N = p.logits.size(0);
   check_per_row(grad_loss, N, "grad_loss");
-  at::Tensor loss = at::empty({N}, p.logits.options());
-  at::Tensor lse = at::empty({N}, p.logits.options());
+  at::Tensor loss = at::empty({N}, p.logits.options().dtype(p.math));
+  at::Tensor lse = at::empty({N}, p.logits.options().dtype(p.math));
   at::Tensor grad = gradient_buffer.empty(p.logits.sizes(), p.logits.options());
-  AT_DISPATCH_FLOATING_TYPES(p.logits.scalar_type(), "fastlm_cross_entropy_forward_backward", [&] {
-    const auto terms = loss_terms<scalar_t>(p, ignore_index, label_smoothing, lse_square_scale, softcap);
-    const at::Tensor grad_loss_c = contiguous_as(grad_loss, p.logits.scalar_type());
-    forward_backward_rows<scalar_t>(p.logits.data_ptr<scalar_t>(), p.logits.stride(0), N, terms,
-                                    grad_loss_c.data_ptr<scalar_t>(), loss.data_ptr<scalar_t>(),
-                                    lse.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
+                                  "fastlm_cross_entropy_forward_backward", [&] {
+    using math_t = at::opmath_type<scalar_t>;
+    const auto terms = loss_terms<math_t>(p, ignore_index, label_smoothing, lse_square_scale, softcap);
+    const at::Tensor grad_loss_c = contiguous_as(grad_loss, p.math);
+    forward_backward_rows<scalar_t, math_t>(p.logits.const_data_ptr<scalar_t>(), p.logits.stride(0), N, terms,
+                                            grad_loss_c.const_data_ptr<math_t>(), loss.data_ptr<math_t>(),
+                                            lse.data_ptr<math_t>(), grad.data_ptr<scalar_t>());
   });
   return {loss, lse, contiguous_as(grad, logits.scalar_type())};
 }
@@ -380,12 +445,15 @@ void backward_into(const Prepared& p, const at::Tensor& lse, const at::Tensor& g
   const int64_t N = p.logits.size(0);
   check_per_row(lse, N, "lse");
   check_per_row(grad_loss, N, "grad_loss");
-  AT_DISPATCH_FLOATING_TYPES(p.logits.scalar_type(), "fastlm_cross_entropy_backward", [&] {
-    const auto terms = loss_terms<scalar_t>(p, ignore_index, label_smoothing, lse_square_scale, softcap);
-    const at::Tensor lse_c = contiguous_as(lse, p.logits.scalar_type());
-    const at::Tensor grad_loss_c = contiguous_as(grad_loss, p.logits.scalar_type());
-    backward_rows<scalar_t>(p.logits.data_ptr<scalar_t>(), p.logits.stride(0), N, terms, lse_c.data_ptr<scalar_t>(),
-                            grad_loss_c.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), grad.stride(0));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(), "fastlm_cross_entropy_backward",
+                                  [&] {
+    using math_t = at::opmath_type<scalar_t>;
+    const auto terms = loss_terms<math_t>(p, ignore_index, label_smoothing, lse_square_scale, softcap);
+    const at::Tensor lse_c = contiguous_as(lse, p.math);
+    const at::Tensor grad_loss_c = contiguous_as(grad_loss, p.math);
+    backward_rows<scalar_t, math_t>(p.logits.const_data_ptr<scalar_t>(), p.logits.stride(0), N, terms,
+                                    lse_c.const_data_ptr<math_t>(), grad_loss_c.const_data_ptr<math_t>(),
+                                    grad.data_ptr<scalar_t>(), grad.stride(0));
   });
 }
 
