@@ -395,10 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode not in OPS[op].modes:
             print(f"\n{op}: skipped, it times only --mode {' or '.join(OPS[op].modes)} (each call is a whole step)")
             continue
-        # Sizes or dtypes of one's own, written to the default directory, do not replace the default run's files;
-        # a soft-capped run has files of its own anywhere.
-        custom = bool(args.sizes or args.dtype) and not args.out
+        # Sizes of one's own, written to the default directory, do not replace the default run's files; dtypes
+        # named and a soft cap give files of their own anywhere.
+        custom = bool(args.sizes) and not args.out
         stem = os.path.join(out, f"{op}-{args.device}" + ("" if args.mode == "full" else f"-{args.mode}")
+                            + "".join(f"-{dtype}" for dtype in args.dtype or ())
                             + ("" if args.softcap is None else f"-softcap{args.softcap:g}")
                             + ("-quick" if args.quick else "") + ("-custom" if custom else ""))
         header = {"op": op, "mode": args.mode, "quick": args.quick, "copy_bandwidth_gbs": copy_gbs,

@@ -60,7 +60,7 @@ def test_backward_mode_on_chosen_sizes_and_dtypes(tmp_path):
     command = ["--quick", "--op", "batch_norm", "--mode", "bwd", "--sizes", "65x33", "--dtype", "float32", "float64",
                "--out", str(tmp_path)]
     assert benchmark.main(command) == 0
-    result = json.loads((tmp_path / "batch_norm-cpu-bwd-quick.json").read_text())
+    result = json.loads((tmp_path / "batch_norm-cpu-bwd-float32-float64-quick.json").read_text())
     rows = result["rows"]
     assert result["command"] == ["fastlm", "bench", *command]
     assert result["cases"] == ["batch_norm 65x33 float32", "batch_norm 65x33 float64"]
