@@ -349,6 +349,31 @@ def test_half_precision_on_gpu(backend, dtype):
         assert_close_to_reference(a.float(), b, dtype, magnitude=1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4097, 1023), (33, 7, 19)], ids=str)
+@pytest.mark.parametrize("activation", [None, "tanh", "relu"])
+def test_half_precision_on_cpu(dtype, shape, activation):
+    """fp16/bf16 input with fp32 parameters on the CPU kernels, which read it (and the upstream gradient and
+    saved output) as it is and write y and dx in its dtype: training and eval steps against torch's module on
+    the same values in fp32."""
+    skip_unless_runs("cpp")
+    torch.manual_seed(8)
+    x = (torch.randn(shape) * 2 + 1).to(dtype).float()
+    g = torch.randn(shape).to(dtype).float()
+    reference, _ = make_pair(shape[1], "cpu")
+    ours = fastlm.nn.BatchNorm1d(shape[1], activation=activation, backend="cpp")
+    ours.load_state_dict(reference.state_dict())
+    for train in (True, False):
+        reference.train(train), ours.train(train)
+        want = run_steps(reference, [x], [g], activation)[0]
+        got = run_steps(ours, [x.to(dtype)], [g.to(dtype)])[0]
+        assert got[0].dtype == got[1].dtype == dtype
+        for a, b in zip(got, want):
+            assert_close_to_reference(a.float(), b, dtype, magnitude=1.0)
+    for name, buffer in reference.named_buffers():
+        assert_close_to_reference(dict(ours.named_buffers())[name], buffer, torch.float32)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_deterministic(backend, device):

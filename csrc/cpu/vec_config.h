@@ -16,6 +16,9 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <tuple>
+#include <type_traits>
+
 namespace fastlm {
 
 // n lanes from p: a whole vector, or a masked load of the first n (the rest zero).
@@ -23,6 +26,32 @@ template <typename T>
 at::vec::Vectorized<T> load(const T* p, int64_t n) {
   using Vec = at::vec::Vectorized<T>;
   return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
+}
+
+// n values of S from p as a vector of T (S is T, or fp16/bf16 widened to T = float; n at most T's width).
+template <typename T, typename S>
+at::vec::Vectorized<T> load_as(const S* p, int64_t n) {
+  if constexpr (std::is_same_v<S, T>) {
+    return load(p, n);
+  } else {
+    static_assert(std::is_same_v<T, float>, "fp16/bf16 widen to float");
+    at::vec::Vectorized<float> v;
+    if (n == v.size()) {
+      at::vec::load_to_float<S>(p, v);
+      return v;
+    }
+    return std::get<0>(at::vec::convert_to_float<S>(at::vec::Vectorized<S>::loadu(p, n)));
+  }
+}
+
+// The first n lanes of v into p as S (T, or fp16/bf16 rounded to nearest even).
+template <typename T, typename S>
+void store_as(const at::vec::Vectorized<T>& v, S* p, int64_t n) {
+  if constexpr (std::is_same_v<S, T>) {
+    v.store(p, n);
+  } else {
+    at::vec::convert_from_float<S>(v, v).store(p, n);
+  }
 }
 
 // f(k, n) for lanes [k, k + n) in vector-sized steps; n is short only at the tail.
