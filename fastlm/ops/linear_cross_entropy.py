@@ -22,7 +22,6 @@ from torch import Tensor
 from fastlm import backends
 from fastlm.fx_trace import traced_as_call
 from fastlm.ops.autocast import autocast_dtype, autocast_off, cast_to
-from fastlm.ops.cross_entropy_outputs import ExtraOutputs, returned
 from fastlm.ops.cross_entropy import (
     check_rows,
     check_target,
@@ -32,6 +31,7 @@ from fastlm.ops.cross_entropy import (
     reference_cross_entropy,
     softcap_value,
 )
+from fastlm.ops.cross_entropy_outputs import ExtraOutputs, returned
 from fastlm.ops.math_dtype import math_dtype
 from fastlm.ops.tensor_arguments import check_tensors
 
