@@ -1,6 +1,7 @@
 // Selects ATen's vector width from what the compiler targets (setup.py builds with -march=native),
 // so at::vec::Vectorized<float> is 16 lanes under AVX-512, 8 under AVX2, and a portable fallback otherwise;
-// and the helpers the CPU kernels walk a row of lanes with. Include this before any ATen vector header.
+// and the helpers the CPU kernels walk a row of lanes with, fp16/bf16 ones loaded as fp32 and stored back.
+// Include this before any ATen vector header.
 #pragma once
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
