@@ -12,10 +12,10 @@
 //   running statistics (eval). The unbiased case is the makemore manual-backprop lecture's closed form.
 // Statistics and sums are in fp32 (fp64 for double input) and come back in that math dtype; weight, bias
 // and running stats are passed in it. fp16/bf16 input (and grad_output, output) is read as it is, widened vector
-// by vector, and y and dx are written in its dtype: no fp32 copy of any of them (the module's forward and
-// backward at 4096 x 1024 bf16: 2.6-5.3 ms, against 8.7-12.7 with those copies; eager 4.2-5.6). Every reduction runs over fixed blocks of rows combined in a fixed
-// order (Chan's formula for mean and M2), so results do not depend on the thread count and two runs are
-// bitwise equal.
+// by vector, and y and dx are written in its dtype (storage_dtype): no fp32 copy of any of them (the module's
+// forward and backward at 4096 x 1024 bf16: 2.6-5.3 ms, against 8.7-12.7 with those copies; eager 4.2-5.6).
+// Every reduction runs over fixed blocks of rows combined in a fixed order (Chan's formula for mean and M2), so
+// results do not depend on the thread count and two runs are bitwise equal.
 // The schemas are defined here because this file is built on every machine; CUDA adds its kernels to the
 // same ops in csrc/cuda/batch_norm_binding.cpp.
 
@@ -288,13 +288,6 @@ Layout layout_of(const at::Tensor& input) {
   check_batch_norm_input(input);
   const int64_t N = input.size(0), C = input.size(1), L = input.dim() == 3 ? input.size(2) : 1;
   return {N, C, L, C * L};
-}
-
-// The dtype the kernels read the input and its companions in, and write y and dx in: fp16/bf16 as they are,
-// anything else in the math dtype.
-at::ScalarType storage_dtype(const at::Tensor& input) {
-  const auto given = input.scalar_type();
-  return given == at::kHalf || given == at::kBFloat16 ? given : math_dtype(input);
 }
 
 // A same-shaped companion of the input (grad_output, output) in the input's storage dtype, contiguous.

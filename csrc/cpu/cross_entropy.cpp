@@ -84,10 +84,9 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::
   check_cross_entropy_shapes(logits, target, weight);
   check_softcap(softcap);
   const auto dtype = math_dtype(logits);
-  const auto given = logits.scalar_type();
   Prepared p;
   p.math = dtype;
-  p.logits = given == at::kHalf || given == at::kBFloat16 || given == dtype ? logits : logits.to(dtype);
+  p.logits = logits.to(storage_dtype(logits));
   if (p.logits.stride(1) != 1) p.logits = p.logits.contiguous();
   p.target = contiguous_as(target, at::kLong);
   if (weight.has_value()) p.weight = contiguous_as(*weight, dtype);
@@ -241,7 +240,7 @@ class GradRows {
     if (kNarrowed) kept().resize(rows * C_);
   }
 
-  // Row k of the group is written at rows(out) + k * stride(out_stride).
+  // Where the group's rows are written (C apart, as the gradient's own rows are).
   scalar_t* rows(out_t* out) {
     if constexpr (kNarrowed) {
       return kept().data();
@@ -249,7 +248,6 @@ class GradRows {
       return out;
     }
   }
-  int64_t stride(int64_t out_stride) const { return kNarrowed ? C_ : out_stride; }
 
   // The R rows written, into out (out_stride apart).
   void done(out_t* out, int64_t out_stride, int R) {
