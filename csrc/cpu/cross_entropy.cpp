@@ -181,9 +181,8 @@ class RowsAsRead {
   static constexpr bool kWidened = !std::is_same_v<in_t, scalar_t>;
 
   // Room for `rows` rows of C where the rows are copied; nothing otherwise.
-  RowsAsRead(const LossTerms<scalar_t>& terms, int64_t rows)
-      : cap_(terms.softcap), C_(terms.num_classes), keep_(kept()) {
-    if (kWidened || cap_ != 0) kept().resize(rows * C_);
+  RowsAsRead(const LossTerms<scalar_t>& terms, int64_t rows) : cap_(terms.softcap), C_(terms.num_classes) {
+    if (kWidened || cap_ != 0) kept_.buffer().resize(rows * C_);
   }
 
   // The R rows from x (row_stride apart) as the kernels read them. Returns the rows' start and stride.
@@ -193,7 +192,7 @@ class RowsAsRead {
     // x * (1 / k): a multiply per vector where x / k would divide (the two within an ulp of each other).
     const Vec cap(cap_), inv_cap(scalar_t(1) / cap_);
     const auto capped = [=](Vec v) { return cap * tanh_of(v * inv_cap); };
-    scalar_t* z = kept().data();
+    scalar_t* z = kept_.buffer().data();
     if constexpr (kWidened) {
       for (int k = 0; k < R; ++k) {
         at::vec::convert(x + k * row_stride, z + k * C_, C_);
@@ -215,18 +214,13 @@ class RowsAsRead {
       const Vec t = z * inv_cap;
       return d * (one - t * t);
     };
-    at::vec::map2(through_cap, dx, dx, kept().data() + k * C_, C_);
+    at::vec::map2(through_cap, dx, dx, kept_.buffer().data() + k * C_, C_);
   }
 
  private:
-  static std::vector<scalar_t>& kept() {
-    thread_local std::vector<scalar_t> scratch;
-    return scratch;
-  }
-
   scalar_t cap_;
   int64_t C_;
-  const ScratchCap<scalar_t> keep_;
+  const KeptScratch<scalar_t, RowsAsRead> kept_;
 };
 
 // Where the kernels write a group's gradient in the math dtype: the output rows themselves, or, for an fp16/bf16
@@ -236,14 +230,14 @@ class GradRows {
  public:
   static constexpr bool kNarrowed = !std::is_same_v<out_t, scalar_t>;
 
-  GradRows(int64_t num_classes, int64_t rows) : C_(num_classes), keep_(kept()) {
-    if (kNarrowed) kept().resize(rows * C_);
+  GradRows(int64_t num_classes, int64_t rows) : C_(num_classes) {
+    if (kNarrowed) kept_.buffer().resize(rows * C_);
   }
 
   // Where the group's rows are written (C apart, as the gradient's own rows are).
   scalar_t* rows(out_t* out) {
     if constexpr (kNarrowed) {
-      return kept().data();
+      return kept_.buffer().data();
     } else {
       return out;
     }
@@ -252,18 +246,14 @@ class GradRows {
   // The R rows written, into out (out_stride apart).
   void done(out_t* out, int64_t out_stride, int R) {
     if constexpr (kNarrowed) {
-      for (int k = 0; k < R; ++k) at::vec::convert(kept().data() + k * C_, out + k * out_stride, C_);
+      const scalar_t* dx = kept_.buffer().data();
+      for (int k = 0; k < R; ++k) at::vec::convert(dx + k * C_, out + k * out_stride, C_);
     }
   }
 
  private:
-  static std::vector<scalar_t>& kept() {
-    thread_local std::vector<scalar_t> scratch;
-    return scratch;
-  }
-
   int64_t C_;
-  const ScratchCap<scalar_t> keep_;
+  const KeptScratch<scalar_t, GradRows> kept_;
 };
 
 // Runs group(i, Rows) over [begin, end) in groups of kGroupRows rows where rows are short enough, then

@@ -224,7 +224,7 @@ void gather_step(const StepData<T>& d) {
   using Vec = Vectorized<T>;
   const Sizes& s = d.s;
   const int64_t B = s.B, K = s.K, H = s.H, V = s.V, D = s.D;
-  // Scratch, kept between calls up to 64 MB (ScratchCap; a fresh buffer is a fresh mmap, page faults
+  // Scratch, kept between calls up to 64 MB (KeptScratch; a fresh buffer is a fresh mmap, page faults
   // included):
   // x (B,K) and its transpose, hT (H,B; xhat with BatchNorm), aT (H,B) and a (B,H), daT (H,B), mean and
   // invstd (H), and per part its share of the logits (V,B), all of them and then their gradient (V,B), and
@@ -236,9 +236,8 @@ void gather_step(const StepData<T>& d) {
   constexpr int64_t kLine = Carver::kLine;
   const auto lines = Carver::whole_lines;
   const int64_t lda = lines(H);
-  thread_local std::vector<T> scratch;
-  const ScratchCap<T> cap(scratch);
-  Carver carver(scratch, lines(B * K) * 2 + lines(H * B) * 3 + B * lda + lines(H) * 2 +
+  const KeptScratch<T, struct GatherStepScratch> scratch;
+  Carver carver(scratch.buffer(), lines(B * K) * 2 + lines(H * B) * 3 + B * lda + lines(H) * 2 +
                              2 * (lines(V * B) * 2 + lines(K * B)));
   const auto take = [&](int64_t n) { return carver.take(n); };
   T* x = take(B * K);
@@ -481,11 +480,10 @@ at::Tensor mlp_sgd_step(const at::Tensor& idx, const at::Tensor& targets, const 
     using Vec = Vectorized<S>;
     // The gradients, one after another, each from a cache line (as fresh tensors would be: the kernel's two
     // threads write the two sides of a line-aligned border of each).
-    thread_local std::vector<S> scratch;
-    const ScratchCap<S> cap(scratch);
+    const KeptScratch<S, struct SgdStepGradients> scratch;
     int64_t values = 0;
     for (const auto& p : params) values += LineCarver<S>::whole_lines(p.numel());
-    LineCarver<S> carver(scratch, values);
+    LineCarver<S> carver(scratch.buffer(), values);
     std::vector<S*> grads;
     for (const auto& p : params) grads.push_back(carver.take(p.numel()));
     run_step<S>(in, params, running_mean, running_var, num_batches_tracked, momentum, eps, unbiased,

@@ -98,8 +98,7 @@ class ProductTableStep {
         s_(d.s),
         table_size_(d.s.vocab * d.s.T * d.s.H),
         parts_(parts_of(d.s.B, table_size_)),
-        block_(rows_per_block(d.s.H)),
-        cap_(scratch()) {}
+        block_(rows_per_block(d.s.H)) {}
 
   void run() {
     allocate();
@@ -119,14 +118,9 @@ class ProductTableStep {
   const int64_t table_size_, parts_, block_;
   T *w1t_, *w2t_, *P_, *logits_, *mean_, *invstd_;
   std::vector<Part<T>> part_;
-  const ScratchCap<T> cap_;  // hands a large scratch back when this step ends
+  const KeptScratch<T, ProductTableStep> scratch_;
 
-  static std::vector<T>& scratch() {
-    thread_local std::vector<T> kept;
-    return kept;
-  }
-
-  // Scratch, kept between calls up to 64 MB (ScratchCap; a fresh buffer is a fresh mmap, page faults
+  // Scratch, kept between calls up to 64 MB (KeptScratch; a fresh buffer is a fresh mmap, page faults
   // included).
   void allocate() {
     const int64_t B = s_.B, H = s_.H, V = s_.V;
@@ -134,7 +128,7 @@ class ProductTableStep {
     const int64_t shared = padded(s_.K * H) + padded(H * V) + padded(table_size_) + padded(B * V) + 2 * padded(H);
     const int64_t per_part =
         padded(V * H) + padded(V) + 2 * padded(table_size_) + 6 * padded(H) + 3 * padded(block_ * H);
-    LineCarver<T> carver(scratch(), shared + parts_ * per_part);
+    LineCarver<T> carver(scratch_.buffer(), shared + parts_ * per_part);
     auto take = [&](int64_t n) { return carver.take(n); };
     w1t_ = take(s_.K * H);
     w2t_ = take(H * V);

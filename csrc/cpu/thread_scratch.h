@@ -1,5 +1,6 @@
 // A thread's kept scratch: a thread_local buffer a kernel reuses from call to call, since a fresh buffer of its
-// size is a fresh mmap, page faults included. Used by the MLP step kernels and cross-entropy's soft cap.
+// size is a fresh mmap, page faults included. Used by the MLP step kernels and by cross-entropy's widened,
+// capped and narrowed rows.
 #pragma once
 
 #include <cstdint>
@@ -7,22 +8,28 @@
 
 namespace fastlm {
 
-// Ends the life of a thread's kept scratch with the call that grew it past kMaxBytes: at most that much per
-// buffer, thread and dtype stays allocated between calls (the cap ReusedBuffer has; unlike its buffers, these
-// stay through fastlm::release_reused_buffers, which cannot reach other threads' memory).
-template <typename T>
-class ScratchCap {
+// The kept scratch of one user on this thread: Owner, any type that names the user, gives each user its own
+// buffer, so that users alive at once on a thread never share one. The buffer outlives this object, but is
+// handed back when the object that grew it past kMaxBytes ends: at most that much per user, thread and dtype
+// stays allocated between calls (the cap ReusedBuffer has; unlike its buffers, these stay through
+// fastlm::release_reused_buffers, which cannot reach other threads' memory).
+template <typename T, typename Owner>
+class KeptScratch {
  public:
-  explicit ScratchCap(std::vector<T>& scratch) : scratch_(scratch) {}
-  ScratchCap(const ScratchCap&) = delete;
-  ScratchCap& operator=(const ScratchCap&) = delete;
-  ~ScratchCap() {
-    if (int64_t(scratch_.capacity() * sizeof(T)) > kMaxBytes) std::vector<T>().swap(scratch_);
+  KeptScratch() = default;
+  KeptScratch(const KeptScratch&) = delete;
+  KeptScratch& operator=(const KeptScratch&) = delete;
+  ~KeptScratch() {
+    if (int64_t(buffer().capacity() * sizeof(T)) > kMaxBytes) std::vector<T>().swap(buffer());
+  }
+
+  std::vector<T>& buffer() const {
+    thread_local std::vector<T> kept;
+    return kept;
   }
 
  private:
   static constexpr int64_t kMaxBytes = int64_t(64) << 20;
-  std::vector<T>& scratch_;
 };
 
 }  // namespace fastlm
