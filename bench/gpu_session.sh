@@ -15,6 +15,8 @@
 # Each step's timeout is what is left of a 570 s budget, so the call ends before the device tool's 600 s limit;
 # a step with under 20 s left is skipped (timeout 0 would mean no limit at all). The exit status is 0 only when
 # every step ran and passed.
+# The image's torch is 2.11.0+cu130: tests/check_against_torch.sh checks here that the sources still compile against
+# it, before device time is spent on a build that fails.
 # Set FASTLM_GIT_COMMIT to the commit being measured: the device machine's copy of the tree has no .git.
 # Everything runs through python3, the interpreter that holds the image's torch (its `python`, `pip` and script
 # folder may be others, or missing).
