@@ -3,11 +3,15 @@
 Swapped, anywhere in the module tree:
   nn.Sequential runs of nn.Embedding, nn.Flatten, nn.Linear (the makemore first layer) -> one fused
       ``EmbeddingLinear`` (built by ``EmbeddingLinear.from_modules``, sharing their parameters);
-  nn.BatchNorm1d -> ``fastlm.nn.BatchNorm1d`` (the same parameter and buffer tensors);
+  nn.BatchNorm1d -> ``fastlm.nn.BatchNorm1d``;
   nn.BatchNorm1d then nn.Tanh or nn.ReLU in an nn.Sequential -> ``fastlm.nn.BatchNorm1d`` with that
-      activation fused, and an nn.Identity in the activation's place;
-  nn.CrossEntropyLoss -> ``fastlm.nn.CrossEntropyLoss`` (the same class-weight buffer).
-Only these exact torch classes are swapped: a subclass may have a forward of its own.
+      activation fused, and an nn.Identity in the activation's place (not where the BatchNorm is also used
+      elsewhere, or hooks are registered on the activation);
+  nn.CrossEntropyLoss -> ``fastlm.nn.CrossEntropyLoss``.
+Only these exact torch classes are swapped: a subclass may have a forward of its own. A swapped module (an
+nn.Sequential holding a fused run too) is not replaced but made into fastlm's subclass of its class, in place, as
+torch.nn.utils.parametrize does: its parameters, buffers, hooks (pruning's among them), attributes and identity
+stay (a layer used twice stays one layer). Hooks on the run's Flatten make it run unfused.
 With ``fuse_forward_code=True``, also what meets only in the model's forward code: Embedding -> view(B, -1) ->
     Linear (the makemore first layer written out), BatchNorm1d -> tanh/relu, and the final Linear -> cross-entropy
     (into ``linear_cross_entropy``, which never holds the logits), each where the forward uses the intermediate
@@ -18,8 +22,11 @@ With ``fuse_forward_code=True``, also what meets only in the model's forward cod
 The converted model's ``state_dict()`` has the original keys and tensors: the fused embedding + linear
 lives in a ``FusedSequential``, an nn.Sequential that keeps the Embedding, Flatten and Linear as its
 children (their keys unchanged) and routes its forward through the fused layer, which is not registered
-as a module, so no parameter appears twice. As with ``nn.SyncBatchNorm.convert_sync_batchnorm``, children
-are replaced in place; use the returned module, which is new where the root itself was swapped.
+as a module, so no parameter appears twice. The returned module is ``model`` itself.
+
+Torch's own tools that rebuild or fold a BatchNorm know nothing of fastlm's options: ``nn.SyncBatchNorm.
+convert_sync_batchnorm`` and ``torch.nn.utils.fusion.fuse_linear_bn_eval`` drop a fused activation (and the former
+``unbiased``); use ``fastlm.nn.SyncBatchNorm.convert_sync_batchnorm``, and fold before converting.
 
 ``fastlm.convert`` is this function (the package exports it under the module's name); import the other
 names from the module: ``from fastlm.convert import FusedSequential``.
@@ -28,13 +35,14 @@ names from the module: ``from fastlm.convert import FusedSequential``.
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
+from collections import Counter
 
 from torch import Tensor, fx, nn
 
 from fastlm.fuse_graph import FuseGraph
 from fastlm.fx_trace import TracedAsLeaf
 from fastlm.nn import BatchNorm1d, CrossEntropyLoss, EmbeddingLinear
+from fastlm.nn.embedding_linear import has_hooks
 
 FUSABLE_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
 
@@ -83,7 +91,7 @@ class FusedSequential(TracedAsLeaf, nn.Sequential):
         children = list(self._modules.values())
         i = 0
         while i < len(children):
-            if i in fused:
+            if i in fused and not has_hooks(children[i + 1]):  # hooks on the Flatten run with the children
                 input = fused[i](input)
                 i += 3
             else:
@@ -95,46 +103,47 @@ class FusedSequential(TracedAsLeaf, nn.Sequential):
         return f"fused runs at {sorted(self.fused_layers())}"
 
 
-def fused_batch_norm(module: nn.BatchNorm1d, activation: str | None, backend: str | None) -> BatchNorm1d:
-    """A fastlm BatchNorm1d holding ``module``'s parameter and buffer tensors themselves."""
-    fused = BatchNorm1d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                        bias=module.bias is not None, activation=activation, backend=backend)
-    for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-        setattr(fused, name, tensor)
-    return fused.train(module.training)
+def made_into(module: nn.Module, fused: nn.Module) -> nn.Module:
+    """``module`` itself made into ``fused``'s class (a fastlm subclass of the module's class, which adds options
+    and its own computation), with the options of ``fused`` that the module lacks. All of the module stays: its
+    parameters and buffers, hooks (pruning's among them), attributes, mode, and its identity, so that a layer used
+    twice stays one layer (torch.nn.utils.parametrize changes a module's class in the same way)."""
+    options = {name: value for name, value in vars(fused).items() if name not in vars(module)}
+    module.__class__ = type(fused)
+    vars(module).update(options)
+    return module
 
 
-def fused_cross_entropy(module: nn.CrossEntropyLoss, backend: str | None) -> CrossEntropyLoss:
-    fused = CrossEntropyLoss(module.weight, ignore_index=module.ignore_index, reduction=module.reduction,
-                             label_smoothing=module.label_smoothing, backend=backend)
-    return fused.train(module.training)
-
-
-def convert_sequential(sequential: nn.Sequential, backend: str | None) -> nn.Sequential:
+def convert_sequential(sequential: nn.Sequential, backend: str | None, shared: set[int]) -> nn.Sequential:
     names = list(sequential._modules)
     k = 0
     while k < len(names):
         child = sequential._modules[names[k]]
         following = sequential._modules[names[k + 1]] if k + 1 < len(names) else None
         activation = FUSABLE_ACTIVATIONS.get(type(following))
-        if type(child) is nn.BatchNorm1d and activation:
-            sequential.add_module(names[k], fused_batch_norm(child, activation, backend))
-            sequential.add_module(names[k + 1], nn.Identity())
+        # The activation is taken into the BatchNorm only where the BatchNorm is used nowhere else (its other uses
+        # would get it too) and nothing is hooked on the activation (its hooks would no longer run).
+        if type(child) is nn.BatchNorm1d and activation and id(child) not in shared and not has_hooks(following):
+            made_into(child, BatchNorm1d(child.num_features, activation=activation, backend=backend, device="meta"))
+            sequential.add_module(names[k + 1], nn.Identity().train(following.training))
             k += 2
         else:
-            sequential.add_module(names[k], swap_layers(child, backend))
+            sequential.add_module(names[k], swap_layers(child, backend, shared))
             k += 1
     modules = list(sequential._modules.values())
     if not any(fusable_run(modules, i) for i in range(len(modules))):
         return sequential
-    return FusedSequential(OrderedDict(sequential._modules), backend=backend).train(sequential.training)
+    made_into(sequential, FusedSequential(backend=backend))
+    sequential.fused_layers()  # now, as FusedSequential's constructor does
+    return sequential
 
 
 def convert(model: nn.Module, backend: str | None = None, *, fuse_forward_code: bool = False) -> nn.Module:
     """``model`` with its torch layers swapped for fastlm's (see the module docstring); ``backend`` forces a
     fastlm backend in every swapped layer; ``fuse_forward_code`` also fuses the layers that meet in the forward's
     code, compiling the returned module's forward (its first call, and each new branch or shape, takes a capture)."""
-    converted = swap_layers(model, backend)
+    uses = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
+    converted = swap_layers(model, backend, {ident for ident, count in uses.items() if count > 1})
     if fuse_forward_code:
         converted.compile(backend=_fuse_graph(backend))
     return converted
@@ -148,13 +157,14 @@ def _fuse_graph(backend: str | None) -> FuseGraph:
     return FuseGraph(backend)
 
 
-def swap_layers(model: nn.Module, backend: str | None) -> nn.Module:
+def swap_layers(model: nn.Module, backend: str | None, shared: set[int]) -> nn.Module:
+    """``model`` with its layers swapped; ``shared``: the ids of the modules used more than once in the model."""
     if type(model) is nn.BatchNorm1d:
-        return fused_batch_norm(model, None, backend)
+        return made_into(model, BatchNorm1d(model.num_features, backend=backend, device="meta"))
     if type(model) is nn.CrossEntropyLoss:
-        return fused_cross_entropy(model, backend)
+        return made_into(model, CrossEntropyLoss(backend=backend))
     if type(model) is nn.Sequential:
-        return convert_sequential(model, backend)
+        return convert_sequential(model, backend, shared)
     for name, child in list(model.named_children()):
-        model.add_module(name, swap_layers(child, backend))
+        model.add_module(name, swap_layers(child, backend, shared))
     return model

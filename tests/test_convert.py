@@ -132,6 +132,75 @@ def test_what_cannot_be_fused_is_left_alone():
     assert type(converted[5]) is nn.LazyBatchNorm1d
 
 
+def test_a_pruned_batch_norm_keeps_its_pruning():
+    """Pruning computes the weight in a forward pre-hook from weight_orig and weight_mask: converted in place, the
+    BatchNorm keeps the hook, its state_dict keys and what it computes."""
+    import torch.nn.utils.prune as prune
+
+    def pruned():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+        prune.l1_unstructured(model[1], "weight", amount=0.5)
+        return model
+
+    model, converted = pruned(), fastlm.convert(pruned())
+    assert isinstance(converted[1], fastlm.nn.BatchNorm1d)
+    assert list(converted.state_dict()) == list(model.state_dict())
+    x = torch.randn(8, 4)
+    torch.testing.assert_close(converted(x), model(x))
+    assert (converted[1].weight == 0).sum() == 3
+
+
+def test_converted_modules_keep_their_hooks_attributes_and_identity():
+    sequential = nn.Sequential(nn.Embedding(27, 10), nn.Flatten(), nn.Linear(30, 20), nn.BatchNorm1d(20))
+    sequential.vocabulary = "abc"
+    sequential.register_forward_hook(lambda module, args, output: output * 0)
+    norm = sequential[3]
+    seen = []
+    norm.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    converted = fastlm.convert(sequential)
+    assert converted is sequential and isinstance(converted, FusedSequential) and converted[3] is norm
+    assert isinstance(norm, fastlm.nn.BatchNorm1d) and converted.vocabulary == "abc"
+    assert converted(torch.randint(0, 27, (5, 3))).abs().sum() == 0 and seen == [(5, 20)]
+
+
+def test_hooks_on_the_flatten_of_a_fused_run_run():
+    """The fused run skips the Flatten's call; with hooks on it, registered before or after the conversion,
+    the run's children are called one by one."""
+    torch.manual_seed(0)
+    converted = fastlm.convert(nn.Sequential(nn.Embedding(27, 10), nn.Flatten(), nn.Linear(30, 20)))
+    idx = torch.randint(0, 27, (5, 3))
+    plain = converted(idx)
+    handle = converted[1].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    torch.testing.assert_close(converted(idx), converted[2](2 * converted[0](idx).flatten(1)))
+    handle.remove()
+    torch.testing.assert_close(converted(idx), plain)
+
+
+def test_a_batch_norm_used_twice_stays_one_layer_without_the_activation():
+    """Fusing the tanh into a BatchNorm used twice would apply it at its other use too: that BatchNorm is swapped
+    but keeps its Tanh; it stays one module, whose running stats both uses update, also after .double()."""
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(4)
+    model = nn.Sequential(nn.Linear(4, 4), norm, nn.Linear(4, 4), norm, nn.Tanh())
+    reference = copy.deepcopy(model).double()
+    converted = fastlm.convert(model).double()
+    assert converted[1] is converted[3] and converted[3].activation is None and isinstance(converted[4], nn.Tanh)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), reference(x))
+    torch.testing.assert_close(converted[1].running_mean, reference[1].running_mean)
+
+
+def test_an_activation_with_hooks_is_not_fused_away():
+    calls = []
+    tanh = nn.Tanh()
+    tanh.register_forward_hook(lambda module, args, output: calls.append(1))
+    converted = fastlm.convert(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), tanh))
+    assert converted[1].activation is None and converted[2] is tanh
+    converted(torch.randn(8, 4))
+    assert calls == [1]
+
+
 def test_fused_sequential_follows_its_children():
     torch.manual_seed(0)
     converted = fastlm.convert(nn.Sequential(nn.Embedding(27, 30), nn.Flatten(), nn.Linear(30, 8)))
