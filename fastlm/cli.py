@@ -37,13 +37,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding", type=int, help="embedding size (default: the model's)")
     parser.add_argument("--hidden", type=int, help="hidden layer size (default: the model's)")
     parser.add_argument("--backend", default=None, help="fastlm backend: cpp, cuda, triton or torch")
-    parser.add_argument("--device", default=d.device)
-    parser.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES),
+                        help="the model's parameters and math (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help="initialisation, data split and batches (default: %(default)s)")
     parser.add_argument("--data", default=None, help="a word list, one word per line (default: the bundled names)")
     parser.add_argument("--extend-vocab", action="store_true", help="add the word list's other characters")
-    parser.add_argument("--eval-every", type=int, default=d.eval_every)
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    parser.add_argument("--eval-every", type=int, default=d.eval_every,
+                        help="steps between val losses (default: %(default)s)")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                        help="steps between checkpoints (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=d.samples, help="names to generate at the end")
     parser.add_argument("--compare", action="store_true", help="train the plain-PyTorch twin on the same batches")
     parser.add_argument("--cuda-graph", action="store_true",
@@ -78,9 +82,12 @@ def run_train(args: argparse.Namespace) -> int:
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from fastlm.train import (build_model, check_options, context_of, load_checkpoint, load_model_state,
-                              sample_words, saved_config)
+    from fastlm.train import (ConfigError, build_model, check_options, check_seed, context_of, load_checkpoint,
+                              load_model_state, sample_words, saved_config)
 
+    if args.count < 0:
+        raise ConfigError(f"--count must be at least 0, got {args.count}")
+    check_seed(args.seed)
     state = load_checkpoint(args.checkpoint)
     # On --device (the CPU by default), whatever device and backend the run trained on.
     config = dataclasses.replace(saved_config(state), device=args.device, backend=None)
@@ -88,8 +95,11 @@ def run_sample(args: argparse.Namespace) -> int:
     vocab = data.Vocabulary(state["vocab"])
     model = build_model(config, vocab.size, fused=True, device=torch.device(config.device))
     load_model_state(model, state["model"])
-    for word in sample_words(model, vocab, context_of(config), args.count, args.seed):
-        print(word)
+    try:
+        for word in sample_words(model, vocab, context_of(config), args.count, args.seed):
+            print(word, flush=True)
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
@@ -110,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     add_train_arguments(commands.add_parser("train", help="train a model on the bundled names or a word list"))
     sample = commands.add_parser("sample", help="generate names from a checkpoint")
     sample.add_argument("--checkpoint", required=True, help="a checkpoint file or a training --out directory")
-    sample.add_argument("--count", type=int, default=20)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--count", type=int, default=20, help="names to generate (default: %(default)s)")
+    sample.add_argument("--seed", type=int, default=0, help="the sampler's seed (default: %(default)s)")
     sample.add_argument("--device", default="cpu", help="where to run the model (default: the CPU)")
     commands.add_parser("bench", help="benchmark kernels (fastlm bench --help)")
     commands.add_parser("check", help="check every op against PyTorch (fastlm check --help)")

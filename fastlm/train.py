@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -76,7 +77,15 @@ class TrainConfig:
 
 
 class ConfigError(ValueError):
-    """Options that cannot work together, with a message meant for the user."""
+    """Options that cannot work together, or a run's files that cannot be read or written, with a message meant
+    for the user."""
+
+SEEDS = (-0x8000_0000_0000_0000, 0xFFFF_FFFF_FFFF_FFFF)  # the seeds torch.manual_seed takes
+
+
+def check_seed(seed: int) -> None:
+    if not SEEDS[0] <= seed <= SEEDS[1]:
+        raise ConfigError(f"--seed must be a 64-bit integer (from {SEEDS[0]} to {SEEDS[1]}), got {seed}")
 
 
 def check_options(config: TrainConfig) -> None:
@@ -92,10 +101,13 @@ def check_options(config: TrainConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(config, name)}")
     if config.decay_at is not None and config.decay_at > 1:
         raise ConfigError(f"--decay-at is a fraction of the steps, at most 1, got {config.decay_at}")
+    check_seed(config.seed)
     try:
         device = torch.device(config.device)
     except RuntimeError as error:
         raise ConfigError(f"--device {config.device}: {error}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {config.device}: fastlm runs on the CPU (cpu) or a CUDA GPU (cuda, cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {config.device}: this machine's torch sees no CUDA GPU")
     if config.backend is not None:
@@ -189,29 +201,38 @@ def split_loss(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, batch: int = 
 
 @torch.no_grad()
 def sample_words(model: nn.Module, vocab: data.Vocabulary, context: int, count: int, seed: int,
-                 max_length: int = 50) -> list[str]:
+                 max_length: int = 50):
+    """Yields ``count`` words drawn from the model, one at a time (the sampler seeded with ``seed``); ConfigError
+    if the model's probabilities are not finite numbers (its training diverged)."""
     model.eval()
     device = next(iter(model.parameters()), torch.empty(0)).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    words = []
     for _ in range(count):
         window, out = [0] * context, []
         for _ in range(max_length):
             logits = model(torch.tensor([window], device=device))
             probs = torch.softmax(logits.float(), dim=1).cpu()
+            if not torch.isfinite(probs).all():
+                raise ConfigError("the model's outputs are not finite numbers (its training diverged): it has no "
+                                  "names to sample")
             i = int(torch.multinomial(probs, 1, generator=generator))
             if i == 0:
                 break
             out.append(i)
             window = window[1:] + [i]
-        words.append(vocab.decode(out))
-    return words
+        yield vocab.decode(out)
 
 
 def save_atomically(state: dict, path: Path) -> None:
+    """Writes ``state`` to a temporary file renamed to ``path``: a failed write (a full disk) leaves the previous
+    file whole, and no temporary file behind."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a short write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {str(path)!r}: {str(error).splitlines()[0]}") from None
 
 
 def checkpoint_state(config, vocab, model, optimizer, step, generator_state, history, reference=None,
@@ -249,6 +270,19 @@ def saved_config(state: dict) -> TrainConfig:
         return TrainConfig(**state["config"])
     except TypeError as error:  # options this fastlm does not have: another version's checkpoint
         raise ConfigError(f"the checkpoint's configuration is not this fastlm version's: {error}") from None
+
+
+def resumed_config(saved: TrainConfig, steps: int | None, step: int, out: str) -> TrainConfig:
+    """What a run resumed at ``step`` continues with: its checkpoint's configuration, with ``out`` and, where given,
+    ``steps`` from the caller. With more or fewer steps, the learning rate still drops at the step it did."""
+    if steps is None or steps == saved.steps:
+        return dataclasses.replace(saved, out=out)
+    if steps < step:
+        raise ConfigError(f"--steps {steps}: the checkpoint is at step {step}, past the end asked for")
+    first_low_step = math.ceil(saved.decay_at * saved.steps)  # the first step at lr_after
+    # The drop half a step before it, so that rounding the fraction times the steps cannot move it by a step.
+    decay_at = min(1.0, max(0.0, (first_low_step - 0.5) / steps)) if steps else 1.0
+    return dataclasses.replace(saved, steps=steps, out=out, decay_at=decay_at)
 
 
 def load_model_state(model: nn.Module, state_dict: dict) -> None:
@@ -296,15 +330,17 @@ class Trainer:
         # A resumed run is built from its checkpoint's configuration (only steps and out come from the caller), so
         # that the model, device and the checks on them are those of the run it continues.
         checkpoint = None
+        if not resume and config.data is not None:  # a run resumed from another folder still finds its words
+            config = dataclasses.replace(config, data=os.path.abspath(config.data))
         if resume:
             checkpoint = load_checkpoint(config.out)
             saved = saved_config(checkpoint)
             self._note_ignored_options(config, saved)
-            config = dataclasses.replace(saved, steps=saved.steps if config.steps is None else config.steps,
-                                         out=config.out)
+            config = resumed_config(saved, config.steps, checkpoint["step"], config.out)
             if config.compare and "reference" not in checkpoint:
                 raise ConfigError("this --compare run's checkpoint has no reference twin to continue")
         check_options(config)
+        requested = config
         if config.compare and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("--compare trains the plain-PyTorch twin in one process: it does not combine with "
                               "torchrun (compare one process at the global batch size instead)")
@@ -323,6 +359,8 @@ class Trainer:
         self.config = config = config.with_recipe(self.model.recipe)
         if hasattr(self.model, "fit") and config.optimizer is not None:
             raise ConfigError(f"the {config.model} model is fit by counting: it takes no --optimizer")
+        if hasattr(self.model, "fit") and checkpoint is None:
+            self._note_unused_schedule(requested)
         if config.batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
             raise ConfigError(f"--batch-size 1: the {config.model} model's BatchNorm needs more than one row per batch "
                               "in training")
@@ -353,6 +391,13 @@ class Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise ConfigError(f"--out {config.out}: cannot create the output directory ({error})") from None
+            try:
+                tempfile.TemporaryFile(dir=self.out).close()
+            except OSError as error:
+                raise ConfigError(f"--out {config.out}: cannot write files there ({error})") from None
+            if checkpoint is None and (self.out / "checkpoint.pt").exists():
+                self.log(f"note: this run replaces the checkpoint of an earlier run in {config.out} "
+                         "(--resume continues that run)")
 
     def _note_ignored_options(self, requested: TrainConfig, saved: TrainConfig) -> None:
         """A resumed run keeps its checkpoint's configuration: says which options given now (those set away from
@@ -364,6 +409,14 @@ class Trainer:
         if ignored:
             self.log("note: resuming with the checkpoint's configuration; ignored: " +
                      ", ".join(f"--{name.replace('_', '-')}" for name in ignored))
+
+    def _note_unused_schedule(self, requested: TrainConfig) -> None:
+        """A model fit by counting takes no gradient steps: says which schedule options given it ignores."""
+        given = [name for name in ("steps", "batch_size", "lr", "lr_after", "decay_at")
+                 if getattr(requested, name) is not None]
+        if given:
+            self.log(f"note: the {requested.model} model is fit by counting, in one pass over the training split; "
+                     "ignored: " + ", ".join(f"--{name.replace('_', '-')}" for name in given))
 
     def _restore(self, state: dict) -> None:
         load_model_state(self.model, state["model"])
@@ -521,8 +574,12 @@ class Trainer:
             summary.update({f"reference_{name}_loss": split_loss(self.reference, *splits[name]) for name in splits})
             if timing["steps"]:
                 summary["reference_ms_per_step"] = 1e3 * timing["reference"] / timing["steps"]
-        summary["samples"] = sample_words(self.model, self.dataset.vocab, context_of(config), config.samples,
-                                          config.seed)
+        try:
+            summary["samples"] = list(sample_words(self.model, self.dataset.vocab, context_of(config),
+                                                   config.samples, config.seed))
+        except ConfigError as error:  # a diverged run still writes its checkpoint, summary and plot
+            self.log(f"note: {error}")
+            summary["samples"] = []
         self.save()
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -3,6 +3,7 @@ bit-identical, the plain-PyTorch twin side by side, data parallel with torchrun,
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import torch
 import fastlm.models
 from conftest import free_port
 from fastlm.data import Vocabulary, build_windows
-from fastlm.train import ConfigError, Trainer, TrainConfig, sample_words, split_loss
+from fastlm.train import ConfigError, Trainer, TrainConfig, resumed_config, sample_words, split_loss
 
 WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia", "harper", "evelyn", "abigail", "emily",
          "ella", "elizabeth", "camila", "luna", "sofia", "avery", "mila", "aria", "scarlett"] * 5
@@ -94,7 +95,7 @@ def test_samples_follow_the_model():
     model = fastlm.models.build("bigram-counts", fused=False)
     vocab = Vocabulary()
     model.fit(*build_windows(["abc"] * 10000, 1, vocab))
-    assert sample_words(model, vocab, 1, 20, seed=0).count("abc") >= 18
+    assert list(sample_words(model, vocab, 1, 20, seed=0)).count("abc") >= 18
 
 
 def test_batches_are_those_of_per_step_draws(words_file, tmp_path, monkeypatch):
@@ -284,6 +285,8 @@ def test_a_word_list_learnt_by_heart_finishes_with_its_plot(tmp_path):
     (dict(model="bigram-counts", optimizer="adam", hidden=None), "fit by counting"),
     (dict(out="a_file"), "cannot create the output directory"),
     (dict(out="a_file/run"), "cannot create the output directory"),
+    (dict(device="mps"), "fastlm runs on the CPU"), (dict(device="meta"), "fastlm runs on the CPU"),
+    (dict(seed=2**64), "--seed must be a 64-bit integer"),
 ])
 def test_bad_options_are_config_errors(words_file, tmp_path, changes, message):
     """Each gives the CLI's one-line error (ConfigError), before training starts."""
@@ -295,6 +298,72 @@ def test_bad_options_are_config_errors(words_file, tmp_path, changes, message):
     options = {"model": "mlp-bn", "out": str(tmp_path / "run"), **changes}
     with pytest.raises(ConfigError, match=message):
         Trainer(small_config(words_file, **options), log=lambda *_: None)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc, a folder no one can write files in")
+def test_an_output_folder_that_takes_no_files_is_a_config_error(words_file):
+    """An existing folder that cannot take files is refused before training, not at the first checkpoint."""
+    with pytest.raises(ConfigError, match="cannot write files there"):
+        Trainer(small_config(words_file, "/proc/self"), log=lambda *_: None)
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_no_temporary_file(words_file, tmp_path):
+    trainer = Trainer(small_config(words_file, tmp_path, steps=2), log=lambda *_: None)
+    (tmp_path / "checkpoint.pt").mkdir()  # os.replace cannot put a file there
+    with pytest.raises(ConfigError, match="cannot write"):
+        trainer.fit()
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+
+
+def test_a_diverged_run_writes_its_summary_without_samples(words_file, tmp_path):
+    notes = []
+    summary = Trainer(small_config(words_file, tmp_path, lr=1e30, lr_after=1e30), log=notes.append).fit()
+    assert math.isnan(summary["val_loss"]) and summary["samples"] == []
+    assert any("training diverged" in note for note in notes)
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "loss.png").exists()
+    result = fastlm_command("sample", "--checkpoint", str(tmp_path))
+    assert result.returncode == 2 and "training diverged" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_new_run_over_an_earlier_one_says_so(words_file, tmp_path):
+    notes = []
+    Trainer(small_config(words_file, tmp_path, steps=2), log=notes.append).fit()
+    assert not any("replaces" in note for note in notes)
+    Trainer(small_config(words_file, tmp_path, steps=2), log=notes.append)
+    assert any("replaces the checkpoint of an earlier run" in note for note in notes)
+
+
+def test_a_counting_model_says_which_options_it_ignores(words_file, tmp_path):
+    notes = []
+    Trainer(small_config(words_file, tmp_path, model="bigram-counts", hidden=None, lr=5.0), log=notes.append)
+    assert notes == ["note: the bigram-counts model is fit by counting, in one pass over the training split; "
+                     "ignored: --steps, --batch-size, --lr"]
+
+
+def test_a_run_resumes_from_another_folder(words_file, tmp_path, monkeypatch):
+    """The word list's path is kept absolute, so a run started with a relative one resumes from anywhere."""
+    monkeypatch.chdir(os.path.dirname(words_file))
+    Trainer(small_config(os.path.basename(words_file), tmp_path / "run", steps=2), log=lambda *_: None).fit()
+    monkeypatch.chdir("/")
+    resumed = Trainer(TrainConfig(out=str(tmp_path / "run"), steps=4), resume=True, log=lambda *_: None)
+    assert resumed.config.data == words_file
+
+
+@pytest.mark.parametrize("saved_steps, decay_at", [(200, 0.5), (7, 0.5), (300_000, 1 / 3), (10, 0.0), (10, 1.0)])
+def test_resuming_with_other_steps_keeps_the_learning_rate_drop(saved_steps, decay_at):
+    saved = TrainConfig(steps=saved_steps, lr=0.1, lr_after=0.01, decay_at=decay_at)
+    for steps in (saved_steps // 2, saved_steps - 1, saved_steps + 1, 2 * saved_steps, 5 * saved_steps):
+        config = resumed_config(saved, steps, saved_steps // 2, "run")
+        shared = range(min(steps, saved_steps))
+        assert [config.learning_rate(s) for s in shared] == [saved.learning_rate(s) for s in shared]
+        assert all(config.learning_rate(s) == saved.lr_after for s in range(saved_steps, steps))
+    with pytest.raises(ConfigError, match="past the end"):
+        resumed_config(saved, saved_steps // 2 - 1, saved_steps // 2, "run")
+
+
+def test_sample_refuses_a_negative_count(words_file, tmp_path):
+    result = fastlm_command("sample", "--checkpoint", str(tmp_path), "--count", "-3")
+    assert result.returncode == 2 and "--count must be at least 0" in result.stderr
 
 
 def test_compare_under_torchrun_is_a_config_error(words_file, tmp_path, monkeypatch):
