@@ -80,6 +80,7 @@ class ConfigError(ValueError):
     """Options that cannot work together, or a run's files that cannot be read or written, with a message meant
     for the user."""
 
+
 SEEDS = (-0x8000_0000_0000_0000, 0xFFFF_FFFF_FFFF_FFFF)  # the seeds torch.manual_seed takes
 
 
