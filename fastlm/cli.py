@@ -63,10 +63,19 @@ def config_from(args: argparse.Namespace):
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
-def run_train(args: argparse.Namespace) -> int:
+def given_options(argv: list[str]) -> set[str]:
+    """The train options written in ``argv`` (argparse's result alone cannot tell an option given at its default
+    value), for a resumed run to say which it ignores."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_train_arguments(probe)
+    probe.set_defaults(**dict.fromkeys(vars(probe.parse_args([]))))  # every default None, which no option gives
+    return {name for name, value in vars(probe.parse_args(argv)).items() if value is not None}
+
+
+def run_train(args: argparse.Namespace, given: set[str]) -> int:
     from fastlm.train import Trainer
 
-    trainer = Trainer(config_from(args), resume=args.resume)
+    trainer = Trainer(config_from(args), resume=args.resume, given=given)
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:
@@ -129,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastlm.train import ConfigError
 
     try:
-        return run_train(args) if args.command == "train" else run_sample(args)
+        return run_train(args, given_options(argv[1:])) if args.command == "train" else run_sample(args)
     except (data.DataError, ConfigError, FileNotFoundError) as error:
         print(f"fastlm {args.command}: error: {error}", file=sys.stderr)
         return 2

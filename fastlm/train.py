@@ -326,7 +326,9 @@ def distributed_rank(device: torch.device) -> tuple[int, int]:
 class Trainer:
     """One training run: model (and with ``compare`` its plain-PyTorch twin), optimizer, batches, logs."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False, log=print):
+    def __init__(self, config: TrainConfig, resume: bool = False, log=print, given: set[str] | None = None):
+        """``given``: the names of the options the user gave (the CLI knows them); without it, those away from
+        their defaults are taken as given."""
         self.log = log
         # A resumed run is built from its checkpoint's configuration (only steps and out come from the caller), so
         # that the model, device and the checks on them are those of the run it continues.
@@ -336,7 +338,7 @@ class Trainer:
         if resume:
             checkpoint = load_checkpoint(config.out)
             saved = saved_config(checkpoint)
-            self._note_ignored_options(config, saved)
+            self._note_ignored_options(config, saved, given)
             config = resumed_config(saved, config.steps, checkpoint["step"], config.out)
             if config.compare and "reference" not in checkpoint:
                 raise ConfigError("this --compare run's checkpoint has no reference twin to continue")
@@ -400,13 +402,13 @@ class Trainer:
                 self.log(f"note: this run replaces the checkpoint of an earlier run in {config.out} "
                          "(--resume continues that run)")
 
-    def _note_ignored_options(self, requested: TrainConfig, saved: TrainConfig) -> None:
-        """A resumed run keeps its checkpoint's configuration: says which options given now (those set away from
-        their defaults, besides --steps and --out) it ignores."""
+    def _note_ignored_options(self, requested: TrainConfig, saved: TrainConfig, given: set[str] | None) -> None:
+        """A resumed run keeps its checkpoint's configuration: says which options given now (besides --steps and
+        --out) it ignores."""
         defaults = TrainConfig()
         ignored = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("steps", "out") and
-                   getattr(requested, f.name) != getattr(defaults, f.name) and
-                   getattr(requested, f.name) != getattr(saved, f.name)]
+                   (f.name in given if given is not None else getattr(requested, f.name) != getattr(defaults, f.name))
+                   and getattr(requested, f.name) != getattr(saved, f.name)]
         if ignored:
             self.log("note: resuming with the checkpoint's configuration; ignored: " +
                      ", ".join(f"--{name.replace('_', '-')}" for name in ignored))

@@ -361,6 +361,17 @@ def test_resuming_with_other_steps_keeps_the_learning_rate_drop(saved_steps, dec
         resumed_config(saved, saved_steps // 2 - 1, saved_steps // 2, "run")
 
 
+def test_resume_names_an_option_given_at_its_default_value(words_file, tmp_path):
+    """--model mlp-bn is the default, yet given when resuming an mlp run it is ignored, and the note says so."""
+    out = str(tmp_path / "run")
+    trained = fastlm_command("train", "--steps", "4", "--batch-size", "8", "--model", "mlp", "--hidden", "16",
+                             "--samples", "0", "--data", words_file, "--out", out)
+    assert trained.returncode == 0, trained.stderr
+    resumed = fastlm_command("train", "--resume", "--out", out, "--model", "mlp-bn", "--seed", "42", "--steps", "6")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "note: resuming with the checkpoint's configuration; ignored: --model\n" in resumed.stdout
+
+
 def test_sample_refuses_a_negative_count(words_file, tmp_path):
     result = fastlm_command("sample", "--checkpoint", str(tmp_path), "--count", "-3")
     assert result.returncode == 2 and "--count must be at least 0" in result.stderr
