@@ -114,6 +114,11 @@ def made_into(module: nn.Module, fused: nn.Module) -> nn.Module:
     return module
 
 
+def fused_batch_norm(module: nn.BatchNorm1d, activation: str | None, backend: str | None) -> BatchNorm1d:
+    """``module`` made into a fastlm BatchNorm1d (in place, see made_into) with ``activation`` fused."""
+    return made_into(module, BatchNorm1d(module.num_features, activation=activation, backend=backend, device="meta"))
+
+
 def convert_sequential(sequential: nn.Sequential, backend: str | None, shared: set[int]) -> nn.Sequential:
     names = list(sequential._modules)
     k = 0
@@ -124,7 +129,7 @@ def convert_sequential(sequential: nn.Sequential, backend: str | None, shared: s
         # The activation is taken into the BatchNorm only where the BatchNorm is used nowhere else (its other uses
         # would get it too) and nothing is hooked on the activation (its hooks would no longer run).
         if type(child) is nn.BatchNorm1d and activation and id(child) not in shared and not has_hooks(following):
-            made_into(child, BatchNorm1d(child.num_features, activation=activation, backend=backend, device="meta"))
+            fused_batch_norm(child, activation, backend)
             sequential.add_module(names[k + 1], nn.Identity().train(following.training))
             k += 2
         else:
@@ -160,7 +165,7 @@ def _fuse_graph(backend: str | None) -> FuseGraph:
 def swap_layers(model: nn.Module, backend: str | None, shared: set[int]) -> nn.Module:
     """``model`` with its layers swapped; ``shared``: the ids of the modules used more than once in the model."""
     if type(model) is nn.BatchNorm1d:
-        return made_into(model, BatchNorm1d(model.num_features, backend=backend, device="meta"))
+        return fused_batch_norm(model, None, backend)
     if type(model) is nn.CrossEntropyLoss:
         return made_into(model, CrossEntropyLoss(backend=backend))
     if type(model) is nn.Sequential:

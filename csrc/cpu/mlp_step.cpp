@@ -238,7 +238,7 @@ void gather_step(const StepData<T>& d) {
   const int64_t lda = lines(H);
   const KeptScratch<T, struct GatherStepScratch> scratch;
   Carver carver(scratch.buffer(), lines(B * K) * 2 + lines(H * B) * 3 + B * lda + lines(H) * 2 +
-                             2 * (lines(V * B) * 2 + lines(K * B)));
+                                      2 * (lines(V * B) * 2 + lines(K * B)));
   const auto take = [&](int64_t n) { return carver.take(n); };
   T* x = take(B * K);
   T* xT = take(K * B);
