@@ -380,6 +380,25 @@ def test_from_modules_refuses_embedding_options_it_lacks(option):
         fastlm.nn.EmbeddingLinear.from_modules(nn.Embedding(27, 10, **option), nn.Linear(30, 7))
 
 
+@pytest.mark.parametrize("option", ["max_norm", "scale_grad_by_freq", "sparse"])
+def test_embedding_options_set_later_run_the_torch_lookup(option):
+    """from_modules refuses these options, but one set on the layer's embedding afterwards was ignored: max_norm
+    renormalised nothing (outputs off by 1.03), scale_grad_by_freq and sparse changed no gradient."""
+    torch.manual_seed(16)
+    fused = fastlm.nn.EmbeddingLinear(11, 4, 3, 7)
+    embedding, linear = fused.to_modules()
+    for module in (fused.embedding, embedding):
+        setattr(module, option, 0.5 if option == "max_norm" else True)
+    idx = torch.tensor([[1, 1, 2], [1, 5, 5]])
+    out, expected = fused(idx), linear(embedding(idx).flatten(1))
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert fused.embedding.weight.grad.is_sparse == (option == "sparse")
+    torch.testing.assert_close(fused.embedding.weight.grad.to_dense(), embedding.weight.grad.to_dense())
+    torch.testing.assert_close(fused.embedding.weight, embedding.weight)  # max_norm renormalises rows in place
+
+
 def test_module_options_are_checked_when_built():
     with pytest.raises(ValueError, match="strategy must be"):
         fastlm.nn.EmbeddingLinear(27, 10, 3, 7, strategy="dense")

@@ -377,6 +377,26 @@ def test_a_parametrized_or_pruned_layer_runs_the_layers(how, layer):
                 p -= 0.1 * g
 
 
+@pytest.mark.parametrize("option", ["max_norm", "scale_grad_by_freq"])
+def test_an_embedding_option_runs_the_layers(option):
+    """max_norm or scale_grad_by_freq set on the model's embedding: the one-call kernel, a plain lookup, ignored
+    them; the steps run the layers, whose embedding applies them, as the reference's does."""
+    skip_unless_runs("cpp")
+    reference, fused = (model.double() for model in make_twins("mlp-bn", backend="cpp"))
+    for model in (reference, fused):
+        setattr(model.first.embedding, option, 1.0 if option == "max_norm" else True)
+    X, Y = make_windows(make_words(20), reference.context)
+    for step in range(3):
+        rows = slice(32 * step, 32 * step + 32)
+        loss = step_through_loss_and_grads(fused, X[rows], Y[rows], 0.1)
+        want = reference.loss(X[rows], Y[rows])
+        torch.testing.assert_close(loss, want.detach(), rtol=1e-12, atol=0)
+        with torch.no_grad():
+            for p, g in zip(reference.parameters(), torch.autograd.grad(want, list(reference.parameters()))):
+                p -= 0.1 * g
+    torch.testing.assert_close(fused.first.embedding.weight, reference.first.embedding.weight, rtol=1e-12, atol=0)
+
+
 def test_autocast_runs_the_layers():
     """Under torch.autocast the step follows autocast's policy through the layers, as the fused twin's loss()
     and the reference do; the one-call kernel computed in fp32 regardless."""

@@ -253,6 +253,8 @@ class MLP(MakemoreModel):
         first = modules["first"]._modules
         if any(map(has_hooks, (self, *first.values(), *modules.values()))):
             return None  # hooks expect their layers to be called: the layers run
+        if EmbeddingLinear.unsupported_options(first["embedding"]):
+            return None  # max_norm, ... set on the embedding: the layers run its own lookup
         embedding, linear = first["embedding"]._parameters, first["linear"]._parameters
         output = modules["output"]._parameters
         layers = [(embedding, "weight"), (linear, "weight"), (linear, "bias"), (output, "weight"), (output, "bias")]

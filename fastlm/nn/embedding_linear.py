@@ -69,9 +69,10 @@ class EmbeddingLinear(TracedAsLeaf, nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         embedding, linear = self._modules["embedding"], self._modules["linear"]
-        if has_hooks(embedding) or has_hooks(linear):
+        if has_hooks(embedding) or has_hooks(linear) or self.unsupported_options(embedding):
             # Hooks on the submodules (pruning's, which computes the weight before each call, or a user's) expect
-            # the submodules to be called: they are, unfused.
+            # the submodules to be called, and an embedding given max_norm, scale_grad_by_freq or sparse after
+            # the layer was built looks up otherwise than the fused op: the submodules run, unfused.
             return linear(embedding(idx).flatten(1))
         return embedding_linear(idx, embedding.weight, linear.weight, linear.bias,
                                 padding_idx=embedding.padding_idx, strategy=self.strategy,
