@@ -5,7 +5,8 @@ FX's tracer records a module from ``torch.nn`` as one ``call_module`` node, and 
 (dims, dtypes, id ranges) and count batches, which proxies cannot do, so a model using them (a converted model,
 say) would not trace where the same model written with torch does. ``TracedAsLeaf`` (a mixin for modules) and
 ``traced_as_call`` (a decorator for functionals) make a call that receives a proxy record itself as torch's are
-recorded; the traced graph then calls the module or function, which runs on real tensors.
+recorded; the traced graph then calls the module or function, which runs on real tensors. The mixin also
+answers torch.jit.script, which cannot compile fastlm's modules, with an error that says so.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ class TracedAsLeaf:
         if proxy is not None:
             return proxy.tracer.create_proxy("call_module", proxy.tracer.path_of_module(self), args, kwargs)
         return super().__call__(*args, **kwargs)
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script asks every module of a model this before compiling it. TorchScript cannot compile the
+        Python around fastlm's ops (its errors named torch internals, or a module's missing ``_buffers``): say so,
+        and what captures such a model instead."""
+        raise RuntimeError(f"torch.jit.script cannot compile fastlm's {type(self).__name__} (TorchScript has no "
+                           "support for the Python its forward runs); capture the model with torch.compile, "
+                           "torch.export or torch.jit.trace instead")
 
 
 def traced_as_call(function):

@@ -78,6 +78,27 @@ def test_each_layer_traces_to_one_call_module_node(layer, inputs):
         assert int(traced.layer.num_batches_tracked) == 2
 
 
+@pytest.mark.parametrize("layer, inputs", [pytest.param(layer, inputs, id=name)
+                                           for name, layer, inputs in layer_cases()])
+def test_torch_jit_script_is_refused_with_what_to_use_instead(layer, inputs):
+    """TorchScript cannot compile the modules; torch.jit.script failed with errors naming torch internals (a
+    module's missing ``_buffers``). It now says which module and what captures the model instead, for the layer
+    and for a model holding it."""
+    for model in (layer, Holder(layer)):
+        with pytest.raises(RuntimeError, match=f"cannot compile fastlm's {type(layer).__name__}.*torch.jit.trace"):
+            torch.jit.script(model)
+
+
+@pytest.mark.parametrize("layer, inputs", [pytest.param(layer, inputs, id=name) for name, layer, inputs in (
+    *layer_cases(), ("converted", fastlm.convert(nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(12, 7))),
+                     (torch.randint(0, 5, (9, 3)),)))])
+def test_torch_jit_trace_records_each_layer(layer, inputs):
+    """torch.jit.trace of an EmbeddingLinear (alone or in a converted model) failed: its choice of strategy
+    compared the traced sizes, which are tensors, as the symbolic sizes of torch.compile."""
+    model = Holder(layer).eval()
+    torch.testing.assert_close(torch.jit.trace(model, inputs)(*inputs), model(*inputs), rtol=0, atol=0)
+
+
 def test_converted_model_traces_to_its_torch_original_graph():
     torch.manual_seed(0)
     model = Net()

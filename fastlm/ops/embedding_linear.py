@@ -113,9 +113,12 @@ def choose_strategy(batch: int, vocab: int, dim: int, context: int, out: int) ->
     """The product table when its multiply-adds (3 V T D out for P, dW and d(table), plus 2 B T out to gather
     and scatter) plus its fixed cost are under half the gather-GEMM's (3 B T D out)."""
     table = 3 * vocab * context * dim * out + 2 * batch * context * out + TABLE_FIXED_MACS
+    table_wins = 2 * table < 3 * batch * context * dim * out
+    if isinstance(table_wins, Tensor):  # torch.jit.trace, whose sizes are tensors: the trace keeps this choice
+        return "table" if bool(table_wins) else "gather"
     # A symbolic batch (torch.compile's dynamic shapes, torch.export's Dim) takes the table only where it wins for
     # every size the trace allows: branching on the size would pin it to one side of the threshold.
-    return "table" if statically_known_true(2 * table < 3 * batch * context * dim * out) else "gather"
+    return "table" if statically_known_true(table_wins) else "gather"
 
 
 def check_inputs(idx: Tensor, table: Tensor, weight: Tensor, bias: Tensor | None, padding_idx: int | None) -> None:
