@@ -794,6 +794,16 @@ def test_module_is_a_drop_in_for_torch():
     torch.testing.assert_close(ours(x, target), theirs(x, target))
 
 
+def test_repr_names_the_options_not_at_their_default():
+    """The repr said ``CrossEntropyLoss()`` for a loss with softcap and return_lse, which change its value and
+    what it returns."""
+    assert repr(fastlm.nn.CrossEntropyLoss(torch.ones(3))) == "CrossEntropyLoss()"
+    loss = fastlm.nn.CrossEntropyLoss(label_smoothing=0.1, softcap=30.0, return_lse=True)
+    assert repr(loss) == "CrossEntropyLoss(label_smoothing=0.1, softcap=30.0, return_lse=True)"
+    loss = fastlm.nn.LinearCrossEntropyLoss(reduction="sum", chunk_size=64)
+    assert repr(loss) == "LinearCrossEntropyLoss(reduction='sum', chunk_size=64)"
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", [(7,), (4, 7, 3), (2, 7, 3, 2)])

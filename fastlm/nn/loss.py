@@ -3,6 +3,8 @@ buffers and state_dict), and ``LinearCrossEntropyLoss``, the last linear layer f
 
 from __future__ import annotations
 
+import inspect
+
 from torch import Tensor, nn
 
 from fastlm.fx_trace import TracedAsLeaf
@@ -42,6 +44,9 @@ class CrossEntropyLoss(TracedAsLeaf, nn.CrossEntropyLoss):
                              return_predicted_tokens=self.return_predicted_tokens,
                              inplace_backward=self.inplace_backward, backend=self.backend)
 
+    def extra_repr(self) -> str:
+        return changed_options(self)
+
 
 class LinearCrossEntropyLoss(TracedAsLeaf, nn.Module):
     """``loss(input, weight, target, bias=None)`` = ``CrossEntropyLoss()(F.linear(input, weight, bias), target)``,
@@ -74,3 +79,14 @@ class LinearCrossEntropyLoss(TracedAsLeaf, nn.Module):
                                     return_token_accuracy=self.return_token_accuracy,
                                     return_predicted_tokens=self.return_predicted_tokens, chunk_size=self.chunk_size,
                                     backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return changed_options(self)
+
+
+def changed_options(module: nn.Module) -> str:
+    """``name=value`` for each option of the module's constructor (tensors aside) that is not at its default, so
+    that a loss's repr shows what changes its value or what it returns."""
+    options = inspect.signature(type(module).__init__).parameters.values()
+    return ", ".join(f"{option.name}={vars(module)[option.name]!r}" for option in options
+                     if option.name in vars(module) and vars(module)[option.name] != option.default)
