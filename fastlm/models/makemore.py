@@ -145,7 +145,8 @@ class BigramCounts(MakemoreModel):
 
 class Bigram(MakemoreModel):
     """The neural bigram of part 1: logits = one_hot(x) @ W with W ~ randn(vocab, vocab), loss = NLL +
-    0.01 * (W**2).mean(), trained full-batch by gradient descent at lr 50 (Karpathy's makemore part 1)."""
+    0.01 * (W**2).mean(), trained full-batch by gradient descent at lr 50 (Karpathy's makemore part 1). The
+    penalty is part of the training objective only: in eval mode the loss is the NLL, which the splits report."""
 
     recipe = Recipe("sgd", lr=50.0, steps=100, batch_size=None)
     regularization = 0.01
@@ -166,7 +167,8 @@ class Bigram(MakemoreModel):
         return self.embedding(idx[:, -1])
 
     def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
-        return super().loss(idx, targets) + self.regularization * (self.embedding.weight ** 2).mean()
+        nll = super().loss(idx, targets)
+        return nll + self.regularization * (self.embedding.weight ** 2).mean() if self.training else nll
 
 
 class MLP(MakemoreModel):
