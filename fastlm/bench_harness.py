@@ -416,21 +416,29 @@ def print_rows(rows: list[Row]) -> None:
               f"{_fmt(row.peak_extra_mb, '.0f'):>9} {_fmt(row.compile_s, '.2f'):>10} {extra}")
 
 
+class NotSaved(Exception):
+    """A result file could not be written (a full disk, ...): the run cannot keep what it measures."""
+
+
 def _write_atomically(path: str, write: Callable, mode: str = "w") -> None:
     """``write(file)`` into a scratch file renamed over ``path``: a run killed mid-save leaves the last whole
-    file, never half of one."""
-    with open(f"{path}.part", mode, **({"newline": ""} if mode == "w" else {})) as out:
-        write(out)
-    os.replace(f"{path}.part", path)
+    file, never half of one, and a save that fails leaves no scratch file either."""
+    scratch = f"{path}.part"
+    try:
+        with open(scratch, mode, **({"newline": ""} if mode == "w" else {})) as out:
+            write(out)
+        os.replace(scratch, path)
+    except BaseException:
+        if os.path.exists(scratch):
+            os.remove(scratch)
+        raise
 
 
 def save(stem: str, device: str, rows: list[Row], header: dict, with_plot: bool = True) -> list[str]:
     """Writes ``stem``.json (environment, ``header``, rows), ``stem``.csv (one line per row) and, when
     ``with_plot`` and matplotlib is installed, ``stem``.png; returns the paths written. Called again as rows
-    come in, it rewrites them whole."""
-    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    come in, it rewrites them whole. Raises NotSaved where a file cannot be written."""
     result = {"environment": environment(device), **header, "rows": [asdict(row) for row in rows]}
-    _write_atomically(f"{stem}.json", lambda out: json.dump(result, out, indent=1))
     flat = [_flat(row) for row in rows]
     columns = list(dict.fromkeys(key for line in flat for key in line))
 
@@ -438,10 +446,15 @@ def save(stem: str, device: str, rows: list[Row], header: dict, with_plot: bool 
         writer = csv.DictWriter(out, columns)
         writer.writeheader()
         writer.writerows(flat)
-    _write_atomically(f"{stem}.csv", write_csv)
-    paths = [f"{stem}.json", f"{stem}.csv"]
-    if with_plot and plot(rows, f"{stem}.png"):
-        paths.append(f"{stem}.png")
+    try:
+        os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+        _write_atomically(f"{stem}.json", lambda out: json.dump(result, out, indent=1))
+        _write_atomically(f"{stem}.csv", write_csv)
+        paths = [f"{stem}.json", f"{stem}.csv"]
+        if with_plot and plot(rows, f"{stem}.png"):
+            paths.append(f"{stem}.png")
+    except OSError as error:
+        raise NotSaved(f"cannot save the results as {stem}.*: {error}") from error
     return paths
 
 
@@ -453,8 +466,10 @@ def _flat(row: Row) -> dict:
 
 
 def plot(rows: list[Row], path: str) -> bool:
-    """Time (and GB/s, where the op defines its bytes) against the case, one line per provider. False, with
-    a printed note, when matplotlib is not installed."""
+    """Time (and GB/s, where the op defines its bytes) against the case, one line per provider. False when no
+    provider has a time (all failed), and, with a printed note, when matplotlib is not installed."""
+    if all(row.median_ms is None for row in rows):
+        return False
     try:
         import matplotlib
 
@@ -480,8 +495,10 @@ def plot(rows: list[Row], path: str) -> bool:
         ax.legend(fontsize=7)
     figure.suptitle(f"{rows[0].op}, {rows[0].mode}")
     figure.tight_layout()
-    _write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=120), mode="wb")
-    plt.close(figure)
+    try:
+        _write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=120), mode="wb")
+    finally:
+        plt.close(figure)
     return True
 
 

@@ -334,6 +334,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--softcap: a positive number, for --op {' or '.join(SOFTCAP_OPS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU here")
+    if args.op != "all" and args.mode not in OPS[args.op].modes:
+        parser.error(f"--mode {args.mode}: {args.op} times only --mode {' or '.join(OPS[args.op].modes)} (each "
+                     "call is a whole step)")
     return args
 
 
@@ -365,14 +368,21 @@ def case_label(op: str, size: Size, dtype: torch.dtype) -> str:
     return f"{op} {'x'.join(map(str, size))} {dtype_name(dtype)}"
 
 
+def show_rows(op: str, args: argparse.Namespace, rows: list[harness.Row]) -> None:
+    print(f"\n{op} ({args.mode}, {args.device})")
+    if rows:
+        harness.print_rows(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.table:
         try:
-            print(harness.markdown_table(args.table))
+            table = harness.markdown_table(args.table)
         except (OSError, ValueError) as error:  # a missing file, not JSON, not a result
             print(f"fastlm bench: error: {error}", file=sys.stderr)
             return 2
+        print(table)
         return 0
     if not fastlm_backends(args.device):  # fastlm._C failed to load (import warned): nothing of fastlm's to time
         print(f"fastlm bench: error: no fastlm kernel backend runs on {args.device} here (fastlm check says why)",
@@ -408,19 +418,28 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[harness.Row] = []
         # The op's files are rewritten after every case, marked incomplete until its last: a run cut short
         # (a timeout, Ctrl-C) keeps what it measured. A case whose inputs cannot be set up (out of memory) is
-        # reported and skipped; a provider that fails is a row with its error (see harness.run_problem).
-        for size, dtype in harness.progress(plan[op], len(plan[op]), lambda case: case_label(op, *case)):
-            try:
-                for problem in OPS[op].problems(size, dtype, args.device, args.quick, **_with_softcap(args.softcap)):
-                    rows += harness.run_problem(op, problem, args.device, args.mode, copy_gbs)
-                    harness.save(stem, args.device, rows, {**header, "complete": False}, with_plot=False)
-            except Exception as error:
-                failures.append(f"{case_label(op, size, dtype)}: {harness.failure(error, args.device)}")
+        # reported and skipped; a provider that fails is a row with its error (see harness.run_problem). Files
+        # that cannot be written (a full disk) end the run: what it measured is printed, and the reason.
+        try:
+            for size, dtype in harness.progress(plan[op], len(plan[op]), lambda case: case_label(op, *case)):
+                try:
+                    for problem in OPS[op].problems(size, dtype, args.device, args.quick,
+                                                    **_with_softcap(args.softcap)):
+                        rows += harness.run_problem(op, problem, args.device, args.mode, copy_gbs)
+                        harness.save(stem, args.device, rows, {**header, "complete": False}, with_plot=False)
+                except harness.NotSaved:
+                    raise
+                except Exception as error:
+                    failures.append(f"{case_label(op, size, dtype)}: {harness.failure(error, args.device)}")
+            saved = harness.save(stem, args.device, rows, {**header, "complete": True}) if rows else []
+        except harness.NotSaved as error:
+            show_rows(op, args, rows)
+            print(f"fastlm bench: error: {error}", file=sys.stderr)
+            return 1
         failures += [f"{op} {row.case} {row.provider}: {row.error}" for row in rows if row.error]
-        print(f"\n{op} ({args.mode}, {args.device})")
-        if rows:
-            harness.print_rows(rows)
-            print("saved", ", ".join(harness.save(stem, args.device, rows, {**header, "complete": True})))
+        show_rows(op, args, rows)
+        if saved:
+            print("saved", ", ".join(saved))
     for failure in failures:
         print("FAILED:", failure, file=sys.stderr)
     return 1 if failures else 0

@@ -476,8 +476,10 @@ def print_header() -> None:
 
 
 def print_result(r: Result) -> None:
-    """One row: a failing check names its first failure, a passing one the case of its largest error, if any."""
+    """One row: a failing check names its first failure (the first line of an error's message, which keeps the
+    table a table), a passing one the case of its largest error, if any."""
     shown = f"first failure: {r.failures[0]}" if r.failures else f"worst: {r.worst}" if r.error > 0 else ""
+    shown = shown.strip().split("\n")[0]
     print(f"{r.check:<22} {r.backend:<10} {r.dtype:<9} {r.cases:>5} {r.error:>10.2e} {r.tolerance:>9.0e}  "
           f"{'PASS' if r.passed else 'FAIL'}  {shown}".rstrip(), flush=True)
 

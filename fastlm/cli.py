@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import signal
 import sys
 
 from fastlm import data
@@ -113,7 +115,16 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run_command(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:
+        # What reads the output stopped reading (`fastlm check | head`): the end of the command, as for any tool
+        # killed by SIGPIPE, not a traceback. stdout goes to /dev/null so that Python's flush at exit fails no more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def run_command(argv: list[str]) -> int:
     if argv[:1] in (["bench"], ["check"]):
         try:
             if argv[0] == "bench":

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import time
 
 import pytest
@@ -101,7 +102,8 @@ def test_bad_arguments_are_usage_errors(tmp_path):
     an empty --out is refused (it read as no --out, and the results went into the checkout)."""
     for argv in (["--op", "batch_norm", "--sizes", "12x", "--out", str(tmp_path)],
                  ["--sizes", "4x4"],  # --sizes needs one --op
-                 ["--op", "batch_norm", "--quick", "--out", ""]):
+                 ["--op", "batch_norm", "--quick", "--out", ""],
+                 ["--op", "mlp_step", "--mode", "bwd", "--quick", "--out", str(tmp_path)]):  # it ran nothing, 0
         with pytest.raises(SystemExit) as exit:
             benchmark.main(argv)
         assert exit.value.code == 2, argv
@@ -268,6 +270,29 @@ def test_a_run_cut_short_keeps_the_cases_it_measured(tmp_path, monkeypatch):
     monkeypatch.setitem(benchmark.OPS, "toy", benchmark.OpBench(("n",), {"cpu": []}, [], problems))
     with pytest.raises(KeyboardInterrupt):
         benchmark.main(["--op", "toy", "--sizes", "1", "2", "--quick", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "toy-cpu-quick.json").read_text())
+    assert result["complete"] is False and [row["case"] for row in result["rows"]] == ["n=1"]
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_results_that_cannot_be_saved_end_the_run_with_one_line(tmp_path, monkeypatch, capsys):
+    """A full disk at the second case's save: the run stops there (the save's OSError had counted as a failure
+    of the case, the case's other problems went unmeasured, the last save ended in a traceback), prints what it
+    measured and why it stopped, exits 1 and leaves the first save's file whole, no scratch file."""
+    def problems(size, dtype, device, quick):
+        yield benchmark.Problem(f"n={size[0]}", {"eager": lambda: torch.ones(size).sum()}, lambda out: None, reps=3)
+    monkeypatch.setitem(benchmark.OPS, "toy", benchmark.OpBench(("n",), {"cpu": []}, [], problems))
+    dump = benchmark.harness.json.dump
+
+    def full_disk_at_the_second_save(result, out, **kwargs):
+        if len(result["rows"]) > 1:
+            raise OSError(28, "No space left on device")
+        dump(result, out, **kwargs)
+    monkeypatch.setattr(benchmark.harness.json, "dump", full_disk_at_the_second_save)
+    assert benchmark.main(["--op", "toy", "--sizes", "1", "2", "3", "--quick", "--out", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert re.search(r"^n=2 +eager", out, re.MULTILINE) and "n=3" not in out
+    assert f"fastlm bench: error: cannot save the results as {tmp_path}/toy-cpu-quick.*: [Errno 28]" in err
     result = json.loads((tmp_path / "toy-cpu-quick.json").read_text())
     assert result["complete"] is False and [row["case"] for row in result["rows"]] == ["n=1"]
     assert not list(tmp_path.glob("*.part"))

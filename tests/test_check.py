@@ -5,6 +5,8 @@ check ends."""
 
 import math
 import re
+import subprocess
+import sys
 from functools import partial
 
 import pytest
@@ -205,10 +207,12 @@ def test_unknown_backend_is_refused():
 
 
 def test_a_crashing_backend_fails_each_check_and_rows_print_as_they_finish(monkeypatch, capsys, cpp):
-    """A kernel that raises is a FAIL row naming the error, in the accuracy and the determinism checks alike,
-    and the check goes on; each row is printed when its check ends, not all at the end."""
+    """A kernel that raises is a FAIL row naming the error (the first line of its message: the rest broke the
+    table), in the accuracy and the determinism checks alike, and the check goes on; each row is printed when
+    its check ends, not all at the end."""
     def crash(*args, **kwargs):
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
+                           "asynchronously reported at some other API call")
 
     monkeypatch.setitem(check.BACKENDS, "crashing", check.Backend({**cpp.ops, "batch_norm": crash}, cpp.runs_on))
     printed_before = []
@@ -222,6 +226,7 @@ def test_a_crashing_backend_fails_each_check_and_rows_print_as_they_finish(monke
     assert re.search(r"^determinism\s+crashing .* FAIL  first failure: batch_norm \S+ train tanh: RuntimeError",
                      out, re.MULTILINE)
     assert re.search(r"^refuses bad input\s+crashing .* FAIL", out, re.MULTILINE)  # the crash is not a refusal
+    assert "asynchronously" not in out
 
 
 @pytest.mark.parametrize("command", ["bench", "check"])
@@ -236,3 +241,14 @@ def test_ctrl_c_is_a_message_and_status_130(monkeypatch, capsys, command):
     monkeypatch.setattr(benchmark if command == "bench" else check, "main", interrupted)
     assert cli.main([command, "--quick"]) == 130
     assert capsys.readouterr().err == f"fastlm {command}: interrupted\n"
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly():
+    """`fastlm check | head -1`: the command ends as a tool killed by SIGPIPE does (status 141), without the
+    BrokenPipeError traceback it printed (with status 1, a failed check's)."""
+    command = subprocess.Popen([sys.executable, "-m", "fastlm", "check", "--quick", "--backend", "torch"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert command.stdout.readline().startswith("fastlm check on cpu")
+    command.stdout.close()
+    assert command.wait(timeout=300) == 141
+    assert "Traceback" not in command.stderr.read()
