@@ -1,7 +1,9 @@
 """``calibrate_batchnorm``: set BatchNorm running statistics from a whole data set after training.
 
-Makemore part 3 (and the manual-backprop and residual notes) replace the statistics gathered batch by batch
-with the mean and Bessel-corrected variance of each BatchNorm layer's input over the entire training set.
+Makemore part 3 (and the manual-backprop notes, and the residual notes' MLP exercise) replace the statistics
+gathered batch by batch with the mean and Bessel-corrected variance of each BatchNorm layer's input over the
+entire training set; fastlm train does so for every model (the residual notes' ResidualBlock keeps its running
+statistics: calibrated, its val loss measured 2.4914 against 2.4915).
 A layer's input depends on the BatchNorm layers before it, so the layers are calibrated one at a time in
 the order the forward calls them, each pass running the model in eval mode with the layers before it
 already calibrated: every layer ends up with the statistics of the inputs it sees at inference.
