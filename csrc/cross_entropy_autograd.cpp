@@ -44,8 +44,8 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
                 "of one) with its gradient; pass logits computed from it, or leave inplace_backward off");
     Tensor rows, lse;
     if (grad_wanted && !inplace) {
-      const Tensor unit = at::ones({}, logits.options().dtype(dtype));
-      const Tensor grad_rows = grad_per_row(unit, o.reduction, denominator, logits.sym_size(0), dtype);
+      const Tensor grad_rows = unit_grad_per_row(o.reduction, denominator, logits.sym_size(0),
+                                                 logits.options().dtype(dtype));
       Tensor grad;
       std::tie(rows, lse, grad) = forward_backward.kernels(o.triton).call(
           logits, target, weight, grad_rows, o.ignore_index, o.label_smoothing, o.lse_square_scale, o.softcap);
@@ -57,7 +57,7 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
     o.save(ctx);
     ctx->saved_data["inplace"] = inplace;
     ctx->set_materialize_grads(false);  // lse has no gradient (see cross_entropy_autograd): no zeros made for it
-    return {reduce_rows(rows, o.reduction, denominator), lse};
+    return {reduce_rows(rows, o.reduction, denominator, weight.has_value()), lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -118,7 +118,7 @@ std::tuple<Tensor, Tensor> cross_entropy_inference(const Tensor& logits, const T
   const Tensor denominator = o.reduction == Reduction::mean
                                  ? mean_denominator(target, weight, ignore_index, math_dtype(logits))
                                  : Tensor();
-  return {reduce_rows(rows, o.reduction, denominator), lse};
+  return {reduce_rows(rows, o.reduction, denominator, weight.has_value()), lse};
 }
 
 }  // namespace

@@ -14,6 +14,8 @@
 #endif
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/where.h>
 
@@ -131,13 +133,15 @@ inline Tensor mean_denominator(const Tensor& target, const OptionalTensor& weigh
   return weight->to(dtype).index_select(0, safe_target).masked_fill(valid.logical_not(), 0).sum();
 }
 
-inline Tensor reduce_rows(const Tensor& rows, Reduction reduction, const Tensor& denominator) {
+inline Tensor reduce_rows(const Tensor& rows, Reduction reduction, const Tensor& denominator, bool weighted) {
   if (reduction == Reduction::none) return rows;
   if (reduction == Reduction::sum) return rows.sum();
-  // No weight left (every target ignored or weighted 0): torch's mean is 0 / 0 = NaN, also where the smoothing
-  // or z-loss terms make the sum non-zero (which would divide to inf). (Negative class weights that cancel to 0
-  // get NaN here where torch may give +-inf.)
-  return at::where(denominator.eq(0), std::numeric_limits<double>::quiet_NaN(), rows.sum().div(denominator));
+  // Without class weights the denominator is 0 only when every row is ignored, and an ignored row's loss is 0, so
+  // the plain quotient is torch's 0 / 0 = NaN. With weights, targets weighted 0 leave no weight while the
+  // smoothing or z-loss terms make the sum non-zero (which would divide to inf): NaN too, as torch's. (Negative
+  // class weights that cancel to 0 get NaN here where torch may give +-inf.)
+  const Tensor mean = rows.sum().div(denominator);
+  return weighted ? at::where(denominator.eq(0), std::numeric_limits<double>::quiet_NaN(), mean) : mean;
 }
 
 // dloss/d(row loss) for every row, as the contiguous vector the backward kernels read. num_rows is symbolic so
@@ -148,6 +152,17 @@ inline Tensor grad_per_row(const Tensor& grad_loss, Reduction reduction, const T
   if (reduction == Reduction::mean) grad = grad.div(denominator);
   if (grad.dim() == 0 && !is_batched(grad)) return at::empty_symint({num_rows}, grad.options()).fill_(grad);
   return grad.expand_symint({num_rows}).contiguous();
+}
+
+// dloss/d(row loss) for every row when the loss's upstream gradient is 1 (as after loss.backward()): one tensor op
+// where the mean's denominator can be read (a CPU count), which at small sizes costs more than the kernels.
+inline Tensor unit_grad_per_row(Reduction reduction, const Tensor& denominator, const c10::SymInt& num_rows,
+                                const at::TensorOptions& options) {
+  if (reduction != Reduction::mean) return at::full_symint({num_rows}, 1.0, options);
+  if (denominator.is_cpu() && values_readable(denominator)) {
+    return at::full_symint({num_rows}, 1.0 / denominator.item<double>(), options);
+  }
+  return grad_per_row(at::ones({}, options), reduction, denominator, num_rows, options.dtype().toScalarType());
 }
 
 // Whether a scalar upstream gradient is exactly 1, as after loss.backward(), so that scaling a gradient made for

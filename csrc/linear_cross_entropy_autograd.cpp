@@ -20,7 +20,6 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 
 #include <array>
@@ -157,8 +156,7 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
         o.reduction == Reduction::mean ? mean_denominator(target, ce_weight, o.ignore_index, dtype) : Tensor();
     const bool grads_now = o.reduction != Reduction::none && (wanted[0] || wanted[1] || wanted[2]);
     const Tensor grad_rows =
-        grads_now ? grad_per_row(at::ones({}, input.options().dtype(dtype)), o.reduction, denominator,
-                                 input.sym_size(0), dtype)
+        grads_now ? unit_grad_per_row(o.reduction, denominator, input.sym_size(0), input.options().dtype(dtype))
                   : Tensor();
     Chunked chunked = run_chunks(input, weight, bias, target, ce_weight, o, chunk_size, grad_rows, wanted, predict);
     // Not saved variables: handed out once, so no version check is needed.
@@ -172,7 +170,8 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
     ctx->saved_data["chunk_size"] = chunk_size;
     ctx->saved_data["wanted"] = c10::List<bool>({wanted[0], wanted[1], wanted[2]});
     ctx->set_materialize_grads(false);  // lse has no gradient (see cross_entropy_autograd.cpp): no zeros made
-    return {reduce_rows(chunked.rows, o.reduction, denominator), chunked.lse, chunked.predicted};
+    return {reduce_rows(chunked.rows, o.reduction, denominator, ce_weight.has_value()), chunked.lse,
+            chunked.predicted};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -255,7 +254,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_inference(const Tensor& 
   const Tensor denominator = o.reduction == Reduction::mean
                                  ? mean_denominator(target, ce_weight, ignore_index, math_dtype(input))
                                  : Tensor();
-  return {reduce_rows(chunked.rows, o.reduction, denominator), chunked.lse, chunked.predicted};
+  return {reduce_rows(chunked.rows, o.reduction, denominator, ce_weight.has_value()), chunked.lse, chunked.predicted};
 }
 
 }  // namespace
