@@ -324,10 +324,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.sizes and args.op == "all":
         parser.error("--sizes needs one --op (each op's sizes have their own numbers)")
-    try:  # parsed here, once, so that a bad size is a usage error before anything runs
-        args.sizes = [parse_size(text, OPS[args.op].dims) for text in args.sizes or []]
+    try:  # parsed here, once, so that a bad size is a usage error before anything runs; each size timed once
+        args.sizes = list(dict.fromkeys(parse_size(text, OPS[args.op].dims) for text in args.sizes or []))
     except ValueError as error:
         parser.error(f"--sizes: {error}")
+    if args.dtype:
+        args.dtype = list(dict.fromkeys(args.dtype))
     if args.out == "":
         parser.error("--out: an empty directory name")
     if args.softcap is not None and (args.op not in SOFTCAP_OPS or not 0 < args.softcap < float("inf")):

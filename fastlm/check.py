@@ -493,6 +493,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--op", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     args = parser.parse_args(argv)
+    for listed in ("backend", "dtype", "op"):  # a name given twice is checked once
+        setattr(args, listed, list(dict.fromkeys(getattr(args, listed))) if getattr(args, listed) else None)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU here")
     for name in args.backend or ():

@@ -110,6 +110,13 @@ def test_bad_arguments_are_usage_errors(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_sizes_and_dtypes_given_twice_are_timed_once():
+    args = benchmark.parse_args(["--op", "batch_norm", "--sizes", "4x4", "4X4", "8x8", "--dtype", "float32",
+                                 "float32"])
+    assert args.sizes == [(4, 4), (8, 8)] and benchmark.cases(benchmark.OPS["batch_norm"], args) == [
+        ((4, 4), torch.float32), ((8, 8), torch.float32)]
+
+
 def test_unusable_files_are_one_line_errors(tmp_path, capsys):
     """A --table file that is missing, not JSON or not a result, and an --out that cannot be a directory
     (found before any timing): exit status 2 and the reason, no traceback."""

@@ -252,3 +252,10 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly():
     command.stdout.close()
     assert command.wait(timeout=300) == 141
     assert "Traceback" not in command.stderr.read()
+
+
+def test_names_given_twice_are_checked_once(cpp):
+    """`--backend cpp cpp --op batch_norm batch_norm` printed every row two or four times."""
+    args = check.parse_args(["--backend", "cpp", "cpp", "--op", "batch_norm", "batch_norm", "--dtype", "float32",
+                             "float32"])
+    assert (args.backend, args.op, args.dtype) == (["cpp"], ["batch_norm"], ["float32"])
