@@ -794,6 +794,20 @@ def test_module_is_a_drop_in_for_torch():
     torch.testing.assert_close(ours(x, target), theirs(x, target))
 
 
+@pytest.mark.filterwarnings("ignore:size_average and reduce args will be deprecated")
+@pytest.mark.parametrize("arguments", [(None, False), (None, None, 3), (None, None, 3, False), (None, True, -100, True),
+                                       (None, None, 2, None, "sum", 0.1)], ids=str)
+def test_positional_arguments_are_those_of_f_cross_entropy(arguments):
+    """F.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing):
+    fastlm's functional lacked size_average and reduce, so a call written for torch bound its fourth argument
+    to ignore_index, and (x, y, None, False) (size_average=False: the sum) gave the mean over rows not of class 0,
+    without an error."""
+    x, target = random_problem(12, 5, ignored=0.0)
+    target[:4] = 3
+    expected = F.cross_entropy(x, target, *arguments)
+    torch.testing.assert_close(fastlm.ops.cross_entropy(x, target, *arguments), expected)
+
+
 def test_repr_names_the_options_not_at_their_default():
     """The repr said ``CrossEntropyLoss()`` for a loss with softcap and return_lse, which change its value and
     what it returns."""

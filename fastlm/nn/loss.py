@@ -37,9 +37,9 @@ class CrossEntropyLoss(TracedAsLeaf, nn.CrossEntropyLoss):
         self.backend = backend
 
     def forward(self, input: Tensor, target: Tensor):
-        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
-                             lse_square_scale=self.lse_square_scale, softcap=self.softcap,
-                             return_lse=self.return_lse, return_z_loss=self.return_z_loss,
+        return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+                             label_smoothing=self.label_smoothing, lse_square_scale=self.lse_square_scale,
+                             softcap=self.softcap, return_lse=self.return_lse, return_z_loss=self.return_z_loss,
                              return_token_accuracy=self.return_token_accuracy,
                              return_predicted_tokens=self.return_predicted_tokens,
                              inplace_backward=self.inplace_backward, backend=self.backend)

@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn import _reduction as legacy_reduction
 
 from fastlm import backends
 from fastlm.fx_trace import traced_as_call
@@ -214,7 +215,9 @@ def cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None = None,
+    size_average: bool | None = None,
     ignore_index: int = -100,
+    reduce: bool | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -227,9 +230,10 @@ def cross_entropy(
     inplace_backward: bool = False,
     backend: str | None = None,
 ):
-    """``F.cross_entropy`` for (N, C) logits and (N,) class indices, fused. Unbatched (C,) logits and
-    (N, C, d1, ...) ones go through the same kernels as rows of C classes; class probabilities (floating-point
-    targets of the input's shape) go to ``F.cross_entropy`` itself, unfused.
+    """``F.cross_entropy`` for (N, C) logits and (N,) class indices, fused, with its arguments in its order (the
+    deprecated ``size_average`` and ``reduce`` mapped to ``reduction`` as torch maps them). Unbatched (C,)
+    logits and (N, C, d1, ...) ones go through the same kernels as rows of C classes; class probabilities
+    (floating-point targets of the input's shape) go to ``F.cross_entropy`` itself, unfused.
 
     Extra options: ``lse_square_scale`` adds the z-loss ``scale * lse**2`` of each non-ignored row;
     ``softcap`` computes the loss of ``softcap * tanh(input / softcap)`` (logit soft-capping, as Gemma 2), fused
@@ -247,6 +251,8 @@ def cross_entropy(
     (see fastlm/ops/autocast.py).
     """
     check_tensors("cross_entropy", ("weight",), input=input, target=target, weight=weight)
+    if size_average is not None or reduce is not None:
+        reduction = legacy_reduction.legacy_get_string(size_average, reduce)
     cap = softcap_value(softcap, "cross_entropy")
     asked = ExtraOutputs(return_lse, return_z_loss, return_token_accuracy, return_predicted_tokens)
     shape = None
