@@ -245,9 +245,12 @@ def _backward_combine_kernel(part_dz_ptr, part_dzx_ptr, n_chunks, C, invstd_ptr,
 @triton.jit
 def _backward_input_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, sum_dz_ptr, sum_dzx_ptr,
                            ms_hi, ms_lo, xs_hi, xs_lo, N, C, L, CL, tiles_l, n_tiles, TILES, HAS_W: tl.constexpr,
-                           ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                           BLOCK_L: tl.constexpr):
-    """dx = w invstd (dz - mean_scale sum_dz - xhat_scale xhat sum_dz_xhat), as a dz - b (x - mean) - k."""
+                           BATCH_STATS: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """dx = w invstd (dz - mean_scale sum_dz - xhat_scale xhat sum_dz_xhat), as a dz - b (x - mean) - k; with
+    running statistics (not BATCH_STATS, both scales 0) a dz alone: x and the sums do not enter, so an inf in x
+    or a NaN in one row's dy stays in its own element, as in torch, instead of reaching the channel's every row
+    through 0 * inf."""
     c = _channels(BLOCK_C)
     c_mask = c < C
     mean = _bc(tl.load(mean_ptr + c, mask=c_mask, other=0.0))
@@ -262,8 +265,12 @@ def _backward_input_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, mean_ptr, invstd_ptr, w
     for t in range(start, end):
         offs, mask, _ = _tile(t, tiles_l, N, L, CL, c, c_mask, BLOCK_N, BLOCK_L)
         dz = _load_dz(dy_ptr, y_ptr, offs, mask, ACT, ACC)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(dx_ptr + offs, (a * dz - b * (x - mean) - k).to(dx_ptr.dtype.element_ty), mask=mask)
+        if BATCH_STATS:
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            dx = a * dz - b * (x - mean) - k
+        else:
+            dx = a * dz
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # --- launchers -----------------------------------------------------------------------------------------
@@ -449,7 +456,8 @@ def _backward_input(x, plan, dy, y, mean, invstd, weight, sum_dz, sum_dzx, mean_
         _backward_input_kernel[plan.grid](dy, x, y, dx, mean, invstd, x if weight is None else weight, sum_dz,
                                           sum_dzx, *launch.split_double(float(mean_scale)),
                                           *launch.split_double(float(xhat_scale)), *plan.shape_args,
-                                          HAS_W=weight is not None, ACT=activation, **plan.meta)
+                                          HAS_W=weight is not None, BATCH_STATS=bool(mean_scale or xhat_scale),
+                                          ACT=activation, **plan.meta)
     return dx
 
 

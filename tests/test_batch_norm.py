@@ -78,6 +78,33 @@ def test_training_matches_torch(backend, device, shape):
     assert int(ours.num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize("activation", [None, "tanh"])
+@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 9)], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_backward_keeps_a_non_finite_value_in_its_element(backend, device, shape, activation):
+    """In eval dx = w invstd dz, element by element. An inf input or a NaN upstream gradient in one row made
+    the input gradient of every row of its channel NaN (0 * inf in the batch-statistics terms, whose scales are
+    0 in eval); the weight and bias gradients, sums over the channel, are NaN as torch's are."""
+    skip_unless_runs(backend, device)
+    reference, ours = make_pair(shape[1], device, backend=backend)
+    torch.manual_seed(2)
+    x, grad = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    x[0, 0], grad[1, 1] = math.inf, math.nan
+    results = []
+    for module in (reference, ours):
+        module.eval()
+        leaf = x.clone().requires_grad_()
+        if module is ours:
+            module.activation = activation
+        out = module(leaf) if module is ours else ACTIVATIONS[activation](module(leaf))
+        out.backward(grad)
+        results.append([out, leaf.grad, module.weight.grad, module.bias.grad])
+    assert results[1][1][2:, 0].isfinite().all()  # the rows without the inf
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "options",
     [dict(momentum=None), dict(affine=False), dict(track_running_stats=False), dict(momentum=0.5, eps=1e-3)],

@@ -590,6 +590,28 @@ def test_batch_norm(ops, dtype, activation, shape, affine, unbiased, lead):
         guarded.assert_untouched_around()
 
 
+@pytest.mark.parametrize("shape", [(37, 12), (5, 2, 8)])
+def test_batch_norm_eval_gradient_keeps_a_non_finite_value_in_its_element(ops, shape):
+    """With running statistics (both scales 0) dx = w invstd dz: an inf in x, or a NaN in one row's upstream
+    gradient and so in the channel's sums, stays in its own element (0 * inf had made the channel's every row
+    NaN)."""
+    g = torch.Generator().manual_seed(5)
+    channels = shape[1]
+    x, grad_output = randn(g, *shape).float(), randn(g, *shape).float()
+    rest = (0,) * (len(shape) - 2)
+    x[(0, 0, *rest)], grad_output[(1, 1, *rest)] = math.inf, math.nan
+    x, grad_output = guarded_like(x), guarded_like(grad_output)
+    mean, invstd = guarded_like(randn(g, channels).float()), guarded_like(torch.rand(channels, generator=g) + 0.5)
+    weight = guarded_like(randn(g, channels).float() + 1)
+    sums = guarded_like(torch.full((channels,), math.nan)), guarded_like(torch.full((channels,), math.nan))
+    grad_input = Guarded(shape, torch.float32)
+    ops.batch_norm_backward_input(grad_output, x, None, mean, invstd, weight, *sums, 0.0, 0.0, 0, grad_input.tensor)
+    expected = grad_output.double() * per_channel(weight.double() * invstd.double(), x)
+    torch.testing.assert_close(grad_input.tensor, expected.float(), equal_nan=True)
+    assert grad_input.tensor.isnan().sum() == 1
+    grad_input.assert_untouched_around()
+
+
 @pytest.mark.parametrize("unbiased", [False, True])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("shape", [(37, 3), (5, 2, 6)])

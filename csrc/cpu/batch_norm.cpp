@@ -263,8 +263,10 @@ void grad_sums(const S* dy, const S* x, const S* y, const Layout& s, const T* me
   }
 }
 
-// dx = dz * scale + (x - mean) * xmu_coef + shift, per lane.
-template <int64_t act, typename T, typename S>
+// dx = dz * scale + (x - mean) * xmu_coef + shift, per lane; with running statistics (batch_stats false) dx =
+// dz * scale alone: x and the sums do not enter it, so an inf in x or a NaN in one row's dy stays in its own
+// element, as in torch, instead of reaching the channel's every row through 0 * inf.
+template <int64_t act, bool batch_stats, typename T, typename S>
 void input_grad(const S* dy, const S* x, const S* y, const Layout& s, const T* mean, const T* scale,
                 const T* xmu_coef, const T* shift, S* dx) {
   using Vec = Vectorized<T>;
@@ -273,10 +275,13 @@ void input_grad(const S* dy, const S* x, const S* y, const Layout& s, const T* m
       for_each_vector<T>(s.M, [&](int64_t k, int64_t n) {
         const int64_t o = i * s.M + k;
         const Vec dz = activation_grad<act>(load_as<T>(dy + o, n), act == kIdentity ? Vec(T(0)) : load_as<T>(y + o, n));
-        const Vec xmu = load_as<T>(x + o, n) - load(mean + k, n);
-        const Vec out = at::vec::fmadd(dz, load(scale + k, n), at::vec::fmadd(xmu, load(xmu_coef + k, n),
-                                                                                load(shift + k, n)));
-        store_as(out, dx + o, n);
+        if constexpr (batch_stats) {
+          const Vec xmu = load_as<T>(x + o, n) - load(mean + k, n);
+          store_as(at::vec::fmadd(dz, load(scale + k, n), at::vec::fmadd(xmu, load(xmu_coef + k, n),
+                                                                           load(shift + k, n))), dx + o, n);
+        } else {
+          store_as(dz * load(scale + k, n), dx + o, n);
+        }
       });
     }
   });
@@ -483,10 +488,12 @@ at::Tensor input_grad_from_sums(const GradInputs& g, const at::Tensor& input, co
     }
     const auto mean_l = to_lanes(g.s, g.mean.data_ptr<T>()), scale_l = to_lanes(g.s, scale.data());
     const auto xmu_l = to_lanes(g.s, xmu_coef.data()), shift_l = to_lanes(g.s, shift.data());
+    const bool batch_stats = mean_scale != 0 || xhat_scale != 0;
     dispatch_activation(activation, [&](auto act) {
-      input_grad<decltype(act)::value>(g.dy.const_data_ptr<scalar_t>(), g.x.const_data_ptr<scalar_t>(),
-                                       data_or_null<scalar_t>(g.y), g.s, mean_l.data(), scale_l.data(), xmu_l.data(),
-                                       shift_l.data(), dx.data_ptr<scalar_t>());
+      const auto run = batch_stats ? input_grad<decltype(act)::value, true, T, scalar_t>
+                                   : input_grad<decltype(act)::value, false, T, scalar_t>;
+      run(g.dy.const_data_ptr<scalar_t>(), g.x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(g.y), g.s,
+          mean_l.data(), scale_l.data(), xmu_l.data(), shift_l.data(), dx.data_ptr<scalar_t>());
     });
   });
   return contiguous_as(dx, input.scalar_type());

@@ -526,6 +526,16 @@ __device__ void grad_channel(const BatchNormGradArgs<acc_t>& a, int64_t c, acc_t
   xscale = a.invstd[c] * a.xhat_scale * a.sum_dz_xhat[c];
 }
 
+// One element's dx from its channel's terms. With running statistics (both scales 0) it is scale * dz alone: x
+// and the sums do not enter, so an inf in x or a NaN in one row's dy stays in its own element, as in torch,
+// instead of reaching every row of the channel through 0 * inf.
+template <typename acc_t>
+__device__ acc_t input_grad_of(const BatchNormGradArgs<acc_t>& a, acc_t dz, acc_t x, acc_t m, acc_t scale,
+                               acc_t shift, acc_t xscale) {
+  if (a.mean_scale == acc_t(0) && a.xhat_scale == acc_t(0)) return scale * dz;
+  return scale * (dz - shift - (x - m) * xscale);
+}
+
 // The 2D elementwise kernels take the work items of their reduction in reverse (see the header comment).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
@@ -578,7 +588,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             const acc_t dz = grad_z(g[u].v[j], o[u].v[j], a.activation);
-            assign(out.v[j], scale[j] * (dz - shift[j] - (to_acc(v[u].v[j]) - m[j]) * xscale[j]));
+            assign(out.v[j], input_grad_of(a, dz, acc_t(to_acc(v[u].v[j])), m[j], scale[j], shift[j], xscale[j]));
           }
           *reinterpret_cast<Packed<T, VEC>*>(dx + (r + u * groups) * C + t.c0) = out;
         }
@@ -645,7 +655,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const acc_t dz = grad_z(g.v[j], o.v[j], a.activation);
-      assign(out.v[j], scale * (dz - shift - (to_acc(in.v[j]) - m) * xscale));
+      assign(out.v[j], input_grad_of(a, dz, acc_t(to_acc(in.v[j])), m, scale, shift, xscale));
     }
     *reinterpret_cast<Packed<T, VEC>*>(dx + v * VEC) = out;
   }
