@@ -127,8 +127,10 @@ def convert_sequential(sequential: nn.Sequential, backend: str | None, shared: s
         following = sequential._modules[names[k + 1]] if k + 1 < len(names) else None
         activation = FUSABLE_ACTIVATIONS.get(type(following))
         # The activation is taken into the BatchNorm only where the BatchNorm is used nowhere else (its other uses
-        # would get it too) and nothing is hooked on the activation (its hooks would no longer run).
-        if type(child) is nn.BatchNorm1d and activation and id(child) not in shared and not has_hooks(following):
+        # would get it too) and nothing is hooked on either (the activation's hooks would no longer run, the
+        # BatchNorm's would see the activation's output).
+        if (type(child) is nn.BatchNorm1d and activation and id(child) not in shared and not has_hooks(child)
+                and not has_hooks(following)):
             fused_batch_norm(child, activation, backend)
             sequential.add_module(names[k + 1], nn.Identity().train(following.training))
             k += 2

@@ -20,9 +20,10 @@ A linear is ``F.linear(x, W, b)`` (nn.Linear) or, as the makemore lectures write
 (under autocast, ``x @ W`` is low precision and ``+ b`` promotes it back: left as written).
 A reshape is accepted only to 2D with the last size kept or the last two merged: the producer's output is a
 fresh contiguous tensor, so the rows are its leading positions in order. Left as written: results the forward
-also returns or reads; embeddings with max_norm, scale_grad_by_freq or sparse; targets other than int64 class
-indices (F.cross_entropy refuses int32 ones), (N, C, d1, ...) logits and the deprecated size_average/reduce
-arguments; fastlm's cross-entropy op where autocast changed the linear's dtype (the op runs with autocast off;
+also returns or reads; a pair between whose parts the forward switches grad mode, autocast or inference mode
+(``with torch.no_grad():`` around one part); ``F.linear`` with a 1D weight or a broadcast bias; embeddings with
+max_norm, scale_grad_by_freq or sparse; targets other than int64 class indices (F.cross_entropy refuses int32
+ones), (N, C, d1, ...) logits and the deprecated size_average/reduce arguments; fastlm's cross-entropy op where autocast changed the linear's dtype (the op runs with autocast off;
 the F.cross_entropy form keeps autocast's semantics, which ``linear_cross_entropy`` follows).
 
 ``FuseGraph(backend)`` is the torch.compile backend that applies the rewrites and runs the graphs as they are, or
@@ -67,6 +68,10 @@ EMBEDDING = inspect.signature(F.embedding)
 CROSS_ENTROPY = inspect.signature(F.cross_entropy)
 FASTLM_CROSS_ENTROPY_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "lse_square_scale", "softcap")
 BATCH_NORM_ACTIVATION = 9  # the position of the activation code among fastlm::batch_norm's 11 arguments
+# The calls by which a captured graph changes grad mode, autocast or inference mode (``with torch.no_grad():``,
+# ``torch.set_grad_enabled``, ``with torch.autocast(...)``, ``with torch.inference_mode():``).
+MODE_SWITCHES = {"_set_grad_enabled", "_enter_autocast", "_exit_autocast", "_enter_inference_mode",
+                 "_exit_inference_mode"}
 
 
 def fused_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ce_weight: Tensor | None,
@@ -88,6 +93,18 @@ def arguments(node: fx.Node, signature: inspect.Signature) -> dict:
     bound = signature.bind(*node.args, **node.kwargs)
     bound.apply_defaults()
     return bound.arguments
+
+
+def mode_switched_between(first: fx.Node, last: fx.Node) -> bool:
+    """Whether the graph switches grad mode, autocast or inference mode after ``first`` and before ``last``: the
+    two then run under different modes, which one fused op in ``last``'s place cannot keep (a part the forward
+    runs under no_grad would get gradients)."""
+    node = first.next
+    while node is not last and node.op != "root":
+        if node.op == "call_function" and getattr(node.target, "__name__", None) in MODE_SWITCHES:
+            return True
+        node = node.next
+    return False
 
 
 def sole_user(node: fx.Node) -> fx.Node | None:
@@ -176,6 +193,10 @@ def as_linear(node: fx.Node) -> Linear | None:
     """``node`` as the result of a linear layer (see the module docstring), or None."""
     if node.op == "call_function" and node.target is F.linear:
         given = arguments(node, LINEAR)
+        weight, bias = example(given["weight"]), example(given["bias"])
+        if (weight is None or weight.dim() != 2
+                or (given["bias"] is not None and (bias is None or tuple(bias.shape) != (weight.shape[0],)))):
+            return None  # a 1D weight or a broadcast bias, which the fused ops do not take
         return Linear(given["input"], given["weight"], given["bias"], False, (node,))
     result = example(node)
     if result is None:
@@ -252,7 +273,9 @@ def fuse_embedding_linear(graph: fx.Graph, backend: str | None) -> int:
         if not isinstance(flat, fx.Node) or sole_user(flat) is not linear.parts[0]:
             continue
         embedding = through_reshape(flat, merged=2)
-        lookup = embedding_lookup(graph, embedding) if embedding is not flat else None
+        if embedding is flat or mode_switched_between(embedding, node):
+            continue
+        lookup = embedding_lookup(graph, embedding)
         if lookup is None:
             continue
         idx, table, padding_idx = lookup
@@ -270,7 +293,7 @@ def fuse_batch_norm_activation(graph: fx.Graph) -> int:
         if (activation is None or len(node.args) != 1 or set(node.kwargs) - {"inplace"} or node.kwargs.get("inplace")
                 or not isinstance(norm, fx.Node) or norm.target is not torch.ops.fastlm.batch_norm.default
                 or sole_user(norm) is not node or len(norm.args) != BATCH_NORM_ACTIVATION + 2
-                or norm.args[BATCH_NORM_ACTIVATION] != ACTIVATIONS[None]):
+                or norm.args[BATCH_NORM_ACTIVATION] != ACTIVATIONS[None] or mode_switched_between(norm, node)):
             continue
         norm.args = (*norm.args[:BATCH_NORM_ACTIVATION], ACTIVATIONS[activation],
                      *norm.args[BATCH_NORM_ACTIVATION + 1:])
@@ -315,7 +338,7 @@ def fuse_linear_cross_entropy(graph: fx.Graph, backend: str | None) -> int:
             continue
         source, softcap, passed = logits_source(logits)
         linear = as_linear(source)
-        if linear is None:
+        if linear is None or mode_switched_between(linear.parts[0], loss):
             continue
         if loss.target is F.cross_entropy:
             options = torch_loss_options(loss, backend)

@@ -191,14 +191,19 @@ def test_a_batch_norm_used_twice_stays_one_layer_without_the_activation():
     torch.testing.assert_close(converted[1].running_mean, reference[1].running_mean)
 
 
-def test_an_activation_with_hooks_is_not_fused_away():
-    calls = []
-    tanh = nn.Tanh()
-    tanh.register_forward_hook(lambda module, args, output: calls.append(1))
-    converted = fastlm.convert(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), tanh))
+@pytest.mark.parametrize("hooked", ["activation", "batch_norm"])
+def test_hooks_keep_the_activation_out_of_the_batch_norm(hooked):
+    """With hooks on the activation, its hooks would no longer run; with hooks on the BatchNorm (the lectures'
+    statistics of its output), they saw the tanh's output."""
+    torch.manual_seed(0)
+    seen = []
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh())
+    model[2 if hooked == "activation" else 1].register_forward_hook(lambda module, args, output: seen.append(output))
+    tanh = model[2]
+    converted = fastlm.convert(model)
     assert converted[1].activation is None and converted[2] is tanh
-    converted(torch.randn(8, 4))
-    assert calls == [1]
+    converted(torch.randn(8, 4) * 3)
+    assert len(seen) == 1 and (seen[0].abs().max() > 1) == (hooked == "batch_norm")
 
 
 def test_fused_sequential_follows_its_children():

@@ -153,9 +153,10 @@ def assert_same_step(model, converted, idx, targets, upstream=None, lr=0.0):
     with torch.no_grad():
         for (name, p), q in zip(model.named_parameters(), converted.parameters()):
             if p.requires_grad:
-                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
-                p -= lr * p.grad
-                q -= lr * q.grad
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)  # or both None
+                if p.grad is not None:
+                    p -= lr * p.grad
+                    q -= lr * q.grad
                 p.grad = q.grad = None
     for (name, b), c in zip(model.named_buffers(), converted.buffers()):
         torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
@@ -270,6 +271,56 @@ def test_an_embedding_that_cannot_be_fused_runs_as_written(how):
     torch.testing.assert_close(got, expected)
     output = got[0] if how == "emb-also-returned" else got
     assert "EmbeddingBackward0" in autograd_nodes(output)
+
+
+class ModeBoundary(nn.Module):
+    """The makemore MLP with one part run under another grad mode or autocast than the next, or with a linear
+    layer in a form the fused ops do not take."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.embedding = nn.Embedding(VOCAB, EMBED)
+        self.l1 = nn.Linear(CONTEXT * EMBED, HIDDEN)
+        self.bn = nn.BatchNorm1d(HIDDEN)
+        self.head = nn.Linear(HIDDEN, VOCAB)
+        self.row_bias = nn.Parameter(torch.randn(1, VOCAB) * 0.1)
+
+    def forward(self, idx, targets):
+        with torch.set_grad_enabled(self.how != "frozen-lookup"):
+            emb = self.embedding(idx)
+        h = self.bn(self.l1(emb.view(idx.shape[0], -1)))
+        with torch.set_grad_enabled(self.how != "no-grad-tanh"):
+            h = torch.tanh(h)
+        if self.how == "frozen-head":
+            with torch.no_grad():
+                logits = self.head(h)
+        elif self.how == "head-under-autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = self.head(h)
+        elif self.how == "broadcast-bias":  # a (1, V) bias
+            logits = F.linear(h, self.head.weight, self.row_bias)
+        else:
+            logits = self.head(h)
+        return F.cross_entropy(logits, targets)
+
+
+@pytest.mark.parametrize("how", ["frozen-lookup", "no-grad-tanh", "frozen-head", "head-under-autocast",
+                                 "broadcast-bias"])
+def test_parts_under_other_modes_and_other_linears_run_as_written(how):
+    """A fusion across a change of grad mode put the fused op where the later part ran: a lookup or a tanh the
+    forward ran under no_grad got gradients (the frozen embedding trained); across autocast the loss changed
+    dtype. F.linear with a (1, V) bias was taken as a linear and the fused op refused the bias."""
+    torch.manual_seed(3)
+    model, converted = converted_pair(ModeBoundary(how))
+    idx, targets = batch(8)
+    if how == "frozen-head":  # nothing in the loss needs a gradient, in either model
+        expected, got = model(idx, targets), converted(idx, targets)
+        torch.testing.assert_close(got, expected)
+        assert not got.requires_grad and not expected.requires_grad
+        return
+    assert_same_step(model, converted, idx, targets, lr=0.1)
+    assert_same_step(model, converted, idx, targets)
 
 
 def test_state_dict_is_the_torch_models():
