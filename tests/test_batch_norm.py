@@ -520,6 +520,32 @@ def test_bad_input_is_refused():
         fastlm.ops.batch_norm(torch.randn(3, 4), None, None, training=False)
 
 
+@pytest.mark.parametrize("functional", ["batch_norm", "sync_batch_norm"])
+def test_running_stats_momentum_and_eps_are_checked_as_torch_checks_them(functional):
+    """Accepted before: eps <= 0 in training (NaN out), one running stat without the other (only running_var
+    moved), running stats that require grad (a leaf updated in place), momentum None (a raw schema error, or
+    sync_batch_norm's lerp_ error)."""
+    def call(running_mean, running_var, momentum=0.1, eps=1e-5):
+        x = torch.randn(6, 4)
+        if functional == "batch_norm":
+            return fastlm.ops.batch_norm(x, running_mean, running_var, None, None, True, momentum, eps)
+        return fastlm.ops.sync_batch_norm(x, running_mean, running_var, None, None, momentum, eps)
+    stats = torch.zeros(4), torch.ones(4)
+    for eps in (0.0, -1.0):
+        with pytest.raises(ValueError, match=f"^batch_norm eps must be positive during training, but got {eps}$"):
+            call(*stats, eps=eps)
+    with pytest.raises(ValueError, match="^running_mean and running_var must either both be None or neither be None$"):
+        call(None, torch.ones(4))
+    with pytest.raises(RuntimeError, match="running_mean cannot require grad"):
+        call(torch.zeros(4, requires_grad=True), torch.ones(4))
+    with pytest.raises(TypeError, match="momentum must be a number"):
+        call(*stats, momentum=None)
+    if functional == "batch_norm":  # (sync_batch_norm would go on to need a process group)
+        with torch.no_grad():
+            call(torch.zeros(4, requires_grad=True), torch.ones(4))  # as torch: fine where no gradient is taken
+        fastlm.ops.batch_norm(torch.randn(6, 4), *stats, None, None, False, 0.1, 0.0)  # eps 0 in eval: torch's too
+
+
 @pytest.mark.parametrize("input_dtype, param_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64),
                                                       (torch.float32, torch.bfloat16),
                                                       (torch.bfloat16, torch.float16)])

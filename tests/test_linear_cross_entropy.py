@@ -308,8 +308,10 @@ def test_bad_input_is_refused():
         linear_cross_entropy(x, weight, target, bias[:2])
     with pytest.raises(TypeError, match="bias must be a tensor or None, got list"):
         linear_cross_entropy(x, weight, target, [0.0] * 5)
-    with pytest.raises(TypeError, match="weight/bias"):
+    with pytest.raises(TypeError, match="one dtype; input torch.float32, weight torch.float64$"):
         linear_cross_entropy(x, weight.double(), target)
+    with pytest.raises(TypeError, match="input torch.float32, weight torch.float32, bias torch.float64$"):
+        linear_cross_entropy(x, weight, target, bias.double())  # (the message named the weight's dtype alone)
     with pytest.raises(ValueError, match="expected target of shape"):
         linear_cross_entropy(x, weight, target[:2])
     with pytest.raises(IndexError, match="out of bounds"):

@@ -175,6 +175,22 @@ def check_input(input: Tensor, training: bool) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
 
+def check_options(name: str, running_mean: Tensor | None, running_var: Tensor | None, training: bool,
+                  momentum: float, eps: float) -> None:
+    """F.batch_norm's checks of the running stats, momentum and eps (with its messages where it has them)."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    for stat_name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if stat is not None and stat.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"fastlm.{name}: the running statistics take no gradient: {stat_name} cannot "
+                               "require grad")
+    if momentum is None:
+        raise TypeError(f"fastlm.{name}: momentum must be a number (a module's momentum=None, the cumulative "
+                        "average, is the module's to compute)")
+    if training and eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+
+
 def check_per_channel(input: Tensor, **tensors: Tensor | None) -> None:
     channels, device = input.shape[1], input.device
     # torch's rule: all of one dtype, the input's, or float32 beside float16/bfloat16 input.
@@ -225,6 +241,7 @@ def batch_norm(
         raise ValueError(f"fastlm.batch_norm: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("fastlm.batch_norm: running_mean and running_var are needed when not training")
+    check_options("batch_norm", running_mean, running_var, training, momentum, eps)
     check_per_channel(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     name = backends.resolve(input.device, backend, mutates=True)
     if name == "torch" or input.numel() == 0:

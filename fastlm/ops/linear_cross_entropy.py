@@ -86,7 +86,9 @@ def linear_cross_entropy(
     if weight.device != input.device or (bias is not None and bias.device != input.device):
         raise ValueError("fastlm.linear_cross_entropy: input, weight and bias must be on one device")
     if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
-        raise TypeError(f"fastlm.linear_cross_entropy: input is {input.dtype} but weight/bias are {weight.dtype}")
+        given = f"weight {weight.dtype}" + ("" if bias is None else f", bias {bias.dtype}")
+        raise TypeError(f"fastlm.linear_cross_entropy: input, weight and bias must have one dtype; input "
+                        f"{input.dtype}, {given}")
     check_target(target, input.shape[0], weight.shape[0], input.device, ce_weight, reduction, label_smoothing,
                  "linear_cross_entropy")
     target = class_indices(target)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastlm import backends
 from fastlm.fx_trace import traced_as_call
-from fastlm.ops.batch_norm import ACTIVATIONS, check_per_channel, kernel_ops
+from fastlm.ops.batch_norm import ACTIVATIONS, check_options, check_per_channel, kernel_ops
 from fastlm.ops.math_dtype import math_dtype
 from fastlm.ops.tensor_arguments import check_tensors
 
@@ -118,6 +118,7 @@ def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Ten
         raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
     if activation not in ACTIVATIONS:
         raise ValueError(f"fastlm.sync_batch_norm: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    check_options("sync_batch_norm", running_mean, running_var, True, momentum, eps)
     check_per_channel(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     name = backends.resolve(input.device, backend)
     if name == "torch":
