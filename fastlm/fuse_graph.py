@@ -23,8 +23,9 @@ fresh contiguous tensor, so the rows are its leading positions in order. Left as
 also returns or reads; a pair between whose parts the forward switches grad mode, autocast or inference mode
 (``with torch.no_grad():`` around one part); ``F.linear`` with a 1D weight or a broadcast bias; embeddings with
 max_norm, scale_grad_by_freq or sparse; targets other than int64 class indices (F.cross_entropy refuses int32
-ones), (N, C, d1, ...) logits and the deprecated size_average/reduce arguments; fastlm's cross-entropy op where autocast changed the linear's dtype (the op runs with autocast off;
-the F.cross_entropy form keeps autocast's semantics, which ``linear_cross_entropy`` follows).
+ones), (N, C, d1, ...) logits and the deprecated size_average/reduce arguments; fastlm's cross-entropy op where
+autocast changed the linear's dtype (the op runs with autocast off; the F.cross_entropy form keeps autocast's
+semantics, which ``linear_cross_entropy`` follows).
 
 ``FuseGraph(backend)`` is the torch.compile backend that applies the rewrites and runs the graphs as they are, or
 hands them on to another compiler (``FuseGraph(compiler="inductor")``). ``fastlm.convert(model,
