@@ -364,8 +364,18 @@ def environment(device: str) -> dict:
         "git_dirty": dirty,
         "rated_bandwidth_gbs": rated_bandwidth_gbs(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_per_core": load_per_core(),
         "timing": timing_method(device),
     }
+
+
+def load_per_core() -> float | None:
+    """The 1-minute load average per CPU core, None where the system does not report it. Above 1, other work
+    competes with the timed calls (on this project's 2-core VM, eager's OpenMP threads then ran 400x slower)."""
+    try:
+        return round(os.getloadavg()[0] / (os.cpu_count() or 1), 2)
+    except (OSError, AttributeError):
+        return None
 
 
 def installed_version(distribution: str) -> str | None:

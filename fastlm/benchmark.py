@@ -401,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     copy_gbs = harness.copy_bandwidth_gbs(args.device, 2**26 if args.quick else 2**30)
     print(f"copy bandwidth (read + write) measured in this run: {copy_gbs:.1f} GB/s")
+    load = harness.load_per_core()
+    if load is not None and load > 1:
+        print(f"warning: this machine is busy (load average {load:.1f} per core): other work competes with the "
+              "timed calls, so medians and ratios may be far off", file=sys.stderr)
 
     failures = []
     for op in ops:

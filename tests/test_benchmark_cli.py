@@ -305,6 +305,20 @@ def test_results_that_cannot_be_saved_end_the_run_with_one_line(tmp_path, monkey
     assert not list(tmp_path.glob("*.part"))
 
 
+@pytest.mark.parametrize("load", [0.5, 8.0])
+def test_a_busy_machine_is_said_and_recorded(tmp_path, monkeypatch, capsys, load):
+    """Other work on the machine (load average above one per core) made eager's calls 400x slower in one
+    run, and nothing said so: the run warns, and the results keep the load."""
+    def problems(size, dtype, device, quick):
+        yield benchmark.Problem(f"n={size[0]}", {"eager": lambda: torch.ones(size).sum()}, lambda out: None, reps=3)
+    monkeypatch.setitem(benchmark.OPS, "toy", benchmark.OpBench(("n",), {"cpu": []}, [], problems))
+    monkeypatch.setattr(benchmark.harness.os, "getloadavg", lambda: (load * 2, 0.0, 0.0))
+    monkeypatch.setattr(benchmark.harness.os, "cpu_count", lambda: 2)
+    assert benchmark.main(["--op", "toy", "--sizes", "1", "--quick", "--out", str(tmp_path)]) == 0
+    assert ("this machine is busy (load average 8.0 per core)" in capsys.readouterr().err) == (load > 1)
+    assert json.loads((tmp_path / "toy-cpu-quick.json").read_text())["environment"]["load_per_core"] == load
+
+
 def test_gpu_blocks_time_back_to_back_calls():
     """The GPU timer's blocks, run with perf_counter in place of CUDA events: each entry is a block's time per
     call, blocks hold enough calls to last about block_ms, and all of them together stay within the budget."""
