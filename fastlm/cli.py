@@ -115,6 +115,9 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # names of a word list's own characters, on a terminal or file that
+        if hasattr(stream, "reconfigure"):   # cannot encode them (an ASCII locale): escaped, not a traceback
+            stream.reconfigure(errors="backslashreplace")
     try:
         return run_command(sys.argv[1:] if argv is None else argv)
     except BrokenPipeError:

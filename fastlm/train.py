@@ -122,20 +122,26 @@ def check_options(config: TrainConfig) -> None:
 class Dataset:
     vocab: data.Vocabulary
     splits: dict  # name -> (X, Y)
+    words: dict  # the word list's count and digest, kept in checkpoints
 
 
-def load_dataset(config: TrainConfig, device: torch.device) -> Dataset:
-    words, vocab = data.load_words(config.data, None if config.extend_vocab else data.Vocabulary())
-    context = context_of(config)
-    splits = {}
-    for name, part in zip(("train", "val", "test"), data.split_words(words, config.seed)):
-        X, Y = data.build_windows(part, context, vocab)
-        splits[name] = (X.to(device), Y.to(device))
-    empty = [name for name, (X, _) in splits.items() if len(X) == 0]
+def load_dataset(config: TrainConfig, device: torch.device, resuming: bool = False) -> Dataset:
+    try:
+        words, vocab = data.load_words(config.data, None if config.extend_vocab else data.Vocabulary())
+    except data.OutsideVocabulary as error:
+        hint = ("the checkpoint's vocabulary lacks them: resume with that run's word list" if resuming
+                else "use --extend-vocab to add them")
+        raise data.DataError(f"{error}; {hint}") from None
+    parts = dict(zip(("train", "val", "test"), data.split_words(words, config.seed)))
+    empty = [name for name, part in parts.items() if not part]  # checked before any window is built
     if empty:
         raise data.DataError(f"the word list ({len(words)} words) is too short: the {' and '.join(empty)} "
-                             f"split{'s are' if len(empty) > 1 else ' is'} empty (the split is 80/10/10)")
-    return Dataset(vocab, splits)
+                             f"split{'s are' if len(empty) > 1 else ' is'} empty (the split is 80/10/10: it takes at "
+                             "least 6 words)")
+    context = context_of(config)
+    splits = {name: tuple(t.to(device) for t in data.build_windows(part, context, vocab))
+              for name, part in parts.items()}
+    return Dataset(vocab, splits, {"count": len(words), "sha256": data.words_digest(words)})
 
 
 def context_of(config: TrainConfig) -> int:
@@ -236,11 +242,12 @@ def save_atomically(state: dict, path: Path) -> None:
         raise ConfigError(f"cannot write {str(path)!r}: {str(error).splitlines()[0]}") from None
 
 
-def checkpoint_state(config, vocab, model, optimizer, step, generator_state, history, reference=None,
+def checkpoint_state(config, dataset, model, optimizer, step, generator_state, history, reference=None,
                      reference_optimizer=None) -> dict:
     """Everything a run resumes from; with ``reference``, also the plain-PyTorch twin of a --compare run."""
     unwrapped = model.module if hasattr(model, "module") else model
-    state = {"config": dataclasses.asdict(config), "vocab": vocab.chars, "model": unwrapped.state_dict(),
+    state = {"config": dataclasses.asdict(config), "vocab": dataset.vocab.chars, "words": dataset.words,
+             "model": unwrapped.state_dict(),
              "optimizer": optimizer.state_dict() if optimizer else None, "step": step,
              "generator": generator_state, "torch_rng": torch.get_rng_state(), "history": history}
     if reference is not None:
@@ -352,7 +359,14 @@ class Trainer:
         self.out = Path(config.out)
         self.device = torch.device(config.device if self.world == 1 or config.device == "cpu"
                                    else f"cuda:{self.rank % torch.cuda.device_count()}")
-        self.dataset = load_dataset(config, self.device)
+        self.dataset = load_dataset(config, self.device, resuming=checkpoint is not None)
+        saved_words = checkpoint.get("words") if checkpoint is not None else None  # (older checkpoints lack it)
+        if saved_words is not None and saved_words != self.dataset.words:
+            which = repr(str(config.data)) if config.data else "(the bundled names)"
+            raise ConfigError(f"the word list {which} is not the one the checkpoint was trained on (it has "
+                              f"{self.dataset.words['count']} words, that one had {saved_words['count']}; or they "
+                              "differ in content or order): its shuffle and split would differ; resume with that "
+                              "run's word list")
         if checkpoint is not None and self.dataset.vocab.chars != checkpoint["vocab"]:
             raise ConfigError(f"the word list's characters ({self.dataset.vocab.chars[1:]!r}) are not those the "
                               f"checkpoint was trained on ({checkpoint['vocab'][1:]!r}): resume with that run's word "
@@ -436,7 +450,7 @@ class Trainer:
     def save(self) -> None:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            save_atomically(checkpoint_state(self.config, self.dataset.vocab, self.model, self.optimizer, self.step,
+            save_atomically(checkpoint_state(self.config, self.dataset, self.model, self.optimizer, self.step,
                                              self._generator_state(), self.history, self.reference,
                                              self.reference_optimizer), self.out / "checkpoint.pt")
         self.saved_step = self.step

@@ -50,6 +50,31 @@ def test_windows_text_reads_as_plain_text(tmp_path):
     assert data.load_words(path, vocab=None)[1] == data.Vocabulary()  # no BOM or CR character added
 
 
+def test_errors_name_characters_by_code_point_and_cut_long_words(tmp_path):
+    """A combining accent showed as a bare, invisible character; a word list of one 7-million-character line gave
+    a 7 MB message."""
+    path = tmp_path / "words.txt"
+    path.write_text("anna\nzoe\u0301\n")
+    with pytest.raises(data.DataError, match=r"outside the vocabulary: '\u0301' \(U\+0301\)$"):
+        data.load_words(path)
+    path.write_text("anna\n" + "x" * 100_000 + ".\n")
+    with pytest.raises(data.DataError) as refused:
+        data.load_words(path)
+    assert len(str(refused.value)) < 400 and "xxx...'" in str(refused.value)  # the path, 60 characters, the rest
+
+
+def test_a_word_list_that_cannot_be_read_is_a_data_error(tmp_path, monkeypatch):
+    """No permission to read it (or an I/O error): a one-line error, where a PermissionError traceback was."""
+    path = tmp_path / "words.txt"
+    path.write_text("anna\n")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(type(path), "read_text", refuse)
+    with pytest.raises(data.DataError, match="cannot read word list .*: Permission denied$"):
+        data.load_words(path)
+
+
 @pytest.mark.parametrize("content,message", [(None, "does not exist"), ("", "has no words"), ("\n \n", "has no words")])
 def test_unusable_word_lists_are_refused_clearly(tmp_path, content, message):
     path = tmp_path / "words.txt"

@@ -15,6 +15,7 @@ import torch
 
 import fastlm.models
 from conftest import free_port
+from fastlm import data
 from fastlm.data import Vocabulary, build_windows
 from fastlm.train import ConfigError, Trainer, TrainConfig, resumed_config, sample_words, split_loss
 
@@ -216,6 +217,19 @@ def test_cli_train_then_sample(words_file, tmp_path):
     assert len(sampled.stdout.splitlines()) == 4 and all(set(n) <= set("abcdefghijklmnopqrstuvwxyz") for n in names)
 
 
+def test_own_characters_print_on_an_ascii_terminal(tmp_path):
+    """Samples of an extended vocabulary on a stdout that cannot encode them (an ASCII locale, a Windows console
+    redirected to a file): escaped, where a UnicodeEncodeError ended a finished run with a traceback."""
+    path = tmp_path / "words.txt"
+    path.write_text("zoë\nélise\n" * 6)
+    out = tmp_path / "run"
+    for command in (["train", "--model", "bigram-counts", "--extend-vocab", "--data", str(path), "--out", str(out)],
+                    ["sample", "--checkpoint", str(out), "--count", "20"]):
+        result = fastlm_command(*command, PYTHONIOENCODING="ascii")
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+        assert "\\xe9" in result.stdout or "\\xeb" in result.stdout
+
+
 @pytest.mark.parametrize("content,message", [(None, "does not exist"), ("", "has no words"),
                                              ("anna\nzoë\n", "outside the vocabulary"),
                                              ("anna\nbob\ncarl\ndave\nemma\n", "the val split is empty"),
@@ -254,12 +268,19 @@ def test_a_checkpoint_that_does_not_fit_is_a_clear_error(words_file, tmp_path, c
         Trainer(small_config(words_file, tmp_path, steps=4), resume=True, log=lambda *_: None).fit()
 
 
-def test_resume_with_another_word_list_is_a_clear_error(words_file, tmp_path):
-    """The same characters must map to the same ids: a word list with other characters cannot continue a run."""
-    Trainer(small_config(words_file, tmp_path, steps=2, extend_vocab=True), log=lambda *_: None).fit()
-    with open(words_file, "a") as f:
-        f.write("zoë\n")
-    with pytest.raises(ConfigError, match="are not those the checkpoint was trained on"):
+@pytest.mark.parametrize("change", ["new character", "reordered", "new character, vocabulary not extended"])
+def test_resume_with_another_word_list_is_a_clear_error(words_file, tmp_path, change):
+    """A resumed run shuffles and splits its word list again: another list (one with the same characters
+    reordered or grown continued silently, its val and test words partly in training) cannot continue it; a
+    character the checkpoint's vocabulary lacks says so (the advice was --extend-vocab, which a resume ignores)."""
+    extend = change != "new character, vocabulary not extended"
+    Trainer(small_config(words_file, tmp_path, steps=2, extend_vocab=extend), log=lambda *_: None).fit()
+    words = open(words_file).read().split()
+    with open(words_file, "w") as f:
+        f.write("\n".join(words[::-1] if change == "reordered" else [*words, "zoë"]) + "\n")
+    message = ("not the one the checkpoint was trained on" if extend
+               else r"'ë' \(U\+00EB\); the checkpoint's vocabulary lacks them: resume with that run's word list")
+    with pytest.raises((ConfigError, data.DataError), match=message):
         Trainer(small_config(words_file, tmp_path, steps=4), resume=True, log=lambda *_: None)
 
 

@@ -1,13 +1,15 @@
 """The names data set and the makemore data pipeline: words -> (context window, next character) pairs.
 
 The 32,033 names of makemore ship with the package (names.txt, MIT licence in names.LICENSE). A word list
-of one's own (one word per line) works the same way. Words are split 80/10/10 after a seeded shuffle; every
+of one's own (UTF-8, one word per line; surrounding whitespace and blank lines dropped, duplicates kept, as
+makemore keeps the names') works the same way. Words are split 80/10/10 after a seeded shuffle; every
 word becomes one example per character plus the end token '.', each with the ``context`` previous ids
 (padded with '.').
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -50,6 +52,28 @@ class DataError(ValueError):
     """A word list that cannot be used, with a message meant for the user."""
 
 
+class OutsideVocabulary(DataError):
+    """A word with characters the vocabulary lacks (the caller knows what the user can do about it)."""
+
+
+def shown(word: str, limit: int = 60) -> str:
+    """A word as an error message shows it: its repr, cut to ``limit`` characters (a word list in the wrong format
+    can be one line of megabytes)."""
+    return repr(word if len(word) <= limit else word[:limit] + "...")
+
+
+def named(chars) -> str:
+    """Characters as an error names them: each with its code point, which a combining accent or a zero-width
+    character needs to be seen at all (the first 10)."""
+    chars = list(chars)
+    return ", ".join(f"{ch!r} (U+{ord(ch):04X})" for ch in chars[:10]) + (", ..." if len(chars) > 10 else "")
+
+
+def words_digest(words: list[str]) -> str:
+    """A fingerprint of a word list, in order: a run resumed on another list would shuffle and split another one."""
+    return hashlib.sha256("\n".join(words).encode()).hexdigest()
+
+
 def load_words(path: str | Path | None = None, vocab: Vocabulary | None = Vocabulary(),
                ) -> tuple[list[str], Vocabulary]:
     """The words of ``path`` (default: the bundled names), one per line, blank lines skipped, and the
@@ -62,13 +86,15 @@ def load_words(path: str | Path | None = None, vocab: Vocabulary | None = Vocabu
         lines = path.read_text(encoding="utf-8-sig").split("\n")  # not splitlines: editors' lines, \r stripped
     except UnicodeDecodeError as error:
         raise DataError(f"word list {str(path)!r} is not UTF-8 text: {error}") from None
+    except OSError as error:  # no permission to read it, an I/O error
+        raise DataError(f"cannot read word list {str(path)!r}: {error.strerror or error}") from None
     numbered = [(number, line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
     if not numbered:
         raise DataError(f"word list {str(path)!r} has no words")
     for number, word in numbered:
         if END in word:
-            raise DataError(f"{path}: line {number} ({word!r}) contains {END!r}, the end-of-word token, which no "
-                            "vocabulary can hold as a character")
+            raise DataError(f"{path}: line {number} ({shown(word)}) contains {END!r}, the end-of-word token, which "
+                            "no vocabulary can hold as a character")
     words = [word for _, word in numbered]
     if vocab is None:
         return words, Vocabulary.from_words(words)
@@ -76,8 +102,8 @@ def load_words(path: str | Path | None = None, vocab: Vocabulary | None = Vocabu
     for number, word in numbered:
         bad = sorted(set(word) - allowed)
         if bad:
-            raise DataError(f"{path}: line {number} ({word!r}) has characters outside the vocabulary: "
-                            f"{''.join(bad)!r}; use --extend-vocab to add them")
+            raise OutsideVocabulary(f"{path}: line {number} ({shown(word)}) has characters outside the vocabulary: "
+                                    f"{named(bad)}")
     return words, vocab
 
 
