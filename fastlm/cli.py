@@ -98,16 +98,18 @@ def run_sample(args: argparse.Namespace) -> int:
 
     if args.count < 0:
         raise ConfigError(f"--count must be at least 0, got {args.count}")
-    check_seed(args.seed)
+    if args.seed is not None:
+        check_seed(args.seed)
     state = load_checkpoint(args.checkpoint)
     # On --device (the CPU by default), whatever device and backend the run trained on.
     config = dataclasses.replace(saved_config(state), device=args.device, backend=None)
+    seed = config.seed if args.seed is None else args.seed
     check_options(config)
     vocab = data.Vocabulary(state["vocab"])
     model = build_model(config, vocab.size, fused=True, device=torch.device(config.device))
     load_model_state(model, state["model"])
     try:
-        for word in sample_words(model, vocab, context_of(config), args.count, args.seed):
+        for word in sample_words(model, vocab, context_of(config), args.count, seed):
             print(word, flush=True)
     except KeyboardInterrupt:
         return 130
@@ -144,7 +146,9 @@ def run_command(argv: list[str]) -> int:
     sample = commands.add_parser("sample", help="generate names from a checkpoint")
     sample.add_argument("--checkpoint", required=True, help="a checkpoint file or a training --out directory")
     sample.add_argument("--count", type=int, default=20, help="names to generate (default: %(default)s)")
-    sample.add_argument("--seed", type=int, default=0, help="the sampler's seed (default: %(default)s)")
+    sample.add_argument("--seed", type=int, default=None,
+                        help="the sampler's seed (default: the run's --seed, so that the first names are those the "
+                             "run printed when it ended)")
     sample.add_argument("--device", default="cpu", help="where to run the model (default: the CPU)")
     commands.add_parser("bench", help="benchmark kernels (fastlm bench --help)")
     commands.add_parser("check", help="check every op against PyTorch (fastlm check --help)")

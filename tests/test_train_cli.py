@@ -215,6 +215,7 @@ def test_cli_train_then_sample(words_file, tmp_path):
     assert sampled.returncode == 0, sampled.stderr
     names = sampled.stdout.split()
     assert len(sampled.stdout.splitlines()) == 4 and all(set(n) <= set("abcdefghijklmnopqrstuvwxyz") for n in names)
+    assert sampled.stdout.splitlines()[:3] == summary["samples"]  # the run's seed (the default was 0)
 
 
 def test_own_characters_print_on_an_ascii_terminal(tmp_path):
