@@ -599,7 +599,8 @@ class Trainer:
             summary["samples"] = []
         self.save()
         if self.rank == 0:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            # UTF-8, a word list's own characters as they are (the samples of a custom vocabulary were \u escapes)
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
             self.files_written = ["checkpoint.pt", "summary.json"] + (["loss.png"] if self._plot() else [])
         return summary
 

@@ -229,6 +229,8 @@ def test_own_characters_print_on_an_ascii_terminal(tmp_path):
         result = fastlm_command(*command, PYTHONIOENCODING="ascii")
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
         assert "\\xe9" in result.stdout or "\\xeb" in result.stdout
+    samples = json.loads((out / "summary.json").read_text(encoding="utf-8"))["samples"]
+    assert any(ch in "".join(samples) for ch in "éë") and "\\u00e9" not in (out / "summary.json").read_text()
 
 
 @pytest.mark.parametrize("content,message", [(None, "does not exist"), ("", "has no words"),
