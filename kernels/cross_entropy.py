@@ -65,7 +65,8 @@ def _row_lse_loss(x_row, weight_ptr, C, t, valid, e, s, k, w_t, w_sum, HAS_WEIGH
     total = tl.zeros([], ACC)  # sum of exp(x - m)
     wx = tl.zeros([], ACC)  # sum of w_c (x_c - anchor), for smoothing
     if HAS_SMOOTHING:
-        anchor = _logit(tl.load(x_row).to(ACC), k, SOFTCAP)  # the first logit (0 if not finite): near the others
+        # the first logit (0 if not finite, or if there is none: C == 0 is allowed when every row is ignored)
+        anchor = _logit(tl.load(x_row, mask=C > 0, other=0.0).to(ACC), k, SOFTCAP)
         anchor = tl.where(tl.abs(anchor) < float("inf"), anchor, 0.0)
     for start in range(0, C, BLOCK_C):
         mask = start + cols < C

@@ -153,6 +153,23 @@ def test_all_targets_ignored_matches_torch(backend, reduction):
     torch.testing.assert_close(dx, expected_dx, equal_nan=True, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("label_smoothing, softcap", [(0.0, 0.0), (0.1, 0.0), (0.1, 5.0)])
+def test_kernels_take_rows_of_no_classes_when_every_row_is_ignored(backend, label_smoothing, softcap):
+    """The ops accept C == 0 when no row has a target (fastlm.ops refuses it before; the ops are public): each
+    row's loss is 0 and its lse -inf, and no kernel reads a logit (the smoothing's first logit was read
+    unmasked by the Triton kernel: a crash at a null pointer)."""
+    skip_unless_runs(backend)
+    device = device_of(backend)
+    ops, x, target = kernel_ops(backend), torch.empty(3, 0, device=device), torch.full((3,), -100, device=device)
+    options = (-100, label_smoothing, 0.0, softcap)
+    loss, lse = ops.forward(x, target, None, *options)
+    loss_and_grad = ops.forward_backward(x, target, None, torch.ones(3, device=device), *options)
+    for rows in (loss, loss_and_grad[0]):
+        assert rows.tolist() == [0.0, 0.0, 0.0]
+    assert lse.tolist() == [-math.inf] * 3 and loss_and_grad[-1].shape == (3, 0)
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])

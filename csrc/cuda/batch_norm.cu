@@ -18,6 +18,7 @@
 // Torch-free: batch_norm_binding.cpp validates inputs, allocates outputs and workspace, calls the launchers.
 #include "batch_norm.cuh"
 #include "launch_utils.cuh"
+#include "tanh.cuh"
 
 
 #include <algorithm>
@@ -35,17 +36,6 @@ constexpr int64_t kMinChunk3d = 4096;       // 3D: values per (chunk, channel) a
 
 __device__ __forceinline__ float sqrt_(float v) { return sqrtf(v); }
 __device__ __forceinline__ double sqrt_(double v) { return sqrt(v); }
-
-// The extension builds with --use_fast_math, which turns tanhf into tanh.approx (relative error ~2^-11).
-// 1 - 2 / (e^2|z| + 1) keeps the absolute error near fp32 rounding (a NaN stays NaN, large |z| gives +-1) but
-// loses relative precision as z nears 0 (19% at 1e-7): below |z| = 0.3 the Taylor series to z^9 takes over, as
-// in the CPU's fast_tanh.h.
-__device__ __forceinline__ float tanh_(float z) {
-  const float z2 = z * z;
-  const float series = z * fmaf(z2, fmaf(z2, fmaf(z2, fmaf(z2, 62.f / 2835, -17.f / 315), 2.f / 15), -1.f / 3), 1.f);
-  return fabsf(z) < 0.3f ? series : copysignf(1.f - 2.f / (__expf(2.f * fabsf(z)) + 1.f), z);
-}
-__device__ __forceinline__ double tanh_(double z) { return tanh(z); }
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t activate(acc_t z, int act) {

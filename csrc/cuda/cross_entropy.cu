@@ -13,6 +13,7 @@
 // validates inputs and calls the launchers.
 #include "cross_entropy.cuh"
 #include "launch_utils.cuh"
+#include "tanh.cuh"
 
 #include <math_constants.h>
 
@@ -28,8 +29,6 @@ __device__ __forceinline__ float exp_(float v) { return expf(v); }
 __device__ __forceinline__ double exp_(double v) { return exp(v); }
 __device__ __forceinline__ float log_(float v) { return logf(v); }
 __device__ __forceinline__ double log_(double v) { return log(v); }
-__device__ __forceinline__ float tanh_(float v) { return tanhf(v); }
-__device__ __forceinline__ double tanh_(double v) { return tanh(v); }
 __device__ __forceinline__ float pos_inf(float) { return CUDART_INF_F; }
 __device__ __forceinline__ double pos_inf(double) { return CUDART_INF; }
 
