@@ -145,21 +145,28 @@ def reference_batch_norm(input, running_mean, running_var, weight, bias, trainin
         out = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return ACTIVATION_FUNCTIONS[activation](out)
     dims = [0, 2] if input.dim() == 3 else [0]
-    shape = [1, -1] + [1] * (input.dim() - 2)
     x = input.to(math_dtype(input))
     mean = x.mean(dims, keepdim=True)
     var = x.var(dims, unbiased=True, keepdim=True)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        out = out * weight.view(shape)
-    if bias is not None:
-        out = out + bias.view(shape)
     with torch.no_grad():
         if running_mean is not None:
             running_mean.lerp_(mean.flatten().to(running_mean.dtype), momentum)
         if running_var is not None:
             running_var.lerp_(var.flatten().to(running_var.dtype), momentum)
-    return ACTIVATION_FUNCTIONS[activation](out.to(input.dtype))
+    return normalized(x, mean, var, eps, weight, bias, activation, input.dtype)
+
+
+def normalized(x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None,
+               activation: str | None, dtype: torch.dtype) -> Tensor:
+    """activation((x - mean) / sqrt(var + eps) * weight + bias) in torch ops, returned in ``dtype``; mean and var
+    are shaped to broadcast over the channels of x (dim 1)."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    return ACTIVATION_FUNCTIONS[activation](out.to(dtype))
 
 
 # --- functional --------------------------------------------------------------------------------------

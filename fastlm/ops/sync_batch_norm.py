@@ -6,6 +6,9 @@ per-channel values. Forward: every rank's (count, mean, biased var) is all-gathe
 with Chan's formula, so every rank normalises with the same statistics, whatever its batch size. Backward:
 the per-channel sums of dz and dz*xhat are all-reduced, then each rank computes its own input gradient. The
 weight and bias gradients stay per rank, as in torch: DDP averages them like any other parameter gradient.
+The ``torch`` backend (the reference, and what ``fastlm train --backend torch`` runs under torchrun, where
+nn.SyncBatchNorm refuses CPU tensors) merges the same all-gathered statistics with torch ops and lets autograd
+differentiate through torch.distributed.nn's all_gather.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch import Tensor
 
 from fastlm import backends
 from fastlm.fx_trace import traced_as_call
-from fastlm.ops.batch_norm import ACTIVATIONS, check_options, check_per_channel, kernel_ops
+from fastlm.ops.batch_norm import ACTIVATIONS, check_options, check_per_channel, kernel_ops, normalized
 from fastlm.ops.math_dtype import math_dtype
 from fastlm.ops.tensor_arguments import check_tensors
 
@@ -40,32 +43,68 @@ def merge_moments(counts: Tensor, means: Tensor, variances: Tensor) -> tuple[Ten
     return total, mean, m2
 
 
+def values_per_channel(input: Tensor) -> int:
+    return input.numel() // input.shape[1] if input.shape[1] else 0
+
+
+def gathered_moments(input: Tensor, mean: Tensor, var: Tensor, process_group, differentiable: bool = False):
+    """(count, mean, M2) of the batches of all ranks, from each rank's (count, mean, biased var) of its input,
+    merged in rank order; raises as BatchNorm does when there are not 2 values per channel in all."""
+    count = values_per_channel(input)
+    local = torch.cat([torch.tensor([count], dtype=mean.dtype, device=mean.device), mean, var])
+    if differentiable:
+        from torch.distributed.nn.functional import all_gather
+
+        gathered = all_gather(local, group=process_group)
+    else:
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
+        dist.all_gather(gathered, local, group=process_group)
+    table = torch.stack(gathered)
+    channels = mean.shape[0]
+    total, mean, m2 = merge_moments(table[:, 0], table[:, 1:channels + 1], table[:, channels + 1:])
+    if total <= 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         f"{input.size()} on this rank and {int(total)} values per channel on all ranks")
+    return total, mean, m2
+
+
+def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, m2: Tensor, total,
+                         momentum: float) -> None:
+    """The running mean and (Bessel-corrected, as in torch) variance move toward the whole batch's."""
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        if running_var is not None:
+            running_var.lerp_((m2 / (total - 1)).to(running_var.dtype), momentum)
+
+
+def reference_sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, unbiased, activation,
+                              process_group):
+    """The ``torch`` backend: torch ops on each rank's batch, the statistics all-gathered by torch.distributed.nn
+    (which autograd differentiates), in the math dtype; the output in the input's dtype."""
+    dims = [0, 2] if input.dim() == 3 else [0]
+    x = input.to(math_dtype(input))
+    if values_per_channel(input):
+        var, mean = torch.var_mean(x, dims, correction=0)
+    else:
+        var = mean = x.new_zeros(x.shape[1])
+    total, mean, m2 = gathered_moments(input, mean, var, process_group, differentiable=True)
+    update_running_stats(running_mean, running_var, mean.detach(), m2.detach(), total, momentum)
+    return normalized(x, mean, m2 / (total - 1 if unbiased else total), eps, weight, bias, activation, input.dtype)
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, unbiased, activation,
                 process_group, backend):
         ops = kernel_ops(backend)
-        dtype = math_dtype(input)
-        channels = input.shape[1]
-        count = input.numel() // channels if channels else 0
-        if count:
+        if values_per_channel(input):
             mean, var = ops.stats(input)
         else:
-            mean = var = torch.zeros(channels, dtype=dtype, device=input.device)
-        local = torch.cat([torch.tensor([count], dtype=dtype, device=input.device), mean, var])
-        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
-        dist.all_gather(gathered, local, group=process_group)
-        table = torch.stack(gathered)
-        total, mean, m2 = merge_moments(table[:, 0], table[:, 1:channels + 1], table[:, channels + 1:])
-        if total <= 1:
-            raise ValueError("Expected more than 1 value per channel when training, got input size "
-                             f"{input.size()} on this rank and {int(total)} values per channel on all ranks")
+            mean = var = torch.zeros(input.shape[1], dtype=math_dtype(input), device=input.device)
+        total, mean, m2 = gathered_moments(input, mean, var, process_group)
         invstd = torch.rsqrt(m2 / (total - 1 if unbiased else total) + eps)
-        with torch.no_grad():
-            if running_mean is not None:
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            if running_var is not None:
-                running_var.lerp_((m2 / (total - 1)).to(running_var.dtype), momentum)
+        update_running_stats(running_mean, running_var, mean, m2, total, momentum)
         output = ops.forward(input, mean, invstd, weight, bias, activation)
         ctx.save_for_backward(input, output if activation else None, mean, invstd, weight)
         ctx.config = (total, unbiased, activation, process_group, backend)
@@ -121,10 +160,11 @@ def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Ten
     check_options("sync_batch_norm", running_mean, running_var, True, momentum, eps)
     check_per_channel(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     name = backends.resolve(input.device, backend)
+    if name == "torch" and backend is None and backends.in_torch_func_transform():
+        raise RuntimeError("fastlm.sync_batch_norm cannot run inside a torch.func transform: its collectives "
+                           "have no batching or functional rules")
     if name == "torch":
-        where = ("inside a torch.func transform" if backend is None and backends.in_torch_func_transform()
-                 else "on the 'torch' backend")
-        raise RuntimeError(f"fastlm.sync_batch_norm cannot run {where}: it runs on a kernel backend (cpp, cuda or "
-                           "triton); use torch.nn.SyncBatchNorm for the plain-PyTorch version")
+        return reference_sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, unbiased,
+                                         activation, process_group)
     return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps, unbiased,
                                        ACTIVATIONS[activation], process_group, name)
