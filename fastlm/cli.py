@@ -158,7 +158,8 @@ def run_command(argv: list[str]) -> int:
     try:
         return run_train(args, given_options(argv[1:])) if args.command == "train" else run_sample(args)
     except (data.DataError, ConfigError, FileNotFoundError) as error:
-        print(f"fastlm {args.command}: error: {error}", file=sys.stderr)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # under torchrun, once per machine (the ranks agree)
+            print(f"fastlm {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 

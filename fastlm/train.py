@@ -243,10 +243,12 @@ def save_atomically(state: dict, path: Path) -> None:
 
 
 def checkpoint_state(config, dataset, model, optimizer, step, generator_state, history, reference=None,
-                     reference_optimizer=None) -> dict:
-    """Everything a run resumes from; with ``reference``, also the plain-PyTorch twin of a --compare run."""
+                     reference_optimizer=None, world: int = 1) -> dict:
+    """Everything a run resumes from; with ``reference``, also the plain-PyTorch twin of a --compare run. ``world``:
+    the number of processes it trained in (its batch is ``world`` times config's batch_size)."""
     unwrapped = model.module if hasattr(model, "module") else model
-    state = {"config": dataclasses.asdict(config), "vocab": dataset.vocab.chars, "words": dataset.words,
+    state = {"config": dataclasses.asdict(config), "world": world, "vocab": dataset.vocab.chars,
+             "words": dataset.words,
              "model": unwrapped.state_dict(),
              "optimizer": optimizer.state_dict() if optimizer else None, "step": step,
              "generator": generator_state, "torch_rng": torch.get_rng_state(), "history": history}
@@ -321,13 +323,20 @@ def interrupts_between_steps():
             signal.signal(sig, handler)
 
 
-def distributed_rank(device: torch.device) -> tuple[int, int]:
-    """(rank, world size), initialising the process group when launched by torchrun: NCCL for a run on GPUs,
-    gloo for one on the CPU (on a machine with GPUs too)."""
+def distributed_rank(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this process's device), initialising the process group when launched by torchrun: NCCL
+    for a run on GPUs, each process on the GPU of its LOCAL_RANK, made the current one before NCCL starts (as
+    torch's recipe has it: NCCL's own calls use the current device); gloo for one on the CPU (on a machine with
+    GPUs too)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    return dist.get_rank(), world, device
 
 
 class Trainer:
@@ -335,8 +344,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, resume: bool = False, log=print, given: set[str] | None = None):
         """``given``: the names of the options the user gave (the CLI knows them); without it, those away from
-        their defaults are taken as given."""
-        self.log = log
+        their defaults are taken as given. Under torchrun rank 0 alone logs (and writes files)."""
+        self.log = log if int(os.environ.get("RANK", "0")) == 0 else (lambda *args, **kwargs: None)
         # A resumed run is built from its checkpoint's configuration (only steps and out come from the caller), so
         # that the model, device and the checks on them are those of the run it continues.
         checkpoint = None
@@ -355,10 +364,8 @@ class Trainer:
             raise ConfigError("--compare trains the plain-PyTorch twin in one process: it does not combine with "
                               "torchrun (compare one process at the global batch size instead)")
         self.config = config
-        self.rank, self.world = distributed_rank(torch.device(config.device))
+        self.rank, self.world, self.device = distributed_rank(torch.device(config.device))
         self.out = Path(config.out)
-        self.device = torch.device(config.device if self.world == 1 or config.device == "cpu"
-                                   else f"cuda:{self.rank % torch.cuda.device_count()}")
         self.dataset = load_dataset(config, self.device, resuming=checkpoint is not None)
         saved_words = checkpoint.get("words") if checkpoint is not None else None  # (older checkpoints lack it)
         if saved_words is not None and saved_words != self.dataset.words:
@@ -374,11 +381,14 @@ class Trainer:
         vocab_size = self.dataset.vocab.size
         self.model = build_model(config, vocab_size, fused=True, device=self.device)
         self.config = config = config.with_recipe(self.model.recipe)
+        if checkpoint is not None:
+            self.config = config = self._same_global_batch(config, checkpoint.get("world", 1))
         if hasattr(self.model, "fit") and config.optimizer is not None:
             raise ConfigError(f"the {config.model} model is fit by counting: it takes no --optimizer")
         if hasattr(self.model, "fit") and checkpoint is None:
             self._note_unused_schedule(requested)
-        if config.batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+        batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        if config.batch_size * self.world == 1 and batch_norm:
             raise ConfigError(f"--batch-size 1: the {config.model} model's BatchNorm needs more than one row per batch "
                               "in training")
         self.reference = build_model(config, vocab_size, fused=False, device=self.device) if config.compare else None
@@ -427,6 +437,20 @@ class Trainer:
             self.log("note: resuming with the checkpoint's configuration; ignored: " +
                      ", ".join(f"--{name.replace('_', '-')}" for name in ignored))
 
+    def _same_global_batch(self, config: TrainConfig, saved_world: int) -> TrainConfig:
+        """A run resumed in another number of processes keeps its batch of saved_world * batch_size rows (the
+        same rows: they are drawn for the whole batch, then shared out), split over this run's processes."""
+        rows = saved_world * config.batch_size
+        if saved_world == self.world or rows == 0:  # (0: the whole split, shared out whatever the world)
+            return config
+        if rows % self.world:
+            raise ConfigError(f"the checkpoint's run trained in {saved_world} processes of {config.batch_size} rows: "
+                              f"its batch of {rows} rows does not split over {self.world}; resume in a number of "
+                              f"processes that divides {rows}")
+        self.log(f"note: the checkpoint's run trained in {saved_world} processes of {config.batch_size} rows; "
+                 f"resumed in {self.world}, {rows // self.world} rows each, so the batch stays {rows} rows")
+        return dataclasses.replace(config, batch_size=rows // self.world)
+
     def _note_unused_schedule(self, requested: TrainConfig) -> None:
         """A model fit by counting takes no gradient steps: says which schedule options given it ignores."""
         given = [name for name in ("steps", "batch_size", "lr", "lr_after", "decay_at")
@@ -452,7 +476,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_atomically(checkpoint_state(self.config, self.dataset, self.model, self.optimizer, self.step,
                                              self._generator_state(), self.history, self.reference,
-                                             self.reference_optimizer), self.out / "checkpoint.pt")
+                                             self.reference_optimizer, self.world), self.out / "checkpoint.pt")
         self.saved_step = self.step
 
     # Rows of batch indices drawn and gathered at once: one randint and one index_select per array for many steps
@@ -498,7 +522,10 @@ class Trainer:
             loss = self.ddp_loss(xb, yb)
             loss.backward()
             optimizer.step()
-            return loss.item()
+            # the whole batch's loss, as the gradient is: the mean of the ranks' means, as DDP averages gradients
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            return loss.item() / self.world
         if is_plain_sgd(optimizer):  # the lectures' p.data += -lr * p.grad, without optimizer.step's overhead
             return model.sgd_step(xb, yb, lr).item()  # one kernel call for the fused MLPs on the CPU
         loss, grads = model.loss_and_grads(xb, yb)
@@ -531,15 +558,15 @@ class Trainer:
                 if self.step % config.eval_every == 0 or self.step == config.steps:
                     val = split_loss(self.model, *self.dataset.splits["val"])
                     self.history["val"].append((self.step, val))
-                    bar.write(f"step {self.step}: train batch loss {loss:.4f}, val loss {val:.4f}")
+                    if self.rank == 0:  # (tqdm writes even where its bar is disabled)
+                        bar.write(f"step {self.step}: train batch loss {loss:.4f}, val loss {val:.4f}")
                 if self.step % config.checkpoint_every == 0:
                     self.save()
                 if self._stop_requested(interrupted):
                     bar.close()
                     self.save()
-                    if self.rank == 0:
-                        self.log(f"interrupted at step {self.step}: checkpoint written to "
-                                 f"{self.out / 'checkpoint.pt'}; continue with --resume")
+                    self.log(f"interrupted at step {self.step}: checkpoint written to "
+                             f"{self.out / 'checkpoint.pt'}; continue with --resume")
                     raise KeyboardInterrupt
         bar.close()
         if self.saved_step != self.step:
@@ -547,9 +574,8 @@ class Trainer:
         try:
             return self._finish(timing)
         except KeyboardInterrupt:
-            if self.rank == 0:
-                self.log(f"interrupted after the last step: the checkpoint of step {self.step} is in "
-                         f"{self.out / 'checkpoint.pt'}; --resume finishes the run (calibration, losses, samples)")
+            self.log(f"interrupted after the last step: the checkpoint of step {self.step} is in "
+                     f"{self.out / 'checkpoint.pt'}; --resume finishes the run (calibration, losses, samples)")
             raise
 
     STOP_AGREEMENT_STEPS = 10

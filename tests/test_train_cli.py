@@ -2,6 +2,7 @@
 bit-identical, the plain-PyTorch twin side by side, data parallel with torchrun, bad word lists refused."""
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -246,6 +247,14 @@ def test_bad_word_lists_end_with_a_clear_error(tmp_path, content, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_under_torchrun_an_error_is_printed_once_per_machine(tmp_path):
+    """Every rank of a machine meets the same bad option: its first process (LOCAL_RANK 0) says so, and every
+    process exits with status 2."""
+    for local_rank, printed in (("0", True), ("1", False)):
+        result = fastlm_command("sample", "--checkpoint", str(tmp_path / "nothing"), LOCAL_RANK=local_rank)
+        assert result.returncode == 2 and ("no checkpoint" in result.stderr) == printed, result.stderr
+
+
 def test_sample_without_a_checkpoint_is_a_clear_error(tmp_path):
     result = fastlm_command("sample", "--checkpoint", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
@@ -439,20 +448,52 @@ def test_sample_runs_a_gpu_checkpoint_on_the_cpu(words_file, tmp_path):
     assert len(result.stdout.splitlines()) == 3
 
 
-def test_data_parallel_with_torchrun_equals_one_process_on_the_whole_batch(words_file, tmp_path):
-    """2 gloo ranks with batch 8 each (synchronised BatchNorm, DDP) against 1 process with batch 16."""
-    common = ["--steps", "12", "--eval-every", "12", "--hidden", "16", "--samples", "1", "--data", words_file]
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_data_parallel_with_torchrun_equals_one_process_on_the_whole_batch(words_file, tmp_path, backend):
+    """2 gloo ranks with batch 8 each (synchronised BatchNorm, DDP) against 1 process with batch 16: the same
+    weights, the same logged batch losses (the whole batch's, not rank 0's half), each line printed once; on the
+    kernels and on the torch backend (whose synchronised BatchNorm is torch ops). The checkpoint then resumes in
+    one process with its batch of 16 rows, as the single run's does."""
+    common = ["--steps", "12", "--eval-every", "12", "--hidden", "16", "--samples", "1", "--data", words_file,
+              "--backend", backend]
     single = fastlm_command("train", *common, "--batch-size", "16", "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     parallel = run_as_a_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                "--master_port", str(free_port()), "-m", "fastlm", "train", *common, "--batch-size", "8",
                                "--out", str(tmp_path / "two")], timeout=300)
     assert parallel.returncode == 0, parallel.stderr
-    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
-    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
-    assert one.keys() == two.keys()
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+    assert parallel.stdout.count("step 12: train batch loss") == 1, parallel.stdout
+    for run in ("one", "two"):
+        resumed = fastlm_command("train", "--resume", "--steps", "18", "--out", str(tmp_path / run))
+        assert resumed.returncode == 0, resumed.stderr
+        assert ("so the batch stays 16 rows" in resumed.stdout) == (run == "two"), resumed.stdout
+    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
+    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
+    assert one["model"].keys() == two["model"].keys() and two["config"]["batch_size"] == 16
+    for key in one["model"]:
+        torch.testing.assert_close(two["model"][key], one["model"][key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(two["history"]["step_loss"], one["history"]["step_loss"], rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_in_another_number_of_processes_keeps_the_batch(words_file, tmp_path):
+    """A checkpoint records the processes it trained in; resumed in another number, each takes its share of the
+    same batch, or the run is refused where the batch does not split evenly."""
+    Trainer(small_config(words_file, tmp_path, steps=2, batch_size=3), log=lambda *_: None).fit()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state["world"] = 2  # as a run of 2 processes of 3 rows writes it; resumed in this one process: 6 rows
+    torch.save(state, tmp_path / "checkpoint.pt")
+    notes = []
+    assert Trainer(small_config(words_file, tmp_path, steps=4), resume=True, log=notes.append).config.batch_size == 6
+    assert notes[-1] == ("note: the checkpoint's run trained in 2 processes of 3 rows; resumed in 1, 6 rows each, "
+                         "so the batch stays 6 rows")
+    state["world"] = 4
+    state["config"]["batch_size"] = 1
+    torch.save(state, tmp_path / "checkpoint.pt")
+    trainer = Trainer(small_config(words_file, tmp_path, steps=4), resume=True, log=notes.append)
+    assert trainer.config.batch_size == 4
+    trainer.world = 3  # as torchrun --nproc_per_node 3 would run it
+    with pytest.raises(ConfigError, match="its batch of 4 rows does not split over 3"):
+        trainer._same_global_batch(dataclasses.replace(trainer.config, batch_size=1), 4)
 
 
 def end_group(run: subprocess.Popen) -> None:
