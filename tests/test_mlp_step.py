@@ -189,12 +189,18 @@ def test_a_team_of_one_thread_runs_both_parts(tmp_path):
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("batchnorm", [False, True], ids=["mlp", "mlp-bn"])
-def test_opcheck(batchnorm):
+def test_opcheck(batchnorm, layout):
+    """Transposed parameters too (the lectures' W2.T): the kernel's gradients are contiguous whatever the
+    parameters' layout, and so must the fake's be, or Inductor's stride assertions fail."""
     skip_unless_runs("cpp")
     idx, targets, params, bn = make_case(5, 2, 3, 7, 4, 6, batchnorm, dtype=torch.float32)
+    if layout == "transposed":
+        params = [p.t().contiguous().t() if p.dim() == 2 else p for p in params]
     torch.library.opcheck(torch.ops.fastlm.mlp_loss_and_grads, (idx, targets, *params, *bn, 0.1, 1e-5, True))
-    torch.library.opcheck(torch.ops.fastlm.mlp_sgd_step, (idx, targets, *params, *bn, 0.1, 1e-5, True, 0.05))
+    if layout == "contiguous":  # (the step updates its parameters in place: it takes contiguous ones only)
+        torch.library.opcheck(torch.ops.fastlm.mlp_sgd_step, (idx, targets, *params, *bn, 0.1, 1e-5, True, 0.05))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])

@@ -42,8 +42,8 @@ class MLPGrads(NamedTuple):
 def _fake(idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
           momentum, eps, unbiased):
     bn_size = w1.shape[0] if bn_weight is not None else 0
-    return (table.new_empty(()), torch.empty_like(table), torch.empty_like(w1), torch.empty_like(b1),
-            torch.empty_like(w2), torch.empty_like(b2), table.new_empty(bn_size), table.new_empty(bn_size))
+    grads = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in (table, w1, b1, w2, b2)]
+    return (table.new_empty(()), *grads, table.new_empty(bn_size), table.new_empty(bn_size))
 
 
 def reference_mlp_loss_and_grads(idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias, running_mean, running_var,
