@@ -6,7 +6,8 @@
 // buffer out once, scaled in place only when the upstream gradient is not exactly 1. A second backward through a
 // retained graph runs that kernel again. With inplace_backward the forward computes
 // the loss alone and the backward writes the gradient over the logits, bumping their version so that any other
-// saved use of them fails autograd's check instead of reading gradients.
+// saved use of them fails autograd's check instead of reading gradients (not when traced by torch.compile: see
+// the forward).
 // Device-generic (or the Triton kernels'), inference mode and torch.compile as csrc/batch_norm_autograd.cpp.
 
 #include "autograd_op.h"
@@ -34,7 +35,10 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
     const auto dtype = math_dtype(logits);
     const Tensor denominator =
         o.reduction == Reduction::mean ? mean_denominator(target, weight, o.ignore_index, dtype) : Tensor();
-    const bool inplace = inplace_backward && can_overwrite(logits, o.triton);
+    // Traced by torch.compile, the backward's write over logits that enter the compiled graph from outside it is
+    // no in-place op of autograd's: nothing bumps their version, and another saved use of them would silently read
+    // the gradient (measured with Inductor). There the out-of-place backward runs.
+    const bool inplace = inplace_backward && can_overwrite(logits, o.triton) && !traced(logits);
     // The gradient written over a leaf that requires grad, or over a view of one, would replace the user's values
     // (torch refuses any in-place change to such tensors for the same reason). Logits the kernels cannot write
     // over (overlapping rows, ...) take the out-of-place backward and are fine.

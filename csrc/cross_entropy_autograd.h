@@ -106,11 +106,15 @@ bool outside_stream_capture(const Tensor& t) {
   return false;
 }
 
-// Whether a tensor holds values this code may read: not a fake or functional tensor of torch.compile's tracing,
-// not batched by vmap, and on the CPU or on a GPU stream outside capture.
+// Whether a tensor is a fake or functional tensor of torch.compile's tracing.
+inline bool traced(const Tensor& t) {
+  return t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
+}
+
+// Whether a tensor holds values this code may read: not traced, not batched by vmap, and on the CPU or on a GPU
+// stream outside capture.
 inline bool values_readable(const Tensor& t) {
-  constexpr auto traced = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
-  if (t.key_set().has_any(traced) || is_batched(t) || t.is_meta()) return false;
+  if (traced(t) || is_batched(t) || t.is_meta()) return false;
   return t.is_cpu() || outside_stream_capture(t);
 }
 

@@ -458,6 +458,29 @@ def test_inplace_backward_never_corrupts_autograd(backend):
         retained.backward()
 
 
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_inplace_backward_under_torch_compile_gives_the_right_gradient(compiler):
+    """Logits made outside a compiled loss and used elsewhere too: Inductor's backward wrote the gradient over them
+    with no version bump, and the other use read it (a silently wrong gradient where eager raises). Traced, the
+    loss takes the out-of-place backward. (In a fresh Inductor cache: its key leaves out fastlm's build.)"""
+    from torch._inductor.utils import fresh_cache
+
+    skip_unless_runs("cpp")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    weight, x, target = torch.randn(6, 5, requires_grad=True), torch.randn(8, 6), torch.randint(0, 5, (8,))
+    grads = []
+    with fresh_cache():
+        for loss_fn in (torch.nn.functional.cross_entropy, torch.compile(
+                fastlm.nn.CrossEntropyLoss(inplace_backward=True), backend=compiler, fullgraph=True)):
+            logits = x @ weight
+            penalty = 0.01 * (logits**2).sum()  # saves the logits; made first, so its backward runs after the loss's
+            (penalty + loss_fn(logits, target)).backward()
+            grads.append(weight.grad)
+            weight.grad = None
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_no_gradient_work_under_no_grad(backend):
     """Autograd reports a leaf that requires grad as needing one even under no_grad: the forward must still
