@@ -96,7 +96,7 @@ def _load_dz(dy_ptr, y_ptr, offs, mask, ACT: tl.constexpr, ACC: tl.constexpr):
     """dz = dy * act'(z), with act' read from the saved output y; 0 outside the mask."""
     dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
     if ACT == 1:
-        dz = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) > 0, dz, 0.0)
+        dz = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) <= 0, 0.0, dz)  # a NaN y passes dz, as in torch
     elif ACT == 2:
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
         dz = dz * (1.0 - y * y)

@@ -148,7 +148,8 @@ def test_fused_activation_matches_torch(backend, device, training, activation):
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_activation_passes_nan_and_infinity_like_torch(backend, device, activation):
     """NaN stays NaN through the fused activation and +-inf saturates tanh to +-1, in a whole vector of lanes
-    and in the tail (eval mode, so that a NaN stays in its element instead of spreading through the stats)."""
+    and in the tail (eval mode, so that a NaN stays in its element instead of spreading through the stats); the
+    input gradient there is torch's too (relu's passes the upstream gradient at a NaN: it zeroes where y <= 0)."""
     skip_unless_runs(backend, device)
     reference, _ = make_pair(13, device)
     ours = fastlm.nn.BatchNorm1d(13, device=device, activation=activation, backend=backend)
@@ -160,8 +161,11 @@ def test_fused_activation_passes_nan_and_infinity_like_torch(backend, device, ac
     specials = torch.tensor([float("nan"), float("inf"), -float("inf")], device=device)
     x[0, :3] = specials
     x[1, 9:12] = specials
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), ACTIVATIONS[activation](reference(x)), equal_nan=True)
+    x.requires_grad_()
+    outputs = ours(x), ACTIVATIONS[activation](reference(x))
+    torch.testing.assert_close(*outputs, equal_nan=True)
+    upstream = torch.randn(4, 13, device=device)
+    torch.testing.assert_close(*(torch.autograd.grad(out, x, upstream)[0] for out in outputs), equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,7 +5,7 @@
 //   xhat = (x - mean) * invstd,   z = xhat * w + b,   y = act(z)
 //   forward_train: mean, M2 = sum (x - mean)^2; var = M2/(n-1) if unbiased else M2/n; invstd = 1/sqrt(var+eps);
 //                  running_mean <- (1-m) running_mean + m mean;  running_var <- (1-m) running_var + m M2/(n-1)
-//   backward:      dz = dy * act'(z) (1; y > 0; 1 - y^2), read from the saved output y;
+//   backward:      dz = dy * act'(z) (1; 0 where y <= 0; 1 - y^2), read from the saved output y;
 //                  sum_dz = sum dz, sum_dz_xhat = sum dz*xhat  (= grad_bias, grad_weight);
 //                  dx = w invstd (dz - mean_scale sum_dz - xhat_scale xhat sum_dz_xhat)
 //   with mean_scale = 1/n and xhat_scale = 1/(n-1) (unbiased) or 1/n for batch statistics, both 0 for
@@ -102,10 +102,10 @@ Vectorized<T> activate(Vectorized<T> z) {
   return z;
 }
 
-// dL/dz from dL/dy and y = act(z).
+// dL/dz from dL/dy and y = act(z). relu's is 0 where y <= 0 and dy elsewhere, a NaN y included, as in torch.
 template <int64_t act, typename T>
 Vectorized<T> activation_grad(Vectorized<T> dy, Vectorized<T> y) {
-  if constexpr (act == kRelu) return Vectorized<T>::blendv(Vectorized<T>(T(0)), dy, y > Vectorized<T>(T(0)));
+  if constexpr (act == kRelu) return Vectorized<T>::blendv(dy, Vectorized<T>(T(0)), y <= Vectorized<T>(T(0)));
   if constexpr (act == kTanh) return dy * (Vectorized<T>(T(1)) - y * y);
   return dy;
 }

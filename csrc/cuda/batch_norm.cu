@@ -49,7 +49,7 @@ template <typename T>
 __device__ __forceinline__ acc_type<T> grad_z(T dy, T y, int act) {
   using acc_t = acc_type<T>;
   const acc_t g = to_acc(dy);
-  if (act == kActRelu) return to_acc(y) > acc_t(0) ? g : acc_t(0);
+  if (act == kActRelu) return to_acc(y) <= acc_t(0) ? acc_t(0) : g;  // a NaN y passes g, as in torch
   if (act == kActTanh) {
     const acc_t t = to_acc(y);
     return g * (acc_t(1) - t * t);
