@@ -3,8 +3,8 @@
 // the CPU (N=32, C=27), many times the kernels.
 // What it does: when the logits need a gradient, the forward runs cross_entropy_forward_backward, which computes
 // the gradient for an upstream gradient of 1 at once (one exponential per logit), and the backward hands that
-// buffer out once, scaled in place only when the upstream gradient is not exactly 1. A second backward through a
-// retained graph runs that kernel again. With inplace_backward the forward computes
+// buffer out once, scaled in place only when the upstream gradient is not exactly 1 (fp16 logits excepted: see
+// gradient_ahead_survives_scaling). A second backward through a retained graph runs that kernel again. With inplace_backward the forward computes
 // the loss alone and the backward writes the gradient over the logits, bumping their version so that any other
 // saved use of them fails autograd's check instead of reading gradients (not when traced by torch.compile: see
 // the forward).
@@ -47,7 +47,7 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
                 "fastlm.cross_entropy: inplace_backward=True would overwrite a leaf that requires grad (or a view "
                 "of one) with its gradient; pass logits computed from it, or leave inplace_backward off");
     Tensor rows, lse;
-    if (grad_wanted && !inplace) {
+    if (grad_wanted && !inplace && gradient_ahead_survives_scaling(logits.scalar_type())) {
       const Tensor grad_rows = unit_grad_per_row(o.reduction, denominator, logits.sym_size(0),
                                                  logits.options().dtype(dtype));
       Tensor grad;

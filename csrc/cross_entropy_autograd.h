@@ -182,6 +182,13 @@ inline Tensor scale_owned_grad(Tensor grad, const Tensor& grad_loss, Reduction r
   return is_exactly_one(grad_loss) ? grad : scale_owned(std::move(grad), grad_loss);
 }
 
+// Whether the gradient may be made in the forward for an upstream gradient of 1 and scaled in the backward: not in
+// fp16, whose range flushes what a loss scale (torch.amp's GradScaler) is there to keep: a p / N below fp16's
+// smallest subnormal (6e-8) would be 0 before the scale reached it, and small ones keep few bits. (bf16 has fp32's
+// range, and a power-of-two scale is exact in it.) fp16 takes the backward's kernel, with the real upstream
+// gradient, as torch computes it.
+inline bool gradient_ahead_survives_scaling(at::ScalarType dtype) { return dtype != at::kHalf; }
+
 // Whether the in-place backward can write the gradient straight over these logits: a dtype the kernel writes
 // (fp16/bf16 too, except for the C++ CPU kernels), unit column stride, and rows that do not share memory (an
 // expanded row has one buffer for several rows').

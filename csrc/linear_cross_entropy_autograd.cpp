@@ -5,8 +5,9 @@
 // when gradients are needed, are overwritten in place by their gradient (where the kernels can; a new buffer
 // otherwise), which is at once folded into d_input, d_weight and d_bias (those two summed in fp32, fp64 for fp64
 // input). For 'mean' and 'sum' the gradients are finished during the forward, for an upstream gradient of 1, and
-// the first backward hands them out, scaled only when the upstream gradient is not exactly 1. For 'none', and for a second backward through a retained graph,
-// the backward runs the chunks again. Device-generic (or the Triton kernels'), as csrc/cross_entropy_autograd.cpp.
+// the first backward hands them out, scaled only when the upstream gradient is not exactly 1. For 'none', fp16
+// input (gradient_ahead_survives_scaling) and a second backward through a retained graph, the backward runs the
+// chunks again. Device-generic (or the Triton kernels'), as csrc/cross_entropy_autograd.cpp.
 // With predict, the forward also gives each row's predicted class (fastlm::cross_entropy_predictions, the argmax
 // of its logits), taken from each chunk's logits before the gradient overwrites them.
 // The chunk loop is an op of its own, fastlm::linear_cross_entropy_chunks, with a fake implementation: tracing
@@ -154,7 +155,8 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
     const auto dtype = math_dtype(input);
     const Tensor denominator =
         o.reduction == Reduction::mean ? mean_denominator(target, ce_weight, o.ignore_index, dtype) : Tensor();
-    const bool grads_now = o.reduction != Reduction::none && (wanted[0] || wanted[1] || wanted[2]);
+    const bool grads_now = o.reduction != Reduction::none && (wanted[0] || wanted[1] || wanted[2]) &&
+                           gradient_ahead_survives_scaling(input.scalar_type());
     const Tensor grad_rows =
         grads_now ? unit_grad_per_row(o.reduction, denominator, input.sym_size(0), input.options().dtype(dtype))
                   : Tensor();
