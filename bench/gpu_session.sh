@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU work of a session that is lent a CUDA machine, in two stages that each fit one device call
 # (10 minutes a command). The machine goes back when idle for about 30 s, so each stage builds fastlm's
-# CUDA extension itself where the build is missing. Everything lands in $OUT (the folder the device tool
-# returns, at most 8 files), else in bench/results.
+# CUDA extension itself (incrementally, where an earlier stage's build is still there). Everything lands in
+# $OUT (the folder the device tool returns, at most 8 files), else in bench/results.
 #
 #   bench/gpu_session.sh test    build; fastlm check --device cuda --quick; the tests that use the GPU (CUDA
 #                                devices, Triton and kernel tests; not the CPU-only emulation and compile tests,
@@ -10,14 +10,18 @@
 #   bench/gpu_session.sh bench   build; the issues' GPU cases, one fastlm bench run per op so that each op's
 #                                files are written as it ends, then linear + cross-entropy at Liger's size,
 #                                last the soft-capped cross-entropy (against Liger's softcap)
-#                                -> gpu.csv, bench.log, results.tgz (made on exit, so a cut-short run still
-#                                returns what finished)
-# Each step's timeout is what is left of a 570 s budget, so the call ends before the device tool's 600 s limit;
-# a step with under 20 s left is skipped (timeout 0 would mean no limit at all). The exit status is 0 only when
-# every step ran and passed.
+#                                -> gpu.csv, bench.log, results.tgz (rewritten after each step, so a run cut
+#                                short, even by SIGKILL, returns what finished)
+# Each step's timeout is what is left of the budget, FASTLM_BUDGET_S seconds (default 570, so that the call ends
+# before the device tool's 600 s limit; set it below the call's own limit where less device time is left); a step
+# with under 20 s left is skipped (timeout 0 would mean no limit at all). A step's timeout is SIGINT, so that
+# pytest still prints which tests failed and its slowest. The exit status is 0 only when every step ran and passed.
+# With 15 minutes of device time in all (a start costs 1-2 of them), run the stages back to back on the warm machine
+# and split what is left between them, e.g. FASTLM_BUDGET_S=240 for test, then 420 for bench.
 # The image's torch is 2.11.0+cu130: tests/check_against_torch.sh checks here that the sources still compile against
 # it, before device time is spent on a build that fails.
-# Set FASTLM_GIT_COMMIT to the commit being measured: the device machine's copy of the tree has no .git.
+# The bench stage needs FASTLM_GIT_COMMIT, the commit being measured (the device machine's copy of the tree has no
+# .git): FASTLM_GIT_COMMIT=$(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty).
 # Everything runs through python3, the interpreter that holds the image's torch (its `python`, `pip` and script
 # folder may be others, or missing).
 # Liger-Kernel, the cross-entropy baseline issue 2 names, is not in the machines' image, which reaches no registry:
@@ -33,21 +37,32 @@ case "${1:-}" in
     exit 2
     ;;
 esac
+cd "$(dirname "$0")/.." || exit 1
+if [[ $1 == bench && -z ${FASTLM_GIT_COMMIT:-} ]]; then
+  echo "set FASTLM_GIT_COMMIT to the commit being measured (see this script's header)" >&2
+  exit 2
+fi
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/carried .whl/*.whl &&
-    export PYTHONPATH=/tmp/carried${PYTHONPATH:+:$PYTHONPATH}
-fi
+# ninja where python3's scripts are (without it torch's builder falls back to a slow serial build)
+PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 status=0  # set to 1 by any step that fails or is skipped
+if compgen -G ".whl/*.whl" >/dev/null; then
+  if python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/carried .whl/*.whl; then
+    export PYTHONPATH=/tmp/carried${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "the carried wheels did not install: no Liger-Kernel rows" >&2
+    status=1
+  fi
+fi
 
 has_cuda_kernels() {
   python3 -c "import fastlm._C, torch, sys; sys.exit(not torch._C._dispatch_has_kernel_for_dispatch_key(
       'fastlm::cross_entropy_forward', 'CUDA'))" 2>/dev/null
 }
 
-left() { echo $((570 - SECONDS)); }
+left() { echo $((${FASTLM_BUDGET_S:-570} - SECONDS)); }
 
 # within SECONDS COMMAND...: runs COMMAND under a timeout of SECONDS, or skips it when under 20 s are left.
 within() {
@@ -57,18 +72,19 @@ within() {
     echo "skipped (${seconds} s left): $*" | tee -a "$out/skipped.log" >&2
     return 1
   fi
-  timeout "$seconds" "$@"
+  timeout -s INT -k 15 "$seconds" "$@"
 }
 
+# Built by every stage: ninja rebuilds only what changed, and a warm machine's earlier build may be stale.
 build() {
-  nvidia-smi --query-gpu=name,memory.total,clocks.max.memory,clocks.max.sm --format=csv >"$out/gpu.csv"
-  has_cuda_kernels && return 0
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory,clocks.max.sm --format=csv >"$out/gpu.csv"
   # torch's extension builder takes CUDA's home from nvcc's folder; an nvcc that is a wrapper elsewhere (as on
   # the CPU machines: /usr/local/bin/nvcc) leaves it without CUDA's headers, so name the usual home if none is.
   if [[ -z "${CUDA_HOME:-}" && -f /usr/local/cuda/include/cuda_runtime_api.h ]]; then
     export CUDA_HOME=/usr/local/cuda
   fi
-  if ! within "$(left)" python3 -m pip install --no-build-isolation -e . >"$out/build.log" 2>&1 || ! has_cuda_kernels; then
+  if ! within "$(left)" python3 -m pip install --no-build-isolation --no-deps --no-index -e . >"$out/build.log" 2>&1 ||
+    ! has_cuda_kernels; then
     tail -40 "$out/build.log"
     echo "build failed or fastlm._C has no CUDA kernels; see build.log" >&2
     exit 1
@@ -87,7 +103,6 @@ case "${1:-}" in
   bench)
     build
     results=$(mktemp -d)
-    trap 'tar czf "$out/results.tgz" -C "$results" . || exit 1' EXIT  # the results are the stage's point
     for args in "--op cross_entropy --sizes 16384x128256 --dtype bfloat16" \
                 "--op batch_norm --sizes 65536x1024 --dtype float32 bfloat16" \
                 "--op embedding_linear" \
@@ -97,6 +112,7 @@ case "${1:-}" in
       # shellcheck disable=SC2086  # the arguments split on purpose
       within "$(left)" python3 -m fastlm bench $args --device cuda --out "$results" 2>&1 | tee -a "$out/bench.log" | tail -30 ||
         status=1
+      tar czf "$out/results.tgz" -C "$results" . || status=1  # the results are the stage's point: kept as they come
     done
     ;;
 esac

@@ -357,6 +357,7 @@ def environment(device: str) -> dict:
         "device_name": name,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,  # the CUDA release torch was built with (None in a CPU build)
         "triton": triton_version,
         "liger_kernel": installed_version("liger-kernel"),  # the baseline's release, where it was measured
         "python": platform.python_version(),

@@ -49,6 +49,10 @@ def _liger(name: str, device: str) -> Callable | None:
         from liger_kernel.transformers import functional
     except ImportError:
         return None
+    except Exception as error:  # installed but broken (another torch or triton): measure the rest
+        print(f"note: liger_kernel does not import ({type(error).__name__}: {error}); no Liger-Kernel rows",
+              file=sys.stderr)
+        return None
     return getattr(functional, name)
 
 
@@ -232,10 +236,17 @@ def mlp_step_problems(size: Size, dtype: torch.dtype, device: str, quick: bool) 
         return lambda: model.sgd_step(X, Y, 0.01)
 
     def graphed_step(model: nn.Module) -> Callable[[], torch.Tensor]:
+        """Captured at its first call (a warm-up call), so that a capture that fails is this provider's failure
+        row, not the whole case's."""
         from fastlm.cuda_graph import CapturedStep
 
-        captured = CapturedStep(model, X, Y)
-        return lambda: captured(X, Y, 0.01)
+        captured = []
+
+        def run():
+            if not captured:
+                captured.append(CapturedStep(model, X, Y))
+            return captured[0](X, Y, 0.01)
+        return run
 
     forwards = {}
     for name in fastlm_backends(device):

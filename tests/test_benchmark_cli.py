@@ -10,7 +10,9 @@ import json
 import math
 import os
 import re
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +32,7 @@ def test_quick_batch_norm_writes_csv_json_and_a_table(tmp_path, capsys):
     assert benchmark.main(["--quick", "--op", "batch_norm", "--device", "cpu", "--out", str(tmp_path)]) == 0
     stem = tmp_path / "batch_norm-cpu-quick"
     result = json.loads(stem.with_suffix(".json").read_text())
-    expected_keys = {"device_name", "torch", "triton", "liger_kernel", "git_commit", "date", "timing"}
+    expected_keys = {"device_name", "torch", "cuda", "triton", "liger_kernel", "git_commit", "date", "timing"}
     assert expected_keys <= result["environment"].keys()
     assert result["op"] == "batch_norm" and result["mode"] == "full" and positive(result["copy_bandwidth_gbs"])
     rows = result["rows"]
@@ -353,3 +355,15 @@ def test_softcap_runs_every_provider_on_the_capped_loss(tmp_path):
         with pytest.raises(SystemExit) as exit:
             benchmark.main(argv + ["--out", str(tmp_path / "refused")])
         assert exit.value.code == 2, argv
+
+
+def test_gpu_session_script_refuses_to_measure_an_unnamed_commit(tmp_path):
+    """bench/gpu_session.sh, which runs only on a lent GPU, parses, and its bench stage stops before any device
+    time is spent when FASTLM_GIT_COMMIT is unset (its results would say "commit unknown")."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "FASTLM_GIT_COMMIT"}
+    result = subprocess.run(["bash", str(script), "bench"], capture_output=True, text=True, cwd=tmp_path,
+                            env={**env, "OUT": str(tmp_path / "out")}, timeout=60)
+    assert result.returncode == 2 and "FASTLM_GIT_COMMIT" in result.stderr
+    assert not (tmp_path / "out").exists()
