@@ -240,6 +240,10 @@ def test_bigram_counts_nll_is_the_hand_count(fused):
     pairs = [(".", "a"), ("a", "b"), ("b", "."), (".", "b"), ("b", "."), (".", "b"), ("b", "b"), ("b", ".")]
     nll = -sum(math.log((rows[p][n] + 1) / (sum(rows[p].values()) + 27)) for p, n in pairs) / len(pairs)
     assert model.loss(X, Y).item() == pytest.approx(nll, rel=1e-6)
+    # like every model, it has loss_and_grads and sgd_step: no parameters, so no gradients and no update
+    loss, grads = model.loss_and_grads(X, Y)
+    assert loss.item() == pytest.approx(nll, rel=1e-6) and grads == []
+    assert model.sgd_step(X, Y, 0.1).item() == pytest.approx(nll, rel=1e-6)
 
 
 @pytest.mark.parametrize("fused", [False, True])

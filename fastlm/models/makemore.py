@@ -98,16 +98,18 @@ class MakemoreModel(nn.Module):
 
     def loss_and_grads(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
         """The mean loss (detached) and its gradient with respect to each of ``self.parameters()``, in that
-        order: the forward and backward of a training step, leaving ``.grad`` untouched."""
-        loss = self.loss(idx, targets)
-        return loss.detach(), list(torch.autograd.grad(loss, list(self.parameters())))
+        order: the forward and backward of a training step, leaving ``.grad`` untouched (none for the counting
+        bigram, which has no parameters)."""
+        loss, params = self.loss(idx, targets), list(self.parameters())
+        return loss.detach(), list(torch.autograd.grad(loss, params)) if params else []
 
     def sgd_step(self, idx: Tensor, targets: Tensor, lr: float) -> Tensor:
         """One step of plain SGD, ``p -= lr * grad`` for every parameter (the lectures' update), leaving ``.grad``
         untouched; returns the loss before the step (detached)."""
         loss, grads = self.loss_and_grads(idx, targets)
-        with torch.no_grad():
-            torch._foreach_add_(list(self.parameters()), grads, alpha=-lr)
+        if grads:
+            with torch.no_grad():
+                torch._foreach_add_(list(self.parameters()), grads, alpha=-lr)
         return loss
 
 
