@@ -413,18 +413,28 @@ class Trainer:
         # Under torchrun (where --compare is refused) the model's loss runs through DDP, which hooks a forward.
         self.ddp_loss = (nn.parallel.DistributedDataParallel(LossOf(self.model))
                          if self.world > 1 and self.optimizer is not None else None)
-        if self.rank == 0:  # a bad --out is found now, not after training
-            try:
-                self.out.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise ConfigError(f"--out {config.out}: cannot create the output directory ({error})") from None
-            try:
-                tempfile.TemporaryFile(dir=self.out).close()
-            except OSError as error:
-                raise ConfigError(f"--out {config.out}: cannot write files there ({error})") from None
-            if checkpoint is None and (self.out / "checkpoint.pt").exists():
-                self.log(f"note: this run replaces the checkpoint of an earlier run in {config.out} "
-                         "(--resume continues that run)")
+        problem = self._out_problem() if self.rank == 0 else None  # a bad --out is found now, not after training
+        if self.world > 1:  # every rank stops on it, not rank 0 alone (the others would wait in a collective)
+            flag = torch.tensor([problem is not None], dtype=torch.int32, device=self.device)
+            dist.all_reduce(flag)
+            problem = problem or (f"--out {config.out}: rank 0 cannot write there" if flag.item() else None)
+        if problem:
+            raise ConfigError(problem)
+        if self.rank == 0 and checkpoint is None and (self.out / "checkpoint.pt").exists():
+            self.log(f"note: this run replaces the checkpoint of an earlier run in {config.out} "
+                     "(--resume continues that run)")
+
+    def _out_problem(self) -> str | None:
+        """Why the output directory cannot be made or written, or None."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            return f"--out {self.config.out}: cannot create the output directory ({error})"
+        try:
+            tempfile.TemporaryFile(dir=self.out).close()
+        except OSError as error:
+            return f"--out {self.config.out}: cannot write files there ({error})"
+        return None
 
     def _note_ignored_options(self, requested: TrainConfig, saved: TrainConfig, given: set[str] | None) -> None:
         """A resumed run keeps its checkpoint's configuration: says which options given now (besides --steps and

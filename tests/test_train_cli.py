@@ -475,6 +475,17 @@ def test_data_parallel_with_torchrun_equals_one_process_on_the_whole_batch(words
     torch.testing.assert_close(two["history"]["step_loss"], one["history"]["step_loss"], rtol=1e-5, atol=1e-6)
 
 
+def test_an_unwritable_out_under_torchrun_stops_every_rank_with_one_line(words_file, tmp_path):
+    """Rank 0 alone writes, so it alone can find --out unusable: the ranks agree on it before training (rank 1 went
+    on into the first step's collective and ended in a traceback of a closed connection)."""
+    (tmp_path / "a_file").write_text("")
+    run = run_as_a_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), "-m", "fastlm", "train", "--steps", "5", "--batch-size", "4", "--hidden",
+                          "8", "--data", words_file, "--out", str(tmp_path / "a_file" / "run")], timeout=300)
+    assert run.stderr.count("fastlm train: error: --out") == 1, run.stderr
+    assert "[rank1]: Traceback" not in run.stderr and "exitcode  : 2" in run.stderr, run.stderr
+
+
 def test_resuming_in_another_number_of_processes_keeps_the_batch(words_file, tmp_path):
     """A checkpoint records the processes it trained in; resumed in another number, each takes its share of the
     same batch, or the run is refused where the batch does not split evenly."""
