@@ -45,6 +45,7 @@ fi
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # the CPU's test command sets it: here the Triton kernels run on the GPU
 # ninja where python3's scripts are (without it torch's builder falls back to a slow serial build)
 PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 status=0  # set to 1 by any step that fails or is skipped

@@ -74,6 +74,14 @@ def device_of(backend: str) -> str:
     return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
 
 
+def device_to_test(backend: str) -> str:
+    """device_of(backend), skipping (with the reason) where the backend cannot run there: the first line of a test
+    that runs on every backend, each on its own device."""
+    device = device_of(backend)
+    skip_unless_runs(backend, device)
+    return device
+
+
 def fastlm_ops_called(fn) -> list[str]:
     """The fastlm:: ops that fn() runs, nested ones included (an op's kernel may call others), in order."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:

@@ -16,7 +16,7 @@ from torch.nn.utils import parametrizations, parametrize, prune
 
 import fastlm
 from conftest import (DEVICES, KERNEL_BACKENDS, TOLERANCE, assert_close_to_reference,
-                      assert_second_derivative_raises, device_of, needs_batch_norm_bias_keyword, skip_unless_runs)
+                      assert_second_derivative_raises, device_to_test, needs_batch_norm_bias_keyword, skip_unless_runs)
 
 BACKENDS = ["cpp", "triton", "cuda", "torch"]
 ACTIVATIONS = {None: lambda x: x, "relu": torch.relu, "tanh": torch.tanh}
@@ -459,12 +459,12 @@ def test_state_dict_moves_between_torch_and_fastlm():
 @pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
 def test_empty_batch_behaves_like_torch(backend, unbiased):
     """An empty batch gives empty outputs and gradients and leaves the running stats as they were."""
-    skip_unless_runs(backend)
-    reference, ours = make_pair(3, "cpu", backend=backend)
+    device = device_to_test(backend)
+    reference, ours = make_pair(3, device, backend=backend)
     ours.unbiased = unbiased
     before = [ours.running_mean.clone(), ours.running_var.clone()]
     for module in (reference, ours):
-        x = torch.randn(0, 3, requires_grad=True)
+        x = torch.randn(0, 3, device=device, requires_grad=True)
         y = module(x)
         y.sum().backward()
         assert y.shape == (0, 3) and x.grad.shape == (0, 3)
@@ -483,12 +483,12 @@ def test_repr_names_the_options_beyond_torch():
 @pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
 def test_without_bias_matches_torch(backend):
     """torch's ``bias=False`` keyword: a weight and no bias, the same state_dict keys, outputs and gradients."""
-    skip_unless_runs(backend)
-    reference, ours = make_pair(5, "cpu", backend=backend, bias=False)
+    device = device_to_test(backend)
+    reference, ours = make_pair(5, device, backend=backend, bias=False)
     assert ours.bias is None and list(ours.state_dict()) == list(reference.state_dict())
     assert repr(ours) == repr(reference)
-    x = torch.randn(7, 5, requires_grad=True)
-    grad = torch.randn(7, 5)
+    x = torch.randn(7, 5, device=device, requires_grad=True)
+    grad = torch.randn(7, 5, device=device)
     outputs = [module(x) for module in (reference, ours)]
     grads = [torch.autograd.grad(y, (x, module.weight), grad) for y, module in zip(outputs, (reference, ours))]
     assert_close_to_reference(outputs[1], outputs[0], torch.float32, magnitude=1.0)
@@ -653,8 +653,7 @@ def test_deepcopy_and_pickle_keep_state_and_options():
 def test_autograd_op_opcheck(backend, training, affine):
     """fastlm::batch_norm, the C++ autograd op every kernel backend runs: schema, fake, autograd registration
     and AOT tracing (what torch.compile needs)."""
-    device = device_of(backend)
-    skip_unless_runs(backend, device)
+    device = device_to_test(backend)
     torch.manual_seed(12)
     x = torch.randn(6, 3, 2, device=device, requires_grad=True)
     weight, bias = (torch.rand(3, device=device) + 0.5, torch.randn(3, device=device)) if affine else (None, None)
@@ -708,8 +707,7 @@ def test_strided_running_stats_are_updated(backend):
 def test_statistics_far_from_zero(backend, shape):
     """A channel of one value far from 0 normalises to exactly its bias (its variance is 0, not the rounding of an
     fp32 mean: 1.0 off at 10000.1 before), one of tiny spread about 1e4 to its float64 statistics."""
-    device = device_of(backend)
-    skip_unless_runs(backend, device)
+    device = device_to_test(backend)
     torch.manual_seed(5)
     x = torch.full(shape, 10000.1)
     x[:, 1] += torch.randn(x[:, 1].shape) * 0.5

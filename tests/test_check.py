@@ -17,7 +17,7 @@ from fastlm import check
 
 
 def test_quick_check_passes_on_every_backend_here(capsys):
-    assert check.main(["--quick"]) == 0
+    assert check.main(["--device", "cpu", "--quick"]) == 0
     out = capsys.readouterr().out
     for op in check.OPS:
         assert re.search(rf"^{op}\s+cpp\s+float32 .* PASS", out, re.MULTILINE)
@@ -41,7 +41,8 @@ def test_a_backend_off_by_1e_2_fails(monkeypatch, capsys, cpp):
         return cpp.ops["batch_norm"](*args, **kwargs) + 1e-2
 
     monkeypatch.setitem(check.BACKENDS, "broken", check.Backend({**cpp.ops, "batch_norm": off}, cpp.runs_on))
-    assert check.main(["--quick", "--backend", "broken", "--op", "batch_norm", "--dtype", "float32"]) == 1
+    assert check.main(["--device", "cpu", "--quick", "--backend", "broken", "--op", "batch_norm", "--dtype",
+                       "float32"]) == 1
     out = capsys.readouterr().out
     assert re.search(r"^batch_norm\s+broken\s+float32 .* FAIL  first failure: .*: output", out, re.MULTILINE)
     assert re.search(r"^determinism\s+broken .* PASS", out, re.MULTILINE)
@@ -54,7 +55,8 @@ def test_an_output_in_the_wrong_dtype_fails(monkeypatch, capsys, cpp):
         return cpp.ops["cross_entropy"](*args, **kwargs).double()
 
     monkeypatch.setitem(check.BACKENDS, "wide", check.Backend({**cpp.ops, "cross_entropy": widened}, cpp.runs_on))
-    assert check.main(["--quick", "--backend", "wide", "--op", "cross_entropy", "--dtype", "float32"]) == 1
+    assert check.main(["--device", "cpu", "--quick", "--backend", "wide", "--op", "cross_entropy", "--dtype",
+                       "float32"]) == 1
     assert re.search(r"^cross_entropy\s+wide\s+float32 .* FAIL  first failure: .*: output is float64, not float32",
                      capsys.readouterr().out, re.MULTILINE)
 
@@ -76,7 +78,7 @@ def test_nothing_to_check_fails(monkeypatch, capsys, cpp):
     """A backend asked for that does not run on the device (--backend cuda --device cpu on a GPU machine): no
     check ran, which printed "0 of 0 checks passed" and passed."""
     monkeypatch.setitem(check.BACKENDS, "elsewhere", check.Backend(cpp.ops, lambda device: False))
-    assert check.main(["--quick", "--backend", "elsewhere"]) == 1
+    assert check.main(["--device", "cpu", "--quick", "--backend", "elsewhere"]) == 1
     assert "FAILED: nothing to check: none of the backends asked for runs on cpu" in capsys.readouterr().out
 
 
@@ -84,7 +86,7 @@ def test_a_backend_without_the_op_asked_for_is_nothing_to_check(monkeypatch, cap
     """--op of an op the backend lacks: no row, a failure that says why (not that the backend cannot run here)."""
     ops = {op: fn for op, fn in cpp.ops.items() if op != "mlp_sgd_step"}
     monkeypatch.setitem(check.BACKENDS, "partial", check.Backend(ops, cpp.runs_on))
-    assert check.main(["--quick", "--backend", "partial", "--op", "mlp_sgd_step"]) == 1
+    assert check.main(["--device", "cpu", "--quick", "--backend", "partial", "--op", "mlp_sgd_step"]) == 1
     out = capsys.readouterr().out
     assert "FAILED: nothing to check: the backends asked for have none of the ops asked for" in out, out
 
@@ -95,7 +97,8 @@ def test_a_backend_accepting_bad_ids_fails(monkeypatch, capsys, cpp):
 
     monkeypatch.setitem(check.BACKENDS, "lenient",
                         check.Backend({**cpp.ops, "embedding_linear": lenient}, cpp.runs_on))
-    assert check.main(["--quick", "--backend", "lenient", "--op", "embedding_linear", "--dtype", "float64"]) == 1
+    assert check.main(["--device", "cpu", "--quick", "--backend", "lenient", "--op", "embedding_linear", "--dtype",
+                       "float64"]) == 1
     out = capsys.readouterr().out
     assert re.search(r"^embedding_linear\s+lenient\s+float64 .* PASS", out, re.MULTILINE)
     assert re.search(r"^refuses bad input\s+lenient .* FAIL  first failure: embedding_linear index 5 of 5 rows: "
@@ -141,7 +144,8 @@ def lenient_targets(op, idx, targets, table, w1, b1, w2, *args, **kwargs):
 def test_a_wrong_mlp_step_fails(monkeypatch, capsys, cpp, wrong, row, failure):
     step = partial(wrong, cpp.ops["mlp_loss_and_grads"])
     monkeypatch.setitem(check.BACKENDS, "broken", check.Backend({**cpp.ops, "mlp_loss_and_grads": step}, cpp.runs_on))
-    assert check.main(["--quick", "--backend", "broken", "--op", "mlp_loss_and_grads", "--dtype", "float32"]) == 1
+    assert check.main(["--device", "cpu", "--quick", "--backend", "broken", "--op", "mlp_loss_and_grads", "--dtype",
+                       "float32"]) == 1
     out = capsys.readouterr().out
     assert re.search(rf"^{row}\s+broken .* FAIL  first failure: .*{failure}", out, re.MULTILINE)
 
@@ -159,7 +163,8 @@ def no_step(op, *args, lr, **kwargs):
 def test_a_wrong_sgd_step_fails(monkeypatch, capsys, cpp, wrong):
     step = partial(wrong, cpp.ops["mlp_sgd_step"])
     monkeypatch.setitem(check.BACKENDS, "broken", check.Backend({**cpp.ops, "mlp_sgd_step": step}, cpp.runs_on))
-    assert check.main(["--quick", "--backend", "broken", "--op", "mlp_sgd_step", "--dtype", "float32"]) == 1
+    assert check.main(["--device", "cpu", "--quick", "--backend", "broken", "--op", "mlp_sgd_step", "--dtype",
+                       "float32"]) == 1
     out = capsys.readouterr().out
     assert re.search(r"^mlp_sgd_step\s+broken .* FAIL  first failure: .*: (table|w1|b1|w2|b2)", out, re.MULTILINE)
 
@@ -169,7 +174,7 @@ def test_an_op_a_backend_lacks_is_not_checked_there(monkeypatch, capsys, cpp):
     assert not any("mlp_loss_and_grads" in check.fastlm_backend(name).ops for name in ("cuda", "triton"))
     ops = {op: fn for op, fn in cpp.ops.items() if op not in ("mlp_loss_and_grads", "mlp_sgd_step")}
     monkeypatch.setitem(check.BACKENDS, "partial", check.Backend(ops, cpp.runs_on))
-    assert check.main(["--quick", "--backend", "partial", "cpp", "--op", "mlp_loss_and_grads",
+    assert check.main(["--device", "cpu", "--quick", "--backend", "partial", "cpp", "--op", "mlp_loss_and_grads",
                        "--dtype", "float64"]) == 0
     out = capsys.readouterr().out
     assert "  not checked: mlp_loss_and_grads on partial: no such op there" in out
@@ -184,7 +189,8 @@ def test_an_op_a_backend_lacks_is_not_checked_there(monkeypatch, capsys, cpp):
 def test_op_limits_every_check_and_exact_rows_name_no_worst_case(capsys, cpp):
     """--op cross_entropy: its accuracy rows and its two refusals; no determinism row (its backward reduces
     nothing over the batch). A row whose every case is exact names no "worst" case."""
-    assert check.main(["--quick", "--backend", "cpp", "--op", "cross_entropy", "--dtype", "float64"]) == 0
+    assert check.main(["--device", "cpu", "--quick", "--backend", "cpp", "--op", "cross_entropy", "--dtype",
+                       "float64"]) == 0
     rows = capsys.readouterr().out.split("-\n")[-1].splitlines()[:-1]  # the table, between header and summary
     assert [row.split()[0] for row in rows] == ["cross_entropy", "refuses"], rows
     assert re.fullmatch(r"refuses bad input\s+cpp\s+-\s+2\s+0\.00e\+00\s+0e\+00\s+PASS", rows[1]), rows[1]
@@ -194,7 +200,8 @@ def test_op_limits_every_check_and_exact_rows_name_no_worst_case(capsys, cpp):
 def test_a_dtype_the_step_kernel_does_not_take_is_not_checked_there(capsys, cpp):
     """The one-call MLP kernels take float32 and float64 (half-precision models run their layers): float16 is
     checked on the torch backend and reported as not checked on cpp, not failed."""
-    assert check.main(["--quick", "--backend", "cpp", "torch", "--op", "mlp_sgd_step", "--dtype", "float16"]) == 0
+    assert check.main(["--device", "cpu", "--quick", "--backend", "cpp", "torch", "--op", "mlp_sgd_step", "--dtype",
+                       "float16"]) == 0
     out = capsys.readouterr().out
     assert "  not checked: mlp_sgd_step in float16 on the kernel backends" in out
     assert re.search(r"^mlp_sgd_step\s+torch\s+float16 .* PASS", out, re.MULTILINE)
@@ -219,7 +226,8 @@ def test_a_crashing_backend_fails_each_check_and_rows_print_as_they_finish(monke
     determinism = check.check_determinism
     monkeypatch.setattr(check, "check_determinism",
                         lambda *args: printed_before.append(capsys.readouterr().out) or determinism(*args))
-    assert check.main(["--quick", "--backend", "crashing", "--op", "batch_norm", "--dtype", "float32"]) == 1
+    assert check.main(["--device", "cpu", "--quick", "--backend", "crashing", "--op", "batch_norm", "--dtype",
+                       "float32"]) == 1
     out = printed_before[0] + capsys.readouterr().out
     assert re.search(r"^batch_norm\s+crashing\s+float32 .* FAIL  first failure: .*RuntimeError: CUDA error",
                      printed_before[0], re.MULTILINE)

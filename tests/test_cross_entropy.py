@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import (DEVICES, KERNEL_BACKENDS, assert_close_to_reference, assert_one_graph_for_every_batch_size,
-                      assert_second_derivative_raises, device_of, fastlm_ops_called, skip_unless_runs)
+from conftest import (KERNEL_BACKENDS, assert_close_to_reference, assert_one_graph_for_every_batch_size,
+                      assert_second_derivative_raises, device_to_test, fastlm_ops_called,
+                      skip_unless_runs)
 
 import fastlm
 from fastlm import backends
@@ -90,9 +91,9 @@ def small_for_interpreter(backend, n, c):
 @pytest.mark.parametrize("c", [2, 27, 1000, 4099])
 @pytest.mark.parametrize("n", [1, 7, 513])
 def test_shapes_and_reductions(backend, n, c, reduction):
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     small_for_interpreter(backend, n, c)
-    x, target = random_problem(n, c, ignored=0.2 if n > 1 else 0.0)
+    x, target = random_problem(n, c, device=device, ignored=0.2 if n > 1 else 0.0)
     check_against_reference(x, target, backend, reduction=reduction)
 
 
@@ -132,19 +133,20 @@ OPTIONS = {
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_options(backend, option, reduction):
-    skip_unless_runs(backend)
-    x, target = random_problem(33, 27, seed=2)
+    device = device_to_test(backend)
+    x, target = random_problem(33, 27, device=device, seed=2)
     target[:5] = 3
     target[target == -100] = OPTIONS[option].get("ignore_index", -100)
-    check_against_reference(x, target, backend, reduction=reduction, **OPTIONS[option])
+    options = {key: value.to(device) if torch.is_tensor(value) else value for key, value in OPTIONS[option].items()}
+    check_against_reference(x, target, backend, reduction=reduction, **options)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_targets_ignored_matches_torch(backend, reduction):
-    skip_unless_runs(backend)
-    x = torch.randn(5, 11, requires_grad=True)
-    target = torch.full((5,), -100)
+    device = device_to_test(backend)
+    x = torch.randn(5, 11, device=device, requires_grad=True)
+    target = torch.full((5,), -100, device=device)
     loss = cross_entropy(x, target, reduction=reduction, backend=backend)
     expected = F.cross_entropy(x, target, reduction=reduction)
     torch.testing.assert_close(loss, expected, equal_nan=True)  # mean: NaN, as torch
@@ -159,8 +161,7 @@ def test_kernels_take_rows_of_no_classes_when_every_row_is_ignored(backend, labe
     """The ops accept C == 0 when no row has a target (fastlm.ops refuses it before; the ops are public): each
     row's loss is 0 and its lse -inf, and no kernel reads a logit (the smoothing's first logit was read
     unmasked by the Triton kernel: a crash at a null pointer)."""
-    skip_unless_runs(backend)
-    device = device_of(backend)
+    device = device_to_test(backend)
     ops, x, target = kernel_ops(backend), torch.empty(3, 0, device=device), torch.full((3,), -100, device=device)
     options = (-100, label_smoothing, 0.0, softcap)
     loss, lse = ops.forward(x, target, None, *options)
@@ -201,8 +202,9 @@ def test_int32_targets_beside_an_ignore_index_beyond_int32(backend, op, weighted
 @pytest.mark.parametrize("extra", [dict(label_smoothing=0.1), dict(lse_square_scale=0.01)])
 def test_mean_with_no_target_weight_left_is_nan(backend, extra):
     """Every target weighted 0: torch's mean is 0 / 0 = NaN, though the smoothing or z-loss terms are not 0."""
-    skip_unless_runs(backend)
-    x, target, weight = torch.randn(4, 5), torch.tensor([0, 1, 1, 0]), torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
+    device = device_to_test(backend)
+    x, target = torch.randn(4, 5, device=device), torch.tensor([0, 1, 1, 0], device=device)
+    weight = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0], device=device)
     assert cross_entropy(x, target, weight=weight, backend=backend, **extra).isnan()
     assert F.cross_entropy(x, target, weight=weight, label_smoothing=extra.get("label_smoothing", 0.0)).isnan()
 
@@ -210,11 +212,11 @@ def test_mean_with_no_target_weight_left_is_nan(backend, extra):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("layout", ["row_slice", "transposed", "column_stride"])
 def test_non_contiguous_input(backend, layout):
-    skip_unless_runs(backend)
-    wide = torch.randn(40, 90)
+    device = device_to_test(backend)
+    wide = torch.randn(40, 90, device=device)
     x = {"row_slice": wide[:, 3:30], "transposed": wide[:27, :9].t(), "column_stride": wide[:9, ::3][:, :27]}[layout]
     assert not x.is_contiguous()
-    target = torch.randint(0, x.shape[1], (x.shape[0],))
+    target = torch.randint(0, x.shape[1], (x.shape[0],), device=device)
     check_against_reference(x, target, backend, label_smoothing=0.1)
 
 
@@ -222,8 +224,8 @@ def test_non_contiguous_input(backend, layout):
 @pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
 def test_narrow_target_dtypes(backend, dtype):
     """int32 targets, and uint8 ones, which F.cross_entropy takes too."""
-    skip_unless_runs(backend)
-    x, target = random_problem(9, 27)
+    device = device_to_test(backend)
+    x, target = random_problem(9, 27, device=device)
     target = target.clamp(min=0) if dtype == torch.uint8 else target  # uint8 cannot hold ignore_index -100
     check_against_reference(x, target.to(dtype), backend)
 
@@ -246,8 +248,7 @@ def test_fp16_gradient_of_a_scaled_loss_keeps_its_small_values(backend, reductio
     """With a loss scale (torch.amp's GradScaler) the fp16 gradient keeps what fp16 alone would flush: the gradient
     made in the forward for an upstream gradient of 1 was rounded to fp16 before the scale reached it (p / N below
     6e-8 became 0: 70% of the entries at 64 x 32000). Against float64, to fp16's rounding and one subnormal step."""
-    skip_unless_runs(backend)
-    device = device_of(backend)
+    device = device_to_test(backend)
     x, target = random_problem(8, 4099, device=device, dtype=torch.float16)
     x.requires_grad_()
     scale = 1024.0
@@ -258,15 +259,13 @@ def test_fp16_gradient_of_a_scaled_loss_keeps_its_small_values(backend, reductio
     torch.testing.assert_close(dx.double(), ref_dx, rtol=2e-3, atol=6e-8)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("softcap", [None, 30.0])
-def test_gpu_dtypes(backend, device, dtype, softcap):
-    if device == "cpu":
-        pytest.skip("fp16/bf16 kernels are tested on GPU")
-    skip_unless_runs(backend, device)
-    x, target = random_problem(257, 4099, device=device, dtype=dtype)
+def test_gpu_dtypes(backend, dtype, softcap):
+    """The GPU kernels at a large odd shape in every dtype (the CPU's run the same shapes in test_shapes_...)."""
+    skip_unless_runs(backend, "cuda")
+    x, target = random_problem(257, 4099, device="cuda", dtype=dtype)
     check_against_reference(x, target, backend, dtype=dtype, label_smoothing=0.1, softcap=softcap)
 
 
@@ -335,14 +334,14 @@ def test_masked_classes_as_torch(backend, weighted):
     """-inf logits (masked classes): the first 1024 of every row, a whole first block of the Triton kernels'
     loop over columns (1024 wide under the interpreter), and every 7th from 1500 on. Loss, lse and gradient as
     torch's in float64; a masked class gets a gradient of exactly 0."""
-    skip_unless_runs(backend)
-    x, target = random_problem(6, 2000, ignored=0.0)
-    masked = torch.zeros(2000, dtype=torch.bool)
+    device = device_to_test(backend)
+    x, target = random_problem(6, 2000, device=device, ignored=0.0)
+    masked = torch.zeros(2000, dtype=torch.bool, device=device)
     masked[:1024] = masked[1500::7] = True
     x[:, masked] = float("-inf")
     target = 1024 + target % 400  # classes that are not masked
     target[2] = -100
-    weight = torch.rand(2000) + 0.5 if weighted else None
+    weight = torch.rand(2000, device=device) + 0.5 if weighted else None
     for reduction in ("none", "mean"):
         leaf = x.clone().requires_grad_()
         loss, lse = cross_entropy(leaf, target, weight=weight, reduction=reduction, return_lse=True, backend=backend)
@@ -361,16 +360,17 @@ def test_masked_classes_as_torch(backend, weighted):
 def test_nan_and_inf_logits_give_nan_loss(backend, c):
     """A NaN or inf anywhere in a row (first column, inside a whole vector, in the tail) makes that row's loss
     and gradient NaN (and a NaN its log-sum-exp), and no other row's."""
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     small_for_interpreter(backend, 9, c)
-    x = torch.randn(9, c)
+    x = torch.randn(9, c, device=device)
     for row, column in enumerate((0, c // 2, c - 1), start=1):
         x[row, column] = float("nan")
     x[5, c // 3] = float("inf")
     x.requires_grad_()
-    loss, lse = cross_entropy(x, torch.arange(9) % c, reduction="none", return_lse=True, backend=backend)
+    target = torch.arange(9, device=device) % c
+    loss, lse = cross_entropy(x, target, reduction="none", return_lse=True, backend=backend)
     (grad,) = torch.autograd.grad(loss.sum(), x)
-    bad = torch.zeros(9, dtype=torch.bool)
+    bad = torch.zeros(9, dtype=torch.bool, device=device)
     bad[[1, 2, 3, 5]] = True
     assert torch.isnan(loss[bad]).all() and torch.isfinite(loss[~bad]).all()
     assert torch.isnan(lse[1:4]).all() and torch.isfinite(lse[~bad]).all()
@@ -382,10 +382,10 @@ def test_nan_and_inf_logits_give_nan_loss(backend, c):
 def test_logits_far_from_zero(backend, offset):
     """Logits offset by 1e5, or a fully masked row (every logit -1e30): loss and gradient as exact as torch's in
     fp32. Taking the loss as lse - x_t, with lse rounded to fp32, lost it (0 instead of log C at -1e30)."""
-    skip_unless_runs(backend)
-    x = (torch.randn(16, 50, dtype=torch.float64) * 3 + offset).float()
-    target = torch.randint(0, 50, (16,))
-    for options in (dict(), dict(label_smoothing=0.1, weight=torch.rand(50) + 0.5)):
+    device = device_to_test(backend)
+    x = (torch.randn(16, 50, dtype=torch.float64, device=device) * 3 + offset).float()
+    target = torch.randint(0, 50, (16,), device=device)
+    for options in (dict(), dict(label_smoothing=0.1, weight=torch.rand(50, device=device) + 0.5)):
         leaf = x.clone().requires_grad_()
         loss = cross_entropy(leaf, target, reduction="none", backend=backend, **options)
         loss.sum().backward()
@@ -419,9 +419,9 @@ def test_softmax_is_accurate_across_the_exponent_range(backend):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_empty_batch_matches_torch(backend, reduction):
-    skip_unless_runs(backend)
-    x = torch.randn(0, 7, requires_grad=True)
-    target = torch.zeros(0, dtype=torch.long)
+    device = device_to_test(backend)
+    x = torch.randn(0, 7, device=device, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long, device=device)
     loss = cross_entropy(x, target, reduction=reduction, backend=backend)
     torch.testing.assert_close(loss, F.cross_entropy(x, target, reduction=reduction), equal_nan=True)
 
@@ -429,9 +429,9 @@ def test_empty_batch_matches_torch(backend, reduction):
 @pytest.mark.parametrize("backend", ["cpp", "cuda", "triton"])
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_inplace_backward_gives_the_same_gradient(backend, softcap):
-    skip_unless_runs(backend)
-    x, target = random_problem(16, 50)
-    weight = torch.randn(50, 50, requires_grad=True)
+    device = device_to_test(backend)
+    x, target = random_problem(16, 50, device=device)
+    weight = torch.randn(50, 50, device=device, requires_grad=True)
     grads = []
     for inplace in (False, True):
         logits = x @ weight
@@ -446,24 +446,24 @@ def test_inplace_backward_gives_the_same_gradient(backend, softcap):
 def test_inplace_backward_with_overlapping_rows(backend):
     """Rows that share memory (an expanded row) cannot each hold their own gradient: the in-place request
     falls back to the out-of-place backward and still gives torch's gradient."""
-    skip_unless_runs(backend)
-    row = torch.randn(1, 5, requires_grad=True)
-    target = torch.tensor([3, 0, 1, 3])
+    device = device_to_test(backend)
+    row = torch.randn(1, 5, device=device, requires_grad=True)
+    target = torch.tensor([3, 0, 1, 3], device=device)
     loss = cross_entropy(row.expand(4, 5), target, inplace_backward=True, backend=backend)
     (grad,) = torch.autograd.grad(loss, row)
     (expected,) = torch.autograd.grad(F.cross_entropy(row.expand(4, 5), target), row)
     torch.testing.assert_close(grad, expected)
     lse = torch.logsumexp(row.detach(), 1).expand(4)
     with pytest.raises((RuntimeError, ValueError), match="rows of (logits|grad) overlap"):
-        kernel_ops(backend).backward_(row.detach().expand(4, 5), target, None, lse, torch.ones(4), -100, 0.0, 0.0,
-                                      0.0)
+        kernel_ops(backend).backward_(row.detach().expand(4, 5), target, None, lse, torch.ones(4, device=device),
+                                      -100, 0.0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "cuda", "triton"])
 def test_inplace_backward_never_corrupts_autograd(backend):
     """Another node that saved the logits, and runs after ours, must fail loudly, not read gradients."""
-    skip_unless_runs(backend)
-    x, target = random_problem(8, 20)
+    device = device_to_test(backend)
+    x, target = random_problem(8, 20, device=device)
     leaf = x.clone().requires_grad_()
     logits = leaf * 1.0
     penalty = (logits**2).sum()  # saves the logits; created first, so its backward runs after ours
@@ -591,8 +591,8 @@ def test_deterministic(backend):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("bad", [27, 1000, -1, -101])
 def test_out_of_range_target_raises_index_error(backend, bad):
-    skip_unless_runs(backend)
-    x, target = random_problem(7, 27)
+    device = device_to_test(backend)
+    x, target = random_problem(7, 27, device=device)
     target[4] = bad
     with pytest.raises(IndexError, match="out of bounds"):
         cross_entropy(x, target, backend=backend)
@@ -651,8 +651,8 @@ def test_bad_weight_and_options_are_refused():
 def test_softcap_bounds_infinite_logits(backend):
     """Capped, +-inf logits become +-softcap: a finite loss and gradient, as torch gives for the capped logits
     (without a cap a +inf logit makes its row's loss NaN)."""
-    skip_unless_runs(backend)
-    x, target = random_problem(6, 30, ignored=0.0)
+    device = device_to_test(backend)
+    x, target = random_problem(6, 30, device=device, ignored=0.0)
     x[0, 3], x[1, target[1]], x[2, :] = math.inf, -math.inf, -math.inf
     check_against_reference(x, target, backend, reduction="none", softcap=3.0)
     assert torch.isfinite(cross_entropy(x, target, softcap=3.0, backend=backend))
@@ -683,8 +683,8 @@ def test_softcap_on_other_input_shapes_and_the_module(backend):
 def test_inplace_backward_refuses_a_leaf(backend):
     """The gradient written over a leaf parameter would replace its values: refused, as torch refuses any
     in-place change to such a leaf; logits computed from it are fine."""
-    skip_unless_runs(backend)
-    x, target = random_problem(4, 5)
+    device = device_to_test(backend)
+    x, target = random_problem(4, 5, device=device)
     leaf = x.clone().requires_grad_()
     for logits in (leaf, leaf.view(4, 5), leaf[:, :]):
         with pytest.raises(RuntimeError, match="overwrite a leaf"):
@@ -720,8 +720,7 @@ def kernel_op_cases():
 def test_kernel_ops_take_logits_whose_rows_are_apart(backend):
     """Logits that are the first 27 columns of 40-wide rows give, from every kernel op, what their contiguous
     copy gives; the in-place backward writes those columns alone."""
-    device = device_of(backend)
-    skip_unless_runs(backend, device)
+    device = device_to_test(backend)
     x, target = random_problem(7, 27, device=device)
     wide = torch.randn(7, 40, device=device)
     wide[:, :27] = x
@@ -754,8 +753,7 @@ def test_opcheck(case):
 def test_autograd_op_opcheck(backend, reduction, weighted, inplace_backward):
     """fastlm::cross_entropy, the C++ autograd op every kernel backend runs: schema, fake, autograd
     registration and AOT tracing (what torch.compile needs)."""
-    device = device_of(backend)
-    skip_unless_runs(backend, device)
+    device = device_to_test(backend)
     x, target = random_problem(7, 27, device=device)
     weight = torch.rand(27, device=device) + 0.5 if weighted else None
     logits = x.requires_grad_() * 1.0  # not a leaf: the in-place backward refuses to overwrite a leaf

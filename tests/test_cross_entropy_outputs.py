@@ -5,7 +5,7 @@ backend present."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import device_of, skip_unless_runs
+from conftest import device_to_test, skip_unless_runs
 
 import fastlm
 from fastlm import backends
@@ -44,8 +44,7 @@ def test_outputs_match_their_definitions(op, backend, reduction, softcap):
     """With every output asked for, in training (where linear + cross-entropy overwrites each chunk's logits
     by their gradient): lse, z-loss part, accuracy and predictions as defined on the float64 logits; the loss
     and its gradients those of the call that asks for nothing. (On the GPU where there is one.)"""
-    device = device_of(backend)
-    skip_unless_runs(backend, device)
+    device = device_to_test(backend)
     x, weight, bias, target = problem()
     class_weight = torch.rand(19, generator=torch.Generator().manual_seed(1)) + 0.5
     x, weight, bias, target, class_weight = (t.to(device) for t in (x, weight, bias, target, class_weight))
@@ -124,14 +123,14 @@ def test_outputs_come_in_a_fixed_order_and_only_when_asked(op):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_ties_go_to_the_first_class(op, backend):
     """Rows whose highest logits are equal predict the first of them, as torch.argmax."""
-    skip_unless_runs(backend)
-    bias = torch.tensor([0.0, 2.0, -1.0, 2.0, 2.0])
-    x, weight = torch.randn(6, 3), torch.zeros(5, 3)
-    target = torch.tensor([1, 3, 4, 1, -100, 0])
+    device = device_to_test(backend)
+    bias = torch.tensor([0.0, 2.0, -1.0, 2.0, 2.0], device=device)
+    x, weight = torch.randn(6, 3, device=device), torch.zeros(5, 3, device=device)
+    target = torch.tensor([1, 3, 4, 1, -100, 0], device=device)
     _, accuracy, predicted = loss_of(op, x, weight, bias, target, backend, return_token_accuracy=True,
                                      return_predicted_tokens=True)
-    assert torch.equal(predicted, torch.ones(6, dtype=torch.int64))
-    torch.testing.assert_close(accuracy, torch.tensor(0.4))
+    assert torch.equal(predicted.cpu(), torch.ones(6, dtype=torch.int64))
+    torch.testing.assert_close(accuracy.cpu(), torch.tensor(0.4))
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -139,9 +138,9 @@ def test_ties_go_to_the_first_class(op, backend):
 def test_every_row_ignored(op, backend):
     """Accuracy over no rows is NaN, as a mean over none; the z-loss part follows the loss (NaN for 'mean',
     0 for 'sum')."""
-    skip_unless_runs(backend)
-    x, weight, bias, _ = problem(n=5)
-    target = torch.full((5,), -100)
+    device = device_to_test(backend)
+    x, weight, bias, _ = (t.to(device) for t in problem(n=5))
+    target = torch.full((5,), -100, device=device)
     for reduction in ("mean", "sum"):
         loss, z, accuracy = loss_of(op, x, weight, bias, target, backend, reduction=reduction, lse_square_scale=0.1,
                                     return_z_loss=True, return_token_accuracy=True)
@@ -154,10 +153,11 @@ def test_every_row_ignored(op, backend):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_per_position_and_unbatched_logits(backend, reduction):
     """(N, C, d) and (C,) logits: the per-row outputs take the target's shape."""
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     torch.manual_seed(4)
     for x, target in ((torch.randn(4, 3, 7).transpose(1, 2), torch.randint(0, 7, (4, 3))),
                       (torch.randn(7), torch.tensor(5))):
+        x, target = x.to(device), target.to(device)
         loss, lse, z, accuracy, predicted = cross_entropy(x, target, reduction=reduction, lse_square_scale=0.1,
                                                           backend=backend, **ALL_OUTPUTS)
         dim = 0 if x.dim() == 1 else 1

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrizations, prune
 
 import fastlm
 from conftest import (DEVICES, KERNEL_BACKENDS, assert_close_to_reference, assert_second_derivative_raises,
-                      device_of, skip_unless_runs)
+                      device_to_test, skip_unless_runs)
 from fastlm.ops.embedding_linear import choose_strategy, embedding_linear, kernel_ops
 
 BACKENDS = ["cpp", "triton", "cuda", "torch"]
@@ -249,8 +249,7 @@ def test_opcheck(backend):
 def test_autograd_op_opcheck(backend, with_bias):
     """fastlm::embedding_linear, the C++ autograd op every kernel backend runs: schema, fake, autograd
     registration and AOT tracing (what torch.compile needs)."""
-    device = device_of(backend)
-    skip_unless_runs(backend, device)
+    device = device_to_test(backend)
     idx, table, weight, bias, _ = make_case(9, 3, 4, 5, 6, device, bias=with_bias)
     for strategy in (0, 1):
         table, weight, bias = (None if t is None else t.float().requires_grad_() for t in (table, weight, bias))

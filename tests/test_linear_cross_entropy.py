@@ -8,7 +8,7 @@ from conftest import (
     assert_close_to_reference,
     assert_one_graph_for_every_batch_size,
     assert_second_derivative_raises,
-    device_of,
+    device_to_test,
     fastlm_ops_called,
     skip_unless_runs,
 )
@@ -21,14 +21,14 @@ from fastlm.ops.cross_entropy import reference_cross_entropy
 ALL_BACKENDS = list(backends.BACKENDS)
 
 
-def problem(n, h, v, bias=True, seed=0, dtype=torch.float32):
+def problem(n, h, v, bias=True, seed=0, dtype=torch.float32, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, h, generator=generator, dtype=dtype)
     weight = torch.randn(v, h, generator=generator, dtype=dtype) / h**0.5
     b = torch.randn(v, generator=generator, dtype=dtype) if bias else None
     target = torch.randint(0, v, (n,), generator=generator)
     target[torch.rand(n, generator=generator) < 0.2] = -100
-    return x, weight, b, target
+    return x.to(device), weight.to(device), None if b is None else b.to(device), target.to(device)
 
 
 def check(x, weight, bias, target, backend, reduction="mean", chunk_size=None, **options):
@@ -55,8 +55,7 @@ def test_fp16_gradient_of_a_scaled_loss_keeps_its_small_values(backend):
     """As for cross_entropy: the chunks' fp16 logit gradients were made for an upstream gradient of 1 and the loss
     scale applied to d_weight after; the small probabilities of a rarely likely class were flushed, and whole rows
     of d_weight erred by 1-30% (64 x 32000). Now each row is within fp16's error of float64, as torch's."""
-    skip_unless_runs(backend)
-    device = device_of(backend)
+    device = device_to_test(backend)
     torch.manual_seed(0)
     x, weight = torch.randn(16, 32, device=device).half(), (torch.randn(4099, 32, device=device) * 0.3).half()
     target = torch.randint(0, 4099, (16,), device=device)
@@ -75,32 +74,33 @@ def test_fp16_gradient_of_a_scaled_loss_keeps_its_small_values(backend):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("chunk_size", [1, 7, None])
 def test_matches_reference(backend, reduction, chunk_size):
-    skip_unless_runs(backend)
-    x, weight, bias, target = problem(23, 16, 37)
+    device = device_to_test(backend)
+    x, weight, bias, target = problem(23, 16, 37, device=device)
     check(x, weight, bias, target, backend, reduction, chunk_size)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_options(backend):
-    skip_unless_runs(backend)
-    x, weight, _, target = problem(19, 8, 29, bias=False, seed=3)
-    check(x, weight, None, target, backend, chunk_size=5, ce_weight=torch.rand(29) + 0.2, label_smoothing=0.1)
+    device = device_to_test(backend)
+    x, weight, _, target = problem(19, 8, 29, bias=False, seed=3, device=device)
+    check(x, weight, None, target, backend, chunk_size=5, ce_weight=torch.rand(29, device=device) + 0.2,
+          label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("n, v", [(1, 2), (7, 1), (7, 2), (13, 27)])
 def test_small_and_single_class_shapes(backend, n, v):
-    skip_unless_runs(backend)
-    x, weight, bias, _ = problem(n, 5, v, seed=n + v)
-    check(x, weight, bias, torch.randint(0, v, (n,)), backend, chunk_size=3)
+    device = device_to_test(backend)
+    x, weight, bias, _ = problem(n, 5, v, seed=n + v, device=device)
+    check(x, weight, bias, torch.randint(0, v, (n,), device=device), backend, chunk_size=3)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_targets_ignored_matches_torch(backend, reduction):
     """The mean over no targets is NaN, as torch's; every gradient is zero."""
-    skip_unless_runs(backend)
-    x, weight, bias, target = problem(6, 4, 9)
+    device = device_to_test(backend)
+    x, weight, bias, target = problem(6, 4, 9, device=device)
     leaves = [t.requires_grad_() for t in (x, weight, bias)]
     target = torch.full_like(target, -100)
     loss = linear_cross_entropy(*leaves[:2], target, leaves[2], reduction=reduction, chunk_size=4, backend=backend)
@@ -114,9 +114,9 @@ def test_all_targets_ignored_matches_torch(backend, reduction):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_mean_with_no_target_weight_left_is_nan(backend):
     """Every target weighted 0: NaN as torch's 0 / 0, though the smoothing terms are not 0 (inf before)."""
-    skip_unless_runs(backend)
-    x, weight, bias, target = problem(6, 4, 9)
-    ce_weight = (torch.arange(9) >= 5).float()
+    device = device_to_test(backend)
+    x, weight, bias, target = problem(6, 4, 9, device=device)
+    ce_weight = (torch.arange(9, device=device) >= 5).float()
     target = target.clamp(0, 4)
     loss = linear_cross_entropy(x, weight, target, bias, ce_weight, label_smoothing=0.1, backend=backend)
     assert loss.isnan() and F.cross_entropy(F.linear(x, weight, bias), target, ce_weight, label_smoothing=0.1).isnan()
@@ -262,8 +262,7 @@ def test_compiles_without_graph_breaks(backend):
 def test_autograd_op_opcheck(backend, reduction, bias, predict):
     """fastlm::linear_cross_entropy, the C++ autograd op every kernel backend runs: schema, fake, autograd
     registration and AOT tracing (what torch.compile needs), with and without the predicted classes."""
-    device = device_of(backend)
-    skip_unless_runs(backend, device)
+    device = device_to_test(backend)
     x, weight, b, target = (None if t is None else t.to(device) for t in problem(11, 6, 13, bias=bias))
     args = (x.requires_grad_(), weight.requires_grad_(), None if b is None else b.requires_grad_(), target,
             torch.rand(13, device=device) + 0.5, -100, reduction, 0.1, 1e-3, 5.0, 4, backend == "triton", predict)
@@ -275,8 +274,7 @@ def test_autograd_op_opcheck(backend, reduction, bias, predict):
                                              ((True, False, True), False)])
 def test_chunk_op_opcheck(backend, wanted, predict):
     """fastlm::linear_cross_entropy_chunks, the chunk loop as one op (so tracing does not unroll it)."""
-    device = device_of(backend)
-    skip_unless_runs(backend, device)
+    device = device_to_test(backend)
     x, weight, b, target = (t.to(device) for t in problem(11, 6, 13))
     for grad_rows in (None, torch.rand(11, device=device)):
         args = (x, weight, b, target, torch.rand(13, device=device) + 0.5, -100, 0.1, 1e-3, 5.0, backend == "triton",
