@@ -761,26 +761,26 @@ def test_autograd_op_opcheck(backend, reduction, weighted, inplace_backward):
                                                                    5.0, inplace_backward, backend == "triton"))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_second_backward_through_a_retained_graph(backend):
     """The gradient made in the forward is handed out once; a second backward recomputes it."""
-    skip_unless_runs(backend)
-    x, target = random_problem(9, 27)
+    device = device_to_test(backend)
+    x, target = random_problem(9, 27, device=device)
     x.requires_grad_()
     loss = cross_entropy(x, target, label_smoothing=0.1, backend=backend)
     (first,) = torch.autograd.grad(loss, x, retain_graph=True)
-    (second,) = torch.autograd.grad(loss, x, torch.tensor(3.0))
+    (second,) = torch.autograd.grad(loss, x, torch.tensor(3.0, device=device))
     ref_loss, _, leaf = reference(x, target, label_smoothing=0.1)
     (ref,) = torch.autograd.grad(ref_loss, leaf)
     assert_close_to_reference(first, ref, torch.float32, magnitude=1 / 9)
     assert_close_to_reference(second, 3 * ref, torch.float32, magnitude=3 / 9)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_double_backward_raises(backend):
     """The backward is not differentiable: a second derivative through it raises instead of coming out zero."""
-    skip_unless_runs(backend)
-    x, target = random_problem(6, 5)
+    device = device_to_test(backend)
+    x, target = random_problem(6, 5, device=device)
     x = x.double().requires_grad_()
     for reduction in ("mean", "none"):
         loss = cross_entropy(x, target, reduction=reduction, backend=backend)
@@ -789,10 +789,10 @@ def test_double_backward_raises(backend):
         # the gradient: torch's once_differentiable would drop its second-order term without a word)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_inference_mode(backend):
-    skip_unless_runs(backend)
-    x, target = random_problem(6, 5)
+    device = device_to_test(backend)
+    x, target = random_problem(6, 5, device=device)
     with torch.inference_mode():
         loss = cross_entropy(x, target, reduction="sum", backend=backend)
     torch.testing.assert_close(loss, F.cross_entropy(x, target, reduction="sum"))
@@ -880,12 +880,13 @@ def test_repr_names_the_options_not_at_their_default():
 def test_unbatched_and_per_position_logits_match_torch(backend, shape, reduction):
     """(C,) logits and (N, C, d1, ...) ones (here a transposed view, as from logits.transpose(1, 2)), as
     F.cross_entropy takes them: the loss, its shape, lse per position and the input's gradient."""
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     torch.manual_seed(3)
     x = torch.randn(7) if len(shape) == 1 else torch.randn(shape[0], *shape[2:], 7).movedim(-1, 1)
     target = torch.randint(0, 7, () if len(shape) == 1 else shape[:1] + shape[2:])
-    x.requires_grad_()
-    options = dict(weight=torch.rand(7) + 0.5, ignore_index=2, label_smoothing=0.1, reduction=reduction)
+    x, target = x.to(device).requires_grad_(), target.to(device)
+    options = dict(weight=torch.rand(7, device=device) + 0.5, ignore_index=2, label_smoothing=0.1,
+                   reduction=reduction)
     loss, lse = cross_entropy(x, target, return_lse=True, backend=backend, **options)
     xd = x.detach().double().requires_grad_()
     expected = F.cross_entropy(xd, target, **{**options, "weight": options["weight"].double()})
