@@ -43,14 +43,15 @@ def merge_moments(counts: Tensor, means: Tensor, variances: Tensor) -> tuple[Ten
     return total, mean, m2
 
 
-def values_per_channel(input: Tensor) -> int:
-    return input.numel() // input.shape[1] if input.shape[1] else 0
-
-
-def gathered_moments(input: Tensor, mean: Tensor, var: Tensor, process_group, differentiable: bool = False):
-    """(count, mean, M2) of the batches of all ranks, from each rank's (count, mean, biased var) of its input,
-    merged in rank order; raises as BatchNorm does when there are not 2 values per channel in all."""
-    count = values_per_channel(input)
+def gathered_moments(input: Tensor, local_moments, process_group, differentiable: bool = False):
+    """(count, mean, M2) of the batches of all ranks, from each rank's (count, mean, biased var) of its input
+    (``local_moments(input)`` gives the mean and biased var of a non-empty one, in the math dtype), merged in rank
+    order; raises as BatchNorm does when there are not 2 values per channel in all."""
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    if count:
+        mean, var = local_moments(input)
+    else:
+        mean = var = torch.zeros(input.shape[1], dtype=math_dtype(input), device=input.device)
     local = torch.cat([torch.tensor([count], dtype=mean.dtype, device=mean.device), mean, var])
     if differentiable:
         from torch.distributed.nn.functional import all_gather
@@ -84,11 +85,12 @@ def reference_sync_batch_norm(input, running_mean, running_var, weight, bias, mo
     (which autograd differentiates), in the math dtype; the output in the input's dtype."""
     dims = [0, 2] if input.dim() == 3 else [0]
     x = input.to(math_dtype(input))
-    if values_per_channel(input):
+
+    def mean_var(_):
         var, mean = torch.var_mean(x, dims, correction=0)
-    else:
-        var = mean = x.new_zeros(x.shape[1])
-    total, mean, m2 = gathered_moments(input, mean, var, process_group, differentiable=True)
+        return mean, var
+
+    total, mean, m2 = gathered_moments(input, mean_var, process_group, differentiable=True)
     update_running_stats(running_mean, running_var, mean.detach(), m2.detach(), total, momentum)
     return normalized(x, mean, m2 / (total - 1 if unbiased else total), eps, weight, bias, activation, input.dtype)
 
@@ -98,11 +100,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, unbiased, activation,
                 process_group, backend):
         ops = kernel_ops(backend)
-        if values_per_channel(input):
-            mean, var = ops.stats(input)
-        else:
-            mean = var = torch.zeros(input.shape[1], dtype=math_dtype(input), device=input.device)
-        total, mean, m2 = gathered_moments(input, mean, var, process_group)
+        total, mean, m2 = gathered_moments(input, ops.stats, process_group)
         invstd = torch.rsqrt(m2 / (total - 1 if unbiased else total) + eps)
         update_running_stats(running_mean, running_var, mean, m2, total, momentum)
         output = ops.forward(input, mean, invstd, weight, bias, activation)
