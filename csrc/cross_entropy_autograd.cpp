@@ -4,10 +4,10 @@
 // What it does: when the logits need a gradient, the forward runs cross_entropy_forward_backward, which computes
 // the gradient for an upstream gradient of 1 at once (one exponential per logit), and the backward hands that
 // buffer out once, scaled in place only when the upstream gradient is not exactly 1 (fp16 logits excepted: see
-// gradient_ahead_survives_scaling). A second backward through a retained graph runs that kernel again. With inplace_backward the forward computes
-// the loss alone and the backward writes the gradient over the logits, bumping their version so that any other
-// saved use of them fails autograd's check instead of reading gradients (not when traced by torch.compile: see
-// the forward).
+// gradient_ahead_survives_scaling). A second backward through a retained graph runs that kernel again. With
+// inplace_backward the forward computes the loss alone and the backward writes the gradient over the logits,
+// bumping their version so that any other saved use of them fails autograd's check instead of reading gradients
+// (not when traced by torch.compile: see the forward).
 // Device-generic (or the Triton kernels'), inference mode and torch.compile as csrc/batch_norm_autograd.cpp.
 
 #include "autograd_op.h"
