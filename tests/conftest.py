@@ -92,12 +92,15 @@ def fastlm_ops_called(fn) -> list[str]:
 def assert_one_graph_for_every_batch_size(model: torch.nn.Module, reduction: str, op: str) -> None:
     """``model(x, target)``: a loss over the logits of its linear ``model.head`` (8 -> 11 classes) through the fastlm
     op ``op``. With dynamic shapes, torch.compile traces it once for batches of 3 to 10 rows, backward included,
-    the input's and the head's gradients those of F.cross_entropy; torch.export keeps the rows dynamic."""
+    the input's and the head's gradients those of F.cross_entropy; torch.export keeps the rows dynamic. The inputs
+    are made on the head's device."""
+    device = model.head.weight.device
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")  # AOT traces the backward too
     compiled = torch.compile(lambda x, target: model(x, target).sum(), dynamic=True, fullgraph=True, backend=counter)
     for rows in (3, 4, 7, 10):
-        x, target = torch.randn(rows, 8, requires_grad=True), torch.randint(0, 11, (rows,))
+        x = torch.randn(rows, 8, device=device, requires_grad=True)
+        target = torch.randint(0, 11, (rows,), device=device)
         compiled(x, target).backward()
         got = [t.grad for t in (x, *model.head.parameters())]
         x.grad = None
@@ -108,9 +111,9 @@ def assert_one_graph_for_every_batch_size(model: torch.nn.Module, reduction: str
         model.head.zero_grad(set_to_none=True)
     assert len([graph for graph in counter.graphs if f"fastlm.{op}.default" in graph.code]) == 1
     rows = torch.export.Dim("rows", min=2, max=1024)
-    program = torch.export.export(model, (torch.randn(4, 8), torch.randint(0, 11, (4,))),
+    program = torch.export.export(model, (torch.randn(4, 8, device=device), torch.randint(0, 11, (4,), device=device)),
                                   dynamic_shapes=({0: rows}, {0: rows}))
-    x, target = torch.randn(9, 8), torch.randint(0, 11, (9,))
+    x, target = torch.randn(9, 8, device=device), torch.randint(0, 11, (9,), device=device)
     torch.testing.assert_close(program.module()(x, target), model(x, target))
 
 

@@ -1,14 +1,14 @@
-"""fastlm's ops under autograd's other modes, in float64 on the C++ and Triton backends: the batched backward
-(``is_grads_batched``, which ``torch.autograd.functional.jacobian(vectorize=True)`` runs) gives torch's Jacobians,
-a graph of it (the ops' backwards are once-differentiable) and forward mode are refused by name, a graph of the
-backward that is never differentiated works under checkpointing, compiled autograd gives torch's gradients, and a
-second backward gives the first one's gradient (gradcheck's reentrancy check)."""
+"""fastlm's ops under autograd's other modes, in float64 on every kernel backend, each on its own device: the
+batched backward (``is_grads_batched``, which ``torch.autograd.functional.jacobian(vectorize=True)`` runs) gives
+torch's Jacobians, a graph of it (the ops' backwards are once-differentiable) and forward mode are refused by name, a
+graph of the backward that is never differentiated works under checkpointing, compiled autograd gives torch's
+gradients, and a second backward gives the first one's gradient (gradcheck's reentrancy check)."""
 
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
-from conftest import skip_unless_runs
+from conftest import KERNEL_BACKENDS, device_to_test, skip_unless_runs
 from torch.autograd.functional import jacobian
 
 import fastlm.ops as ops
@@ -16,19 +16,19 @@ import fastlm.ops as ops
 ROWS, FEATURES, CLASSES = 5, 4, 6
 
 
-def problem():
+def problem(device="cpu"):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(ROWS, FEATURES, generator=generator, dtype=torch.float64)
     head = torch.randn(CLASSES, FEATURES, generator=generator, dtype=torch.float64)
     target = torch.randint(0, CLASSES, (ROWS,), generator=generator)
     idx = torch.randint(0, 7, (ROWS, 2), generator=generator)
     table = torch.randn(7, FEATURES // 2, generator=generator, dtype=torch.float64)
-    return x, head, target, idx, table
+    return tuple(t.to(device) for t in (x, head, target, idx, table))
 
 
-def pairs(backend):
-    """{name: (fastlm's function of x, torch's function of x)}, x being (ROWS, FEATURES)."""
-    _, head, target, idx, _ = problem()
+def pairs(backend, device="cpu"):
+    """{name: (fastlm's function of x, torch's function of x)}, x being (ROWS, FEATURES) on ``device``."""
+    _, head, target, idx, _ = problem(device)
     pairs = {}
     for reduction in ("mean", "sum", "none"):
         pairs[f"cross_entropy_{reduction}"] = (
@@ -44,8 +44,8 @@ def pairs(backend):
     return pairs
 
 
-def input_of(name):
-    x, _, _, _, table = problem()
+def input_of(name, device="cpu"):
+    x, _, _, _, table = problem(device)
     return table if name == "embedding_linear" else x
 
 
@@ -53,47 +53,47 @@ NAMES = list(pairs("cpp"))
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_vectorized_jacobian_matches_torch(backend, name):
     """jacobian(vectorize=True) backpropagates a batch of upstream gradients under vmap: the held gradient of a
     loss may not be read as one value nor scaled in place (it raised "Batching rule not implemented for
     aten::item", or a vmap error on mul_)."""
-    skip_unless_runs(backend)
-    ours, theirs = pairs(backend)[name]
-    expected = jacobian(theirs, input_of(name))
-    torch.testing.assert_close(jacobian(ours, input_of(name), vectorize=True), expected)
-    torch.testing.assert_close(jacobian(ours, input_of(name)), expected)
+    device = device_to_test(backend)
+    ours, theirs = pairs(backend, device)[name]
+    expected = jacobian(theirs, input_of(name, device))
+    torch.testing.assert_close(jacobian(ours, input_of(name, device), vectorize=True), expected)
+    torch.testing.assert_close(jacobian(ours, input_of(name, device)), expected)
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_graph_of_a_batched_backward_raises(backend, name):
     """create_graph=True with batched upstream gradients (jacobian(vectorize=True, create_graph=True), the way to
     a Hessian) raises the ops' double-backward error; it crashed the process (segfault)."""
-    skip_unless_runs(backend)
-    ours, _ = pairs(backend)[name]
-    x = input_of(name).requires_grad_()
+    device = device_to_test(backend)
+    ours, _ = pairs(backend, device)[name]
+    x = input_of(name, device).requires_grad_()
     out = ours(x)
     with pytest.raises(RuntimeError, match="cannot be differentiated"):
-        torch.autograd.grad(out, x, torch.ones(3, *out.shape, dtype=out.dtype), is_grads_batched=True,
+        torch.autograd.grad(out, x, torch.ones(3, *out.shape, dtype=out.dtype, device=device), is_grads_batched=True,
                             create_graph=True)
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_graph_of_the_backward_asks_nothing_more_of_the_saved_tensors(backend, name):
     """create_graph=True that never differentiates further gives torch's gradient, also where saved tensors may
     be unpacked once only (non-reentrant checkpointing) and after the input changed in place (cross-entropy's
     gradient was made in the forward: it needs no saved logits). Building the refusing node from the saved
     tensors unpacked them a second time (CheckpointError) or checked their versions."""
-    skip_unless_runs(backend)
-    ours, theirs = pairs(backend)[name]
-    x = input_of(name).requires_grad_()
+    device = device_to_test(backend)
+    ours, theirs = pairs(backend, device)[name]
+    x = input_of(name, device).requires_grad_()
     (expected,) = torch.autograd.grad(theirs(x).sum(), x)
     out = torch.utils.checkpoint.checkpoint(ours, x, use_reentrant=False)
     torch.testing.assert_close(torch.autograd.grad(out.sum(), x, create_graph=True)[0], expected)
     if name.startswith("cross_entropy"):
-        x, head, target, _, _ = problem()
+        x, head, target, _, _ = problem(device)
         logits = (x @ head.T).requires_grad_()
         reduction = name.removeprefix("cross_entropy_")
         expected = torch.autograd.grad(F.cross_entropy(logits, target, reduction=reduction).sum(), logits)[0]
@@ -123,27 +123,27 @@ def test_compiled_autograd_gives_torchs_gradient(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_forward_mode_is_refused_by_name(backend, name):
     """A dual input (forward-mode AD) raises naming the fastlm op, whether or not it requires grad (linear +
     cross-entropy raised from inside its chunks: "forward AD with mm_out ... is an out= function")."""
-    skip_unless_runs(backend)
-    ours, _ = pairs(backend)[name]
+    device = device_to_test(backend)
+    ours, _ = pairs(backend, device)[name]
     for requires_grad in (False, True):
-        x = input_of(name).requires_grad_(requires_grad)
+        x = input_of(name, device).requires_grad_(requires_grad)
         with forward_ad.dual_level(), pytest.raises(RuntimeError, match="fastlm::.* has no forward-mode derivative"):
             ours(forward_ad.make_dual(x, torch.randn_like(x)))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_cross_entropy_backward_is_reentrant(backend, reduction):
     """For gradcheck's upstream gradients (0 and 1) a second backward through a retained graph gives the first
     one's gradient bitwise, so gradcheck passes without nondet_tol: the first hands out the gradient the forward
     made, the second reruns that kernel. (For other upstream gradients the two round differently: the first
     scales the gradient made for 1, the second runs the kernel with the upstream gradient in it.)"""
-    skip_unless_runs(backend)
-    x, head, target, _, _ = problem()
+    device = device_to_test(backend)
+    x, head, target, _, _ = problem(device)
     x = (x @ head.T).requires_grad_()
     loss = ops.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1, backend=backend)
     upstream = torch.ones_like(loss)

@@ -328,16 +328,17 @@ def test_unbiased_backward_is_the_lecture_closed_form():
     torch.testing.assert_close(x_leaf.grad, closed, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("activation", [None, "tanh", "relu"])
 @pytest.mark.parametrize("training,unbiased", [(True, False), (True, True), (False, False)])
 def test_gradcheck(backend, activation, training, unbiased):
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     torch.manual_seed(6)
-    x = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
-    weight = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
-    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    running_mean, running_var = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    x = torch.randn(6, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
+    weight = (torch.rand(3, dtype=torch.float64, device=device) + 0.5).requires_grad_()
+    bias = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    running_mean = torch.randn(3, dtype=torch.float64, device=device)
+    running_var = torch.rand(3, dtype=torch.float64, device=device) + 0.5
 
     def function(x, weight, bias):
         return fastlm.ops.batch_norm(x, running_mean.clone(), running_var.clone(), weight, bias, training, 0.1, 1e-5,
@@ -593,18 +594,18 @@ def test_half_input_with_float32_parameters_is_accepted(input_dtype):
     assert_close_to_reference(module.running_var, reference.running_var, input_dtype)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_torch_compile_has_no_graph_break(backend):
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     torch._dynamo.reset()
     torch.manual_seed(10)
     model = nn.Sequential(nn.Linear(6, 8), fastlm.nn.BatchNorm1d(8, activation="tanh", backend=backend),
-                          nn.Linear(8, 3))
-    reference = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+                          nn.Linear(8, 3)).to(device)
+    reference = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).to(device)
     reference.load_state_dict(model.state_dict(), strict=False)
     reference[3].load_state_dict(model[2].state_dict())
     compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(16, 6)
+    x = torch.randn(16, 6, device=device)
     out = compiled(x)
     out.sum().backward()
     expected = reference(x)
@@ -615,15 +616,15 @@ def test_torch_compile_has_no_graph_break(backend):
     torch.testing.assert_close(model[1].running_var, reference[1].running_var)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_torch_compile_3d_train_then_eval(backend):
     """3D input without activation, through a training step and then in eval (running statistics), compiled
     with fullgraph: both graphs match torch's module."""
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     torch._dynamo.reset()
-    reference, ours = make_pair(4, "cpu", backend=backend, momentum=0.3)
+    reference, ours = make_pair(4, device, backend=backend, momentum=0.3)
     compiled = torch.compile(ours, fullgraph=True)
-    x = torch.randn(6, 4, 5)
+    x = torch.randn(6, 4, 5, device=device)
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
     reference(x_ref).pow(2).sum().backward()
     compiled(x_ours).pow(2).sum().backward()
@@ -665,21 +666,21 @@ def test_autograd_op_opcheck(backend, training, affine):
                            backend == "triton"))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_double_backward_raises(backend):
     """The backward is not differentiable: a second derivative through it raises instead of coming out zero."""
-    skip_unless_runs(backend)
-    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
-    bn = fastlm.nn.BatchNorm1d(3, dtype=torch.float64, backend=backend)
+    device = device_to_test(backend)
+    x = torch.randn(8, 3, dtype=torch.float64, device=device, requires_grad=True)
+    bn = fastlm.nn.BatchNorm1d(3, device=device, dtype=torch.float64, backend=backend)
     assert_second_derivative_raises((bn(x) ** 3).sum(), x)
     assert_second_derivative_raises(bn(x)[:, 0].sum(), x)  # an upstream gradient that needs none
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_inference_mode_matches_torch(backend):
-    skip_unless_runs(backend)
-    reference, ours = make_pair(5, "cpu", backend=backend)
-    x = torch.randn(7, 5)
+    device = device_to_test(backend)
+    reference, ours = make_pair(5, device, backend=backend)
+    x = torch.randn(7, 5, device=device)
     for training in (True, False):
         reference.train(training), ours.train(training)
         with torch.inference_mode():
@@ -688,13 +689,13 @@ def test_inference_mode_matches_torch(backend):
     assert_close_to_reference(ours.running_var, reference.running_var, torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_strided_running_stats_are_updated(backend):
     """Running statistics the kernels cannot update in place (strided) are updated through a copy."""
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     torch.manual_seed(13)
-    x = torch.randn(9, 4)
-    running_mean, running_var = torch.zeros(8)[::2], torch.ones(8)[::2]
+    x = torch.randn(9, 4, device=device)
+    running_mean, running_var = torch.zeros(8, device=device)[::2], torch.ones(8, device=device)[::2]
     want_mean, want_var = running_mean.clone(), running_var.clone()
     torch.nn.functional.batch_norm(x, want_mean, want_var, training=True)
     fastlm.ops.batch_norm(x, running_mean, running_var, training=True, backend=backend)

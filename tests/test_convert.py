@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastlm
-from conftest import needs_batch_norm_bias_keyword, skip_unless_runs
+from conftest import KERNEL_BACKENDS, device_to_test, needs_batch_norm_bias_keyword
 from fastlm.convert import FusedSequential
 
 
@@ -27,9 +27,9 @@ class Net(nn.Module):
         return self.criterion(self.norm(self.body(idx)), targets)
 
 
-def make_pair(backend=None):
+def make_pair(backend=None, device="cpu"):
     torch.manual_seed(0)
-    model = Net()
+    model = Net().to(device)
     return model, fastlm.convert(copy.deepcopy(model), backend=backend)
 
 
@@ -60,15 +60,15 @@ def test_batch_norm_without_bias_keeps_its_parameters():
     assert [name for name, _ in converted.named_parameters()] == names
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_converted_model_trains_like_the_torch_model(backend):
-    skip_unless_runs(backend)
-    model, converted = make_pair(backend)
+    device = device_to_test(backend)
+    model, converted = make_pair(backend, device)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, converted)]
     generator = torch.Generator().manual_seed(1)
-    for _ in range(5 if backend == "triton" else 50):
-        idx = torch.randint(0, 27, (32, 3), generator=generator)
-        targets = torch.randint(0, 27, (32,), generator=generator)
+    for _ in range(5 if backend == "triton" and device == "cpu" else 50):  # the Triton interpreter is slow
+        idx = torch.randint(0, 27, (32, 3), generator=generator).to(device)
+        targets = torch.randint(0, 27, (32,), generator=generator).to(device)
         losses = []
         for m, optimizer in zip((model, converted), optimizers):
             optimizer.zero_grad()
@@ -83,7 +83,7 @@ def test_converted_model_trains_like_the_torch_model(backend):
         torch.testing.assert_close(converted.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
     model.eval()
     converted.eval()
-    idx, targets = torch.randint(0, 27, (64, 3)), torch.randint(0, 27, (64,))
+    idx, targets = torch.randint(0, 27, (64, 3), device=device), torch.randint(0, 27, (64,), device=device)
     torch.testing.assert_close(converted(idx, targets), model(idx, targets), rtol=1e-5, atol=0)
 
 

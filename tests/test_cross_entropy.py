@@ -178,11 +178,12 @@ def test_int32_targets_beside_an_ignore_index_beyond_int32(backend, op, weighted
     """ignore_index is compared with int32 targets in int64, as torch compares int64 ones: 2**32 + 5 ignores no
     target 5 (an int32 comparison wrapped it to 5, and the mean then divided by the wrong count), and a target
     of -3 beside ignore_index 2**32 - 3 is out of range, not ignored."""
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     generator = torch.Generator().manual_seed(0)
     h, head = torch.randn(6, 4, generator=generator, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
-    target = torch.tensor([5, 7, 5, 0, 8, 5], dtype=torch.int32)
-    weight = torch.rand(9, generator=generator, dtype=torch.float64) + 0.5 if weighted else None
+    h, head = h.to(device), head.to(device)
+    target = torch.tensor([5, 7, 5, 0, 8, 5], dtype=torch.int32, device=device)
+    weight = (torch.rand(9, generator=generator, dtype=torch.float64) + 0.5).to(device) if weighted else None
     options = dict(weight=weight, ignore_index=2**32 + 5, lse_square_scale=0.01)
 
     def loss(t):
@@ -195,7 +196,7 @@ def test_int32_targets_beside_an_ignore_index_beyond_int32(backend, op, weighted
     torch.testing.assert_close(loss(target), expected.detach(), rtol=1e-12, atol=0)
     with pytest.raises(IndexError):
         options["ignore_index"] = 2**32 - 3
-        loss(torch.tensor([-3, 1], dtype=torch.int32).repeat(3))
+        loss(torch.tensor([-3, 1], dtype=torch.int32, device=device).repeat(3))
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -230,13 +231,13 @@ def test_narrow_target_dtypes(backend, dtype):
     check_against_reference(x, target.to(dtype), backend)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+@pytest.mark.parametrize("backend", ["cpp", "cuda", "triton", "torch"])
 @pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.2, lse_square_scale=0.1), dict(reduction="none"),
                                      dict(label_smoothing=0.2, lse_square_scale=0.1, softcap=2.0)])
 def test_gradcheck_float64(backend, options):
-    skip_unless_runs(backend)
-    x, target = random_problem(6, 5, dtype=torch.float64)
-    weight = torch.rand(5, dtype=torch.float64) + 0.5
+    device = device_to_test(backend)
+    x, target = random_problem(6, 5, device=device, dtype=torch.float64)
+    weight = torch.rand(5, dtype=torch.float64, device=device) + 0.5
     x.requires_grad_()
     assert torch.autograd.gradcheck(
         lambda x: cross_entropy(x, target, weight, backend=backend, **options), (x,), eps=1e-6, atol=1e-8)
@@ -499,12 +500,12 @@ def test_inplace_backward_under_torch_compile_gives_the_right_gradient(compiler)
     torch.testing.assert_close(grads[1], grads[0])
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_no_gradient_work_under_no_grad(backend):
     """Autograd reports a leaf that requires grad as needing one even under no_grad: the forward must still
     skip the gradient there (measured before the fix: 26 ms instead of 2 at 8192 x 1024)."""
-    skip_unless_runs(backend)
-    x, target = random_problem(8, 20)
+    device = device_to_test(backend)
+    x, target = random_problem(8, 20, device=device)
     leaf = x.requires_grad_()
     with torch.no_grad():
         called = fastlm_ops_called(lambda: cross_entropy(leaf, target, backend=backend))
@@ -572,10 +573,10 @@ def test_fork_while_another_thread_takes_new_gradient_buffers():
         worker.join()
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_deterministic(backend):
-    skip_unless_runs(backend)
-    x, target = random_problem(33, 1000)
+    device = device_to_test(backend)
+    x, target = random_problem(33, 1000, device=device)
     runs = []
     for _ in range(2):
         leaf = x.clone().requires_grad_()
@@ -662,9 +663,9 @@ def test_softcap_bounds_infinite_logits(backend):
 def test_softcap_on_other_input_shapes_and_the_module(backend):
     """Unbatched (C,) and (N, C, d) logits, class-probability targets and fastlm.nn.CrossEntropyLoss take the
     cap too."""
-    skip_unless_runs(backend)
-    x = torch.randn(4, 7, 3) * 4
-    target = torch.randint(0, 7, (4, 3))
+    device = device_to_test(backend)
+    x = torch.randn(4, 7, 3, device=device) * 4
+    target = torch.randint(0, 7, (4, 3), device=device)
     capped = 2.0 * torch.tanh(x / 2.0)
     expected = F.cross_entropy(capped, target, label_smoothing=0.1)
     torch.testing.assert_close(cross_entropy(x, target, label_smoothing=0.1, softcap=2.0, backend=backend), expected)
@@ -672,7 +673,7 @@ def test_softcap_on_other_input_shapes_and_the_module(backend):
                                F.cross_entropy(capped[:, :, 0], target[:, 0]))
     torch.testing.assert_close(cross_entropy(x[0, :, 0], target[0, 0], softcap=2.0, backend=backend),
                                F.cross_entropy(capped[0, :, 0], target[0, 0]))
-    probabilities = torch.softmax(torch.randn(4, 7, 3), 1)
+    probabilities = torch.softmax(torch.randn(4, 7, 3, device=device), 1)
     torch.testing.assert_close(cross_entropy(x, probabilities, softcap=2.0, backend=backend),
                                F.cross_entropy(capped, probabilities))
     module = fastlm.nn.CrossEntropyLoss(label_smoothing=0.1, softcap=2.0, backend=backend)
@@ -700,20 +701,14 @@ def test_inplace_backward_refuses_a_leaf(backend):
 # --- library integration -------------------------------------------------------------------------------
 
 
-def kernel_op_cases():
-    x, target = random_problem(7, 27)
-    lse = torch.logsumexp(x, 1)
-    grad_rows = torch.rand(7)
-    for prefix, backend in (("", "cpp"), ("triton_", "triton")):
-        ops = torch.ops.fastlm
-        yield backend, getattr(ops, f"{prefix}cross_entropy_forward").default, (x, target, None, -100, 0.1, 1e-3,
-                                                                                 0.0)
-        yield backend, getattr(ops, f"{prefix}cross_entropy_forward_backward").default, (
-            x, target, torch.rand(27), grad_rows, -100, 0.1, 1e-3, 5.0)
-        yield backend, getattr(ops, f"{prefix}cross_entropy_backward").default, (
-            x, target, torch.rand(27), lse, grad_rows, -100, 0.1, 1e-3, 5.0)
-        yield backend, getattr(ops, f"{prefix}cross_entropy_backward_").default, (
-            x.clone(), target, None, lse, grad_rows, -100, 0.0, 0.0, 0.0)
+def kernel_op_args(op, device):
+    """Arguments for kernel op ``op`` (forward, forward_backward, backward or backward_) of any kernel backend."""
+    x, target = random_problem(7, 27, device=device)
+    weight, lse, grad_rows = torch.rand(27, device=device), torch.logsumexp(x, 1), torch.rand(7, device=device)
+    return {"forward": (x, target, None, -100, 0.1, 1e-3, 0.0),
+            "forward_backward": (x, target, weight, grad_rows, -100, 0.1, 1e-3, 5.0),
+            "backward": (x, target, weight, lse, grad_rows, -100, 0.1, 1e-3, 5.0),
+            "backward_": (x.clone(), target, None, lse, grad_rows, -100, 0.0, 0.0, 0.0)}[op]
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -739,11 +734,12 @@ def test_kernel_ops_take_logits_whose_rows_are_apart(backend):
     torch.testing.assert_close(overwritten, torch.cat([want, wide[:, 27:]], 1), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", range(8))
-def test_opcheck(case):
-    backend, op, args = list(kernel_op_cases())[case]
-    skip_unless_runs(backend)
-    torch.library.opcheck(op, args)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("op", ["forward", "forward_backward", "backward", "backward_"])
+def test_opcheck(backend, op):
+    device = device_to_test(backend)
+    prefix = "triton_" if backend == "triton" else ""
+    torch.library.opcheck(getattr(torch.ops.fastlm, f"{prefix}cross_entropy_{op}").default, kernel_op_args(op, device))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -800,11 +796,11 @@ def test_inference_mode(backend):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_compiles_without_graph_breaks(backend):
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     torch._dynamo.reset()
-    model = torch.nn.Sequential(torch.nn.Linear(10, 27), torch.nn.Tanh())
+    model = torch.nn.Sequential(torch.nn.Linear(10, 27), torch.nn.Tanh()).to(device)
     loss_fn = fastlm.nn.CrossEntropyLoss(label_smoothing=0.1, backend=backend)
-    x, target = torch.randn(16, 10), torch.randint(0, 27, (16,))
+    x, target = torch.randn(16, 10, device=device), torch.randint(0, 27, (16,), device=device)
 
     def forward(x, target):
         return loss_fn(model(x), target)
@@ -832,11 +828,11 @@ class LossOfHead(torch.nn.Module):
         return self.loss(self.head(x), target)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_one_graph_for_every_batch_size(backend, reduction):
-    skip_unless_runs(backend)
-    assert_one_graph_for_every_batch_size(LossOfHead(reduction, backend), reduction, "cross_entropy")
+    device = device_to_test(backend)
+    assert_one_graph_for_every_batch_size(LossOfHead(reduction, backend).to(device), reduction, "cross_entropy")
 
 
 def test_module_is_a_drop_in_for_torch():

@@ -134,8 +134,8 @@ def test_empty_dimensions(B, T, backend, device, strategy):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend, strategy):
     """Transposed weight and table, every other column of idx."""
-    skip_unless_runs(backend)
-    idx, table, weight, bias, grad = make_case(33, 6, 4, 5, 27, "cpu")
+    device = device_to_test(backend)
+    idx, table, weight, bias, grad = make_case(33, 6, 4, 5, 27, device)
     idx = idx[:, ::2]
     table, weight = table.t().contiguous().t(), weight[:, :12].t().contiguous().t()
     assert not (idx.is_contiguous() or table.is_contiguous() or weight.is_contiguous())
@@ -146,8 +146,8 @@ def test_non_contiguous_inputs(backend, strategy):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_parameters_get_no_gradient(backend):
     """requires_grad=False on the table and bias: only the weight gets a gradient, the right one."""
-    skip_unless_runs(backend)
-    idx, table, weight, bias, grad = make_case(17, 3, 4, 5, 27, "cpu")
+    device = device_to_test(backend)
+    idx, table, weight, bias, grad = make_case(17, 3, 4, 5, 27, device)
     weight = weight.clone().requires_grad_()
     embedding_linear(idx, table, weight, bias, backend=backend).backward(grad)
     _, (_, want, _) = reference(idx, table, weight.detach(), bias, grad)
@@ -157,15 +157,16 @@ def test_frozen_parameters_get_no_gradient(backend):
 
 def test_atomic_scatter_is_opt_in_and_off_under_deterministic_algorithms(monkeypatch):
     """What the public API hands the kernels: the atomic scatter only with atomic_scatter=True, and never while
-    torch.use_deterministic_algorithms(True) is on. Run on the Triton kernels through the interpreter, whose
-    atomic path (a GPU's) is forced on here whenever it is asked for; the gradients stay right either way."""
-    skip_unless_runs("triton")
+    torch.use_deterministic_algorithms(True) is on. Run on the Triton kernels (on a GPU, or through the
+    interpreter, whose atomic path, a GPU's, is forced on here whenever it is asked for, as on a GPU); the
+    gradients stay right either way."""
+    device = device_to_test("triton")
     from fastlm.kernels import embedding_linear as kernels
 
     asked = []
     monkeypatch.setattr(kernels, "_use_atomics", lambda deterministic, device: asked.append(deterministic) or
                         not deterministic)
-    idx, table, weight, bias, grad = make_case(40, 3, 4, 5, 27, "cpu")
+    idx, table, weight, bias, grad = make_case(40, 3, 4, 5, 27, device)
     want = reference(idx, table, weight, bias, grad)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
@@ -224,21 +225,21 @@ def test_one_frequent_token(backend, device, strategy, dtype):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gradcheck(backend, strategy):
-    skip_unless_runs(backend)
-    idx, table, weight, bias, _ = make_case(7, 3, 2, 4, 5, "cpu")
+    device = device_to_test(backend)
+    idx, table, weight, bias, _ = make_case(7, 3, 2, 4, 5, device)
     params = [t.clone().requires_grad_() for t in (table, weight, bias)]
     assert torch.autograd.gradcheck(lambda t, w, b: embedding_linear(idx, t, w, b, strategy=strategy, backend=backend),
                                      params)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_opcheck(backend):
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     ops = kernel_ops(backend)
     idx, table, weight, bias, grad = (t.float() if t.is_floating_point() else t
-                                      for t in make_case(9, 3, 4, 5, 6, "cpu"))
+                                      for t in make_case(9, 3, 4, 5, 6, device))
     for strategy in (0, 1):
         torch.library.opcheck(ops.forward, (idx, table, weight, bias, strategy))
         torch.library.opcheck(ops.backward, (grad, idx, table, weight, True, strategy, 2, True))
@@ -257,34 +258,34 @@ def test_autograd_op_opcheck(backend, with_bias):
                               (idx, table, weight, bias, strategy, 2, True, backend == "triton"))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_double_backward_raises(backend):
     """The backward is not differentiable: a second derivative through it raises instead of coming out zero."""
-    skip_unless_runs(backend)
-    idx, table, weight, bias, _ = make_case(9, 3, 4, 5, 6, "cpu")
+    device = device_to_test(backend)
+    idx, table, weight, bias, _ = make_case(9, 3, 4, 5, 6, device)
     table, weight = table.requires_grad_(), weight.requires_grad_()
     y = embedding_linear(idx, table, weight, bias, backend=backend)
     assert_second_derivative_raises((y ** 2).sum(), weight)
     assert_second_derivative_raises(embedding_linear(idx, table, weight, bias, backend=backend).sum(), weight)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_inference_mode(backend):
-    skip_unless_runs(backend)
-    idx, table, weight, bias, _ = (t.float() if t.is_floating_point() else t for t in make_case(9, 3, 4, 5, 6, "cpu"))
+    device = device_to_test(backend)
+    idx, table, weight, bias, _ = (t.float() if t.is_floating_point() else t for t in make_case(9, 3, 4, 5, 6, device))
     with torch.inference_mode():
         got = embedding_linear(idx, table, weight, bias, backend=backend)
     assert_close_to_reference(got, F.linear(table[idx].view(9, -1), weight, bias), torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_torch_compile_has_no_graph_break(backend):
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    fused = fastlm.nn.EmbeddingLinear(27, 10, 3, 20, backend=backend)
+    fused = fastlm.nn.EmbeddingLinear(27, 10, 3, 20, device=device, backend=backend)
     model = torch.compile(nn.Sequential(fused, nn.Tanh()), fullgraph=True)
-    idx = torch.randint(0, 27, (16, 3))
+    idx = torch.randint(0, 27, (16, 3), device=device)
     out = model(idx)
     out.sum().backward()
     embedding, linear = fused.to_modules()
@@ -430,11 +431,11 @@ def test_out_of_range_index_raises_index_error(backend, device, bad):
             embedding_linear(idx, table.float(), weight.float(), bias.float(), strategy=strategy, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda", "torch"])
 def test_out_of_range_index_raises_index_error_under_torch_compile(backend):
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     torch._dynamo.reset()
-    idx, table, weight, bias, _ = (t.float() if t.is_floating_point() else t for t in make_case(8, 3, 4, 5, 27, "cpu"))
+    idx, table, weight, bias, _ = (t.float() if t.is_floating_point() else t for t in make_case(8, 3, 4, 5, 27, device))
     layer = torch.compile(lambda i: embedding_linear(i, table, weight, bias, backend=backend), fullgraph=True)
     torch.testing.assert_close(layer(idx), F.linear(table[idx].view(8, -1), weight, bias))
     idx[2, 2] = 27

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import skip_unless_runs
+from conftest import KERNEL_BACKENDS, device_to_test, skip_unless_runs
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -29,14 +29,14 @@ def idx_and_targets():
             torch.randint(0, VOCAB, (ROWS,), generator=generator))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_converted_model_counts_as_torch(backend):
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(VOCAB, DIM), nn.Flatten(), nn.Linear(CONTEXT * DIM, HIDDEN),
-                          nn.BatchNorm1d(HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, VOCAB))
+                          nn.BatchNorm1d(HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, VOCAB)).to(device)
     fused = fastlm.convert(model, backend=backend)
-    idx, targets = idx_and_targets()
+    idx, targets = (t.to(device) for t in idx_and_targets())
     expected = flops(lambda: F.cross_entropy(model(idx), targets).backward())
     assert expected > 0
     assert flops(lambda: F.cross_entropy(fused(idx), targets).backward()) == expected

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastlm
-from conftest import free_port, gloo_process_group, spawn_ranks, skip_unless_runs
+from conftest import device_to_test, free_port, gloo_process_group, spawn_ranks
 from fastlm.fuse_graph import FuseGraph
 
 VOCAB, EMBED, CONTEXT, HIDDEN = 29, 6, 4, 24
@@ -137,9 +137,9 @@ def converted_pair(model: nn.Module, backend: str | None = None):
     return model, fastlm.convert(copy.deepcopy(model), backend=backend, fuse_forward_code=True)
 
 
-def batch(rows: int, per_position: bool = False):
-    return (torch.randint(0, VOCAB, (rows, CONTEXT)),
-            torch.randint(0, VOCAB, (rows, CONTEXT) if per_position else (rows,)))
+def batch(rows: int, per_position: bool = False, device="cpu"):
+    return (torch.randint(0, VOCAB, (rows, CONTEXT), device=device),
+            torch.randint(0, VOCAB, (rows, CONTEXT) if per_position else (rows,), device=device))
 
 
 def assert_same_step(model, converted, idx, targets, upstream=None, lr=0.0):
@@ -163,31 +163,31 @@ def assert_same_step(model, converted, idx, targets, upstream=None, lr=0.0):
     return got
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda", "torch"])
 @pytest.mark.parametrize("activation", ["tanh", "relu", "relu-method"])
 def test_makemore_mlp_written_out_is_fused(activation, backend):
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     torch.manual_seed(0)
-    model, converted = converted_pair(MakemoreMLP(activation), backend)
+    model, converted = converted_pair(MakemoreMLP(activation).to(device), backend)
     for rows in (32, 17, 32, 9):  # training steps; new batch sizes are captured again
-        loss = assert_same_step(model, converted, *batch(rows), lr=0.1)
+        loss = assert_same_step(model, converted, *batch(rows, device=device), lr=0.1)
     nodes = autograd_nodes(loss)
     if backend != "torch":  # the torch backend is autograd over torch's own ops
         assert {"EmbeddingLinear", "BatchNorm", "LinearCrossEntropy"} <= nodes, nodes
         assert not {"EmbeddingBackward0", "TanhBackward0", "ReluBackward0", "NllLossBackward0"} & nodes, nodes
     model.eval(), converted.eval()
-    idx, _ = batch(5)
+    idx, _ = batch(5, device=device)
     torch.testing.assert_close(converted(idx), model(idx), rtol=1e-5, atol=1e-6)  # the branch without targets
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda", "torch"])
 @pytest.mark.parametrize("loss", ["module", "functional", "per-row", "fastlm-softcap", "softcapped", "softcapped-rows"])
 def test_final_linear_and_loss_are_fused(loss, backend):
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     torch.manual_seed(0)
-    model, converted = converted_pair(LanguageModel(loss), backend)
+    model, converted = converted_pair(LanguageModel(loss).to(device), backend)
     for rows in (4, 7, 1, 10):  # new batch sizes: captured again, then with dynamic shapes
-        got = assert_same_step(model, converted, *batch(rows, per_position=True))
+        got = assert_same_step(model, converted, *batch(rows, per_position=True, device=device))
         fused = "LinearCrossEntropy" in autograd_nodes(got)
         # The torch backend forms the logits itself; fastlm's own loss keeps the backend it was called with (cpp).
         assert fused == (backend != "torch" or loss == "fastlm-softcap"), got.grad_fn

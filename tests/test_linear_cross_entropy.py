@@ -125,13 +125,13 @@ def test_mean_with_no_target_weight_left_is_nan(backend):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_non_contiguous_input_and_weight(backend):
     """A column-strided input and a transposed weight (nn.Linear weights tied to an embedding's transpose)."""
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     generator = torch.Generator().manual_seed(5)
-    x = torch.randn(12, 23, generator=generator)[:, ::2]
-    weight = torch.randn(12, 31, generator=generator).t() / 12**0.5
+    x = torch.randn(12, 23, generator=generator).to(device)[:, ::2]
+    weight = torch.randn(12, 31, generator=generator).to(device).t() / 12**0.5
     assert not x.is_contiguous() and not weight.is_contiguous()
-    check(x, weight, torch.randn(31, generator=generator), torch.randint(0, 31, (12,), generator=generator),
-          backend, chunk_size=5)
+    check(x, weight, torch.randn(31, generator=generator).to(device),
+          torch.randint(0, 31, (12,), generator=generator).to(device), backend, chunk_size=5)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -140,8 +140,8 @@ def test_non_contiguous_input_and_weight(backend):
 def test_z_loss_and_lse_match_cross_entropy_of_the_logits(backend, reduction, softcap):
     """lse_square_scale and return_lse: the loss, lse and gradients of cross-entropy over the full logits,
     in float64 (fastlm's oracle, itself checked against F.cross_entropy in test_cross_entropy.py)."""
-    skip_unless_runs(backend)
-    x, weight, bias, target = problem(17, 6, 23)
+    device = device_to_test(backend)
+    x, weight, bias, target = problem(17, 6, 23, device=device)
     leaves = [t.requires_grad_() for t in (x, weight, bias)]
     loss, lse = linear_cross_entropy(*leaves[:2], target, leaves[2], reduction=reduction, label_smoothing=0.1,
                                      lse_square_scale=0.01, softcap=softcap, return_lse=True, chunk_size=4,
@@ -240,14 +240,14 @@ def test_module_passes_its_options_and_keeps_its_class_weight_as_a_buffer():
     assert loss_fn.double().ce_weight.dtype == torch.float64
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda", "torch"])
 def test_compiles_without_graph_breaks(backend):
     """Forward and backward through torch.compile(fullgraph=True), the lse too, against eager."""
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     torch._dynamo.reset()
-    head = torch.nn.Linear(12, 31)
+    head = torch.nn.Linear(12, 31).to(device)
     loss_fn = fastlm.nn.LinearCrossEntropyLoss(chunk_size=8, return_lse=True, backend=backend)
-    x, target = torch.randn(20, 12, requires_grad=True), torch.randint(0, 31, (20,))
+    x, target = torch.randn(20, 12, device=device, requires_grad=True), torch.randint(0, 31, (20,), device=device)
     results = []
     for function in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
         loss, lse = function(x, head.weight, target, head.bias)
@@ -297,8 +297,8 @@ class HeadLoss(torch.nn.Module):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_one_graph_for_every_batch_size(backend, reduction):
-    skip_unless_runs(backend)
-    assert_one_graph_for_every_batch_size(HeadLoss(reduction, backend), reduction, "linear_cross_entropy")
+    device = device_to_test(backend)
+    assert_one_graph_for_every_batch_size(HeadLoss(reduction, backend).to(device), reduction, "linear_cross_entropy")
 
 
 def test_second_derivative_raises():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastlm
-from conftest import skip_unless_runs
+from conftest import device_to_test, skip_unless_runs
 from fastlm.models import MODELS, build, calibrate_batchnorm
 from fastlm.models.layers import ReferenceBatchNorm1d
 from fastlm.train import TrainConfig, make_optimizer
@@ -108,10 +108,10 @@ def test_fused_twin_trains_like_the_reference(name, dtype, rtol):
 
 @pytest.mark.parametrize("name", TRAINABLE)
 def test_triton_twin_trains_like_the_reference(name):
-    skip_unless_runs("triton")
+    device = device_to_test("triton")
     options = {} if name == "bigram" else {"hidden": 16}
-    reference, fused = make_twins(name, backend="triton", **options)
-    X, Y = make_windows(make_words(40), reference.context)
+    reference, fused = (model.to(device) for model in make_twins(name, backend="triton", **options))
+    X, Y = (t.to(device) for t in make_windows(make_words(40), reference.context))
     torch.testing.assert_close(train(fused, X, Y, 5, 16), train(reference, X, Y, 5, 16), rtol=1e-4, atol=0)
 
 

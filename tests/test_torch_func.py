@@ -7,7 +7,7 @@ updated in place inside a transform), an error from both."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import skip_unless_runs
+from conftest import KERNEL_BACKENDS, device_to_test
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vmap
 
@@ -187,11 +187,11 @@ def test_fused_model_gradient_like_its_reference_twin(training):
     assert_like_torch(lambda: gradients(fused), lambda: gradients(reference), torch_raises=training)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_a_forced_kernel_backend_is_still_refused(backend):
     """Only the default moves to the reference: a backend asked for by name runs as asked, and torch.func refuses
     its C++ autograd with torch's message."""
-    skip_unless_runs(backend)
+    device = device_to_test(backend)
     _, logits, _, target, _ = data()
     with pytest.raises(RuntimeError, match="functorch transforms"):
-        grad(lambda z: fastlm.ops.cross_entropy(z, target[0], backend=backend))(logits[0])
+        grad(lambda z: fastlm.ops.cross_entropy(z, target[0].to(device), backend=backend))(logits[0].to(device))
