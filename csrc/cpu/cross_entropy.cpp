@@ -88,7 +88,7 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::
   p.math = dtype;
   p.logits = logits.to(storage_dtype(logits));
   if (p.logits.stride(1) != 1) p.logits = p.logits.contiguous();
-  p.target = contiguous_as(target, at::kLong);
+  p.target = private_indices(target);
   if (weight.has_value()) p.weight = contiguous_as(*weight, dtype);
   check_targets(p.target, logits.size(1), ignore_index);
   return p;

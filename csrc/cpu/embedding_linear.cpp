@@ -74,7 +74,7 @@ Prepared prepare(const at::Tensor& idx, const at::Tensor& table, const at::Tenso
   check_embedding_linear_shapes(idx, table, weight);
   const int64_t B = idx.size(0), T = idx.size(1), V = table.size(0), D = table.size(1);
   const auto dtype = math_dtype(table);
-  Prepared p{contiguous_as(idx, at::kLong), contiguous_as(table, dtype), contiguous_as(weight, dtype), B, T, V, D,
+  Prepared p{private_indices(idx), contiguous_as(table, dtype), contiguous_as(weight, dtype), B, T, V, D,
              weight.size(0)};
   const int64_t* ids = p.idx.data_ptr<int64_t>();
   for (int64_t i = 0; i < B * T; ++i) {

@@ -22,6 +22,7 @@
 // dx = dh W1, scattered by token into d(table), position by position in batch order. Every sum runs in a
 // fixed order: results are deterministic. Math in the input's dtype (fp32 or fp64).
 
+#include "contiguous_as.h"
 #include "mlp_step.h"
 
 #include <ATen/Dispatch.h>
@@ -394,7 +395,7 @@ StepInputs check_step(const char* op, const at::Tensor& idx, const at::Tensor& t
   TORCH_CHECK(!num_batches_tracked.has_value() ||
                   (num_batches_tracked->numel() == 1 && num_batches_tracked->scalar_type() == at::kLong),
               "fastlm ", op, ": num_batches_tracked must be one int64");
-  StepInputs in{s, dtype, batchnorm, idx.to(at::kLong).contiguous(), targets.to(at::kLong).contiguous()};
+  StepInputs in{s, dtype, batchnorm, private_indices(idx), private_indices(targets)};
   check_ids(op, in.ids, s.vocab, "index");
   check_ids(op, in.labels, s.V, "target");
   return in;
