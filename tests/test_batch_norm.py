@@ -521,8 +521,10 @@ def test_bad_input_is_refused():
         fastlm.nn.BatchNorm1d(3)(torch.randn(3, 4))
     with pytest.raises(ValueError, match="activation must be one of"):
         fastlm.ops.batch_norm(torch.randn(3, 4), None, None, training=True, activation="gelu")
-    with pytest.raises(ValueError, match="running_mean and running_var are needed"):
+    with pytest.raises(RuntimeError, match="^running_mean must be defined in evaluation mode$"):  # torch's message
         fastlm.ops.batch_norm(torch.randn(3, 4), None, None, training=False)
+    with pytest.raises(RuntimeError, match="^running_var must be defined in evaluation mode$"):
+        fastlm.ops.batch_norm(torch.randn(3, 4), torch.zeros(4), None, training=False)
 
 
 @pytest.mark.parametrize("functional", ["batch_norm", "sync_batch_norm"])
@@ -549,6 +551,8 @@ def test_running_stats_momentum_and_eps_are_checked_as_torch_checks_them(functio
         with torch.no_grad():
             call(torch.zeros(4, requires_grad=True), torch.ones(4))  # as torch: fine where no gradient is taken
         fastlm.ops.batch_norm(torch.randn(6, 4), *stats, None, None, False, 0.1, 0.0)  # eps 0 in eval: torch's too
+        with pytest.raises(ValueError, match="^batch_norm eps must be non-negative, but got -0.5$"):  # was NaN out
+            fastlm.ops.batch_norm(torch.randn(6, 4), *stats, None, None, False, 0.1, -0.5)
 
 
 @pytest.mark.parametrize("input_dtype, param_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64),

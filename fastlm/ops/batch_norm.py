@@ -185,6 +185,10 @@ def check_input(input: Tensor, training: bool) -> None:
 def check_options(name: str, running_mean: Tensor | None, running_var: Tensor | None, training: bool,
                   momentum: float, eps: float) -> None:
     """F.batch_norm's checks of the running stats, momentum and eps (with its messages where it has them)."""
+    if not training:  # evaluation normalises by the running stats
+        for stat_name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+            if stat is None:
+                raise RuntimeError(f"{stat_name} must be defined in evaluation mode")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     for stat_name, stat in (("running_mean", running_mean), ("running_var", running_var)):
@@ -196,6 +200,8 @@ def check_options(name: str, running_mean: Tensor | None, running_var: Tensor | 
                         "average, is the module's to compute)")
     if training and eps <= 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def check_per_channel(input: Tensor, **tensors: Tensor | None) -> None:
@@ -246,8 +252,6 @@ def batch_norm(
     check_input(input, training)
     if activation not in ACTIVATIONS:
         raise ValueError(f"fastlm.batch_norm: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-    if not training and (running_mean is None or running_var is None):
-        raise ValueError("fastlm.batch_norm: running_mean and running_var are needed when not training")
     check_options("batch_norm", running_mean, running_var, training, momentum, eps)
     check_per_channel(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     name = backends.resolve(input.device, backend, mutates=True)
