@@ -75,13 +75,15 @@ def given_options(argv: list[str]) -> set[str]:
 
 
 def run_train(args: argparse.Namespace, given: set[str]) -> int:
-    from fastlm.train import Trainer
+    from fastlm.train import Trainer, leave_process_group
 
-    trainer = Trainer(config_from(args), resume=args.resume, given=given)
     try:
+        trainer = Trainer(config_from(args), resume=args.resume, given=given)
         summary = trainer.fit()
     except KeyboardInterrupt:
         return 130
+    finally:
+        leave_process_group()
     if trainer.rank == 0:
         samples = summary.pop("samples")
         print(json.dumps(summary, indent=2))
