@@ -358,6 +358,20 @@ def cross_entropy_reference(logits, target, weight, smoothing, lse_square_scale,
     return loss.detach(), lse.detach(), x.grad
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cross_entropy_of_rows_of_no_classes(ops, dtype, smoothing):
+    """C == 0 with every row ignored (a direct op call): loss 0 and lse -inf, as the CPU and Triton kernels give (the
+    kernel took the max of no logits, -inf, for a row of -inf logits and wrote NaN)."""
+    acc = math_dtype(dtype)
+    logits = torch.empty(3, 0, dtype=dtype)
+    target = torch.full((3,), IGNORE_INDEX)
+    loss, lse = Guarded((3,), acc), Guarded((3,), acc)
+    ops.cross_entropy_forward(logits, target, None, None, IGNORE_INDEX, smoothing, 0.0, 0.0, loss.tensor, lse.tensor)
+    assert torch.equal(loss.tensor, torch.zeros(3, dtype=acc))
+    assert torch.equal(lse.tensor, torch.full((3,), -math.inf, dtype=acc))
+
+
 @pytest.mark.parametrize("option", list(CROSS_ENTROPY_OPTIONS))
 @pytest.mark.parametrize("rows, classes", CROSS_ENTROPY_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
