@@ -335,14 +335,20 @@ def distributed_rank(device: torch.device) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # torch._dynamo, imported for the first time after the group exists (torch.optim imports it when the first
+        # optimizer is made), keeps references to the group that destroy_process_group leaves: the group's gloo
+        # threads then live on to interpreter exit, where a rank sometimes aborts ("terminate called without an
+        # active exception", SIGABRT; 3 runs in 20 that stopped on a bad --out). Imported before, it keeps none.
+        from torch import _dynamo  # noqa: F401  (not "import torch._dynamo": that makes torch a local name here)
+
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device
 
 
 def leave_process_group() -> None:
-    """Ends this process's part in the process group of a torchrun run, when there is one: a process that exits with
-    its group alive (after an error every rank raised, or training) could abort in gloo's teardown ("terminate
-    called without an active exception", SIGABRT, seen in 3 of 8 runs that stopped on a bad --out)."""
+    """Ends this process's part in the process group of a torchrun run, when there is one, joining gloo's threads
+    (see distributed_rank): a process that exits with its group alive (after an error every rank raised, or
+    training) could abort in gloo's teardown ("terminate called without an active exception", SIGABRT)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
