@@ -70,11 +70,15 @@ def _bc(v):
 
 @triton.jit
 def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b, ACC: tl.constexpr):
-    """Chan's formula: the count, mean and M2 of two sets given those of each (n_b > 0)."""
+    """Chan's formula: the count, mean and M2 of two sets given those of each (n_b > 0). An empty first set takes
+    the second as it is: a GPU's division need not make n_b / n_b exactly 1, which would move a constant channel's
+    mean off its value."""
     n = n_a + n_b
     f = n_b.to(ACC) / n.to(ACC)
     delta = mean_b - mean_a
-    return n, mean_a + delta * f, m2_a + m2_b + delta * delta * (n_a.to(ACC) * f)
+    first = n_a == 0
+    mean = tl.where(first, mean_b, mean_a + delta * f)
+    return n, mean, tl.where(first, m2_b, m2_a + m2_b + delta * delta * (n_a.to(ACC) * f))
 
 
 @triton.jit
@@ -148,15 +152,18 @@ def _stats_combine_kernel(part_mean_ptr, part_m2_ptr, part_count_ptr, n_chunks, 
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     for k0 in range(0, n_chunks, BLOCK_K):
-        # BLOCK_K chunks at once, pooled about their joint mean (chunk k0 is always real, so n_b > 0).
+        # BLOCK_K chunks at once, pooled about their joint mean (chunk k0 is always real, so n_b > 0), taken as
+        # chunk k0's mean plus the weighted mean of the others' offsets from it: chunks of one mean pool to it
+        # exactly, whatever the rounding of the division.
         k_mask = k0 + k < n_chunks
         offs = (k0 + k).to(tl.int64)[:, None] * C + c[None, :]
         mask = k_mask[:, None] & c_mask[None, :]
         n_k = tl.load(part_count_ptr + k0 + k, mask=k_mask, other=0)
         w_k = n_k.to(ACC)[:, None]
         mean_k = tl.load(part_mean_ptr + offs, mask=mask, other=0.0)
+        mean_0 = tl.sum(tl.where(k[:, None] == 0, mean_k, 0.0), 0)  # (adding zeros: exact)
         n_b = tl.sum(n_k, 0)
-        mean_b = tl.sum(w_k * mean_k, 0) / n_b.to(ACC)
+        mean_b = mean_0 + tl.sum(w_k * (mean_k - mean_0[None, :]), 0) / n_b.to(ACC)
         d = mean_k - mean_b[None, :]
         m2_b = tl.sum(tl.load(part_m2_ptr + offs, mask=mask, other=0.0) + w_k * d * d, 0)
         count, mean, m2 = _chan(count, mean, m2, n_b, mean_b, m2_b, ACC)

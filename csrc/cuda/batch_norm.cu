@@ -65,10 +65,18 @@ __device__ __forceinline__ void welford_add(acc_t& mean, acc_t& m2, acc_t v, acc
   m2 += d * (v - mean);
 }
 
-// Chan's formula: (n, mean, m2) absorbs (nb, mean_b, m2_b). An empty side contributes nothing.
+// Chan's formula: (n, mean, m2) absorbs (nb, mean_b, m2_b). An empty side contributes nothing, and an empty
+// (n, mean, m2) takes the other side as it is: under --use_fast_math nb / nb need not be exactly 1, which would
+// move a constant channel's mean off its value.
 template <typename acc_t>
 __device__ __forceinline__ void chan_merge(int64_t& n, acc_t& mean, acc_t& m2, int64_t nb, acc_t mean_b, acc_t m2_b) {
   if (nb == 0) return;
+  if (n == 0) {
+    n = nb;
+    mean = mean_b;
+    m2 = m2_b;
+    return;
+  }
   const int64_t total = n + nb;
   const acc_t wb = acc_t(nb) / acc_t(total), delta = mean_b - mean;
   mean += delta * wb;
