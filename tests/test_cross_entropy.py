@@ -379,6 +379,36 @@ def test_nan_and_inf_logits_give_nan_loss(backend, c):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("c", [5, 37, 20000])  # tail only; whole vectors and a tail; rows one at a time (cpp)
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"weight": "random"}], ids=["plain", "smoothed",
+                                                                                               "weighted"])
+def test_a_row_of_minus_infinity(backend, c, options):
+    """A row whose every logit is -inf: its lse is -inf (torch.logsumexp's; the CPU and CUDA kernels gave NaN), its
+    loss and gradient NaN as torch's; ignored, its loss is 0 and the kernels' gradient 0 (the torch backend's, F's,
+    is NaN there), and no other row is touched."""
+    device = device_to_test(backend)
+    small_for_interpreter(backend, 4, c)
+    x = torch.randn(4, c, device=device)
+    x[1:3] = float("-inf")
+    target = torch.tensor([0, 2, -100, 3], device=device) % c
+    target[2] = -100
+    if options.get("weight") == "random":
+        options = dict(options, weight=torch.rand(c, device=device) + 0.5)
+    leaf = x.clone().requires_grad_()
+    loss, lse = cross_entropy(leaf, target, reduction="none", return_lse=True, backend=backend, **options)
+    (grad,) = torch.autograd.grad(loss, leaf, torch.ones_like(loss))
+    ref_loss = F.cross_entropy(x, target, reduction="none", **options)
+    assert lse[1:3].tolist() == [-math.inf, -math.inf]
+    assert math.isnan(loss[1]) and loss[2] == 0 and torch.isnan(ref_loss[1]) and ref_loss[2] == 0
+    assert torch.isnan(grad[1]).all()
+    assert torch.equal(grad[2], torch.zeros_like(grad[2])) or backend == "torch"
+    rows = [0, 3]
+    torch.testing.assert_close(lse[rows], torch.logsumexp(x[rows], 1))
+    torch.testing.assert_close(loss[rows], ref_loss[rows])
+    assert torch.isfinite(grad[rows]).all()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("offset", [1e5, -1e30])
 def test_logits_far_from_zero(backend, offset):
     """Logits offset by 1e5, or a fully masked row (every logit -1e30): loss and gradient as exact as torch's in

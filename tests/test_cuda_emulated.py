@@ -372,6 +372,25 @@ def test_cross_entropy_of_rows_of_no_classes(ops, dtype, smoothing):
     assert torch.equal(lse.tensor, torch.full((3,), -math.inf, dtype=acc))
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cross_entropy_of_a_row_of_minus_infinity(ops, dtype, smoothing):
+    """A row whose every logit is -inf: lse -inf (torch.logsumexp's; the kernel wrote NaN), loss NaN for a class
+    target (torch's), 0 when ignored; the other rows as torch's."""
+    acc = math_dtype(dtype)
+    logits = torch.randn(4, 37).to(dtype)
+    logits[1:3] = float("-inf")
+    target = torch.tensor([0, 2, IGNORE_INDEX, 3])
+    loss, lse = Guarded((4,), acc), Guarded((4,), acc)
+    ops.cross_entropy_forward(logits, target, None, None, IGNORE_INDEX, smoothing, 0.0, 0.0, loss.tensor, lse.tensor)
+    assert lse.tensor[1:3].tolist() == [-math.inf, -math.inf]
+    assert math.isnan(loss.tensor[1]) and loss.tensor[2] == 0
+    rows = [0, 3]
+    want = F.cross_entropy(logits[rows].double(), target[rows], reduction="none", label_smoothing=smoothing)
+    assert_close_to_reference(loss.tensor[rows], want, dtype)
+    assert_close_to_reference(lse.tensor[rows], torch.logsumexp(logits[rows].double(), 1), dtype)
+
+
 @pytest.mark.parametrize("option", list(CROSS_ENTROPY_OPTIONS))
 @pytest.mark.parametrize("rows, classes", CROSS_ENTROPY_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -146,7 +146,8 @@ GroupLse<R, scalar_t> group_lse(const scalar_t* x, int64_t row_stride, int64_t C
   Vec shift[R];
   for (int k = 0; k < R; ++k) {
     g.max[k] = at::vec::vec_reduce_all<scalar_t>(max_op, acc[k]);
-    shift[k] = Vec(g.max[k]);
+    // A row of -inf shifts by 0: its exps are 0 and lse = -inf (torch.logsumexp's), not exp(-inf - -inf) = NaN.
+    shift[k] = Vec(g.max[k] == -std::numeric_limits<scalar_t>::infinity() ? scalar_t(0) : g.max[k]);
     acc[k] = Vec(scalar_t(0));
   }
   for (int64_t c = 0; c < full; c += kWidth)

@@ -136,10 +136,10 @@ __device__ RowNorm<acc_t> row_forward(const scalar_t* x, const CrossEntropyArgs<
   block_reduce(m, s, weighted_sum);
   RowNorm<acc_t> norm{m, 0, 0};
   if (threadIdx.x == 0) {
-    // As on the CPU: NaN for a NaN logit (s is NaN) or a row of -inf (exp(-inf - -inf)), +inf for a +inf logit,
-    // -inf for a row of no classes (C == 0, every row ignored: log 0 added to the max of nothing).
+    // As on the CPU and as torch.logsumexp: NaN for a NaN logit (s is NaN), +inf for a +inf logit, -inf for a row
+    // of -inf or of no classes (C == 0, every row ignored): log 0 added to a max of -inf.
     norm.log_norm = log_(s);
-    norm.lse = m == -pos_inf(m) && C > 0 ? quiet_nan(m) : m + norm.log_norm;
+    norm.lse = m + norm.log_norm;
     lse_out[row] = norm.lse;
     acc_t row_loss = 0;
     if (t >= 0) {
