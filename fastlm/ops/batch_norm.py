@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fastlm import backends
+from fastlm.errors import ArgumentTypeError, ArgumentValueError
 from fastlm.fx_trace import traced_as_call
 from fastlm.ops.math_dtype import math_dtype
 from fastlm.ops.tensor_arguments import check_tensors
@@ -175,11 +176,11 @@ def normalized(x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor 
 def check_input(input: Tensor, training: bool) -> None:
     """The checks nn.BatchNorm1d and F.batch_norm make, with their messages."""
     if input.dim() not in (2, 3):
-        raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+        raise ArgumentValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
     if not input.is_floating_point():
-        raise TypeError(f"fastlm.batch_norm: input must be a floating-point tensor, got {input.dtype}")
+        raise ArgumentTypeError(f"fastlm.batch_norm: input must be a floating-point tensor, got {input.dtype}")
     if training and input.shape[0] * (input.shape[2] if input.dim() == 3 else 1) == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+        raise ArgumentValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
 
 def check_options(name: str, running_mean: Tensor | None, running_var: Tensor | None, training: bool,
@@ -190,18 +191,18 @@ def check_options(name: str, running_mean: Tensor | None, running_var: Tensor | 
             if stat is None:
                 raise RuntimeError(f"{stat_name} must be defined in evaluation mode")
     if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
+        raise ArgumentValueError("running_mean and running_var must either both be None or neither be None")
     for stat_name, stat in (("running_mean", running_mean), ("running_var", running_var)):
         if stat is not None and stat.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(f"fastlm.{name}: the running statistics take no gradient: {stat_name} cannot "
                                "require grad")
     if momentum is None:
-        raise TypeError(f"fastlm.{name}: momentum must be a number (a module's momentum=None, the cumulative "
-                        "average, is the module's to compute)")
+        raise ArgumentTypeError(f"fastlm.{name}: momentum must be a number (a module's momentum=None, the cumulative "
+                                "average, is the module's to compute)")
     if training and eps <= 0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        raise ArgumentValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+        raise ArgumentValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def check_per_channel(input: Tensor, **tensors: Tensor | None) -> None:
@@ -214,9 +215,9 @@ def check_per_channel(input: Tensor, **tensors: Tensor | None) -> None:
         if t.numel() != channels:  # torch's error and message
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
         if t.dim() != 1:
-            raise ValueError(f"fastlm.batch_norm: {name} must be 1D, got shape {tuple(t.shape)}")
+            raise ArgumentValueError(f"fastlm.batch_norm: {name} must be 1D, got shape {tuple(t.shape)}")
         if t.device != device:
-            raise ValueError(f"fastlm.batch_norm: input is on {device} but {name} is on {t.device}")
+            raise ArgumentValueError(f"fastlm.batch_norm: input is on {device} but {name} is on {t.device}")
         if t.dtype not in dtypes:
             raise RuntimeError(f"fastlm.batch_norm: {name} is {t.dtype} but input is {input.dtype}; they must match "
                                "(float32 statistics and parameters may go with float16/bfloat16 input)")
@@ -251,7 +252,8 @@ def batch_norm(
                   running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     check_input(input, training)
     if activation not in ACTIVATIONS:
-        raise ValueError(f"fastlm.batch_norm: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        raise ArgumentValueError(f"fastlm.batch_norm: activation must be one of {list(ACTIVATIONS)}, got "
+                                 f"{activation!r}")
     check_options("batch_norm", running_mean, running_var, training, momentum, eps)
     check_per_channel(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     name = backends.resolve(input.device, backend, mutates=True)

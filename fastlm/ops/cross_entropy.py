@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.nn import _reduction as legacy_reduction
 
 from fastlm import backends
+from fastlm.errors import ArgumentTypeError, ArgumentValueError
 from fastlm.fx_trace import traced_as_call
 from fastlm.ops.autocast import autocast_dtype, autocast_off
 from fastlm.ops.cross_entropy_outputs import ExtraOutputs, returned, z_loss
@@ -148,10 +149,10 @@ def check_rows(input: Tensor, name: str, shape: str = "(N, C)") -> None:
     """Checks on a 2D floating-point input of ``shape`` (the logits, or linear + cross-entropy's hidden states)
     that need no look at the data, so they cost no GPU sync."""
     if not input.is_floating_point():
-        raise TypeError(f"fastlm.{name}: input must be a floating-point tensor, got {input.dtype}")
+        raise ArgumentTypeError(f"fastlm.{name}: input must be a floating-point tensor, got {input.dtype}")
     if input.dim() != 2:
-        raise ValueError(f"fastlm.{name}: expected input of shape {shape}, got {input.dim()}D input of shape "
-                         f"{tuple(input.shape)}")
+        raise ArgumentValueError(f"fastlm.{name}: expected input of shape {shape}, got {input.dim()}D input of shape "
+                                 f"{tuple(input.shape)}")
 
 
 def check_target(target: Tensor, num_rows: int, num_classes: int, device: torch.device, weight: Tensor | None,
@@ -159,29 +160,29 @@ def check_target(target: Tensor, num_rows: int, num_classes: int, device: torch.
     """Checks on target, class weights and options against N rows of C classes (the ids themselves are
     checked by the kernels, which raise IndexError before touching memory)."""
     if num_classes == 0:
-        raise ValueError(f"fastlm.{name}: the input has no classes")
+        raise ArgumentValueError(f"fastlm.{name}: the input has no classes")
     if target.dtype not in (torch.int64, torch.int32, torch.uint8):
-        raise TypeError(f"fastlm.{name}: target must hold class indices as int64, int32 or uint8, got "
-                        f"{target.dtype}")
+        raise ArgumentTypeError(f"fastlm.{name}: target must hold class indices as int64, int32 or uint8, got "
+                                f"{target.dtype}")
     if target.dim() != 1 or target.shape[0] != num_rows:
-        raise ValueError(f"fastlm.{name}: expected target of shape ({num_rows},), got {tuple(target.shape)}")
+        raise ArgumentValueError(f"fastlm.{name}: expected target of shape ({num_rows},), got {tuple(target.shape)}")
     if target.device != device:
-        raise ValueError(f"fastlm.{name}: input is on {device} but target is on {target.device}")
+        raise ArgumentValueError(f"fastlm.{name}: input is on {device} but target is on {target.device}")
     if weight is not None:
         if weight.dim() != 1 or weight.shape[0] != num_classes:
-            raise ValueError(f"fastlm.{name}: weight must have one entry per class ({num_classes}), got "
-                             f"shape {tuple(weight.shape)}")
+            raise ArgumentValueError(f"fastlm.{name}: weight must have one entry per class ({num_classes}), got "
+                                     f"shape {tuple(weight.shape)}")
         if weight.device != device:
-            raise ValueError(f"fastlm.{name}: input is on {device} but weight is on {weight.device}")
+            raise ArgumentValueError(f"fastlm.{name}: input is on {device} but weight is on {weight.device}")
         if not weight.is_floating_point():
-            raise TypeError(f"fastlm.{name}: weight must be a floating-point tensor, got {weight.dtype}")
+            raise ArgumentTypeError(f"fastlm.{name}: weight must be a floating-point tensor, got {weight.dtype}")
         if weight.requires_grad and torch.is_grad_enabled():  # torch refuses it too: no gradient flows there
             raise RuntimeError(f"fastlm.{name}: the loss is not differentiable with respect to the class weights; "
                                "weight cannot require grad")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"fastlm.{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ArgumentValueError(f"fastlm.{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"fastlm.{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+        raise ArgumentValueError(f"fastlm.{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
 
 
 def softcap_value(softcap: float | None, name: str) -> float:
@@ -189,7 +190,7 @@ def softcap_value(softcap: float | None, name: str) -> float:
     if softcap is None:
         return 0.0
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
-        raise ValueError(f"fastlm.{name}: softcap must be None or a positive number, got {softcap!r}")
+        raise ArgumentValueError(f"fastlm.{name}: softcap must be None or a positive number, got {softcap!r}")
     return float(softcap)
 
 
@@ -197,11 +198,11 @@ def class_rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """(C,) or (N, C, d1, ...) logits as the (M, C) rows the kernels take, and their class indices as (M,)."""
     classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if classes == 0:
-        raise ValueError("fastlm.cross_entropy: the input has no classes")
+        raise ArgumentValueError("fastlm.cross_entropy: the input has no classes")
     expected = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
     if tuple(target.shape) != expected:
-        raise ValueError(f"fastlm.cross_entropy: expected target of shape {expected} for input of shape "
-                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+        raise ArgumentValueError(f"fastlm.cross_entropy: expected target of shape {expected} for input of shape "
+                                 f"{tuple(input.shape)}, got {tuple(target.shape)}")
     return input.movedim(0 if input.dim() == 1 else 1, -1).reshape(-1, classes), target.reshape(-1)
 
 
@@ -259,8 +260,9 @@ def cross_entropy(
     if input.is_floating_point():
         if target.is_floating_point() and target.shape == input.shape:
             if lse_square_scale or any(asked) or inplace_backward:
-                raise ValueError("fastlm.cross_entropy: class-probability targets are computed by F.cross_entropy, "
-                                 "which has no lse_square_scale, return_* outputs or inplace_backward")
+                raise ArgumentValueError("fastlm.cross_entropy: class-probability targets are computed by "
+                                         "F.cross_entropy, which has no lse_square_scale, return_* outputs or "
+                                         "inplace_backward")
             return F.cross_entropy(soft_capped(input, cap), target, weight, ignore_index=ignore_index,
                                    reduction=reduction, label_smoothing=label_smoothing)
         if input.dim() != 2 and input.dim() > 0:

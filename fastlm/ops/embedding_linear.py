@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fastlm import backends
+from fastlm.errors import ArgumentTypeError, ArgumentValueError
 from fastlm.fx_trace import traced_as_call
 from fastlm.ops.autocast import autocast_dtype, autocast_off, cast_to
 from fastlm.ops.tensor_arguments import check_tensors
@@ -123,30 +124,31 @@ def choose_strategy(batch: int, vocab: int, dim: int, context: int, out: int) ->
 
 def check_inputs(idx: Tensor, table: Tensor, weight: Tensor, bias: Tensor | None, padding_idx: int | None) -> None:
     if idx.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"fastlm.embedding_linear: idx must hold token ids as int64 or int32, got {idx.dtype}")
+        raise ArgumentTypeError(f"fastlm.embedding_linear: idx must hold token ids as int64 or int32, got {idx.dtype}")
     if idx.dim() != 2:
-        raise ValueError(f"fastlm.embedding_linear: idx must be 2D (B, T), got shape {tuple(idx.shape)}")
+        raise ArgumentValueError(f"fastlm.embedding_linear: idx must be 2D (B, T), got shape {tuple(idx.shape)}")
     if table.dim() != 2 or not table.is_floating_point():
-        raise ValueError(f"fastlm.embedding_linear: table must be a 2D floating-point (V, D) tensor, got "
-                         f"{table.dtype} of shape {tuple(table.shape)}")
+        raise ArgumentValueError(f"fastlm.embedding_linear: table must be a 2D floating-point (V, D) tensor, got "
+                                 f"{table.dtype} of shape {tuple(table.shape)}")
     in_features = idx.shape[1] * table.shape[1]
     if weight.dim() != 2 or weight.shape[1] != in_features:
-        raise ValueError(f"fastlm.embedding_linear: weight must be (out, T*D) = (out, {in_features}) for T = "
-                         f"{idx.shape[1]} tokens of D = {table.shape[1]}, got {tuple(weight.shape)}")
+        raise ArgumentValueError(f"fastlm.embedding_linear: weight must be (out, T*D) = (out, {in_features}) for T = "
+                                 f"{idx.shape[1]} tokens of D = {table.shape[1]}, got {tuple(weight.shape)}")
     if weight.dtype != table.dtype:
-        raise TypeError(f"fastlm.embedding_linear: weight ({weight.dtype}) and table ({table.dtype}) must have one "
-                        "dtype")
+        raise ArgumentTypeError(f"fastlm.embedding_linear: weight ({weight.dtype}) and table ({table.dtype}) must "
+                                "have one dtype")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"fastlm.embedding_linear: bias must have out = {weight.shape[0]} entries, got "
-                         f"{tuple(bias.shape)}")
+        raise ArgumentValueError(f"fastlm.embedding_linear: bias must have out = {weight.shape[0]} entries, got "
+                                 f"{tuple(bias.shape)}")
     if bias is not None and bias.dtype != weight.dtype:
-        raise TypeError(f"fastlm.embedding_linear: bias ({bias.dtype}) and weight ({weight.dtype}) must have one "
-                        "dtype")
+        raise ArgumentTypeError(f"fastlm.embedding_linear: bias ({bias.dtype}) and weight ({weight.dtype}) must "
+                                "have one dtype")
     for name, t in (("table", table), ("weight", weight), ("bias", bias)):
         if t is not None and t.device != idx.device:
-            raise ValueError(f"fastlm.embedding_linear: idx is on {idx.device} but {name} is on {t.device}")
+            raise ArgumentValueError(f"fastlm.embedding_linear: idx is on {idx.device} but {name} is on {t.device}")
     if padding_idx is not None and not -table.shape[0] <= padding_idx < table.shape[0]:
-        raise ValueError(f"fastlm.embedding_linear: padding_idx must be within the table's {table.shape[0]} rows")
+        raise ArgumentValueError(f"fastlm.embedding_linear: padding_idx must be within the table's "
+                                 f"{table.shape[0]} rows")
 
 
 def check_ids(idx: Tensor, vocab: int) -> None:
@@ -183,7 +185,8 @@ def embedding_linear(
     if strategy is None:
         strategy = choose_strategy(idx.shape[0], table.shape[0], table.shape[1], idx.shape[1], weight.shape[0])
     if strategy not in STRATEGIES:
-        raise ValueError(f"fastlm.embedding_linear: strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+        raise ArgumentValueError(f"fastlm.embedding_linear: strategy must be one of {list(STRATEGIES)}, got "
+                                 f"{strategy!r}")
     padding = -1 if padding_idx is None else padding_idx % table.shape[0]
     name = backends.resolve(idx.device, backend)
     with autocast_off(idx.device, amp):

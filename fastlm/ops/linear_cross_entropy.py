@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backends
+from fastlm.errors import ArgumentTypeError, ArgumentValueError
 from fastlm.fx_trace import traced_as_call
 from fastlm.ops.autocast import autocast_dtype, autocast_off, cast_to
 from fastlm.ops.cross_entropy import (
@@ -76,26 +77,26 @@ def linear_cross_entropy(
                   ce_weight=ce_weight)
     check_rows(input, "linear_cross_entropy", "(N, H)")
     if weight.dim() != 2 or weight.shape[1] != input.shape[1]:
-        raise ValueError(f"fastlm.linear_cross_entropy: weight must be (V, {input.shape[1]}), got "
-                         f"{tuple(weight.shape)}")
+        raise ArgumentValueError(f"fastlm.linear_cross_entropy: weight must be (V, {input.shape[1]}), got "
+                                 f"{tuple(weight.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"fastlm.linear_cross_entropy: bias must be a ({weight.shape[0]},) tensor, got "
-                         f"{tuple(bias.shape)}")
+        raise ArgumentValueError(f"fastlm.linear_cross_entropy: bias must be a ({weight.shape[0]},) tensor, got "
+                                 f"{tuple(bias.shape)}")
     amp = autocast_dtype(input.device)
     input, weight, bias = cast_to(amp, input, weight, bias)
     if weight.device != input.device or (bias is not None and bias.device != input.device):
-        raise ValueError("fastlm.linear_cross_entropy: input, weight and bias must be on one device")
+        raise ArgumentValueError("fastlm.linear_cross_entropy: input, weight and bias must be on one device")
     if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
         given = f"weight {weight.dtype}" + ("" if bias is None else f", bias {bias.dtype}")
-        raise TypeError(f"fastlm.linear_cross_entropy: input, weight and bias must have one dtype; input "
-                        f"{input.dtype}, {given}")
+        raise ArgumentTypeError(f"fastlm.linear_cross_entropy: input, weight and bias must have one dtype; input "
+                                f"{input.dtype}, {given}")
     check_target(target, input.shape[0], weight.shape[0], input.device, ce_weight, reduction, label_smoothing,
                  "linear_cross_entropy")
     target = class_indices(target)
     cap = softcap_value(softcap, "linear_cross_entropy")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"fastlm.linear_cross_entropy: chunk_size must be a positive number of rows, got "
-                         f"{chunk_size!r}")
+        raise ArgumentValueError(f"fastlm.linear_cross_entropy: chunk_size must be a positive number of rows, got "
+                                 f"{chunk_size!r}")
     asked = ExtraOutputs(return_lse, return_z_loss, return_token_accuracy, return_predicted_tokens)
     name = backends.resolve(input.device, backend)
     with autocast_off(input.device, amp):
