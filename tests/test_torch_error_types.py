@@ -24,8 +24,8 @@ def embedding_linear_reference(idx, table, weight, bias):
     return F.linear(F.embedding(idx, table).view(idx.shape[0], -1), weight, bias)
 
 
-def linear_cross_entropy_reference(input, weight, target, bias=None):
-    return F.cross_entropy(F.linear(input, weight, bias), target)
+def linear_cross_entropy_reference(input, weight, target, bias=None, **options):
+    return F.cross_entropy(F.linear(input, weight, bias), target, **options)
 
 
 def batch_norm_module(module_type, training=True, eps=1e-5, track_running_stats=True):
@@ -73,6 +73,12 @@ CASES = {
     "cross_entropy: label smoothing above 1": (
         lambda: F.cross_entropy(X, TARGET, label_smoothing=1.5),
         lambda: fastlm.ops.cross_entropy(X, TARGET, label_smoothing=1.5)),
+    "cross_entropy: float ignore_index": (
+        lambda: F.cross_entropy(X, TARGET, ignore_index=1.0),
+        lambda: fastlm.ops.cross_entropy(X, TARGET, ignore_index=1.0)),
+    "linear + cross-entropy: float ignore_index": (
+        lambda: linear_cross_entropy_reference(H, W2, TARGET, ignore_index=1.0),
+        lambda: fastlm.ops.linear_cross_entropy(H, W2, TARGET, ignore_index=1.0)),
     "linear + cross-entropy: weight of another hidden size": (
         lambda: linear_cross_entropy_reference(H, W2[:, :5], TARGET),
         lambda: fastlm.ops.linear_cross_entropy(H, W2[:, :5], TARGET)),

@@ -17,6 +17,7 @@ predicted tokens as outputs (fastlm/ops/cross_entropy_outputs.py).
 from __future__ import annotations
 
 import math
+import operator
 from typing import Callable, NamedTuple
 
 import torch
@@ -185,6 +186,17 @@ def check_target(target: Tensor, num_rows: int, num_classes: int, device: torch.
         raise ArgumentValueError(f"fastlm.{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
 
 
+def ignore_index_value(ignore_index, name: str) -> int:
+    """ignore_index as the ops take it, a Python int: a float or other non-integer is torch's TypeError (the op's
+    schema refused it with a RuntimeError of its own)."""
+    try:
+        if isinstance(ignore_index, bool):  # (an int to Python, but not to torch)
+            raise TypeError
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"fastlm.{name}: ignore_index must be an int, got {type(ignore_index).__name__}") from None
+
+
 def softcap_value(softcap: float | None, name: str) -> float:
     """The soft cap as the ops take it: a positive finite number, 0.0 for None."""
     if softcap is None:
@@ -255,6 +267,7 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         reduction = legacy_reduction.legacy_get_string(size_average, reduce)
     cap = softcap_value(softcap, "cross_entropy")
+    ignore_index = ignore_index_value(ignore_index, "cross_entropy")
     asked = ExtraOutputs(return_lse, return_z_loss, return_token_accuracy, return_predicted_tokens)
     shape = None
     if input.is_floating_point():

@@ -28,6 +28,7 @@ from fastlm.ops.cross_entropy import (
     check_target,
     class_indices,
     fake_cross_entropy,
+    ignore_index_value,
     loss_dtype,
     reference_cross_entropy,
     softcap_value,
@@ -94,6 +95,7 @@ def linear_cross_entropy(
                  "linear_cross_entropy")
     target = class_indices(target)
     cap = softcap_value(softcap, "linear_cross_entropy")
+    ignore_index = ignore_index_value(ignore_index, "linear_cross_entropy")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ArgumentValueError(f"fastlm.linear_cross_entropy: chunk_size must be a positive number of rows, got "
                                  f"{chunk_size!r}")
