@@ -4,14 +4,15 @@ Swapped, anywhere in the module tree:
   nn.Sequential runs of nn.Embedding, nn.Flatten, nn.Linear (the makemore first layer) -> one fused
       ``EmbeddingLinear`` (built by ``EmbeddingLinear.from_modules``, sharing their parameters);
   nn.BatchNorm1d -> ``fastlm.nn.BatchNorm1d``;
-  nn.BatchNorm1d then nn.Tanh or nn.ReLU in an nn.Sequential -> ``fastlm.nn.BatchNorm1d`` with that
-      activation fused, and an nn.Identity in the activation's place (not where the BatchNorm is also used
-      elsewhere, or hooks are registered on the activation);
+  nn.BatchNorm1d then nn.Tanh or nn.ReLU in an nn.Sequential -> the activation computed inside the BatchNorm's
+      kernels when the Sequential runs the pair (both stay its children, as they were: the decision is made at
+      each call, so that hooks on either, a changed activation, a slice or a direct call of the BatchNorm get the
+      layers as written);
   nn.CrossEntropyLoss -> ``fastlm.nn.CrossEntropyLoss``.
 Only these exact torch classes are swapped: a subclass may have a forward of its own. A swapped module (an
-nn.Sequential holding a fused run too) is not replaced but made into fastlm's subclass of its class, in place, as
-torch.nn.utils.parametrize does: its parameters, buffers, hooks (pruning's among them), attributes and identity
-stay (a layer used twice stays one layer). Hooks on the run's Flatten make it run unfused.
+nn.Sequential holding a fused run or pair too) is not replaced but made into fastlm's subclass of its class, in
+place, as torch.nn.utils.parametrize does: its parameters, buffers, hooks (pruning's among them), attributes and
+identity stay (a layer used twice stays one layer). Hooks on a run's or pair's layers make it run unfused.
 With ``fuse_forward_code=True``, also what meets only in the model's forward code: Embedding -> view(B, -1) ->
     Linear (the makemore first layer written out), BatchNorm1d -> tanh/relu, and the final Linear -> cross-entropy
     (into ``linear_cross_entropy``, which never holds the logits), each where the forward uses the intermediate
@@ -35,13 +36,12 @@ names from the module: ``from fastlm.convert import FusedSequential``.
 from __future__ import annotations
 
 import functools
-from collections import Counter
 
 from torch import Tensor, fx, nn
 
 from fastlm.fuse_graph import FuseGraph
 from fastlm.fx_trace import TracedAsLeaf
-from fastlm.nn import BatchNorm1d, CrossEntropyLoss, EmbeddingLinear
+from fastlm.nn import BatchNorm1d, CrossEntropyLoss, EmbeddingLinear, SyncBatchNorm
 from fastlm.nn.embedding_linear import has_hooks
 
 FUSABLE_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
@@ -58,14 +58,28 @@ def fusable_run(modules: list[nn.Module], i: int) -> bool:
             and linear.in_features % embedding.embedding_dim == 0)
 
 
+def fused_activation(modules: list[nn.Module], i: int) -> str | None:
+    """The activation that the BatchNorm at i computes in its kernels for the nn.Tanh or nn.ReLU after it, or None:
+    for a fastlm BatchNorm1d (or SyncBatchNorm) of no activation of its own, where neither layer has hooks (the
+    BatchNorm's would see the activation's output, the activation's would not run)."""
+    if i + 1 >= len(modules) or type(modules[i]) not in (BatchNorm1d, SyncBatchNorm):
+        return None
+    activation = FUSABLE_ACTIVATIONS.get(type(modules[i + 1]))
+    if activation is None or modules[i].activation is not None or has_hooks(modules[i]) or has_hooks(modules[i + 1]):
+        return None
+    return activation
+
+
 class FusedSequential(TracedAsLeaf, nn.Sequential):
-    """An nn.Sequential whose Embedding, Flatten, Linear runs go through one fused ``EmbeddingLinear``.
+    """An nn.Sequential whose Embedding, Flatten, Linear runs go through one fused ``EmbeddingLinear``, and whose
+    BatchNorm1d, Tanh (or ReLU) pairs run as one BatchNorm with the activation in its kernels.
 
     The children are those of the nn.Sequential (same modules, same state_dict keys). The fused layers
     share their parameters and are found again whenever the children change (append, slicing, ...; a
-    slice runs on the default backend). Input other than (B, T) ids, which the fused op does not take,
-    runs through the children as they are. Within a model that ``torch.fx.symbolic_trace`` traces, it is one
-    node, as fastlm's layers are (``fastlm.fx_trace``); traced itself, its graph calls the children one by one.
+    slice runs on the default backend); the pairs are found at each call. Input other than (B, T) ids, which the
+    fused op does not take, runs through the children as they are. Within a model that
+    ``torch.fx.symbolic_trace`` traces, it is one node, as fastlm's layers are (``fastlm.fx_trace``); traced itself,
+    its graph calls the children one by one.
     """
 
     def __init__(self, *args, backend: str | None = None):
@@ -87,20 +101,26 @@ class FusedSequential(TracedAsLeaf, nn.Sequential):
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):  # symbolic_trace of this module itself: its children, unfused
             return super().forward(input)
-        fused = self.fused_layers() if input.dim() == 2 else {}
+        fused = self.fused_layers()
         children = list(self._modules.values())
         i = 0
         while i < len(children):
-            if i in fused and not has_hooks(children[i + 1]):  # hooks on the Flatten run with the children
+            # (hooks on the Flatten run with the children; the fused layer itself heeds the others')
+            if i in fused and input.dim() == 2 and not has_hooks(children[i + 1]):
                 input = fused[i](input)
                 i += 3
+            elif (activation := fused_activation(children, i)) is not None:
+                input = children[i].forward_activated(input, activation)
+                i += 2
             else:
                 input = children[i](input)
                 i += 1
         return input
 
     def extra_repr(self) -> str:
-        return f"fused runs at {sorted(self.fused_layers())}"
+        children = list(self._modules.values())
+        pairs = [i for i in range(len(children)) if fused_activation(children, i)]
+        return f"fused runs at {sorted(self.fused_layers())}, BatchNorm + activation pairs at {pairs}"
 
 
 def made_into(module: nn.Module, fused: nn.Module) -> nn.Module:
@@ -114,31 +134,11 @@ def made_into(module: nn.Module, fused: nn.Module) -> nn.Module:
     return module
 
 
-def fused_batch_norm(module: nn.BatchNorm1d, activation: str | None, backend: str | None) -> BatchNorm1d:
-    """``module`` made into a fastlm BatchNorm1d (in place, see made_into) with ``activation`` fused."""
-    return made_into(module, BatchNorm1d(module.num_features, activation=activation, backend=backend, device="meta"))
-
-
-def convert_sequential(sequential: nn.Sequential, backend: str | None, shared: set[int]) -> nn.Sequential:
-    names = list(sequential._modules)
-    k = 0
-    while k < len(names):
-        child = sequential._modules[names[k]]
-        following = sequential._modules[names[k + 1]] if k + 1 < len(names) else None
-        activation = FUSABLE_ACTIVATIONS.get(type(following))
-        # The activation is taken into the BatchNorm only where the BatchNorm is used nowhere else (its other uses
-        # would get it too) and nothing is hooked on either (the activation's hooks would no longer run, the
-        # BatchNorm's would see the activation's output).
-        if (type(child) is nn.BatchNorm1d and activation and id(child) not in shared and not has_hooks(child)
-                and not has_hooks(following)):
-            fused_batch_norm(child, activation, backend)
-            sequential.add_module(names[k + 1], nn.Identity().train(following.training))
-            k += 2
-        else:
-            sequential.add_module(names[k], swap_layers(child, backend, shared))
-            k += 1
+def convert_sequential(sequential: nn.Sequential, backend: str | None) -> nn.Sequential:
+    for name, child in list(sequential.named_children()):
+        sequential.add_module(name, swap_layers(child, backend))
     modules = list(sequential._modules.values())
-    if not any(fusable_run(modules, i) for i in range(len(modules))):
+    if not any(fusable_run(modules, i) or fused_activation(modules, i) for i in range(len(modules))):
         return sequential
     made_into(sequential, FusedSequential(backend=backend))
     sequential.fused_layers()  # now, as FusedSequential's constructor does
@@ -149,8 +149,7 @@ def convert(model: nn.Module, backend: str | None = None, *, fuse_forward_code: 
     """``model`` with its torch layers swapped for fastlm's (see the module docstring); ``backend`` forces a
     fastlm backend in every swapped layer; ``fuse_forward_code`` also fuses the layers that meet in the forward's
     code, compiling the returned module's forward (its first call, and each new branch or shape, takes a capture)."""
-    uses = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
-    converted = swap_layers(model, backend, {ident for ident, count in uses.items() if count > 1})
+    converted = swap_layers(model, backend)
     if fuse_forward_code:
         converted.compile(backend=_fuse_graph(backend))
     return converted
@@ -164,14 +163,14 @@ def _fuse_graph(backend: str | None) -> FuseGraph:
     return FuseGraph(backend)
 
 
-def swap_layers(model: nn.Module, backend: str | None, shared: set[int]) -> nn.Module:
-    """``model`` with its layers swapped; ``shared``: the ids of the modules used more than once in the model."""
+def swap_layers(model: nn.Module, backend: str | None) -> nn.Module:
+    """``model`` with its layers swapped."""
     if type(model) is nn.BatchNorm1d:
-        return fused_batch_norm(model, None, backend)
+        return made_into(model, BatchNorm1d(model.num_features, backend=backend, device="meta"))
     if type(model) is nn.CrossEntropyLoss:
         return made_into(model, CrossEntropyLoss(backend=backend))
     if type(model) is nn.Sequential:
-        return convert_sequential(model, backend, shared)
+        return convert_sequential(model, backend)
     for name, child in list(model.named_children()):
-        model.add_module(name, swap_layers(child, backend, shared))
+        model.add_module(name, swap_layers(child, backend))
     return model

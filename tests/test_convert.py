@@ -10,7 +10,7 @@ from torch import nn
 
 import fastlm
 from conftest import KERNEL_BACKENDS, device_to_test, needs_batch_norm_bias_keyword
-from fastlm.convert import FusedSequential
+from fastlm.convert import FusedSequential, fused_activation
 
 
 class Net(nn.Module):
@@ -43,9 +43,11 @@ def test_convert_swaps_the_layers_and_keeps_the_state_dict():
     assert all(after[key].data_ptr() == before[key].data_ptr() for key in before)  # the tensors themselves
     body = converted.body
     assert isinstance(body, FusedSequential) and list(body.fused_layers()) == [0]
-    assert isinstance(body[3], fastlm.nn.BatchNorm1d) and body[3].activation == "tanh"
-    assert isinstance(body[6], fastlm.nn.BatchNorm1d) and body[6].activation == "relu"
-    assert isinstance(body[4], nn.Identity) and isinstance(body[7], nn.Identity)
+    assert isinstance(body[3], fastlm.nn.BatchNorm1d) and body[3].activation is None
+    assert isinstance(body[6], fastlm.nn.BatchNorm1d) and body[6].activation is None
+    assert type(body[4]) is nn.Tanh and type(body[7]) is nn.ReLU  # the layers as written
+    children = list(body.children())
+    assert fused_activation(children, 3) == "tanh" and fused_activation(children, 6) == "relu"
     assert isinstance(converted.norm, fastlm.nn.BatchNorm1d) and converted.norm.activation is None
     assert isinstance(converted.criterion, fastlm.nn.CrossEntropyLoss)
 
@@ -204,6 +206,37 @@ def test_hooks_keep_the_activation_out_of_the_batch_norm(hooked):
     assert converted[1].activation is None and converted[2] is tanh
     converted(torch.randn(8, 4) * 3)
     assert len(seen) == 1 and (seen[0].abs().max() > 1) == (hooked == "batch_norm")
+
+
+def test_the_layers_stay_as_written_around_a_fused_batch_norm_and_tanh():
+    """The pair runs fused, but the model keeps its layers as written: a loop over them finds the Tanh (the
+    makemore lectures' saturation statistics), a hook added after conversion sees the BatchNorm's own output, a
+    replaced activation is the one applied, and a slice ending at the BatchNorm stops before the tanh."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    reference = copy.deepcopy(model)
+    converted = fastlm.convert(model)
+    x = torch.randn(16, 4) * 3
+    torch.testing.assert_close(converted(x), reference(x))
+    assert [type(layer) for layer in converted] == [nn.Linear, fastlm.nn.BatchNorm1d, nn.Tanh, nn.Linear]
+    seen = []
+    handle = converted[1].register_forward_hook(lambda module, args, output: seen.append(output))
+    torch.testing.assert_close(converted(x), reference(x))
+    assert seen[0].abs().max() > 1  # before the tanh
+    handle.remove()
+    converted[2] = reference[2] = nn.ReLU()
+    torch.testing.assert_close(converted(x), reference(x))
+    torch.testing.assert_close(converted[:2](x), reference[:2](x))
+
+
+def test_a_run_fed_other_than_ids_of_two_dims_runs_unfused():
+    """The fused embedding + linear takes (B, T) ids: what reaches the run decides, not the Sequential's input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Unflatten(1, (2, 3)), nn.Embedding(27, 10), nn.Flatten(), nn.Linear(60, 8))
+    reference = copy.deepcopy(model)
+    converted = fastlm.convert(model)
+    idx = torch.randint(0, 27, (4, 6))
+    torch.testing.assert_close(converted(idx), reference(idx))
 
 
 def test_fused_sequential_follows_its_children():

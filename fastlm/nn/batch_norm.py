@@ -69,16 +69,21 @@ class BatchNorm1d(TracedAsLeaf, nn.BatchNorm1d):
                      for name in ("running_mean", "running_var"))
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.momentum is None and self._batch_counter() is not None and torch.compiler.is_compiling():
-            return _forward_outside_graphs()(self, input)
-        return self._forward(input)
+        return self.forward_activated(input, self.activation)
 
-    def _forward(self, input: Tensor) -> Tensor:
+    def forward_activated(self, input: Tensor, activation: str | None) -> Tensor:
+        """The forward with ``activation`` in the kernels in place of the layer's own: how a converted
+        nn.Sequential (fastlm.convert) runs this layer and the nn.Tanh or nn.ReLU after it as one."""
+        if self.momentum is None and self._batch_counter() is not None and torch.compiler.is_compiling():
+            return _forward_outside_graphs()(self, input, activation)
+        return self._forward(input, activation)
+
+    def _forward(self, input: Tensor, activation: str | None) -> Tensor:
         self._check_input_dim(input)
         momentum = self._momentum()
         self._count_batch()
         return batch_norm(input, *self._running_stats(), *self._affine(), self._uses_batch_stats(), momentum,
-                          self.eps, self.unbiased, self.activation, backend=self.backend)
+                          self.eps, self.unbiased, activation, backend=self.backend)
 
     def extra_repr(self) -> str:
         extra = "".join(f", {name}={value!r}" for name, value in
@@ -94,7 +99,8 @@ def _forward_outside_graphs():
     average's factor 1 / (batches + 1) is a new number every batch, each of which would compile a graph (torch's
     module breaks the graph there too). Made on first use: torch.compiler.disable imports torch._dynamo (~1 s)."""
     if not _disabled_forward:
-        _disabled_forward.append(torch.compiler.disable(lambda module, input: module._forward(input)))
+        _disabled_forward.append(torch.compiler.disable(
+            lambda module, input, activation: module._forward(input, activation)))
     return _disabled_forward[0]
 
 
@@ -111,17 +117,17 @@ class SyncBatchNorm(BatchNorm1d):
                          unbiased=unbiased, activation=activation, backend=backend)
         self.process_group = process_group
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward_activated(self, input: Tensor, activation: str | None) -> Tensor:
         # Synchronised in training only, as nn.SyncBatchNorm does (eval without running stats normalises each
         # rank's batch by its own statistics).
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if not (self.training and distributed and torch.distributed.get_world_size(self.process_group) > 1):
-            return super().forward(input)
+            return super().forward_activated(input, activation)
         self._check_input_dim(input)
         momentum = self._momentum()
         self._count_batch()
         return sync_batch_norm(input, *self._running_stats(), *self._affine(), momentum, self.eps,
-                               self.unbiased, self.activation, self.process_group, backend=self.backend)
+                               self.unbiased, activation, self.process_group, backend=self.backend)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
