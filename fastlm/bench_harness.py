@@ -118,10 +118,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+TIMING_BUDGET_S = 2.0
+
+
 def time_ms(run: Callable[[object], object], device: str, reps: int,
             setup: Callable[[], object] | None = None) -> list[float]:
-    """Milliseconds per call of ``run(setup())`` (setup untimed), over about ``reps`` calls: one entry per
-    call, or, on CPU without a setup, one per block of calls (torch.utils.benchmark)."""
+    """Milliseconds per call of ``run(setup())`` (setup untimed), over about ``reps`` calls, at most about
+    ``TIMING_BUDGET_S`` seconds: one entry per call, or, on CPU without a setup, one per block of calls
+    (torch.utils.benchmark)."""
     if device == "cuda" and setup is None:
         return gpu_blocks_ms(lambda: run(None), reps)
     if setup is None:
@@ -130,13 +134,16 @@ def time_ms(run: Callable[[object], object], device: str, reps: int,
         start_s = time.perf_counter()
         run(None)
         first_s = time.perf_counter() - start_s
-        budget_s = min(2.0, max(0.01, reps * first_s))
+        budget_s = min(TIMING_BUDGET_S, max(0.01, reps * first_s))
         if first_s >= budget_s:  # a call as long as the budget is the sample (blocked_autorange would add two)
             return [first_s * 1e3]
         timer = benchmark.Timer("run(None)", globals={"run": run}, num_threads=torch.get_num_threads())
         return [seconds * 1e3 for seconds in timer.blocked_autorange(min_run_time=budget_s).times]
     times = []
+    deadline_s = time.perf_counter() + TIMING_BUDGET_S  # (setups included: a backward's setup is its forward)
     for _ in range(reps):
+        if len(times) >= 5 and time.perf_counter() > deadline_s:
+            break
         state = setup() if setup else None
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -314,9 +321,11 @@ def timing_method(device: str) -> str:
     turns = f"providers in {ROUNDS} interleaved rounds"
     if device == "cuda":
         return ("CUDA events around blocks of back-to-back calls (~1 ms each, L2 not flushed), median and "
-                f"quartiles of the blocks; bwd: CUDA events around each backward after an untimed forward; {turns}")
+                "quartiles of the blocks; bwd: CUDA events around each backward after an untimed forward, at most "
+                f"{TIMING_BUDGET_S:g} s a round; {turns}")
     return ("torch.utils.benchmark Timer.blocked_autorange after 2 warm-up calls, median and quartiles of its "
-            f"blocks; bwd: time.perf_counter around each backward after an untimed forward; {turns}")
+            "blocks; bwd: time.perf_counter around each backward after an untimed forward, at most "
+            f"{TIMING_BUDGET_S:g} s a round; {turns}")
 
 
 def rated_bandwidth_gbs(device: str) -> float | None:

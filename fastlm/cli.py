@@ -75,7 +75,7 @@ def given_options(argv: list[str]) -> set[str]:
 
 
 def run_train(args: argparse.Namespace, given: set[str]) -> int:
-    from fastlm.train import Trainer, leave_process_group
+    from fastlm.train import Trainer, json_numbers, leave_process_group
 
     try:
         trainer = Trainer(config_from(args), resume=args.resume, given=given)
@@ -86,7 +86,7 @@ def run_train(args: argparse.Namespace, given: set[str]) -> int:
         leave_process_group()
     if trainer.rank == 0:
         samples = summary.pop("samples")
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(json_numbers(summary), indent=2, allow_nan=False))
         print("samples:", ", ".join(samples))
         print(f"written to {trainer.out}/ ({', '.join(trainer.files_written)})")
     return 0
@@ -102,6 +102,8 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--count must be at least 0, got {args.count}")
     if args.seed is not None:
         check_seed(args.seed)
+    if args.checkpoint == "":
+        raise ConfigError("--checkpoint: an empty path")
     state = load_checkpoint(args.checkpoint)
     # On --device (the CPU by default), whatever device and backend the run trained on.
     config = dataclasses.replace(saved_config(state), device=args.device, backend=None)
@@ -163,6 +165,25 @@ def run_command(argv: list[str]) -> int:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # under torchrun, once per machine (the ranks agree)
             print(f"fastlm {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as error:  # sizes past the memory: one line, not a traceback
+        if not out_of_memory(error):
+            raise
+        print(f"fastlm {args.command}: error: out of memory for these sizes ({first_line(error)})", file=sys.stderr)
+        return 1
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed (Python's MemoryError, torch's CPU allocator's RuntimeError
+    or its OutOfMemoryError on a GPU)."""
+    import torch
+
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
+            or "DefaultCPUAllocator: can't allocate memory" in str(error))
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

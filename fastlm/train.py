@@ -84,6 +84,15 @@ class ConfigError(ValueError):
 SEEDS = (-0x8000_0000_0000_0000, 0xFFFF_FFFF_FFFF_FFFF)  # the seeds torch.manual_seed takes
 
 
+OUTPUT_FILES = ("checkpoint.pt", "summary.json", "loss.png")
+
+
+def json_numbers(summary: dict) -> dict:
+    """The summary with each non-finite float (a diverged run's losses) as None, which JSON writes as null."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in summary.items()}
+
+
 def check_seed(seed: int) -> None:
     if not SEEDS[0] <= seed <= SEEDS[1]:
         raise ConfigError(f"--seed must be a 64-bit integer (from {SEEDS[0]} to {SEEDS[1]}), got {seed}")
@@ -363,6 +372,9 @@ class Trainer:
         # A resumed run is built from its checkpoint's configuration (only steps and out come from the caller), so
         # that the model, device and the checks on them are those of the run it continues.
         checkpoint = None
+        for name in ("out", "data"):  # "" would be taken as the current directory
+            if getattr(config, name) == "":
+                raise ConfigError(f"--{name}: an empty path")
         if not resume and config.data is not None:  # a run resumed from another folder still finds its words
             config = dataclasses.replace(config, data=os.path.abspath(config.data))
         if resume:
@@ -448,6 +460,9 @@ class Trainer:
             tempfile.TemporaryFile(dir=self.out).close()
         except OSError as error:
             return f"--out {self.config.out}: cannot write files there ({error})"
+        for name in OUTPUT_FILES:
+            if (self.out / name).exists() and not (self.out / name).is_file():
+                return f"--out {self.config.out}: its {name} is not a file, which the run would replace"
         return None
 
     def _note_ignored_options(self, requested: TrainConfig, saved: TrainConfig, given: set[str] | None) -> None:
@@ -649,9 +664,14 @@ class Trainer:
             summary["samples"] = []
         self.save()
         if self.rank == 0:
-            # UTF-8, a word list's own characters as they are (the samples of a custom vocabulary were \u escapes)
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
-            self.files_written = ["checkpoint.pt", "summary.json"] + (["loss.png"] if self._plot() else [])
+            try:
+                # UTF-8, a word list's own characters as they are (the samples of a custom vocabulary were \u
+                # escapes); a diverged run's losses as null (NaN is not JSON)
+                text = json.dumps(json_numbers(summary), indent=2, ensure_ascii=False, allow_nan=False)
+                (self.out / "summary.json").write_text(text + "\n", encoding="utf-8")
+                self.files_written = ["checkpoint.pt", "summary.json"] + (["loss.png"] if self._plot() else [])
+            except OSError as error:
+                raise ConfigError(f"cannot write in {str(self.out)!r}: {error}") from None
         return summary
 
     def _plot(self) -> bool:

@@ -255,6 +255,43 @@ def test_under_torchrun_an_error_is_printed_once_per_machine(tmp_path):
         assert result.returncode == 2 and ("no checkpoint" in result.stderr) == printed, result.stderr
 
 
+def test_a_diverged_run_writes_its_losses_as_json_null(words_file, tmp_path):
+    """NaN is not JSON (strict parsers refuse it): a diverged run's losses are null in summary.json."""
+    result = fastlm_command("train", "--steps", "20", "--hidden", "8", "--lr", "1e30", "--data", words_file,
+                            "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["val_loss"] is None and summary["train_loss"] is None
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["train", "--out", ""], "--out: an empty path"),
+    (["train", "--data", ""], "--data: an empty path"),
+    (["sample", "--checkpoint", ""], "--checkpoint: an empty path"),
+    (["train", "--steps", "2", "--hidden", str(10**12)], "out of memory for these sizes"),
+])
+def test_empty_paths_and_sizes_past_memory_are_one_line_errors(tmp_path, arguments, message):
+    """An empty path was taken as the current directory (files written there, or a confusing message); sizes past
+    the memory ended in an allocator's traceback."""
+    result = subprocess.run([sys.executable, "-m", "fastlm", *arguments], capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
+    assert result.returncode in (1, 2) and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "summary.json", "loss.png"])
+def test_an_output_file_that_is_a_directory_is_refused_before_training(words_file, tmp_path, name):
+    """Found before the steps, not as a traceback when the run writes it at the end."""
+    (tmp_path / name).mkdir()
+    result = fastlm_command("train", "--steps", "5", "--hidden", "8", "--data", words_file, "--out", str(tmp_path))
+    assert result.returncode == 2 and f"its {name} is not a file" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "replaces the checkpoint" not in result.stdout
+
+
 def test_sample_without_a_checkpoint_is_a_clear_error(tmp_path):
     result = fastlm_command("sample", "--checkpoint", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
