@@ -369,17 +369,21 @@ class Trainer:
         """``given``: the names of the options the user gave (the CLI knows them); without it, those away from
         their defaults are taken as given. Under torchrun rank 0 alone logs (and writes files)."""
         self.log = log if int(os.environ.get("RANK", "0")) == 0 else (lambda *args, **kwargs: None)
-        # A resumed run is built from its checkpoint's configuration (only steps and out come from the caller), so
-        # that the model, device and the checks on them are those of the run it continues.
+        # A resumed run is built from its checkpoint's configuration (only steps and out come from the caller, and
+        # the word list where the checkpoint records its words, to find a list that has moved: the words are
+        # checked against that record below), so that the model, device and the checks on them are those of the
+        # run it continues.
         checkpoint = None
         for name in ("out", "data"):  # "" would be taken as the current directory
             if getattr(config, name) == "":
                 raise ConfigError(f"--{name}: an empty path")
-        if not resume and config.data is not None:  # a run resumed from another folder still finds its words
+        if config.data is not None:  # a run resumed from another folder still finds its words
             config = dataclasses.replace(config, data=os.path.abspath(config.data))
         if resume:
             checkpoint = load_checkpoint(config.out)
             saved = saved_config(checkpoint)
+            if config.data is not None and checkpoint.get("words") is not None:
+                saved = dataclasses.replace(saved, data=config.data)
             self._note_ignored_options(config, saved, given)
             config = resumed_config(saved, config.steps, checkpoint["step"], config.out)
             if config.compare and "reference" not in checkpoint:

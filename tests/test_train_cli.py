@@ -333,6 +333,19 @@ def test_resume_with_another_word_list_is_a_clear_error(words_file, tmp_path, ch
         Trainer(small_config(words_file, tmp_path, steps=4), resume=True, log=lambda *_: None)
 
 
+def test_resume_finds_a_word_list_that_has_moved(words_file, tmp_path):
+    """A resumed run takes --data where its checkpoint records its words (they must be the same words: the test
+    above): a list moved since could not be resumed, and the same path given again was noted as ignored."""
+    Trainer(small_config(words_file, tmp_path / "run", steps=2), log=lambda *_: None).fit()
+    moved = tmp_path / "moved.txt"
+    os.replace(words_file, moved)
+    notes = []
+    trainer = Trainer(small_config(str(moved), tmp_path / "run", steps=4), resume=True, log=notes.append,
+                      given={"data", "steps", "out"})
+    assert trainer.config.data == str(moved) and not any("ignored" in note for note in notes), notes
+    trainer.fit()
+
+
 def test_a_word_list_learnt_by_heart_finishes_with_its_plot(tmp_path):
     """Losses of 0 (one word, repeated): the run ends with its summary and loss plot (log10 of 0 raised)."""
     path = tmp_path / "words.txt"
