@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 
-from fastlm import data
+from fastlm import __version__, data
 
 
 
@@ -145,6 +145,7 @@ def run_command(argv: list[str]) -> int:
             print(f"fastlm {argv[0]}: interrupted", file=sys.stderr)
             return 130
     parser = argparse.ArgumentParser(prog="fastlm", description="fused kernels for makemore-style language models")
+    parser.add_argument("--version", action="version", version=f"fastlm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     add_train_arguments(commands.add_parser("train", help="train a model on the bundled names or a word list"))
     sample = commands.add_parser("sample", help="generate names from a checkpoint")

@@ -144,7 +144,8 @@ def load_dataset(config: TrainConfig, device: torch.device, resuming: bool = Fal
     parts = dict(zip(("train", "val", "test"), data.split_words(words, config.seed)))
     empty = [name for name, part in parts.items() if not part]  # checked before any window is built
     if empty:
-        raise data.DataError(f"the word list ({len(words)} words) is too short: the {' and '.join(empty)} "
+        count = f"{len(words)} word{'' if len(words) == 1 else 's'}"
+        raise data.DataError(f"the word list ({count}) is too short: the {' and '.join(empty)} "
                              f"split{'s are' if len(empty) > 1 else ' is'} empty (the split is 80/10/10: it takes at "
                              "least 6 words)")
     context = context_of(config)

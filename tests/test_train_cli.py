@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+import fastlm
 import fastlm.models
 from conftest import free_port
 from fastlm import data
@@ -290,6 +291,11 @@ def test_an_output_file_that_is_a_directory_is_refused_before_training(words_fil
     result = fastlm_command("train", "--steps", "5", "--hidden", "8", "--data", words_file, "--out", str(tmp_path))
     assert result.returncode == 2 and f"its {name} is not a file" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "replaces the checkpoint" not in result.stdout
+
+
+def test_version():
+    result = fastlm_command("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"fastlm {fastlm.__version__}", result
 
 
 def test_sample_without_a_checkpoint_is_a_clear_error(tmp_path):
