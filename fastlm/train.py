@@ -277,7 +277,8 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch.load's errors for a truncated or foreign file vary: pickle, zip, EOF
-        raise ConfigError(f"{str(path)!r} is not a readable checkpoint: {error}") from None
+        raise ConfigError(f"{str(path)!r} is not a readable checkpoint (truncated, corrupt or not a torch.save "
+                          f"file): {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
     missing = {"config", "vocab", "model", "step"} - set(state if isinstance(state, dict) else ())
     if missing:
         raise ConfigError(f"{str(path)!r} is not a fastlm checkpoint (it lacks {', '.join(sorted(missing))})")
