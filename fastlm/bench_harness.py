@@ -322,10 +322,10 @@ def timing_method(device: str) -> str:
     if device == "cuda":
         return ("CUDA events around blocks of back-to-back calls (~1 ms each, L2 not flushed), median and "
                 "quartiles of the blocks; bwd: CUDA events around each backward after an untimed forward, at most "
-                f"{TIMING_BUDGET_S:g} s a round; {turns}")
+                f"about {TIMING_BUDGET_S:g} s per provider a round; {turns}")
     return ("torch.utils.benchmark Timer.blocked_autorange after 2 warm-up calls, median and quartiles of its "
             "blocks; bwd: time.perf_counter around each backward after an untimed forward, at most "
-            f"{TIMING_BUDGET_S:g} s a round; {turns}")
+            f"about {TIMING_BUDGET_S:g} s per provider a round; {turns}")
 
 
 def rated_bandwidth_gbs(device: str) -> float | None:

@@ -169,17 +169,20 @@ def run_command(argv: list[str]) -> int:
     except (MemoryError, RuntimeError) as error:  # sizes past the memory: one line, not a traceback
         if not out_of_memory(error):
             raise
-        print(f"fastlm {args.command}: error: out of memory for these sizes ({first_line(error)})", file=sys.stderr)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # (every rank has the same sizes)
+            print(f"fastlm {args.command}: error: out of memory for these sizes ({first_line(error)})",
+                  file=sys.stderr)
         return 1
 
 
 def out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is an allocation that failed (Python's MemoryError, torch's CPU allocator's RuntimeError
-    or its OutOfMemoryError on a GPU)."""
+    """Whether ``error`` is an allocation that failed (Python's MemoryError, torch's CPU allocator's RuntimeError,
+    or its size overflowing, or torch's OutOfMemoryError on a GPU)."""
     import torch
 
     return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
-            or "DefaultCPUAllocator: can't allocate memory" in str(error))
+            or any(message in str(error) for message in ("DefaultCPUAllocator: can't allocate memory",
+                                                          "Storage size calculation overflowed")))
 
 
 def first_line(error: BaseException) -> str:

@@ -76,8 +76,9 @@ class FusedSequential(TracedAsLeaf, nn.Sequential):
 
     The children are those of the nn.Sequential (same modules, same state_dict keys). The fused layers
     share their parameters and are found again whenever the children change (append, slicing, ...; a
-    slice runs on the default backend); the pairs are found at each call. Input other than (B, T) ids, which the
-    fused op does not take, runs through the children as they are. Within a model that
+    slice runs on the default backend); the pairs are found at each call, and their layers are not called one by
+    one (global module hooks and a compiled BatchNorm's own capture do not see them). Input other than (B, T) ids,
+    which the fused op does not take, runs through the children as they are. Within a model that
     ``torch.fx.symbolic_trace`` traces, it is one node, as fastlm's layers are (``fastlm.fx_trace``); traced itself,
     its graph calls the children one by one.
     """

@@ -85,6 +85,7 @@ SEEDS = (-0x8000_0000_0000_0000, 0xFFFF_FFFF_FFFF_FFFF)  # the seeds torch.manua
 
 
 OUTPUT_FILES = ("checkpoint.pt", "summary.json", "loss.png")
+INT64_MAX = 2**63 - 1
 
 
 def json_numbers(summary: dict) -> dict:
@@ -106,6 +107,8 @@ def check_options(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and not value >= least:  # NaN fails too
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+        if isinstance(value, int) and value > INT64_MAX:  # (torch's sizes are int64)
+            raise ConfigError(f"--{name.replace('_', '-')} must be at most {INT64_MAX}, got {value}")
     for name in ("lr", "lr_after"):
         if getattr(config, name) is not None and not math.isfinite(getattr(config, name)):
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(config, name)}")

@@ -274,6 +274,8 @@ def test_a_diverged_run_writes_its_losses_as_json_null(words_file, tmp_path):
     (["train", "--data", ""], "--data: an empty path"),
     (["sample", "--checkpoint", ""], "--checkpoint: an empty path"),
     (["train", "--steps", "2", "--hidden", str(10**12)], "out of memory for these sizes"),
+    (["train", "--steps", "2", "--hidden", str(10**17)], "out of memory for these sizes"),  # (size overflows)
+    (["train", "--steps", "2", "--hidden", str(10**19)], "--hidden must be at most"),
 ])
 def test_empty_paths_and_sizes_past_memory_are_one_line_errors(tmp_path, arguments, message):
     """An empty path was taken as the current directory (files written there, or a confusing message); sizes past
