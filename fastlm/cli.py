@@ -158,21 +158,25 @@ def run_command(argv: list[str]) -> int:
     commands.add_parser("bench", help="benchmark kernels (fastlm bench --help)")
     commands.add_parser("check", help="check every op against PyTorch (fastlm check --help)")
     args = parser.parse_args(argv)
-    from fastlm.train import ConfigError
+    from fastlm.train import ConfigError, first_line
 
     try:
         return run_train(args, given_options(argv[1:])) if args.command == "train" else run_sample(args)
     except (data.DataError, ConfigError, FileNotFoundError) as error:
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # under torchrun, once per machine (the ranks agree)
-            print(f"fastlm {args.command}: error: {error}", file=sys.stderr)
+        report_error(args.command, str(error))
         return 2
     except (MemoryError, RuntimeError) as error:  # sizes past the memory: one line, not a traceback
         if not out_of_memory(error):
             raise
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # (every rank has the same sizes)
-            print(f"fastlm {args.command}: error: out of memory for these sizes ({first_line(error)})",
-                  file=sys.stderr)
+        report_error(args.command, f"out of memory for these sizes ({first_line(error)})")
         return 1
+
+
+def report_error(command: str, message: str) -> None:
+    """The one line of an error that stops the command; under torchrun once per machine (its first process): every
+    rank meets the same options and sizes."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"fastlm {command}: error: {message}", file=sys.stderr)
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -183,11 +187,6 @@ def out_of_memory(error: BaseException) -> bool:
     return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
             or any(message in str(error) for message in ("DefaultCPUAllocator: can't allocate memory",
                                                           "Storage size calculation overflowed")))
-
-
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

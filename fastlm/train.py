@@ -84,6 +84,12 @@ class ConfigError(ValueError):
 SEEDS = (-0x8000_0000_0000_0000, 0xFFFF_FFFF_FFFF_FFFF)  # the seeds torch.manual_seed takes
 
 
+def first_line(error: BaseException) -> str:
+    """An error's message cut to its first line for a one-line report (its type's name when it has none)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 OUTPUT_FILES = ("checkpoint.pt", "summary.json", "loss.png")
 INT64_MAX = 2**63 - 1
 
@@ -252,7 +258,7 @@ def save_atomically(state: dict, path: Path) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:  # torch.save reports a short write as a RuntimeError
         tmp.unlink(missing_ok=True)
-        raise ConfigError(f"cannot write {str(path)!r}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"cannot write {str(path)!r}: {first_line(error)}") from None
 
 
 def checkpoint_state(config, dataset, model, optimizer, step, generator_state, history, reference=None,
@@ -281,7 +287,7 @@ def load_checkpoint(path: str | Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch.load's errors for a truncated or foreign file vary: pickle, zip, EOF
         raise ConfigError(f"{str(path)!r} is not a readable checkpoint (truncated, corrupt or not a torch.save "
-                          f"file): {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+                          f"file): {first_line(error)}") from None
     missing = {"config", "vocab", "model", "step"} - set(state if isinstance(state, dict) else ())
     if missing:
         raise ConfigError(f"{str(path)!r} is not a fastlm checkpoint (it lacks {', '.join(sorted(missing))})")

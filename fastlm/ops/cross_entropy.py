@@ -189,12 +189,10 @@ def check_target(target: Tensor, num_rows: int, num_classes: int, device: torch.
 def ignore_index_value(ignore_index, name: str) -> int:
     """ignore_index as the ops take it, a Python int: a float or other non-integer is torch's TypeError (the op's
     schema refused it with a RuntimeError of its own)."""
-    try:
-        if isinstance(ignore_index, bool):  # (an int to Python, but not to torch)
-            raise TypeError
-        return operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"fastlm.{name}: ignore_index must be an int, got {type(ignore_index).__name__}") from None
+    # (a bool is an int to Python, not to torch)
+    if isinstance(ignore_index, bool) or not hasattr(type(ignore_index), "__index__"):
+        raise TypeError(f"fastlm.{name}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    return operator.index(ignore_index)
 
 
 def softcap_value(softcap: float | None, name: str) -> float:
