@@ -77,12 +77,15 @@ def given_options(argv: list[str]) -> set[str]:
 def run_train(args: argparse.Namespace, given: set[str]) -> int:
     from fastlm.train import Trainer, json_numbers, leave_process_group
 
+    trainer = None
     try:
         trainer = Trainer(config_from(args), resume=args.resume, given=given)
         summary = trainer.fit()
     except KeyboardInterrupt:
         return 130
     finally:
+        if trainer is not None:
+            trainer.ddp_loss = None  # before the group, whose last reference it must not hold (leave_process_group)
         leave_process_group()
     if trainer.rank == 0:
         samples = summary.pop("samples")

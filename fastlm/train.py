@@ -368,7 +368,12 @@ def distributed_rank(device: torch.device) -> tuple[int, int, torch.device]:
 def leave_process_group() -> None:
     """Ends this process's part in the process group of a torchrun run, when there is one, joining gloo's threads
     (see distributed_rank): a process that exits with its group alive (after an error every rank raised, or
-    training) could abort in gloo's teardown ("terminate called without an active exception", SIGABRT)."""
+    training) could abort in gloo's teardown ("terminate called without an active exception", SIGABRT).
+
+    A DistributedDataParallel model must be gone before: in torch 2.13 a collective launched from a backward pass
+    holds a Python object that a gloo thread frees under the GIL, and a group whose last reference is the model's
+    dies with the model, holding the GIL while it joins that thread: a deadlock, if the thread is not done yet. The
+    group's own Python object lets the GIL go as it dies."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

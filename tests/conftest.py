@@ -147,7 +147,13 @@ RANKS_TIMEOUT_S = 300
 @contextmanager
 def gloo_process_group(rank: int, world_size: int, port: int):
     """This process as ``rank`` of a gloo process group on this machine's loopback (rendezvous at ``port``) for
-    the block, the group destroyed after it whatever happens."""
+    the block, the group destroyed after it whatever happens.
+
+    A DistributedDataParallel model must die inside the block, not after it: torch 2.13 keeps a Python object in
+    the state of each collective launched from a backward pass, which a gloo thread frees under the GIL. A group
+    whose last reference is the model's dies when the model does, holding the GIL while it joins that thread: a
+    deadlock (1 run in ~20 of the DDP test; every time in 200 rounds of a small script). The group's own Python
+    object lets the GIL go as it dies."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=GLOO_TIMEOUT)
     try:

@@ -390,21 +390,26 @@ def test_a_converted_sequential_runs_through_its_fused_layers():
 
 
 def ddp_rank(rank: int, port: int, out_dir: str) -> None:
-    """Two backward passes (their gradients accumulating) of the torch model and its converted twin, each inside
-    DistributedDataParallel, on this rank's own batches; saves both models' all-reduced gradients and the
-    converted model's autograd nodes."""
     with gloo_process_group(rank, 2, port):
-        torch.manual_seed(0)
-        model, converted = converted_pair(MakemoreMLP("tanh"))
-        parallel = [nn.parallel.DistributedDataParallel(m) for m in (model, converted)]
-        torch.manual_seed(1 + rank)
-        for rows in (16, 11):
-            idx, targets = batch(rows)
-            losses = [m(idx, targets) for m in parallel]
-            for loss in losses:
-                loss.backward()
-        torch.save({"torch": [p.grad for p in model.parameters()], "fused": [p.grad for p in converted.parameters()],
-                    "nodes": autograd_nodes(losses[1])}, os.path.join(out_dir, f"rank{rank}.pt"))
+        saved = ddp_gradients(rank)  # its DistributedDataParallel models gone before the group (see the helper)
+    torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def ddp_gradients(rank: int) -> dict:
+    """Two backward passes (their gradients accumulating) of the torch model and its converted twin, each inside
+    DistributedDataParallel, on this rank's own batches: both models' all-reduced gradients and the converted
+    model's autograd nodes."""
+    torch.manual_seed(0)
+    model, converted = converted_pair(MakemoreMLP("tanh"))
+    parallel = [nn.parallel.DistributedDataParallel(m) for m in (model, converted)]
+    torch.manual_seed(1 + rank)
+    for rows in (16, 11):
+        idx, targets = batch(rows)
+        losses = [m(idx, targets) for m in parallel]
+        for loss in losses:
+            loss.backward()
+    return {"torch": [p.grad for p in model.parameters()], "fused": [p.grad for p in converted.parameters()],
+            "nodes": autograd_nodes(losses[1])}
 
 
 def test_converted_model_trains_under_ddp(tmp_path):

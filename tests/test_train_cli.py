@@ -571,6 +571,35 @@ def test_leaving_the_process_group_ends_its_threads(tmp_path):
     assert not any("gloo" in names for names in threads), threads
 
 
+TRAIN_RECORDING_WHAT_OUTLIVES_THE_GROUP = """
+import gc, os, sys
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from fastlm.cli import main
+destroy_process_group = dist.destroy_process_group
+def destroy_and_record(*args, **kwargs):
+    alive = sum(isinstance(thing, DistributedDataParallel) for thing in gc.get_objects())
+    with open(os.path.join(sys.argv[1], "ddp_models_at_destroy_of_rank_" + os.environ["RANK"]), "w") as file:
+        file.write(str(alive))
+    destroy_process_group(*args, **kwargs)
+dist.destroy_process_group = destroy_and_record
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_the_ddp_model_is_gone_before_its_process_group(words_file, tmp_path):
+    """A group that dies with its DistributedDataParallel model can deadlock (see leave_process_group): the CLI lets
+    the model go first."""
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_RECORDING_WHAT_OUTLIVES_THE_GROUP)
+    run = run_as_a_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), str(script), str(tmp_path), "train", "--steps", "2", "--batch-size", "4",
+                          "--hidden", "8", "--samples", "1", "--data", words_file, "--out", str(tmp_path / "run")],
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert [(tmp_path / f"ddp_models_at_destroy_of_rank_{rank}").read_text() for rank in (0, 1)] == ["0", "0"]
+
+
 def test_resuming_in_another_number_of_processes_keeps_the_batch(words_file, tmp_path):
     """A checkpoint records the processes it trained in; resumed in another number, each takes its share of the
     same batch, or the run is refused where the batch does not split evenly."""
