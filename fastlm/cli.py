@@ -81,8 +81,8 @@ def run_train(args: argparse.Namespace, given: set[str]) -> int:
     try:
         trainer = Trainer(config_from(args), resume=args.resume, given=given)
         summary = trainer.fit()
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as stop:
+        return 128 + getattr(stop, "signum", signal.SIGINT)  # a StoppedBySignal's, or Ctrl-C's
     finally:
         if trainer is not None:
             trainer.ddp_loss = None  # before the group, whose last reference it must not hold (leave_process_group)

@@ -327,17 +327,27 @@ def load_model_state(model: nn.Module, state_dict: dict) -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; torchrun's agent passing a Ctrl-C on, or a scheduler
 
 
+class StoppedBySignal(KeyboardInterrupt):
+    """Training stopped between steps by SIGINT or SIGTERM (``signum``), its checkpoint written; the CLI exits
+    with 128 + signum, as a process killed by that signal would (130 for Ctrl-C, 143 for a scheduler's SIGTERM)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 @contextlib.contextmanager
 def interrupts_between_steps():
-    """Within the block, SIGINT and SIGTERM only raise a flag (read by calling the yielded function), so a step
-    is never cut in half; outside the main thread, where no handler can be set, they are left as they are."""
+    """Within the block, SIGINT and SIGTERM only note their number (read by calling the yielded function: the
+    first signal's, 0 for none), so a step is never cut in half; outside the main thread, where no handler can be
+    set, they are left as they are."""
     received = []
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: 0
         return
     previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in STOP_SIGNALS}
     try:
-        yield lambda: bool(received)
+        yield lambda: received[0] if received else 0
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -594,8 +604,8 @@ class Trainer:
         return loss.item()
 
     def fit(self) -> dict:
-        """Runs the remaining steps and returns the summary. Ctrl-C (SIGINT) is honoured between steps: the
-        step under way completes, a checkpoint is written, then KeyboardInterrupt is raised. After the last step
+        """Runs the remaining steps and returns the summary. Ctrl-C (SIGINT) and SIGTERM are honoured between
+        steps: the step under way completes, a checkpoint is written, then StoppedBySignal is raised. After the last step
         a checkpoint is written before the final calibration, losses and samples, so that a Ctrl-C during those
         leaves a run that --resume finishes."""
         from tqdm.auto import tqdm
@@ -621,12 +631,13 @@ class Trainer:
                         bar.write(f"step {self.step}: train batch loss {loss:.4f}, val loss {val:.4f}")
                 if self.step % config.checkpoint_every == 0:
                     self.save()
-                if self._stop_requested(interrupted):
+                signum = self._stop_requested(interrupted)
+                if signum:
                     bar.close()
                     self.save()
                     self.log(f"interrupted at step {self.step}: checkpoint written to "
                              f"{self.out / 'checkpoint.pt'}; continue with --resume")
-                    raise KeyboardInterrupt
+                    raise StoppedBySignal(signum)
         bar.close()
         if self.saved_step != self.step:
             self.save()
@@ -639,17 +650,18 @@ class Trainer:
 
     STOP_AGREEMENT_STEPS = 10
 
-    def _stop_requested(self, interrupted) -> bool:
-        """Whether to stop after this step: a signal seen here or, under torchrun, by any rank. The ranks agree
-        every STOP_AGREEMENT_STEPS steps (one small all-reduce), so that all stop after the same step; a rank
-        stopping alone would leave the others waiting in the next step's gradient all-reduce."""
+    def _stop_requested(self, interrupted) -> int:
+        """The signal to stop by after this step (0: go on): one seen here or, under torchrun, by any rank (the
+        highest number, so SIGTERM over SIGINT, on every rank). The ranks agree every STOP_AGREEMENT_STEPS steps
+        (one small all-reduce), so that all stop after the same step; a rank stopping alone would leave the others
+        waiting in the next step's gradient all-reduce."""
         if self.world == 1:
             return interrupted()
         if self.step % self.STOP_AGREEMENT_STEPS:
-            return False
-        flag = torch.tensor([int(interrupted())], device=self.device)
-        dist.all_reduce(flag)
-        return bool(flag.item())
+            return 0
+        signum = torch.tensor([interrupted()], device=self.device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        return int(signum.item())
 
     def _step(self, timing: dict) -> None:
         xb, yb = self._batch()

@@ -645,9 +645,9 @@ def run_as_a_group(command, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(command, run.returncode, stdout, stderr)
 
 
-def interrupt_once_checkpointed(command, out):
-    """Runs ``command`` in its own process group, sends the group SIGINT (a terminal's Ctrl-C) once the run has
-    written its first checkpoint in ``out``, and returns the run's output."""
+def interrupt_once_checkpointed(command, out, sig=signal.SIGINT) -> tuple[str, int]:
+    """Runs ``command`` in its own process group, sends the group ``sig`` (SIGINT: a terminal's Ctrl-C) once the
+    run has written its first checkpoint in ``out``, and returns the run's output and exit code."""
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
     try:
@@ -655,8 +655,8 @@ def interrupt_once_checkpointed(command, out):
         while not (out / "checkpoint.pt").exists() and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert run.poll() is None, run.communicate()[0]
-        os.killpg(run.pid, signal.SIGINT)
-        return run.communicate(timeout=120)[0]
+        os.killpg(run.pid, sig)
+        return run.communicate(timeout=120)[0], run.returncode
     finally:
         if run.poll() is None:
             end_group(run)
@@ -670,9 +670,10 @@ def test_cli_ctrl_c_resume_and_sample(words_file, tmp_path):
     whole = fastlm_command("train", *options, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
     cut = tmp_path / "cut"
-    output = interrupt_once_checkpointed([sys.executable, "-m", "fastlm", "train", *options, "--out", str(cut)], cut)
+    output, code = interrupt_once_checkpointed([sys.executable, "-m", "fastlm", "train", *options, "--out", str(cut)],
+                                               cut)
     step = torch.load(cut / "checkpoint.pt", weights_only=False)["step"]
-    assert f"interrupted at step {step}:" in output and 0 < step < 30000, output
+    assert f"interrupted at step {step}:" in output and 0 < step < 30000 and code == 130, (code, output)
     resumed = fastlm_command("train", "--resume", "--out", str(cut))
     assert resumed.returncode == 0, resumed.stderr
     one = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
@@ -684,11 +685,23 @@ def test_cli_ctrl_c_resume_and_sample(words_file, tmp_path):
     assert sampled.returncode == 0 and len(sampled.stdout.splitlines()) == 2, sampled.stderr
 
 
+def test_sigterm_stops_after_a_step_with_its_checkpoint_and_exit_code(words_file, tmp_path):
+    """A scheduler's SIGTERM is honoured as Ctrl-C is (the step under way completes, a checkpoint is written), and
+    the exit code says which signal it was: 128 + 15, as for a process SIGTERM killed."""
+    out = tmp_path / "run"
+    output, code = interrupt_once_checkpointed(
+        [sys.executable, "-m", "fastlm", "train", "--model", "mlp", "--steps", "1000000", "--batch-size", "8",
+         "--hidden", "16", "--eval-every", "1000000", "--checkpoint-every", "200", "--data", words_file, "--out",
+         str(out)], out, signal.SIGTERM)
+    step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert f"interrupted at step {step}:" in output and code == 128 + signal.SIGTERM, (code, output)
+
+
 def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step(words_file, tmp_path):
     """Ctrl-C reaches torchrun and both ranks: they agree to stop after one step, rank 0 writes the checkpoint
     of that step and says so once."""
     out = tmp_path / "run"
-    output = interrupt_once_checkpointed(
+    output, _ = interrupt_once_checkpointed(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "fastlm", "train", "--steps", "1000000", "--batch-size", "8", "--hidden", "16", "--eval-every",
          "1000000", "--checkpoint-every", "200", "--data", words_file, "--out", str(out)], out)
