@@ -605,9 +605,9 @@ class Trainer:
 
     def fit(self) -> dict:
         """Runs the remaining steps and returns the summary. Ctrl-C (SIGINT) and SIGTERM are honoured between
-        steps: the step under way completes, a checkpoint is written, then StoppedBySignal is raised. After the last step
-        a checkpoint is written before the final calibration, losses and samples, so that a Ctrl-C during those
-        leaves a run that --resume finishes."""
+        steps: the step under way completes, a checkpoint is written, then StoppedBySignal is raised. After the
+        last step a checkpoint is written before the final calibration, losses and samples, so that a Ctrl-C
+        during those leaves a run that --resume finishes."""
         from tqdm.auto import tqdm
 
         config = self.config
