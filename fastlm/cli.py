@@ -75,7 +75,7 @@ def given_options(argv: list[str]) -> set[str]:
 
 
 def run_train(args: argparse.Namespace, given: set[str]) -> int:
-    from fastlm.train import Trainer, json_numbers, leave_process_group
+    from fastlm.train import Trainer, json_numbers
 
     trainer = None
     try:
@@ -86,7 +86,6 @@ def run_train(args: argparse.Namespace, given: set[str]) -> int:
     finally:
         if trainer is not None:
             trainer.ddp_loss = None  # before the group, whose last reference it must not hold (leave_process_group)
-        leave_process_group()
     if trainer.rank == 0:
         samples = summary.pop("samples")
         print(json.dumps(json_numbers(summary), indent=2, allow_nan=False))
@@ -161,7 +160,7 @@ def run_command(argv: list[str]) -> int:
     commands.add_parser("bench", help="benchmark kernels (fastlm bench --help)")
     commands.add_parser("check", help="check every op against PyTorch (fastlm check --help)")
     args = parser.parse_args(argv)
-    from fastlm.train import ConfigError, first_line
+    from fastlm.train import ConfigError, first_line, leave_process_group
 
     try:
         return run_train(args, given_options(argv[1:])) if args.command == "train" else run_sample(args)
@@ -173,6 +172,8 @@ def run_command(argv: list[str]) -> int:
             raise
         report_error(args.command, f"out of memory for these sizes ({first_line(error)})")
         return 1
+    finally:  # after the error's line: a rank that left the group first may end, and torchrun stop this one
+        leave_process_group()
 
 
 def report_error(command: str, message: str) -> None:

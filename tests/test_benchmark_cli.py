@@ -329,7 +329,8 @@ def test_gpu_blocks_time_back_to_back_calls():
         calls.append(None)
         time.sleep(0.002)
     samples = benchmark.harness.gpu_blocks_ms(call, reps=40, block_ms=5.0, budget_ms=1000.0, device="cpu")
-    assert len(samples) >= 5 and all(2.0 <= sample < 50.0 for sample in samples)
+    # milliseconds per call: not seconds, not microseconds (the upper bound loose for a stalled VM)
+    assert len(samples) >= 5 and all(2.0 <= sample < 1000.0 for sample in samples)
     per_block = (len(calls) - 1) // len(samples)  # the first call sizes the blocks
     assert len(calls) == 1 + per_block * len(samples) and per_block <= 3
     few = benchmark.harness.gpu_blocks_ms(call, reps=10_000, block_ms=5.0, budget_ms=10.0, device="cpu")
