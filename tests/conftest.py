@@ -154,8 +154,8 @@ def gloo_process_group(rank: int, world_size: int, port: int):
     whose last reference is the model's dies when the model does, holding the GIL while it joins that thread: a
     deadlock (1 run in ~20 of the DDP test; every time in 200 rounds of a small script). The group's own Python
     object lets the GIL go as it dies."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=GLOO_TIMEOUT)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=GLOO_TIMEOUT)  # (not MASTER_ADDR/PORT: they would stay in the test process)
     try:
         yield
     finally:
