@@ -9,14 +9,16 @@ indices), forward and backward with a non-unit upstream gradient, and is compare
 test. mlp_loss_and_grads, the makemore MLP's whole step, returns its loss and gradients itself: those and the
 running statistics it moves are compared with the same network in torch ops, differentiated by autograd;
 mlp_sgd_step goes on to the SGD update in place: its loss and the parameters after the step are compared.
+An op that writes over an input it is not meant to update fails that case.
 Then: two runs of the BatchNorm, embedding + linear and one-call MLP step backward must agree bit for bit,
 and bad input (a target or index out of range, a training batch of one) must be refused with IndexError /
 ValueError. Prints a table op x backend x dtype with the largest error, the tolerance and PASS/FAIL, each row
 as its check ends (a kernel that raises fails that case); exits 1 on any failure.
 
 The backends checked are the entries of ``BACKENDS`` (every fastlm backend available here) that run on the
-device; a test, or a new backend in development, adds its own entry there. An op that only some backends
-have (``ONLY_ON``) is not checked on the others, and the command says so.
+device; a test, or a new backend in development, adds its own entry there. One that runs on the other device
+only (cpp on a GPU machine, whose default device is cuda) is named as not checked. An op that only some
+backends have (``ONLY_ON``) is not checked on the others, and the command says so.
 """
 
 from __future__ import annotations
@@ -322,15 +324,24 @@ def run(case: Case, fn: Callable, dtype: torch.dtype, device: str,
             name: value.to(torch.float32 if name in case.keep_fp32 and rounded_to in HALF else rounded_to).to(dtype)
             if value.is_floating_point() else value for name, value in case.tensors.items()})
     tensors = prepare(case, dtype, device)
+    inputs = {name: value.detach().clone() for name, value in tensors.items() if name not in case.state}
     output = case.call(fn, tensors)
     if case.upstream is None:  # an MLPGrads (the loss, and the gradients named as the tensors) or a loss
         grads = {name: getattr(output, name) for name in case.grads}
         output = getattr(output, "loss", output)
     else:
-        output.backward(case.upstream.to(device=device, dtype=output.dtype))
+        upstream = case.upstream if rounded_to is None else case.upstream.to(rounded_to)  # as the backend gets it
+        output.backward(upstream.to(device=device, dtype=output.dtype))
         grads = {name: tensors[name].grad for name in case.grads}
+    for name, before in inputs.items():
+        if not torch.equal(tensors[name].detach(), before):
+            raise InputOverwritten(f"{name} was overwritten")
     return {"output": output.detach(), **{f"grad {name}": grad for name, grad in grads.items()},
             **{name: tensors[name] for name in case.state}}
+
+
+class InputOverwritten(Exception):
+    """An op wrote over an input it is not meant to update (one outside the case's ``state``)."""
 
 
 def relative_error(actual: Tensor | None, expected: Tensor, magnitude: float) -> float:
@@ -374,8 +385,8 @@ class Result:
 def check_op(op: str, cases: list[Case], backend: str, dtype: torch.dtype, device: str) -> Result:
     result = Result(op, backend, dtype_name(dtype), tolerance=TOLERANCE[dtype])
     for case in cases:
-        expected = run(case, REFERENCE[op], torch.float64, device, rounded_to=dtype)
-        try:
+        try:  # the reference inside too: after a kernel's illegal memory access, every later CUDA call fails
+            expected = run(case, REFERENCE[op], torch.float64, device, rounded_to=dtype)
             got = run(case, BACKENDS[backend].ops[op], dtype, device)
         except Exception as error:  # a crash is a failure of this case, reported with the others
             result.record(f"{case.label}: {type(error).__name__}: {error}", math.inf)
@@ -415,8 +426,10 @@ def check_determinism(backend: str, device: str, ops: Sequence[str] = OPS) -> Re
         except Exception as error:
             result.record(f"{case.op} {case.label}: {type(error).__name__}: {error}", math.inf)
             continue
-        differences = [(a.double() - second[name].double()).abs().max().item() for name, a in first.items()]
-        result.record(f"{case.op} {case.label}", max(differences))
+        differences = [math.inf if a is None or second[name] is None
+                       else (a.double() - second[name].double()).abs().max().item() for name, a in first.items()]
+        result.record(f"{case.op} {case.label}" + (": a gradient missing" if math.inf in differences else ""),
+                      max(differences))
     return result
 
 
@@ -510,9 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     names = [name for name in args.backend or BACKENDS if BACKENDS[name].runs_on(device)]
     dtypes = [getattr(torch, name) for name in args.dtype] if args.dtype else DTYPES[args.device]
     print(f"fastlm check on {args.device}: backends {', '.join(names) or 'none'}")
-    for name in backends.BACKENDS:
+    for name in dict.fromkeys([*backends.BACKENDS, *BACKENDS]):
         if name not in BACKENDS:
             print(f"  not checked: {name}: {backends.why_unavailable(name)}")
+        elif name not in names and (args.backend is None or name in args.backend):
+            other = "cuda" if args.device == "cpu" else "cpu"
+            print(f"  not checked: {name}: runs on {other}, not {args.device} (fastlm check --device {other})")
     if args.backend is None and names == ["torch"]:  # the reference alone would pass, checking nothing of fastlm's
         print(f"FAILED: no fastlm kernel backend runs on {args.device} here")
         return 1
@@ -539,9 +555,10 @@ def main(argv: list[str] | None = None) -> int:
         if result.cases:  # a determinism or refusal check with none of the asked ops has no row
             results.append(result)
             print_result(result)
-    if not results:  # e.g. --backend cuda --device cpu: nothing ran, which proves nothing
+    if not any(r.check in OPS for r in results):  # e.g. --backend cuda --device cpu: no op's values compared
         print("FAILED: nothing to check: " + (f"none of the backends asked for runs on {args.device}" if not names
-                                              else "the backends asked for have none of the ops asked for"))
+                                              else "the backends asked for have none of the ops asked for in "
+                                              "the dtypes asked for"))
         return 1
     failed = [r for r in results if not r.passed]
     print(f"{len(results) - len(failed)} of {len(results)} checks passed" + (

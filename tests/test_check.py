@@ -91,6 +91,59 @@ def test_a_backend_without_the_op_asked_for_is_nothing_to_check(monkeypatch, cap
     assert "FAILED: nothing to check: the backends asked for have none of the ops asked for" in out, out
 
 
+def test_a_backend_that_writes_over_its_input_fails(monkeypatch, capsys, cpp):
+    """Logits filled with NaN after the loss is computed: the values compared were right, the caller's were not."""
+    def overwriting(input, *args, **kwargs):
+        loss = cpp.ops["cross_entropy"](input, *args, **kwargs)
+        input.data.fill_(float("nan"))
+        return loss
+
+    monkeypatch.setitem(check.BACKENDS, "overwriting",
+                        check.Backend({**cpp.ops, "cross_entropy": overwriting}, cpp.runs_on))
+    assert check.main(["--device", "cpu", "--quick", "--backend", "overwriting", "--op", "cross_entropy", "--dtype",
+                       "float32"]) == 1
+    assert re.search(r"^cross_entropy\s+overwriting\s+float32 .* FAIL  first failure: .*InputOverwritten: input was "
+                     r"overwritten", capsys.readouterr().out, re.MULTILINE)
+
+
+def test_a_missing_gradient_fails_the_determinism_row(monkeypatch, capsys, cpp):
+    """A BatchNorm that returns no gradient for its bias: a FAIL row (it was an AttributeError traceback that
+    ended the command)."""
+    class NoBiasGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, bias):
+            return bias.detach().clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    def batch_norm(input, running_mean, running_var, weight, bias, **kwargs):
+        return cpp.ops["batch_norm"](input, running_mean, running_var, weight, NoBiasGrad.apply(bias), **kwargs)
+
+    monkeypatch.setitem(check.BACKENDS, "gradless", check.Backend({**cpp.ops, "batch_norm": batch_norm}, cpp.runs_on))
+    assert check.main(["--device", "cpu", "--quick", "--backend", "gradless", "--op", "batch_norm", "--dtype",
+                       "float32"]) == 1
+    assert re.search(r"^determinism\s+gradless .* FAIL  first failure: .*a gradient missing", capsys.readouterr().out,
+                     re.MULTILINE)
+
+
+def test_a_backend_of_the_other_device_is_named_as_not_checked(monkeypatch, capsys, cpp):
+    """On a GPU machine the default device is cuda, where cpp does not run: the command says so (it said nothing
+    and passed)."""
+    monkeypatch.setitem(check.BACKENDS, "elsewhere", check.Backend(cpp.ops, lambda device: False))
+    assert check.main(["--device", "cpu", "--quick", "--op", "batch_norm", "--dtype", "float32"]) == 0
+    assert "  not checked: elsewhere: runs on cuda, not cpu (fastlm check --device cuda)" in capsys.readouterr().out
+
+
+def test_refusals_alone_are_nothing_to_check(capsys, cpp):
+    """--dtype float16 of the one-call step on cpp alone: no value is compared (its kernels take fp32 and fp64),
+    so the refusal row alone does not pass the command."""
+    assert check.main(["--device", "cpu", "--quick", "--backend", "cpp", "--op", "mlp_sgd_step", "--dtype",
+                       "float16"]) == 1
+    assert "FAILED: nothing to check" in capsys.readouterr().out
+
+
 def test_a_backend_accepting_bad_ids_fails(monkeypatch, capsys, cpp):
     def lenient(idx, table, *args, **kwargs):
         return cpp.ops["embedding_linear"](idx.clamp(0, table.shape[0] - 1), table, *args, **kwargs)
