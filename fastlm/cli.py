@@ -32,7 +32,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="default: the model's recipe (on --resume: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, help="default: the model's recipe; 0: the whole training split")
     parser.add_argument("--lr", type=float, help="learning rate before --decay-at (default: the model's recipe)")
-    parser.add_argument("--lr-after", type=float, help="learning rate after --decay-at (default: the recipe's)")
+    parser.add_argument("--lr-after", type=float,
+                        help="learning rate after --decay-at (default: --lr dropped by the recipe's factor)")
     parser.add_argument("--decay-at", type=float, help="fraction of the steps at which lr drops (default: recipe)")
     parser.add_argument("--optimizer", choices=["sgd", "adam"], help="default: the model's recipe")
     parser.add_argument("--context", type=int, help="characters of context (default: the model's)")

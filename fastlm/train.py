@@ -66,13 +66,14 @@ class TrainConfig:
     def with_recipe(self, recipe: models.Recipe) -> "TrainConfig":
         """Unset schedule options filled from a model's lecture recipe."""
         decays = recipe.decay_at is not None and recipe.steps
+        lr = recipe.lr if self.lr is None else self.lr
         return dataclasses.replace(
             self,
             steps=recipe.steps if self.steps is None else self.steps,
             batch_size=(recipe.batch_size or 0) if self.batch_size is None else self.batch_size,
             optimizer=self.optimizer or recipe.optimizer,
-            lr=recipe.lr if self.lr is None else self.lr,
-            lr_after=(recipe.lr * recipe.decay if decays else recipe.lr) if self.lr_after is None else self.lr_after,
+            lr=lr,  # and after the drop, the recipe's factor of it (of a given --lr too: 0.001 rose to 0.01)
+            lr_after=(lr * recipe.decay if decays else lr) if self.lr_after is None else self.lr_after,
             decay_at=(recipe.decay_at / recipe.steps if decays else 1.0) if self.decay_at is None else self.decay_at)
 
 

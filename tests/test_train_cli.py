@@ -495,6 +495,15 @@ def test_recipes_set_steps_and_batch_size(words_file, tmp_path):
     assert (mlp.config.steps, mlp.config.batch_size) == (200_000, 32)
 
 
+def test_a_given_lr_drops_by_the_recipes_factor():
+    """--lr alone: after the drop, a tenth of it, as the recipe's 0.1 -> 0.01 (it was the recipe's 0.01, so --lr
+    0.001 rose tenfold at the drop); --lr-after still sets its own."""
+    recipe = fastlm.models.MLP.recipe  # mlp and mlp-bn: 0.1, then 0.01 from half the steps
+    assert TrainConfig(lr=0.001).with_recipe(recipe).lr_after == pytest.approx(0.0001)
+    assert TrainConfig().with_recipe(recipe).lr_after == pytest.approx(0.01)
+    assert TrainConfig(lr=0.001, lr_after=0.05).with_recipe(recipe).lr_after == 0.05
+
+
 def test_sample_runs_a_gpu_checkpoint_on_the_cpu(words_file, tmp_path):
     """A checkpoint's device and backend (here made to say cuda) do not stop sampling on --device cpu."""
     Trainer(small_config(words_file, tmp_path, steps=5), log=lambda *_: None).fit()
