@@ -4,9 +4,10 @@ see on their own machine (their GPU, their build, their torch) that the kernels 
     fastlm check [--device cpu|cuda] [--backend cpp ...] [--dtype float32 ...] [--quick]
 
 Each op runs on random inputs of several shapes (odd sizes, non-contiguous inputs, ignored targets, repeated
-indices), forward and backward with a non-unit upstream gradient, and is compared with the float64 reference
-(F.cross_entropy, F.batch_norm, F.linear(F.embedding(...))) run on the same values rounded to the dtype under
-test. mlp_loss_and_grads, the makemore MLP's whole step, returns its loss and gradients itself: those and the
+indices) and options (class weights, z-loss, soft-capping, label smoothing, every reduction, padding_idx,
+BatchNorm without affine parameters), forward and backward with a non-unit upstream gradient (and forward
+alone), and is compared with the float64 reference (F.cross_entropy, F.batch_norm, F.linear(F.embedding(...)))
+run on the same values rounded to the dtype under test. mlp_loss_and_grads, the makemore MLP's whole step, returns its loss and gradients itself: those and the
 running statistics it moves are compared with the same network in torch ops, differentiated by autograd;
 mlp_sgd_step goes on to the SGD update in place: its loss and the parameters after the step are compared.
 An op that writes over an input it is not meant to update fails that case.
@@ -40,6 +41,7 @@ from fastlm import backends
 from fastlm.dtype_names import dtype_name
 from fastlm.ops.batch_norm import reference_batch_norm
 from fastlm.ops.cross_entropy import soft_capped
+from fastlm.ops.cross_entropy_outputs import z_loss
 from fastlm.ops.mlp_step import reference_mlp_loss_and_grads
 
 # Relative to the largest reference magnitude (or to each element, whichever is larger); as in the tests.
@@ -75,9 +77,15 @@ BACKENDS: dict[str, Backend] = {name: fastlm_backend(name) for name in backends.
 # --- the float64 references ------------------------------------------------------------------------------
 
 
-def _reference_cross_entropy(input, target, softcap=None, **options):
-    """F.cross_entropy of the logits, soft-capped to ``softcap * tanh(input / softcap)`` where asked."""
-    return F.cross_entropy(soft_capped(input, softcap), target, **options)
+def _reference_cross_entropy(input, target, softcap=None, lse_square_scale=0.0, **options):
+    """F.cross_entropy of the logits, soft-capped to ``softcap * tanh(input / softcap)`` where asked, plus the
+    z-loss ``lse_square_scale * lse**2`` of the non-ignored rows, reduced as the loss is."""
+    logits = soft_capped(input, softcap)
+    loss = F.cross_entropy(logits, target, **options)
+    if lse_square_scale:
+        loss = loss + z_loss(torch.logsumexp(logits, 1), target, options.get("weight"),
+                             options.get("ignore_index", -100), options.get("reduction", "mean"), lse_square_scale)
+    return loss
 
 
 def _reference_linear_cross_entropy(input, weight, target, bias=None, chunk_size=None, **options):
@@ -93,9 +101,9 @@ def _reference_batch_norm(input, running_mean, running_var, weight, bias, traini
                                 activation)
 
 
-def _reference_embedding_linear(idx, table, weight, bias=None, strategy=None):
+def _reference_embedding_linear(idx, table, weight, bias=None, padding_idx=None, strategy=None):
     """``strategy`` only picks fastlm's kernel: the math is one F.linear of the gathered rows."""
-    return F.linear(F.embedding(idx, table).view(idx.shape[0], -1), weight, bias)
+    return F.linear(F.embedding(idx, table, padding_idx=padding_idx).view(idx.shape[0], -1), weight, bias)
 
 
 def _reference_mlp_loss_and_grads(idx, targets, table, w1, b1, w2, b2, bn_weight=None, bn_bias=None,
@@ -151,26 +159,33 @@ def _generator(*size: int) -> torch.Generator:
 
 def cross_entropy_cases(quick: bool) -> list[Case]:
     shapes = [(7, 27), (33, 1000)] + ([] if quick else [(1, 2), (513, 4099)])
-    variants = [  # (label, options, ignored fraction, non-contiguous)
-        ("mean", {}, 0.0, False),
-        ("ignore_index=-100", {}, 0.3, False),
+    variants = [  # (label, options, ignored fraction, non-contiguous, class weights, forward only)
+        ("mean", {}, 0.0, False, False, False),
+        ("ignore_index=-100", {}, 0.3, False, False, False),
         ("sum ignore_index=1 label_smoothing=0.1", {"reduction": "sum", "ignore_index": 1, "label_smoothing": 0.1},
-         0.3, False),
-        ("none, strided", {"reduction": "none"}, 0.2, True),
-        ("softcap=5 label_smoothing=0.1", {"softcap": 5.0, "label_smoothing": 0.1}, 0.2, False),
+         0.3, False, False, False),
+        ("none, strided", {"reduction": "none"}, 0.2, True, False, False),
+        ("softcap=5 label_smoothing=0.1", {"softcap": 5.0, "label_smoothing": 0.1}, 0.2, False, False, False),
+        ("weight lse_square_scale=1e-3 label_smoothing=0.1", {"lse_square_scale": 1e-3, "label_smoothing": 0.1},
+         0.2, False, True, False),
+        ("weight, forward only", {}, 0.2, False, True, True),  # the loss-only kernel (no_grad, eval)
     ]
     cases = []
     for n, c in shapes:
-        for label, options, ignored, strided in variants:
+        for label, options, ignored, strided, weighted, forward_only in variants:
             generator = _generator(n, c, len(cases))
-            logits = torch.randn(n, c, generator=generator, dtype=torch.float64) * 3
-            target = torch.randint(0, c, (n,), generator=generator)
-            target[torch.rand(n, generator=generator) < ignored] = options.get("ignore_index", -100)
+            tensors = {"input": torch.randn(n, c, generator=generator, dtype=torch.float64) * 3,
+                       "target": torch.randint(0, c, (n,), generator=generator)}
+            tensors["target"][torch.rand(n, generator=generator) < ignored] = options.get("ignore_index", -100)
             upstream = (torch.randn(n, generator=generator, dtype=torch.float64) if options.get("reduction") == "none"
                         else torch.tensor(0.37, dtype=torch.float64))
-            cases.append(Case("cross_entropy", f"N={n} C={c} {label}", {"input": logits, "target": target},
-                              lambda fn, t, options=options: fn(t["input"], t["target"], **options),
-                              ("input",), upstream, strided=("input",) if strided else ()))
+            if weighted:
+                tensors["weight"] = torch.rand(c, generator=generator, dtype=torch.float64) + 0.5
+            cases.append(Case("cross_entropy", f"N={n} C={c} {label}", tensors,
+                              lambda fn, t, options=options: fn(t["input"], t["target"], weight=t.get("weight"),
+                                                                **options),
+                              () if forward_only else ("input",), None if forward_only else upstream,
+                              strided=("input",) if strided else ()))
     return cases
 
 
@@ -181,7 +196,9 @@ def linear_cross_entropy_cases(quick: bool) -> list[Case]:
         for label, options, strided in [("mean, bias", {}, ()),
                                         ("sum ignore_index=-100 label_smoothing=0.1 chunk_size=16, strided",
                                          {"reduction": "sum", "label_smoothing": 0.1, "chunk_size": 16}, ("input",)),
-                                        ("mean softcap=2, bias", {"softcap": 2.0}, ())]:
+                                        ("mean softcap=2, bias", {"softcap": 2.0}, ()),
+                                        ("none lse_square_scale=1e-3, bias", {"reduction": "none",
+                                                                              "lse_square_scale": 1e-3}, ())]:
             generator = _generator(n, h, v, len(cases))
             tensors = {"input": torch.randn(n, h, generator=generator, dtype=torch.float64),
                        "weight": torch.randn(v, h, generator=generator, dtype=torch.float64) / h**0.5,
@@ -191,11 +208,15 @@ def linear_cross_entropy_cases(quick: bool) -> list[Case]:
             cases.append(Case("linear_cross_entropy", f"N={n} H={h} V={v} {label}", tensors,
                               lambda fn, t, options=options: fn(t["input"], t["weight"], t["target"], t["bias"],
                                                                 **options),
-                              ("input", "weight", "bias"), torch.tensor(0.37, dtype=torch.float64), strided=strided))
+                              ("input", "weight", "bias"),
+                              torch.randn(n, generator=generator, dtype=torch.float64)
+                              if options.get("reduction") == "none" else torch.tensor(0.37, dtype=torch.float64),
+                              strided=strided))
     return cases
 
 
-def batch_norm_case(shape: tuple[int, ...], label: str, options: dict, strided: bool = False) -> Case:
+def batch_norm_case(shape: tuple[int, ...], label: str, options: dict, strided: bool = False,
+                    affine: bool = True) -> Case:
     c = shape[1]
     generator = _generator(*shape, len(label))
     tensors = {"input": torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 1,
@@ -204,9 +225,13 @@ def batch_norm_case(shape: tuple[int, ...], label: str, options: dict, strided: 
                "running_mean": torch.rand(c, generator=generator, dtype=torch.float64) - 0.5,
                "running_var": torch.rand(c, generator=generator, dtype=torch.float64) + 0.5}
     training = options.get("training", True)
+    if not affine:
+        del tensors["weight"], tensors["bias"]
     return Case("batch_norm", f"{'x'.join(map(str, shape))} {label}", tensors,
-                lambda fn, t: fn(t["input"], t["running_mean"], t["running_var"], t["weight"], t["bias"], **options),
-                ("input", "weight", "bias"), torch.randn(shape, generator=generator, dtype=torch.float64),
+                lambda fn, t: fn(t["input"], t["running_mean"], t["running_var"], t.get("weight"), t.get("bias"),
+                                 **options),
+                ("input", "weight", "bias") if affine else ("input",),
+                torch.randn(shape, generator=generator, dtype=torch.float64),
                 state=("running_mean", "running_var") if training else (), strided=("input",) if strided else (),
                 keep_fp32=("weight", "bias", "running_mean", "running_var"), magnitude=1.0)
 
@@ -218,18 +243,24 @@ def batch_norm_cases(quick: bool) -> list[Case]:
         batch_norm_case(shape, "train unbiased", {"training": True, "unbiased": True}),
         batch_norm_case(shape, "train tanh, strided", {"training": True, "activation": "tanh"}, strided=True),
         batch_norm_case(shape, "eval relu", {"training": False, "activation": "relu"}),
+        batch_norm_case(shape, "train no affine momentum=0.3 eps=1e-3", {"training": True, "momentum": 0.3,
+                                                                          "eps": 1e-3}, affine=False),
     )]
 
 
-def embedding_linear_case(b: int, t: int, d: int, out: int, v: int, strategy: str, strided: bool = False) -> Case:
+def embedding_linear_case(b: int, t: int, d: int, out: int, v: int, strategy: str, strided: bool = False,
+                          padding: bool = False) -> Case:
+    """With ``padding``, the first id of the batch is the padding_idx (its row gets no gradient)."""
     generator = _generator(b, t, d, out, v)
     idx = torch.randint(0, v, (b, t), generator=generator)
     idx[0] = idx[-1]  # repeated indices in every case, beyond those a small vocabulary gives
     tensors = {"idx": idx, "table": torch.randn(v, d, generator=generator, dtype=torch.float64),
                "weight": torch.randn(out, t * d, generator=generator, dtype=torch.float64) / (t * d) ** 0.5,
                "bias": torch.randn(out, generator=generator, dtype=torch.float64)}
-    return Case("embedding_linear", f"B={b} T={t} D={d} out={out} V={v} {strategy}" + (", strided" if strided else ""),
-                tensors, lambda fn, ts: fn(ts["idx"], ts["table"], ts["weight"], ts["bias"], strategy=strategy),
+    options = {"strategy": strategy} | ({"padding_idx": int(idx[0, 0])} if padding else {})
+    return Case("embedding_linear", f"B={b} T={t} D={d} out={out} V={v} {strategy}" + (", strided" if strided else "")
+                + (", padding_idx" if padding else ""),
+                tensors, lambda fn, ts: fn(ts["idx"], ts["table"], ts["weight"], ts["bias"], **options),
                 ("table", "weight", "bias"), torch.randn(b, out, generator=generator, dtype=torch.float64),
                 strided=("weight",) if strided else ())
 
@@ -238,7 +269,8 @@ def embedding_linear_cases(quick: bool) -> list[Case]:
     shapes = [(32, 3, 10, 200, 27), (33, 4, 8, 27, 100)] + (
         [] if quick else [(33, 8, 16, 27, 1000), (1, 1, 2, 1, 1), (257, 3, 2, 200, 27), (257, 1, 10, 200, 1)])
     return [case for shape in shapes for case in (embedding_linear_case(*shape, "gather", strided=True),
-                                                  embedding_linear_case(*shape, "table"))]
+                                                  embedding_linear_case(*shape, "table"),
+                                                  embedding_linear_case(*shape, "gather", padding=True))]
 
 
 def mlp_loss_and_grads_case(b: int, t: int, d: int, h: int, batchnorm: bool, unbiased: bool = False,

@@ -91,6 +91,28 @@ def test_a_backend_without_the_op_asked_for_is_nothing_to_check(monkeypatch, cap
     assert "FAILED: nothing to check: the backends asked for have none of the ops asked for" in out, out
 
 
+def test_a_backend_ignoring_an_option_fails(monkeypatch, capsys, cpp):
+    """Class weights, the z-loss and padding_idx dropped: each is in a case, so each fails (all passed before)."""
+    def unweighted(input, target, weight=None, **options):
+        return cpp.ops["cross_entropy"](input, target, **options)
+
+    def no_z_loss(*args, lse_square_scale=0.0, **options):
+        return cpp.ops["linear_cross_entropy"](*args, **options)
+
+    def unpadded(*args, padding_idx=None, **options):
+        return cpp.ops["embedding_linear"](*args, **options)
+
+    monkeypatch.setitem(check.BACKENDS, "lax", check.Backend({**cpp.ops, "cross_entropy": unweighted,
+                                                              "linear_cross_entropy": no_z_loss,
+                                                              "embedding_linear": unpadded}, cpp.runs_on))
+    assert check.main(["--device", "cpu", "--quick", "--backend", "lax", "--op", "cross_entropy",
+                       "linear_cross_entropy", "embedding_linear", "--dtype", "float64"]) == 1
+    out = capsys.readouterr().out
+    for op, case in [("cross_entropy", "weight"), ("linear_cross_entropy", "lse_square_scale"),
+                     ("embedding_linear", "padding_idx")]:
+        assert re.search(rf"^{op}\s+lax\s+float64 .* FAIL  first failure: .*{case}", out, re.MULTILINE), out
+
+
 def test_a_backend_that_writes_over_its_input_fails(monkeypatch, capsys, cpp):
     """Logits filled with NaN after the loss is computed: the values compared were right, the caller's were not."""
     def overwriting(input, *args, **kwargs):
