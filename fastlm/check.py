@@ -7,10 +7,11 @@ Each op runs on random inputs of several shapes (odd sizes, non-contiguous input
 indices) and options (class weights, z-loss, soft-capping, label smoothing, every reduction, padding_idx,
 BatchNorm without affine parameters), forward and backward with a non-unit upstream gradient (and forward
 alone), and is compared with the float64 reference (F.cross_entropy, F.batch_norm, F.linear(F.embedding(...)))
-run on the same values rounded to the dtype under test. mlp_loss_and_grads, the makemore MLP's whole step, returns its loss and gradients itself: those and the
-running statistics it moves are compared with the same network in torch ops, differentiated by autograd;
-mlp_sgd_step goes on to the SGD update in place: its loss and the parameters after the step are compared.
-An op that writes over an input it is not meant to update fails that case.
+run on the same values rounded to the dtype under test. mlp_loss_and_grads, the makemore MLP's whole step,
+returns its loss and gradients itself: those and the running statistics it moves are compared with the same
+network in torch ops, differentiated by autograd; mlp_sgd_step goes on to the SGD update in place: its loss and
+the parameters after the step are compared. An op that writes over an input it is not meant to update fails
+that case.
 Then: two runs of the BatchNorm, embedding + linear and one-call MLP step backward must agree bit for bit,
 and bad input (a target or index out of range, a training batch of one) must be refused with IndexError /
 ValueError. Prints a table op x backend x dtype with the largest error, the tolerance and PASS/FAIL, each row
