@@ -42,7 +42,6 @@ from fastlm import backends
 from fastlm.dtype_names import dtype_name
 from fastlm.ops.batch_norm import reference_batch_norm
 from fastlm.ops.cross_entropy import soft_capped
-from fastlm.ops.cross_entropy_outputs import z_loss
 from fastlm.ops.mlp_step import reference_mlp_loss_and_grads
 
 # Relative to the largest reference magnitude (or to each element, whichever is larger); as in the tests.
@@ -83,10 +82,16 @@ def _reference_cross_entropy(input, target, softcap=None, lse_square_scale=0.0, 
     z-loss ``lse_square_scale * lse**2`` of the non-ignored rows, reduced as the loss is."""
     logits = soft_capped(input, softcap)
     loss = F.cross_entropy(logits, target, **options)
-    if lse_square_scale:
-        loss = loss + z_loss(torch.logsumexp(logits, 1), target, options.get("weight"),
-                             options.get("ignore_index", -100), options.get("reduction", "mean"), lse_square_scale)
-    return loss
+    if not lse_square_scale:
+        return loss
+    kept = target != options.get("ignore_index", -100)
+    z = (lse_square_scale * torch.logsumexp(logits, 1) ** 2) * kept  # written out: fastlm's torch backend shares
+    reduction = options.get("reduction", "mean")                     # its own z_loss helper with no one
+    if reduction == "none":
+        return loss + z
+    weight = options.get("weight")
+    divisor = kept.sum() if weight is None else (weight[target.clamp(min=0)] * kept).sum()
+    return loss + (z.sum() if reduction == "sum" else z.sum() / divisor)
 
 
 def _reference_linear_cross_entropy(input, weight, target, bias=None, chunk_size=None, **options):
@@ -367,7 +372,8 @@ def run(case: Case, fn: Callable, dtype: torch.dtype, device: str,
         output.backward(upstream.to(device=device, dtype=output.dtype))
         grads = {name: tensors[name].grad for name in case.grads}
     for name, before in inputs.items():
-        if not torch.equal(tensors[name].detach(), before):
+        if not torch.equal(tensors[name].detach().isnan(), before.isnan()) or not torch.equal(
+                tensors[name].detach().nan_to_num(), before.nan_to_num()):  # (a NaN input is no change)
             raise InputOverwritten(f"{name} was overwritten")
     return {"output": output.detach(), **{f"grad {name}": grad for name, grad in grads.items()},
             **{name: tensors[name] for name in case.state}}
@@ -459,10 +465,11 @@ def check_determinism(backend: str, device: str, ops: Sequence[str] = OPS) -> Re
         except Exception as error:
             result.record(f"{case.op} {case.label}: {type(error).__name__}: {error}", math.inf)
             continue
-        differences = [math.inf if a is None or second[name] is None
-                       else (a.double() - second[name].double()).abs().max().item() for name, a in first.items()]
-        result.record(f"{case.op} {case.label}" + (": a gradient missing" if math.inf in differences else ""),
-                      max(differences))
+        missing = [name for name, a in first.items() if a is None or second[name] is None]
+        differences = [(a.double() - second[name].double()).abs().max().item() for name, a in first.items()
+                       if name not in missing]
+        result.record(f"{case.op} {case.label}" + (f": {missing[0]} missing" if missing else ""),
+                      math.inf if missing else max(differences))
     return result
 
 
@@ -561,7 +568,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  not checked: {name}: {backends.why_unavailable(name)}")
         elif name not in names and (args.backend is None or name in args.backend):
             other = "cuda" if args.device == "cpu" else "cpu"
-            print(f"  not checked: {name}: runs on {other}, not {args.device} (fastlm check --device {other})")
+            where = (f"runs on {other}, not {args.device} (fastlm check --device {other})"
+                     if BACKENDS[name].runs_on(torch.device(other)) else f"does not run on {args.device}")
+            print(f"  not checked: {name}: {where}")
     if args.backend is None and names == ["torch"]:  # the reference alone would pass, checking nothing of fastlm's
         print(f"FAILED: no fastlm kernel backend runs on {args.device} here")
         return 1
@@ -588,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         if result.cases:  # a determinism or refusal check with none of the asked ops has no row
             results.append(result)
             print_result(result)
-    if not any(r.check in OPS for r in results):  # e.g. --backend cuda --device cpu: no op's values compared
+    # No op's values compared (e.g. --backend cuda --device cpu), or, with kernel backends asked for, none of theirs
+    if not any(r.check in OPS and (r.backend != "torch" or not kernels) for r in results):
         print("FAILED: nothing to check: " + (f"none of the backends asked for runs on {args.device}" if not names
                                               else "the backends asked for have none of the ops asked for in "
                                               "the dtypes asked for"))

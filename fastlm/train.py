@@ -340,15 +340,15 @@ class StoppedBySignal(KeyboardInterrupt):
 @contextlib.contextmanager
 def interrupts_between_steps():
     """Within the block, SIGINT and SIGTERM only note their number (read by calling the yielded function: the
-    first signal's, 0 for none), so a step is never cut in half; outside the main thread, where no handler can be
-    set, they are left as they are."""
+    highest one received, so SIGTERM over SIGINT as across ranks; 0 for none), so a step is never cut in half;
+    outside the main thread, where no handler can be set, they are left as they are."""
     received = []
     if threading.current_thread() is not threading.main_thread():
         yield lambda: 0
         return
     previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in STOP_SIGNALS}
     try:
-        yield lambda: received[0] if received else 0
+        yield lambda: max(received, default=0)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -467,9 +467,6 @@ class Trainer:
         self.saved_step = None  # the step of the last checkpoint written
         if checkpoint is not None:
             self._restore(checkpoint)
-        # Under torchrun (where --compare is refused) the model's loss runs through DDP, which hooks a forward.
-        self.ddp_loss = (nn.parallel.DistributedDataParallel(LossOf(self.model))
-                         if self.world > 1 and self.optimizer is not None else None)
         problem = self._out_problem() if self.rank == 0 else None  # a bad --out is found now, not after training
         if self.world > 1:  # every rank stops on it, not rank 0 alone (the others would wait in a collective)
             flag = torch.tensor([problem is not None], dtype=torch.int32, device=self.device)
@@ -480,6 +477,10 @@ class Trainer:
         if self.rank == 0 and checkpoint is None and (self.out / "checkpoint.pt").exists():
             self.log(f"note: this run replaces the checkpoint of an earlier run in {config.out} "
                      "(--resume continues that run)")
+        # Under torchrun (where --compare is refused) the model's loss runs through DDP, which hooks a forward;
+        # made last, so that no error of this constructor leaves one alive (see leave_process_group).
+        self.ddp_loss = (nn.parallel.DistributedDataParallel(LossOf(self.model))
+                         if self.world > 1 and self.optimizer is not None else None)
 
     def _out_problem(self) -> str | None:
         """Why the output directory cannot be made or written, or None."""

@@ -146,16 +146,19 @@ def test_a_missing_gradient_fails_the_determinism_row(monkeypatch, capsys, cpp):
     monkeypatch.setitem(check.BACKENDS, "gradless", check.Backend({**cpp.ops, "batch_norm": batch_norm}, cpp.runs_on))
     assert check.main(["--device", "cpu", "--quick", "--backend", "gradless", "--op", "batch_norm", "--dtype",
                        "float32"]) == 1
-    assert re.search(r"^determinism\s+gradless .* FAIL  first failure: .*a gradient missing", capsys.readouterr().out,
+    assert re.search(r"^determinism\s+gradless .* FAIL  first failure: .*: grad bias missing", capsys.readouterr().out,
                      re.MULTILINE)
 
 
 def test_a_backend_of_the_other_device_is_named_as_not_checked(monkeypatch, capsys, cpp):
     """On a GPU machine the default device is cuda, where cpp does not run: the command says so (it said nothing
     and passed)."""
-    monkeypatch.setitem(check.BACKENDS, "elsewhere", check.Backend(cpp.ops, lambda device: False))
+    monkeypatch.setitem(check.BACKENDS, "gpu-only", check.Backend(cpp.ops, lambda device: device.type == "cuda"))
+    monkeypatch.setitem(check.BACKENDS, "nowhere", check.Backend(cpp.ops, lambda device: False))
     assert check.main(["--device", "cpu", "--quick", "--op", "batch_norm", "--dtype", "float32"]) == 0
-    assert "  not checked: elsewhere: runs on cuda, not cpu (fastlm check --device cuda)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "  not checked: gpu-only: runs on cuda, not cpu (fastlm check --device cuda)" in out
+    assert "  not checked: nowhere: does not run on cpu" in out
 
 
 def test_refusals_alone_are_nothing_to_check(capsys, cpp):
@@ -274,13 +277,17 @@ def test_op_limits_every_check_and_exact_rows_name_no_worst_case(capsys, cpp):
 
 def test_a_dtype_the_step_kernel_does_not_take_is_not_checked_there(capsys, cpp):
     """The one-call MLP kernels take float32 and float64 (half-precision models run their layers): float16 is
-    checked on the torch backend and reported as not checked on cpp, not failed."""
+    checked on the torch backend and reported as not checked on cpp; with float32 too the command passes, with
+    float16 alone it checked none of cpp's values, which is nothing to check (the torch row alone passed it)."""
     assert check.main(["--device", "cpu", "--quick", "--backend", "cpp", "torch", "--op", "mlp_sgd_step", "--dtype",
-                       "float16"]) == 0
+                       "float16", "float32"]) == 0
     out = capsys.readouterr().out
     assert "  not checked: mlp_sgd_step in float16 on the kernel backends" in out
     assert re.search(r"^mlp_sgd_step\s+torch\s+float16 .* PASS", out, re.MULTILINE)
-    assert not re.search(r"^mlp_sgd_step\s+cpp", out, re.MULTILINE)
+    assert not re.search(r"^mlp_sgd_step\s+cpp\s+float16", out, re.MULTILINE)
+    assert check.main(["--device", "cpu", "--quick", "--backend", "cpp", "torch", "--op", "mlp_sgd_step", "--dtype",
+                       "float16"]) == 1
+    assert "FAILED: nothing to check" in capsys.readouterr().out
 
 
 def test_unknown_backend_is_refused():

@@ -19,7 +19,8 @@ import fastlm.models
 from conftest import free_port
 from fastlm import data
 from fastlm.data import Vocabulary, build_windows
-from fastlm.train import ConfigError, Trainer, TrainConfig, resumed_config, sample_words, split_loss
+from fastlm.train import (ConfigError, Trainer, TrainConfig, interrupts_between_steps, resumed_config,
+                          sample_words, split_loss)
 
 WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia", "harper", "evelyn", "abigail", "emily",
          "ella", "elizabeth", "camila", "luna", "sofia", "avery", "mila", "aria", "scarlett"] * 5
@@ -704,6 +705,16 @@ def test_sigterm_stops_after_a_step_with_its_checkpoint_and_exit_code(words_file
          str(out)], out, signal.SIGTERM)
     step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
     assert f"interrupted at step {step}:" in output and code == 128 + signal.SIGTERM, (code, output)
+
+
+def test_of_two_signals_the_higher_stops_the_run():
+    """Ctrl-C, then a scheduler's SIGTERM within the same step: the run stops by SIGTERM (exit 143), as the ranks
+    of a torchrun run agree on the highest signal any of them received."""
+    with interrupts_between_steps() as interrupted:
+        assert interrupted() == 0
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert interrupted() == signal.SIGTERM
 
 
 def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step(words_file, tmp_path):
