@@ -113,6 +113,19 @@ def test_a_backend_ignoring_an_option_fails(monkeypatch, capsys, cpp):
         assert re.search(rf"^{op}\s+lax\s+float64 .* FAIL  first failure: .*{case}", out, re.MULTILINE), out
 
 
+def test_a_failing_reference_fails_its_row(monkeypatch, capsys, cpp):
+    """After a kernel's illegal memory access every later CUDA call fails, the reference's too: a FAIL row, not a
+    traceback that ends the command (the reference ran outside the case's try)."""
+    def lost(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setitem(check.REFERENCE, "batch_norm", lost)
+    assert check.main(["--device", "cpu", "--quick", "--backend", "cpp", "--op", "batch_norm", "--dtype",
+                       "float32"]) == 1
+    assert re.search(r"^batch_norm\s+cpp\s+float32 .* FAIL  first failure: .*RuntimeError: CUDA error",
+                     capsys.readouterr().out, re.MULTILINE)
+
+
 def test_a_backend_that_writes_over_its_input_fails(monkeypatch, capsys, cpp):
     """Logits filled with NaN after the loss is computed: the values compared were right, the caller's were not."""
     def overwriting(input, *args, **kwargs):
