@@ -259,18 +259,45 @@ def failure(error: Exception, device: str) -> str:
     return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
+# How far a provider's output may be from eager's, relative to its largest value: rounding, not a wrong kernel.
+OUTPUT_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+
+
+def output_mismatch(got: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """Why ``got`` is not eager's output ``expected`` beyond rounding, or None (also where eager's is not finite,
+    which says nothing of the others)."""
+    got, want = got.detach().double().cpu(), expected.detach().double().cpu()
+    if got.shape != want.shape:
+        return f"output of shape {tuple(got.shape)}, not eager's {tuple(want.shape)}"
+    if not want.numel() or not want.isfinite().all():
+        return None
+    error = ((got - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
+    tolerance = OUTPUT_TOLERANCE.get(expected.dtype, 1e-3)
+    return None if error <= tolerance else (f"output off eager's by {error:.1e} of its largest value (tolerance "
+                                            f"{tolerance:.0e})")
+
+
 def run_problem(op: str, problem: Problem, device: str, mode: str, copy_gbs: float | None) -> list[Row]:
     """Times every provider of the problem side by side, in turns; ratios are over the 'eager' provider. A
-    provider that raises, warming up or timed, leaves the turns and is reported by its error."""
+    provider that raises, warming up or timed, leaves the turns and is reported by its error; so does one whose
+    output, after its warm-up, is not eager's (a fast wrong kernel is no result). Each provider's warm-up makes
+    the same calls, so that providers with state of their own (a training step's model) compare in step."""
     torch.compiler.reset()  # each case compiles afresh, for its own shapes, inside its own warm-up
-    steps, compile_s, errors = {}, {}, {}
+    steps, compile_s, errors, outputs = {}, {}, {}, {}
     for provider in problem.forwards:
         try:
             setup, run = step(problem, provider, mode)
             compile_s[provider] = warm_up(run, device, setup)
+            outputs[provider] = problem.forwards[provider]().detach()
             steps[provider] = setup, run
         except Exception as error:
             errors[provider] = failure(error, device)
+    for provider, output in outputs.items():
+        mismatch = output_mismatch(output, outputs["eager"]) if "eager" in outputs else None
+        if mismatch:
+            errors[provider] = mismatch
+            del steps[provider]
+    del outputs
     times: dict[str, list[float]] = {provider: [] for provider in steps}
     reps_per_round = max(1, -(-problem.reps // ROUNDS))
     for turn in range(ROUNDS):
@@ -289,9 +316,14 @@ def run_problem(op: str, problem: Problem, device: str, mode: str, copy_gbs: flo
             continue
         setup, run = steps[provider]
         samples = times[provider]
+        try:
+            peak = peak_extra_mb(run, device, setup)
+        except Exception as error:  # (out of memory for one more call, say): the time stands, the peak is unknown
+            failure(error, device)
+            peak = None
         row = Row(op, problem.case, mode, provider, statistics.median(samples),
                   (_percentile(samples, 0.25), _percentile(samples, 0.75)), len(samples),
-                  compile_s=compile_s[provider], peak_extra_mb=peak_extra_mb(run, device, setup))
+                  compile_s=compile_s[provider], peak_extra_mb=peak)
         if mode in problem.min_bytes:
             row.gbs = problem.min_bytes[mode] / (row.median_ms * 1e-3) / 1e9
             row.of_copy_bw = row.gbs / copy_gbs if copy_gbs else None

@@ -246,6 +246,19 @@ def test_a_failing_provider_is_reported_and_the_others_still_timed():
     assert rows["broken"].speedup_vs_eager is None
 
 
+def test_a_provider_whose_output_is_not_eagers_is_a_failure_not_a_time():
+    """A fast wrong kernel (a no-op loss, an output of another shape) is a failed row, not a speed-up; rounding
+    within the dtype's tolerance is not."""
+    x = torch.randn(50, 7)
+    forwards = {"eager": lambda: x.sum(1), "no-op": lambda: x[:, 0] * 0, "flat": lambda: x.sum(1).view(5, 10),
+                "rounded": lambda: x.sum(1) * (1 + 1e-6)}
+    problem = benchmark.Problem("tiny", forwards, backward=lambda out: None, reps=3)
+    rows = {row.provider: row for row in benchmark.harness.run_problem("op", problem, "cpu", "fwd", None)}
+    assert rows["no-op"].error.startswith("output off eager's by 1.0e+00") and rows["no-op"].median_ms is None
+    assert rows["flat"].error == "output of shape (5, 10), not eager's (50,)"
+    assert rows["rounded"].error is None and rows["rounded"].median_ms > 0
+
+
 def test_failures_are_saved_reported_and_fail_the_command(tmp_path, monkeypatch, capsys):
     """One size cannot be set up, one provider raises: the command goes on with the rest, saves the failing
     row with its error, renders it in the table, names both failures and exits 1."""
