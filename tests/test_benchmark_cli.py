@@ -259,6 +259,19 @@ def test_a_provider_whose_output_is_not_eagers_is_a_failure_not_a_time():
     assert rows["rounded"].error is None and rows["rounded"].median_ms > 0
 
 
+def test_a_failing_peak_measurement_keeps_the_times(monkeypatch):
+    """One more call for the peak memory that runs out of memory: the times stand, the peak is unknown (the case
+    was lost, eager's row too)."""
+    def out_of_memory(*args):
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(benchmark.harness, "peak_extra_mb", out_of_memory)
+    ok = lambda: torch.ones(3).sum()  # noqa: E731
+    problem = benchmark.Problem("tiny", {"eager": ok, "fine": ok}, backward=lambda out: None, reps=3)
+    rows = benchmark.harness.run_problem("op", problem, "cpu", "fwd", None)
+    assert [(row.error, row.peak_extra_mb, row.median_ms > 0) for row in rows] == [(None, None, True)] * 2
+
+
 def test_failures_are_saved_reported_and_fail_the_command(tmp_path, monkeypatch, capsys):
     """One size cannot be set up, one provider raises: the command goes on with the rest, saves the failing
     row with its error, renders it in the table, names both failures and exits 1."""
