@@ -1,7 +1,7 @@
 """Benchmark of fastlm's linear + cross-entropy against eager PyTorch and torch.compile: `fastlm bench --op linear_cross_entropy`,
 kept as a script for checkouts. The cases live in fastlm/benchmark.py.
 
-    python bench/bench_linear_cross_entropy.py [--device cpu|cuda] [--mode fwd|bwd|full] [--quick] [--sizes ...] [--out DIR]
+    python bench/bench_linear_cross_entropy.py [--device cpu|cuda] [--mode fwd|full] [--quick] [--sizes ...] [--out DIR]
 """
 
 import sys

@@ -94,8 +94,6 @@ def cross_entropy_problems(size: Size, dtype: torch.dtype, device: str, quick: b
         if row.peak_extra_mb is not None:
             row.extra["peak_in_NxC_buffers"] = round(row.peak_extra_mb * 2**20 / logits_bytes, 2)
 
-    # No byte count for --mode bwd: the fused providers make the gradient in the forward, so their backward
-    # moves next to nothing, and a bandwidth over it would mean nothing.
     yield Problem(f"N={n} C={c} {dtype_name(dtype)}{_softcap_label(softcap)}", forwards,
                   backward_for([x, *([liger_x] if liger else [])]),
                   reps=3 if quick else max(10, int(2e8 // (n * c))),  # small cases are noisy: more repetitions
@@ -271,9 +269,13 @@ class OpBench:
     quick: list[Size]  # --quick sizes (float32 unless --dtype)
     problems: Callable[[Size, torch.dtype, str, bool], Iterator[Problem]]
     modes: tuple[str, ...] = harness.MODES  # the --mode values that split its calls
+    why_modes: str = ""  # why it takes no others
 
 
 FP32, BF16 = torch.float32, torch.bfloat16
+# The fused losses make their gradient in the forward: their backward alone moves next to nothing, so a time or a
+# ratio over eager's real backward for it would mean nothing.
+FUSED_BACKWARD = (("fwd", "full"), "its fused kernels make the gradient in the forward")
 EMBEDDING_SIZES = [(4096, 8, 64, 1024, 27), (4096, 8, 64, 1024, 50000), (32, 3, 10, 200, 27)]
 OPS = {
     # The foundation issue: fp32 (4096, 32000) and (8192, 128) on CPU; bf16 (16384, 128256) on GPU.
@@ -281,12 +283,12 @@ OPS = {
         ("N", "C"),
         {"cpu": [((4096, 32000), FP32), ((8192, 128), FP32)],
          "cuda": [((16384, 128256), BF16), ((4096, 32000), FP32), ((8192, 128), FP32)]},
-        [(512, 4096), (1024, 128)], cross_entropy_problems),
+        [(512, 4096), (1024, 128)], cross_entropy_problems, *FUSED_BACKWARD),
     "linear_cross_entropy": OpBench(
         ("N", "H", "V"),
         {"cpu": [((4096, 1024, 32000), FP32)],
          "cuda": [((4096, 1024, 32000), FP32), ((16384, 4096, 128256), BF16)]},
-        [(512, 256, 4000)], linear_cross_entropy_problems),
+        [(512, 256, 4000)], linear_cross_entropy_problems, *FUSED_BACKWARD),
     # The BatchNorm issue: (4096, 1024) and the makemore size (32, 200); (65536, 1024) on GPU.
     "batch_norm": OpBench(
         ("N", "C"),
@@ -303,7 +305,7 @@ OPS = {
     "mlp_step": OpBench(
         ("B", "embedding", "hidden"),
         {device: [((32, 10, 200), FP32), ((4096, 64, 1024), FP32)] for device in ("cpu", "cuda")},
-        [(32, 10, 200)], mlp_step_problems, modes=("full",)),
+        [(32, 10, 200)], mlp_step_problems, ("full",), "each call is a whole step"),
 }
 
 
@@ -348,8 +350,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU here")
     if args.op != "all" and args.mode not in OPS[args.op].modes:
-        parser.error(f"--mode {args.mode}: {args.op} times only --mode {' or '.join(OPS[args.op].modes)} (each "
-                     "call is a whole step)")
+        parser.error(f"--mode {args.mode}: {args.op} times only --mode {' or '.join(OPS[args.op].modes)} "
+                     f"({OPS[args.op].why_modes})")
     return args
 
 
@@ -420,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     for op in ops:
         if args.mode not in OPS[op].modes:
-            print(f"\n{op}: skipped, it times only --mode {' or '.join(OPS[op].modes)} (each call is a whole step)")
+            print(f"\n{op}: skipped, it times only --mode {' or '.join(OPS[op].modes)} ({OPS[op].why_modes})")
             continue
         # Sizes of one's own, written to the default directory, do not replace the default run's files; dtypes
         # named and a soft cap give files of their own anywhere.
