@@ -374,6 +374,8 @@ def environment(device: str) -> dict:
     # A copy of the tree without .git (as on a lent GPU machine) can be told its commit in FASTLM_GIT_COMMIT.
     commit = os.environ.get("FASTLM_GIT_COMMIT", "")
     dirty = None  # whether tracked files other than bench/results differ from the commit (unknown without .git)
+    if commit:  # "<sha>-dirty", as bench/gpu_session.sh's header makes it, says so; a bare sha says nothing more
+        commit, dirty = commit.removesuffix("-dirty"), True if commit.endswith("-dirty") else None
     if not commit and os.path.exists(os.path.join(CHECKOUT, ".git")):
         try:
             head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=CHECKOUT)
@@ -578,7 +580,10 @@ def markdown_table(paths: list[str]) -> str:
 def _result_table(result: dict) -> list[str]:
     env = result["environment"]
     copy = f"; copy bandwidth {result['copy_bandwidth_gbs']:.1f} GB/s" if result.get("copy_bandwidth_gbs") else ""
-    commit = (env["git_commit"][:10] or "unknown") + (" with uncommitted changes" if env.get("git_dirty") else "")
+    dirty = env.get("git_dirty")
+    commit = (env["git_commit"][:10] or "unknown") + (
+        " with uncommitted changes" if dirty else " (uncommitted changes unknown)" if dirty is None and
+        env["git_commit"] else "")
     caveats = "".join(caveat for caveat, applies in (
         ("; quick sizes and repetitions", result.get("quick")),
         ("; INCOMPLETE: the run was cut short", result.get("complete") is False)) if applies)

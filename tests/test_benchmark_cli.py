@@ -206,6 +206,24 @@ def test_a_checkout_git_refuses_records_no_commit(monkeypatch):
     assert env["git_commit"] == "" and env["git_dirty"] is None
 
 
+def test_a_commit_given_as_dirty_is_recorded_and_shown_so(monkeypatch):
+    """FASTLM_GIT_COMMIT=<sha>-dirty (bench/gpu_session.sh's recipe for a tree without .git): the commit and
+    dirty recorded apart (it was git_commit "<sha>-dirty", git_dirty null, a heading cut to the bare sha); a bare
+    sha leaves the changes unknown, and the heading says so."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("FASTLM_GIT_COMMIT", sha + "-dirty")
+    env = benchmark.harness.environment("cpu")
+    assert env["git_commit"] == sha and env["git_dirty"] is True
+    with open(os.path.join(REPO, "bench", "results", "batch_norm-cpu.json")) as source:
+        result = json.load(source)
+    result["environment"] = {**result["environment"], "git_commit": sha, "git_dirty": True}
+    assert "commit 0123456789 with uncommitted changes," in benchmark.harness._result_table(result)[0]
+    monkeypatch.setenv("FASTLM_GIT_COMMIT", sha)
+    result["environment"] = {**result["environment"], **benchmark.harness.environment("cpu")}
+    assert result["environment"]["git_dirty"] is None
+    assert "commit 0123456789 (uncommitted changes unknown)," in benchmark.harness._result_table(result)[0]
+
+
 def test_markdown_table_of_the_committed_results():
     paths = sorted(glob.glob(os.path.join(REPO, "bench", "results", "*.json")))
     table = benchmark.harness.markdown_table(paths)
