@@ -6,7 +6,7 @@ kept as a script for checkouts. The cases live in fastlm/benchmark.py.
 
 import sys
 
-from fastlm.benchmark import main
+from fastlm.cli import main  # `fastlm bench`'s entry: Ctrl-C is a message and status 130, not a traceback
 
 if __name__ == "__main__":
-    sys.exit(main(["--op", "embedding_linear", *sys.argv[1:]]))
+    sys.exit(main(["bench", "--op", "embedding_linear", *sys.argv[1:]]))
