@@ -490,8 +490,9 @@ def _write_atomically(path: str, write: Callable, mode: str = "w") -> None:
 
 def save(stem: str, device: str, rows: list[Row], header: dict, with_plot: bool = True) -> list[str]:
     """Writes ``stem``.json (environment, ``header``, rows), ``stem``.csv (one line per row) and, when
-    ``with_plot`` and matplotlib is installed, ``stem``.png; returns the paths written. Called again as rows
-    come in, it rewrites them whole. Raises NotSaved where a file cannot be written."""
+    ``with_plot`` and matplotlib is installed, ``stem``.png (else it removes an older one); returns the paths
+    written. Called again as rows come in, it rewrites them whole. Raises NotSaved where a file cannot be
+    written."""
     result = {"environment": environment(device), **header, "rows": [asdict(row) for row in rows]}
     flat = [_flat(row) for row in rows]
     columns = list(dict.fromkeys(key for line in flat for key in line))
@@ -507,6 +508,8 @@ def save(stem: str, device: str, rows: list[Row], header: dict, with_plot: bool 
         paths = [f"{stem}.json", f"{stem}.csv"]
         if with_plot and plot(rows, f"{stem}.png"):
             paths.append(f"{stem}.png")
+        elif os.path.exists(f"{stem}.png"):  # an earlier run's plot, which these rows would not match
+            os.remove(f"{stem}.png")
     except OSError as error:
         raise NotSaved(f"cannot save the results as {stem}.*: {error}") from error
     return paths

@@ -224,6 +224,16 @@ def test_a_commit_given_as_dirty_is_recorded_and_shown_so(monkeypatch):
     assert "commit 0123456789 (uncommitted changes unknown)," in benchmark.harness._result_table(result)[0]
 
 
+def test_no_plot_of_an_earlier_run_is_left_beside_newer_rows(tmp_path):
+    """A run cut short after its first case (files saved without a plot) left the earlier run's PNG, whose
+    cases were not the JSON's."""
+    row = benchmark.harness.Row("op", "n=1", "full", "eager", 1.0, (1.0, 1.0), 3)
+    stem = str(tmp_path / "op-cpu")
+    (tmp_path / "op-cpu.png").write_bytes(b"an earlier run's plot")
+    assert benchmark.harness.save(stem, "cpu", [row], {}, with_plot=False) == [f"{stem}.json", f"{stem}.csv"]
+    assert not (tmp_path / "op-cpu.png").exists()
+
+
 def test_markdown_table_of_the_committed_results():
     paths = sorted(glob.glob(os.path.join(REPO, "bench", "results", "*.json")))
     table = benchmark.harness.markdown_table(paths)
