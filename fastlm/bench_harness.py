@@ -587,8 +587,10 @@ def _result_table(result: dict) -> list[str]:
     commit = (env["git_commit"][:10] or "unknown") + (
         " with uncommitted changes" if dirty else " (uncommitted changes unknown)" if dirty is None and
         env["git_commit"] else "")
+    busy = result.get("load_per_core_at_start") or 0  # (the environment's, taken at a save, counts the run's own)
     caveats = "".join(caveat for caveat, applies in (
         ("; quick sizes and repetitions", result.get("quick")),
+        (f"; a busy machine (load {busy:.1f} per core at the start)", busy > 1),
         ("; INCOMPLETE: the run was cut short", result.get("complete") is False)) if applies)
     gpu = env["device"] == "cuda"  # the CPU's thread count says nothing there; the bandwidth's fraction does
     where = f"({env['device']})" if gpu else f"({env['device']}, {env['threads']} threads)"

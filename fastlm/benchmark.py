@@ -432,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                             + ("" if args.softcap is None else f"-softcap{args.softcap:g}")
                             + ("-quick" if args.quick else "") + ("-custom" if custom else ""))
         header = {"op": op, "mode": args.mode, "quick": args.quick, "copy_bandwidth_gbs": copy_gbs,
+                  "load_per_core_at_start": load,
                   "command": ["fastlm", "bench", *(sys.argv[1:] if argv is None else argv)],
                   "cases": [case_label(op, *case) for case in plan[op]]}
         rows: list[harness.Row] = []

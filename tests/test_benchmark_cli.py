@@ -372,7 +372,10 @@ def test_a_busy_machine_is_said_and_recorded(tmp_path, monkeypatch, capsys, load
     monkeypatch.setattr(benchmark.harness.os, "cpu_count", lambda: 2)
     assert benchmark.main(["--op", "toy", "--sizes", "1", "--quick", "--out", str(tmp_path)]) == 0
     assert ("this machine is busy (load average 8.0 per core)" in capsys.readouterr().err) == (load > 1)
-    assert json.loads((tmp_path / "toy-cpu-quick.json").read_text())["environment"]["load_per_core"] == load
+    result = json.loads((tmp_path / "toy-cpu-quick.json").read_text())
+    assert result["environment"]["load_per_core"] == result["load_per_core_at_start"] == load
+    heading = benchmark.harness.markdown_table([str(tmp_path / "toy-cpu-quick.json")]).splitlines()[0]
+    assert ("a busy machine (load 8.0 per core at the start)" in heading) == (load > 1), heading
 
 
 def test_gpu_blocks_time_back_to_back_calls():
