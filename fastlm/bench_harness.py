@@ -288,7 +288,7 @@ def run_problem(op: str, problem: Problem, device: str, mode: str, copy_gbs: flo
         try:
             setup, run = step(problem, provider, mode)
             compile_s[provider] = warm_up(run, device, setup)
-            outputs[provider] = problem.forwards[provider]().detach()
+            outputs[provider] = problem.forwards[provider]().detach().clone()  # (a graph's or kept buffer)
             steps[provider] = setup, run
         except Exception as error:
             errors[provider] = failure(error, device)
