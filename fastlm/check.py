@@ -84,9 +84,10 @@ def _reference_cross_entropy(input, target, softcap=None, lse_square_scale=0.0, 
     loss = F.cross_entropy(logits, target, **options)
     if not lse_square_scale:
         return loss
+    # Written out, not fastlm's z_loss helper: the torch backend uses that one, and would be checked against itself.
     kept = target != options.get("ignore_index", -100)
-    z = (lse_square_scale * torch.logsumexp(logits, 1) ** 2) * kept  # written out: fastlm's torch backend shares
-    reduction = options.get("reduction", "mean")                     # its own z_loss helper with no one
+    z = (lse_square_scale * torch.logsumexp(logits, 1) ** 2) * kept
+    reduction = options.get("reduction", "mean")
     if reduction == "none":
         return loss + z
     weight = options.get("weight")
