@@ -276,7 +276,7 @@ class OpBench:
 FP32, BF16 = torch.float32, torch.bfloat16
 # The fused losses make their gradient in the forward: their backward alone moves next to nothing, so a time or a
 # ratio over eager's real backward for it would mean nothing.
-FUSED_BACKWARD = (("fwd", "full"), "its fused kernels make the gradient in the forward")
+FUSED_BACKWARD = {"modes": ("fwd", "full"), "why_modes": "its fused kernels make the gradient in the forward"}
 EMBEDDING_SIZES = [(4096, 8, 64, 1024, 27), (4096, 8, 64, 1024, 50000), (32, 3, 10, 200, 27)]
 OPS = {
     # The foundation issue: fp32 (4096, 32000) and (8192, 128) on CPU; bf16 (16384, 128256) on GPU.
@@ -284,12 +284,12 @@ OPS = {
         ("N", "C"),
         {"cpu": [((4096, 32000), FP32), ((8192, 128), FP32)],
          "cuda": [((16384, 128256), BF16), ((4096, 32000), FP32), ((8192, 128), FP32)]},
-        [(512, 4096), (1024, 128)], cross_entropy_problems, *FUSED_BACKWARD),
+        [(512, 4096), (1024, 128)], cross_entropy_problems, **FUSED_BACKWARD),
     "linear_cross_entropy": OpBench(
         ("N", "H", "V"),
         {"cpu": [((4096, 1024, 32000), FP32)],
          "cuda": [((4096, 1024, 32000), FP32), ((16384, 4096, 128256), BF16)]},
-        [(512, 256, 4000)], linear_cross_entropy_problems, *FUSED_BACKWARD),
+        [(512, 256, 4000)], linear_cross_entropy_problems, **FUSED_BACKWARD),
     # The BatchNorm issue: (4096, 1024) and the makemore size (32, 200); (65536, 1024) on GPU.
     "batch_norm": OpBench(
         ("N", "C"),
@@ -306,7 +306,8 @@ OPS = {
     "mlp_step": OpBench(
         ("B", "embedding", "hidden"),
         {device: [((32, 10, 200), FP32), ((4096, 64, 1024), FP32)] for device in ("cpu", "cuda")},
-        [(32, 10, 200)], mlp_step_problems, ("full",), "each call is a whole step"),
+        [(32, 10, 200)], mlp_step_problems, modes=("full",),
+        why_modes="each call is a whole step"),
 }
 
 
