@@ -10,7 +10,7 @@ alone), and is compared with the float64 reference (F.cross_entropy, F.batch_nor
 run on the same values rounded to the dtype under test. mlp_loss_and_grads, the makemore MLP's whole step,
 returns its loss and gradients itself: those and the running statistics it moves are compared with the same
 network in torch ops, differentiated by autograd; mlp_sgd_step goes on to the SGD update in place: its loss and
-the parameters after the step are compared. An op that writes over an input it is not meant to update fails
+each parameter's step are compared. An op that writes over an input it is not meant to update fails
 that case.
 Then: two runs of the BatchNorm, embedding + linear and one-call MLP step backward must agree bit for bit,
 and bad input (a target or index out of range, a training batch of one) must be refused with IndexError /
@@ -308,9 +308,10 @@ def mlp_loss_and_grads_case(b: int, t: int, d: int, h: int, batchnorm: bool, unb
         ", strided" if strided else "")
     params = ("table", "w1", "b1", "w2", "b2") + (("bn_weight", "bn_bias") if batchnorm else ())
     stats = ("running_mean", "running_var", "num_batches_tracked") if batchnorm else ()
-    if sgd:
-        return Case("mlp_sgd_step", label, tensors, lambda fn, ts: fn(**ts, lr=0.1, unbiased=unbiased), (), None,
-                    state=params + stats, strided=("idx",) if strided else (), magnitude=magnitude)
+    if sgd:  # the parameters' steps are lr times their gradients: so is the scale b1's is compared at
+        lr = 0.1
+        return Case("mlp_sgd_step", label, tensors, lambda fn, ts: fn(**ts, lr=lr, unbiased=unbiased), (), None,
+                    state=params + stats, strided=("idx",) if strided else (), magnitude=lr * magnitude)
     return Case("mlp_loss_and_grads", label, tensors, lambda fn, ts: fn(**ts, unbiased=unbiased), params, None,
                 state=stats, strided=("idx", "table", "w1", "w2") if strided else (), magnitude=magnitude)
 
@@ -363,7 +364,7 @@ def run(case: Case, fn: Callable, dtype: torch.dtype, device: str,
             name: value.to(torch.float32 if name in case.keep_fp32 and rounded_to in HALF else rounded_to).to(dtype)
             if value.is_floating_point() else value for name, value in case.tensors.items()})
     tensors = prepare(case, dtype, device)
-    inputs = {name: value.detach().clone() for name, value in tensors.items() if name not in case.state}
+    before = {name: value.detach().clone() for name, value in tensors.items()}
     output = case.call(fn, tensors)
     if case.upstream is None:  # an MLPGrads (the loss, and the gradients named as the tensors) or a loss
         grads = {name: getattr(output, name) for name in case.grads}
@@ -372,12 +373,22 @@ def run(case: Case, fn: Callable, dtype: torch.dtype, device: str,
         upstream = case.upstream if rounded_to is None else case.upstream.to(rounded_to)  # as the backend gets it
         output.backward(upstream.to(device=device, dtype=output.dtype))
         grads = {name: tensors[name].grad for name in case.grads}
-    for name, before in inputs.items():
-        if not torch.equal(tensors[name].detach().isnan(), before.isnan()) or not torch.equal(
-                tensors[name].detach().nan_to_num(), before.nan_to_num()):  # (a NaN input is no change)
+    for name, value in before.items():
+        now = tensors[name].detach()
+        if name not in case.state and not (torch.equal(now.isnan(), value.isnan())
+                                           and torch.equal(now.nan_to_num(), value.nan_to_num())):  # NaN: no change
             raise InputOverwritten(f"{name} was overwritten")
     return {"output": output.detach(), **{f"grad {name}": grad for name, grad in grads.items()},
-            **{name: tensors[name] for name in case.state}}
+            **dict(updated(name, tensors[name].detach(), before[name]) for name in case.state)}
+
+
+def updated(name: str, after: Tensor, before: Tensor) -> tuple[str, Tensor]:
+    """What an in-place update is compared by: a floating tensor's step (after - before, in its dtype), since
+    compared at the size of the tensor itself, an SGD step's wrong gradient hides below its rounding; an integer
+    (a count) as it is."""
+    if not after.is_floating_point():
+        return name, after
+    return f"step of {name}", (after.double() - before.double()).to(after.dtype)
 
 
 class InputOverwritten(Exception):
@@ -437,16 +448,27 @@ def check_op(op: str, cases: list[Case], backend: str, dtype: torch.dtype, devic
             result.record(f"{case.label}: {wrong[0]} is {dtype_name(got[wrong[0]].dtype)}, not "
                           f"{dtype_name(result_dtype(case, wrong[0], dtype))}", math.inf)
             continue
-        errors = {name: relative_error(got[name], want, case.magnitude) for name, want in expected.items()}
+        errors = {name: relative_error(got[name], want, max(case.magnitude, rounding_of_update(case, name, dtype)))
+                  for name, want in expected.items()}
         worst = max(errors, key=errors.get)
         result.record(f"{case.label}: {worst}", errors[worst])
     return result
 
 
+def rounding_of_update(case: Case, name: str, dtype: torch.dtype) -> float:
+    """For a state's step, the scale below which the step is lost in rounding the updated tensor (its eps times
+    its size), over the dtype's tolerance: steps are compared at least at that scale. 0 for other results."""
+    if not name.startswith("step of "):
+        return 0.0
+    size = case.tensors[name.removeprefix("step of ")].abs().max().item()
+    return 4 * torch.finfo(result_dtype(case, name, dtype)).eps * size / TOLERANCE[dtype]
+
+
 def result_dtype(case: Case, name: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype of a floating-point result of ``run`` in ``dtype``, as torch's op gives it: the output in the
-    input's dtype; a gradient or state in its tensor's (fp32 for the ``keep_fp32`` ones at half precision)."""
-    tensor = name.removeprefix("grad ")
+    input's dtype; a gradient or state (or its step) in its tensor's (fp32 for the ``keep_fp32`` ones at half
+    precision)."""
+    tensor = name.removeprefix("grad ").removeprefix("step of ")
     return torch.float32 if tensor in case.keep_fp32 and dtype in HALF else dtype
 
 

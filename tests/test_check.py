@@ -250,14 +250,23 @@ def no_step(op, *args, lr, **kwargs):
     return op(*args, lr=0.0, **kwargs)
 
 
-@pytest.mark.parametrize("wrong", [step_too_long, no_step], ids=lambda wrong: wrong.__name__)
+def table_step_off_by_1e_3(op, *args, table, **kwargs):
+    """The table's step 0.1% too long: within 1e-5 of the table's own size, so found only by comparing steps."""
+    before = table.clone()
+    loss = op(*args, table=table, **kwargs)
+    table += 1e-3 * (table - before)
+    return loss
+
+
+@pytest.mark.parametrize("wrong", [step_too_long, no_step, table_step_off_by_1e_3], ids=lambda wrong: wrong.__name__)
 def test_a_wrong_sgd_step_fails(monkeypatch, capsys, cpp, wrong):
     step = partial(wrong, cpp.ops["mlp_sgd_step"])
     monkeypatch.setitem(check.BACKENDS, "broken", check.Backend({**cpp.ops, "mlp_sgd_step": step}, cpp.runs_on))
     assert check.main(["--device", "cpu", "--quick", "--backend", "broken", "--op", "mlp_sgd_step", "--dtype",
                        "float32"]) == 1
     out = capsys.readouterr().out
-    assert re.search(r"^mlp_sgd_step\s+broken .* FAIL  first failure: .*: (table|w1|b1|w2|b2)", out, re.MULTILINE)
+    assert re.search(r"^mlp_sgd_step\s+broken .* FAIL  first failure: .*: step of (table|w1|b1|w2|b2)", out,
+                     re.MULTILINE)
 
 
 def test_an_op_a_backend_lacks_is_not_checked_there(monkeypatch, capsys, cpp):
