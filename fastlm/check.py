@@ -12,10 +12,10 @@ returns its loss and gradients itself: those and the running statistics it moves
 network in torch ops, differentiated by autograd; mlp_sgd_step goes on to the SGD update in place: its loss and
 each parameter's step are compared. An op that writes over an input it is not meant to update fails
 that case.
-Then: two runs of the BatchNorm, embedding + linear and one-call MLP step backward must agree bit for bit,
-and bad input (a target or index out of range, a training batch of one) must be refused with IndexError /
-ValueError. Prints a table op x backend x dtype with the largest error, the tolerance and PASS/FAIL, each row
-as its check ends (a kernel that raises fails that case); exits 1 on any failure.
+Then: two runs of the BatchNorm, embedding + linear and one-call MLP step backward must agree bit for bit
+(in each dtype), and bad input (a target or index out of range, a training batch of one) must be refused with
+IndexError / ValueError. Prints a table op x backend x dtype with the largest error, the tolerance and
+PASS/FAIL, each row as its check ends (a kernel that raises fails that case); exits 1 on any failure.
 
 The backends checked are the entries of ``BACKENDS`` (every fastlm backend available here) that run on the
 device; a test, or a new backend in development, adds its own entry there. One that runs on the other device
@@ -472,19 +472,21 @@ def result_dtype(case: Case, name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if tensor in case.keep_fp32 and dtype in HALF else dtype
 
 
-def check_determinism(backend: str, device: str, ops: Sequence[str] = OPS) -> Result:
-    """BatchNorm, embedding + linear and the one-call MLP step (those of ``ops`` the backend has), whose backward
-    reduces over the batch: two runs agree bit for bit."""
-    result = Result("determinism", backend, "float32", tolerance=0.0)
+def check_determinism(backend: str, device: str, dtype: torch.dtype = torch.float32,
+                      ops: Sequence[str] = OPS) -> Result:
+    """BatchNorm, embedding + linear and the one-call MLP step (those of ``ops`` the backend has, in ``dtype``
+    where their kernels take it), whose backward reduces over the batch: two runs agree bit for bit."""
+    result = Result("determinism", backend, dtype_name(dtype), tolerance=0.0)
     cases = [batch_norm_case((4097, 33), "train tanh", {"training": True, "activation": "tanh"}),
              embedding_linear_case(257, 3, 10, 27, 5, "gather"), embedding_linear_case(257, 3, 10, 27, 5, "table"),
              mlp_loss_and_grads_case(257, 3, 10, 200, batchnorm=True)]
     for case in cases:
-        if case.op not in BACKENDS[backend].ops or case.op not in ops:
+        taken = KERNEL_DTYPES.get(case.op, TOLERANCE)
+        if case.op not in BACKENDS[backend].ops or case.op not in ops or dtype not in taken:
             continue
         fn = BACKENDS[backend].ops[case.op]
         try:
-            first, second = (run(case, fn, torch.float32, device) for _ in range(2))
+            first, second = (run(case, fn, dtype, device) for _ in range(2))
         except Exception as error:
             result.record(f"{case.op} {case.label}: {type(error).__name__}: {error}", math.inf)
             continue
@@ -611,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
                    for name in names if name not in lacking for dtype in dtypes if name == "torch" or dtype in taken]
     # The determinism and refusal promises are the kernels'; the torch backend is plain PyTorch.
     kernels = [name for name in names if name != "torch"]
-    checks += [partial(check_determinism, name, args.device, args.op) for name in kernels]
+    checks += [partial(check_determinism, name, args.device, dtype, args.op) for name in kernels for dtype in dtypes]
     checks += [partial(check_refusals, name, args.device, args.op) for name in kernels]
     print_header()
     results = []

@@ -21,6 +21,8 @@ def test_quick_check_passes_on_every_backend_here(capsys):
     out = capsys.readouterr().out
     for op in check.OPS:
         assert re.search(rf"^{op}\s+cpp\s+float32 .* PASS", out, re.MULTILINE)
+    for dtype in ("float32", "float64"):
+        assert re.search(rf"^determinism\s+cpp\s+{dtype}\s+4 .* PASS", out, re.MULTILINE)
     assert "FAIL" not in out
 
 
@@ -139,6 +141,19 @@ def test_a_backend_that_writes_over_its_input_fails(monkeypatch, capsys, cpp):
                        "float32"]) == 1
     assert re.search(r"^cross_entropy\s+overwriting\s+float32 .* FAIL  first failure: .*InputOverwritten: input was "
                      r"overwritten", capsys.readouterr().out, re.MULTILINE)
+
+
+def test_a_backend_nondeterministic_in_one_dtype_fails_that_dtype_s_row(monkeypatch, capsys, cpp):
+    """Run to run noise of 1e-12 in float64 alone: within the accuracy tolerance, not bit for bit."""
+    def jittery(input, *args, **kwargs):
+        output = cpp.ops["batch_norm"](input, *args, **kwargs)
+        return output + torch.rand(()) * 1e-12 if input.dtype == torch.float64 else output
+    monkeypatch.setitem(check.BACKENDS, "jittery", check.Backend({**cpp.ops, "batch_norm": jittery}, cpp.runs_on))
+    assert check.main(["--device", "cpu", "--quick", "--backend", "jittery", "--op", "batch_norm"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^batch_norm\s+jittery\s+float64 .* PASS", out, re.MULTILINE)
+    assert re.search(r"^determinism\s+jittery\s+float32\s+1 .* PASS", out, re.MULTILINE)
+    assert re.search(r"^determinism\s+jittery\s+float64\s+1 .* FAIL  first failure: batch_norm", out, re.MULTILINE)
 
 
 def test_a_missing_gradient_fails_the_determinism_row(monkeypatch, capsys, cpp):
