@@ -84,6 +84,15 @@ def test_no_backward_alone_for_a_backward_made_in_the_forward(capsys):
         assert "make the gradient in the forward" in capsys.readouterr().err
 
 
+def test_table_with_options_that_run_a_benchmark_is_refused(capsys):
+    """--table prints saved results as they are: --op, --quick and the like would be silently ignored."""
+    saved = os.path.join(REPO, "bench", "results", "batch_norm-cpu.json")
+    with pytest.raises(SystemExit) as exit:
+        benchmark.main(["--table", saved, "--op", "batch_norm", "--quick"])
+    assert exit.value.code == 2
+    assert "--op, --quick would do nothing" in capsys.readouterr().err
+
+
 def test_cpu_peak_memory_counts_memory_taken_back_from_the_heap():
     """A step that reallocates what the last one freed (eager BatchNorm's output and input gradient, 8 MB each)
     still shows them: a resident-set count alone saw 0 MB, glibc handing the same pages back."""
