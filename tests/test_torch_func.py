@@ -169,6 +169,43 @@ def test_batch_norm_module_like_torch(training, track_running_stats, with_buffer
                       torch_raises=training and track_running_stats)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("training, track_running_stats, batched_buffers", [
+    (False, True, False), (False, True, True), (True, False, False), (True, True, True)])
+def test_batch_norm_on_a_named_backend_under_plain_vmap_like_torch(backend, training, track_running_stats,
+                                                                   batched_buffers):
+    """Plain vmap (no differentiating transform) of BatchNorm1d on a kernel backend asked for by name runs it one
+    sample at a time, as torch's module runs: the output, its gradient outside vmap and the running stats (given
+    per sample: each sample's own, updated) equal torch's."""
+    device = device_to_test(backend)
+    x = data()[0].to(device)
+    modules = [fastlm.nn.BatchNorm1d(FEATURES, track_running_stats=track_running_stats, backend=backend),
+               nn.BatchNorm1d(FEATURES, track_running_stats=track_running_stats)]
+
+    def run(module):
+        module.double().to(device).train(training)
+        with torch.no_grad():
+            module.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+        buffers = {name: b.expand(SAMPLES, *b.shape).clone() if batched_buffers else b
+                   for name, b in module.named_buffers()}
+        out = vmap(lambda state, rows: functional_call(module, state, (rows,)))(buffers, x) if batched_buffers \
+            else vmap(module)(x)
+        out.tanh().sum().backward()
+        return {"output": out.detach(), "grad weight": module.weight.grad, **buffers}
+
+    assert_like_torch(lambda: run(modules[0]), lambda: run(modules[1]))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_batch_norm_on_a_named_backend_under_vmap_refuses_unbatched_running_stats_as_torch(backend):
+    device = device_to_test(backend)
+    x = data()[0].to(device)
+    for module in (fastlm.nn.BatchNorm1d(FEATURES, backend=backend), nn.BatchNorm1d(FEATURES)):
+        with pytest.raises(RuntimeError, match="running_mean or running_var, which will be updated in place, were "
+                                               "not batched"):
+            vmap(module.double().to(device))(x)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_model_gradient_like_its_reference_twin(training):
     """A whole fused makemore model (embedding + linear, BatchNorm + tanh) under torch.func.grad, as its

@@ -130,6 +130,36 @@ def _fake_batch_norm(input, weight, bias, running_mean, running_var, training, m
 
 backends.register_cpp_fake("batch_norm", _fake_batch_norm)
 
+# torch's message for this case, so that a forced backend fails under vmap as torch's BatchNorm does
+UNBATCHED_RUNNING_STATS = ("Batch norm got a batched tensor as input while the running_mean or running_var, which "
+                           "will be updated in place, were not batched.")
+
+
+def _batch_norm_vmap(info, in_dims, input, weight, bias, running_mean, running_var, training, momentum, eps,
+                     unbiased, activation, triton=False):
+    """Plain vmap of ``fastlm::batch_norm`` (a kernel backend named: the default runs the reference under vmap):
+    one sample at a time. vmap's own fallback refuses the op even where it updates nothing (eval), as its schema
+    says that it may update the running stats in place. Running stats that are batched are updated sample by
+    sample; unbatched ones by an unbatched input once (each sample is the same batch); by a batched input, never:
+    torch's error."""
+    tensors, dims = (input, weight, bias, running_mean, running_var), in_dims[:5]
+    unbatched_stats = [training and tensor is not None and dim is None for tensor, dim in zip(tensors[3:], dims[3:])]
+    if any(unbatched_stats) and dims[0] is not None:
+        raise RuntimeError(UNBATCHED_RUNNING_STATS)
+    outputs = []
+    for i in range(info.batch_size):
+        sample = [tensor if tensor is None or dim is None else tensor.select(dim, i)
+                  for tensor, dim in zip(tensors, dims)]
+        if i > 0:
+            sample[3:] = [None if unbatched else stat for unbatched, stat in zip(unbatched_stats, sample[3:])]
+        outputs.append(torch.ops.fastlm.batch_norm.default(*sample, training, momentum, eps, unbiased, activation,
+                                                           triton))
+    return torch.stack(outputs), 0
+
+
+if backends.why_unavailable("cpp") is None:  # (the op exists where fastlm._C loaded)
+    torch.library.register_vmap("fastlm::batch_norm", _batch_norm_vmap)
+
 
 # --- reference ---------------------------------------------------------------------------------------
 
