@@ -86,8 +86,30 @@ def test_embedding_linear_in_the_autocast_dtype(backend, device, dtype, strategy
     assert_same(ours, theirs, 2e-2)
 
 
+@pytest.mark.parametrize("backend, device, dtype", CASES)
+def test_the_other_half_precision_is_cast_too(backend, device, dtype):
+    """Autocast casts every floating tensor but fp64: fp16 parameters under bf16 autocast (and bf16 ones under
+    fp16) compute in the autocast dtype, as F.linear does, and keep gradients in their own dtype."""
+    skip_unless_runs(backend, device)
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    generator = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 27, (33, 3), generator=generator).to(device)
+    table, weight, bias = (torch.randn(27, 10, generator=generator).to(device, other),
+                           (torch.randn(64, 30, generator=generator) / 5).to(device, other),
+                           torch.randn(64, generator=generator).to(device, other))
+    target = torch.randint(0, 64, (33,), generator=generator).to(device)
+    for ours, theirs in [
+            (lambda t, w, b: fastlm.ops.embedding_linear(idx, t, w, b, backend=backend),
+             lambda t, w, b: F.linear(F.embedding(idx, t).view(33, -1), w, b)),
+            (lambda t, w, b: fastlm.ops.linear_cross_entropy(t[idx].view(33, -1), w, target, b, backend=backend),
+             lambda t, w, b: F.cross_entropy(F.linear(t[idx].view(33, -1), w, b), target))]:
+        results = run_both(device, dtype, lambda: [table, weight, bias], ours, theirs)
+        assert all(grad.dtype == other for grad in results[0][1])
+        assert_same(*results, 2e-2)
+
+
 def test_float64_is_left_as_it_is():
-    """Autocast casts float32 alone: a float64 embedding + linear stays float64, as F.linear does."""
+    """Autocast leaves float64 alone: a float64 embedding + linear stays float64, as F.linear does."""
     skip_unless_runs("cpp")
     idx, table, weight = torch.randint(0, 27, (5, 3)), torch.randn(27, 4, dtype=torch.float64), torch.randn(
         8, 12, dtype=torch.float64)

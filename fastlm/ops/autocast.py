@@ -1,7 +1,7 @@
 """torch.autocast for fastlm's ops, with the policy torch applies to the ops they replace.
 
 - embedding + linear, and the linear of linear + cross-entropy, run in the autocast dtype, as F.linear
-  does: their fp32 tensors are cast to it first (autocast leaves fp64 alone, and so does this).
+  does: their floating tensors are cast to it first (autocast leaves fp64 alone, and so does this).
 - the cross-entropy losses come out in fp32, as F.cross_entropy's do. torch makes an fp32 copy of the
   logits for that; fastlm's kernels read fp16/bf16 logits as they are and accumulate in fp32 anyway, so
   only the loss is returned in fp32.
@@ -29,10 +29,12 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def cast_to(dtype: torch.dtype | None, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """The fp32 tensors among ``tensors`` cast to ``dtype`` (all unchanged when it is None)."""
+    """The floating tensors among ``tensors`` but fp64 ones cast to ``dtype``, as autocast casts them (fp16 too
+    under bf16 autocast); all unchanged when ``dtype`` is None."""
     if dtype is None:
         return tensors
-    return tuple(t.to(dtype) if t is not None and t.dtype == torch.float32 else t for t in tensors)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 def autocast_off(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
