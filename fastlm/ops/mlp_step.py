@@ -88,13 +88,22 @@ def check_targets(targets: Tensor, classes: int) -> None:
         raise IndexError(f"fastlm.mlp_loss_and_grads: target {int(targets[bad][0])} is out of range [0, {classes})")
 
 
-def _backend_for(idx, bn_weight, bn_bias, backend, name):
-    """A step's backend, cpp or torch. The inputs are checked where they are used: by the cpp kernel before it
-    reads through any id (raising the same errors), by the reference otherwise. A batch-32 step costs about
-    40 us; checking in Python too would add 2."""
-    check_tensors(name, idx=idx)  # its device picks the backend; the op's dispatcher refuses other non-tensors
+TENSORS = ("idx", "targets", "table", "w1", "b1", "w2", "b2")
+OPTIONAL_TENSORS = ("bn_weight", "bn_bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _backend_for(name, backend, *tensors):
+    """A step's backend, cpp or torch, for its tensor arguments (in the order of TENSORS, OPTIONAL_TENSORS),
+    checked to be tensors here (0.4 us). The rest is checked where it is used: by the cpp kernel before it reads
+    through any id (raising the same errors), by the reference otherwise. A batch-32 step costs about 40 us;
+    checking in Python too would add 2."""
+    required, optional = tensors[:len(TENSORS)], tensors[len(TENSORS):]
+    if not (all(isinstance(t, Tensor) for t in required) and all(t is None or isinstance(t, Tensor) for t in optional)):
+        check_tensors(name, OPTIONAL_TENSORS, **dict(zip(TENSORS + OPTIONAL_TENSORS, tensors)))  # its error
+    bn_weight, bn_bias = optional[:2]
     if (bn_weight is not None) != (bn_bias is not None):
         raise ValueError(f"fastlm.{name}: give both bn_weight and bn_bias, or neither")
+    idx = tensors[0]
     resolved = backends.resolve(idx.device, backend, mutates=True)  # running stats, and the sgd step's update
     if resolved not in ("cpp", "torch"):
         raise RuntimeError(f"fastlm.{name} has a cpp kernel only (the {resolved} backend runs the layers: "
@@ -127,7 +136,8 @@ def mlp_loss_and_grads(
     ``running_var`` (updated in place, where given) by ``momentum``, and adds 1 to ``num_batches_tracked``
     (where given), as nn.BatchNorm1d's forward does; without them the network is tanh(linear). ``backend`` is
     ``cpp`` (CPU tensors, the default there) or ``torch``."""
-    name = _backend_for(idx, bn_weight, bn_bias, backend, "mlp_loss_and_grads")
+    name = _backend_for("mlp_loss_and_grads", backend, idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias,
+                        running_mean, running_var, num_batches_tracked)
     args = (idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
             momentum, eps, unbiased)
     if name == "torch":
@@ -162,7 +172,8 @@ def mlp_sgd_step(
     """One plain-SGD step of the network of ``mlp_loss_and_grads``: every parameter given moves by ``-lr`` times
     its gradient, in place (so they must be contiguous), and the BatchNorm buffers as there; returns the loss
     before the step. On ``cpp`` the gradients never become tensors: the training loop's step in one call."""
-    name = _backend_for(idx, bn_weight, bn_bias, backend, "mlp_sgd_step")
+    name = _backend_for("mlp_sgd_step", backend, idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias, running_mean,
+                        running_var, num_batches_tracked)
     if name == "torch":
         loss, *grads = reference_mlp_loss_and_grads(idx, targets, table, w1, b1, w2, b2, bn_weight, bn_bias,
                                                     running_mean, running_var, num_batches_tracked, momentum, eps,
