@@ -1,7 +1,11 @@
-"""README.md stays true: its API example runs as written (on the CPU, with this machine's default backends)."""
+"""README.md stays true: its API example runs as written (on the CPU, with this machine's default backends) and
+fuses what it says; CI runs the README's test command."""
 
 import pathlib
 import re
+
+import torch
+from conftest import fastlm_ops_called
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -11,7 +15,11 @@ def test_api_example_runs():
     example = re.search(r"```python\n(.*?)```", api, re.S).group(1)
     namespace: dict = {}
     exec(compile(example, "README.md (API example)", "exec"), namespace)
-    assert namespace["lm"].head.weight.grad is not None  # the last line's backward reached the fused head
+    assert namespace["lm"].head.weight.grad is not None  # the last line's backward reached the head
+    # and, as its comments say, the converted model runs fused: its layers and its head + loss
+    called = fastlm_ops_called(lambda: namespace["lm"](namespace["idx"], torch.randint(0, 5000, (32,))).backward())
+    for op in ("fastlm::embedding_linear", "fastlm::batch_norm", "fastlm::linear_cross_entropy"):
+        assert op in called, (op, called)
 
 
 def test_ci_runs_the_readme_test_command():
