@@ -210,3 +210,17 @@ def test_compiles_without_graph_breaks(op, backend):
         results.append((loss, accuracy, predicted, *torch.autograd.grad(loss, x)))
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_z_loss_part_without_z_loss_is_zero_where_lse_squared_overflows(backend, reduction):
+    """return_z_loss at lse_square_scale 0 (the default): zeros, also for a row whose lse**2 is inf in fp32 (a
+    1e30 logit; 0 * inf would be NaN), while the loss itself is finite."""
+    device = device_to_test(backend)
+    logits = torch.zeros(2, 4, device=device)
+    logits[0, 1] = 1e30
+    loss, z = cross_entropy(logits, torch.tensor([1, 2], device=device), reduction=reduction, return_z_loss=True,
+                            backend=backend)
+    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(z, torch.zeros_like(loss), rtol=0, atol=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 
@@ -31,10 +32,11 @@ def z_loss(lse: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int
            lse_square_scale: float) -> Tensor:
     """The z-loss term ``lse_square_scale * lse**2`` of the non-ignored rows, reduced as the loss is: per row,
     summed, or divided by what F.cross_entropy's mean divides by (the summed class weight of the non-ignored
-    targets). In lse's dtype."""
+    targets). In lse's dtype. At scale 0 (no z-loss) the rows are 0, also where lse**2 overflows (0 * inf would
+    be NaN)."""
     target = target.long()  # an int32 target would compare with ignore_index wrapped
     valid = target != ignore_index
-    z_rows = (lse_square_scale * lse.square()).where(valid, 0)
+    z_rows = (lse_square_scale * lse.square()).where(valid, 0) if lse_square_scale else torch.zeros_like(lse)
     if reduction == "none":
         return z_rows
     if reduction == "sum":
