@@ -205,12 +205,13 @@ def softcap_value(softcap: float | None, name: str) -> float:
 
 
 def class_rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """(C,) or (N, C, d1, ...) logits as the (M, C) rows the kernels take, and their class indices as (M,)."""
+    """(C,) or (N, C, d1, ...) logits as the (M, C) rows the kernels take, and their class indices as (M,). As in
+    F.cross_entropy, (C,) logits take a target of shape () or (1,)."""
     classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if classes == 0:
         raise ArgumentValueError("fastlm.cross_entropy: the input has no classes")
     expected = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
-    if tuple(target.shape) != expected:
+    if tuple(target.shape) != expected and not (input.dim() == 1 and tuple(target.shape) == (1,)):
         raise ArgumentValueError(f"fastlm.cross_entropy: expected target of shape {expected} for input of shape "
                                  f"{tuple(input.shape)}, got {tuple(target.shape)}")
     return input.movedim(0 if input.dim() == 1 else 1, -1).reshape(-1, classes), target.reshape(-1)
@@ -277,7 +278,7 @@ def cross_entropy(
             return F.cross_entropy(soft_capped(input, cap), target, weight, ignore_index=ignore_index,
                                    reduction=reduction, label_smoothing=label_smoothing)
         if input.dim() != 2 and input.dim() > 0:
-            shape = target.shape
+            shape = target.shape if input.dim() > 1 else torch.Size()  # the shape of the per-position outputs
             input, target = class_rows(input, target)
     check_rows(input, "cross_entropy")
     check_target(target, input.shape[0], input.shape[1], input.device, weight, reduction, label_smoothing,
