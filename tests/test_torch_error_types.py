@@ -79,6 +79,12 @@ CASES = {
     "linear + cross-entropy: float ignore_index": (
         lambda: linear_cross_entropy_reference(H, W2, TARGET, ignore_index=1.0),
         lambda: fastlm.ops.linear_cross_entropy(H, W2, TARGET, ignore_index=1.0)),
+    "cross_entropy: ignore_index beyond int64": (
+        lambda: F.cross_entropy(X, TARGET, ignore_index=2**63),
+        lambda: fastlm.ops.cross_entropy(X, TARGET, ignore_index=2**63)),
+    "linear + cross-entropy: ignore_index beyond int64": (
+        lambda: linear_cross_entropy_reference(H, W2, TARGET, ignore_index=-2**63 - 1),
+        lambda: fastlm.ops.linear_cross_entropy(H, W2, TARGET, ignore_index=-2**63 - 1)),
     "linear + cross-entropy: weight of another hidden size": (
         lambda: linear_cross_entropy_reference(H, W2[:, :5], TARGET),
         lambda: fastlm.ops.linear_cross_entropy(H, W2[:, :5], TARGET)),

@@ -192,7 +192,10 @@ def ignore_index_value(ignore_index, name: str) -> int:
     # (a bool is an int to Python, not to torch)
     if isinstance(ignore_index, bool) or not hasattr(type(ignore_index), "__index__"):
         raise TypeError(f"fastlm.{name}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    return operator.index(ignore_index)
+    value = operator.index(ignore_index)
+    if not -2**63 <= value < 2**63:  # what torch's int64 argument takes
+        raise ArgumentValueError(f"fastlm.{name}: ignore_index {value} is outside the int64 range")
+    return value
 
 
 def softcap_value(softcap: float | None, name: str) -> float:
