@@ -117,6 +117,19 @@ def test_an_ensemble_of_embedding_linear_layers():
                                                                                      twin_buffers))
 
 
+@pytest.mark.parametrize("name", ["bigram", "mlp", "mlp-bn", "resmlp", "resblock"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_an_ensemble_of_makemore_models(name, fused):
+    """Several models of one kind (eval) under vmap over their stacked state: each one's logits, as a loop over
+    them gives (the residual MLP's view of the gathered rows failed under vmap)."""
+    models = [fastlm.models.build(name, fused=fused, generator=torch.Generator().manual_seed(seed)).double().eval()
+              for seed in range(3)]
+    idx = torch.randint(0, 27, (10, fastlm.models.default_context(name)), generator=torch.Generator().manual_seed(0))
+    params, buffers = torch.func.stack_module_state(models)
+    ensemble = vmap(lambda p, b: functional_call(models[0], (p, b), (idx,)))(params, buffers)
+    torch.testing.assert_close(ensemble, torch.stack([model(idx) for model in models]), rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_functionalize_runs_batch_norm_like_torch(training):
     """functionalize refuses an op that updates tensors in place (the kernel op's running stats, even in eval):

@@ -28,7 +28,7 @@ class ReferenceEmbeddingLinear(nn.Module):
         self.linear = nn.Linear(context * embedding_dim, out_features, bias)
 
     def forward(self, idx: Tensor) -> Tensor:
-        return self.linear(self.embedding(idx).view(idx.shape[0], -1))
+        return self.linear(self.embedding(idx).reshape(idx.shape[0], -1))  # (under vmap the rows may be strided)
 
 
 class ReferenceBatchNorm1d(TracedAsLeaf, nn.BatchNorm1d):

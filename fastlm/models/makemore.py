@@ -341,7 +341,7 @@ class ResidualMLP(MakemoreModel):
         self.bn.reset_parameters()
 
     def hidden_state(self, idx: Tensor) -> Tensor:
-        emb = self.first.embedding(idx).view(idx.shape[0], -1)
+        emb = self.first.embedding(idx).reshape(idx.shape[0], -1)  # (reshape: under vmap the rows may be strided)
         return torch.tanh(self.middle(self.bn(self.first(idx))) + emb)  # the BatchNorm layer applies the relu
 
 
