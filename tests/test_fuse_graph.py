@@ -86,6 +86,8 @@ class LanguageModel(nn.Module):
             return F.cross_entropy((torch.tanh(logits / 2.0) * 2.0).view(-1, VOCAB), targets.view(-1))
         if self.loss == "softcapped-rows":  # the same on the (rows, V) logits, x * (1 / k) inside
             return F.cross_entropy(2.0 * (logits.view(-1, VOCAB) * 0.5).tanh(), targets.view(-1), reduction="sum")
+        if self.loss == "inverted-cap":  # 2 tanh(2 / x): not a soft cap
+            return F.cross_entropy((torch.tanh(2.0 / logits) * 2.0).view(-1, VOCAB), targets.view(-1))
         if self.loss == "uneven-cap":  # 3 tanh(x / 2): not a soft cap
             return F.cross_entropy((torch.tanh(logits / 2.0) * 3.0).view(-1, VOCAB), targets.view(-1))
         if self.loss == "capped-twice":  # a soft cap in the code and fastlm's own
@@ -231,7 +233,8 @@ def test_a_branch_not_taken_at_capture_still_runs():
     torch.testing.assert_close(converted(idx), model(idx))  # targets=None: the logits, as written
 
 
-@pytest.mark.parametrize("loss", ["returns-logits", "probabilities", "class-dim-1", "uneven-cap", "capped-twice"])
+@pytest.mark.parametrize("loss", ["returns-logits", "probabilities", "class-dim-1", "uneven-cap", "inverted-cap",
+                                  "capped-twice"])
 def test_a_loss_that_cannot_be_fused_runs_as_written(loss):
     model, converted = converted_pair(LanguageModel(loss))
     idx, targets = batch(6, per_position=True)
@@ -242,6 +245,15 @@ def test_a_loss_that_cannot_be_fused_runs_as_written(loss):
     else:
         got = assert_same_step(model, converted, idx, targets)
     assert "LinearCrossEntropy" not in autograd_nodes(got)
+
+
+def test_int32_targets_are_refused_as_the_code_refuses_them():
+    """F.cross_entropy refuses int32 targets (fastlm's loss takes them): the fused graph must not accept them."""
+    model, converted = converted_pair(LanguageModel("functional"))
+    idx, targets = batch(6, per_position=True)
+    for runs in (model, converted):
+        with pytest.raises(RuntimeError, match="Long"):
+            runs(idx, targets.int())
 
 
 class FirstLayer(nn.Module):
