@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import fastlm
-from conftest import KERNEL_BACKENDS, device_to_test, needs_batch_norm_bias_keyword
+from conftest import (KERNEL_BACKENDS, device_to_test, fastlm_ops_called, needs_batch_norm_bias_keyword,
+                      skip_unless_runs)
 from fastlm.convert import FusedSequential, fused_activation
 
 
@@ -132,6 +133,51 @@ def test_what_cannot_be_fused_is_left_alone():
     assert isinstance(converted[3], fastlm.nn.BatchNorm1d) and converted[3].activation is None
     assert isinstance(converted[4], nn.Sigmoid)
     assert type(converted[5]) is nn.LazyBatchNorm1d
+
+
+class ScaledBatchNorm(nn.BatchNorm1d):
+    """A user's BatchNorm with a forward of its own."""
+
+    def forward(self, input):
+        return 2 * super().forward(input)
+
+
+class MeanOfTwoLosses(nn.CrossEntropyLoss):
+    def forward(self, input, target):
+        return super().forward(input, target) / 2
+
+
+def test_subclasses_with_a_forward_of_their_own_are_left_alone():
+    """Only the torch classes themselves are swapped: a subclass's forward would be lost."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), ScaledBatchNorm(6))
+    loss = MeanOfTwoLosses()
+    x, target = torch.randn(8, 5), torch.randint(0, 6, (8,))
+    expected = loss(model(x), target)
+    converted, converted_loss = fastlm.convert(copy.deepcopy(model)), fastlm.convert(MeanOfTwoLosses())
+    assert type(converted[1]) is ScaledBatchNorm and type(converted_loss) is MeanOfTwoLosses
+    torch.testing.assert_close(converted_loss(converted(x), target), expected)
+
+
+def test_an_activation_after_a_batch_norm_with_its_own_stays_outside_it():
+    """A fastlm BatchNorm that already computes tanh, then nn.ReLU: relu(tanh(bn)), not relu(bn)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(fastlm.nn.BatchNorm1d(6, activation="tanh"), nn.ReLU())
+    x = torch.randn(8, 6)
+    expected = model(x)
+    converted = fastlm.convert(model)
+    torch.testing.assert_close(converted(x), expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_the_backend_asked_for_reaches_every_swapped_layer(backend):
+    """convert(model, backend=...): each swapped layer runs on it (torch: no fastlm kernel op at all)."""
+    skip_unless_runs(backend)
+    model, converted = make_pair(backend=backend)
+    idx, targets = torch.randint(0, 27, (16, 3)), torch.randint(0, 27, (16,))
+    called = set(fastlm_ops_called(lambda: converted(idx, targets).backward()))
+    expected = {"fastlm::embedding_linear", "fastlm::batch_norm", "fastlm::cross_entropy"}
+    assert called.isdisjoint(expected) if backend == "torch" else expected <= called, called
 
 
 def test_a_pruned_batch_norm_keeps_its_pruning():
