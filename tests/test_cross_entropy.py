@@ -877,6 +877,50 @@ def test_module_is_a_drop_in_for_torch():
 
 
 @pytest.mark.filterwarnings("ignore:size_average and reduce args will be deprecated")
+def test_module_maps_size_average_and_reduce_as_torch():
+    x, target = random_problem(12, 5, ignored=0.0)
+    for arguments in ({"size_average": False}, {"reduce": False}):
+        ours, theirs = fastlm.nn.CrossEntropyLoss(**arguments), torch.nn.CrossEntropyLoss(**arguments)
+        assert ours.reduction == theirs.reduction != "mean"
+        torch.testing.assert_close(ours(x, target), theirs(x, target))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_modules_run_on_the_backend_asked_for(backend):
+    """CrossEntropyLoss and LinearCrossEntropyLoss(backend=...): torch's ops alone on torch, the kernel op on cpp."""
+    skip_unless_runs(backend)
+    x, target = random_problem(12, 5, ignored=0.0)
+    x.requires_grad_()
+    for op, run in (("fastlm::cross_entropy", lambda: fastlm.nn.CrossEntropyLoss(backend=backend)(x, target)),
+                    ("fastlm::linear_cross_entropy", lambda: fastlm.nn.LinearCrossEntropyLoss(backend=backend)(
+                        x, torch.randn(7, 5), target))):
+        called = fastlm_ops_called(lambda: run().backward())
+        assert (op in called) == (backend != "torch"), called
+
+
+def test_module_inplace_backward_writes_the_gradient_over_the_logits():
+    x, target = random_problem(12, 5, ignored=0.0)
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1  # not a leaf: a model's output
+    fastlm.nn.CrossEntropyLoss(inplace_backward=True)(logits, target).backward()
+    torch.testing.assert_close(leaf.grad, (torch.softmax(x, 1) - F.one_hot(target, 5)) / 12)
+    assert torch.equal(logits.detach(), leaf.grad)  # the logits' memory now holds their gradient
+
+
+def test_linear_cross_entropy_module_passes_its_chunk_size(monkeypatch):
+    seen = []
+
+    def recorded(*args, chunk_size=None, **kwargs):
+        seen.append(chunk_size)
+        return fastlm.ops.linear_cross_entropy(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(fastlm.nn.loss, "linear_cross_entropy", recorded)
+    x, target = random_problem(12, 5, ignored=0.0)
+    fastlm.nn.LinearCrossEntropyLoss(chunk_size=4)(x, torch.randn(7, 5), target)
+    assert seen == [4]
+
+
+@pytest.mark.filterwarnings("ignore:size_average and reduce args will be deprecated")
 @pytest.mark.parametrize("arguments", [(None, False), (None, None, 3), (None, None, 3, False), (None, True, -100, True),
                                        (None, None, 2, None, "sum", 0.1)], ids=str)
 def test_positional_arguments_are_those_of_f_cross_entropy(arguments):
