@@ -16,7 +16,8 @@ from torch.nn.utils import parametrizations, parametrize, prune
 
 import fastlm
 from conftest import (DEVICES, KERNEL_BACKENDS, TOLERANCE, assert_close_to_reference,
-                      assert_second_derivative_raises, device_to_test, needs_batch_norm_bias_keyword, skip_unless_runs)
+                      assert_second_derivative_raises, device_to_test, fastlm_ops_called, needs_batch_norm_bias_keyword,
+                      skip_unless_runs)
 
 BACKENDS = ["cpp", "triton", "cuda", "torch"]
 ACTIVATIONS = {None: lambda x: x, "relu": torch.relu, "tanh": torch.tanh}
@@ -454,6 +455,29 @@ def test_state_dict_moves_between_torch_and_fastlm():
     for key, value in reference.state_dict().items():
         assert torch.equal(back.state_dict()[key], value)
     assert isinstance(ours, nn.BatchNorm1d)
+
+
+def test_tracking_turned_off_after_training_uses_the_running_stats_in_eval_as_torch():
+    """Trained with running stats, then track_running_stats=False: in eval torch normalises with the running
+    stats it has; in training, with the batch's, leaving them as they are."""
+    torch.manual_seed(0)
+    first, x = torch.randn(8, 5) * 3 - 2, torch.randn(8, 5) * 2 + 1
+    modules = [cls(5) for cls in (fastlm.nn.BatchNorm1d, nn.BatchNorm1d)]
+    for module in modules:
+        module(first)
+        module.track_running_stats = False
+    for training in (False, True):
+        ours, theirs = (module.train(training)(x) for module in modules)
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(modules[0].running_mean, modules[1].running_mean)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_module_runs_on_the_backend_asked_for(backend):
+    skip_unless_runs(backend)
+    x = torch.randn(8, 5, requires_grad=True)
+    called = fastlm_ops_called(lambda: fastlm.nn.BatchNorm1d(5, backend=backend)(x).sum().backward())
+    assert ("fastlm::batch_norm" in called) == (backend != "torch"), called
 
 
 @pytest.mark.parametrize("unbiased", [False, True])
