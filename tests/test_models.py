@@ -203,6 +203,17 @@ def test_resblock_output_bias_starts_as_nn_linear_draws_it(fused):
     assert 1 / math.sqrt(output.out_features) < largest <= 1 / math.sqrt(output.in_features)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_resblock_weights_start_as_torch_draws_them(fused):
+    """fc1 by kaiming_uniform_(nonlinearity="relu"): +-sqrt(6 / fan_in); fc2 and fc3 as nn.Linear draws them:
+    +-1/sqrt(fan_in). Each has hundreds of draws, so its largest lies near its bound."""
+    model = build("resblock", fused=fused, generator=torch.Generator().manual_seed(0))
+    for weight, bound in ((model.first.linear.weight, math.sqrt(6 / model.first.linear.in_features)),
+                          (model.fc2.weight, 1 / math.sqrt(model.fc2.in_features)),
+                          (model.output.weight, 1 / math.sqrt(model.output.in_features))):
+        assert 0.9 * bound < weight.abs().max().item() <= bound
+
+
 def test_bigram_loss_adds_the_mean_square_of_its_weights_in_training_only():
     """The penalty is the training objective's; in eval mode (the splits' losses) the loss is the NLL alone (the
     reported val and test losses had included it, 0.015 above the NLL after the default run)."""
