@@ -85,6 +85,22 @@ def test_the_seed_picks_the_initialisation(words_file, tmp_path):
     assert torch.equal(first_layer(1), first_layer(1)) and not torch.equal(first_layer(1), first_layer(2))
 
 
+def test_the_seed_picks_the_split(words_file, tmp_path):
+    """--seed draws the train/val/test split too (as its help says): the same seed, the same split."""
+    def val_rows(seed):
+        trainer = Trainer(small_config(words_file, tmp_path / str(seed), seed=seed), log=lambda *_: None)
+        return trainer.dataset.splits["val"][0]
+
+    assert torch.equal(val_rows(1), val_rows(1)) and not torch.equal(val_rows(1), val_rows(2))
+
+
+def test_an_optimizer_with_state_takes_the_lower_learning_rate_from_decay_at(words_file, tmp_path):
+    trainer = Trainer(small_config(words_file, tmp_path, optimizer="adam", lr=0.01, lr_after=0.001, decay_at=0.5,
+                                   steps=10), log=lambda *_: None)
+    trainer.fit()
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == [0.001]
+
+
 def test_split_loss_is_the_mean_over_every_row():
     """The loss of a split taken in batches (the last one short) is the mean loss of all its rows."""
     torch.manual_seed(0)
