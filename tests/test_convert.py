@@ -133,6 +133,8 @@ def test_what_cannot_be_fused_is_left_alone():
     assert isinstance(converted[3], fastlm.nn.BatchNorm1d) and converted[3].activation is None
     assert isinstance(converted[4], nn.Sigmoid)
     assert type(converted[5]) is nn.LazyBatchNorm1d
+    # a linear whose inputs are no whole number of embeddings: no run of ids (convert must not raise on it)
+    assert type(fastlm.convert(nn.Sequential(nn.Embedding(27, 4), nn.Flatten(), nn.Linear(10, 8)))) is nn.Sequential
 
 
 class ScaledBatchNorm(nn.BatchNorm1d):
