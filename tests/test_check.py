@@ -295,8 +295,8 @@ def test_an_op_a_backend_lacks_is_not_checked_there(monkeypatch, capsys, cpp):
     assert "  not checked: mlp_loss_and_grads on partial: no such op there" in out
     assert re.search(r"^mlp_loss_and_grads\s+cpp\s+float64 .* PASS", out, re.MULTILINE)
     assert not re.search(r"^mlp_loss_and_grads\s+partial", out, re.MULTILINE)
-    # The determinism and refusal checks of the op asked for alone, where the backend has it.
-    assert re.search(r"^determinism\s+cpp\s+float32\s+1 .* PASS$", out, re.MULTILINE)
+    # The determinism (in the dtype asked for) and refusal checks of the op asked for alone, where the backend has it.
+    assert re.search(r"^determinism\s+cpp\s+float64\s+1 .* PASS$", out, re.MULTILINE)
     assert re.search(r"^refuses bad input\s+cpp\s+-\s+4 .* PASS$", out, re.MULTILINE)
     assert not re.search(r"^(determinism|refuses bad input)\s+partial", out, re.MULTILINE)
 
