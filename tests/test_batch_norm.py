@@ -472,6 +472,16 @@ def test_tracking_turned_off_after_training_uses_the_running_stats_in_eval_as_to
         torch.testing.assert_close(modules[0].running_mean, modules[1].running_mean)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_row_of_several_positions_trains_as_torch(backend):
+    """(1, C, L) input with L > 1: more than one value per channel, which torch takes in training."""
+    device = device_to_test(backend)
+    x = torch.randn(1, 4, 5, device=device)
+    stats = [torch.zeros(4, device=device), torch.ones(4, device=device)]
+    expected = F.batch_norm(x, *[s.clone() for s in stats], training=True)
+    torch.testing.assert_close(fastlm.ops.batch_norm(x, *stats, training=True, backend=backend), expected)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_module_runs_on_the_backend_asked_for(backend):
     skip_unless_runs(backend)

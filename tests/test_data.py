@@ -82,3 +82,12 @@ def test_unusable_word_lists_are_refused_clearly(tmp_path, content, message):
         path.write_text(content)
     with pytest.raises(data.DataError, match=message):
         data.load_words(path)
+
+
+def test_extra_characters_take_ids_in_sorted_order():
+    """Whatever the process's hash seed: the same word list gives the same ids in every process and run."""
+    assert data.Vocabulary.from_words(["ñé", "zé"]).chars.endswith("éñ")
+
+
+def test_the_digest_tells_where_the_words_break():
+    assert data.words_digest(["ab", "c"]) != data.words_digest(["a", "bc"])

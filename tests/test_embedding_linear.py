@@ -113,6 +113,11 @@ def test_padding_idx_no_bias_int32(backend, device, strategy):
     got = run_fastlm(idx, table, weight, None, grad, torch.float32, strategy=strategy, backend=backend, padding_idx=-1)
     assert_matches(got, reference(idx, table, weight, None, grad, padding_idx=-1), torch.float32)
     assert torch.all(got[1][0][26] == 0)
+    # and -V, the first row, as nn.Embedding takes it
+    idx[::3, 1] = 0
+    got = run_fastlm(idx, table, weight, None, grad, torch.float32, strategy=strategy, backend=backend, padding_idx=-27)
+    assert_matches(got, reference(idx, table, weight, None, grad, padding_idx=-27), torch.float32)
+    assert torch.all(got[1][0][0] == 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

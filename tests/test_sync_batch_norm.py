@@ -140,3 +140,20 @@ def test_a_bias_without_a_weight_gets_its_gradient(backend):
     torch.testing.assert_close(synced, plain)
     for got, expected in zip(grads, torch.autograd.grad(plain.square().sum(), (x, bias))):
         torch.testing.assert_close(got, expected)
+
+
+def test_merging_moments_skips_ranks_of_empty_batches():
+    """A rank with no rows (count 0, mean and var 0), first or between others: the merge is that of the others."""
+    from fastlm.ops.sync_batch_norm import merge_moments
+
+    parts = [torch.randn(0, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64),
+             torch.randn(0, 3, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64) + 2]
+    counts = torch.tensor([float(len(p)) for p in parts], dtype=torch.float64)
+    means = torch.stack([p.mean(0) if len(p) else torch.zeros(3, dtype=torch.float64) for p in parts])
+    variances = torch.stack([p.var(0, unbiased=False) if len(p) else torch.zeros(3, dtype=torch.float64)
+                             for p in parts])
+    total, mean, m2 = merge_moments(counts, means, variances)
+    whole = torch.cat(parts)
+    assert total == 14
+    torch.testing.assert_close(mean, whole.mean(0))
+    torch.testing.assert_close(m2 / total, whole.var(0, unbiased=False))
