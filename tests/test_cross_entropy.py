@@ -876,6 +876,12 @@ def test_module_is_a_drop_in_for_torch():
     torch.testing.assert_close(ours(x, target), theirs(x, target))
 
 
+def test_label_smoothing_of_one_is_taken_as_torch_takes_it():
+    x, target = random_problem(12, 5)
+    torch.testing.assert_close(cross_entropy(x, target, label_smoothing=1.0),
+                               F.cross_entropy(x, target, label_smoothing=1.0))
+
+
 @pytest.mark.filterwarnings("ignore:size_average and reduce args will be deprecated")
 def test_module_maps_size_average_and_reduce_as_torch():
     x, target = random_problem(12, 5, ignored=0.0)

@@ -224,3 +224,23 @@ def test_z_loss_part_without_z_loss_is_zero_where_lse_squared_overflows(backend,
                             backend=backend)
     assert torch.isfinite(loss).all()
     torch.testing.assert_close(z, torch.zeros_like(loss), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_accuracy_leaves_out_rows_ignored_by_a_class_id(backend):
+    """ignore_index=0 (a padding id that is also a class): ignored rows predicted as class 0 do not count."""
+    device = device_to_test(backend)
+    logits = torch.tensor([[5.0, 0, 0], [5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]], device=device)
+    target = torch.tensor([0, 0, 1, 2], device=device)  # two ignored rows, both predicted 0; one hit of two kept
+    target[3] = 1
+    _, accuracy = cross_entropy(logits, target, ignore_index=0, return_token_accuracy=True, backend=backend)
+    assert accuracy.item() == 0.5
+
+
+@pytest.mark.parametrize("backend", [name for name in ALL_BACKENDS if name != "cuda"])
+def test_z_loss_part_of_bf16_logits_is_in_the_loss_dtype(backend):
+    skip_unless_runs(backend)
+    logits = torch.randn(9, 7).bfloat16()
+    loss, z = cross_entropy(logits, torch.randint(0, 7, (9,)), lse_square_scale=0.01, return_z_loss=True,
+                            backend=backend)
+    assert z.dtype == loss.dtype == torch.bfloat16
