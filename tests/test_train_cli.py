@@ -237,6 +237,27 @@ def test_cli_train_then_sample(words_file, tmp_path):
     assert sampled.stdout.splitlines()[:3] == summary["samples"]  # the run's seed (the default was 0)
 
 
+def test_sample_follows_its_seed_and_ctrl_c_is_status_130(words_file, tmp_path, monkeypatch, capsys):
+    from fastlm import cli
+
+    out = tmp_path / "run"
+    Trainer(small_config(words_file, out, steps=5), log=lambda *_: None).fit()
+    capsys.readouterr()
+
+    def names(seed):
+        assert cli.main(["sample", "--checkpoint", str(out), "--count", "6", "--seed", str(seed)]) == 0
+        return capsys.readouterr().out.split()
+
+    assert names(5) == names(5) != names(6)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(fastlm.train, "sample_words", interrupted)
+    assert cli.main(["sample", "--checkpoint", str(out)]) == 130
+
+
 def test_own_characters_print_on_an_ascii_terminal(tmp_path):
     """Samples of an extended vocabulary on a stdout that cannot encode them (an ASCII locale, a Windows console
     redirected to a file): escaped, where a UnicodeEncodeError ended a finished run with a traceback."""
@@ -286,20 +307,20 @@ def test_a_diverged_run_writes_its_losses_as_json_null(words_file, tmp_path):
     assert summary["val_loss"] is None and summary["train_loss"] is None
 
 
-@pytest.mark.parametrize("arguments,message", [
-    (["train", "--out", ""], "--out: an empty path"),
-    (["train", "--data", ""], "--data: an empty path"),
-    (["sample", "--checkpoint", ""], "--checkpoint: an empty path"),
-    (["train", "--steps", "2", "--hidden", str(10**12)], "out of memory for these sizes"),
-    (["train", "--steps", "2", "--hidden", str(10**17)], "out of memory for these sizes"),  # (size overflows)
-    (["train", "--steps", "2", "--hidden", str(10**19)], "--hidden must be at most"),
+@pytest.mark.parametrize("arguments,message,status", [
+    (["train", "--out", ""], "--out: an empty path", 2),
+    (["train", "--data", ""], "--data: an empty path", 2),
+    (["sample", "--checkpoint", ""], "--checkpoint: an empty path", 2),
+    (["train", "--steps", "2", "--hidden", str(10**12)], "out of memory for these sizes", 1),
+    (["train", "--steps", "2", "--hidden", str(10**17)], "out of memory for these sizes", 1),  # (size overflows)
+    (["train", "--steps", "2", "--hidden", str(10**19)], "--hidden must be at most", 2),
 ])
-def test_empty_paths_and_sizes_past_memory_are_one_line_errors(tmp_path, arguments, message):
+def test_empty_paths_and_sizes_past_memory_are_one_line_errors(tmp_path, arguments, message, status):
     """An empty path was taken as the current directory (files written there, or a confusing message); sizes past
-    the memory ended in an allocator's traceback."""
+    the memory ended in an allocator's traceback. A usage error exits 2, running out of memory 1."""
     result = subprocess.run([sys.executable, "-m", "fastlm", *arguments], capture_output=True, text=True, timeout=600,
                             cwd=tmp_path)
-    assert result.returncode in (1, 2) and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == status and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
