@@ -112,6 +112,7 @@ def test_bad_arguments_are_usage_errors(tmp_path):
     """Exit status 2, as argparse gives every usage error (1 means a provider failed), before anything runs;
     an empty --out is refused (it read as no --out, and the results went into the checkout)."""
     for argv in (["--op", "batch_norm", "--sizes", "12x", "--out", str(tmp_path)],
+                 ["--op", "batch_norm", "--sizes", "0x4", "--out", str(tmp_path)],  # no rows
                  ["--sizes", "4x4"],  # --sizes needs one --op
                  ["--op", "batch_norm", "--quick", "--out", ""],
                  ["--op", "mlp_step", "--mode", "bwd", "--quick", "--out", str(tmp_path)]):  # it ran nothing, 0
