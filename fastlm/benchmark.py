@@ -337,8 +337,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--table", nargs="+", metavar="JSON",
                         help="print the markdown table of saved results instead of running anything")
     args = parser.parse_args(argv)
-    running = [f"--{name}" for name in ("op", "device", "dtype", "sizes", "mode", "quick", "out", "softcap")
-               if getattr(args, name) != parser.get_default(name)]
+    running = [f"--{name}" for name, value in vars(args).items()
+               if name != "table" and value != parser.get_default(name)]
     if args.table and running:  # they would be ignored: the table shows what the saved results hold
         parser.error(f"--table prints saved results and runs nothing: {', '.join(running)} would do nothing")
     if args.sizes and args.op == "all":

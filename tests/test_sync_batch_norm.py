@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import fastlm
+from fastlm.ops.sync_batch_norm import merge_moments
 from conftest import free_port, gloo_process_group, needs_batch_norm_bias_keyword, spawn_ranks, skip_unless_runs
 
 WORLD = 2
@@ -144,8 +145,6 @@ def test_a_bias_without_a_weight_gets_its_gradient(backend):
 
 def test_merging_moments_skips_ranks_of_empty_batches():
     """A rank with no rows (count 0, mean and var 0), first or between others: the merge is that of the others."""
-    from fastlm.ops.sync_batch_norm import merge_moments
-
     parts = [torch.randn(0, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64),
              torch.randn(0, 3, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64) + 2]
     counts = torch.tensor([float(len(p)) for p in parts], dtype=torch.float64)
