@@ -3,7 +3,8 @@
 Swapped, anywhere in the module tree:
   nn.Sequential runs of nn.Embedding, nn.Flatten, nn.Linear (the makemore first layer) -> one fused
       ``EmbeddingLinear`` (built by ``EmbeddingLinear.from_modules``, sharing their parameters);
-  nn.BatchNorm1d -> ``fastlm.nn.BatchNorm1d``;
+  nn.BatchNorm1d -> ``fastlm.nn.BatchNorm1d``, and nn.LazyBatchNorm1d -> ``fastlm.nn.LazyBatchNorm1d`` (which
+      becomes fastlm's BatchNorm1d at its first forward, as torch's becomes nn.BatchNorm1d);
   nn.BatchNorm1d then nn.Tanh or nn.ReLU in an nn.Sequential -> the activation computed inside the BatchNorm's
       kernels when the Sequential runs the pair (both stay its children, as they were: the decision is made at
       each call, so that hooks on either, a changed activation, a slice or a direct call of the BatchNorm get the
@@ -41,7 +42,7 @@ from torch import Tensor, fx, nn
 
 from fastlm.fuse_graph import FuseGraph
 from fastlm.fx_trace import TracedAsLeaf
-from fastlm.nn import BatchNorm1d, CrossEntropyLoss, EmbeddingLinear, SyncBatchNorm
+from fastlm.nn import BatchNorm1d, CrossEntropyLoss, EmbeddingLinear, LazyBatchNorm1d, SyncBatchNorm
 from fastlm.nn.embedding_linear import has_hooks
 
 FUSABLE_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
@@ -68,6 +69,13 @@ def fused_activation(modules: list[nn.Module], i: int) -> str | None:
     if activation is None or modules[i].activation is not None or has_hooks(modules[i]) or has_hooks(modules[i + 1]):
         return None
     return activation
+
+
+def lazy_pair(modules: list[nn.Module], i: int) -> bool:
+    """Whether module i is a lazy BatchNorm followed by an nn.Tanh or nn.ReLU: a pair once the BatchNorm's first
+    forward has made it a BatchNorm1d."""
+    return (type(modules[i]) is LazyBatchNorm1d and i + 1 < len(modules)
+            and type(modules[i + 1]) in FUSABLE_ACTIVATIONS)
 
 
 class FusedSequential(TracedAsLeaf, nn.Sequential):
@@ -139,7 +147,8 @@ def convert_sequential(sequential: nn.Sequential, backend: str | None) -> nn.Seq
     for name, child in list(sequential.named_children()):
         sequential.add_module(name, swap_layers(child, backend))
     modules = list(sequential._modules.values())
-    if not any(fusable_run(modules, i) or fused_activation(modules, i) for i in range(len(modules))):
+    if not any(fusable_run(modules, i) or fused_activation(modules, i) or lazy_pair(modules, i)
+               for i in range(len(modules))):
         return sequential
     made_into(sequential, FusedSequential(backend=backend))
     sequential.fused_layers()  # now, as FusedSequential's constructor does
@@ -168,6 +177,8 @@ def swap_layers(model: nn.Module, backend: str | None) -> nn.Module:
     """``model`` with its layers swapped."""
     if type(model) is nn.BatchNorm1d:
         return made_into(model, BatchNorm1d(model.num_features, backend=backend, device="meta"))
+    if type(model) is nn.LazyBatchNorm1d:
+        return made_into(model, LazyBatchNorm1d(backend=backend, device="meta"))
     if type(model) is nn.CrossEntropyLoss:
         return made_into(model, CrossEntropyLoss(backend=backend))
     if type(model) is nn.Sequential:

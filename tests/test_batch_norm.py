@@ -457,6 +457,37 @@ def test_state_dict_moves_between_torch_and_fastlm():
     assert isinstance(ours, nn.BatchNorm1d)
 
 
+@pytest.mark.parametrize("shape", [(8, 5), (4, 5, 3)], ids=str)
+def test_lazy_batch_norm_becomes_fastlms_with_its_options_at_the_first_forward(shape):
+    """fastlm.nn.LazyBatchNorm1d takes num_features from its first input and becomes fastlm's BatchNorm1d, its
+    options kept; that first call already runs fastlm's forward (the activation and Bessel's correction in)."""
+    x = torch.randn(*shape, requires_grad=True)
+    options = dict(momentum=0.3, unbiased=True, activation="tanh")
+    lazy = fastlm.nn.LazyBatchNorm1d(**options)
+    eager = fastlm.nn.BatchNorm1d(shape[1], **options)
+    assert "unbiased=True" in repr(lazy) and "activation='tanh'" in repr(lazy)
+    g = torch.randn(shape)
+    y = lazy(x)
+    assert type(lazy) is fastlm.nn.BatchNorm1d and lazy.num_features == shape[1]
+    assert (lazy.unbiased, lazy.activation, lazy.momentum) == (True, "tanh", 0.3)
+    expected = eager(x)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g), torch.autograd.grad(expected, x, g))
+    assert lazy.state_dict().keys() == eager.state_dict().keys()
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(lazy.state_dict()[key], value, msg=key)
+
+
+def test_lazy_batch_norm_loads_a_state_dict_as_torchs_does():
+    reference = nn.BatchNorm1d(6)
+    reference(torch.randn(8, 6) * 2 + 1)
+    lazy = fastlm.nn.LazyBatchNorm1d()
+    lazy.load_state_dict(reference.state_dict())
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(lazy.eval()(x), reference.eval()(x))
+    assert type(lazy) is fastlm.nn.BatchNorm1d
+
+
 def test_tracking_turned_off_after_training_uses_the_running_stats_in_eval_as_torch():
     """Trained with running stats, then track_running_stats=False: in eval torch normalises with the running
     stats it has; in training, with the batch's, leaving them as they are."""

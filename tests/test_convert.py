@@ -127,12 +127,12 @@ def test_a_linear_per_token_is_not_an_embedding_linear_run():
 
 def test_what_cannot_be_fused_is_left_alone():
     model = nn.Sequential(nn.Embedding(27, 4, max_norm=1.0), nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8),
-                          nn.Sigmoid(), nn.LazyBatchNorm1d())
+                          nn.Sigmoid(), nn.LazyBatchNorm1d(), nn.Sigmoid())
     converted = fastlm.convert(model)
     assert type(converted) is nn.Sequential
     assert isinstance(converted[3], fastlm.nn.BatchNorm1d) and converted[3].activation is None
     assert isinstance(converted[4], nn.Sigmoid)
-    assert type(converted[5]) is nn.LazyBatchNorm1d
+    assert type(converted[5]) is fastlm.nn.LazyBatchNorm1d  # swapped, but no pair with the Sigmoid after it
     # a linear whose inputs are no whole number of embeddings: no run of ids (convert must not raise on it)
     assert type(fastlm.convert(nn.Sequential(nn.Embedding(27, 4), nn.Flatten(), nn.Linear(10, 8)))) is nn.Sequential
 
@@ -305,6 +305,29 @@ def test_fused_sequential_follows_its_children():
     assert isinstance(converted[0:3], FusedSequential) and list(converted[0:3].fused_layers()) == [0]
     flat = idx.view(-1)  # (B,) ids: nn.Embedding takes them, the fused op does not, so the children run
     torch.testing.assert_close(converted(flat), torch.tanh(unfused(converted, flat)))
+
+
+def test_a_lazy_batch_norm_becomes_fastlms_at_its_first_forward_and_trains_as_torchs():
+    """nn.LazyBatchNorm1d (the residual lecture's layers) becomes fastlm's lazy BatchNorm, hence fastlm's BatchNorm1d
+    at its first forward; from the second call on the pair with the Tanh after it runs as one."""
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 7), nn.LazyBatchNorm1d(momentum=0.3), nn.Tanh(), nn.Linear(7, 3))
+
+    model, converted = make(), fastlm.convert(make(), backend="cpp")
+    assert type(converted[1]) is fastlm.nn.LazyBatchNorm1d and converted[1].backend == "cpp"
+    tanh_calls = []
+    converted[2].forward = lambda input: tanh_calls.append(1) or torch.tanh(input)  # counts, as no hook would
+    x = torch.randn(16, 5)
+    for step in range(3):
+        called = fastlm_ops_called(lambda: converted(x).sum().backward())
+        model(x).sum().backward()
+        assert type(converted[1]) is fastlm.nn.BatchNorm1d and converted[1].backend == "cpp"
+        assert "fastlm::batch_norm" in called and len(tanh_calls) == 1, (called, tanh_calls)
+        for (name, p), q in zip(model.named_parameters(), converted.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[key], value, msg=key)
 
 
 def test_converted_sequential_compiles_in_one_graph_from_its_first_call():

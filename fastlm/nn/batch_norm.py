@@ -1,4 +1,4 @@
-"""Drop-in BatchNorm modules: ``fastlm.nn.BatchNorm1d`` and ``fastlm.nn.SyncBatchNorm``.
+"""Drop-in BatchNorm modules: ``fastlm.nn.BatchNorm1d``, ``fastlm.nn.LazyBatchNorm1d`` and ``fastlm.nn.SyncBatchNorm``.
 
 Subclasses of the torch modules (as apex does) that replace only the computation: same constructor, same
 parameters and buffers, so state_dicts move between them and torch's modules unchanged. Two options beyond
@@ -16,6 +16,21 @@ from fastlm.ops.batch_norm import ACTIVATIONS, batch_norm
 from fastlm.ops.sync_batch_norm import sync_batch_norm
 
 
+def set_options(module: nn.Module, unbiased: bool, activation: str | None, backend: str | None) -> None:
+    """fastlm's options beyond torch's BatchNorm, checked."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    module.unbiased = unbiased
+    module.activation = activation
+    module.backend = backend
+
+
+def options_repr(module: nn.Module) -> str:
+    """fastlm's options that are set, for a module's repr."""
+    return "".join(f", {name}={value!r}" for name, value in
+                   (("unbiased", module.unbiased), ("activation", module.activation)) if value)
+
+
 class BatchNorm1d(TracedAsLeaf, nn.BatchNorm1d):
     """``nn.BatchNorm1d`` on fastlm's fused kernels, for (N, C) and (N, C, L) input."""
 
@@ -26,11 +41,7 @@ class BatchNorm1d(TracedAsLeaf, nn.BatchNorm1d):
         # passed on only to leave the bias out, so that such a torch builds every other layer.
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          **({} if bias else {"bias": False}))
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-        self.unbiased = unbiased
-        self.activation = activation
-        self.backend = backend
+        set_options(self, unbiased, activation, backend)
 
     def _uses_batch_stats(self) -> bool:
         return self.training or (self.running_mean is None and self.running_var is None)
@@ -86,9 +97,28 @@ class BatchNorm1d(TracedAsLeaf, nn.BatchNorm1d):
                           self.eps, self.unbiased, activation, backend=self.backend)
 
     def extra_repr(self) -> str:
-        extra = "".join(f", {name}={value!r}" for name, value in
-                        (("unbiased", self.unbiased), ("activation", self.activation)) if value)
-        return super().extra_repr() + extra
+        return super().extra_repr() + options_repr(self)
+
+
+class LazyBatchNorm1d(nn.LazyBatchNorm1d):
+    """``nn.LazyBatchNorm1d`` that becomes fastlm's BatchNorm1d (with fastlm's options) at its first forward, where
+    ``num_features`` is taken from ``input.shape[1]``, as torch's lazy module becomes ``nn.BatchNorm1d``."""
+
+    cls_to_become = BatchNorm1d
+
+    def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 unbiased: bool = False, activation: str | None = None, backend: str | None = None):
+        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, **({} if bias else {"bias": False}))
+        set_options(self, unbiased, activation, backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + options_repr(self)
+
+    def forward(self, input: Tensor) -> Tensor:
+        # The first call: nn.Module looks this forward up before the lazy pre-hook materialises the parameters
+        # and changes the class, so it runs on the module already made into BatchNorm1d.
+        return BatchNorm1d.forward(self, input)
 
 
 _disabled_forward: list = []
