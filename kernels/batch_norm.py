@@ -383,6 +383,7 @@ def _stats(x, plan, out, train=False, running_mean=None, running_var=None, momen
     return mean
 
 
+@launch.on_tensor_device
 def batch_norm_stats(input):
     """Per-channel mean and biased variance, (C,) each in the math dtype (NaN for empty input)."""
     x, plan = _input("stats", input)
@@ -401,6 +402,7 @@ def _normalize(x, plan, mean, invstd, weight, bias, activation):
     return y
 
 
+@launch.on_tensor_device
 def batch_norm_forward(input, mean, invstd, weight, bias, activation):
     """act((x - mean) invstd w + b), in the input's dtype."""
     _activation("forward", activation)
@@ -411,6 +413,7 @@ def batch_norm_forward(input, mean, invstd, weight, bias, activation):
     return _normalize(x, plan, mean, invstd, weight, bias, activation)
 
 
+@launch.on_tensor_device
 def batch_norm_forward_train(input, weight, bias, running_mean, running_var, momentum, eps, unbiased, activation):
     """Batch statistics, the normalised and activated output, and the running-stat update in place.
     Returns (output, mean, invstd). Like the C++ op, needs more than 1 value per channel, and running stats
@@ -468,6 +471,7 @@ def _backward_input(x, plan, dy, y, mean, invstd, weight, sum_dz, sum_dzx, mean_
     return dx
 
 
+@launch.on_tensor_device
 def batch_norm_backward_reduce(grad_output, input, output, mean, invstd, activation):
     """Per channel sum dz and sum dz xhat, in the math dtype."""
     x, plan, dy, y, mean, invstd = _backward_args("backward_reduce", grad_output, input, output, mean, invstd,
@@ -475,6 +479,7 @@ def batch_norm_backward_reduce(grad_output, input, output, mean, invstd, activat
     return _backward_reduce(x, plan, dy, y, mean, invstd, activation)
 
 
+@launch.on_tensor_device
 def batch_norm_backward_input(grad_output, input, output, mean, invstd, weight, sum_dz, sum_dz_xhat, mean_scale,
                               xhat_scale, activation):
     """grad_input = w invstd (dz - mean_scale sum_dz - xhat_scale xhat sum_dz_xhat), in the input's dtype."""
@@ -486,6 +491,7 @@ def batch_norm_backward_input(grad_output, input, output, mean, invstd, weight, 
                            activation)
 
 
+@launch.on_tensor_device
 def batch_norm_backward(grad_output, input, output, mean, invstd, weight, batch_stats, unbiased, activation):
     """(grad_input, grad_weight, grad_bias): backward_reduce, then backward_input with the scales of batch
     statistics (1/n and 1/(n-1) or 1/n) or of running statistics (0, 0)."""

@@ -240,6 +240,7 @@ def _new_rows(logits, acc):
     return torch.empty(N, dtype=acc, device=logits.device), torch.empty(N, dtype=acc, device=logits.device)
 
 
+@launch.on_tensor_device
 def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap):
     """Per-row loss and log-sum-exp of logits (N, C); both (N,), float32 (float64 for float64 logits)."""
     logits, args, acc, meta = _prepare(logits, target, weight, ignore_index, label_smoothing, lse_square_scale,
@@ -250,6 +251,7 @@ def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing,
     return loss, lse
 
 
+@launch.on_tensor_device
 def cross_entropy_backward_into(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing,
                                 lse_square_scale, softcap, grad):
     """Writes grad_loss[i] * dloss_i/dlogits into grad (N, C), which may be logits itself."""
@@ -269,6 +271,7 @@ def cross_entropy_backward_into(logits, target, weight, lse, grad_loss, ignore_i
     return grad
 
 
+@launch.on_tensor_device
 def cross_entropy_forward_backward(logits, target, weight, grad_loss, ignore_index, label_smoothing,
                                    lse_square_scale, softcap):
     """cross_entropy_forward's (loss, lse) plus the gradient cross_entropy_backward_into would write for

@@ -293,6 +293,7 @@ def _product_tables(table, weight, T, math):
     return torch.einsum("vd,ntd->tvn", table.to(math.acc), W3).contiguous()
 
 
+@launch.on_tensor_device
 def embedding_linear_forward(idx, table, weight, bias, strategy):
     """y (B, out) = F.linear(table[idx].view(B, T*D), weight, bias), in the table's dtype."""
     _check("forward", idx, table, weight, strategy, bias)
@@ -324,6 +325,7 @@ def embedding_linear_forward(idx, table, weight, bias, strategy):
     return y
 
 
+@launch.on_tensor_device
 def embedding_linear_backward(grad_output, idx, table, weight, has_bias, strategy, padding_idx, deterministic):
     """(grad_table (V, D) in the table's dtype, grad_weight (out, T*D) and grad_bias (out,) in the weight's;
     grad_bias is an empty (0,) tensor unless has_bias). padding_idx -1 is none, else its grad_table row is 0."""

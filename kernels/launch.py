@@ -1,8 +1,10 @@
 # Host-side helpers the Triton launchers (kernels/*.py) share: the dtype a kernel computes in (and Triton's name
 # for a torch dtype), block sizes as powers of two, fp64 scalars passed as two fp32 halves, whether the kernels
 # run in Triton's interpreter (which pays per program and per block, not per element, so the launchers pick
-# bigger blocks there), and a 2D grid that refuses more column blocks than CUDA launches.
+# bigger blocks there), a 2D grid that refuses more column blocks than CUDA launches, and the launchers' GPU: that of
+# their tensors.
 
+import functools
 import math
 import os
 
@@ -24,6 +26,21 @@ def split_double(v: float) -> tuple[float, float]:
     """v as fp32 hi + fp32 lo: Triton passes Python floats as fp32, and fp64 math wants v to ~48 bits."""
     hi = float(torch.tensor(v, dtype=torch.float32))
     return hi, (v - hi if math.isfinite(hi) else 0.0)
+
+
+def on_tensor_device(launcher):
+    """A launcher run with its first argument's GPU as the current device. Triton launches on the current CUDA device
+    and its stream, which need not be the tensors' (a model on cuda:1 while cuda:0 is current): the kernel would
+    then run on the other GPU with this one's addresses."""
+
+    @functools.wraps(launcher)
+    def on_device(tensor, *args, **kwargs):
+        if tensor.device.type != "cuda":
+            return launcher(tensor, *args, **kwargs)
+        with torch.cuda.device(tensor.device):
+            return launcher(tensor, *args, **kwargs)
+
+    return on_device
 
 
 def interpreted(device: torch.device) -> bool:
