@@ -135,6 +135,33 @@ def test_forward_mode_is_refused_by_name(backend, name):
             ours(forward_ad.make_dual(x, torch.randn_like(x)))
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_forward_mode_is_refused_by_name_for_every_floating_argument(backend):
+    """Not only the first input: any floating-point tensor argument made dual (the class weights too) is refused
+    naming the op, not with autograd's "jvp is not implemented for the c++ API of custom Function"."""
+    device = device_to_test(backend)
+    x, head, target, idx, table = problem(device)
+    bias, class_weight, per_feature = (torch.rand(n, dtype=torch.float64, device=device) + 0.5
+                                       for n in (CLASSES, CLASSES, FEATURES))
+    calls = {
+        "cross_entropy": (lambda a: ops.cross_entropy(a["logits"], target, weight=a["weight"], backend=backend),
+                          dict(logits=x @ head.T, weight=class_weight)),
+        "linear_cross_entropy": (lambda a: ops.linear_cross_entropy(a["input"], a["weight"], target, a["bias"],
+                                                                    a["ce_weight"], backend=backend),
+                                 dict(input=x, weight=head, bias=bias, ce_weight=class_weight)),
+        "batch_norm": (lambda a: ops.batch_norm(a["input"], None, None, a["weight"], a["bias"], training=True,
+                                                backend=backend),
+                       dict(input=x, weight=per_feature, bias=per_feature.clone())),
+        "embedding_linear": (lambda a: ops.embedding_linear(idx, a["table"], a["weight"], a["bias"], backend=backend),
+                             dict(table=table, weight=head, bias=bias)),
+    }
+    for name, (call, arguments) in calls.items():
+        for dual in arguments:
+            with forward_ad.dual_level(), pytest.raises(RuntimeError, match=f"fastlm::{name} has no forward-mode"):
+                call({key: forward_ad.make_dual(t, torch.randn_like(t)) if key == dual else t
+                      for key, t in arguments.items()})
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_cross_entropy_backward_is_reentrant(backend, reduction):

@@ -793,6 +793,18 @@ def test_statistics_far_from_zero(backend, shape):
     torch.testing.assert_close(running_var.cpu().double(), xd.var(dims), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("value", [7.7, -3.3, 0.1, 12345.678])
+def test_a_constant_channel_has_no_negative_variance(backend, value):
+    """The corrected two-pass variance of equal values can round below 0: clamped, as a variance cannot be (a
+    negative running_var would make eval's invstd NaN)."""
+    device = device_to_test(backend)
+    x = torch.full((1000, 2), value, device=device)
+    running_mean, running_var = torch.zeros(2, device=device), torch.ones(2, device=device)
+    fastlm.ops.batch_norm(x, running_mean, running_var, training=True, momentum=1.0, backend=backend)
+    assert (running_var >= 0).all(), running_var
+
+
 def test_functional_matches_f_batch_norm():
     torch.manual_seed(11)
     x = torch.randn(10, 6, 3)

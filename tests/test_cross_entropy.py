@@ -1,5 +1,6 @@
 """fastlm.ops.cross_entropy against F.cross_entropy in float64, on every backend present."""
 
+import contextlib
 import copy
 import math
 import os
@@ -201,12 +202,15 @@ def test_int32_targets_beside_an_ignore_index_beyond_int32(backend, op, weighted
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("extra", [dict(label_smoothing=0.1), dict(lse_square_scale=0.01)])
-def test_mean_with_no_target_weight_left_is_nan(backend, extra):
-    """Every target weighted 0: torch's mean is 0 / 0 = NaN, though the smoothing or z-loss terms are not 0."""
+@pytest.mark.parametrize("mode", [contextlib.nullcontext, torch.inference_mode], ids=["grad", "inference"])
+def test_mean_with_no_target_weight_left_is_nan(backend, extra, mode):
+    """Every target weighted 0: torch's mean is 0 / 0 = NaN, though the smoothing or z-loss terms are not 0 (in
+    inference mode too, which takes the op's path without autograd)."""
     device = device_to_test(backend)
     x, target = torch.randn(4, 5, device=device), torch.tensor([0, 1, 1, 0], device=device)
     weight = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0], device=device)
-    assert cross_entropy(x, target, weight=weight, backend=backend, **extra).isnan()
+    with mode():
+        assert cross_entropy(x, target, weight=weight, backend=backend, **extra).isnan()
     assert F.cross_entropy(x, target, weight=weight, label_smoothing=extra.get("label_smoothing", 0.0)).isnan()
 
 
@@ -219,6 +223,19 @@ def test_non_contiguous_input(backend, layout):
     assert not x.is_contiguous()
     target = torch.randint(0, x.shape[1], (x.shape[0],), device=device)
     check_against_reference(x, target, backend, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_non_contiguous_target(backend, weighted):
+    """Every other entry of a longer target, those between all ignored: the mean divides by the count of the
+    strided entries, not of the first ones in memory."""
+    device = device_to_test(backend)
+    x, target = random_problem(9, 27, device=device, ignored=0.0)
+    spread = torch.full((18,), -100, device=device)
+    spread[::2] = target
+    weight = torch.rand(27, device=device) + 0.5 if weighted else None
+    check_against_reference(x, spread[::2], backend, weight=weight)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -620,13 +637,15 @@ def test_deterministic(backend):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("bad", [27, 1000, -1, -101])
-def test_out_of_range_target_raises_index_error(backend, bad):
+def test_out_of_range_target_raises_index_error(backend, bad, weighted):
     device = device_to_test(backend)
     x, target = random_problem(7, 27, device=device)
     target[4] = bad
-    with pytest.raises(IndexError, match="out of bounds"):
-        cross_entropy(x, target, backend=backend)
+    weight = torch.rand(27, device=device) if weighted else None  # the mean's weight sum reads the targets first
+    with pytest.raises(IndexError, match=f"Target {bad} is out of bounds" if backend != "torch" else "out of bounds"):
+        cross_entropy(x, target, weight=weight, backend=backend)
 
 
 @pytest.mark.parametrize(
@@ -726,6 +745,23 @@ def test_inplace_backward_refuses_a_leaf(backend):
     assert torch.equal(leaf, x)
     cross_entropy(leaf * 1.0, target, inplace_backward=True, backend=backend).backward()
     torch.testing.assert_close(leaf.grad, torch.autograd.grad(F.cross_entropy(x.requires_grad_(), target), x)[0])
+
+
+@pytest.mark.parametrize("backend", ["cpp", "cuda", "triton"])
+def test_inplace_backward_of_logits_it_cannot_write_over(backend):
+    """Logits with a column stride of 2 take the out-of-place backward; under no_grad a leaf that requires grad
+    is fine (no backward will write over it)."""
+    device = device_to_test(backend)
+    x, target = random_problem(4, 10, device=device, ignored=0.0)
+    leaf = x.clone().requires_grad_()
+    logits = (leaf * 1.0)[:, ::2]
+    cross_entropy(logits, target // 2, inplace_backward=True, backend=backend).backward()
+    expected = F.cross_entropy(x.requires_grad_()[:, ::2], target // 2)
+    torch.testing.assert_close(leaf.grad, torch.autograd.grad(expected, x)[0])
+    with torch.no_grad():
+        loss = cross_entropy(leaf, target, inplace_backward=True, backend=backend)
+    torch.testing.assert_close(loss, F.cross_entropy(x.detach(), target))
+    assert torch.equal(leaf, x)
 
 
 # --- library integration -------------------------------------------------------------------------------

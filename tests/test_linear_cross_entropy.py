@@ -1,5 +1,7 @@
 """fastlm.ops.linear_cross_entropy against F.cross_entropy(F.linear(...)) in float64, on every backend present."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,14 +114,28 @@ def test_all_targets_ignored_matches_torch(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_mean_with_no_target_weight_left_is_nan(backend):
-    """Every target weighted 0: NaN as torch's 0 / 0, though the smoothing terms are not 0 (inf before)."""
+@pytest.mark.parametrize("mode", [contextlib.nullcontext, torch.inference_mode], ids=["grad", "inference"])
+def test_mean_with_no_target_weight_left_is_nan(backend, mode):
+    """Every target weighted 0: NaN as torch's 0 / 0, though the smoothing terms are not 0 (inf before); in
+    inference mode too, which takes the op's path without autograd."""
     device = device_to_test(backend)
     x, weight, bias, target = problem(6, 4, 9, device=device)
     ce_weight = (torch.arange(9, device=device) >= 5).float()
     target = target.clamp(0, 4)
-    loss = linear_cross_entropy(x, weight, target, bias, ce_weight, label_smoothing=0.1, backend=backend)
+    with mode():
+        loss = linear_cross_entropy(x, weight, target, bias, ce_weight, label_smoothing=0.1, backend=backend)
     assert loss.isnan() and F.cross_entropy(F.linear(x, weight, bias), target, ce_weight, label_smoothing=0.1).isnan()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_non_contiguous_target(backend):
+    """Every other entry of a longer target, those between all ignored: the mean divides by the count of the
+    strided entries, not of the first ones in memory."""
+    device = device_to_test(backend)
+    x, weight, bias, target = problem(9, 4, 11, device=device)
+    spread = torch.full((18,), -100, device=device)
+    spread[::2] = target.clamp(min=0)
+    check(x, weight, bias, spread[::2], backend)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -144,3 +144,39 @@ def test_malformed_calls_raise_and_never_crash(seed):
             outcomes["raised"] += 1
     # Both kinds happen: a mutation may leave a call valid (another float option) or make it invalid.
     assert outcomes["returned"] > CALLS_PER_SEED // 10 and outcomes["raised"] > CALLS_PER_SEED // 10, outcomes
+
+
+IDX = torch.randint(0, V, (B, T))
+
+
+def raw(name, *args):
+    return lambda: getattr(torch.ops.fastlm, name)(*args)
+
+
+@pytest.mark.parametrize("call, message", [
+    (raw("batch_norm_forward_train", tensor(N, C), None, None, torch.zeros(2 * C)[::2], None, 0.5, 1e-5, False, 0),
+     "running_mean must be a contiguous Float tensor"),  # the kernel writes it as dense
+    (raw("batch_norm_forward_train", tensor(N, C), None, None, None, torch.ones(2 * C)[::2], 0.5, 1e-5, False, 0),
+     "running_var must be a contiguous Float tensor"),
+    (raw("batch_norm", tensor(N, C), None, None, tensor(C), None, False, 0.1, 1e-5, False, 0),
+     "running_mean and running_var are needed"),
+    (raw("batch_norm", tensor(N, C), None, None, None, tensor(C), False, 0.1, 1e-5, False, 0),
+     "running_mean and running_var are needed"),
+    (raw("batch_norm", tensor(N, C), None, None, tensor(C), tensor(C), False, 0.1, 1e-5, False, 3),
+     "activation must be 0"),
+    (raw("batch_norm_forward", tensor(N, C), tensor(C), tensor(C), None, None, 3), "activation must be 0"),
+    (raw("embedding_linear_forward", IDX, tensor(V, D), tensor(OUT, T * D), tensor(OUT - 1), 0),
+     "bias must have out = 9 entries"),  # read past its end otherwise
+    (raw("embedding_linear", IDX, tensor(V, D), tensor(OUT, T * D), tensor(OUT + 1), 0, -1, True),
+     "bias must have out = 9 entries"),
+    (raw("embedding_linear_backward", tensor(B, OUT), IDX, tensor(V, D), tensor(OUT, T * D), True, 0, V, True),
+     r"padding_idx must be -1 or in \[0, 7\)"),
+    (raw("linear_cross_entropy", tensor(N, H), tensor(C, H), tensor(C), torch.zeros(2, 3, dtype=torch.long), None,
+         -100, "mean", 0.0, 0.0, 0.0, 2, False, False), "expected a 1D target"),
+], ids=["strided running_mean", "strided running_var", "eval without running_var", "eval without running_mean",
+        "activation 3", "forward activation 3", "short bias", "long bias", "padding_idx V", "2D target"])
+def test_each_op_refuses_what_it_relies_on(call, message):
+    """Arguments a kernel would misread (or read past) are refused by the op itself with its own message."""
+    skip_unless_runs("cpp")
+    with pytest.raises(RuntimeError, match=message):
+        call()
