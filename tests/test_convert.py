@@ -310,6 +310,8 @@ def test_fused_sequential_follows_its_children():
 def test_a_lazy_batch_norm_becomes_fastlms_at_its_first_forward_and_trains_as_torchs():
     """nn.LazyBatchNorm1d (the residual lecture's layers) becomes fastlm's lazy BatchNorm, hence fastlm's BatchNorm1d
     at its first forward; from the second call on the pair with the Tanh after it runs as one."""
+    skip_unless_runs("cpp")
+
     def make():
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(5, 7), nn.LazyBatchNorm1d(momentum=0.3), nn.Tanh(), nn.Linear(7, 3))
