@@ -16,6 +16,13 @@ from fastlm.ops.batch_norm import ACTIVATIONS, batch_norm
 from fastlm.ops.sync_batch_norm import sync_batch_norm
 
 
+def bias_keyword(bias: bool) -> dict:
+    """The ``bias`` keyword for torch's BatchNorm constructors, which take it since after 2.11 (the GPU machines'
+    torch, whose BatchNorm always has one): passed only to leave the bias out, so that such a torch builds every
+    other layer."""
+    return {} if bias else {"bias": False}
+
+
 def set_options(module: nn.Module, unbiased: bool, activation: str | None, backend: str | None) -> None:
     """fastlm's options beyond torch's BatchNorm, checked."""
     if activation not in ACTIVATIONS:
@@ -37,10 +44,8 @@ class BatchNorm1d(TracedAsLeaf, nn.BatchNorm1d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
                  unbiased: bool = False, activation: str | None = None, backend: str | None = None):
-        # torch's BatchNorm takes `bias` since after 2.11 (the GPU machines' torch, whose BatchNorm always has one):
-        # passed on only to leave the bias out, so that such a torch builds every other layer.
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         **({} if bias else {"bias": False}))
+                         **bias_keyword(bias))
         set_options(self, unbiased, activation, backend)
 
     def _uses_batch_stats(self) -> bool:
@@ -109,7 +114,7 @@ class LazyBatchNorm1d(nn.LazyBatchNorm1d):
     def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
                  unbiased: bool = False, activation: str | None = None, backend: str | None = None):
-        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, **({} if bias else {"bias": False}))
+        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, **bias_keyword(bias))
         set_options(self, unbiased, activation, backend)
 
     def extra_repr(self) -> str:
