@@ -425,6 +425,33 @@ def test_a_row_of_minus_infinity(backend, c, options):
     assert torch.isfinite(grad[rows]).all()
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("softcap", [None, 4.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("path", ["made-in-forward", "inplace", "fp16"])
+def test_an_ignored_row_gets_a_zero_gradient_whatever_its_logits(backend, softcap, path):
+    """An ignored row's gradient is 0 on the kernel backends even with a NaN among its logits (torch's is NaN
+    there), through each way the gradient is made: in the forward kernel, by the in-place backward, by the
+    backward kernel (fp16); the soft cap's chain rule is not applied to it. The other rows are torch's."""
+    device = device_to_test(backend)
+    dtype = torch.float16 if path == "fp16" else torch.float32
+    x = torch.randn(4, 37, device=device).to(dtype)
+    x[1, 5] = float("nan")
+    target = torch.tensor([3, -100, 7, 0], device=device)
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1  # not the leaf itself: the in-place backward writes over its input
+    loss = cross_entropy(logits, target, reduction="none", softcap=softcap, inplace_backward=path == "inplace",
+                         backend=backend)
+    upstream = torch.rand(4, device=device) + 0.5
+    (grad,) = torch.autograd.grad(loss, leaf, upstream.to(loss.dtype))
+    assert torch.equal(grad[1], torch.zeros_like(grad[1]))
+    rows = [0, 2, 3]
+    wide = x[rows].double().requires_grad_()
+    capped = wide if softcap is None else softcap * torch.tanh(wide / softcap)
+    (want,) = torch.autograd.grad(F.cross_entropy(capped, target[rows], reduction="none"), wide,
+                                  upstream[rows].double())
+    assert_close_to_reference(grad[rows], want, dtype)
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("offset", [1e5, -1e30])
 def test_logits_far_from_zero(backend, offset):

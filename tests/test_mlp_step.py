@@ -246,11 +246,17 @@ def test_bad_input_gets_a_clear_error(backend):
         return mlp_loss_and_grads(idx, targets, *params, *bn, backend=backend)
 
     for bad in (-1, 7):
-        with pytest.raises(IndexError, match="out of range"):
-            call(idx=idx.clone().index_fill_(0, torch.tensor([3]), bad))
+        for position in ((0, 0), (3, 1), (-1, -1)):  # the first id, one inside, the last
+            bad_idx = idx.clone()
+            bad_idx[position] = bad
+            with pytest.raises(IndexError, match="out of range"):
+                call(idx=bad_idx)
     for bad in (-1, 5):
-        with pytest.raises(IndexError, match="out of range"):
-            call(targets=targets.clone().index_fill_(0, torch.tensor([2]), bad))
+        for position in (0, 2, -1):
+            bad_targets = targets.clone()
+            bad_targets[position] = bad
+            with pytest.raises(IndexError, match="out of range"):
+                call(targets=bad_targets)
     with pytest.raises(TypeError, match="idx must be"):
         call(idx=idx.double())
     with pytest.raises(TypeError, match="targets must be"):
@@ -262,6 +268,18 @@ def test_bad_input_gets_a_clear_error(backend):
         call(idx=idx[:1], targets=targets[:1])
     with pytest.raises(ValueError, match="both bn_weight and bn_bias"):
         call(bn=[bn[0], None, None, None, None])
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("op", [mlp_loss_and_grads, mlp_sgd_step], ids=["loss_and_grads", "sgd_step"])
+def test_without_batch_norm_a_given_batch_counter_stays(op, backend):
+    """num_batches_tracked counts the BatchNorm's batches: a step of the network without one leaves it as it is."""
+    skip_unless_runs(backend)
+    idx, targets, params, _ = make_case(6, 3, 4, 8, 5, 7, False)
+    counter = torch.tensor(BATCHES_BEFORE)
+    op(idx, targets, *params, num_batches_tracked=counter, backend=backend,
+       **({"lr": 0.1} if op is mlp_sgd_step else {}))
+    assert int(counter) == BATCHES_BEFORE
 
 
 def test_cpp_kernel_checks_shapes_and_dtypes():
