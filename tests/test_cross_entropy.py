@@ -261,6 +261,19 @@ def test_gradcheck_float64(backend, options):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16])
+def test_class_weights_of_a_narrower_dtype_are_summed_in_the_math_dtype(backend, weight_dtype):
+    """fp16/bf16 class weights beside fp32 logits: their sum, which label smoothing divides by, is taken in fp32
+    (in fp16, 3001 weights near 1 round it by about 4e-4)."""
+    device = device_to_test(backend)
+    x, target = random_problem(4, 3001, device=device, ignored=0)
+    weight = (torch.rand(3001, generator=torch.Generator().manual_seed(1)) + 0.5).to(weight_dtype).to(device)
+    got = cross_entropy(x, target, weight, label_smoothing=1.0, reduction="none", backend=backend)
+    want = F.cross_entropy(x.double(), target, weight.double(), label_smoothing=1.0, reduction="none")
+    assert_close_to_reference(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_fp16_gradient_of_a_scaled_loss_keeps_its_small_values(backend, reduction):
     """With a loss scale (torch.amp's GradScaler) the fp16 gradient keeps what fp16 alone would flush: the gradient
@@ -825,6 +838,42 @@ def test_kernel_ops_take_logits_whose_rows_are_apart(backend):
     overwritten = wide.clone()
     ops.backward_(overwritten[:, :27], target, weight, lse, grad_rows, *options)
     torch.testing.assert_close(overwritten, torch.cat([want, wide[:, 27:]], 1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_ops_read_per_row_vectors_at_their_stride(backend):
+    """A per-row upstream gradient and lse that are every other entry of a buffer, or one value expanded (a mean's
+    gradient), give what their contiguous copies give."""
+    device = device_to_test(backend)
+    x, target = random_problem(7, 27, device=device)
+    ops, options = kernel_ops(backend), (-100, 0.1, 1e-3, 5.0)
+    lse = ops.forward(x, target, None, *options)[1]
+    for grad_rows in (torch.rand(14, device=device)[::2], torch.rand((), device=device).expand(7)):
+        lse_apart = torch.stack([lse, torch.full_like(lse, math.nan)], 1)[:, 0]
+        want = ops.backward(x, target, None, lse, grad_rows.contiguous(), *options)
+        torch.testing.assert_close(ops.backward(x, target, None, lse_apart, grad_rows, *options), want, rtol=0, atol=0)
+        torch.testing.assert_close(ops.forward_backward(x, target, None, grad_rows, *options)[2],
+                                   ops.forward_backward(x, target, None, grad_rows.contiguous(), *options)[2],
+                                   rtol=0, atol=0)
+        overwritten = x.clone()
+        ops.backward_(overwritten, target, None, lse_apart, grad_rows, *options)
+        torch.testing.assert_close(overwritten, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_ops_refuse_per_row_vectors_of_another_length(backend):
+    """An lse or upstream gradient with fewer entries than rows is refused (the kernels index them by row)."""
+    device = device_to_test(backend)
+    x, target = random_problem(7, 27, device=device)
+    ops, options, short = kernel_ops(backend), (-100, 0.0, 0.0, 0.0), torch.ones(6, device=device)
+    lse, grad_rows = torch.logsumexp(x, 1), torch.ones(7, device=device)
+    for name, call in (("grad_loss", lambda: ops.forward_backward(x, target, None, short, *options)),
+                       ("lse", lambda: ops.backward(x, target, None, short, grad_rows, *options)),
+                       ("grad_loss", lambda: ops.backward(x, target, None, lse, short, *options)),
+                       ("lse", lambda: ops.backward_(x.clone(), target, None, short, grad_rows, *options)),
+                       ("grad_loss", lambda: ops.backward_(x.clone(), target, None, lse, short, *options))):
+        with pytest.raises((RuntimeError, ValueError), match=rf"{name} must have (N = 7 entries|shape \(7,\))"):
+            call()
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
