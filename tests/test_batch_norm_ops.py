@@ -239,6 +239,22 @@ def test_deterministic(backend, device):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stat", ["running_mean", "running_var"])
+def test_forward_train_refuses_strided_running_stats(backend, device, stat):
+    """Running statistics that are every other entry of a buffer are refused, and left as they were: the kernels
+    write them as dense vectors, which would move the buffer's other entries."""
+    ops = ops_for(backend, device)
+    x = torch.randn(8, 3, device=device)
+    stats = {"running_mean": torch.zeros(3, device=device), "running_var": torch.ones(3, device=device)}
+    buffer = torch.arange(6.0, device=device)
+    stats[stat] = buffer[::2]
+    with pytest.raises((RuntimeError, ValueError), match=f"{stat} must be"):
+        ops.forward_train(x, None, None, stats["running_mean"], stats["running_var"], MOMENTUM, EPS, True, 0)
+    assert torch.equal(buffer, torch.arange(6.0, device=device))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(0, 5), (0, 5, 3), (6, 5, 0)], ids=str)
 def test_empty_input(backend, device, shape):
     """Empty input (no rows, or rows of length 0) has NaN statistics, normalises to empty output and has zero

@@ -249,6 +249,17 @@ def test_gradcheck(backend, strategy):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_forward_reads_a_strided_bias_at_its_stride(backend):
+    """A bias that is every other entry of a buffer gives, on both strategies, what F.linear gives with it."""
+    device = device_to_test(backend)
+    idx, table, weight, _, _ = make_case(6, 3, 4, 5, 11, device)
+    bias = torch.randn(10, dtype=table.dtype, device=device)[::2]
+    want = F.linear(F.embedding(idx, table).reshape(6, -1), weight, bias)
+    for strategy in (0, 1):
+        assert_close_to_reference(kernel_ops(backend).forward(idx, table, weight, bias, strategy), want, table.dtype)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_opcheck(backend):
     device = device_to_test(backend)
     ops = kernel_ops(backend)
