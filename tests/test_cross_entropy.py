@@ -264,7 +264,7 @@ def test_gradcheck_float64(backend, options):
 @pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16])
 def test_class_weights_of_a_narrower_dtype_are_summed_in_the_math_dtype(backend, weight_dtype):
     """fp16/bf16 class weights beside fp32 logits: their sum, which label smoothing divides by, is taken in fp32
-    (in fp16, 3001 weights near 1 round it by about 4e-4)."""
+    (in fp16, the sum of these 3001 weights in [0.5, 1.5) is off by about 4e-4 relative)."""
     device = device_to_test(backend)
     x, target = random_problem(4, 3001, device=device, ignored=0)
     weight = (torch.rand(3001, generator=torch.Generator().manual_seed(1)) + 0.5).to(weight_dtype).to(device)
@@ -848,8 +848,8 @@ def test_kernel_ops_read_per_row_vectors_at_their_stride(backend):
     x, target = random_problem(7, 27, device=device)
     ops, options = kernel_ops(backend), (-100, 0.1, 1e-3, 5.0)
     lse = ops.forward(x, target, None, *options)[1]
+    lse_apart = torch.stack([lse, torch.full_like(lse, math.nan)], 1)[:, 0]  # NaN between: a misread shows
     for grad_rows in (torch.rand(14, device=device)[::2], torch.rand((), device=device).expand(7)):
-        lse_apart = torch.stack([lse, torch.full_like(lse, math.nan)], 1)[:, 0]
         want = ops.backward(x, target, None, lse, grad_rows.contiguous(), *options)
         torch.testing.assert_close(ops.backward(x, target, None, lse_apart, grad_rows, *options), want, rtol=0, atol=0)
         torch.testing.assert_close(ops.forward_backward(x, target, None, grad_rows, *options)[2],
