@@ -861,6 +861,22 @@ def test_kernel_ops_read_per_row_vectors_at_their_stride(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_ops_read_class_weights_at_their_stride_and_refuse_a_bad_length_or_cap(backend):
+    """Class weights that are every other entry of a buffer give what their contiguous copy gives; weights with
+    one class too few and an infinite soft cap are refused (the kernels index weights by class)."""
+    device = device_to_test(backend)
+    x, target = random_problem(7, 27, device=device)
+    ops, options = kernel_ops(backend), (-100, 0.1, 1e-3, 5.0)
+    weight_apart = (torch.rand(54, device=device) + 0.5)[::2]
+    torch.testing.assert_close(ops.forward(x, target, weight_apart, *options),
+                               ops.forward(x, target, weight_apart.contiguous(), *options), rtol=0, atol=0)
+    with pytest.raises((RuntimeError, ValueError), match="weight must have C = 27 entries"):
+        ops.forward(x, target, weight_apart[:26], *options)
+    with pytest.raises(RuntimeError, match="softcap must be a positive number"):
+        ops.forward(x, target, None, -100, 0.1, 1e-3, math.inf)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_kernel_ops_refuse_per_row_vectors_of_another_length(backend):
     """An lse or upstream gradient with fewer entries than rows is refused (the kernels index them by row)."""
     device = device_to_test(backend)
