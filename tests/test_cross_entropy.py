@@ -530,21 +530,32 @@ def test_inplace_backward_gives_the_same_gradient(backend, softcap):
     assert_close_to_reference(grads[1], grads[0], torch.float32)
 
 
+LAYOUTS_THE_INPLACE_BACKWARD_CANNOT_WRITE = {  # (source shape, the logits view of it, the raw op's refusal)
+    "overlapping rows": ((1, 5), lambda source: source.expand(4, 5), "rows of (logits|grad) overlap"),
+    "strided columns": ((4, 10), lambda source: source[:, ::2], "unit column stride"),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS_THE_INPLACE_BACKWARD_CANNOT_WRITE)
 @pytest.mark.parametrize("backend", ["cpp", "cuda", "triton"])
-def test_inplace_backward_with_overlapping_rows(backend):
-    """Rows that share memory (an expanded row) cannot each hold their own gradient: the in-place request
-    falls back to the out-of-place backward and still gives torch's gradient."""
+def test_inplace_backward_where_the_logits_cannot_hold_it(backend, layout):
+    """Logits whose rows share memory (an expanded row) or whose columns are apart cannot each hold their row's
+    gradient as C dense values: the in-place request falls back to the out-of-place backward and still gives
+    torch's gradient, and the raw in-place op refuses them, leaving the memory under them as it was."""
     device = device_to_test(backend)
-    row = torch.randn(1, 5, device=device, requires_grad=True)
+    shape, view, refusal = LAYOUTS_THE_INPLACE_BACKWARD_CANNOT_WRITE[layout]
+    source = torch.randn(shape, device=device, requires_grad=True)
     target = torch.tensor([3, 0, 1, 3], device=device)
-    loss = cross_entropy(row.expand(4, 5), target, inplace_backward=True, backend=backend)
-    (grad,) = torch.autograd.grad(loss, row)
-    (expected,) = torch.autograd.grad(F.cross_entropy(row.expand(4, 5), target), row)
+    loss = cross_entropy(view(source), target, inplace_backward=True, backend=backend)
+    (grad,) = torch.autograd.grad(loss, source)
+    (expected,) = torch.autograd.grad(F.cross_entropy(view(source), target), source)
     torch.testing.assert_close(grad, expected)
-    lse = torch.logsumexp(row.detach(), 1).expand(4)
-    with pytest.raises((RuntimeError, ValueError), match="rows of (logits|grad) overlap"):
-        kernel_ops(backend).backward_(row.detach().expand(4, 5), target, None, lse, torch.ones(4, device=device),
+    buffer = source.detach().clone()
+    lse = torch.logsumexp(view(buffer), 1)
+    with pytest.raises((RuntimeError, ValueError), match=refusal):
+        kernel_ops(backend).backward_(view(buffer), target, None, lse, torch.ones(4, device=device),
                                       -100, 0.0, 0.0, 0.0)
+    torch.testing.assert_close(buffer, source.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "cuda", "triton"])

@@ -169,21 +169,19 @@ def raw(name, *args):
      r"padding_idx must be -1 or in \[0, 7\)"),
     (raw("linear_cross_entropy", tensor(N, H), tensor(C, H), tensor(C), torch.zeros(2, 3, dtype=torch.long), None,
          -100, "mean", 0.0, 0.0, 0.0, 2, False, False), "expected a 1D target"),
-    (raw("cross_entropy_backward_", tensor(N, 2 * C)[:, ::2], torch.randint(0, C, (N,)), None, tensor(N), tensor(N),
-         -100, 0.0, 0.0, 0.0), "unit column stride"),  # it writes each row's gradient as C dense values
     (raw("embedding_linear_forward", IDX, tensor(V, D), tensor(OUT, T * D), None, 2), "strategy must be 0"),
     (raw("embedding_linear_forward", IDX, tensor(V, D), tensor(OUT, T * D), None, -1), "strategy must be 0"),
     *[(raw("mlp_loss_and_grads", IDX, torch.randint(0, V, (B,)), tensor(V, D), tensor(H, T * D), tensor(H),
            tensor(V, H), tensor(V), *batch_norm, torch.zeros((), dtype=torch.int32), 0.1, 1e-5, False),
        "num_batches_tracked must be one int64")  # refused before the step moves the running statistics
       for batch_norm in ([tensor(H), tensor(H), tensor(H), tensor(H).abs() + 0.1], [None] * 4)],
-], ids=["eval without running_var", "eval without running_mean",
-        "activation 3", "forward activation 3", "short bias", "long bias", "padding_idx V", "2D target",
-        "in-place backward strided columns", "strategy 2", "strategy -1", "int32 batch counter with BatchNorm",
-        "int32 batch counter without BatchNorm"])
+], ids=["eval without running_var", "eval without running_mean", "activation 3", "forward activation 3",
+        "short bias", "long bias", "padding_idx V", "2D target", "strategy 2", "strategy -1",
+        "int32 batch counter with BatchNorm", "int32 batch counter without BatchNorm"])
 def test_each_op_refuses_what_it_relies_on(call, message):
     """Arguments a kernel would misread (or read past) are refused by the op itself with its own message (strided
-    running statistics: test_batch_norm_ops.py, on every kernel backend)."""
+    running statistics: test_batch_norm_ops.py, and the in-place backward's layouts: test_cross_entropy.py, on every
+    kernel backend)."""
     skip_unless_runs("cpp")
     with pytest.raises(RuntimeError, match=message):
         call()
