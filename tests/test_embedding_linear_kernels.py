@@ -16,6 +16,7 @@ if backends.why_unavailable("triton") is not None:
     pytest.skip(backends.why_unavailable("triton"), allow_module_level=True)
 
 from fastlm.kernels import embedding_linear as K  # noqa: E402
+from fastlm.kernels.launch import grid_2d  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STRATEGIES = [0, 1]
@@ -233,3 +234,11 @@ def test_more_output_columns_than_one_launch_covers_is_a_clear_error(strategy):
     table, weight = torch.ones(1, 1, device=DEVICE), torch.empty(out, 1, device=DEVICE)
     with pytest.raises(ValueError, match="more than one launch covers"):
         K.embedding_linear_forward(idx, table, weight, None, strategy)
+
+
+def test_the_limit_itself_is_one_launch():
+    """65535 blocks of columns, CUDA's limit, are one launch (with the rows' blocks rounded up); one column more
+    is refused. (The grid alone: a launch that wide takes minutes under the interpreter.)"""
+    assert grid_2d(5, 2, 65535 * 128, 128, "a product") == (3, 65535)
+    with pytest.raises(ValueError, match="a product has 8388481 columns, more than one launch covers"):
+        grid_2d(5, 2, 65535 * 128 + 1, 128, "a product")
