@@ -183,3 +183,12 @@ def spawn_ranks(rank_function, args: tuple, nprocs: int) -> None:
 def _rank_that_dumps_its_stack_if_late(rank: int, rank_function, *args) -> None:
     faulthandler.dump_traceback_later(RANKS_TIMEOUT_S - 20)
     rank_function(rank, *args)
+
+
+def opcheck_autograd_op(op, args: tuple) -> None:
+    """torch.library.opcheck of a C++ autograd op (fastlm::cross_entropy, ...), then its fake under inference_mode:
+    with autograd's keys on, FakeTensorMode runs the op's autograd kernel, whose inner ops' fakes shape the
+    outputs; with them off, it runs the op's own fake implementation, which only the second pass checks."""
+    torch.library.opcheck(op, args)
+    with torch.inference_mode():
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 
 import fastlm
-from conftest import (DEVICES, KERNEL_BACKENDS, TOLERANCE, assert_close_to_reference,
-                      assert_second_derivative_raises, device_to_test, fastlm_ops_called, needs_batch_norm_bias_keyword,
+from conftest import (DEVICES, KERNEL_BACKENDS, TOLERANCE, assert_close_to_reference, assert_second_derivative_raises,
+                      device_to_test, fastlm_ops_called, needs_batch_norm_bias_keyword, opcheck_autograd_op,
                       skip_unless_runs)
 
 BACKENDS = ["cpp", "triton", "cuda", "torch"]
@@ -730,9 +730,9 @@ def test_autograd_op_opcheck(backend, training, affine):
     if affine:
         weight.requires_grad_(), bias.requires_grad_()
     running_mean, running_var = torch.zeros(3, device=device), torch.ones(3, device=device)
-    torch.library.opcheck(torch.ops.fastlm.batch_norm.default,
-                          (x, weight, bias, running_mean, running_var, training, 0.1, 1e-5, False, 2,
-                           backend == "triton"))
+    opcheck_autograd_op(torch.ops.fastlm.batch_norm.default,
+                        (x, weight, bias, running_mean, running_var, training, 0.1, 1e-5, False, 2,
+                         backend == "triton"))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

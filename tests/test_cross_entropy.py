@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from conftest import (KERNEL_BACKENDS, assert_close_to_reference, assert_one_graph_for_every_batch_size,
-                      assert_second_derivative_raises, device_to_test, fastlm_ops_called,
+                      assert_second_derivative_raises, device_to_test, fastlm_ops_called, opcheck_autograd_op,
                       skip_unless_runs)
 
 import fastlm
@@ -922,8 +922,21 @@ def test_autograd_op_opcheck(backend, reduction, weighted, inplace_backward):
     x, target = random_problem(7, 27, device=device)
     weight = torch.rand(27, device=device) + 0.5 if weighted else None
     logits = x.requires_grad_() * 1.0  # not a leaf: the in-place backward refuses to overwrite a leaf
-    torch.library.opcheck(torch.ops.fastlm.cross_entropy.default, (logits, target, weight, -100, reduction, 0.1, 1e-3,
-                                                                   5.0, inplace_backward, backend == "triton"))
+    opcheck_autograd_op(torch.ops.fastlm.cross_entropy.default, (logits, target, weight, -100, reduction, 0.1, 1e-3,
+                                                                 5.0, inplace_backward, backend == "triton"))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autograd_op_opcheck_on_half_logits(backend, dtype):
+    """fp16/bf16 logits: the op's per-row losses and lse are fp32 (the kernels' math dtype), as its fakes say."""
+    device = device_to_test(backend)
+    x, target = random_problem(7, 27, device=device, dtype=dtype)
+    rows, lse = torch.ops.fastlm.cross_entropy(x, target, None, -100, "none", 0.0, 0.0, 0.0, False, backend == "triton")
+    assert rows.dtype == lse.dtype == torch.float32
+    logits = x.requires_grad_() * 1.0
+    opcheck_autograd_op(torch.ops.fastlm.cross_entropy.default,
+                        (logits, target, None, -100, "none", 0.1, 1e-3, 5.0, False, backend == "triton"))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrizations, prune
 
 import fastlm
 from conftest import (DEVICES, KERNEL_BACKENDS, assert_close_to_reference, assert_second_derivative_raises,
-                      device_to_test, skip_unless_runs)
+                      device_to_test, opcheck_autograd_op, skip_unless_runs)
 from fastlm.ops.embedding_linear import choose_strategy, embedding_linear, kernel_ops
 
 BACKENDS = ["cpp", "triton", "cuda", "torch"]
@@ -279,8 +279,8 @@ def test_autograd_op_opcheck(backend, with_bias):
     idx, table, weight, bias, _ = make_case(9, 3, 4, 5, 6, device, bias=with_bias)
     for strategy in (0, 1):
         table, weight, bias = (None if t is None else t.float().requires_grad_() for t in (table, weight, bias))
-        torch.library.opcheck(torch.ops.fastlm.embedding_linear.default,
-                              (idx, table, weight, bias, strategy, 2, True, backend == "triton"))
+        opcheck_autograd_op(torch.ops.fastlm.embedding_linear.default,
+                            (idx, table, weight, bias, strategy, 2, True, backend == "triton"))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -5,15 +5,9 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
-    KERNEL_BACKENDS,
-    assert_close_to_reference,
-    assert_one_graph_for_every_batch_size,
-    assert_second_derivative_raises,
-    device_to_test,
-    fastlm_ops_called,
-    skip_unless_runs,
-)
+from conftest import (KERNEL_BACKENDS, assert_close_to_reference, assert_one_graph_for_every_batch_size,
+                      assert_second_derivative_raises, device_to_test, fastlm_ops_called, opcheck_autograd_op,
+                      skip_unless_runs)
 
 import fastlm
 from fastlm import backends
@@ -282,7 +276,7 @@ def test_autograd_op_opcheck(backend, reduction, bias, predict):
     x, weight, b, target = (None if t is None else t.to(device) for t in problem(11, 6, 13, bias=bias))
     args = (x.requires_grad_(), weight.requires_grad_(), None if b is None else b.requires_grad_(), target,
             torch.rand(13, device=device) + 0.5, -100, reduction, 0.1, 1e-3, 5.0, 4, backend == "triton", predict)
-    torch.library.opcheck(torch.ops.fastlm.linear_cross_entropy.default, args)
+    opcheck_autograd_op(torch.ops.fastlm.linear_cross_entropy.default, args)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
