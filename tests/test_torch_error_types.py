@@ -76,6 +76,9 @@ CASES = {
     "cross_entropy: float ignore_index": (
         lambda: F.cross_entropy(X, TARGET, ignore_index=1.0),
         lambda: fastlm.ops.cross_entropy(X, TARGET, ignore_index=1.0)),
+    "cross_entropy: bool ignore_index": (  # an int to Python, not to torch
+        lambda: F.cross_entropy(X, TARGET, ignore_index=True),
+        lambda: fastlm.ops.cross_entropy(X, TARGET, ignore_index=True)),
     "linear + cross-entropy: float ignore_index": (
         lambda: linear_cross_entropy_reference(H, W2, TARGET, ignore_index=1.0),
         lambda: fastlm.ops.linear_cross_entropy(H, W2, TARGET, ignore_index=1.0)),
