@@ -121,6 +121,20 @@ def test_convert_sync_batchnorm_leaves_other_batch_norms_to_torch():
     assert converted(torch.randn(2, 3, 8, 8)).shape == (2, 5)
 
 
+@pytest.mark.parametrize("lazy", [nn.LazyBatchNorm1d, fastlm.nn.LazyBatchNorm1d, nn.LazyBatchNorm2d])
+def test_convert_sync_batchnorm_of_a_lazy_batch_norm(lazy):
+    """Before its first forward a lazy BatchNorm has no size: refused, saying what to do (torch's converter makes
+    a SyncBatchNorm of 0 features that fails at its first forward). After it, the layer converts as any other."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1) if lazy is nn.LazyBatchNorm2d else nn.Linear(3, 4), lazy())
+    with pytest.raises(ValueError, match="has no num_features before its first forward; run a batch through"):
+        fastlm.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    x = torch.randn(5, 3, 2, 2) if lazy is nn.LazyBatchNorm2d else torch.randn(5, 3)
+    model(x)
+    converted = fastlm.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(converted[1], nn.SyncBatchNorm if lazy is nn.LazyBatchNorm2d else fastlm.nn.SyncBatchNorm)
+    assert converted[1].num_features == 4 and converted(x).shape == x.shape[:1] + (4,) + x.shape[2:]
+
+
 def test_without_a_process_group_it_is_batch_norm():
     torch.manual_seed(2)
     sync, plain = fastlm.nn.SyncBatchNorm(5), nn.BatchNorm1d(5)

@@ -169,7 +169,11 @@ class SyncBatchNorm(BatchNorm1d):
         """Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: every BatchNorm1d layer in ``module`` (torch's or
         fastlm's) becomes a fastlm SyncBatchNorm with the same parameters, buffers and options; other BatchNorm
         layers (2d, 3d), whose input fastlm's kernels do not take, become ``nn.SyncBatchNorm`` as torch's
-        converter makes them."""
+        converter makes them. A lazy BatchNorm before its first forward is refused: it has no size yet (torch's
+        converter makes it a SyncBatchNorm of 0 features, which fails at its first forward)."""
+        if isinstance(module, nn.modules.batchnorm._LazyNormBase) and module.has_uninitialized_params():
+            raise ValueError(f"convert_sync_batchnorm: {type(module).__name__} has no num_features before its "
+                             "first forward; run a batch through the model, then convert it")
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.BatchNorm1d):
             return module if isinstance(module, nn.SyncBatchNorm) else nn.SyncBatchNorm.convert_sync_batchnorm(
                 module, process_group)
