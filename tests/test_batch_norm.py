@@ -586,6 +586,11 @@ def test_bad_input_is_refused():
         fastlm.nn.BatchNorm1d(3)(torch.randn(3, 4))
     with pytest.raises(ValueError, match="activation must be one of"):
         fastlm.ops.batch_norm(torch.randn(3, 4), None, None, training=True, activation="gelu")
+    for layer in (fastlm.nn.BatchNorm1d, fastlm.nn.SyncBatchNorm):  # refused when built, not at the first batch
+        with pytest.raises(ValueError, match=r"activation must be one of \[None, 'relu', 'tanh'\], got 'gelu'"):
+            layer(4, activation="gelu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fastlm.nn.LazyBatchNorm1d(activation="gelu")
     with pytest.raises(RuntimeError, match="^running_mean must be defined in evaluation mode$"):  # torch's message
         fastlm.ops.batch_norm(torch.randn(3, 4), None, None, training=False)
     with pytest.raises(RuntimeError, match="^running_var must be defined in evaluation mode$"):

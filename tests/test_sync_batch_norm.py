@@ -100,9 +100,11 @@ def test_convert_sync_batchnorm_keeps_parameters_and_options():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None, bias=False),
                           nn.Sequential(fastlm.nn.BatchNorm1d(4, unbiased=True, activation="tanh")))
     model(torch.randn(8, 3))
+    model[1].qconfig = qconfig = object()  # quantization's setting, which torch's converter carries over too
     before = {k: v.clone() for k, v in model.state_dict().items()}
     converted = fastlm.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     assert isinstance(converted[1], fastlm.nn.SyncBatchNorm) and converted[1].momentum is None
+    assert converted[1].qconfig is qconfig and not hasattr(converted[2][0], "qconfig")
     assert converted[1].bias is None and list(converted.state_dict()) == list(before)
     inner = converted[2][0]
     assert isinstance(inner, fastlm.nn.SyncBatchNorm) and inner.unbiased and inner.activation == "tanh"
