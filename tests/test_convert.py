@@ -277,6 +277,17 @@ def test_the_layers_stay_as_written_around_a_fused_batch_norm_and_tanh():
     torch.testing.assert_close(converted[:2](x), reference[:2](x))
 
 
+def test_fused_runs_follow_the_children_as_they_change():
+    """A child replaced after conversion (a run's Linear by one of another width) is the one the fused run then
+    uses: the fused layers are found again when the children change."""
+    model = fastlm.convert(nn.Sequential(nn.Embedding(27, 4), nn.Flatten(), nn.Linear(12, 8)))
+    idx = torch.randint(0, 27, (5, 3))
+    assert model(idx).shape == (5, 8)
+    model[2] = nn.Linear(12, 6)
+    assert model.fused_layers()[0].linear is model[2]
+    torch.testing.assert_close(model(idx), model[2](model[0](idx).flatten(1)), rtol=1e-6, atol=1e-6)
+
+
 def test_a_run_fed_other_than_ids_of_two_dims_runs_unfused():
     """The fused embedding + linear takes (B, T) ids: what reaches the run decides, not the Sequential's input."""
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrizations, prune
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlm
 from conftest import (DEVICES, KERNEL_BACKENDS, assert_close_to_reference, assert_second_derivative_raises,
@@ -351,7 +352,7 @@ def test_dynamic_batch_traces_without_pinning_its_size():
             torch.testing.assert_close(program.module()(idx), fused(idx))
 
 
-@pytest.mark.parametrize("how", ["prune", "weight_norm", "forward_hook"])
+@pytest.mark.parametrize("how", ["prune", "weight_norm", "forward_hook", "backward_pre_hook"])
 def test_pruned_or_hooked_submodules_like_torch(how):
     """Pruning computes a submodule's weight in a forward pre-hook, which the fused op never ran: the weight stayed
     the one pruning first made (after an SGD step the loss was 500 against torch's 4583, and the next backward
@@ -366,8 +367,10 @@ def test_pruned_or_hooked_submodules_like_torch(how):
             prune.l1_unstructured(module, "weight", amount=0.4)
         elif how == "weight_norm":
             parametrizations.weight_norm(module, "weight")
-        else:
+        elif how == "forward_hook":
             module.register_forward_hook(lambda module, args, out: calls.append(out.shape) or out * 2)
+        else:
+            module.register_full_backward_pre_hook(lambda module, grad_out: calls.append(1) or (grad_out[0] * 2,))
     idx = torch.randint(0, 11, (5, 3))
     for _ in range(3):  # SGD steps: each forward must read the weight as updated
         losses = [fused(idx).square().sum(), linear(embedding(idx).flatten(1)).square().sum()]
@@ -378,7 +381,7 @@ def test_pruned_or_hooked_submodules_like_torch(how):
                 for p in model.parameters():
                     p -= 0.1 * p.grad
                     p.grad = None
-    assert len(calls) == (6 if how == "forward_hook" else 0)
+    assert len(calls) == (6 if how.endswith("hook") else 0)
 
 
 def test_module_round_trips_torch_modules_exactly():
@@ -432,8 +435,29 @@ def test_module_options_are_checked_when_built():
         fastlm.nn.EmbeddingLinear.from_modules(nn.Embedding(27, 10), nn.Linear(30, 7), stratgy="table")
     with pytest.raises(TypeError, match="nn.Embedding and an nn.Linear"):
         fastlm.nn.EmbeddingLinear.from_modules(nn.Embedding(27, 10), nn.Conv1d(30, 7, 1))
+    with pytest.raises(ValueError, match=r"in_features \(31\) is not a multiple of the embedding dimension \(10\)"):
+        fastlm.nn.EmbeddingLinear.from_modules(nn.Embedding(27, 10), nn.Linear(31, 7))
     layer = fastlm.nn.EmbeddingLinear.from_modules(nn.Embedding(27, 10), nn.Linear(30, 7), strategy="table")
     assert "strategy='table'" in repr(layer) and layer.strategy == "table"
+
+
+@pytest.mark.parametrize("strategy, runs", [(None, 0), ("gather", 0), ("table", 1)])
+def test_module_runs_the_strategy_it_was_given(strategy, runs):
+    """A layer built with a strategy runs it where the other would be chosen (at batch 5 the gather-GEMM wins);
+    the two give one result, so the op's strategy argument (0 gather, 1 table) tells which ran."""
+    skip_unless_runs("cpp")
+    seen = []
+
+    class RecordStrategy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.fastlm.embedding_linear.default, torch.ops.fastlm.embedding_linear_forward.default):
+                seen.append(args[4])
+            return func(*args, **(kwargs or {}))
+
+    layer = fastlm.nn.EmbeddingLinear(27, 10, 3, 200, strategy=strategy, backend="cpp")
+    with RecordStrategy():
+        layer(torch.randint(0, 27, (5, 3)))
+    assert seen and set(seen) == {runs}
 
 
 def test_strategy_choice_follows_the_multiply_add_count():
