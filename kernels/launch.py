@@ -18,9 +18,8 @@ TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float3
             torch.float64: tl.float64}
 
 
-def next_power_of_2(v: int) -> int:
-    """triton.next_power_of_2, and 1 for 0: a block over an empty dimension still needs a width."""
-    return max(triton.next_power_of_2(v), 1)
+def next_power_of_2(v: int, lo: int = 1) -> int:
+    return max(triton.next_power_of_2(max(v, 1)), lo)
 
 
 def split_double(v: float) -> tuple[float, float]:
