@@ -282,10 +282,13 @@ def test_autograd_op_opcheck(backend, reduction, bias, predict):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("wanted, predict", [((True, True, True), False), ((False, True, False), True),
                                              ((True, False, True), False)])
-def test_chunk_op_opcheck(backend, wanted, predict):
-    """fastlm::linear_cross_entropy_chunks, the chunk loop as one op (so tracing does not unroll it)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_op_opcheck(backend, wanted, predict, dtype):
+    """fastlm::linear_cross_entropy_chunks, the chunk loop as one op (so tracing does not unroll it); for bf16
+    input its rows, lse, d_weight and d_bias are fp32 and d_input bf16, as the fake says."""
     device = device_to_test(backend)
-    x, weight, b, target = (t.to(device) for t in problem(11, 6, 13))
+    x, weight, b, target = (t.to(device, dtype) if t.is_floating_point() else t.to(device)
+                            for t in problem(11, 6, 13))
     for grad_rows in (None, torch.rand(11, device=device)):
         args = (x, weight, b, target, torch.rand(13, device=device) + 0.5, -100, 0.1, 1e-3, 5.0, backend == "triton",
                 4, grad_rows, list(wanted), predict)
@@ -353,7 +356,7 @@ def test_bad_input_is_refused():
         torch.ops.fastlm.linear_cross_entropy(x, weight, None, torch.cat([target, target]), None, -100, "mean", 0.0,
                                               0.0, 0.0, 4)
     for backend in ("cpp", "torch"):
-        for chunk_size in (0, -1, 2.5):
+        for chunk_size in (0, -1, 2.5, True):  # (True is an int to Python, not a number of rows)
             with pytest.raises(ValueError, match="chunk_size must be a positive"):
                 linear_cross_entropy(x, weight, target, chunk_size=chunk_size, backend=backend)
     for chunk_size in (0, -1):  # the chunk loop's own op, called directly: refused (it looped forever at 0)
