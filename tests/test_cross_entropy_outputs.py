@@ -236,6 +236,20 @@ def test_accuracy_leaves_out_rows_ignored_by_a_class_id(backend):
     assert accuracy.item() == 0.5
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_z_loss_part_with_class_weights_and_an_ignore_index_past_the_classes(backend):
+    """Rows ignored by an id past the classes (1000, with 3 classes) have no class weight: the mean's denominator
+    is the summed weight of the kept rows' targets."""
+    device = device_to_test(backend)
+    logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(3)).to(device)
+    target = torch.tensor([2, 1000, 0, 1000], device=device)
+    weight = torch.tensor([0.5, 2.0, 1.5], device=device)
+    _, z = cross_entropy(logits, target, weight, ignore_index=1000, lse_square_scale=0.01, return_z_loss=True,
+                         backend=backend)
+    lse = torch.logsumexp(logits.cpu().double(), 1)
+    torch.testing.assert_close(z.cpu(), (0.01 * (lse[0] ** 2 + lse[2] ** 2) / (1.5 + 0.5)).float())
+
+
 @pytest.mark.parametrize("backend", [name for name in ALL_BACKENDS if name != "cuda"])
 def test_z_loss_part_of_bf16_logits_is_in_the_loss_dtype(backend):
     skip_unless_runs(backend)
