@@ -586,6 +586,9 @@ def test_bad_input_is_refused():
         fastlm.nn.BatchNorm1d(3)(torch.randn(3, 4))
     with pytest.raises(ValueError, match="activation must be one of"):
         fastlm.ops.batch_norm(torch.randn(3, 4), None, None, training=True, activation="gelu")
+    for shape in ((1, 4), (4, 1)):  # F.batch_norm takes any shape of C elements; fastlm's per-channel tensors are 1D
+        with pytest.raises(ValueError, match=rf"weight must be 1D, got shape \({shape[0]}, {shape[1]}\)"):
+            fastlm.ops.batch_norm(torch.randn(3, 4), None, None, torch.ones(shape), training=True)
     for layer in (fastlm.nn.BatchNorm1d, fastlm.nn.SyncBatchNorm):  # refused when built, not at the first batch
         with pytest.raises(ValueError, match=r"activation must be one of \[None, 'relu', 'tanh'\], got 'gelu'"):
             layer(4, activation="gelu")

@@ -210,6 +210,23 @@ def test_batch_norm_on_a_named_backend_under_plain_vmap_like_torch(backend, trai
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_batch_norm_on_a_named_backend_vmapped_over_its_weight_alone_like_torch(backend):
+    """In training, vmap over the weight with one input: every sample normalises the same batch, so the (unbatched)
+    running stats move once, as torch's do."""
+    device = device_to_test(backend)
+    x = data()[0][0].to(device)
+    weights = torch.rand(SAMPLES, FEATURES, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.5
+
+    def run(module):
+        module.double().to(device).train()
+        out = vmap(lambda weight: functional_call(module, {"weight": weight}, (x,)))(weights.to(device))
+        return {"output": out, **dict(module.named_buffers())}
+
+    assert_like_torch(lambda: run(fastlm.nn.BatchNorm1d(FEATURES, backend=backend)),
+                      lambda: run(nn.BatchNorm1d(FEATURES)))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_batch_norm_on_a_named_backend_under_vmap_refuses_unbatched_running_stats_as_torch(backend):
     device = device_to_test(backend)
     x = data()[0].to(device)
