@@ -586,6 +586,8 @@ def test_bad_input_is_refused():
         fastlm.nn.BatchNorm1d(3)(torch.randn(3, 4))
     with pytest.raises(ValueError, match="activation must be one of"):
         fastlm.ops.batch_norm(torch.randn(3, 4), None, None, training=True, activation="gelu")
+    with pytest.raises(ValueError, match="input is on cpu but bias is on meta"):  # named, before any kernel
+        fastlm.ops.batch_norm(torch.randn(3, 4), None, None, torch.ones(4), torch.ones(4, device="meta"), True)
     for shape in ((1, 4), (4, 1)):  # F.batch_norm takes any shape of C elements; fastlm's per-channel tensors are 1D
         with pytest.raises(ValueError, match=rf"weight must be 1D, got shape \({shape[0]}, {shape[1]}\)"):
             fastlm.ops.batch_norm(torch.randn(3, 4), None, None, torch.ones(shape), training=True)
