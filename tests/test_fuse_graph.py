@@ -271,10 +271,12 @@ class FirstLayer(nn.Module):
             return self.linear(emb.view(-1, EMBED))
         if self.how == "emb-also-returned":
             return self.linear(emb.view(idx.shape[0], -1)), emb
+        if self.how == "three-dims":  # (B, 1, T*D): the fused op's output would lack the middle dim
+            return self.linear(emb.view(idx.shape[0], 1, -1))
         return self.linear(emb.view(idx.shape[0], -1))
 
 
-@pytest.mark.parametrize("how", ["per-token", "emb-also-returned", "max_norm"])
+@pytest.mark.parametrize("how", ["per-token", "emb-also-returned", "max_norm", "three-dims"])
 def test_an_embedding_that_cannot_be_fused_runs_as_written(how):
     torch.manual_seed(0)
     model, converted = converted_pair(FirstLayer(how))
