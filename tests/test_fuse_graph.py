@@ -88,6 +88,8 @@ class LanguageModel(nn.Module):
             return F.cross_entropy(2.0 * (logits.view(-1, VOCAB) * 0.5).tanh(), targets.view(-1), reduction="sum")
         if self.loss == "inverted-cap":  # 2 tanh(2 / x): not a soft cap
             return F.cross_entropy((torch.tanh(2.0 / logits) * 2.0).view(-1, VOCAB), targets.view(-1))
+        if self.loss == "negative-cap":  # -2 tanh(x / -2): the soft cap of 2 written oddly; fastlm's takes k > 0
+            return F.cross_entropy((torch.tanh(logits / -2.0) * -2.0).view(-1, VOCAB), targets.view(-1))
         if self.loss == "uneven-cap":  # 3 tanh(x / 2): not a soft cap
             return F.cross_entropy((torch.tanh(logits / 2.0) * 3.0).view(-1, VOCAB), targets.view(-1))
         if self.loss == "capped-twice":  # a soft cap in the code and fastlm's own
@@ -234,7 +236,7 @@ def test_a_branch_not_taken_at_capture_still_runs():
 
 
 @pytest.mark.parametrize("loss", ["returns-logits", "probabilities", "class-dim-1", "uneven-cap", "inverted-cap",
-                                  "capped-twice"])
+                                  "negative-cap", "capped-twice"])
 def test_a_loss_that_cannot_be_fused_runs_as_written(loss):
     model, converted = converted_pair(LanguageModel(loss))
     idx, targets = batch(6, per_position=True)
