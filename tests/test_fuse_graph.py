@@ -90,6 +90,17 @@ class LanguageModel(nn.Module):
             return F.cross_entropy((torch.tanh(2.0 / logits) * 2.0).view(-1, VOCAB), targets.view(-1))
         if self.loss == "negative-cap":  # -2 tanh(x / -2): the soft cap of 2 written oddly; fastlm's takes k > 0
             return F.cross_entropy((torch.tanh(logits / -2.0) * -2.0).view(-1, VOCAB), targets.view(-1))
+        if self.loss == "uneven-cap-product":  # 2 tanh(x * 0.25): not a soft cap
+            return F.cross_entropy(2.0 * (logits.view(-1, VOCAB) * 0.25).tanh(), targets.view(-1))
+        if self.loss == "cap-source-also-used":  # the uncapped logits feed something else too: they stay
+            capped = torch.tanh(logits / 2.0) * 2.0
+            return F.cross_entropy(capped.view(-1, VOCAB), targets.view(-1)) + 0.01 * logits.mean()
+        if self.loss in ("product-also-used", "row-bias-product"):  # the lectures' x @ W + b form
+            product = hidden @ self.head.weight.T
+            if self.loss == "row-bias-product":  # a (1, V) bias, which the fused ops do not take
+                return F.cross_entropy((product + self.head.bias.view(1, -1)).view(-1, VOCAB), targets.view(-1))
+            logits = product + self.head.bias  # the product feeds something else too: it stays
+            return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1)) + 0.01 * product.mean()
         if self.loss == "uneven-cap":  # 3 tanh(x / 2): not a soft cap
             return F.cross_entropy((torch.tanh(logits / 2.0) * 3.0).view(-1, VOCAB), targets.view(-1))
         if self.loss == "capped-twice":  # a soft cap in the code and fastlm's own
@@ -236,7 +247,8 @@ def test_a_branch_not_taken_at_capture_still_runs():
 
 
 @pytest.mark.parametrize("loss", ["returns-logits", "probabilities", "class-dim-1", "uneven-cap", "inverted-cap",
-                                  "negative-cap", "capped-twice"])
+                                  "negative-cap", "uneven-cap-product", "cap-source-also-used", "product-also-used",
+                                  "row-bias-product", "capped-twice"])
 def test_a_loss_that_cannot_be_fused_runs_as_written(loss):
     model, converted = converted_pair(LanguageModel(loss))
     idx, targets = batch(6, per_position=True)
