@@ -90,6 +90,8 @@ class LanguageModel(nn.Module):
             return F.cross_entropy((torch.tanh(2.0 / logits) * 2.0).view(-1, VOCAB), targets.view(-1))
         if self.loss == "negative-cap":  # -2 tanh(x / -2): the soft cap of 2 written oddly; fastlm's takes k > 0
             return F.cross_entropy((torch.tanh(logits / -2.0) * -2.0).view(-1, VOCAB), targets.view(-1))
+        if self.loss == "legacy-reduce":  # the deprecated reduce=False: per-row losses
+            return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1), reduce=False)
         if self.loss == "uneven-cap-product":  # 2 tanh(x * 0.25): not a soft cap
             return F.cross_entropy(2.0 * (logits.view(-1, VOCAB) * 0.25).tanh(), targets.view(-1))
         if self.loss == "cap-source-also-used":  # the uncapped logits feed something else too: they stay
@@ -248,7 +250,7 @@ def test_a_branch_not_taken_at_capture_still_runs():
 
 @pytest.mark.parametrize("loss", ["returns-logits", "probabilities", "class-dim-1", "uneven-cap", "inverted-cap",
                                   "negative-cap", "uneven-cap-product", "cap-source-also-used", "product-also-used",
-                                  "row-bias-product", "capped-twice"])
+                                  "row-bias-product", "legacy-reduce", "capped-twice"])
 def test_a_loss_that_cannot_be_fused_runs_as_written(loss):
     model, converted = converted_pair(LanguageModel(loss))
     idx, targets = batch(6, per_position=True)
@@ -285,20 +287,23 @@ class FirstLayer(nn.Module):
             return self.linear(emb.view(-1, EMBED))
         if self.how == "emb-also-returned":
             return self.linear(emb.view(idx.shape[0], -1)), emb
+        if self.how == "flat-also-used":  # the flattened embeddings feed something else too: they stay
+            flat = emb.view(idx.shape[0], -1)
+            return self.linear(flat) + flat.sum(1, keepdim=True)
         if self.how == "three-dims":  # (B, 1, T*D): the fused op's output would lack the middle dim
             return self.linear(emb.view(idx.shape[0], 1, -1))
         return self.linear(emb.view(idx.shape[0], -1))
 
 
-@pytest.mark.parametrize("how", ["per-token", "emb-also-returned", "max_norm", "three-dims"])
+@pytest.mark.parametrize("how", ["per-token", "emb-also-returned", "max_norm", "three-dims", "flat-also-used"])
 def test_an_embedding_that_cannot_be_fused_runs_as_written(how):
     torch.manual_seed(0)
     model, converted = converted_pair(FirstLayer(how))
     idx = batch(8)[0]
     expected, got = model(idx), converted(idx)
     torch.testing.assert_close(got, expected)
-    output = got[0] if how == "emb-also-returned" else got
-    assert "EmbeddingBackward0" in autograd_nodes(output)
+    nodes = autograd_nodes(got[0] if how == "emb-also-returned" else got)
+    assert "EmbeddingBackward0" in nodes and "EmbeddingLinear" not in nodes
 
 
 class ModeBoundary(nn.Module):
@@ -349,6 +354,33 @@ def test_parts_under_other_modes_and_other_linears_run_as_written(how):
         return
     assert_same_step(model, converted, idx, targets, lr=0.1)
     assert_same_step(model, converted, idx, targets)
+
+
+class NormThenActivation(nn.Module):
+    """A BatchNorm and an activation after it, joined in ways the fused op does not compute."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.embedding = nn.Embedding(VOCAB, EMBED)
+        own = how == "norm-with-its-own-activation"  # fastlm's BatchNorm with a fused tanh, then a relu
+        self.bn = fastlm.nn.BatchNorm1d(CONTEXT * EMBED, activation="tanh") if own else nn.BatchNorm1d(CONTEXT * EMBED)
+
+    def forward(self, idx, targets):
+        h = self.bn(self.embedding(idx).view(idx.shape[0], -1))
+        if self.how == "inplace-relu":
+            return F.relu(h, inplace=True).square().mean()
+        if self.how == "norm-also-used":  # the normalised values feed something else too
+            return (torch.tanh(h) + h).square().mean()
+        return torch.relu(h).square().mean()
+
+
+@pytest.mark.parametrize("how", ["inplace-relu", "norm-also-used", "norm-with-its-own-activation"])
+def test_a_batch_norm_and_activation_that_cannot_be_fused_run_as_written(how):
+    torch.manual_seed(4)
+    model, converted = converted_pair(NormThenActivation(how))
+    got = assert_same_step(model, converted, *batch(8), lr=0.1)
+    assert {"TanhBackward0", "ReluBackward0"} & autograd_nodes(got), autograd_nodes(got)
 
 
 def test_state_dict_is_the_torch_models():
