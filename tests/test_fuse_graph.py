@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastlm
-from conftest import device_to_test, free_port, gloo_process_group, spawn_ranks
+from conftest import device_to_test, fastlm_ops_called, free_port, gloo_process_group, skip_unless_runs, spawn_ranks
 from fastlm.fuse_graph import FuseGraph
 
 VOCAB, EMBED, CONTEXT, HIDDEN = 29, 6, 4, 24
@@ -239,6 +239,27 @@ def test_the_lectures_code_under_autocast_runs_as_written():
         expected, got = model(idx, targets), converted(idx, targets)
     torch.testing.assert_close(got, expected)
     assert not {"EmbeddingLinear", "LinearCrossEntropy"} & autograd_nodes(got)
+
+
+def test_fastlms_loss_after_an_autocast_linear_runs_as_written():
+    """Under autocast the head's logits are bfloat16 and nn.CrossEntropyLoss, converted to fastlm's op, takes them
+    as they are: a fused op over the float32 hidden states would compute another loss."""
+    model, converted = converted_pair(LanguageModel("module"))
+    idx, targets = batch(6, per_position=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = model(idx, targets), converted(idx, targets)
+    torch.testing.assert_close(got, expected)
+    assert "LinearCrossEntropy" not in autograd_nodes(got)
+
+
+def test_fastlms_loss_on_a_named_backend_stays_on_it_when_fused():
+    """nn.CrossEntropyLoss converted with backend="triton" traces fastlm's op for Triton: the linear + cross-entropy
+    that replaces it runs the Triton kernels too."""
+    skip_unless_runs("triton")
+    model, converted = converted_pair(LanguageModel("module"), "triton")
+    idx, targets = batch(6, per_position=True)
+    called = fastlm_ops_called(lambda: assert_same_step(model, converted, idx, targets))
+    assert "fastlm::linear_cross_entropy" in called and "fastlm::triton_cross_entropy_forward" in called, called
 
 
 def test_a_branch_not_taken_at_capture_still_runs():
