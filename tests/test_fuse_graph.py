@@ -90,6 +90,9 @@ class LanguageModel(nn.Module):
             return F.cross_entropy((torch.tanh(2.0 / logits) * 2.0).view(-1, VOCAB), targets.view(-1))
         if self.loss == "negative-cap":  # -2 tanh(x / -2): the soft cap of 2 written oddly; fastlm's takes k > 0
             return F.cross_entropy((torch.tanh(logits / -2.0) * -2.0).view(-1, VOCAB), targets.view(-1))
+        if self.loss == "logits-also-used":  # the loss's own input feeds something else too: it stays
+            flat = logits.view(-1, VOCAB)
+            return F.cross_entropy(flat, targets.view(-1)) + 0.01 * flat.mean()
         if self.loss == "legacy-reduce":  # the deprecated reduce=False: per-row losses
             return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1), reduce=False)
         if self.loss == "uneven-cap-product":  # 2 tanh(x * 0.25): not a soft cap
@@ -271,7 +274,7 @@ def test_a_branch_not_taken_at_capture_still_runs():
 
 @pytest.mark.parametrize("loss", ["returns-logits", "probabilities", "class-dim-1", "uneven-cap", "inverted-cap",
                                   "negative-cap", "uneven-cap-product", "cap-source-also-used", "product-also-used",
-                                  "row-bias-product", "legacy-reduce", "capped-twice"])
+                                  "row-bias-product", "logits-also-used", "legacy-reduce", "capped-twice"])
 def test_a_loss_that_cannot_be_fused_runs_as_written(loss):
     model, converted = converted_pair(LanguageModel(loss))
     idx, targets = batch(6, per_position=True)
