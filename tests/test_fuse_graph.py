@@ -100,12 +100,12 @@ class LanguageModel(nn.Module):
         if self.loss == "cap-source-also-used":  # the uncapped logits feed something else too: they stay
             capped = torch.tanh(logits / 2.0) * 2.0
             return F.cross_entropy(capped.view(-1, VOCAB), targets.view(-1)) + 0.01 * logits.mean()
-        if self.loss in ("product-also-used", "row-bias-product"):  # the lectures' x @ W + b form
+        if self.loss == "product-also-used":  # x @ W + b whose product feeds something else too: it stays
             product = hidden @ self.head.weight.T
-            if self.loss == "row-bias-product":  # a (1, V) bias, which the fused ops do not take
-                return F.cross_entropy((product + self.head.bias.view(1, -1)).view(-1, VOCAB), targets.view(-1))
-            logits = product + self.head.bias  # the product feeds something else too: it stays
-            return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1)) + 0.01 * product.mean()
+            return F.cross_entropy((product + self.head.bias).view(-1, VOCAB), targets.view(-1)) + 0.01 * product.mean()
+        if self.loss == "row-bias-product":  # x @ W + b with a (1, V) bias, which the fused ops do not take
+            logits = hidden @ self.head.weight.T + self.head.bias.view(1, -1)
+            return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
         if self.loss == "uneven-cap":  # 3 tanh(x / 2): not a soft cap
             return F.cross_entropy((torch.tanh(logits / 2.0) * 3.0).view(-1, VOCAB), targets.view(-1))
         if self.loss == "capped-twice":  # a soft cap in the code and fastlm's own
