@@ -239,17 +239,20 @@ def test_lecture_schedule():
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_bigram_counts_nll_is_the_hand_count(fused):
+@pytest.mark.parametrize("smoothing", [1.0, 0.5])
+def test_bigram_counts_nll_is_the_hand_count(fused, smoothing):
     words = ["ab", "b", "bb"]
-    model = build("bigram-counts", fused=fused)
+    model = build("bigram-counts", fused=fused, smoothing=smoothing)
     X, Y = make_windows(words, 1)
     model.fit(X, Y)
     # The pairs: ab -> (.a)(ab)(b.), b -> (.b)(b.), bb -> (.b)(bb)(b.), counted in rows by previous character (a
     # table that is not symmetric, so that counting by next character would give another loss).
-    # With add-one smoothing over 27 characters, P(next | prev) = (count + 1) / (row total + 27).
+    # With add-s smoothing over 27 characters, P(next | prev) = (count + s) / (row total + 27 s); s = 1 is the
+    # lecture's add-one.
     rows = {".": {"a": 1, "b": 2}, "a": {"b": 1}, "b": {".": 3, "b": 1}}
     pairs = [(".", "a"), ("a", "b"), ("b", "."), (".", "b"), ("b", "."), (".", "b"), ("b", "b"), ("b", ".")]
-    nll = -sum(math.log((rows[p][n] + 1) / (sum(rows[p].values()) + 27)) for p, n in pairs) / len(pairs)
+    nll = -sum(math.log((rows[p][n] + smoothing) / (sum(rows[p].values()) + 27 * smoothing))
+               for p, n in pairs) / len(pairs)
     assert model.loss(X, Y).item() == pytest.approx(nll, rel=1e-6)
     # like every model, it has loss_and_grads and sgd_step: no parameters, so no gradients and no update
     loss, grads = model.loss_and_grads(X, Y)
