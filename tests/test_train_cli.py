@@ -19,8 +19,8 @@ import fastlm.models
 from conftest import free_port
 from fastlm import data
 from fastlm.data import Vocabulary, build_windows
-from fastlm.train import (ConfigError, Trainer, TrainConfig, interrupts_between_steps, resumed_config,
-                          sample_words, split_loss)
+from fastlm.train import (SEEDS, ConfigError, Trainer, TrainConfig, check_seed, interrupts_between_steps, json_numbers,
+                          resumed_config, sample_words, split_loss)
 
 WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia", "harper", "evelyn", "abigail", "emily",
          "ella", "elizabeth", "camila", "luna", "sofia", "avery", "mila", "aria", "scarlett"] * 5
@@ -427,6 +427,26 @@ def test_bad_options_are_config_errors(words_file, tmp_path, changes, message):
     options = {"model": "mlp-bn", "out": str(tmp_path / "run"), **changes}
     with pytest.raises(ConfigError, match=message):
         Trainer(small_config(words_file, **options), log=lambda *_: None)
+
+
+def test_the_seeds_taken_are_torch_manual_seeds():
+    """Negative seeds too, down to torch's least; one past either end is refused, as torch refuses it."""
+    for seed in (SEEDS[0], -1, 0, SEEDS[1]):
+        check_seed(seed)
+        torch.Generator().manual_seed(seed)
+    for seed in (SEEDS[0] - 1, SEEDS[1] + 1):
+        with pytest.raises(ConfigError, match="--seed must be a 64-bit integer"):
+            check_seed(seed)
+        with pytest.raises((ValueError, RuntimeError)):
+            torch.Generator().manual_seed(seed)
+
+
+def test_the_summary_writes_every_non_finite_loss_as_null():
+    """A diverged run's losses may be NaN or +-inf; JSON has neither (json.dumps(allow_nan=False) refuses both)."""
+    summary = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "loss": 2.5, "steps": 3, "samples": ["ab"]}
+    written = json_numbers(summary)
+    assert written == {"nan": None, "inf": None, "-inf": None, "loss": 2.5, "steps": 3, "samples": ["ab"]}
+    json.dumps(written, allow_nan=False)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc, a folder no one can write files in")
