@@ -357,6 +357,28 @@ def test_one_call_steps_keep_cumulative_running_stats(step):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=key)
 
 
+@pytest.mark.parametrize("vocab, hidden, batch, one_call", [
+    # 64 * 2500 = 160,000 multiply-adds a row: 200 rows are ONE_CALL_MAX_WORK exactly
+    (34, 2500, 200, True), (34, 2500, 201, False),
+    # from 256 rows and 8 per token of the vocabulary (8 * 34 = 272), the product-table kernel, at any width
+    (34, 2500, 271, False), (34, 2500, 272, True), (27, 4000, 255, False), (27, 4000, 256, True)])
+def test_the_step_is_one_call_where_its_rule_says(monkeypatch, vocab, hidden, batch, one_call):
+    """MLP.ONE_CALL_MAX_WORK and PRODUCT_TABLE_MIN_BATCH, at their edges: a training step is one kernel call up to
+    that many multiply-adds, batch * hidden * (context * embedding + vocab), or from that many rows (and 8 per
+    token); the layers run otherwise."""
+    skip_unless_runs("cpp")
+    from fastlm.models import makemore
+
+    calls, op = [], makemore.mlp_loss_and_grads
+    monkeypatch.setattr(makemore, "mlp_loss_and_grads",
+                        lambda idx, *args, **kw: calls.append(len(idx)) or op(idx, *args, **kw))
+    model = build("mlp", fused=True, backend="cpp", vocab_size=vocab, context=3, embedding=10, hidden=hidden)
+    generator = torch.Generator().manual_seed(0)
+    model.loss_and_grads(torch.randint(0, vocab, (batch, 3), generator=generator),
+                         torch.randint(0, vocab, (batch,), generator=generator))
+    assert calls == ([batch] if one_call else [])
+
+
 def test_a_batchnorm_in_eval_mode_runs_the_layers():
     """model.train() with model.bn.eval(): the BatchNorm normalises with its running stats, which the one-call
     kernel does not do, so the step runs the layers, as the reference does."""

@@ -195,6 +195,19 @@ def test_a_generator_alone_draws_the_parameters(name):
 
 
 @pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_reset_parameters_starts_a_trained_model_afresh(name, fused):
+    """After training steps, reset_parameters(generator) gives the state a new model draws from that generator:
+    parameters, and the BatchNorm running statistics and batch count too."""
+    model = build(name, fused=fused)
+    X, Y = make_windows(make_words(20), model.context)
+    for step in range(3):
+        model.sgd_step(X[32 * step:32 * step + 32], Y[32 * step:32 * step + 32], 0.1)
+    model.reset_parameters(torch.Generator().manual_seed(5))
+    assert_same_state(model, build(name, fused=fused, generator=torch.Generator().manual_seed(5)))
+
+
+@pytest.mark.parametrize("fused", [False, True])
 def test_resblock_output_bias_starts_as_nn_linear_draws_it(fused):
     """Uniform in +-1/sqrt(in_features) = +-1/sqrt(10): 27 such draws reach past 1/sqrt(27) (here they do; with
     out_features in the bound none could)."""
