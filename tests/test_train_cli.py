@@ -19,8 +19,8 @@ import fastlm.models
 from conftest import free_port
 from fastlm import data
 from fastlm.data import Vocabulary, build_windows
-from fastlm.train import (SEEDS, ConfigError, Trainer, TrainConfig, check_seed, interrupts_between_steps, json_numbers,
-                          resumed_config, sample_words, split_loss)
+from fastlm.train import (SEEDS, ConfigError, Trainer, TrainConfig, check_options, check_seed, interrupts_between_steps,
+                          json_numbers, resumed_config, sample_words, split_loss)
 
 WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia", "harper", "evelyn", "abigail", "emily",
          "ella", "elizabeth", "camila", "luna", "sofia", "avery", "mila", "aria", "scarlett"] * 5
@@ -439,6 +439,13 @@ def test_the_seeds_taken_are_torch_manual_seeds():
             check_seed(seed)
         with pytest.raises((ValueError, RuntimeError)):
             torch.Generator().manual_seed(seed)
+
+
+def test_counts_are_taken_up_to_the_largest_int64():
+    """torch's sizes and step counters are int64: 2**63 - 1 is taken, one more refused."""
+    check_options(TrainConfig(steps=2**63 - 1, eval_every=2**63 - 1, checkpoint_every=2**63 - 1))
+    with pytest.raises(ConfigError, match=f"--eval-every must be at most {2**63 - 1}, got {2**63}"):
+        check_options(TrainConfig(eval_every=2**63))
 
 
 def test_the_summary_writes_every_non_finite_loss_as_null():
