@@ -19,8 +19,9 @@ import fastlm.models
 from conftest import free_port
 from fastlm import data
 from fastlm.data import Vocabulary, build_windows
-from fastlm.train import (SEEDS, ConfigError, Trainer, TrainConfig, check_options, check_seed, interrupts_between_steps,
-                          json_numbers, resumed_config, sample_words, split_loss)
+from fastlm.train import (SEEDS, ConfigError, Trainer, TrainConfig, check_options, check_seed, first_line,
+                          interrupts_between_steps, is_plain_sgd, json_numbers, resumed_config, sample_words,
+                          split_loss)
 
 WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia", "harper", "evelyn", "abigail", "emily",
          "ella", "elizabeth", "camila", "luna", "sofia", "avery", "mila", "aria", "scarlett"] * 5
@@ -116,6 +117,33 @@ def test_samples_follow_the_model():
     vocab = Vocabulary()
     model.fit(*build_windows(["abc"] * 10000, 1, vocab))
     assert list(sample_words(model, vocab, 1, 20, seed=0)).count("abc") >= 18
+
+
+def test_samples_slide_the_context_window():
+    """Each drawn id joins the window at its end, the oldest leaving: a model sure that the next id is one past the
+    window's last (the end after "c") spells "abc" with 3 characters of context."""
+
+    class OnePastTheLast(torch.nn.Module):
+        def forward(self, idx):
+            last = idx[:, -1]
+            return 50.0 * torch.nn.functional.one_hot(torch.where(last < 3, last + 1, 0), 27).float()
+
+    assert list(sample_words(OnePastTheLast(), Vocabulary(), 3, 2, seed=0)) == ["abc", "abc"]
+
+
+def test_only_plain_sgd_is_stepped_without_the_optimizer():
+    """Plain SGD's step is p -= lr * grad (the models' sgd_step); momentum, weight decay or maximize need the
+    optimizer's own step, as does any other optimizer."""
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert is_plain_sgd(torch.optim.SGD(params, lr=0.1))
+    for options in (dict(momentum=0.9), dict(weight_decay=0.1), dict(maximize=True)):
+        assert not is_plain_sgd(torch.optim.SGD(params, lr=0.1, **options)), options
+    assert not is_plain_sgd(torch.optim.Adam(params))
+
+
+def test_an_error_without_a_message_is_reported_by_its_type():
+    assert first_line(RuntimeError("cannot write\nmore detail")) == "cannot write"
+    assert first_line(OSError()) == "OSError" and first_line(ValueError(" \n ")) == "ValueError"
 
 
 def test_batches_are_those_of_per_step_draws(words_file, tmp_path, monkeypatch):
