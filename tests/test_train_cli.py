@@ -800,13 +800,14 @@ def test_sigterm_stops_after_a_step_with_its_checkpoint_and_exit_code(words_file
 
 
 def test_of_two_signals_the_higher_stops_the_run():
-    """Ctrl-C, then a scheduler's SIGTERM within the same step: the run stops by SIGTERM (exit 143), as the ranks
-    of a torchrun run agree on the highest signal any of them received."""
-    with interrupts_between_steps() as interrupted:
-        assert interrupted() == 0
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert interrupted() == signal.SIGTERM
+    """Ctrl-C and a scheduler's SIGTERM within the same step, in either order: the run stops by SIGTERM (exit 143),
+    as the ranks of a torchrun run agree on the highest signal any of them received."""
+    for signals in ((signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)):
+        with interrupts_between_steps() as interrupted:
+            assert interrupted() == 0
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+            assert interrupted() == signal.SIGTERM
 
 
 def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step(words_file, tmp_path):
