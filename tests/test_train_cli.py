@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,18 @@ def test_split_loss_is_the_mean_over_every_row():
     model = fastlm.models.build("mlp", fused=True, hidden=16)
     X, Y = torch.randint(0, 27, (30, 3)), torch.randint(0, 27, (30,))
     assert split_loss(model, X, Y, batch=8) == pytest.approx(model.loss(X, Y).item(), rel=1e-6)
+    assert model.training  # measured in eval mode, left in the mode it was in
+    split_loss(model.eval(), X, Y)
+    assert not model.training
+
+
+def test_val_losses_are_measured_every_eval_every_steps_and_at_the_last(words_file, tmp_path):
+    """On the val split; at the last step too where eval_every does not divide the steps (for a model without
+    BatchNorm, which calibration leaves as it is, the last is the summary's val loss)."""
+    trainer = Trainer(small_config(words_file, tmp_path, model="mlp", steps=30, eval_every=20), log=lambda *_: None)
+    summary = trainer.fit()
+    assert [step for step, _ in trainer.history["val"]] == [20, 30]
+    assert trainer.history["val"][-1][1] == summary["val_loss"] != summary["train_loss"]
 
 
 def test_samples_follow_the_model():
@@ -518,10 +531,15 @@ def test_a_new_run_over_an_earlier_one_says_so(words_file, tmp_path):
 
 
 def test_a_counting_model_says_which_options_it_ignores(words_file, tmp_path):
+    """Once, when the run starts: resumed, the run has no schedule options given to ignore."""
     notes = []
-    Trainer(small_config(words_file, tmp_path, model="bigram-counts", hidden=None, lr=5.0), log=notes.append)
+    config = small_config(words_file, tmp_path, model="bigram-counts", hidden=None, lr=5.0, lr_after=1.0, decay_at=0.5)
+    Trainer(config, log=notes.append).fit()
     assert notes == ["note: the bigram-counts model is fit by counting, in one pass over the training split; "
-                     "ignored: --steps, --batch-size, --lr"]
+                     "ignored: --steps, --batch-size, --lr, --lr-after, --decay-at"]
+    notes.clear()
+    Trainer(TrainConfig(out=str(tmp_path)), resume=True, given={"out"}, log=notes.append)
+    assert notes == []
 
 
 def test_a_run_resumes_from_another_folder(words_file, tmp_path, monkeypatch):
@@ -531,6 +549,27 @@ def test_a_run_resumes_from_another_folder(words_file, tmp_path, monkeypatch):
     monkeypatch.chdir("/")
     resumed = Trainer(TrainConfig(out=str(tmp_path / "run"), steps=4), resume=True, log=lambda *_: None)
     assert resumed.config.data == words_file
+    # and from a copy in another folder, which --out names: the option every resumed run gives, never ignored
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    notes = []
+    copy = Trainer(TrainConfig(out=str(tmp_path / "copy"), steps=4), resume=True, given={"out", "steps"},
+                   log=notes.append)
+    assert copy.config.out == str(tmp_path / "copy") and notes == [], notes
+
+
+def test_a_checkpoint_without_its_words_record_keeps_its_word_list(words_file, tmp_path):
+    """A checkpoint of an older fastlm has no record of its words to check another list against: the run goes on
+    with the list it trained on, and a --data given is noted as ignored."""
+    Trainer(small_config(words_file, tmp_path / "run", steps=2), log=lambda *_: None).fit()
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    del state["words"]
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
+    shutil.copy(words_file, tmp_path / "moved.txt")
+    notes = []
+    resumed = Trainer(TrainConfig(out=str(tmp_path / "run"), data=str(tmp_path / "moved.txt")), resume=True,
+                      given={"out", "data"}, log=notes.append)
+    assert resumed.config.data == words_file
+    assert notes == ["note: resuming with the checkpoint's configuration; ignored: --data"]
 
 
 @pytest.mark.parametrize("saved_steps, decay_at", [(200, 0.5), (7, 0.5), (300_000, 1 / 3), (10, 0.0), (10, 1.0)])
