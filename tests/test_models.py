@@ -144,6 +144,48 @@ def test_mlp_bn_starts_and_computes_as_the_manual_backprop_notes(fused):
     torch.testing.assert_close(model.loss(Xb, Yb), notes_loss, rtol=1e-5, atol=0)
 
 
+def notes_logits(name: str, p: dict, X: torch.Tensor) -> torch.Tensor:
+    """The logits as the lecture notes write each network, from the parameters in the notes' (in, out) layout;
+    BatchNorm on the batch's statistics (training mode)."""
+    linear = {key.removesuffix(".weight"): (p[key].T, p.get(key.replace("weight", "bias"), 0.0))
+              for key in p if key.endswith("weight") and p[key].dim() == 2}
+    if name == "bigram":
+        return torch.nn.functional.one_hot(X[:, 0], 27).to(p["embedding.weight"].dtype) @ p["embedding.weight"]
+    C, (W1, b1), (W3, b3) = p["first.embedding.weight"], linear["first.linear"], linear["output"]
+    if name == "resblock":  # each position through fc1, bn1, relu, fc2, bn2, plus its embedding
+
+        def bn(h, layer):  # torch's BatchNorm1d on (B, C, T): statistics over batch and time, the biased variance
+            mean, var = h.mean((0, 1)), h.var((0, 1), correction=0)
+            return p[f"{layer}.weight"] * (h - mean) / (var + 1e-5).sqrt() + p[f"{layer}.bias"]
+
+        emb = C[X]  # (B, T, embedding)
+        h = bn(torch.relu(bn(emb @ W1, "bn1")) @ linear["fc2"][0], "bn2") + emb
+        return h[:, -1] @ W3 + b3
+    emb = C[X].view(X.shape[0], -1)
+    h = emb @ W1 + b1
+    if name == "mlp":
+        return torch.tanh(h) @ W3 + b3
+    # mlp-bn and resmlp: BatchNorm with the Bessel-corrected batch variance
+    h = p["bn.weight"] * (h - h.mean(0)) / (h.var(0, correction=1) + 1e-5).sqrt() + p["bn.bias"]
+    if name == "mlp-bn":
+        return torch.tanh(h) @ W3 + b3
+    W2, b2 = linear["middle"]
+    return torch.tanh(torch.relu(h) @ W2 + b2 + emb) @ W3 + b3
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_each_model_computes_as_its_notes_write_it(name, fused):
+    """Every parameter moved off its initial value (BatchNorm's gain and bias too), in float64."""
+    model = build(name, fused=fused).double()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, dtype=param.dtype, generator=torch.Generator().manual_seed(1)) * 0.3)
+    X, _ = make_windows(make_words(10), model.context)
+    want = notes_logits(name, dict(model.named_parameters()), X)
+    torch.testing.assert_close(model(X), want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_state_dict_round_trips(name):
     reference, fused = make_twins(name)
