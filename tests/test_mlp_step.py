@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.nn.utils import parametrizations, prune
 
+import fastlm
 from conftest import assert_close_to_reference, skip_unless_runs
 from fastlm.models import build
 from fastlm.ops import mlp_loss_and_grads, mlp_sgd_step
@@ -377,6 +378,74 @@ def test_the_step_is_one_call_where_its_rule_says(monkeypatch, vocab, hidden, ba
     model.loss_and_grads(torch.randint(0, vocab, (batch, 3), generator=generator),
                          torch.randint(0, vocab, (batch,), generator=generator))
     assert calls == ([batch] if one_call else [])
+
+
+@pytest.mark.parametrize("backend, mode, one_call", [("cpp", "train", True), ("cpp", "eval", False),
+                                                      ("torch", "train", False), ("triton", "train", False)])
+def test_only_training_on_the_cpp_backend_is_one_call(monkeypatch, backend, mode, one_call):
+    """The one-call kernel is the cpp backend's training step: a model built for another backend runs its layers
+    there, and in eval mode BatchNorm normalises with its running statistics (the layers, as the reference)."""
+    skip_unless_runs("cpp")
+    if backend not in fastlm.backends.available():
+        pytest.skip(fastlm.backends.why_unavailable(backend))
+    from fastlm.models import makemore
+
+    calls, op = [], makemore.mlp_loss_and_grads
+    monkeypatch.setattr(makemore, "mlp_loss_and_grads", lambda *args, **kw: calls.append(kw) or op(*args, **kw))
+    reference, fused = make_twins("mlp-bn", backend=backend)
+    for model in (reference, fused):
+        model.train(mode == "train")
+    X, Y = make_windows(make_words(20), fused.context)
+    loss, grads = fused.loss_and_grads(X[:32], Y[:32])
+    assert len(calls) == one_call
+    want = reference.loss(X[:32], Y[:32])
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=0)
+    for got, expected in zip(grads, torch.autograd.grad(want, list(reference.parameters()))):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_runs_the_layers(dtype):
+    """The one-call kernel takes fp32 and fp64: a model in fp16 or bf16 trains through its layers, in its dtype."""
+    skip_unless_runs("cpp")
+    reference, fused = (model.to(dtype) for model in make_twins("mlp-bn", backend="cpp"))
+    X, Y = make_windows(make_words(20), fused.context)
+    loss, grads = fused.loss_and_grads(X[:32], Y[:32])
+    want = reference.loss(X[:32], Y[:32])
+    assert loss.dtype == dtype and all(grad.dtype == dtype for grad in grads)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("step", ["loss_and_grads", "sgd_step"])
+@pytest.mark.parametrize("change", ["unbiased=False", "eps=1e-2", "w1 transposed", "output.bias frozen"])
+def test_the_one_call_step_follows_the_layers_as_they_are(step, change):
+    """BatchNorm options set after the model was built, a weight whose storage is (in, out) (as loaded from the
+    notes' W1), a frozen parameter: the step computes what the reference's layers do (a frozen parameter makes
+    both refuse the step, as autograd.grad does)."""
+    skip_unless_runs("cpp")
+    reference, fused = (model.double() for model in make_twins("mlp-bn", backend="cpp"))
+    for model in (reference, fused):
+        if change == "unbiased=False":
+            model.bn.unbiased = False
+        elif change == "eps=1e-2":
+            model.bn.eps = 1e-2
+        elif change == "w1 transposed":
+            model.first.linear.weight.data = model.first.linear.weight.data.T.contiguous().T
+        else:
+            model.output.bias.requires_grad_(False)
+    X, Y = make_windows(make_words(20), fused.context)
+    for rows in (slice(0, 32), slice(32, 64)):
+        if change == "output.bias frozen":
+            for model in (reference, fused):
+                with pytest.raises(RuntimeError, match="does not require grad"):
+                    getattr(model, step)(X[rows], Y[rows], *([0.1] if step == "sgd_step" else []))
+            return
+        want = reference.sgd_step(X[rows], Y[rows], 0.1)
+        got = (fused.sgd_step(X[rows], Y[rows], 0.1) if step == "sgd_step"
+               else step_through_loss_and_grads(fused, X[rows], Y[rows], 0.1))
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    for (key, a), (_, b) in zip(fused.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=key)
 
 
 def test_a_batchnorm_in_eval_mode_runs_the_layers():

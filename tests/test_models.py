@@ -14,7 +14,7 @@ import torch
 
 import fastlm
 from conftest import device_to_test, skip_unless_runs
-from fastlm.models import MODELS, build, calibrate_batchnorm
+from fastlm.models import MODELS, Recipe, build, calibrate_batchnorm
 from fastlm.models.layers import ReferenceBatchNorm1d
 from fastlm.train import TrainConfig, make_optimizer
 
@@ -249,6 +249,29 @@ def test_reset_parameters_starts_a_trained_model_afresh(name, fused):
     assert_same_state(model, build(name, fused=fused, generator=torch.Generator().manual_seed(5)))
 
 
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_the_backend_a_model_is_built_for_runs_every_layer(name):
+    """Built for the torch backend (the reference kernels: torch ops, and fastlm's check of the token ids), a fused
+    twin's training step calls no fastlm kernel: its embedding + linear, BatchNorm and loss all take the backend
+    given."""
+    skip_unless_runs("cpp")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FastlmKernels(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "fastlm" and func.name() != "fastlm::checked_token_ids":
+                called.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    X, Y = make_windows(make_words(20), build(name, fused=True).context)
+    for backend, fastlm_kernels in (("torch", False), ("cpp", True)):
+        called = []
+        with FastlmKernels():
+            model = build(name, fused=True, backend=backend)
+            model.loss(X[:32], Y[:32]).backward()
+        assert bool(called) == fastlm_kernels, (backend, called)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_resblock_output_bias_starts_as_nn_linear_draws_it(fused):
     """Uniform in +-1/sqrt(in_features) = +-1/sqrt(10): 27 such draws reach past 1/sqrt(27) (here they do; with
@@ -291,6 +314,18 @@ def test_lecture_schedule():
     config = TrainConfig().with_recipe(build("mlp-bn", fused=True).recipe)
     assert (config.optimizer, config.steps, config.batch_size) == ("sgd", 200_000, 32)
     assert config.learning_rate(99_999) == 0.1 and config.learning_rate(100_000) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("name, recipe", [
+    ("bigram-counts", Recipe(None, batch_size=None)),  # part 1: counted, no steps
+    ("bigram", Recipe("sgd", lr=50.0, steps=100, batch_size=None)),  # part 1: full-batch descent at lr 50
+    ("mlp", Recipe("sgd", lr=0.1, steps=200_000, batch_size=32, decay_at=100_000, decay=0.1)),  # 100k at 0.1, then 0.01
+    ("mlp-bn", Recipe("sgd", lr=0.1, steps=200_000, batch_size=32, decay_at=100_000, decay=0.1)),
+    ("resmlp", Recipe("sgd", lr=0.01, steps=10_000, batch_size=32)),  # the residual notes' MLP
+    ("resblock", Recipe("adam", lr=0.01, steps=10_000, batch_size=32)),  # and their ResidualBlock network
+])
+def test_each_model_trains_by_its_lectures_recipe(name, recipe):
+    assert build(name, fused=False).recipe == build(name, fused=True).recipe == recipe
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -348,6 +383,12 @@ def test_calibrate_batchnorm_refuses_too_few_rows(rows):
         calibrate_batchnorm(model, X[:rows])
     for key, value in model.bn.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_reference_batchnorm_names_its_options():
+    assert repr(ReferenceBatchNorm1d(4, unbiased=True, activation="tanh")) == (
+        "ReferenceBatchNorm1d(4, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, unbiased=True, "
+        "activation='tanh')")
 
 
 def test_reference_batchnorm_without_tracking_leaves_its_buffers():
