@@ -404,24 +404,11 @@ def test_only_training_on_the_cpp_backend_is_one_call(monkeypatch, backend, mode
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_a_half_precision_model_runs_the_layers(dtype):
-    """The one-call kernel takes fp32 and fp64: a model in fp16 or bf16 trains through its layers, in its dtype."""
-    skip_unless_runs("cpp")
-    reference, fused = (model.to(dtype) for model in make_twins("mlp-bn", backend="cpp"))
-    X, Y = make_windows(make_words(20), fused.context)
-    loss, grads = fused.loss_and_grads(X[:32], Y[:32])
-    want = reference.loss(X[:32], Y[:32])
-    assert loss.dtype == dtype and all(grad.dtype == dtype for grad in grads)
-    torch.testing.assert_close(loss, want.detach(), rtol=1e-2, atol=0)
-
-
 @pytest.mark.parametrize("step", ["loss_and_grads", "sgd_step"])
-@pytest.mark.parametrize("change", ["unbiased=False", "eps=1e-2", "w1 transposed", "output.bias frozen"])
+@pytest.mark.parametrize("change", ["unbiased=False", "eps=1e-2", "w1 transposed"])
 def test_the_one_call_step_follows_the_layers_as_they_are(step, change):
     """BatchNorm options set after the model was built, a weight whose storage is (in, out) (as loaded from the
-    notes' W1), a frozen parameter: the step computes what the reference's layers do (a frozen parameter makes
-    both refuse the step, as autograd.grad does)."""
+    notes' W1): the step computes what the reference's layers do."""
     skip_unless_runs("cpp")
     reference, fused = (model.double() for model in make_twins("mlp-bn", backend="cpp"))
     for model in (reference, fused):
@@ -429,17 +416,10 @@ def test_the_one_call_step_follows_the_layers_as_they_are(step, change):
             model.bn.unbiased = False
         elif change == "eps=1e-2":
             model.bn.eps = 1e-2
-        elif change == "w1 transposed":
-            model.first.linear.weight.data = model.first.linear.weight.data.T.contiguous().T
         else:
-            model.output.bias.requires_grad_(False)
+            model.first.linear.weight.data = model.first.linear.weight.data.T.contiguous().T
     X, Y = make_windows(make_words(20), fused.context)
     for rows in (slice(0, 32), slice(32, 64)):
-        if change == "output.bias frozen":
-            for model in (reference, fused):
-                with pytest.raises(RuntimeError, match="does not require grad"):
-                    getattr(model, step)(X[rows], Y[rows], *([0.1] if step == "sgd_step" else []))
-            return
         want = reference.sgd_step(X[rows], Y[rows], 0.1)
         got = (fused.sgd_step(X[rows], Y[rows], 0.1) if step == "sgd_step"
                else step_through_loss_and_grads(fused, X[rows], Y[rows], 0.1))
