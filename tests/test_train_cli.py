@@ -387,6 +387,18 @@ def test_sample_without_a_checkpoint_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "not a readable checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("saved, lacks", [({"model": {}, "step": 3}, "config, vocab"),
+                                          (torch.zeros(2), "config, model, step, vocab")])
+def test_another_torch_file_is_not_taken_for_a_checkpoint(tmp_path, saved, lacks):
+    """A file torch.load reads that is not a fastlm checkpoint (a dict without its keys, a tensor) is refused in
+    one line, for train --resume and sample alike."""
+    torch.save(saved, tmp_path / "checkpoint.pt")
+    for command in (["train", "--resume", "--out"], ["sample", "--checkpoint"]):
+        result = fastlm_command(*command, str(tmp_path))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"is not a fastlm checkpoint (it lacks {lacks})" in result.stderr
+
+
 @pytest.mark.parametrize("change,message,resume_message", [
     (lambda state: state["config"].update(option_of_another_version=1), "not this fastlm version's", None),
     (lambda state: state["config"].update(hidden=12), "weights do not fit its model", None),
@@ -582,6 +594,14 @@ def test_resuming_with_other_steps_keeps_the_learning_rate_drop(saved_steps, dec
         assert all(config.learning_rate(s) == saved.lr_after for s in range(saved_steps, steps))
     with pytest.raises(ConfigError, match="past the end"):
         resumed_config(saved, saved_steps // 2 - 1, saved_steps // 2, "run")
+
+
+def test_the_resumed_drop_is_at_its_step_where_the_fraction_rounds_up():
+    """A 14-step run drops at step 7; resumed for 25 steps the fraction is 6.5 / 25, half a step early, since
+    7 / 25 * 25 rounds up to 7.000000000000001 and step 7 would still take the first rate."""
+    saved = TrainConfig(steps=14, lr=0.1, lr_after=0.01, decay_at=0.5)
+    config = resumed_config(saved, 25, 3, "run")
+    assert [config.learning_rate(step) for step in (6, 7, 24)] == [0.1, 0.01, 0.01]
 
 
 def test_resume_names_an_option_given_at_its_default_value(words_file, tmp_path):
