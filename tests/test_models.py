@@ -391,6 +391,19 @@ def test_reference_batchnorm_names_its_options():
     assert repr(layer) == f"ReferenceBatchNorm1d({torch_options}, unbiased=True, activation='tanh')"
 
 
+@pytest.mark.parametrize("eps", [1e-5, 0.5])
+def test_reference_bessel_batchnorm_on_3d_input_takes_batch_and_time(eps):
+    """(N, C, L) input: each channel's statistics over its N * L values, the variance divided by N * L - 1, and the
+    running stats moved toward them."""
+    layer = ReferenceBatchNorm1d(3, eps=eps, momentum=0.5, unbiased=True).double()
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    mean, var = x.mean((0, 2)), x.var((0, 2), correction=1)
+    want = (x - mean.view(1, -1, 1)) / (var.view(1, -1, 1) + eps).sqrt()
+    torch.testing.assert_close(layer(x), want)
+    torch.testing.assert_close(layer.running_mean, 0.5 * mean)
+    torch.testing.assert_close(layer.running_var, 0.5 + 0.5 * var)
+
+
 def test_reference_batchnorm_without_tracking_leaves_its_buffers():
     """The reference twin's Bessel-corrected BatchNorm follows torch's track_running_stats=False as the fused one
     does: batch statistics, buffers untouched."""
