@@ -373,6 +373,21 @@ def test_calibrate_batchnorm_sets_the_training_set_statistics(fused):
     assert not model.training
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_calibrate_batchnorm_takes_3d_input_over_batch_and_time_and_skips_untracked_layers(fused):
+    """resblock's bn1 sees (B, hidden, T): its statistics are over B * T values per channel. A BatchNorm that keeps
+    no running statistics (here in bn2's place) has none to set."""
+    model = build("resblock", fused=fused)
+    model.bn2 = torch.nn.BatchNorm1d(model.bn2.num_features, track_running_stats=False)
+    X, _ = make_windows(make_words(50), 3)
+    calibrate_batchnorm(model, X, batch_size=64)
+    with torch.no_grad():
+        h = model.first(X.reshape(-1, 1)).view(len(X), 3, -1)  # fc1 at every position, (B, T, hidden)
+    torch.testing.assert_close(model.bn1.running_mean, h.mean((0, 1)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.bn1.running_var, h.var((0, 1), correction=1), rtol=1e-5, atol=1e-6)
+    assert model.bn2.running_mean is None
+
+
 @pytest.mark.parametrize("rows", [0, 1])
 def test_calibrate_batchnorm_refuses_too_few_rows(rows):
     """Fewer than two values per channel have no variance: a clear error, the statistics left as they were."""
