@@ -388,6 +388,14 @@ def test_calibrate_batchnorm_takes_3d_input_over_batch_and_time_and_skips_untrac
     assert model.bn2.running_mean is None
 
 
+def test_calibrate_batchnorm_accumulates_in_float64():
+    """Values of 1e4 +- 0.01: float32 sums put the variance 1e-5 off (measured), float64 ones keep it to rounding."""
+    X = 1e4 + 0.01 * torch.randn(200_000, 1, generator=torch.Generator().manual_seed(0))
+    layer = calibrate_batchnorm(torch.nn.BatchNorm1d(1), X)
+    torch.testing.assert_close(layer.running_var, X.double().var(0).float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer.running_mean, X.double().mean(0).float(), rtol=1e-7, atol=0)
+
+
 @pytest.mark.parametrize("rows", [0, 1])
 def test_calibrate_batchnorm_refuses_too_few_rows(rows):
     """Fewer than two values per channel have no variance: a clear error, the statistics left as they were."""
