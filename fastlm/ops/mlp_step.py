@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fastlm import backends
 from fastlm.ops.batch_norm import reference_batch_norm
-from fastlm.ops.embedding_linear import check_ids, reference_embedding_linear
+from fastlm.ops.embedding_linear import reference_embedding_linear
 from fastlm.ops.tensor_arguments import check_tensors
 
 
@@ -50,8 +50,8 @@ def reference_mlp_loss_and_grads(idx, targets, table, w1, b1, w2, b2, bn_weight,
                                  num_batches_tracked, momentum, eps, unbiased) -> MLPGrads:
     """The ``torch`` backend and the oracle: the network in torch ops, its gradients by autograd."""
     check_inputs(idx, targets, w1.shape[0], bn_weight is not None)
-    check_ids(idx, table.shape[0])
-    check_targets(targets, w2.shape[0])
+    check_in_range(idx, table.shape[0], "index")
+    check_in_range(targets, w2.shape[0], "target")
     params = [table, w1, b1, w2, b2] + ([bn_weight, bn_bias] if bn_weight is not None else [])
     params = [p.detach().requires_grad_() for p in params]
     with torch.enable_grad():
@@ -82,10 +82,11 @@ def check_inputs(idx: Tensor, targets: Tensor, hidden: int, batchnorm: bool) -> 
                          f"{torch.Size([1, hidden])}")
 
 
-def check_targets(targets: Tensor, classes: int) -> None:
-    bad = (targets < 0) | (targets >= classes)
+def check_in_range(values: Tensor, limit: int, what: str) -> None:
+    """IndexError for the first of ``values`` outside [0, limit), in the words of the cpp kernel's check."""
+    bad = (values < 0) | (values >= limit)
     if bool(bad.any()):
-        raise IndexError(f"fastlm.mlp_loss_and_grads: target {int(targets[bad][0])} is out of range [0, {classes})")
+        raise IndexError(f"fastlm mlp_loss_and_grads: {what} {int(values[bad][0])} is out of range [0, {limit})")
 
 
 TENSORS = ("idx", "targets", "table", "w1", "b1", "w2", "b2")
