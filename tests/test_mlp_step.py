@@ -258,8 +258,9 @@ def test_bad_input_gets_a_clear_error(backend):
             bad_targets[position] = bad
             with pytest.raises(IndexError, match=rf"fastlm mlp_loss_and_grads: target {bad} is out of range \[0, 5\)"):
                 call(targets=bad_targets)
-    with pytest.raises(TypeError, match="idx must be"):
-        call(idx=idx.double())
+    for wrong_idx in (idx.double(), idx[:, 0], idx[..., None]):  # float ids, (B,) or (B, T, 1) ids
+        with pytest.raises(TypeError, match="idx must be"):
+            call(idx=wrong_idx)
     with pytest.raises(TypeError, match="targets must be"):
         call(targets=targets[:4])
     with pytest.raises(ValueError, match="empty batch"):

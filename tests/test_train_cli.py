@@ -604,6 +604,15 @@ def test_the_resumed_drop_is_at_its_step_where_the_fraction_rounds_up():
     assert [config.learning_rate(step) for step in (6, 7, 24)] == [0.1, 0.01, 0.01]
 
 
+def test_a_compare_checkpoint_without_its_reference_twin_is_refused(words_file, tmp_path):
+    Trainer(small_config(words_file, tmp_path, steps=2, compare=True), log=lambda *_: None).fit()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    del state["reference"]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="has no reference twin to continue"):
+        Trainer(TrainConfig(out=str(tmp_path), steps=4), resume=True, log=lambda *_: None)
+
+
 def test_resume_names_an_option_given_at_its_default_value(words_file, tmp_path):
     """--model mlp-bn is the default, yet given when resuming an mlp run it is ignored, and the note says so."""
     out = str(tmp_path / "run")
