@@ -284,6 +284,30 @@ def test_without_batch_norm_a_given_batch_counter_stays(op, backend):
     assert int(counter) == BATCHES_BEFORE
 
 
+def test_the_ops_refuse_a_backend_without_their_kernel():
+    """Only cpp has the one-call kernel (torch is the reference): another backend is refused, not replaced."""
+    idx, targets, params, _ = make_case(6, 3, 4, 8, 5, 7, False)
+    others = sorted(set(fastlm.backends.available()) - {"cpp", "torch"})
+    if not others:
+        pytest.skip("no backend other than cpp and torch is available here")
+    for backend in others:
+        for op, options in ((mlp_loss_and_grads, {}), (mlp_sgd_step, {"lr": 0.1})):
+            with pytest.raises(RuntimeError, match=f"has a cpp kernel only \\(the {backend} backend runs the layers"):
+                op(idx, targets, *params, backend=backend, **options)
+
+
+@pytest.mark.parametrize("transform", ["functionalize", "vmap"])
+def test_a_transform_around_the_step_is_a_clear_error(transform):
+    """The ops return gradients they compute themselves (the reference by autograd inside, which torch.func
+    refuses, the cpp kernel updating tensors in place): inside a transform they say so, naming what works."""
+    idx, targets, params, bn = make_case(6, 3, 4, 8, 5, 7, True)
+    step = torch.func.functionalize(mlp_loss_and_grads) if transform == "functionalize" else torch.func.vmap(
+        mlp_loss_and_grads, in_dims=(0,) + (None,) * 11)
+    with pytest.raises(RuntimeError, match="cannot run inside a torch.func transform or functionalize"):
+        step(idx[None] if transform == "vmap" else idx, targets, *params, *bn)
+    assert int(bn[4]) == BATCHES_BEFORE
+
+
 def test_cpp_kernel_checks_shapes_and_dtypes():
     skip_unless_runs("cpp")
     idx, targets, params, bn = make_case(6, 3, 4, 8, 5, 7, False)

@@ -290,6 +290,7 @@ def test_sample_follows_its_seed_and_ctrl_c_is_status_130(words_file, tmp_path, 
         return capsys.readouterr().out.split()
 
     assert names(5) == names(5) != names(6)
+    assert cli.main(["sample", "--checkpoint", str(out), "--count", "0"]) == 0 and capsys.readouterr().out == ""
 
     def interrupted(*args):
         raise KeyboardInterrupt

@@ -109,6 +109,10 @@ def _backend_for(name, backend, *tensors):
     if resolved not in ("cpp", "torch"):
         raise RuntimeError(f"fastlm.{name} has a cpp kernel only (the {resolved} backend runs the layers: "
                            f"model.loss); use backend='torch' for the reference")
+    if resolved == "torch" and backends.in_torch_func_transform(functionalize_too=True):
+        # the reference differentiates the network with autograd inside, which torch.func refuses
+        raise RuntimeError(f"fastlm.{name} cannot run inside a torch.func transform or functionalize: it computes "
+                           "its gradients itself; transform model.loss, whose layers run there, instead")
     return resolved
 
 
