@@ -172,3 +172,15 @@ def test_merging_moments_skips_ranks_of_empty_batches():
     assert total == 14
     torch.testing.assert_close(mean, whole.mean(0))
     torch.testing.assert_close(m2 / total, whole.var(0, unbiased=False))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_one_value_per_channel_over_all_ranks_is_refused(backend):
+    """As BatchNorm refuses a training batch of one (torch's message), counted over every rank's rows."""
+    skip_unless_runs(backend)
+    with gloo_process_group(0, 1, free_port()):
+        for x in (torch.randn(1, 3), torch.randn(1, 3, 1)):
+            with pytest.raises(ValueError, match="Expected more than 1 value per channel when training, got input "
+                                                 "size .* and 1 values per channel on all ranks"):
+                fastlm.ops.sync_batch_norm(x, None, None, backend=backend)
+        assert fastlm.ops.sync_batch_norm(torch.randn(2, 3), None, None, backend=backend).abs().max() > 0
