@@ -1,6 +1,7 @@
 """fastlm.nn.SyncBatchNorm for real: 2 processes on CPU with the gloo backend, ranks holding batches of
 different sizes, must equal single-process BatchNorm on the concatenated batch, forward and backward."""
 
+import contextlib
 import os
 
 import pytest
@@ -184,3 +185,23 @@ def test_one_value_per_channel_over_all_ranks_is_refused(backend):
                                                  "size .* and 1 values per channel on all ranks"):
                 fastlm.ops.sync_batch_norm(x, None, None, backend=backend)
         assert fastlm.ops.sync_batch_norm(torch.randn(2, 3), None, None, backend=backend).abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+def test_in_one_process_it_is_batch_norm_with_its_options(backend):
+    """eps, momentum and a strided upstream gradient (one gloo process): as fastlm's batch_norm computes them."""
+    skip_unless_runs(backend)
+    torch.manual_seed(3)
+    x, weight, bias = torch.randn(7, 4, 3), torch.rand(4) + 0.5, torch.randn(4)
+    upstream = torch.randn(3, 4, 7).permute(2, 1, 0)  # not contiguous
+    results = []
+    for synced in (True, False):
+        inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        stats = [torch.zeros(4), torch.ones(4)]
+        options = dict(momentum=0.3, eps=0.5, unbiased=True, activation="tanh", backend=backend)
+        with gloo_process_group(0, 1, free_port()) if synced else contextlib.nullcontext():  # backward all-reduces
+            out = (fastlm.ops.sync_batch_norm(inputs[0], *stats, *inputs[1:], **options) if synced else
+                   fastlm.ops.batch_norm(inputs[0], *stats, *inputs[1:], training=True, **options))
+            results.append([out, *torch.autograd.grad(out, inputs, upstream), *stats])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected)
