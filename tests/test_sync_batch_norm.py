@@ -205,3 +205,15 @@ def test_in_one_process_it_is_batch_norm_with_its_options(backend):
             results.append([out, *torch.autograd.grad(out, inputs, upstream), *stats])
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected)
+
+
+def test_bad_input_and_transforms_are_refused_before_any_collective():
+    """4D input and a weight of the wrong size get torch's BatchNorm errors; under a torch.func transform, whose
+    batching and functional rules the collectives lack, the op says so (one gloo process)."""
+    with gloo_process_group(0, 1, free_port()):
+        with pytest.raises(ValueError, match=r"expected 2D or 3D input \(got 4D input\)"):
+            fastlm.ops.sync_batch_norm(torch.randn(2, 3, 4, 5), None, None)
+        with pytest.raises(RuntimeError, match="weight should contain 3 elements not 4"):
+            fastlm.ops.sync_batch_norm(torch.randn(4, 3), None, None, torch.ones(4))
+        with pytest.raises(RuntimeError, match="cannot run inside a torch.func transform"):
+            torch.func.vmap(lambda x: fastlm.ops.sync_batch_norm(x, None, None))(torch.randn(2, 4, 3))
