@@ -18,7 +18,7 @@ import torch
 from torch.nn.utils import parametrizations, prune
 
 import fastlm
-from conftest import assert_close_to_reference, skip_unless_runs
+from conftest import assert_close_to_reference, fastlm_ops_called, skip_unless_runs
 from fastlm.models import build
 from fastlm.ops import mlp_loss_and_grads, mlp_sgd_step
 from test_models import make_twins, make_windows, make_words
@@ -391,41 +391,34 @@ def test_one_call_steps_keep_cumulative_running_stats(step):
     (34, 2500, 200, True), (34, 2500, 201, False),
     # from 256 rows and 8 per token of the vocabulary (8 * 34 = 272), the product-table kernel, at any width
     (34, 2500, 271, False), (34, 2500, 272, True), (27, 4000, 255, False), (27, 4000, 256, True)])
-def test_the_step_is_one_call_where_its_rule_says(monkeypatch, vocab, hidden, batch, one_call):
+def test_the_step_is_one_call_where_its_rule_says(vocab, hidden, batch, one_call):
     """MLP.ONE_CALL_MAX_WORK and PRODUCT_TABLE_MIN_BATCH, at their edges: a training step is one kernel call up to
     that many multiply-adds, batch * hidden * (context * embedding + vocab), or from that many rows (and 8 per
     token); the layers run otherwise."""
     skip_unless_runs("cpp")
-    from fastlm.models import makemore
-
-    calls, op = [], makemore.mlp_loss_and_grads
-    monkeypatch.setattr(makemore, "mlp_loss_and_grads",
-                        lambda idx, *args, **kw: calls.append(len(idx)) or op(idx, *args, **kw))
     model = build("mlp", fused=True, backend="cpp", vocab_size=vocab, context=3, embedding=10, hidden=hidden)
     generator = torch.Generator().manual_seed(0)
-    model.loss_and_grads(torch.randint(0, vocab, (batch, 3), generator=generator),
-                         torch.randint(0, vocab, (batch,), generator=generator))
-    assert calls == ([batch] if one_call else [])
+    idx, targets = (torch.randint(0, vocab, size, generator=generator) for size in ((batch, 3), (batch,)))
+    called = fastlm_ops_called(lambda: model.loss_and_grads(idx, targets))
+    assert ("fastlm::mlp_loss_and_grads" in called) == one_call, called
 
 
 @pytest.mark.parametrize("backend, mode, one_call", [("cpp", "train", True), ("cpp", "eval", False),
                                                       ("torch", "train", False), ("triton", "train", False)])
-def test_only_training_on_the_cpp_backend_is_one_call(monkeypatch, backend, mode, one_call):
+def test_only_training_on_the_cpp_backend_is_one_call(backend, mode, one_call):
     """The one-call kernel is the cpp backend's training step: a model built for another backend runs its layers
     there, and in eval mode BatchNorm normalises with its running statistics (the layers, as the reference)."""
     skip_unless_runs("cpp")
     if backend not in fastlm.backends.available():
         pytest.skip(fastlm.backends.why_unavailable(backend))
-    from fastlm.models import makemore
-
-    calls, op = [], makemore.mlp_loss_and_grads
-    monkeypatch.setattr(makemore, "mlp_loss_and_grads", lambda *args, **kw: calls.append(kw) or op(*args, **kw))
     reference, fused = make_twins("mlp-bn", backend=backend)
     for model in (reference, fused):
         model.train(mode == "train")
     X, Y = make_windows(make_words(20), fused.context)
-    loss, grads = fused.loss_and_grads(X[:32], Y[:32])
-    assert len(calls) == one_call
+    steps = []
+    called = fastlm_ops_called(lambda: steps.append(fused.loss_and_grads(X[:32], Y[:32])))
+    assert ("fastlm::mlp_loss_and_grads" in called) == one_call, called
+    [(loss, grads)] = steps
     want = reference.loss(X[:32], Y[:32])
     torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=0)
     for got, expected in zip(grads, torch.autograd.grad(want, list(reference.parameters()))):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastlm
-from conftest import device_to_test, skip_unless_runs
+from conftest import device_to_test, fastlm_ops_called, skip_unless_runs
 from fastlm.models import MODELS, Recipe, build, calibrate_batchnorm
 from fastlm.models.layers import ReferenceBatchNorm1d
 from fastlm.train import TrainConfig, make_optimizer
@@ -255,20 +255,11 @@ def test_the_backend_a_model_is_built_for_runs_every_layer(name):
     twin's training step calls no fastlm kernel: its embedding + linear, BatchNorm and loss all take the backend
     given."""
     skip_unless_runs("cpp")
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class FastlmKernels(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "fastlm" and func.name() != "fastlm::checked_token_ids":
-                called.append(func.name())
-            return func(*args, **(kwargs or {}))
-
     X, Y = make_windows(make_words(20), build(name, fused=True).context)
     for backend, fastlm_kernels in (("torch", False), ("cpp", True)):
-        called = []
-        with FastlmKernels():
-            model = build(name, fused=True, backend=backend)
-            model.loss(X[:32], Y[:32]).backward()
+        model = build(name, fused=True, backend=backend)
+        called = [op for op in fastlm_ops_called(lambda: model.loss(X[:32], Y[:32]).backward())
+                  if op != "fastlm::checked_token_ids"]
         assert bool(called) == fastlm_kernels, (backend, called)
 
 

@@ -1,7 +1,6 @@
 """fastlm.nn.SyncBatchNorm for real: 2 processes on CPU with the gloo backend, ranks holding batches of
 different sizes, must equal single-process BatchNorm on the concatenated batch, forward and backward."""
 
-import contextlib
 import os
 
 import pytest
@@ -194,16 +193,17 @@ def test_in_one_process_it_is_batch_norm_with_its_options(backend):
     torch.manual_seed(3)
     x, weight, bias = torch.randn(7, 4, 3), torch.rand(4) + 0.5, torch.randn(4)
     upstream = torch.randn(3, 4, 7).permute(2, 1, 0)  # not contiguous
-    results = []
-    for synced in (True, False):
+
+    def output_gradients_and_stats(op, **training):
         inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
         stats = [torch.zeros(4), torch.ones(4)]
-        options = dict(momentum=0.3, eps=0.5, unbiased=True, activation="tanh", backend=backend)
-        with gloo_process_group(0, 1, free_port()) if synced else contextlib.nullcontext():  # backward all-reduces
-            out = (fastlm.ops.sync_batch_norm(inputs[0], *stats, *inputs[1:], **options) if synced else
-                   fastlm.ops.batch_norm(inputs[0], *stats, *inputs[1:], training=True, **options))
-            results.append([out, *torch.autograd.grad(out, inputs, upstream), *stats])
-    for got, expected in zip(*results):
+        out = op(inputs[0], *stats, *inputs[1:], momentum=0.3, eps=0.5, unbiased=True, activation="tanh",
+                 backend=backend, **training)
+        return [out, *torch.autograd.grad(out, inputs, upstream), *stats]
+
+    with gloo_process_group(0, 1, free_port()):  # (the backward all-reduces too)
+        synced = output_gradients_and_stats(fastlm.ops.sync_batch_norm)
+    for got, expected in zip(synced, output_gradients_and_stats(fastlm.ops.batch_norm, training=True)):
         torch.testing.assert_close(got, expected)
 
 
