@@ -42,6 +42,13 @@ def small_config(words_file, out, **changes):
     return TrainConfig(**options)
 
 
+def rewrite_checkpoint(path, change) -> None:
+    """The checkpoint at ``path`` (a file) as ``change(state)`` leaves it, as a hand edit or another version would."""
+    state = torch.load(path, weights_only=False)
+    change(state)
+    torch.save(state, path)
+
+
 def fastlm_command(*args, **env):
     return subprocess.run([sys.executable, "-m", "fastlm", *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **env})
@@ -183,9 +190,7 @@ def test_resume_takes_the_checkpoint_configuration(words_file, tmp_path):
     assert notes == ["note: resuming with the checkpoint's configuration; ignored: --hidden"]
     resumed.fit()
     assert resumed.step == 20
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    state["config"]["cuda_graph"] = True
-    torch.save(state, tmp_path / "checkpoint.pt")
+    rewrite_checkpoint(tmp_path / "checkpoint.pt", lambda state: state["config"].update(cuda_graph=True))
     with pytest.raises(ConfigError, match="needs --device cuda"):
         Trainer(small_config(words_file, tmp_path), resume=True, log=lambda *_: None)
 
@@ -408,9 +413,7 @@ def test_another_torch_file_is_not_taken_for_a_checkpoint(tmp_path, saved, lacks
 def test_a_checkpoint_that_does_not_fit_is_a_clear_error(words_file, tmp_path, change, message, resume_message):
     """A checkpoint from another fastlm version or edited by hand: one line, both to sample and to resume."""
     Trainer(small_config(words_file, tmp_path, model="mlp", steps=2), log=lambda *_: None).fit()
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    change(state)
-    torch.save(state, tmp_path / "checkpoint.pt")
+    rewrite_checkpoint(tmp_path / "checkpoint.pt", change)
     result = fastlm_command("sample", "--checkpoint", str(tmp_path))
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     with pytest.raises(ConfigError, match=resume_message or message):
@@ -574,9 +577,7 @@ def test_a_checkpoint_without_its_words_record_keeps_its_word_list(words_file, t
     """A checkpoint of an older fastlm has no record of its words to check another list against: the run goes on
     with the list it trained on, and a --data given is noted as ignored."""
     Trainer(small_config(words_file, tmp_path / "run", steps=2), log=lambda *_: None).fit()
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    del state["words"]
-    torch.save(state, tmp_path / "run" / "checkpoint.pt")
+    rewrite_checkpoint(tmp_path / "run" / "checkpoint.pt", lambda state: state.pop("words"))
     shutil.copy(words_file, tmp_path / "moved.txt")
     notes = []
     resumed = Trainer(TrainConfig(out=str(tmp_path / "run"), data=str(tmp_path / "moved.txt")), resume=True,
@@ -607,9 +608,7 @@ def test_the_resumed_drop_is_at_its_step_where_the_fraction_rounds_up():
 
 def test_a_compare_checkpoint_without_its_reference_twin_is_refused(words_file, tmp_path):
     Trainer(small_config(words_file, tmp_path, steps=2, compare=True), log=lambda *_: None).fit()
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    del state["reference"]
-    torch.save(state, tmp_path / "checkpoint.pt")
+    rewrite_checkpoint(tmp_path / "checkpoint.pt", lambda state: state.pop("reference"))
     with pytest.raises(ConfigError, match="has no reference twin to continue"):
         Trainer(TrainConfig(out=str(tmp_path), steps=4), resume=True, log=lambda *_: None)
 
@@ -669,9 +668,8 @@ def test_a_given_lr_drops_by_the_recipes_factor():
 def test_sample_runs_a_gpu_checkpoint_on_the_cpu(words_file, tmp_path):
     """A checkpoint's device and backend (here made to say cuda) do not stop sampling on --device cpu."""
     Trainer(small_config(words_file, tmp_path, steps=5), log=lambda *_: None).fit()
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    state["config"].update(device="cuda", backend="cuda")
-    torch.save(state, tmp_path / "checkpoint.pt")
+    rewrite_checkpoint(tmp_path / "checkpoint.pt",
+                       lambda state: state["config"].update(device="cuda", backend="cuda"))
     result = fastlm_command("sample", "--checkpoint", str(tmp_path), "--count", "3")
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 3
