@@ -404,8 +404,8 @@ def relative_error(actual: Tensor | None, expected: Tensor, magnitude: float) ->
     actual = actual.detach().double().to(expected.device)
     finite = expected[torch.isfinite(expected)]
     scale = max(finite.abs().max().item() if finite.numel() else 0.0, magnitude, 1e-30)
-    both_nan = torch.isnan(actual) & torch.isnan(expected)
-    error = torch.where(both_nan, 0.0, (actual - expected).abs() / (scale + expected.abs()))
+    exact = (actual == expected) | (torch.isnan(actual) & torch.isnan(expected))  # equal infinities too
+    error = torch.where(exact, 0.0, (actual - expected).abs() / (scale + expected.abs()))
     return torch.nan_to_num(error, nan=math.inf).max().item() if error.numel() else 0.0
 
 
