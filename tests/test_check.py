@@ -24,6 +24,8 @@ def test_quick_check_passes_on_every_backend_here(capsys):
     for dtype in ("float32", "float64"):
         assert re.search(rf"^determinism\s+cpp\s+{dtype}\s+4 .* PASS", out, re.MULTILINE)
     assert "FAIL" not in out
+    # determinism and refusals are the kernels' promises: the reference, plain PyTorch, has no such rows
+    assert not re.search(r"^(determinism|refuses bad input)\s+torch", out, re.MULTILINE)
 
 
 @pytest.fixture
@@ -36,6 +38,13 @@ def test_relative_error_counts_a_nan_where_one_is_expected_as_exact():
     nan, one = torch.tensor([float("nan")]), torch.tensor([1.0])
     assert check.relative_error(nan, nan, 1.0) == 0
     assert check.relative_error(nan, one, 1.0) == math.inf and check.relative_error(one, nan, 1.0) == math.inf
+
+
+def test_relative_error_counts_an_infinity_where_one_is_expected_as_exact_and_scales_by_the_finite_values():
+    inf = float("inf")
+    assert check.relative_error(torch.tensor([inf, -inf]), torch.tensor([inf, -inf]), 0.0) == 0
+    assert check.relative_error(torch.tensor([inf, 1.0]), torch.tensor([-inf, 1.0]), 0.0) == math.inf
+    assert check.relative_error(torch.tensor([inf, 1.0]), torch.tensor([inf, 2.0]), 0.0) == 0.25  # 1 / (2 + 2)
 
 
 def test_a_backend_off_by_1e_2_fails(monkeypatch, capsys, cpp):
@@ -128,11 +137,12 @@ def test_a_failing_reference_fails_its_row(monkeypatch, capsys, cpp):
                      capsys.readouterr().out, re.MULTILINE)
 
 
-def test_a_backend_that_writes_over_its_input_fails(monkeypatch, capsys, cpp):
-    """Logits filled with NaN after the loss is computed: the values compared were right, the caller's were not."""
+@pytest.mark.parametrize("overwrite", [lambda t: t.fill_(float("nan")), lambda t: t.mul_(2)], ids=["nan", "doubled"])
+def test_a_backend_that_writes_over_its_input_fails(monkeypatch, capsys, cpp, overwrite):
+    """Logits overwritten after the loss is computed: the values compared were right, the caller's were not."""
     def overwriting(input, *args, **kwargs):
         loss = cpp.ops["cross_entropy"](input, *args, **kwargs)
-        input.data.fill_(float("nan"))
+        overwrite(input.data)
         return loss
 
     monkeypatch.setitem(check.BACKENDS, "overwriting",
@@ -325,6 +335,10 @@ def test_a_dtype_the_step_kernel_does_not_take_is_not_checked_there(capsys, cpp)
     assert check.main(["--device", "cpu", "--quick", "--backend", "cpp", "torch", "--op", "mlp_sgd_step", "--dtype",
                        "float16"]) == 1
     assert "FAILED: nothing to check" in capsys.readouterr().out
+    # the reference alone, asked for: it takes float16, and no kernel backend asked for lacks it
+    assert check.main(["--device", "cpu", "--quick", "--backend", "torch", "--op", "mlp_sgd_step", "--dtype",
+                       "float16"]) == 0
+    assert "not checked: mlp_sgd_step" not in capsys.readouterr().out
 
 
 def test_unknown_backend_is_refused():
@@ -386,3 +400,93 @@ def test_names_given_twice_are_checked_once(cpp):
     args = check.parse_args(["--backend", "cpp", "cpp", "--op", "batch_norm", "batch_norm", "--dtype", "float32",
                              "float32"])
     assert (args.backend, args.op, args.dtype) == (["cpp"], ["batch_norm"], ["float32"])
+
+
+def test_an_error_at_the_tolerance_passes_and_one_above_it_fails():
+    result = check.Result("batch_norm", "cpp", "float32", tolerance=2e-5)
+    result.record("at", 2e-5)
+    assert result.passed
+    result.record("above", 2.2e-5)
+    assert result.failures == ["above"] and result.worst == "above"
+
+
+def test_a_loss_of_the_wrong_shape_fails(monkeypatch, capsys, cpp):
+    """A loss of shape (1,) where torch gives a 0-dim one: equal values once broadcast, a wrong result all the same
+    (the forward-only case, where backward does not trip over the shape first)."""
+    def kept_dim(*args, **kwargs):
+        loss = cpp.ops["cross_entropy"](*args, **kwargs)
+        return loss if loss.requires_grad else loss.reshape(1)
+
+    monkeypatch.setitem(check.BACKENDS, "kept", check.Backend({**cpp.ops, "cross_entropy": kept_dim}, cpp.runs_on))
+    assert check.main(["--device", "cpu", "--quick", "--backend", "kept", "--op", "cross_entropy", "--dtype",
+                       "float32"]) == 1
+    assert re.search(r"^cross_entropy\s+kept\s+float32 .* FAIL  first failure: N=7 C=27 weight, forward only: output",
+                     capsys.readouterr().out, re.MULTILINE)
+
+
+def test_the_inputs_a_case_marks_strided_reach_the_backend_non_contiguous(monkeypatch, cpp):
+    """Every op has a case whose input comes column-major, as a transposed or sliced tensor would."""
+    strided_ops = set()
+
+    def recording(op):
+        def call(*args, **kwargs):
+            if any(isinstance(value, torch.Tensor) and not value.is_contiguous()
+                   for value in (*args, *kwargs.values())):
+                strided_ops.add(op)
+            return cpp.ops[op](*args, **kwargs)
+        return call
+
+    monkeypatch.setitem(check.BACKENDS, "recording", check.Backend({op: recording(op) for op in cpp.ops},
+                                                                   cpp.runs_on))
+    assert check.main(["--device", "cpu", "--quick", "--backend", "recording", "--dtype", "float32"]) == 0
+    assert strided_ops == set(check.OPS)
+
+
+def test_half_precision_checks_pass_on_cpu_with_batch_norm_parameters_kept_in_fp32(capsys, cpp):
+    """The GPU's dtypes run on the cpp kernels too: BatchNorm's weight, bias and running statistics stay fp32 (as
+    under autocast), so their gradients and steps are fp32 while the input's are half."""
+    assert check.main(["--device", "cpu", "--quick", "--backend", "cpp", "--op", "batch_norm", "cross_entropy",
+                       "--dtype", "bfloat16", "float16"]) == 0
+    out = capsys.readouterr().out
+    for op in ("batch_norm", "cross_entropy"):
+        for dtype in ("bfloat16", "float16"):
+            assert re.search(rf"^{op}\s+cpp\s+{dtype} .* PASS", out, re.MULTILINE)
+
+
+def test_a_backend_exact_on_its_half_precision_inputs_is_off_by_its_output_rounding_alone(monkeypatch, cpp):
+    """The reference runs on the inputs and upstream gradient rounded as the backend under test got them: a
+    backend computing the exact loss of its bfloat16 logits is within bfloat16's rounding of its results (2^-8
+    relative, at most 2^-9 on the check's scale), where against the unrounded values it was not."""
+    def exact(input, target, weight=None, **options):
+        loss = check.REFERENCE["cross_entropy"](input.double(), target,
+                                                 weight=None if weight is None else weight.double(), **options)
+        return loss.to(input.dtype)
+
+    monkeypatch.setitem(check.BACKENDS, "exact", check.Backend({**cpp.ops, "cross_entropy": exact}, cpp.runs_on))
+    result = check.check_op("cross_entropy", check.cross_entropy_cases(quick=True), "exact", torch.bfloat16, "cpu")
+    assert result.passed and 0 < result.error <= 2**-9, (result.error, result.worst)
+
+
+def test_no_kernel_backend_running_on_the_device_fails(monkeypatch, capsys, cpp):
+    """On a machine where only the reference runs on the device, checking it against itself would pass while
+    checking nothing of fastlm's."""
+    for name in check.BACKENDS:
+        if name != "torch":
+            monkeypatch.setitem(check.BACKENDS, name, check.Backend(check.BACKENDS[name].ops, lambda device: False))
+    assert check.main(["--device", "cpu", "--quick", "--op", "batch_norm", "--dtype", "float32"]) == 1
+    out = capsys.readouterr().out
+    assert "  not checked: cpp: does not run on cpu" in out
+    assert out.rstrip().endswith("FAILED: no fastlm kernel backend runs on cpu here")
+
+
+def test_a_backend_counting_ignored_rows_as_class_0_fails(monkeypatch, capsys, cpp):
+    def counting_ignored(input, weight, target, *args, **kwargs):
+        return cpp.ops["linear_cross_entropy"](input, weight, torch.where(target == -100, 0, target), *args, **kwargs)
+
+    monkeypatch.setitem(check.BACKENDS, "counting",
+                        check.Backend({**cpp.ops, "linear_cross_entropy": counting_ignored}, cpp.runs_on))
+    assert check.main(["--device", "cpu", "--quick", "--backend", "counting", "--op", "linear_cross_entropy",
+                       "--dtype", "float64"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^linear_cross_entropy\s+counting\s+float64 .* FAIL", out, re.MULTILINE)
+    assert re.search(r"^refuses bad input\s+counting .* PASS", out, re.MULTILINE)

@@ -194,6 +194,23 @@ def test_cross_entropy_loss_traced_itself_calls_the_functional():
     torch.testing.assert_close(traced(logits, target), loss(logits, target), rtol=0, atol=0)
 
 
+def test_a_layer_and_an_op_given_proxies_by_keyword_are_one_node_each():
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = fastlm.nn.BatchNorm1d(5)
+
+        def forward(self, logits, target):
+            return fastlm.ops.cross_entropy(input=self.norm(input=logits), target=target)
+
+    model = Keywords()
+    traced = fx.symbolic_trace(model)
+    assert node_ops(traced) == [("placeholder", "logits"), ("placeholder", "target"), ("call_module", "norm"),
+                                ("call_function", str(fastlm.ops.cross_entropy)), ("output", "output")]
+    logits, target = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    torch.testing.assert_close(traced(logits, target), copy.deepcopy(model)(logits, target), rtol=0, atol=0)
+
+
 def test_sync_batch_norm_traces_to_one_call_function_node():
     """Tracing runs no collective: the graph is made without a process group."""
 

@@ -205,6 +205,19 @@ def test_opcheck(batchnorm, layout):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_loss_and_grads_of_parameters_that_require_grad_are_plain_tensors(backend):
+    """A model's parameters require grad: the loss and gradients the op returns are results, not part of a graph
+    (a loss that required grad would raise at its backward, the op having no autograd formula)."""
+    skip_unless_runs(backend)
+    idx, targets, params, bn = make_case(33, 3, 7, 41, 29, 31, batchnorm=True)
+    params = [p.float().requires_grad_() for p in params]
+    bn = [in_dtype(t, torch.float32).requires_grad_() if i < 2 else in_dtype(t, torch.float32)
+          for i, t in enumerate(bn)]
+    result = mlp_loss_and_grads(idx, targets, *params, *bn, backend=backend)
+    assert [name for name, value in result._asdict().items() if value.requires_grad] == []
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("batchnorm", [False, True], ids=["mlp", "mlp-bn"])
 def test_sgd_step_is_loss_and_grads_then_the_update(batchnorm, dtype, backend):
