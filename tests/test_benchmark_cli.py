@@ -255,7 +255,7 @@ def test_mlp_step_times_a_whole_training_step(tmp_path):
     assert benchmark.main(["--quick", "--op", "mlp_step", "--sizes", "8x4x16", "--out", str(tmp_path)]) == 0
     rows = json.loads(next(tmp_path.glob("mlp_step-*.json")).read_text())["rows"]
     providers = {row["provider"] for row in rows}
-    assert {"fastlm-cpp", "eager", "torch.compile"} <= providers
+    assert {"fastlm-cpp", "fastlm-cpp-step", "eager", "torch.compile"} <= providers  # the step as fastlm train runs it
     assert all(row["median_ms"] > 0 and math.isfinite(row["median_ms"]) for row in rows)
 
 
@@ -375,7 +375,7 @@ def test_results_that_cannot_be_saved_end_the_run_with_one_line(tmp_path, monkey
     assert not list(tmp_path.glob("*.part"))
 
 
-@pytest.mark.parametrize("load", [0.5, 8.0])
+@pytest.mark.parametrize("load", [0.5, 1.5, 8.0])
 def test_a_busy_machine_is_said_and_recorded(tmp_path, monkeypatch, capsys, load):
     """Other work on the machine (load average above one per core) made eager's calls 400x slower in one
     run, and nothing said so: the run warns, and the results keep the load."""
@@ -385,11 +385,11 @@ def test_a_busy_machine_is_said_and_recorded(tmp_path, monkeypatch, capsys, load
     monkeypatch.setattr(benchmark.harness.os, "getloadavg", lambda: (load * 2, 0.0, 0.0))
     monkeypatch.setattr(benchmark.harness.os, "cpu_count", lambda: 2)
     assert benchmark.main(["--op", "toy", "--sizes", "1", "--quick", "--out", str(tmp_path)]) == 0
-    assert ("this machine is busy (load average 8.0 per core)" in capsys.readouterr().err) == (load > 1)
+    assert (f"this machine is busy (load average {load:.1f} per core)" in capsys.readouterr().err) == (load > 1)
     result = json.loads((tmp_path / "toy-cpu-quick.json").read_text())
     assert result["environment"]["load_per_core"] == result["load_per_core_at_start"] == load
     heading = benchmark.harness.markdown_table([str(tmp_path / "toy-cpu-quick.json")]).splitlines()[0]
-    assert ("a busy machine (load 8.0 per core at the start)" in heading) == (load > 1), heading
+    assert (f"a busy machine (load {load:.1f} per core at the start)" in heading) == (load > 1), heading
 
 
 def test_gpu_blocks_time_back_to_back_calls():
@@ -440,3 +440,42 @@ def test_gpu_session_script_refuses_to_measure_an_unnamed_commit(tmp_path):
                             env={**env, "OUT": str(tmp_path / "out")}, timeout=60)
     assert result.returncode == 2 and "FASTLM_GIT_COMMIT" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cases_count_their_bytes_and_name_what_fastlm_ran():
+    """GB/s counts the fewest bytes a mode moves (cross-entropy: the logits read, then also their gradient
+    written; BatchNorm: x read and y written, dy and x read and dx written); cross-entropy's rows say how many
+    logits-sized buffers their peak held, embedding + linear's fastlm rows which strategy ran."""
+    from fastlm.ops.embedding_linear import choose_strategy
+
+    logits = 8 * 5 * 4
+    ce = next(benchmark.cross_entropy_problems((8, 5), torch.float32, "cpu", True))
+    assert ce.min_bytes == {"fwd": logits, "full": 2 * logits}
+    row = benchmark.harness.Row("cross_entropy", ce.case, "full", "fastlm-cpp", 1.0, (1.0, 1.0), 1,
+                                peak_extra_mb=2 * logits / 2**20)
+    ce.annotate(row)
+    assert row.extra == {"peak_in_NxC_buffers": 2.0}
+    bn = next(benchmark.batch_norm_problems((8, 5), torch.float32, "cpu", True))
+    assert bn.min_bytes == {"fwd": 2 * logits, "bwd": 3 * logits, "full": 5 * logits}
+    size = (6, 3, 4, 5, 27)
+    el = next(benchmark.embedding_linear_problems(size, torch.float32, "cpu", True))
+    rows = [benchmark.harness.Row("embedding_linear", el.case, "full", provider, 1.0, (1.0, 1.0), 1)
+            for provider in ("fastlm-cpp", "eager")]
+    for row in rows:
+        el.annotate(row)
+    assert [row.extra for row in rows] == [{"strategy": choose_strategy(6, 27, 4, 3, 5)}, {}]
+
+
+def test_the_fused_head_written_as_torch_code_is_timed_where_convert_fuses_it():
+    plain = next(benchmark.linear_cross_entropy_problems((8, 4, 5), torch.float32, "cpu", True))
+    capped = next(benchmark.linear_cross_entropy_problems((8, 4, 5), torch.float32, "cpu", True, softcap=3.0))
+    assert "fastlm.convert" in plain.forwards and "fastlm.convert" not in capped.forwards
+
+
+def test_dtypes_named_replace_each_default_size_s_own_once():
+    """On a GPU, BatchNorm's default cases hold 65536 x 1024 in fp32 and in bf16: --dtype float16 times it once."""
+    import argparse
+
+    args = argparse.Namespace(sizes=[], quick=False, device="cuda", dtype=["float16"])
+    assert benchmark.cases(benchmark.OPS["batch_norm"], args) == [((65536, 1024), torch.float16),
+                                                                  ((32, 200), torch.float16)]
