@@ -1,6 +1,7 @@
 """FlopCounterMode over fastlm's fused ops counts what it counts over the torch code they replace (it counted
 nothing for them: the mode sees the kernel ops, not the products inside)."""
 
+import copy
 import subprocess
 import sys
 
@@ -35,7 +36,7 @@ def test_converted_model_counts_as_torch(backend):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(VOCAB, DIM), nn.Flatten(), nn.Linear(CONTEXT * DIM, HIDDEN),
                           nn.BatchNorm1d(HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, VOCAB)).to(device)
-    fused = fastlm.convert(model, backend=backend)
+    fused = fastlm.convert(copy.deepcopy(model), backend=backend)  # (convert swaps the layers in place)
     idx, targets = (t.to(device) for t in idx_and_targets())
     expected = flops(lambda: F.cross_entropy(model(idx), targets).backward())
     assert expected > 0
@@ -104,3 +105,29 @@ def test_formulas_registered_however_flop_counter_is_imported(before):
             "print(counter.get_total_flops())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out == f"{2 * 8 * 16 * 11}\n"
+
+
+def test_reloading_the_formulas_module_keeps_the_registered_formulas_and_one_import_hook():
+    """torch refuses a second registration of an op's formula: a reload of fastlm's module (flop_counter imported
+    already) leaves those registered as they are, and its import hook the one there was (it added a second)."""
+    import importlib
+
+    import fastlm.ops.flop_counts as flop_counts
+
+    importlib.reload(flop_counts)
+    assert [type(finder).__name__ for finder in sys.meta_path].count("_RegisterWhenImported") == 1
+    skip_unless_runs("cpp")
+    h, w, t = torch.randn(8, 16), torch.randn(11, 16), torch.randint(0, 11, (8,))
+    assert flops(lambda: fastlm.ops.linear_cross_entropy(h, w, t)) == 2 * 8 * 16 * 11
+
+
+def test_formulas_that_fail_to_register_warn_and_torch_still_imports():
+    code = ("import warnings, fastlm, fastlm.ops.flop_counts as flop_counts\n"
+            "def broken(): raise RuntimeError('broken')\n"
+            "flop_counts.register_formulas = broken\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    from torch.utils.flop_counter import FlopCounterMode\n"
+            "print([str(w.message) for w in caught if 'fastlm' in str(w.message)])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "['fastlm: FLOP formulas not registered (broken)']\n"

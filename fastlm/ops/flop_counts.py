@@ -99,7 +99,10 @@ class _RegisterWhenImported(importlib.abc.MetaPathFinder):
         return spec
 
 
-if not any(isinstance(finder, _RegisterWhenImported) for finder in sys.meta_path):  # once, even on a reload
+# Once, even on a reload (which makes a new class: the finder already there is found by its class's name; it calls
+# this module's register_formulas, whose globals the reload updated in place)
+if not any(type(finder).__module__ == __name__ and type(finder).__qualname__ == _RegisterWhenImported.__qualname__
+           for finder in sys.meta_path):
     sys.meta_path.insert(0, _RegisterWhenImported())
 if FLOP_COUNTER in sys.modules:
     register_formulas()
