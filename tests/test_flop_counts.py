@@ -83,7 +83,7 @@ def test_inference_mode_counts_as_torch():
     skip_unless_runs("cpp")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(VOCAB, DIM), nn.Flatten(), nn.Linear(CONTEXT * DIM, HIDDEN))
-    fused = fastlm.convert(model)
+    fused = fastlm.convert(copy.deepcopy(model))
     idx, targets = idx_and_targets()
     head = torch.randn(VOCAB, HIDDEN)
     with torch.inference_mode():
