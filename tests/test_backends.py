@@ -126,6 +126,23 @@ def test_fake_kernels_refuse_tensors_on_different_devices():
                                                torch.ones(7, device="meta"), -100, 0.0, 0.0, 0.0)
 
 
+def test_ops_on_meta_tensors_give_torch_s_shapes():
+    """A model on the meta device (built for its shapes, before any memory) runs fastlm's ops as it runs torch's:
+    autocast, which knows no meta device, is not asked about it (it raised)."""
+    import torch.nn.functional as F
+
+    x, target, idx = (torch.randn(4, 5, device="meta"), torch.zeros(4, dtype=torch.long, device="meta"),
+                      torch.zeros(4, 3, dtype=torch.long, device="meta"))
+    table, weight, head = (torch.randn(9, 2, device="meta"), torch.randn(7, 6, device="meta"),
+                           torch.randn(11, 5, device="meta"))
+    pairs = [(fastlm.ops.cross_entropy(x, target), F.cross_entropy(x, target)),
+             (fastlm.ops.linear_cross_entropy(x, head, target), F.cross_entropy(F.linear(x, head), target)),
+             (fastlm.ops.batch_norm(x, None, None, training=True), F.batch_norm(x, None, None, training=True)),
+             (fastlm.ops.embedding_linear(idx, table, weight), F.linear(F.embedding(idx, table).view(4, 6), weight))]
+    for ours, torchs in pairs:
+        assert ours.device.type == "meta" and ours.shape == torchs.shape and ours.dtype == torchs.dtype
+
+
 def test_an_extension_that_fails_to_load_is_said_aloud():
     """Without fastlm._C (a wheel built for another torch, a failed build) the ops run their plain-PyTorch
     reference: a RuntimeWarning says so once, and `fastlm check`, which would then check the reference alone,

@@ -91,3 +91,11 @@ def test_extra_characters_take_ids_in_sorted_order():
 
 def test_the_digest_tells_where_the_words_break():
     assert data.words_digest(["ab", "c"]) != data.words_digest(["a", "bc"])
+
+
+def test_a_word_of_many_unknown_characters_names_the_first_ten(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_text("anna\n" + "".join(chr(0x3b1 + i) for i in range(12)) + "\n", encoding="utf-8")
+    with pytest.raises(data.OutsideVocabulary) as error:
+        data.load_words(path)
+    assert str(error.value).endswith("'θ' (U+03B8), 'ι' (U+03B9), 'κ' (U+03BA), ...")
