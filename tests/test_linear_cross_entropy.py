@@ -248,6 +248,8 @@ def test_module_passes_its_options_and_keeps_its_class_weight_as_a_buffer():
     torch.testing.assert_close(loss_fn(x, weight, target, bias), expected)
     assert torch.equal(loss_fn.state_dict()["ce_weight"], ce_weight)
     assert loss_fn.double().ce_weight.dtype == torch.float64
+    capped = fastlm.nn.LinearCrossEntropyLoss(softcap=2.0)(x, weight, target, bias)
+    torch.testing.assert_close(capped, F.cross_entropy(2.0 * torch.tanh(F.linear(x, weight, bias) / 2.0), target))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton", "cuda", "torch"])
