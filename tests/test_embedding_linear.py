@@ -170,6 +170,22 @@ def test_frozen_parameters_get_no_gradient(backend):
     assert_close_to_reference(weight.grad, want, torch.float64)
 
 
+def test_the_layer_asks_for_the_atomic_scatter_as_built(monkeypatch):
+    """EmbeddingLinear(atomic_scatter=True) hands the option to the op (the kernels see it asked for), as the
+    functional call does (below)."""
+    device = device_to_test("triton")
+    from fastlm.kernels import embedding_linear as kernels
+
+    asked = []
+    monkeypatch.setattr(kernels, "_use_atomics", lambda deterministic, device: asked.append(deterministic) or
+                        not deterministic)
+    for atomic_scatter in (True, False):
+        asked.clear()
+        layer = fastlm.nn.EmbeddingLinear(27, 4, 3, 5, atomic_scatter=atomic_scatter, backend="triton").to(device)
+        layer(torch.randint(0, 27, (40, 3), device=device)).sum().backward()
+        assert asked and set(asked) == {not atomic_scatter}
+
+
 def test_atomic_scatter_is_opt_in_and_off_under_deterministic_algorithms(monkeypatch):
     """What the public API hands the kernels: the atomic scatter only with atomic_scatter=True, and never while
     torch.use_deterministic_algorithms(True) is on. Run on the Triton kernels (on a GPU, or through the
