@@ -98,7 +98,7 @@ def test_sync_matches_single_process_on_the_whole_batch(tmp_path, shape_tail, op
 @needs_batch_norm_bias_keyword
 def test_convert_sync_batchnorm_keeps_parameters_and_options():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None, bias=False),
-                          nn.Sequential(fastlm.nn.BatchNorm1d(4, unbiased=True, activation="tanh")))
+                          nn.Sequential(fastlm.nn.BatchNorm1d(4, unbiased=True, activation="tanh", backend="torch")))
     model(torch.randn(8, 3))
     model[1].qconfig = qconfig = object()  # quantization's setting, which torch's converter carries over too
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -108,6 +108,7 @@ def test_convert_sync_batchnorm_keeps_parameters_and_options():
     assert converted[1].bias is None and list(converted.state_dict()) == list(before)
     inner = converted[2][0]
     assert isinstance(inner, fastlm.nn.SyncBatchNorm) and inner.unbiased and inner.activation == "tanh"
+    assert inner.backend == "torch" and converted[1].backend is None
     for key, value in converted.state_dict().items():
         assert torch.equal(value, before[key])
     assert not fastlm.nn.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(4).eval()).training
