@@ -113,11 +113,12 @@ def test_converted_layers_keep_their_options_and_mode():
     assert not any(module.training for module in converted.modules())
 
 
-def test_a_linear_per_token_is_not_an_embedding_linear_run():
-    """Embedding -> Flatten(start_dim=2) -> Linear applies the linear to each token's embedding: not fused, and it
-    computes what it computed."""
+@pytest.mark.parametrize("flatten", [nn.Flatten(start_dim=2), nn.Flatten(1, 1)], ids=["start_dim=2", "end_dim=1"])
+def test_a_linear_per_token_is_not_an_embedding_linear_run(flatten):
+    """Embedding -> Flatten(start_dim=2) (or a Flatten of dim 1 alone, which keeps the tokens apart) -> Linear
+    applies the linear to each token's embedding: not fused, and it computes what it computed."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(27, 4), nn.Flatten(start_dim=2), nn.Linear(4, 8))
+    model = nn.Sequential(nn.Embedding(27, 4), flatten, nn.Linear(4, 8))
     reference = copy.deepcopy(model)
     converted = fastlm.convert(model)
     assert type(converted) is nn.Sequential
@@ -358,3 +359,12 @@ def test_converted_sequential_compiles_in_one_graph_from_its_first_call():
     assert counter.frame_count == 1
     code = counter.graphs[0].code
     assert "fastlm.embedding_linear" in code and "fastlm.batch_norm" in code
+
+
+def test_repr_names_the_fused_runs_and_pairs_also_after_convert_sync_batchnorm():
+    model = fastlm.convert(nn.Sequential(nn.Embedding(27, 4), nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8),
+                                         nn.Tanh()))
+    assert repr(model).splitlines()[1] == "  fused runs at [0], BatchNorm + activation pairs at [3]"
+    synchronised = fastlm.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (the containers converted in place)
+    assert type(synchronised[3]) is fastlm.nn.SyncBatchNorm
+    assert repr(synchronised).splitlines()[1] == "  fused runs at [0], BatchNorm + activation pairs at [3]"
