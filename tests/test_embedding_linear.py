@@ -170,15 +170,23 @@ def test_frozen_parameters_get_no_gradient(backend):
     assert_close_to_reference(weight.grad, want, torch.float64)
 
 
-def test_the_layer_asks_for_the_atomic_scatter_as_built(monkeypatch):
-    """EmbeddingLinear(atomic_scatter=True) hands the option to the op (the kernels see it asked for), as the
-    functional call does (below)."""
-    device = device_to_test("triton")
+@pytest.fixture
+def deterministic_asked(monkeypatch) -> list[bool]:
+    """What the Triton kernels are asked for at each scatter (deterministic or not), recorded; the interpreter's
+    atomic path, a GPU's, is forced on whenever it is asked for, as on a GPU."""
     from fastlm.kernels import embedding_linear as kernels
 
     asked = []
     monkeypatch.setattr(kernels, "_use_atomics", lambda deterministic, device: asked.append(deterministic) or
                         not deterministic)
+    return asked
+
+
+def test_the_layer_asks_for_the_atomic_scatter_as_built(deterministic_asked):
+    """EmbeddingLinear(atomic_scatter=True) hands the option to the op (the kernels see it asked for), as the
+    functional call does (below)."""
+    device = device_to_test("triton")
+    asked = deterministic_asked
     for atomic_scatter in (True, False):
         asked.clear()
         layer = fastlm.nn.EmbeddingLinear(27, 4, 3, 5, atomic_scatter=atomic_scatter, backend="triton").to(device)
@@ -186,17 +194,12 @@ def test_the_layer_asks_for_the_atomic_scatter_as_built(monkeypatch):
         assert asked and set(asked) == {not atomic_scatter}
 
 
-def test_atomic_scatter_is_opt_in_and_off_under_deterministic_algorithms(monkeypatch):
+def test_atomic_scatter_is_opt_in_and_off_under_deterministic_algorithms(deterministic_asked):
     """What the public API hands the kernels: the atomic scatter only with atomic_scatter=True, and never while
     torch.use_deterministic_algorithms(True) is on. Run on the Triton kernels (on a GPU, or through the
-    interpreter, whose atomic path, a GPU's, is forced on here whenever it is asked for, as on a GPU); the
-    gradients stay right either way."""
+    interpreter); the gradients stay right either way."""
     device = device_to_test("triton")
-    from fastlm.kernels import embedding_linear as kernels
-
-    asked = []
-    monkeypatch.setattr(kernels, "_use_atomics", lambda deterministic, device: asked.append(deterministic) or
-                        not deterministic)
+    asked = deterministic_asked
     idx, table, weight, bias, grad = make_case(40, 3, 4, 5, 27, device)
     want = reference(idx, table, weight, bias, grad)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
