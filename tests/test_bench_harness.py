@@ -1,7 +1,7 @@
 """fastlm.bench_harness's measurements on their own: what each timer counts (on a fake clock, so the counts are
-exact), which calls the backward mode times, the quartiles, the copy bandwidth's bytes, the peak memory of a
-fastlm op whose buffers are kept between calls, the commit and changes a result records, the table's numbers,
-and a save interrupted midway."""
+exact), which calls the backward mode times, the quartiles, the copy bandwidth's bytes, the peak memory of steps
+whose memory comes back from the heap or from a fastlm op's kept buffer, the commit and changes a result records,
+the table's numbers, and a save interrupted midway."""
 
 import json
 import os
@@ -132,17 +132,34 @@ def test_only_compiled_backends_that_run_on_the_device_are_timed(monkeypatch):
     assert "cpp" not in harness.fastlm_backends("cpu")
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
-def test_peak_memory_of_a_fastlm_op_counts_the_buffer_it_keeps_between_calls():
-    """The cpp cross-entropy keeps its last gradient's storage for the next call: the peak still shows that
-    gradient (16 MB), as a training step that does not run right after another one pays it."""
+def eager_batch_norm_step():
+    """Eager BatchNorm's output and input gradient (8 MB each), which glibc hands back from the pages the last step
+    freed: a resident-set count alone saw 0 MB."""
+    x, grad = torch.randn(2048, 1024, requires_grad=True), torch.randn(2048, 1024)
+    bn = torch.nn.BatchNorm1d(1024)
+
+    def step(_):
+        bn(x).backward(grad)
+        x.grad = None
+    return step
+
+
+def fastlm_cross_entropy_step():
+    """The cpp cross-entropy's gradient (16 MB), whose storage the op keeps for its next call: a training step that
+    does not run right after another one pays for it."""
     skip_unless_runs("cpp")
     x, target = torch.randn(4096, 1024, requires_grad=True), torch.randint(0, 1024, (4096,))
 
     def step(_):
         cross_entropy(x, target, backend="cpp").backward()
         x.grad = None
+    return step
 
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+@pytest.mark.parametrize("make_step", [eager_batch_norm_step, fastlm_cross_entropy_step], ids=lambda f: f.__name__)
+def test_peak_memory_counts_what_a_repeated_step_allocates_again(make_step):
+    step = make_step()
     for _ in range(3):
         step(None)
     assert harness.peak_extra_mb(step, "cpu") >= 15
