@@ -210,10 +210,9 @@ def test_loss_and_grads_of_parameters_that_require_grad_are_plain_tensors(backen
     (a loss that required grad would raise at its backward, the op having no autograd formula)."""
     skip_unless_runs(backend)
     idx, targets, params, bn = make_case(33, 3, 7, 41, 29, 31, batchnorm=True)
-    params = [p.float().requires_grad_() for p in params]
-    bn = [in_dtype(t, torch.float32).requires_grad_() if i < 2 else in_dtype(t, torch.float32)
-          for i, t in enumerate(bn)]
-    result = mlp_loss_and_grads(idx, targets, *params, *bn, backend=backend)
+    params = [p.float().requires_grad_() for p in params + bn[:2]]  # the network's, then BatchNorm's weight and bias
+    stats = [in_dtype(t, torch.float32) for t in bn[2:]]
+    result = mlp_loss_and_grads(idx, targets, *params, *stats, backend=backend)
     assert [name for name, value in result._asdict().items() if value.requires_grad] == []
 
 
