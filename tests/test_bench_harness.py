@@ -1,7 +1,8 @@
 """fastlm.bench_harness's measurements on their own: what each timer counts (on a fake clock, so the counts are
-exact), which calls the backward mode times, the quartiles, the copy bandwidth's bytes, the peak memory of steps
-whose memory comes back from the heap or from a fastlm op's kept buffer, the commit and changes a result records,
-the table's numbers, and a save interrupted midway."""
+exact), which calls the backward mode times, a provider that fails or whose output is not eager's (a failed row,
+the others still timed), the quartiles, the copy bandwidth's bytes, the peak memory of steps whose memory comes
+back from the heap or from a fastlm op's kept buffer, the commit and changes a result records, the table's
+numbers, and a save interrupted midway."""
 
 import json
 import os
@@ -46,6 +47,8 @@ def test_gpu_blocks_hold_a_millisecond_of_calls_and_give_the_time_per_call(clock
     samples = harness.gpu_blocks_ms(call, reps=100, device="cpu")
     assert samples == pytest.approx([0.1] * 10)
     assert call.count == 1 + 100  # the first call sizes the blocks
+    few = harness.gpu_blocks_ms(clock.costing(1e-3), reps=10_000, block_ms=2.0, budget_ms=4.0, device="cpu")
+    assert few == pytest.approx([1.0] * 5)  # two calls a block; a budget under five blocks still gets five
 
 
 def test_warm_up_reports_the_first_call_s_extra_time(clock):
@@ -121,6 +124,62 @@ def test_providers_take_turns_in_alternating_order_with_a_share_of_the_repetitio
     assert turns == [("eager", 3), ("fastlm", 3), ("fastlm", 3), ("eager", 3), ("eager", 3), ("fastlm", 3),
                      ("fastlm", 3), ("eager", 3), ("eager", 3), ("fastlm", 3)]
     assert [row.reps for row in rows] == [5, 5]
+
+
+def _fails_on_call(n: int, error: Exception):
+    """A provider's forward that works (returns a tensor) until its ``n``-th call, which raises ``error``."""
+    calls = []
+
+    def forward():
+        calls.append(None)
+        if len(calls) >= n:
+            raise error
+        return torch.ones(3).sum()
+    return forward
+
+
+def test_a_failing_provider_is_reported_and_the_others_still_timed():
+    ok = lambda: torch.ones(3).sum()  # noqa: E731
+    problem = harness.Problem("tiny", {"eager": ok, "broken": _fails_on_call(1, RuntimeError("no kernel\nmore")),
+                                         "later": _fails_on_call(4, MemoryError("out of memory")), "fine": ok},
+                                backward=lambda out: None, reps=5)
+    rows = {row.provider: row for row in harness.run_problem("op", problem, "cpu", "fwd", None)}
+    assert list(rows) == ["eager", "broken", "later", "fine"]  # in the problem's order
+    assert rows["broken"].error == "RuntimeError: no kernel" and rows["broken"].median_ms is None
+    assert rows["later"].error == "MemoryError: out of memory"  # raised while timed, after the warm-up
+    for name in ("eager", "fine"):
+        assert rows[name].error is None and rows[name].median_ms > 0 and rows[name].speedup_vs_eager > 0
+    assert rows["broken"].speedup_vs_eager is None
+
+
+def test_a_provider_whose_output_is_not_eagers_is_a_failure_not_a_time():
+    """A fast wrong kernel (a no-op loss, an output of another shape) is a failed row, not a speed-up; rounding
+    within the dtype's tolerance is not."""
+    x = torch.randn(50, 7)
+    forwards = {"eager": lambda: x.sum(1), "no-op": lambda: x[:, 0] * 0, "flat": lambda: x.sum(1).view(5, 10),
+                "rounded": lambda: x.sum(1) * (1 + 1e-6)}
+    problem = harness.Problem("tiny", forwards, backward=lambda out: None, reps=3)
+    rows = {row.provider: row for row in harness.run_problem("op", problem, "cpu", "fwd", None)}
+    assert rows["no-op"].error.startswith("output off eager's by 1.0e+00") and rows["no-op"].median_ms is None
+    assert rows["flat"].error == "output of shape (5, 10), not eager's (50,)"
+    assert rows["rounded"].error is None and rows["rounded"].median_ms > 0
+    # Liger's cross-entropy writes its gradient over its logits: its later calls' values are not eager's
+    problem.unverified = ("no-op",)
+    rows = {row.provider: row for row in harness.run_problem("op", problem, "cpu", "fwd", None)}
+    assert rows["no-op"].error is None and rows["flat"].error is not None
+
+
+def test_a_failing_peak_measurement_keeps_the_times(monkeypatch):
+    """One more call for the peak memory that runs out of memory: the times stand, the peak is unknown (the case
+    was lost, eager's row too)."""
+    def out_of_memory(*args):
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(harness, "peak_extra_mb", out_of_memory)
+    ok = lambda: torch.ones(3).sum()  # noqa: E731
+    problem = harness.Problem("tiny", {"eager": ok, "fine": ok}, backward=lambda out: None, reps=3)
+    rows = harness.run_problem("op", problem, "cpu", "fwd", None)
+    assert [(row.error, row.peak_extra_mb, row.median_ms > 0) for row in rows] == [(None, None, True)] * 2
 
 
 def test_only_compiled_backends_that_run_on_the_device_are_timed(monkeypatch):
