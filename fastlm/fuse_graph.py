@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
+from torch.fx.operator_schemas import normalize_function
 
 from fastlm.nn.embedding_linear import EmbeddingLinear
 from fastlm.ops.batch_norm import ACTIVATIONS
@@ -67,6 +68,7 @@ ACTIVATION_CALLS = {("call_function", torch.tanh): "tanh", ("call_method", "tanh
 LINEAR = inspect.signature(lambda input, weight, bias=None: None)
 EMBEDDING = inspect.signature(F.embedding)
 CROSS_ENTROPY = inspect.signature(F.cross_entropy)
+FASTLM_CROSS_ENTROPY = (torch.ops.fastlm.cross_entropy, torch.ops.fastlm.cross_entropy.default)
 FASTLM_CROSS_ENTROPY_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "lse_square_scale", "softcap")
 BATCH_NORM_ACTIVATION = 9  # the position of the activation code among fastlm::batch_norm's 11 arguments
 # The calls by which a captured graph changes grad mode, autocast or inference mode (``with torch.no_grad():``,
@@ -227,9 +229,10 @@ def linear_weight(graph: fx.Graph, linear: Linear) -> fx.Node:
         return graph.call_function(torch.t, (linear.weight,))
 
 
-def wrapped_indices(idx: Tensor, rows: int) -> Tensor:
-    """Indices as ``table[idx]`` reads them: -1 is the last row (embedding_linear, as F.embedding, refuses it)."""
-    return torch.where(idx < 0, idx + rows, idx)
+def wrapped_indices(idx: Tensor, table: Tensor) -> Tensor:
+    """Indices as ``table[idx]`` reads them: -1 is the last row (embedding_linear, as F.embedding, refuses it).
+    The rows are counted when the graph runs: under dynamic shapes a table's size is symbolic when captured."""
+    return torch.where(idx < 0, idx + table.shape[0], idx)
 
 
 def embedding_lookup(graph: fx.Graph, node: fx.Node) -> tuple[fx.Node, fx.Node, int | None] | None:
@@ -247,9 +250,9 @@ def embedding_lookup(graph: fx.Graph, node: fx.Node) -> tuple[fx.Node, fx.Node, 
     if node.target is operator.getitem and len(node.args) == 2:
         table, idx = (example(arg) for arg in node.args)
         if (table is not None and idx is not None and table.dim() == 2 and table.is_floating_point()
-                and isinstance(table.shape[0], int) and idx.dim() == 2 and idx.dtype in (torch.int32, torch.int64)):
+                and idx.dim() == 2 and idx.dtype in (torch.int32, torch.int64)):
             with graph.inserting_before(node):
-                wrapped = graph.call_function(wrapped_indices, (node.args[1], table.shape[0]))
+                wrapped = graph.call_function(wrapped_indices, (node.args[1], node.args[0]))
             return wrapped, node.args[0], None
     return None
 
@@ -304,9 +307,8 @@ def fuse_batch_norm_activation(graph: fx.Graph) -> int:
     return fused
 
 
-def torch_loss_options(loss: fx.Node, backend: str | None) -> dict | None:
-    """fused_loss's options for an F.cross_entropy node it can replace, or None."""
-    given = arguments(loss, CROSS_ENTROPY)
+def torch_loss_options(given: dict, backend: str | None) -> dict | None:
+    """fused_loss's options for an F.cross_entropy node it can replace, from its arguments, or None."""
     target, logits = example(given["target"]), example(given["input"])
     if (given["size_average"] is not None or given["reduce"] is not None or target is None or logits is None
             or logits.dim() != 2 or target.dim() != 1 or target.dtype != torch.int64):
@@ -315,26 +317,33 @@ def torch_loss_options(loss: fx.Node, backend: str | None) -> dict | None:
                 reduction=given["reduction"], label_smoothing=given["label_smoothing"], backend=backend)
 
 
-def fastlm_loss_options(loss: fx.Node, hidden: fx.Node, weight: fx.Node) -> dict | None:
-    """fused_loss's options for a ``fastlm::cross_entropy`` node it can replace (the backend the op was traced
-    with, and its (loss, lse) pair), or None where autocast made the logits' dtype differ from the hidden's."""
-    if len(loss.args) != 10 or loss.kwargs:
-        return None
-    logits, target, ce_weight, *options, _inplace_backward, triton = loss.args
+def fastlm_loss_arguments(loss: fx.Node) -> dict | None:
+    """The arguments of a ``fastlm::cross_entropy`` node by name, defaults filled in (the op is called as
+    ``torch.ops.fastlm.cross_entropy.default`` by fastlm's functions, or as the packet by a user), or None."""
+    bound = normalize_function(loss.target, loss.args, loss.kwargs, normalize_to_only_use_kwargs=True)
+    return bound.kwargs if bound is not None else None
+
+
+def fastlm_loss_options(given: dict, hidden: fx.Node, weight: fx.Node) -> dict | None:
+    """fused_loss's options for a ``fastlm::cross_entropy`` node it can replace, from its arguments (the backend
+    the op was traced with, and its (loss, lse) pair), or None where the logits' dtype differs from the hidden's
+    (fastlm's raw op under autocast takes the low-precision logits as they come)."""
+    logits = given["logits"]
     dtypes = {getattr(example(node), "dtype", None) for node in (logits, hidden, weight)}
     if len(dtypes) != 1 or None in dtypes:
         return None
-    backend = "triton" if triton else ("cpp" if example(logits).device.type == "cpu" else "cuda")
-    return dict(target=target, ce_weight=ce_weight, **dict(zip(FASTLM_CROSS_ENTROPY_OPTIONS, options)),
-                return_lse=True, backend=backend)
+    backend = "triton" if given["triton"] else ("cpp" if example(logits).device.type == "cpu" else "cuda")
+    return dict(target=given["target"], ce_weight=given["weight"],
+                **{name: given[name] for name in FASTLM_CROSS_ENTROPY_OPTIONS}, return_lse=True, backend=backend)
 
 
 def fuse_linear_cross_entropy(graph: fx.Graph, backend: str | None) -> int:
     fused = 0
     for loss in list(graph.nodes):
-        if loss.op != "call_function" or loss.target not in (F.cross_entropy, torch.ops.fastlm.cross_entropy.default):
+        if loss.op != "call_function" or loss.target not in (F.cross_entropy, *FASTLM_CROSS_ENTROPY):
             continue
-        logits = loss.args[0] if loss.args else loss.kwargs.get("input")
+        given = arguments(loss, CROSS_ENTROPY) if loss.target is F.cross_entropy else fastlm_loss_arguments(loss)
+        logits = given and given["input" if loss.target is F.cross_entropy else "logits"]
         if not isinstance(logits, fx.Node) or sole_user(logits) is not loss:
             continue
         source, softcap, passed = logits_source(logits)
@@ -342,9 +351,9 @@ def fuse_linear_cross_entropy(graph: fx.Graph, backend: str | None) -> int:
         if linear is None or mode_switched_between(linear.parts[0], loss):
             continue
         if loss.target is F.cross_entropy:
-            options = torch_loss_options(loss, backend)
+            options = torch_loss_options(given, backend)
         else:
-            options = fastlm_loss_options(loss, linear.input, linear.weight)
+            options = fastlm_loss_options(given, linear.input, linear.weight)
         if options is None or (softcap is not None and options.get("softcap")):  # capped twice: left as written
             continue
         if softcap is not None:

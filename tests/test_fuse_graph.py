@@ -6,6 +6,7 @@ batch sizes; what cannot be fused runs as written. Fused or not is read off the 
 place of torch's."""
 
 import copy
+import math
 import os
 
 import pytest
@@ -86,6 +87,11 @@ class LanguageModel(nn.Module):
             return F.cross_entropy((torch.tanh(logits / 2.0) * 2.0).view(-1, VOCAB), targets.view(-1))
         if self.loss == "softcapped-rows":  # the same on the (rows, V) logits, x * (1 / k) inside
             return F.cross_entropy(2.0 * (logits.view(-1, VOCAB) * 0.5).tanh(), targets.view(-1), reduction="sum")
+        if self.loss == "infinite-cap":  # inf tanh(x / inf) is NaN; fastlm's ops refuse an infinite cap
+            return F.cross_entropy((torch.tanh(logits / math.inf) * math.inf).view(-1, VOCAB), targets.view(-1))
+        if self.loss == "capped-twice-in-code":  # 3 tanh(2 tanh(x / 2) / 3): one fused cap would drop the other
+            capped = (torch.tanh(logits / 2.0) * 2.0).view(-1, VOCAB)
+            return F.cross_entropy(torch.tanh(capped / 3.0) * 3.0, targets.view(-1))
         if self.loss == "inverted-cap":  # 2 tanh(2 / x): not a soft cap
             return F.cross_entropy((torch.tanh(2.0 / logits) * 2.0).view(-1, VOCAB), targets.view(-1))
         if self.loss == "negative-cap":  # -2 tanh(x / -2): the soft cap of 2 written oddly; fastlm's takes k > 0
@@ -100,6 +106,11 @@ class LanguageModel(nn.Module):
         if self.loss == "cap-source-also-used":  # the uncapped logits feed something else too: they stay
             capped = torch.tanh(logits / 2.0) * 2.0
             return F.cross_entropy(capped.view(-1, VOCAB), targets.view(-1)) + 0.01 * logits.mean()
+        if self.loss in ("cap-tanh-also-used", "cap-quotient-also-used"):  # a step of the cap feeds more: it stays
+            quotient = logits / 2.0
+            tanh = torch.tanh(quotient)
+            other = tanh if self.loss == "cap-tanh-also-used" else quotient
+            return F.cross_entropy((tanh * 2.0).view(-1, VOCAB), targets.view(-1)) + 0.01 * other.mean()
         if self.loss == "product-also-used":  # x @ W + b whose product feeds something else too: it stays
             product = hidden @ self.head.weight.T
             return F.cross_entropy((product + self.head.bias).view(-1, VOCAB), targets.view(-1)) + 0.01 * product.mean()
@@ -113,6 +124,10 @@ class LanguageModel(nn.Module):
                                             softcap=1.5)
         if self.loss == "fastlm-softcap":  # fastlm's own loss with an option only it has
             return fastlm.ops.cross_entropy(logits.view(-1, VOCAB), targets.view(-1), label_smoothing=0.1, softcap=2.0)
+        if self.loss == "raw-op":  # fastlm's op itself, which takes the logits' dtype as it comes (no autocast rule)
+            loss, _ = torch.ops.fastlm.cross_entropy(logits.view(-1, VOCAB), targets.view(-1), None, -100, "mean",
+                                                     0.0, 0.0, 0.0, False)
+            return loss
         if self.loss == "returns-logits":
             return logits, F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
         if self.loss == "probabilities":
@@ -201,7 +216,8 @@ def test_makemore_mlp_written_out_is_fused(activation, backend):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton", "cuda", "torch"])
-@pytest.mark.parametrize("loss", ["module", "functional", "per-row", "fastlm-softcap", "softcapped", "softcapped-rows"])
+@pytest.mark.parametrize("loss", ["module", "functional", "per-row", "fastlm-softcap", "raw-op", "softcapped",
+                                  "softcapped-rows"])
 def test_final_linear_and_loss_are_fused(loss, backend):
     device = device_to_test(backend)
     torch.manual_seed(0)
@@ -210,7 +226,7 @@ def test_final_linear_and_loss_are_fused(loss, backend):
         got = assert_same_step(model, converted, *batch(rows, per_position=True, device=device))
         fused = "LinearCrossEntropy" in autograd_nodes(got)
         # The torch backend forms the logits itself; fastlm's own loss keeps the backend it was called with (cpp).
-        assert fused == (backend != "torch" or loss == "fastlm-softcap"), got.grad_fn
+        assert fused == (backend != "torch" or loss in ("fastlm-softcap", "raw-op")), got.grad_fn
 
 
 @pytest.mark.parametrize("form", ["x @ W + b", "b + x.matmul(W)", "torch.add(torch.mm(x, W), b)", "x @ W"])
@@ -234,6 +250,27 @@ def test_negative_indices_read_the_table_as_indexing_does():
     assert "EmbeddingLinear" in autograd_nodes(loss)
 
 
+def test_a_table_of_a_new_size_at_each_call_is_fused_in_every_capture():
+    """A table passed in, of another size at each call: the second capture is dynamic, its row count symbolic,
+    and the wrapping of negative ids reads it when the graph runs."""
+    def first_layer(table, idx, weight):
+        return table[idx].view(idx.shape[0], -1) @ weight
+
+    backend = FuseGraph()
+    compiled = torch.compile(first_layer, backend=backend)
+    torch.manual_seed(0)
+    for rows in (29, 31, 37):
+        table, weight = torch.randn(rows, EMBED, requires_grad=True), torch.randn(CONTEXT * EMBED, 5)
+        idx = torch.randint(-rows, rows, (8, CONTEXT))
+        got, expected = compiled(table, idx, weight), first_layer(table, idx, weight)
+        torch.testing.assert_close(got, expected)
+        upstream = torch.randn_like(got)
+        torch.testing.assert_close(torch.autograd.grad(got, table, upstream),
+                                   torch.autograd.grad(expected, table, upstream))
+        assert "EmbeddingLinear" in autograd_nodes(got)
+    assert backend.fused["embedding_linear"] == 2  # the first size's capture, then the dynamic one
+
+
 def test_the_lectures_code_under_autocast_runs_as_written():
     """Under autocast ``x @ W`` is bfloat16 and ``+ b`` promotes it back to float32: no fused op gives that."""
     model, converted = converted_pair(LectureMLP("x @ W + b"))
@@ -244,10 +281,11 @@ def test_the_lectures_code_under_autocast_runs_as_written():
     assert not {"EmbeddingLinear", "LinearCrossEntropy"} & autograd_nodes(got)
 
 
-def test_fastlms_loss_after_an_autocast_linear_runs_as_written():
+@pytest.mark.parametrize("loss", ["module", "raw-op"])
+def test_fastlms_loss_after_an_autocast_linear_runs_as_written(loss):
     """Under autocast the head's logits are bfloat16 and nn.CrossEntropyLoss, converted to fastlm's op, takes them
-    as they are: a fused op over the float32 hidden states would compute another loss."""
-    model, converted = converted_pair(LanguageModel("module"))
+    as they are (as fastlm's raw op does): a fused op over the float32 hidden states would compute another loss."""
+    model, converted = converted_pair(LanguageModel(loss))
     idx, targets = batch(6, per_position=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, got = model(idx, targets), converted(idx, targets)
@@ -273,8 +311,10 @@ def test_a_branch_not_taken_at_capture_still_runs():
 
 
 @pytest.mark.parametrize("loss", ["returns-logits", "probabilities", "class-dim-1", "uneven-cap", "inverted-cap",
-                                  "negative-cap", "uneven-cap-product", "cap-source-also-used", "product-also-used",
-                                  "row-bias-product", "logits-also-used", "legacy-reduce", "capped-twice"])
+                                  "negative-cap", "uneven-cap-product", "cap-source-also-used", "cap-tanh-also-used",
+                                  "cap-quotient-also-used", "product-also-used",
+                                  "row-bias-product", "logits-also-used", "legacy-reduce", "capped-twice",
+                                  "capped-twice-in-code", "infinite-cap"])
 def test_a_loss_that_cannot_be_fused_runs_as_written(loss):
     model, converted = converted_pair(LanguageModel(loss))
     idx, targets = batch(6, per_position=True)
@@ -282,6 +322,9 @@ def test_a_loss_that_cannot_be_fused_runs_as_written(loss):
         (logits, got), (expected_logits, expected) = converted(idx, targets), model(idx, targets)
         torch.testing.assert_close(logits, expected_logits)
         torch.testing.assert_close(got, expected)
+    elif loss == "infinite-cap":
+        got = converted(idx, targets)
+        assert got.isnan() and model(idx, targets).isnan()
     else:
         got = assert_same_step(model, converted, idx, targets)
     assert "LinearCrossEntropy" not in autograd_nodes(got)
@@ -314,12 +357,24 @@ class FirstLayer(nn.Module):
         if self.how == "flat-also-used":  # the flattened embeddings feed something else too: they stay
             flat = emb.view(idx.shape[0], -1)
             return self.linear(flat) + flat.sum(1, keepdim=True)
+        if self.how == "vector-matmul":  # x @ w with a 1D w: one output per row
+            return emb.view(idx.shape[0], -1) @ self.linear.weight[0]
+        if self.how in ("windows", "windows-indexed"):  # (2, B/2, T) ids, each window's embeddings a row
+            windows = idx.view(2, -1, CONTEXT)
+            emb = self.embedding(windows) if self.how == "windows" else self.embedding.weight[windows]
+            return self.linear(emb.view(idx.shape[0], -1))
+        if self.how == "integer-table":  # a lookup of integers and an integer product
+            table = torch.arange(VOCAB * EMBED).view(VOCAB, EMBED)
+            return table[idx].view(idx.shape[0], -1) @ torch.ones(CONTEXT * EMBED, 3, dtype=torch.int64)
+        if self.how == "vector-weight":  # F.linear with a 1D weight: one output per row
+            return F.linear(emb.view(idx.shape[0], -1), self.linear.weight[0])
         if self.how == "three-dims":  # (B, 1, T*D): the fused op's output would lack the middle dim
             return self.linear(emb.view(idx.shape[0], 1, -1))
         return self.linear(emb.view(idx.shape[0], -1))
 
 
-@pytest.mark.parametrize("how", ["per-token", "emb-also-returned", "max_norm", "three-dims", "flat-also-used"])
+@pytest.mark.parametrize("how", ["per-token", "emb-also-returned", "max_norm", "three-dims", "flat-also-used",
+                                 "vector-weight", "vector-matmul", "windows", "windows-indexed", "integer-table"])
 def test_an_embedding_that_cannot_be_fused_runs_as_written(how):
     torch.manual_seed(0)
     model, converted = converted_pair(FirstLayer(how))
@@ -327,7 +382,9 @@ def test_an_embedding_that_cannot_be_fused_runs_as_written(how):
     expected, got = model(idx), converted(idx)
     torch.testing.assert_close(got, expected)
     nodes = autograd_nodes(got[0] if how == "emb-also-returned" else got)
-    assert "EmbeddingBackward0" in nodes and "EmbeddingLinear" not in nodes
+    assert "EmbeddingLinear" not in nodes
+    lookup = {"windows-indexed": "IndexBackward0", "integer-table": None}.get(how, "EmbeddingBackward0")
+    assert lookup is None or lookup in nodes, nodes  # the lookup ran as written
 
 
 class ModeBoundary(nn.Module):
@@ -352,6 +409,9 @@ class ModeBoundary(nn.Module):
         if self.how == "frozen-head":
             with torch.no_grad():
                 logits = self.head(h)
+        elif self.how == "head-in-inference-mode":
+            with torch.inference_mode():
+                logits = self.head(h)
         elif self.how == "head-under-autocast":
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 logits = self.head(h)
@@ -362,8 +422,8 @@ class ModeBoundary(nn.Module):
         return F.cross_entropy(logits, targets)
 
 
-@pytest.mark.parametrize("how", ["frozen-lookup", "no-grad-tanh", "frozen-head", "head-under-autocast",
-                                 "broadcast-bias"])
+@pytest.mark.parametrize("how", ["frozen-lookup", "no-grad-tanh", "frozen-head", "head-in-inference-mode",
+                                 "head-under-autocast", "broadcast-bias"])
 def test_parts_under_other_modes_and_other_linears_run_as_written(how):
     """A fusion across a change of grad mode put the fused op where the later part ran: a lookup or a tanh the
     forward ran under no_grad got gradients (the frozen embedding trained); across autocast the loss changed
@@ -371,7 +431,7 @@ def test_parts_under_other_modes_and_other_linears_run_as_written(how):
     torch.manual_seed(3)
     model, converted = converted_pair(ModeBoundary(how))
     idx, targets = batch(8)
-    if how == "frozen-head":  # nothing in the loss needs a gradient, in either model
+    if how in ("frozen-head", "head-in-inference-mode"):  # nothing in the loss needs a gradient, in either model
         expected, got = model(idx, targets), converted(idx, targets)
         torch.testing.assert_close(got, expected)
         assert not got.requires_grad and not expected.requires_grad
@@ -437,6 +497,29 @@ def test_backend_counts_the_fusions_of_each_capture():
     compiled(idx, targets)
     compiled(idx)  # the logits branch: a second graph, with no loss in it
     assert backend.fused == {"embedding_linear": 2, "batch_norm_activation": 2, "linear_cross_entropy": 1}
+
+
+class TwoProducts(nn.Module):
+    """Embeddings through two products, the second one's sum fed to the loss: x @ W1 @ W2 + b2."""
+
+    def __init__(self):
+        super().__init__()
+        self.C = nn.Parameter(torch.randn(VOCAB, EMBED))
+        self.W1 = nn.Parameter(torch.randn(CONTEXT * EMBED, HIDDEN) * 0.2)
+        self.W2 = nn.Parameter(torch.randn(HIDDEN, VOCAB) * 0.2)
+        self.b2 = nn.Parameter(torch.randn(VOCAB) * 0.1)
+
+    def forward(self, idx, targets):
+        return F.cross_entropy(self.C[idx].view(idx.shape[0], -1) @ self.W1 @ self.W2 + self.b2, targets)
+
+
+def test_a_fused_op_keeps_the_value_of_the_node_it_replaced_for_the_fusions_after_it():
+    """The embedding + linear, fused first, is the second product's input, which the loss's fusion then reads the
+    example value of."""
+    torch.manual_seed(0)
+    model, converted = converted_pair(TwoProducts())
+    loss = assert_same_step(model, converted, *batch(8))
+    assert {"EmbeddingLinear", "LinearCrossEntropy"} <= autograd_nodes(loss)
 
 
 def test_graphs_can_go_on_to_inductor():
