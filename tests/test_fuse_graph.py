@@ -16,7 +16,7 @@ from torch import nn
 
 import fastlm
 from conftest import device_to_test, fastlm_ops_called, free_port, gloo_process_group, skip_unless_runs, spawn_ranks
-from fastlm.fuse_graph import FuseGraph
+from fastlm.fuse_graph import FuseGraph, fuse_graph
 
 VOCAB, EMBED, CONTEXT, HIDDEN = 29, 6, 4, 24
 
@@ -520,6 +520,24 @@ def test_a_fused_op_keeps_the_value_of_the_node_it_replaced_for_the_fusions_afte
     model, converted = converted_pair(TwoProducts())
     loss = assert_same_step(model, converted, *batch(8))
     assert {"EmbeddingLinear", "LinearCrossEntropy"} <= autograd_nodes(loss)
+
+
+def test_a_graph_that_already_ran_runs_rewritten():
+    """fuse_graph on a captured graph module after its first call, which generated its code: the rewrite
+    generates it again."""
+    captured = []
+
+    def keep(graph_module, example_inputs):
+        captured.append((graph_module, example_inputs))
+        return graph_module.forward
+
+    torch.compile(LectureMLP("x @ W + b"), backend=keep)(*batch(8))
+    (graph_module, inputs), = captured
+    (expected,) = graph_module(*inputs)
+    assert fuse_graph(graph_module) == {"embedding_linear": 1, "batch_norm_activation": 0, "linear_cross_entropy": 1}
+    (got,) = graph_module(*inputs)
+    torch.testing.assert_close(got, expected)
+    assert {"EmbeddingLinear", "LinearCrossEntropy"} <= autograd_nodes(got)
 
 
 def test_graphs_can_go_on_to_inductor():
