@@ -342,15 +342,16 @@ def fuse_linear_cross_entropy(graph: fx.Graph, backend: str | None) -> int:
     for loss in list(graph.nodes):
         if loss.op != "call_function" or loss.target not in (F.cross_entropy, *FASTLM_CROSS_ENTROPY):
             continue
-        given = arguments(loss, CROSS_ENTROPY) if loss.target is F.cross_entropy else fastlm_loss_arguments(loss)
-        logits = given and given["input" if loss.target is F.cross_entropy else "logits"]
+        torch_loss = loss.target is F.cross_entropy
+        given = arguments(loss, CROSS_ENTROPY) if torch_loss else fastlm_loss_arguments(loss)
+        logits = given and given["input" if torch_loss else "logits"]
         if not isinstance(logits, fx.Node) or sole_user(logits) is not loss:
             continue
         source, softcap, passed = logits_source(logits)
         linear = as_linear(source)
         if linear is None or mode_switched_between(linear.parts[0], loss):
             continue
-        if loss.target is F.cross_entropy:
+        if torch_loss:
             options = torch_loss_options(given, backend)
         else:
             options = fastlm_loss_options(given, linear.input, linear.weight)
