@@ -387,6 +387,36 @@ def test_masked_classes_as_torch(backend, weighted):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_label_smoothing_over_a_masked_class_gives_an_infinite_loss_as_torch(backend):
+    """With label smoothing every class's log-probability enters the loss: a -inf logit (a masked class), first in
+    its row (where the kernels' smoothing sum starts) or not, makes the loss +inf, as torch's, not NaN; the
+    gradient stays torch's, finite."""
+    device = device_to_test(backend)
+    x, target = random_problem(5, 37, device=device, ignored=0.0)
+    x[:, 0] = x[2, 5] = float("-inf")
+    target = 6 + target % 31  # classes that are not masked
+    leaf = x.clone().requires_grad_()
+    loss = cross_entropy(leaf, target, reduction="none", label_smoothing=0.1, backend=backend)
+    ref_loss, _, ref_leaf = reference(x, target, reduction="none", label_smoothing=0.1)
+    assert loss.tolist() == ref_loss.tolist() == [math.inf] * 5
+    grad = upstream_gradient(ref_loss)
+    (got,) = torch.autograd.grad(loss, leaf, grad.to(loss.dtype))
+    (want,) = torch.autograd.grad(ref_loss, ref_leaf, grad)
+    assert_close_to_reference(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_float64_options_act_at_float64_precision(backend):
+    """In float64 the smoothing, z-loss scale and soft cap enter the math as float64 numbers (the Triton kernels
+    get each as two float32 halves): 0.1 rounded to float32 would move the loss by about 1e-9 of itself."""
+    device = device_to_test(backend)
+    x, target = random_problem(9, 23, device=device, dtype=torch.float64, ignored=0.0)
+    options = dict(label_smoothing=0.1, lse_square_scale=1e-3, softcap=3.3)
+    loss = cross_entropy(x, target, reduction="none", backend=backend, **options)
+    torch.testing.assert_close(loss, reference(x, target, reduction="none", **options)[0], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("c", [10, 100, 20000])  # tail only; whole vectors and a tail; rows one at a time (cpp)
 def test_nan_and_inf_logits_give_nan_loss(backend, c):
     """A NaN or inf anywhere in a row (first column, inside a whole vector, in the tail) makes that row's loss
