@@ -70,7 +70,7 @@ EMBEDDING = inspect.signature(F.embedding)
 CROSS_ENTROPY = inspect.signature(F.cross_entropy)
 FASTLM_CROSS_ENTROPY = (torch.ops.fastlm.cross_entropy, torch.ops.fastlm.cross_entropy.default)
 FASTLM_CROSS_ENTROPY_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "lse_square_scale", "softcap")
-BATCH_NORM_ACTIVATION = 9  # the position of the activation code among fastlm::batch_norm's 11 arguments
+FASTLM_BATCH_NORM = (torch.ops.fastlm.batch_norm, torch.ops.fastlm.batch_norm.default)
 # The calls by which a captured graph changes grad mode, autocast or inference mode (``with torch.no_grad():``,
 # ``torch.set_grad_enabled``, ``with torch.autocast(...)``, ``with torch.inference_mode():``).
 MODE_SWITCHES = {"_set_grad_enabled", "_enter_autocast", "_exit_autocast", "_enter_inference_mode",
@@ -289,18 +289,26 @@ def fuse_embedding_linear(graph: fx.Graph, backend: str | None) -> int:
     return fused
 
 
+def fastlm_op_arguments(node: fx.Node) -> dict | None:
+    """The arguments of a call of a fastlm op by name, defaults filled in (fastlm's functions call
+    ``torch.ops.fastlm.<op>.default``, a user may call the packet, with any argument by keyword), or None."""
+    bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    return bound.kwargs if bound is not None else None
+
+
 def fuse_batch_norm_activation(graph: fx.Graph) -> int:
     fused = 0
     for node in list(graph.nodes):
         activation = ACTIVATION_CALLS.get((node.op, node.target))
         norm = node.args[0] if node.args else None
         if (activation is None or len(node.args) != 1 or set(node.kwargs) - {"inplace"} or node.kwargs.get("inplace")
-                or not isinstance(norm, fx.Node) or norm.target is not torch.ops.fastlm.batch_norm.default
-                or sole_user(norm) is not node or len(norm.args) != BATCH_NORM_ACTIVATION + 2
-                or norm.args[BATCH_NORM_ACTIVATION] != ACTIVATIONS[None] or mode_switched_between(norm, node)):
+                or not isinstance(norm, fx.Node) or norm.target not in FASTLM_BATCH_NORM
+                or sole_user(norm) is not node or mode_switched_between(norm, node)):
             continue
-        norm.args = (*norm.args[:BATCH_NORM_ACTIVATION], ACTIVATIONS[activation],
-                     *norm.args[BATCH_NORM_ACTIVATION + 1:])
+        given = fastlm_op_arguments(norm)
+        if given is None or given["activation"] != ACTIVATIONS[None]:
+            continue
+        norm.args, norm.kwargs = (), {**given, "activation": ACTIVATIONS[activation]}
         node.replace_all_uses_with(norm)
         graph.erase_node(node)
         fused += 1
@@ -315,13 +323,6 @@ def torch_loss_options(given: dict, backend: str | None) -> dict | None:
         return None
     return dict(target=given["target"], ce_weight=given["weight"], ignore_index=given["ignore_index"],
                 reduction=given["reduction"], label_smoothing=given["label_smoothing"], backend=backend)
-
-
-def fastlm_loss_arguments(loss: fx.Node) -> dict | None:
-    """The arguments of a ``fastlm::cross_entropy`` node by name, defaults filled in (the op is called as
-    ``torch.ops.fastlm.cross_entropy.default`` by fastlm's functions, or as the packet by a user), or None."""
-    bound = normalize_function(loss.target, loss.args, loss.kwargs, normalize_to_only_use_kwargs=True)
-    return bound.kwargs if bound is not None else None
 
 
 def fastlm_loss_options(given: dict, hidden: fx.Node, weight: fx.Node) -> dict | None:
@@ -343,7 +344,7 @@ def fuse_linear_cross_entropy(graph: fx.Graph, backend: str | None) -> int:
         if loss.op != "call_function" or loss.target not in (F.cross_entropy, *FASTLM_CROSS_ENTROPY):
             continue
         torch_loss = loss.target is F.cross_entropy
-        given = arguments(loss, CROSS_ENTROPY) if torch_loss else fastlm_loss_arguments(loss)
+        given = arguments(loss, CROSS_ENTROPY) if torch_loss else fastlm_op_arguments(loss)
         logits = given and given["input" if torch_loss else "logits"]
         if not isinstance(logits, fx.Node) or sole_user(logits) is not loss:
             continue

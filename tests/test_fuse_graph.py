@@ -459,6 +459,34 @@ class NormThenActivation(nn.Module):
         return torch.relu(h).square().mean()
 
 
+class RawBatchNormThenTanh(nn.Module):
+    """fastlm's BatchNorm op called as the packet, options by keyword, then torch.tanh: fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(HIDDEN)
+
+    def forward(self, x):
+        bn = self.bn
+        return torch.tanh(torch.ops.fastlm.batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                                      training=True, momentum=0.1, eps=1e-5, unbiased=False,
+                                                      activation=0))
+
+
+def test_fastlms_raw_batch_norm_op_is_fused_with_its_activation():
+    torch.manual_seed(5)
+    model = RawBatchNormThenTanh()
+    backend = FuseGraph()
+    compiled = torch.compile(copy.deepcopy(model), backend=backend)
+    x = torch.randn(9, HIDDEN, requires_grad=True)
+    got, expected = compiled(x), model(x)
+    torch.testing.assert_close(got, expected)
+    assert backend.fused["batch_norm_activation"] == 1 and "TanhBackward0" not in autograd_nodes(got)
+    torch.testing.assert_close(torch.autograd.grad(got.square().sum(), x),
+                               torch.autograd.grad(expected.square().sum(), x))
+    torch.testing.assert_close(compiled.bn.running_var, model.bn.running_var)
+
+
 @pytest.mark.parametrize("how", ["inplace-relu", "norm-also-used", "norm-with-its-own-activation"])
 def test_a_batch_norm_and_activation_that_cannot_be_fused_run_as_written(how):
     torch.manual_seed(4)
