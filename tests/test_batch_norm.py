@@ -804,6 +804,21 @@ def test_statistics_far_from_zero(backend, shape):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("value", [7.7, 0.1, 10000.1])
+def test_a_constant_channel_normalises_to_exactly_its_bias(backend, value):
+    """A channel of one value, over pieces of uneven counts (3 x 4096 + 777 rows: the Triton kernels' chunks under
+    the interpreter, pooled a few at a time): its mean is that value exactly, so every output is the bias exactly
+    and the running mean the value (a mean pooled as a weighted sum of the pieces' means was off by 2e-5 at 7.7)."""
+    device = device_to_test(backend)
+    x = torch.full((3 * 4096 + 777, 3), value, device=device)  # 3 channels: tiles of 4096 rows x 4 channels
+    bias = torch.tensor([0.25, -1.0, 0.0], device=device)
+    running_mean, running_var = torch.zeros(3, device=device), torch.ones(3, device=device)
+    y = fastlm.ops.batch_norm(x, running_mean, running_var, None, bias, training=True, momentum=1.0, backend=backend)
+    assert torch.equal(y, bias.expand_as(y))
+    assert torch.equal(running_mean, x[0])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("value", [7.7, -3.3, 0.1, 12345.678])
 def test_a_constant_channel_has_no_negative_variance(backend, value):
     """The corrected two-pass variance of equal values can round below 0: clamped, as a variance cannot be (a

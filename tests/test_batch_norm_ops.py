@@ -240,17 +240,20 @@ def test_deterministic(backend, device):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("stat", ["running_mean", "running_var"])
-def test_forward_train_refuses_strided_running_stats(backend, device, stat):
-    """Running statistics that are every other entry of a buffer are refused, and left as they were: the kernels
-    write them as dense vectors, which would move the buffer's other entries."""
+@pytest.mark.parametrize("layout", ["strided", "float64"])
+def test_forward_train_refuses_running_stats_it_cannot_write_as_they_are(backend, device, stat, layout):
+    """Running statistics that are every other entry of a buffer, or float64 beside float32 input, are refused and
+    left as they were: the kernels write them as dense vectors of the math dtype, which would move the buffer's
+    other entries or write float32 bits into float64 ones (fastlm.ops.batch_norm stages such stats)."""
     ops = ops_for(backend, device)
     x = torch.randn(8, 3, device=device)
     stats = {"running_mean": torch.zeros(3, device=device), "running_var": torch.ones(3, device=device)}
-    buffer = torch.arange(6.0, device=device)
-    stats[stat] = buffer[::2]
+    dtype = torch.float64 if layout == "float64" else torch.float32
+    buffer = torch.arange(6.0, device=device, dtype=dtype)
+    stats[stat] = buffer[::2] if layout == "strided" else buffer[:3]
     with pytest.raises((RuntimeError, ValueError), match=rf"{stat} must be a contiguous (Float|torch\.float32) tensor"):
         ops.forward_train(x, None, None, stats["running_mean"], stats["running_var"], MOMENTUM, EPS, True, 0)
-    assert torch.equal(buffer, torch.arange(6.0, device=device))
+    assert torch.equal(buffer, torch.arange(6.0, device=device, dtype=dtype))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -176,6 +176,10 @@ def test_bad_arguments():
         K.embedding_linear_forward(idx, table, weight, bias, 2)
     with pytest.raises(ValueError, match="weight"):
         K.embedding_linear_forward(idx, table, weight[:, 1:], bias, 0)
+    with pytest.raises(ValueError, match=r"bias must be \(27,\)"):
+        K.embedding_linear_forward(idx, table, weight, bias[1:], 1)
+    with pytest.raises(ValueError, match="idx is on cpu"):
+        K.embedding_linear_forward(idx, table, weight, bias.to("meta"), 0)
     with pytest.raises(ValueError, match="padding_idx"):
         K.embedding_linear_backward(grad, idx, table, weight, True, 0, 27, True)
     with pytest.raises(ValueError, match="grad_output"):
