@@ -346,7 +346,7 @@ def _activation(op, activation, output=None, needs_output=False):
         raise ValueError(f"fastlm batch_norm {op}: activation must be 0 (none), 1 (relu) or 2 (tanh), "
                          f"got {activation}")
     if needs_output and activation != 0 and output is None:
-        raise ValueError(f"fastlm batch_norm {op}: the output is needed for the activation's derivative")
+        raise ValueError(f"fastlm batch_norm {op}: the backward of an activation needs the forward's output")
 
 
 def _channel(op, name, v, x, plan, optional=False):

@@ -258,6 +258,28 @@ def test_forward_train_refuses_running_stats_it_cannot_write_as_they_are(backend
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
+def test_ops_refuse_tensors_of_another_shape_a_missing_output_and_an_unknown_activation(backend, device):
+    """The backward kernels read grad_output and output at the input's offsets, and the output for the
+    activation's derivative: one of another shape, or none, is refused before any kernel reads it, as is an
+    activation code the kernels do not have (they would run it as none)."""
+    ops = ops_for(backend, device)
+    x, dy = torch.randn(8, 3, device=device), torch.randn(8, 3, device=device)
+    y, mean, invstd = ops.forward_train(x, None, None, None, None, MOMENTUM, EPS, False, 2)
+    error = (RuntimeError, ValueError)
+    with pytest.raises(error, match="grad_output must have the input's shape"):
+        ops.backward(dy[1:], x, y, mean, invstd, None, True, False, 2)
+    with pytest.raises(error, match="output must have the input's shape"):
+        ops.backward(dy, x, y[:, :2], mean, invstd, None, True, False, 2)
+    with pytest.raises(error, match="the backward of an activation needs the forward's output"):
+        ops.backward(dy, x, None, mean, invstd, None, True, False, 2)
+    with pytest.raises(error, match="the backward of an activation needs the forward's output"):
+        ops.backward_reduce(dy, x, None, mean, invstd, 1)
+    with pytest.raises(error, match=r"activation must be 0 \(none\), 1 \(relu\) or 2 \(tanh\), got 3"):
+        ops.forward(x, mean, invstd, None, None, 3)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(0, 5), (0, 5, 3), (6, 5, 0)], ids=str)
 def test_empty_input(backend, device, shape):
     """Empty input (no rows, or rows of length 0) has NaN statistics, normalises to empty output and has zero
