@@ -804,6 +804,23 @@ def test_statistics_far_from_zero(backend, shape):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_float64_options_act_at_float64_precision(backend):
+    """In float64, eps and momentum enter the math as float64 numbers (the Triton kernels get each as two float32
+    halves): with a variance near eps, eps rounded to float32 would move the output by about 3e-8 of itself, and
+    momentum rounded the running mean by 1e-8."""
+    device = device_to_test(backend)
+    torch.manual_seed(6)
+    x = torch.randn(50, 7, device=device, dtype=torch.float64) * 3e-3 + 0.5
+    means = [torch.zeros(7, device=device, dtype=torch.float64) for _ in range(2)]
+    variances = [torch.ones(7, device=device, dtype=torch.float64) for _ in range(2)]
+    got = fastlm.ops.batch_norm(x, means[0], variances[0], training=True, momentum=0.1, eps=1e-5, backend=backend)
+    want = F.batch_norm(x, means[1], variances[1], training=True, momentum=0.1, eps=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # near 0: x's rounding over the std, 3e-3
+    torch.testing.assert_close(means[0], means[1], rtol=1e-13, atol=0)
+    torch.testing.assert_close(variances[0], variances[1], rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("value", [7.7, 0.1, 10000.1])
 def test_a_constant_channel_normalises_to_exactly_its_bias(backend, value):
     """A channel of one value, over pieces of uneven counts (3 x 4096 + 777 rows: the Triton kernels' chunks under
