@@ -7,10 +7,10 @@ in such a graph, each of these whose intermediate result feeds nothing else:
 
   embedding linear     F.embedding(idx, table) or table[idx] -> view/reshape/flatten to (B, T*D) -> a linear
                        (the makemore first layer)                   => fastlm.ops.embedding_linear(idx, table, W, b)
-  batch norm + act     fastlm's BatchNorm op (nn.BatchNorm1d, converted) -> torch.tanh / torch.relu / F.relu
-                                                                    => the op with the activation fused
-  linear cross-entropy a linear -> [view/reshape/flatten to (rows, V)] -> F.cross_entropy, or
-                       fastlm's op (nn.CrossEntropyLoss, converted) => fastlm.ops.linear_cross_entropy, which never
+  batch norm + act     fastlm's BatchNorm op (nn.BatchNorm1d converted, or the op called) -> torch.tanh /
+                       torch.relu / F.relu                          => the op with the activation fused
+  linear cross-entropy a linear -> [view/reshape/flatten to (rows, V)] -> F.cross_entropy, or fastlm's op
+                       (nn.CrossEntropyLoss converted, or called)   => fastlm.ops.linear_cross_entropy, which never
                                                                        holds the (rows, V) logits
                        with the logits soft-capped on the way, k * tanh(logits / k) (Gemma 2's final layer; before
                        or after the reshape)                        => the same with softcap=k
