@@ -68,9 +68,7 @@ ACTIVATION_CALLS = {("call_function", torch.tanh): "tanh", ("call_method", "tanh
 LINEAR = inspect.signature(lambda input, weight, bias=None: None)
 EMBEDDING = inspect.signature(F.embedding)
 CROSS_ENTROPY = inspect.signature(F.cross_entropy)
-FASTLM_CROSS_ENTROPY = (torch.ops.fastlm.cross_entropy, torch.ops.fastlm.cross_entropy.default)
 FASTLM_CROSS_ENTROPY_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "lse_square_scale", "softcap")
-FASTLM_BATCH_NORM = (torch.ops.fastlm.batch_norm, torch.ops.fastlm.batch_norm.default)
 # The calls by which a captured graph changes grad mode, autocast or inference mode (``with torch.no_grad():``,
 # ``torch.set_grad_enabled``, ``with torch.autocast(...)``, ``with torch.inference_mode():``).
 MODE_SWITCHES = {"_set_grad_enabled", "_enter_autocast", "_exit_autocast", "_enter_inference_mode",
@@ -289,6 +287,13 @@ def fuse_embedding_linear(graph: fx.Graph, backend: str | None) -> int:
     return fused
 
 
+def calls_fastlm_op(node: fx.Node, name: str) -> bool:
+    """Whether ``node`` calls fastlm's op ``name``, as the packet or its default overload (looked up here, not at
+    import: the ops of fastlm._C are missing where it failed to load)."""
+    op = getattr(torch.ops.fastlm, name, None)
+    return op is not None and node.op == "call_function" and node.target in (op, op.default)
+
+
 def fastlm_op_arguments(node: fx.Node) -> dict | None:
     """The arguments of a call of a fastlm op by name, defaults filled in (fastlm's functions call
     ``torch.ops.fastlm.<op>.default``, a user may call the packet, with any argument by keyword), or None."""
@@ -302,7 +307,7 @@ def fuse_batch_norm_activation(graph: fx.Graph) -> int:
         activation = ACTIVATION_CALLS.get((node.op, node.target))
         norm = node.args[0] if node.args else None
         if (activation is None or len(node.args) != 1 or set(node.kwargs) - {"inplace"} or node.kwargs.get("inplace")
-                or not isinstance(norm, fx.Node) or norm.target not in FASTLM_BATCH_NORM
+                or not isinstance(norm, fx.Node) or not calls_fastlm_op(norm, "batch_norm")
                 or sole_user(norm) is not node or mode_switched_between(norm, node)):
             continue
         given = fastlm_op_arguments(norm)
@@ -341,9 +346,9 @@ def fastlm_loss_options(given: dict, hidden: fx.Node, weight: fx.Node) -> dict |
 def fuse_linear_cross_entropy(graph: fx.Graph, backend: str | None) -> int:
     fused = 0
     for loss in list(graph.nodes):
-        if loss.op != "call_function" or loss.target not in (F.cross_entropy, *FASTLM_CROSS_ENTROPY):
+        torch_loss = loss.op == "call_function" and loss.target is F.cross_entropy
+        if not (torch_loss or calls_fastlm_op(loss, "cross_entropy")):
             continue
-        torch_loss = loss.target is F.cross_entropy
         given = arguments(loss, CROSS_ENTROPY) if torch_loss else fastlm_op_arguments(loss)
         logits = given and given["input" if torch_loss else "logits"]
         if not isinstance(logits, fx.Node) or sole_user(logits) is not loss:
