@@ -387,13 +387,13 @@ def test_calibrate_batchnorm_accumulates_in_float64():
     torch.testing.assert_close(layer.running_mean, X.double().mean(0).float(), rtol=1e-7, atol=0)
 
 
-@pytest.mark.parametrize("rows", [0, 1])
-def test_calibrate_batchnorm_refuses_too_few_rows(rows):
+@pytest.mark.parametrize("rows, message", [(0, "X is empty"), (1, "1 value per channel reaches a BatchNorm")])
+def test_calibrate_batchnorm_refuses_too_few_rows(rows, message):
     """Fewer than two values per channel have no variance: a clear error, the statistics left as they were."""
     model = build("mlp-bn", fused=True)
     X, _ = make_windows(make_words(20), 3)
     before = {k: v.clone() for k, v in model.bn.state_dict().items()}
-    with pytest.raises(ValueError, match="calibrate_batchnorm"):
+    with pytest.raises(ValueError, match=f"calibrate_batchnorm: {message}"):
         calibrate_batchnorm(model, X[:rows])
     for key, value in model.bn.state_dict().items():
         assert torch.equal(value, before[key]), key
